@@ -1,0 +1,270 @@
+"""Run configuration: frozen dataclasses, preset overlays, `--set` overrides, validation, TOML dump.
+
+A preset (`sdtune/presets/NAME.toml`, or any path to a `.toml` file) overlays the defaults below with
+the sections `[model] [data] [train] [memory] [output]`, plus a `[preset]` table that describes the card
+it is for. `--set section.key=value` overrides are applied last. Every field's docstring (its `doc`
+metadata) is both the schema's help and the comment written beside the key in `config.toml`.
+
+    cfg, info = load_config("rtx3050", ["train.max_steps=100"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sdtune.errors import SdtuneError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SECTIONS = ("model", "data", "train", "memory", "output")
+
+
+def doc(text: str, default):
+    return field(default=default, metadata={"doc": text})
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SdtuneError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    pretrained: str = doc("diffusers folder, single-file .safetensors checkpoint, or hub id", "")
+    config: str = doc("diffusers folder whose configs and tokenizer a single-file checkpoint uses", "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    resolution: int = doc("training side length in pixels (images are resized, then cropped square)", 512)
+    center_crop: bool = doc("crop the center (true) or a random square (false)", True)
+    random_flip: bool = doc("flip images horizontally at random", False)
+    caption_extension: str = doc("sidecar caption file extension; without one the file name is the caption", ".txt")
+
+    def __post_init__(self):
+        _require(self.resolution >= 8 and self.resolution % 8 == 0,
+                 f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = doc("optimizer steps to train", 1000)
+    batch_size: int = doc("images per forward pass", 1)
+    gradient_accumulation_steps: int = doc("forward/backward passes summed into one optimizer step", 1)
+    learning_rate: float = doc("peak learning rate", 1e-5)
+    lr_scheduler: Literal["constant", "cosine"] = doc("learning-rate curve after warmup", "constant")
+    lr_warmup_steps: int = doc("steps of linear warmup from 0 to learning_rate", 0)
+    adam_beta1: float = doc("AdamW first-moment decay", 0.9)
+    adam_beta2: float = doc("AdamW second-moment decay", 0.999)
+    adam_epsilon: float = doc("AdamW denominator epsilon", 1e-8)
+    weight_decay: float = doc("AdamW decoupled weight decay", 1e-2)
+    max_grad_norm: float = doc("clip the gradient norm to this; 0 turns clipping off", 1.0)
+    snr_gamma: float = doc("min-SNR-gamma loss weighting (5.0 is the paper's value); 0 turns it off", 0.0)
+    noise_offset: float = doc("offset noise strength (0.05-0.1 helps very dark/bright images); 0 is off", 0.0)
+    seed: int = doc("seed for weights' noise, timesteps, data order and augmentation", 0)
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
+        for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.lr_warmup_steps <= self.max_steps,
+                 f"train.lr_warmup_steps ({self.lr_warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    device: Literal["auto", "cuda", "cpu"] = doc("compute device; auto takes the GPU when there is one", "auto")
+    precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "autocast precision; UNet master weights stay fp32, fp16 adds dynamic loss scaling", "fp32")
+    gradient_checkpointing: bool = doc("recompute UNet activations in backward: far less memory, ~25% slower",
+                                       False)
+    attention: Literal["sdpa", "xformers", "auto"] = doc(
+        "attention kernel: torch SDPA, xformers (needs the extra), or xformers when installed", "sdpa")
+    optimizer: Literal["adamw", "adamw8bit"] = doc(
+        "adamw (torch fused/foreach) or adamw8bit (bitsandbytes, 1/4 of the state memory)", "adamw")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    checkpoint_every: int = doc("save a resumable checkpoint every N steps; 0 saves only at the end", 500)
+    keep_checkpoints: int = doc("how many of the newest checkpoints to keep", 2)
+    sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0)
+    sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", ())
+    sample_steps: int = doc("denoising steps for validation samples", 20)
+
+    def __post_init__(self):
+        for name in ("checkpoint_every", "sample_every"):
+            _require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.keep_checkpoints >= 1, f"output.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        _require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
+        _require(not (self.sample_every and not self.sample_prompts),
+                 "output.sample_every is set but output.sample_prompts is empty: add prompts or set sample_every=0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetInfo:
+    """The `[preset]` table: what the plan is for. Shown by `sdtune presets`, not used by training."""
+
+    name: str
+    card: str = ""
+    vram_gib: float = 0.0
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Type checking of raw TOML values against the dataclass fields
+
+
+def _coerce(value, kind, where: str):
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        _require(value in choices, f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+                 f"{where} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    _require(ok, f"{where} must be {_TYPE_WORDS[kind]}, got {value!r}")
+    return value
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _overlay(section, values: dict, source: str, prefix: str):
+    hints = typing.get_type_hints(type(section))
+    names = [f.name for f in dataclasses.fields(section)]
+    changes = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{prefix}.{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise SdtuneError(f"unknown key '{prefix}.{key}' in {source}{hint}")
+        changes[key] = _coerce(value, hints[key], f"{prefix}.{key} in {source}")
+    return dataclasses.replace(section, **changes)
+
+
+def apply_overlay(cfg: Config, data: dict, source: str) -> Config:
+    """Overlay a TOML-shaped dict ({section: {key: value}}) on `cfg`, checking every key and type."""
+    changes = {}
+    for name, values in data.items():
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(name, SECTIONS, n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; sections are {', '.join(SECTIONS)}"
+            raise SdtuneError(f"unknown section [{name}] in {source}{hint}")
+        _require(isinstance(values, dict), f"[{name}] in {source} must be a table of keys")
+        changes[name] = _overlay(changes.get(name, getattr(cfg, name)), values, source, name)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_set(item: str, cfg: Config) -> dict:
+    """`section.key=value` into {section: {key: value}}; value is TOML, or a bare string."""
+    path, sep, text = item.partition("=")
+    section, dot, key = path.strip().partition(".")
+    _require(sep == "=" and dot == "." and section and key,
+             f"--set '{item}' is not of the form section.key=value (for example train.max_steps=100)")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    section_obj = getattr(cfg, section, None)
+    if section_obj is not None and typing.get_type_hints(type(section_obj)).get(key) is str:
+        value = value if isinstance(value, str) else text  # a path like 123 or a word like true stays text
+    return {section: {key: value}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    if name.endswith(".toml"):
+        path = Path(name)
+        _require(path.is_file(), f"preset file {name} does not exist")
+        return path
+    path = PRESET_DIR / f"{name}.toml"
+    _require(path.is_file(), f"unknown preset '{name}'; choose one of {', '.join(preset_names())} "
+                             "or pass a path to a .toml file")
+    return path
+
+
+def read_preset(name: str) -> tuple[dict, PresetInfo]:
+    path = preset_path(name)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SdtuneError(f"{path} is not valid TOML: {exc}") from None
+    meta = data.pop("preset", {})
+    allowed = {f.name for f in dataclasses.fields(PresetInfo)} - {"name"}
+    for key in meta:
+        _require(key in allowed, f"unknown key 'preset.{key}' in {path.name}; known: {', '.join(sorted(allowed))}")
+    return data, PresetInfo(name=path.stem, **meta)
+
+
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, PresetInfo]:
+    """Defaults, then the preset, then each `--set`: the resolved, validated config."""
+    data, info = read_preset(preset)
+    cfg = apply_overlay(Config(), data, preset_path(preset).name)
+    for item in overrides:
+        cfg = apply_overlay(cfg, parse_set(item, cfg), f"--set {item}")
+    return cfg, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolved TOML dump (written into every output folder; `sdtune presets NAME` prints it)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def to_toml(cfg: Config, info: PresetInfo | None = None) -> str:
+    lines = []
+    if info is not None:
+        lines += ["[preset]", f"name = {_toml_value(info.name)}", f"card = {_toml_value(info.card)}",
+                  f"vram_gib = {_toml_value(info.vram_gib)}", f"description = {_toml_value(info.description)}", ""]
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def from_toml(text: str, source: str) -> Config:
+    """Read a config.toml written by `to_toml` (a checkpoint's or an output folder's)."""
+    data = tomllib.loads(text)
+    data.pop("preset", None)
+    return apply_overlay(Config(), data, source)

@@ -1,0 +1,144 @@
+"""Tiny Stable Diffusion models and synthetic data, built from configs: no downloads, no GPU.
+
+The tests, examples and benchmarks share these builders. A tiny model has the real architecture (the
+same UNet, VAE, CLIP text encoder, tokenizer and scheduler classes as SD 1.x / 2.x) at 64x64 pixels,
+so every code path that loads, trains, exports and samples a real model runs on it in well under a
+second a step on one CPU thread.
+
+    from sdtune.testing import save_tiny_pipeline, make_image_folder
+    save_tiny_pipeline("tiny-sd", version=1)       # a diffusers folder: from_pretrained loads it
+    make_image_folder("images", count=8)           # PNGs with .txt captions
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+IMAGE_SIZE = 64
+WORDS = ("a", "an", "photo", "of", "the", "on", "with", "red", "green", "blue", "yellow", "white", "black",
+         "circle", "square", "triangle", "star", "stripes", "background", "small", "large")
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP byte-level BPE alphabet: printable bytes as themselves, the rest shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def write_tiny_tokenizer(folder: str | Path, words=WORDS, max_length: int = 77):
+    """A real CLIP BPE tokenizer whose merges spell out `words` whole; any other text falls back to bytes."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols]
+    known, merges = set(vocab), []
+    for word in words:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            if merged not in known:
+                known.add(merged)
+                vocab.append(merged)
+                merges.append(f"{parts[0]} {parts[1]}")
+            parts = [merged, *parts[2:]]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    raw = folder / "_bpe"
+    raw.mkdir(exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=max_length,
+                              pad_token="<|endoftext|>")
+    for f in raw.iterdir():
+        f.unlink()
+    raw.rmdir()
+    return tokenizer
+
+
+def tiny_components(version: int = 1, seed: int = 0) -> dict:
+    """Randomly initialised SD-architecture parts; version 2 means v-prediction and linear projections."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tiny_tokenizer(tmp)
+    torch.manual_seed(seed)
+    sd2 = version == 2
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+    ))
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}
+
+
+def save_tiny_pipeline(folder: str | Path, version: int = 1, seed: int = 0) -> Path:
+    """Write a tiny diffusers pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_components(version, seed), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def synthetic_image(shape: str, colour: str, background: str, rng: random.Random, size: int = IMAGE_SIZE):
+    """One procedurally drawn shape on a plain background."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    r = rng.randint(size // 6, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def make_image_folder(folder: str | Path, count: int = 8, seed: int = 0, captions: bool = True,
+                      size: int = IMAGE_SIZE) -> Path:
+    """`count` PNG images of coloured shapes, each with a `.txt` caption such as 'a red circle on white'."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(count):
+        shape = rng.choice(("circle", "square", "triangle"))
+        colour, background = rng.choice(sorted(COLOURS)), rng.choice(sorted(BACKGROUNDS))
+        synthetic_image(shape, colour, background, rng, size).save(folder / f"img{i:03d}.png")
+        if captions:
+            (folder / f"img{i:03d}.txt").write_text(f"a {colour} {shape} on the {background} background")
+    return folder

@@ -1,0 +1,142 @@
+"""The `sdtune` command line: parse, build the config, call one function, render the result with rich.
+
+    sdtune presets                      # the shipped memory plans
+    sdtune train --preset rtx3050 --data ./images
+    sdtune sample --ckpt out/ --prompt "a photo of sks dog"
+
+Nothing heavy is imported here (torch, diffusers): `sdtune --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from sdtune.errors import SdtuneError
+
+app = typer.Typer(
+    help="Fine-tune the full UNet of Stable Diffusion on one consumer GPU, planned by memory presets.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # soft wrap: an error stays one line
+
+SET_HELP = ("Override one config key, e.g. --set train.learning_rate=2e-5 (repeatable). "
+            "`sdtune presets NAME` lists every key.")
+
+
+def user_errors(command):
+    """Render `SdtuneError` as one red line and exit 2; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SdtuneError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@app.command()
+@user_errors
+def train(
+    preset: str = typer.Option(..., help="Memory plan: a shipped preset name (see `sdtune presets`) or a .toml path."),
+    data: Path = typer.Option(..., help="Folder of training images (searched recursively; NAME.txt captions)."),
+    model: Optional[str] = typer.Option(None, help="Base model: diffusers folder, .safetensors file or hub id."),
+    out: Path = typer.Option(Path("out"), help="Output folder: diffusers pipeline, checkpoints, samples."),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (overrides train.max_steps)."),
+    resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Fine-tune the UNet of a Stable Diffusion model on a folder of images."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdtune.config import load_config
+    from sdtune.memory import peak_bytes
+    from sdtune.trainer import train as run_training
+
+    overrides = list(set_)
+    if model:
+        overrides.append(f"model.pretrained={model}")
+    if max_steps:
+        overrides.append(f"train.max_steps={max_steps}")
+    cfg, info = load_config(preset, overrides)
+    bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
+                   TimeRemainingColumn(), console=console)
+    task = bar.add_task("train", total=cfg.train.max_steps, stats="")
+
+    def progress(run, seconds_per_step):
+        if not bar.live.is_started:  # shown from the first step on, after the data and model checks
+            bar.start()
+        lr = run.optimizer.param_groups[0]["lr"]
+        stats = (f"loss {run.losses[-1]:.4f}  lr {lr:.2e}  {seconds_per_step:.3f} s/step  "
+                 f"peak {_gib(peak_bytes(run.plan))}")
+        bar.update(task, completed=run.step, stats=stats)
+
+    try:
+        result = run_training(cfg, info, str(data), str(out), resume=resume, log=console.print, progress=progress)
+    finally:
+        bar.stop()
+    console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
+                  f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
+                  f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
+    console.print(f"diffusers pipeline written to {out}/ (StableDiffusionPipeline.from_pretrained('{out}'))")
+
+
+@app.command()
+@user_errors
+def sample(
+    ckpt: str = typer.Option(..., help="A diffusers pipeline folder, e.g. the --out of `sdtune train`."),
+    prompt: str = typer.Option(..., help="What to draw."),
+    num_images: int = typer.Option(4, min=1, help="How many images (image i uses seed + i)."),
+    steps: int = typer.Option(30, min=1, help="Denoising steps."),
+    seed: int = typer.Option(0, help="Seed of the first image."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's size)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's size)."),
+    out: Path = typer.Option(Path("samples"), help="Folder for the PNGs and grid.png."),
+):
+    """Generate images with a trained (or any diffusers) Stable Diffusion pipeline."""
+    from sdtune.sample import sample as run_sample
+
+    with console.status(f"sampling {num_images} image(s), {steps} steps"):
+        result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
+                            width=width, out_dir=str(out))
+    for path in result.images:
+        console.print(f"wrote {path}")
+    console.print(f"wrote {result.grid}")
+
+
+@app.command()
+@user_errors
+def presets(name: Optional[str] = typer.Argument(None, help="Show this preset fully resolved, as TOML.")):
+    """List the memory plans, or print one resolved with every key and its meaning."""
+    from rich.table import Table
+
+    from sdtune.config import load_config, preset_names, to_toml
+
+    if name:
+        cfg, info = load_config(name)
+        typer.echo(to_toml(cfg, info))
+        return
+    table = Table("preset", "card", "VRAM", "precision", "checkpointing", "attention", "optimizer",
+                  "batch", title="sdtune presets (`sdtune presets NAME` shows every key)")
+    for preset in preset_names():
+        cfg, info = load_config(preset)
+        m = cfg.memory
+        table.add_row(preset, info.card, f"{info.vram_gib:g} GB" if info.vram_gib else "-", m.precision,
+                      "on" if m.gradient_checkpointing else "off", m.attention, m.optimizer,
+                      f"{cfg.train.batch_size}x{cfg.train.gradient_accumulation_steps}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

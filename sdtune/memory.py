@@ -1,0 +1,111 @@
+"""Apply a memory plan: compute device, precision, activation checkpointing, attention backend.
+
+`resolve_plan` turns the `[memory]` config into concrete choices for this machine (and fails with one
+line when the machine cannot do what was asked); `apply_plan` puts the model parts where and how the
+plan says: the trainable UNet keeps fp32 master weights (autocast computes in half precision), the
+frozen VAE and text encoder are cast to the working precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import resource
+import sys
+from dataclasses import dataclass
+
+from sdtune.config import MemoryConfig
+from sdtune.errors import SdtuneError
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str                      # "cuda" or "cpu"
+    precision: str                   # "fp32", "bf16" or "fp16"
+    gradient_checkpointing: bool
+    attention: str                   # "sdpa" or "xformers"
+
+    @property
+    def working_dtype(self):
+        import torch
+
+        return getattr(torch, _DTYPES[self.precision])
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.precision == "fp16"
+
+
+def _xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def resolve_plan(mem: MemoryConfig) -> Plan:
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if mem.device == "cuda" and not has_cuda:
+        raise SdtuneError("memory.device=cuda but no CUDA GPU is visible; use --preset cpu or fix the driver")
+    device = "cuda" if mem.device == "cuda" or (mem.device == "auto" and has_cuda) else "cpu"
+    if mem.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SdtuneError(f"memory.precision=bf16 but {torch.cuda.get_device_name()} has no bf16; "
+                          "use --set memory.precision=fp16 (or the rtx2070 preset)")
+    attention = mem.attention
+    if attention == "auto":
+        attention = "xformers" if device == "cuda" and _xformers_installed() else "sdpa"
+    if attention == "xformers":
+        if not _xformers_installed():
+            raise SdtuneError("memory.attention=xformers but xformers is not installed; "
+                              "pip install 'sdtune[xformers]' or set memory.attention=sdpa")
+        if device != "cuda":
+            raise SdtuneError("memory.attention=xformers needs a CUDA GPU; set memory.attention=sdpa on the CPU")
+    return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
+                attention=attention)
+
+
+def apply_plan(plan: Plan, components) -> None:
+    """Place and cast the parts; switch on checkpointing and the attention backend; freeze VAE and text encoder."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = components.unet.to(plan.device, dtype=torch.float32)
+    unet.requires_grad_(True)
+    unet.train()
+    if plan.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if plan.attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        unet.set_attn_processor(AttnProcessor2_0())
+    for frozen in (components.vae, components.text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(plan.device, dtype=plan.working_dtype)
+
+
+def autocast(plan: Plan):
+    """The mixed-precision context of a forward pass; a no-op in fp32."""
+    import torch
+
+    if plan.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=plan.device, dtype=plan.working_dtype)
+
+
+def reset_peak(plan: Plan) -> None:
+    import torch
+
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes(plan: Plan) -> int:
+    """Peak GPU memory reserved by torch on CUDA; on the CPU, the process's peak resident set size."""
+    import torch
+
+    if plan.device == "cuda":
+        return torch.cuda.max_memory_reserved()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

@@ -1,0 +1,47 @@
+"""Optimizer and learning-rate schedule factories, chosen by `[memory] optimizer` and `[train]` keys."""
+
+from __future__ import annotations
+
+import math
+
+from sdtune.config import TrainConfig
+from sdtune.errors import SdtuneError
+
+
+def make_optimizer(params, train: TrainConfig, name: str, device: str):
+    """AdamW with torch's fused kernel (foreach where fused is unavailable), or bitsandbytes' AdamW8bit."""
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                  eps=train.adam_epsilon, weight_decay=train.weight_decay)
+    if name == "adamw":
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # fused needs a recent torch for the CPU; foreach works everywhere
+            return torch.optim.AdamW(params, foreach=True, **kwargs)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise SdtuneError(f"memory.optimizer=adamw8bit needs bitsandbytes ({exc}); "
+                              "pip install bitsandbytes or set memory.optimizer=adamw") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise SdtuneError(f"unknown memory.optimizer {name!r}")
+
+
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step`: linear warmup, then constant or cosine."""
+    warmup = train.lr_warmup_steps
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if train.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, train.max_steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_lr_schedule(optimizer, train: TrainConfig):
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train))

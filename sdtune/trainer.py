@@ -1,0 +1,226 @@
+"""The training loop: one explicit loop that accumulates, scales, clips, steps, logs, samples and saves.
+
+    sdtune train --preset cpu --data images/ --model tiny-sd/ --out out/ --max-steps 20
+
+`train()` checks the data and the plan before any model is loaded, then runs the loop. Each micro-batch's
+images, noise and timesteps are a function of (seed, micro-batch index), so a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtune import checkpoint, loss
+from sdtune.config import Config, PresetInfo, from_toml, to_toml
+from sdtune.data import BatchStream, scan_folder
+from sdtune.errors import SdtuneError
+from sdtune.memory import Plan, apply_plan, autocast, peak_bytes, reset_peak, resolve_plan
+
+# Keys that may change between a run and its --resume: how long to train and what to write.
+RESUMABLE_CHANGES = ("train.max_steps", "output.")
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `prepare`."""
+
+    cfg: Config
+    plan: Plan
+    components: Any
+    stream: BatchStream
+    optimizer: Any
+    lr_schedule: Any
+    scaler: Any
+    alphas_cumprod: Any
+    out_dir: Path
+    config_toml: str
+    log: Callable[[str], None]
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    seconds: float = 0.0
+
+
+def _check_out_dir(out_dir: Path, resume: bool) -> None:
+    if resume or not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if checkpoint.list_checkpoints(out_dir):
+        raise SdtuneError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if not (out_dir / "config.toml").is_file():
+        raise SdtuneError(f"{out_dir} exists and is not an sdtune output folder; choose another --out")
+
+
+def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> None:
+    saved, now = to_toml(from_toml(saved_toml, str(source))), to_toml(cfg)
+    section, changed = "", []
+    for old, new in zip(saved.splitlines(), now.splitlines()):
+        section = old.strip("[]") if old.startswith("[") else section
+        key = f"{section}.{old.split(' = ')[0]}"
+        if old != new and not key.startswith(RESUMABLE_CHANGES):
+            changed.append(f"{key}: {old.split(' = ')[1].split('  #')[0]} -> {new.split(' = ')[1].split('  #')[0]}")
+    if changed:
+        raise SdtuneError(f"--resume with a different plan than {source} ({'; '.join(changed)}); "
+                          "resume with the same settings or start a new --out")
+
+
+def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
+            log: Callable[[str], None]) -> Run:
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sdtune.models import load_components
+    from sdtune.optim import make_lr_schedule, make_optimizer
+
+    out = Path(out_dir)
+    _check_out_dir(out, resume)
+    scan = scan_folder(data_dir, cfg.data)
+    for path, reason in scan.skipped:
+        log(f"skipped {path}: {reason}")
+    log(f"{len(scan.examples)} images from {data_dir}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
+    plan = resolve_plan(cfg.memory)
+    components = load_components(cfg.model.pretrained, cfg.model.config)
+    apply_plan(plan, components)
+    optimizer = make_optimizer(components.unet.parameters(), cfg.train, cfg.memory.optimizer, plan.device)
+    run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
+              stream=BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log),
+              optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
+              scaler=torch.amp.GradScaler(plan.device, enabled=plan.loss_scaling),
+              alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
+    latest = checkpoint.latest_checkpoint(out) if resume else None
+    if latest is not None:
+        _check_resume_config((latest / "config.toml").read_text(encoding="utf-8"), cfg, latest)
+        state = checkpoint.load_checkpoint(latest, unet=components.unet, optimizer=optimizer,
+                                           lr_schedule=run.lr_schedule, scaler=run.scaler)
+        run.step, run.losses = state["step"], state["losses"]
+        run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
+        log(f"resumed from {latest} at step {run.step}")
+    elif resume:
+        log(f"no checkpoint in {checkpoint.checkpoint_root(out)}; starting from step 0")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
+    return run
+
+
+def _micro_step(run: Run, index: int) -> float:
+    """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss."""
+    import torch
+
+    c, plan, train = run.components, run.plan, run.cfg.train
+    pixels, captions = run.stream.batch(index)
+    generator = torch.Generator(plan.device).manual_seed(train.seed * 1_000_003 + index)
+    with torch.no_grad():
+        latents = c.vae.encode(pixels.to(plan.device, plan.working_dtype)).latent_dist.sample(generator)
+        latents = latents.float() * c.vae.config.scaling_factor
+        tokens = c.tokenizer(captions, padding="max_length", max_length=c.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(plan.device)
+        text = c.text_encoder(tokens)[0]
+    noise = loss.sample_noise(latents, generator, train.noise_offset)
+    timesteps = loss.sample_timesteps(len(latents), len(run.alphas_cumprod), generator, latents.device)
+    noisy = loss.add_noise(latents, noise, timesteps, run.alphas_cumprod)
+    with autocast(plan):
+        prediction = c.unet(noisy, timesteps, text).sample
+    target = loss.target(c.prediction_type, latents, noise, timesteps, run.alphas_cumprod)
+    weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
+               if train.snr_gamma else None)
+    value = loss.diffusion_loss(prediction, target, weights)
+    run.scaler.scale(value / train.gradient_accumulation_steps).backward()
+    return value.item()
+
+
+def _optimizer_step(run: Run) -> bool:
+    """Unscale, clip, step, update the scale; False when fp16 overflow made the scaler skip the step."""
+    import torch
+
+    run.scaler.unscale_(run.optimizer)
+    if run.cfg.train.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.components.unet.parameters(), run.cfg.train.max_grad_norm)
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_schedule.step()
+    return not (run.scaler.is_enabled() and run.scaler.get_scale() < scale)
+
+
+def _save(run: Run) -> None:
+    state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
+    checkpoint.save_checkpoint(run.out_dir, run.step, unet=run.components.unet, optimizer=run.optimizer,
+                               lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
+                               config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints)
+
+
+def _sample(run: Run) -> Path:
+    from sdtune.models import assemble_pipeline
+    from sdtune.sample import generate, make_grid
+
+    unet, out = run.components.unet, run.cfg.output
+    unet.eval()
+    with autocast(run.plan):
+        images = generate(assemble_pipeline(run.components), list(out.sample_prompts), steps=out.sample_steps,
+                          seed=run.cfg.train.seed, device=run.plan.device)
+    unet.train()
+    path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
+    path.parent.mkdir(exist_ok=True)
+    make_grid(images).save(path)
+    return path
+
+
+def _mean_step_time(times: list[float]) -> float:
+    """Seconds per step without the first step, which pays for warm-up (allocator, kernels, caches)."""
+    return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else (times[0] if times else 0.0)
+
+
+def loop(run: Run, progress: Callable[[Run, float], None]) -> float:
+    """Train from `run.step` to `train.max_steps`, calling `progress(run, seconds_per_step)` after each
+    step; returns the mean seconds per step."""
+    cfg = run.cfg
+    accumulation, step_times = cfg.train.gradient_accumulation_steps, []
+    reset_peak(run.plan)
+    while run.step < cfg.train.max_steps:
+        started = time.perf_counter()
+        first = run.step * accumulation
+        step_loss = sum(_micro_step(run, first + i) for i in range(accumulation)) / accumulation
+        if not _optimizer_step(run):
+            run.skipped_steps += 1
+        run.step += 1
+        run.losses.append(step_loss)
+        step_times.append(time.perf_counter() - started)
+        run.seconds += step_times[-1]
+        progress(run, _mean_step_time(step_times))
+        if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
+            run.log(f"samples: {_sample(run)}")
+        every = cfg.output.checkpoint_every
+        if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
+            _save(run)
+    return _mean_step_time(step_times)
+
+
+def summary(run: Run, seconds_per_step: float) -> dict:
+    return {
+        "steps": run.step, "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
+        "seconds": round(run.seconds, 3), "seconds_per_step": round(seconds_per_step, 4),
+        "peak_memory_bytes": peak_bytes(run.plan),
+        "peak_memory_kind": "cuda_max_reserved" if run.plan.device == "cuda" else "process_max_rss",
+        "skipped_steps": run.skipped_steps, "device": run.plan.device, "precision": run.plan.precision,
+        "attention": run.plan.attention, "gradient_checkpointing": run.plan.gradient_checkpointing,
+        "optimizer": run.cfg.memory.optimizer, "batch_size": run.cfg.train.batch_size,
+        "gradient_accumulation_steps": run.cfg.train.gradient_accumulation_steps,
+    }
+
+
+def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume: bool = False,
+          log: Callable[[str], None] = print, progress: Callable[[Run, float], None] | None = None) -> dict:
+    """Prepare, loop, export the diffusers folder and write `summary.json`; returns the summary."""
+    from sdtune.export import SUMMARY, export_pipeline, write_json
+
+    run = prepare(cfg, info, data_dir, out_dir, resume, log)
+    seconds_per_step = loop(run, progress or (lambda run, sps: None))
+    export_pipeline(run.components, run.out_dir)
+    result = {"preset": info.name, **summary(run, seconds_per_step)}
+    write_json(run.out_dir / SUMMARY, result)
+    return result

@@ -252,7 +252,8 @@ def _toml_value(value) -> str:
 def to_toml(cfg: Config, info: PresetInfo | None = None) -> str:
     lines = []
     if info is not None:
-        lines += ["[preset]", f"name = {_toml_value(info.name)}", f"card = {_toml_value(info.card)}",
+        lines += [f"# resolved from preset {info.name}; usable as --preset FILE", "[preset]",
+                  f"card = {_toml_value(info.card)}",
                   f"vram_gib = {_toml_value(info.vram_gib)}", f"description = {_toml_value(info.description)}", ""]
     for name in SECTIONS:
         section = getattr(cfg, name)

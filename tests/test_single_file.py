@@ -129,7 +129,8 @@ def test_text_encoder_is_sd1_clip_only():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.device("meta"):  # SD1's CLIP ViT-L/14 text encoder
-        clip = CLIPTextModel(CLIPTextConfig(hidden_act="quick_gelu", projection_dim=768))
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                            projection_dim=768, hidden_act="quick_gelu"))
     ldm = text_encoder_to_ldm(clip.state_dict(), clip.config)
     assert len(ldm) == 197  # the cond_stage_model keys of an SD1.x checkpoint, position_ids included
     prefix = "cond_stage_model.transformer.text_model."

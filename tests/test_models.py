@@ -1,0 +1,55 @@
+import json
+import pickle
+
+import pytest
+
+from sdtune.errors import SdtuneError
+from sdtune.models import classify_source, load_components
+
+
+def test_sources_are_classified(tiny_sd1, tmp_path):
+    assert classify_source(str(tiny_sd1)) == "folder"
+    assert classify_source("stable-diffusion-v1-5/stable-diffusion-v1-5") == "hub"
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    assert classify_source(str(tmp_path / "m.safetensors")) == "single_file"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing", "does not exist"),
+    ("plain_folder", "no model_index.json"),
+    ("notes.txt", "neither a diffusers folder nor a .safetensors"),
+    ("model.ckpt", "pickle checkpoint"),
+])
+def test_bad_model_paths_get_one_clear_line(tmp_path, name, message):
+    (tmp_path / "plain_folder").mkdir()
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "model.ckpt").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(SdtuneError, match=message):
+        classify_source(str(tmp_path / name))
+
+
+def test_loads_sd1_and_reads_v_prediction_from_sd2(tiny_sd1, tiny_sd2):
+    assert load_components(str(tiny_sd1)).prediction_type == "epsilon"
+    assert load_components(str(tiny_sd2)).prediction_type == "v_prediction"
+
+
+def test_other_pipeline_families_are_refused(tiny_sd1, tmp_path):
+    import shutil
+
+    xl = tmp_path / "xl"
+    shutil.copytree(tiny_sd1, xl)
+    index = json.loads((xl / "model_index.json").read_text())
+    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(SdtuneError, match="StableDiffusionXLPipeline"):
+        load_components(str(xl))
+
+
+def test_single_file_needs_its_configs(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    with pytest.raises(SdtuneError, match="model.config"):
+        load_components(str(tmp_path / "m.safetensors"))
+
+
+def test_unreachable_hub_id_is_one_line():
+    with pytest.raises(SdtuneError, match="could not fetch 'nobody/no-such-model'"):
+        load_components("nobody/no-such-model")

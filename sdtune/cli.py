@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -51,9 +50,9 @@ def _gib(n: int) -> str:
 def train(
     preset: str = typer.Option(..., help="Memory plan: a shipped preset name (see `sdtune presets`) or a .toml path."),
     data: Path = typer.Option(..., help="Folder of training images (searched recursively; NAME.txt captions)."),
-    model: Optional[str] = typer.Option(None, help="Base model: diffusers folder, .safetensors file or hub id."),
+    model: str | None = typer.Option(None, help="Base model: diffusers folder, .safetensors file or hub id."),
     out: Path = typer.Option(Path("out"), help="Output folder: diffusers pipeline, checkpoints, samples."),
-    max_steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (overrides train.max_steps)."),
+    max_steps: int | None = typer.Option(None, min=1, help="Optimizer steps (overrides train.max_steps)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
@@ -85,7 +84,8 @@ def train(
     try:
         result = run_training(cfg, info, str(data), str(out), resume=resume, log=console.print, progress=progress)
     finally:
-        bar.stop()
+        if bar.live.is_started:
+            bar.stop()
     console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
@@ -100,8 +100,8 @@ def sample(
     num_images: int = typer.Option(4, min=1, help="How many images (image i uses seed + i)."),
     steps: int = typer.Option(30, min=1, help="Denoising steps."),
     seed: int = typer.Option(0, help="Seed of the first image."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's size)."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's size)."),
+    height: int | None = typer.Option(None, help="Image height in pixels (default: the model's size)."),
+    width: int | None = typer.Option(None, help="Image width in pixels (default: the model's size)."),
     out: Path = typer.Option(Path("samples"), help="Folder for the PNGs and grid.png."),
 ):
     """Generate images with a trained (or any diffusers) Stable Diffusion pipeline."""
@@ -117,7 +117,7 @@ def sample(
 
 @app.command()
 @user_errors
-def presets(name: Optional[str] = typer.Argument(None, help="Show this preset fully resolved, as TOML.")):
+def presets(name: str | None = typer.Argument(None, help="Show this preset fully resolved, as TOML.")):
     """List the memory plans, or print one resolved with every key and its meaning."""
     from rich.table import Table
 

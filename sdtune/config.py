@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import tomllib
 
 from sdtune.errors import SdtuneError
 
@@ -99,6 +100,7 @@ class OutputConfig:
     sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0)
     sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", ())
     sample_steps: int = doc("denoising steps for validation samples", 20)
+    single_file: bool = doc("also write model.safetensors, one fp16 file for A1111/ComfyUI (SD 1.x models)", True)
 
     def __post_init__(self):
         for name in ("checkpoint_every", "sample_every"):

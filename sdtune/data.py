@@ -131,5 +131,5 @@ class BatchStream:
         import torch
 
         start = index * self.batch_size
-        pixels, captions = zip(*(self._load(start + i) for i in range(self.batch_size)))
+        pixels, captions = zip(*(self._load(start + i) for i in range(self.batch_size)), strict=True)
         return torch.stack(pixels), list(captions)

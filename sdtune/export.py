@@ -2,7 +2,8 @@
 
 The folder is what `StableDiffusionPipeline.from_pretrained(out)` loads with no sdtune code: the
 trained UNet (fp32 master weights) beside the base model's VAE, text encoder, tokenizer and scheduler,
-all in safetensors.
+all in safetensors. Beside it, `model.safetensors` holds the same model as one fp16 file in the original
+(LDM) layout that A1111, ComfyUI and `from_single_file` read; SD 2.x text encoders are not converted yet.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 SUMMARY = "summary.json"
+SINGLE_FILE = "model.safetensors"
 
 
 def export_pipeline(components, out_dir: Path) -> Path:
@@ -19,6 +21,16 @@ def export_pipeline(components, out_dir: Path) -> Path:
 
     assemble_pipeline(components).save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def export_single_file(components, out_dir: Path) -> Path:
+    """One fp16 LDM-layout checkpoint; ValueError when a part has no LDM layout here (SD 2.x text encoder)."""
+    import torch
+
+    from sdtune.single_file import pipeline_to_single_file
+
+    return pipeline_to_single_file(components.unet, components.vae, components.text_encoder,
+                                   Path(out_dir) / SINGLE_FILE, dtype=torch.float16)
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -58,7 +58,7 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
 def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> None:
     saved, now = to_toml(from_toml(saved_toml, str(source))), to_toml(cfg)
     section, changed = "", []
-    for old, new in zip(saved.splitlines(), now.splitlines()):
+    for old, new in zip(saved.splitlines(), now.splitlines(), strict=True):
         section = old.strip("[]") if old.startswith("[") else section
         key = f"{section}.{old.split(' = ')[0]}"
         if old != new and not key.startswith(RESUMABLE_CHANGES):
@@ -216,11 +216,16 @@ def summary(run: Run, seconds_per_step: float) -> dict:
 def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume: bool = False,
           log: Callable[[str], None] = print, progress: Callable[[Run, float], None] | None = None) -> dict:
     """Prepare, loop, export the diffusers folder and write `summary.json`; returns the summary."""
-    from sdtune.export import SUMMARY, export_pipeline, write_json
+    from sdtune.export import SUMMARY, export_pipeline, export_single_file, write_json
 
     run = prepare(cfg, info, data_dir, out_dir, resume, log)
     seconds_per_step = loop(run, progress or (lambda run, sps: None))
     export_pipeline(run.components, run.out_dir)
+    if cfg.output.single_file:
+        try:
+            export_single_file(run.components, run.out_dir)
+        except ValueError as exc:
+            log(f"single-file checkpoint not written: {exc}")
     result = {"preset": info.name, **summary(run, seconds_per_step)}
     write_json(run.out_dir / SUMMARY, result)
     return result

@@ -53,3 +53,24 @@ def test_single_file_needs_its_configs(tmp_path):
 def test_unreachable_hub_id_is_one_line():
     with pytest.raises(SdtuneError, match="could not fetch 'nobody/no-such-model'"):
         load_components("nobody/no-such-model")
+
+
+def test_single_file_checkpoint_loads_and_trains(tiny_sd1, images, tmp_path):
+    """A single .safetensors file plus a local config folder: loaded offline, trainable with `sdtune train`."""
+    import torch
+    from typer.testing import CliRunner
+
+    from sdtune.cli import app
+    from sdtune.single_file import pipeline_to_single_file
+
+    original = load_components(str(tiny_sd1))
+    path = pipeline_to_single_file(original.unet, original.vae, original.text_encoder, tmp_path / "m.safetensors")
+    loaded = load_components(str(path), config=str(tiny_sd1))
+    for part in ("unet", "vae", "text_encoder"):
+        reference = getattr(original, part).state_dict()
+        assert all(torch.equal(reference[k], v) for k, v in getattr(loaded, part).state_dict().items()), part
+    result = CliRunner().invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(path),
+                                      "--set", f"model.config={tiny_sd1}", "--out", str(tmp_path / "out"),
+                                      "--max-steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -154,33 +154,42 @@ def _coerce(value, kind, where: str):
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
-def _overlay(section, values: dict, source: str, prefix: str):
-    hints = typing.get_type_hints(type(section))
-    names = [f.name for f in dataclasses.fields(section)]
-    changes = {}
+def _section_type(name: str, source: str) -> type:
+    if name not in SECTIONS:
+        close = difflib.get_close_matches(name, SECTIONS, n=1)
+        hint = f"; did you mean [{close[0]}]?" if close else f"; sections are {', '.join(SECTIONS)}"
+        raise SdtuneError(f"unknown section [{name}] in {source}{hint}")
+    return typing.get_type_hints(Config)[name]
+
+
+def _checked_values(name: str, values, source: str) -> dict:
+    """`values` of section `name` with every key known and every value of the field's type."""
+    _require(isinstance(values, dict), f"[{name}] in {source} must be a table of keys")
+    kind = _section_type(name, source)
+    hints, names = typing.get_type_hints(kind), [f.name for f in dataclasses.fields(kind)]
+    checked = {}
     for key, value in values.items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}.{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
-            raise SdtuneError(f"unknown key '{prefix}.{key}' in {source}{hint}")
-        changes[key] = _coerce(value, hints[key], f"{prefix}.{key} in {source}")
-    return dataclasses.replace(section, **changes)
+            hint = f"; did you mean '{name}.{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise SdtuneError(f"unknown key '{name}.{key}' in {source}{hint}")
+        checked[key] = _coerce(value, hints[key], f"{name}.{key} in {source}")
+    return checked
 
 
-def apply_overlay(cfg: Config, data: dict, source: str) -> Config:
-    """Overlay a TOML-shaped dict ({section: {key: value}}) on `cfg`, checking every key and type."""
-    changes = {}
-    for name, values in data.items():
-        if name not in SECTIONS:
-            close = difflib.get_close_matches(name, SECTIONS, n=1)
-            hint = f"; did you mean [{close[0]}]?" if close else f"; sections are {', '.join(SECTIONS)}"
-            raise SdtuneError(f"unknown section [{name}] in {source}{hint}")
-        _require(isinstance(values, dict), f"[{name}] in {source} must be a table of keys")
-        changes[name] = _overlay(changes.get(name, getattr(cfg, name)), values, source, name)
-    return dataclasses.replace(cfg, **changes)
+def apply_layers(cfg: Config, layers: list[tuple[dict, str]]) -> Config:
+    """Overlay TOML-shaped dicts ({section: {key: value}}, each with its source for error messages) on
+    `cfg`. Keys and types are checked layer by layer; cross-key rules once, on the final values, so the
+    order of `--set` items never matters."""
+    changes: dict[str, dict] = {}
+    for data, source in layers:
+        for name, values in data.items():
+            changes.setdefault(name, {}).update(_checked_values(name, values, source))
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in changes.items()})
 
 
-def parse_set(item: str, cfg: Config) -> dict:
+def parse_set(item: str) -> dict:
     """`section.key=value` into {section: {key: value}}; value is TOML, or a bare string."""
     path, sep, text = item.partition("=")
     section, dot, key = path.strip().partition(".")
@@ -190,9 +199,9 @@ def parse_set(item: str, cfg: Config) -> dict:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text
-    section_obj = getattr(cfg, section, None)
-    if section_obj is not None and typing.get_type_hints(type(section_obj)).get(key) is str:
-        value = value if isinstance(value, str) else text  # a path like 123 or a word like true stays text
+    kind = typing.get_type_hints(Config).get(section)
+    if kind is not None and typing.get_type_hints(kind).get(key) is str and not isinstance(value, str):
+        value = text  # a path like 123 or a word like true stays text
     return {section: {key: value}}
 
 
@@ -231,10 +240,8 @@ def read_preset(name: str) -> tuple[dict, PresetInfo]:
 def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, PresetInfo]:
     """Defaults, then the preset, then each `--set`: the resolved, validated config."""
     data, info = read_preset(preset)
-    cfg = apply_overlay(Config(), data, preset_path(preset).name)
-    for item in overrides:
-        cfg = apply_overlay(cfg, parse_set(item, cfg), f"--set {item}")
-    return cfg, info
+    layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
+    return apply_layers(Config(), layers), info
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,4 +277,4 @@ def from_toml(text: str, source: str) -> Config:
     """Read a config.toml written by `to_toml` (a checkpoint's or an output folder's)."""
     data = tomllib.loads(text)
     data.pop("preset", None)
-    return apply_overlay(Config(), data, source)
+    return apply_layers(Config(), [(data, source)])

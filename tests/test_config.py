@@ -38,7 +38,13 @@ def test_set_overrides_are_typed():
     assert cfg.memory.precision == "bf16" and cfg.model.pretrained == "./some/path"
     assert cfg.output.sample_prompts == ("a", "b")
     # a string key keeps the text even when it would parse as another TOML type
-    assert parse_set("model.pretrained=123", Config()) == {"model": {"pretrained": "123"}}
+    assert parse_set("model.pretrained=123") == {"model": {"pretrained": "123"}}
+
+
+def test_rules_between_keys_see_all_overrides_whatever_their_order():
+    cfg, _ = load_config("cpu", ["output.sample_every=5", "output.sample_prompts=['a']",
+                                 "train.lr_warmup_steps=300", "train.max_steps=400"])
+    assert cfg.output.sample_every == 5 and cfg.train.lr_warmup_steps == 300
 
 
 @pytest.mark.parametrize("item, words", [

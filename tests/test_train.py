@@ -149,3 +149,43 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
     assert run.step == run.cfg.train.max_steps and run.skipped_steps >= 1
     assert all(torch.isfinite(torch.tensor(run.losses)))
     assert any(not torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
+
+
+def test_checkpoints_every_n_steps_keep_the_newest_and_validation_grids(tiny_sd1, images, tmp_path):
+    out = tmp_path / "out"
+    train(tiny_sd1, images, out, "--max-steps", "4", "--set", "output.checkpoint_every=1",
+          "--set", "output.keep_checkpoints=2", "--set", "output.sample_every=2", "--set", "output.sample_steps=2",
+          "--set", "output.sample_prompts=['a red circle', 'a blue square', 'a star']")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000004").iterdir()) == [
+        "config.toml", "state.json", "training_state.pt", "unet.safetensors"]
+    from PIL import Image
+
+    grids = sorted(p.name for p in (out / "samples").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    assert Image.open(out / "samples" / "step-000004.png").size == (128, 128)  # three prompts in a 2x2 grid
+
+
+@pytest.mark.parametrize("overrides", [
+    ["memory.optimizer=adamw8bit"],
+    ["memory.precision=bf16"],
+    ["train.gradient_accumulation_steps=2", "train.snr_gamma=5.0", "train.noise_offset=0.1",
+     "data.center_crop=false", "data.random_flip=true"],
+])
+def test_other_levers_train(tiny_sd1, images, tmp_path, overrides):
+    run = _prepared(tiny_sd1, images, tmp_path / "o", "train.max_steps=3", *overrides)
+    before = {k: v.clone() for k, v in run.components.unet.state_dict().items()}
+    trainer.loop(run, lambda run, sps: None)
+    assert len(run.losses) == 3 and all(0 < value < 10 for value in run.losses)
+    assert any(not torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
+
+
+def test_xformers_asked_for_but_missing_is_a_clear_error(monkeypatch):
+    from sdtune import memory
+    from sdtune.config import MemoryConfig
+    from sdtune.errors import SdtuneError
+
+    monkeypatch.setattr(memory, "_xformers_installed", lambda: False)
+    with pytest.raises(SdtuneError, match=r"xformers is not installed.*sdtune\[xformers\].*attention=sdpa"):
+        memory.resolve_plan(MemoryConfig(device="cpu", attention="xformers"))
+    assert memory.resolve_plan(MemoryConfig(device="cpu", attention="auto")).attention == "sdpa"

@@ -9,6 +9,7 @@ checkpoint continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,13 +57,10 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
 
 
 def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> None:
-    saved, now = to_toml(from_toml(saved_toml, str(source))), to_toml(cfg)
-    section, changed = "", []
-    for old, new in zip(saved.splitlines(), now.splitlines(), strict=True):
-        section = old.strip("[]") if old.startswith("[") else section
-        key = f"{section}.{old.split(' = ')[0]}"
-        if old != new and not key.startswith(RESUMABLE_CHANGES):
-            changed.append(f"{key}: {old.split(' = ')[1].split('  #')[0]} -> {new.split(' = ')[1].split('  #')[0]}")
+    saved, now = dataclasses.asdict(from_toml(saved_toml, str(source))), dataclasses.asdict(cfg)
+    changed = [f"{section}.{key}: {value!r} -> {now[section][key]!r}"
+               for section, values in saved.items() for key, value in values.items()
+               if value != now[section][key] and not f"{section}.{key}".startswith(RESUMABLE_CHANGES)]
     if changed:
         raise SdtuneError(f"--resume with a different plan than {source} ({'; '.join(changed)}); "
                           "resume with the same settings or start a new --out")

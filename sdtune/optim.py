@@ -8,7 +8,7 @@ from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
 
 
-def make_optimizer(params, train: TrainConfig, name: str, device: str):
+def make_optimizer(params, train: TrainConfig, name: str):
     """AdamW with torch's fused kernel (foreach where fused is unavailable), or bitsandbytes' AdamW8bit."""
     import torch
 

@@ -66,6 +66,20 @@ def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> None:
                           "resume with the same settings or start a new --out")
 
 
+def _restore(run: Run) -> None:
+    """Load the newest checkpoint of `run.out_dir` into the run, if there is one."""
+    latest = checkpoint.latest_checkpoint(run.out_dir)
+    if latest is None:
+        run.log(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
+        return
+    _check_resume_config((latest / "config.toml").read_text(encoding="utf-8"), run.cfg, latest)
+    state = checkpoint.load_checkpoint(latest, unet=run.components.unet, optimizer=run.optimizer,
+                                       lr_schedule=run.lr_schedule, scaler=run.scaler)
+    run.step, run.losses = state["step"], state["losses"]
+    run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
+    run.log(f"resumed from {latest} at step {run.step}")
+
+
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
             log: Callable[[str], None]) -> Run:
     import torch
@@ -83,22 +97,14 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     plan = resolve_plan(cfg.memory)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     apply_plan(plan, components)
-    optimizer = make_optimizer(components.unet.parameters(), cfg.train, cfg.memory.optimizer, plan.device)
+    optimizer = make_optimizer(components.unet.parameters(), cfg.train, cfg.memory.optimizer)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
               stream=BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log),
               optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
               scaler=torch.amp.GradScaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
-    latest = checkpoint.latest_checkpoint(out) if resume else None
-    if latest is not None:
-        _check_resume_config((latest / "config.toml").read_text(encoding="utf-8"), cfg, latest)
-        state = checkpoint.load_checkpoint(latest, unet=components.unet, optimizer=optimizer,
-                                           lr_schedule=run.lr_schedule, scaler=run.scaler)
-        run.step, run.losses = state["step"], state["losses"]
-        run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
-        log(f"resumed from {latest} at step {run.step}")
-    elif resume:
-        log(f"no checkpoint in {checkpoint.checkpoint_root(out)}; starting from step 0")
+    if resume:
+        _restore(run)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
     return run

@@ -1,10 +1,10 @@
-# sdtune developer tasks. `make install` once, then `make test`.
+# sdtune tasks. `make demo` to see it work; `make install` once, then `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint
+.PHONY: install test lint demo tiny-model
 
 install: $(VENV)/.installed
 
@@ -22,3 +22,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench
+
+# Fine-tune the bundled sdtune-tiny on examples/star and print the concept score before and after.
+demo: install
+	$(PY) examples/demo.py
+
+# Pretrain sdtune-tiny from scratch (seeded; about half an hour on 2 CPU cores) into the package.
+tiny-model: install
+	$(PY) -m sdtune.tiny --out sdtune/assets/sdtune-tiny

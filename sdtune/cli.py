@@ -102,6 +102,7 @@ def sample(
     seed: int = typer.Option(0, help="Seed of the first image."),
     height: int | None = typer.Option(None, help="Image height in pixels (default: the model's size)."),
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's size)."),
+    guidance: float = typer.Option(7.5, min=0.0, help="Classifier-free guidance scale; 1 turns guidance off."),
     out: Path = typer.Option(Path("samples"), help="Folder for the PNGs and grid.png."),
 ):
     """Generate images with a trained (or any diffusers) Stable Diffusion pipeline."""
@@ -109,7 +110,7 @@ def sample(
 
     with console.status(f"sampling {num_images} image(s), {steps} steps"):
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
-                            width=width, out_dir=str(out))
+                            width=width, guidance=guidance, out_dir=str(out))
     for path in result.images:
         console.print(f"wrote {path}")
     console.print(f"wrote {result.grid}")

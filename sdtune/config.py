@@ -47,10 +47,13 @@ class DataConfig:
     center_crop: bool = doc("crop the center (true) or a random square (false)", True)
     random_flip: bool = doc("flip images horizontally at random", False)
     caption_extension: str = doc("sidecar caption file extension; without one the file name is the caption", ".txt")
+    caption_dropout: float = doc("share of images trained with an empty caption (lets guidance work); 0 is off",
+                                 0.0)
 
     def __post_init__(self):
         _require(self.resolution >= 8 and self.resolution % 8 == 0,
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,7 +120,8 @@ class BatchStream:
         for attempt in range(n):  # a file that vanished or broke since the scan: take the next one
             example = self.examples[self._order((position + attempt) // n)[(position + attempt) % n]]
             try:
-                return load_image(example.image, self.cfg, rng), example.caption
+                pixels = load_image(example.image, self.cfg, rng)
+                return pixels, "" if rng.random() < self.cfg.caption_dropout else example.caption
             except OSError as exc:
                 if example.image not in self.failed:
                     self.failed.add(example.image)

@@ -3,6 +3,7 @@
     components = load_components("path/to/sd15")             # diffusers folder with model_index.json
     components = load_components("model.safetensors", config="path/to/sd15")   # single file + its configs
     components = load_components("stable-diffusion-v1-5/stable-diffusion-v1-5") # hub id, where online
+    components = load_components("sdtune-tiny")                                  # bundled with sdtune
 
 Everything is loaded in fp32 on the CPU; `memory.apply_plan` casts and places it.
 """
@@ -19,6 +20,7 @@ from typing import Any
 from sdtune.errors import SdtuneError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+BUNDLED = {"sdtune-tiny": Path(__file__).parent / "assets" / "sdtune-tiny"}  # models shipped in the package
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -37,11 +39,20 @@ class Components:
         return self.scheduler.config.get("prediction_type", "epsilon")
 
 
+def resolve_source(source: str) -> str:
+    """A bundled model's name becomes its folder; anything else is returned as it is."""
+    if source in BUNDLED:
+        if not (BUNDLED[source] / "model_index.json").is_file():
+            raise SdtuneError(f"the bundled model {source} is missing from this install; run `make tiny-model`")
+        return str(BUNDLED[source])
+    return source
+
+
 def classify_source(source: str) -> str:
     """'folder', 'single_file' or 'hub' — or a one-line error that says what `source` should be."""
     if not source:
         raise SdtuneError("no base model: pass --model (a diffusers folder, a .safetensors file or a hub id)")
-    path = Path(source).expanduser()
+    path = Path(resolve_source(source)).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
@@ -104,7 +115,7 @@ def _load_pipeline(source: str, kind: str, config: str):
 
 def load_components(source: str, config: str = "") -> Components:
     """Load a Stable Diffusion 1.x/2.x model from `source` (see the module docstring) in fp32 on the CPU."""
-    pipe = _load_pipeline(source, classify_source(source), config)
+    pipe = _load_pipeline(resolve_source(source), classify_source(source), config)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                       tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
 

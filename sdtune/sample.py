@@ -25,17 +25,19 @@ def make_grid(images: list, columns: int | None = None):
     return grid
 
 
-def generate(pipe, prompts: list[str], *, steps: int, seed: int, device: str,
-             height: int | None = None, width: int | None = None) -> list:
-    """One image per prompt, prompt i seeded with `seed + i`."""
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float = 7.5,
+             height: int | None = None, width: int | None = None, batch_size: int = 1) -> list:
+    """One image per (prompt, seed) pair, each from its own generator, so any image can be redrawn alone.
+
+    `batch_size` images go through the pipeline at once: faster, and the same images."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
     images = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator(device).manual_seed(seed + i)
-        result = pipe(prompt, num_inference_steps=steps, generator=generator, height=height, width=width)
-        images.append(result.images[0])
+    for start in range(0, len(prompts), batch_size):
+        generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
+        images += pipe(prompts[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                       generator=generators, height=height, width=width).images
     return images
 
 
@@ -46,7 +48,8 @@ class SampleResult:
 
 
 def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed: int = 0,
-           height: int | None = None, width: int | None = None, out_dir: str = "samples") -> SampleResult:
+           height: int | None = None, width: int | None = None, guidance: float = 7.5,
+           out_dir: str = "samples") -> SampleResult:
     """Load the pipeline at `ckpt` and write `num_images` PNGs plus `grid.png` into `out_dir`."""
     import torch
 
@@ -61,7 +64,8 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
     device = "cuda" if torch.cuda.is_available() else "cpu"
     components = load_components(ckpt)
     pipe = assemble_pipeline(components).to(device, torch.float16 if device == "cuda" else torch.float32)
-    images = generate(pipe, [prompt] * num_images, steps=steps, seed=seed, device=device, height=height, width=width)
+    images = generate(pipe, [prompt] * num_images, [seed + i for i in range(num_images)], steps=steps,
+                      guidance=guidance, height=height, width=width)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

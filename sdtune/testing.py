@@ -16,11 +16,9 @@ import json
 import random
 from pathlib import Path
 
+from sdtune.shapes import WORDS
+
 IMAGE_SIZE = 64
-WORDS = ("a", "an", "photo", "of", "the", "on", "with", "red", "green", "blue", "yellow", "white", "black",
-         "circle", "square", "triangle", "star", "stripes", "background", "small", "large")
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
 
 
 def _byte_symbols() -> list[str]:
@@ -111,34 +109,19 @@ def save_tiny_pipeline(folder: str | Path, version: int = 1, seed: int = 0) -> P
     return Path(folder)
 
 
-def synthetic_image(shape: str, colour: str, background: str, rng: random.Random, size: int = IMAGE_SIZE):
-    """One procedurally drawn shape on a plain background."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    r = rng.randint(size // 6, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return image
-
-
 def make_image_folder(folder: str | Path, count: int = 8, seed: int = 0, captions: bool = True,
                       size: int = IMAGE_SIZE) -> Path:
-    """`count` PNG images of coloured shapes, each with a `.txt` caption such as 'a red circle on white'."""
+    """`count` PNG images of coloured shapes, each with a `.txt` caption such as 'a red circle on the white
+    background' (the language of `sdtune.shapes`)."""
+    from sdtune import shapes
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    specs = shapes.all_specs(shapes.BASE_SHAPES)
     for i in range(count):
-        shape = rng.choice(("circle", "square", "triangle"))
-        colour, background = rng.choice(sorted(COLOURS)), rng.choice(sorted(BACKGROUNDS))
-        synthetic_image(shape, colour, background, rng, size).save(folder / f"img{i:03d}.png")
+        spec = rng.choice(specs)
+        shapes.render(spec, rng, size).save(folder / f"img{i:03d}.png")
         if captions:
-            (folder / f"img{i:03d}.txt").write_text(f"a {colour} {shape} on the {background} background")
+            (folder / f"img{i:03d}.txt").write_text(spec.caption)
     return folder

@@ -165,8 +165,9 @@ def _sample(run: Run) -> Path:
     unet, out = run.components.unet, run.cfg.output
     unet.eval()
     with autocast(run.plan):
-        images = generate(assemble_pipeline(run.components), list(out.sample_prompts), steps=out.sample_steps,
-                          seed=run.cfg.train.seed, device=run.plan.device)
+        prompts = list(out.sample_prompts)
+        images = generate(assemble_pipeline(run.components), prompts, [run.cfg.train.seed] * len(prompts),
+                          steps=out.sample_steps)
     unet.train()
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
     path.parent.mkdir(exist_ok=True)

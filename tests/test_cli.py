@@ -62,7 +62,7 @@ def test_user_errors_are_one_line(tmp_path, images, tiny_sd1, empty_dir):
                 "train.batch_size", "integer")
     _user_error([*train, "--data", str(images), "--model", str(empty_dir)], tmp_path, "model_index.json")
     _user_error([*train, "--data", str(images), "--model", str(tmp_path / "missing")], tmp_path, "does not exist")
-    _user_error([*train, "--data", str(images)], tmp_path, "no base model", "--model")
+    _user_error([*train, "--data", str(images), "--set", 'model.pretrained=""'], tmp_path, "no base model", "--model")
     _user_error(["sample", "--ckpt", str(empty_dir), "--prompt", "x"], tmp_path, "model_index.json")
     _user_error(["sample", "--ckpt", str(tiny_sd1), "--prompt", "x", "--height", "50"], tmp_path, "--height")
 

@@ -47,3 +47,14 @@ def test_batches_are_deterministic_cropped_and_cover_every_image(images):
     n = len(scan.examples)
     epoch = [c for i in range(n // 2) for c in a.batch(i)[1]]
     assert sorted(epoch) == sorted(e.caption for e in scan.examples)
+
+
+def test_caption_dropout_empties_a_seeded_share_of_captions(images):
+    cfg = DataConfig(resolution=32, caption_dropout=0.5)
+    scan = scan_folder(images, cfg)
+    captions = [c for i in range(40) for c in BatchStream(scan.examples, cfg, 2, seed=1).batch(i)[1]]
+    assert 20 < captions.count("") < 60
+    again = [c for i in range(40) for c in BatchStream(scan.examples, cfg, 2, seed=1).batch(i)[1]]
+    assert captions == again
+    with pytest.raises(SdtuneError, match="caption_dropout"):
+        DataConfig(caption_dropout=1.0)

@@ -3,9 +3,11 @@
     make demo          # or: python examples/demo.py
 
 sdtune-tiny was pretrained on circles, squares and triangles. `examples/star/` holds 24 pictures of
-stars with captions ("a red star on the white background"). The demo scores the model on star prompts
-and on its old prompts, fine-tunes it with the real command line (`sdtune train --preset cpu ...`),
-scores it again on the same prompts and seeds, and writes before/after grids to `demo-out/`.
+stars with captions ("a red star on the white background") and, in `prior/`, 24 of the old shapes:
+prior preservation, as in DreamBooth, so the model learns "star" without drawing stars for everything.
+The demo scores the model on star prompts and on its old prompts, fine-tunes it with the real command
+line (`sdtune train --preset cpu ...`), scores it again on the same prompts and seeds, and writes
+before/after grids to `demo-out/`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out_dir: Path, step: int, *, unet, optimizer, lr_schedule, scaler, state: dict,
+def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_schedule, scaler, state: dict,
                     config_toml: str, keep: int) -> Path:
     import torch
     from safetensors.torch import save_file
@@ -48,8 +48,7 @@ def save_checkpoint(out_dir: Path, step: int, *, unet, optimizer, lr_schedule, s
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in unet.state_dict().items()},
-              tmp / "unet.safetensors")
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, tmp / "unet.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()

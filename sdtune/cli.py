@@ -120,7 +120,7 @@ def sample(
 @user_errors
 def presets(name: str | None = typer.Argument(None, help="Show this preset fully resolved, as TOML.")):
     """List the memory plans, or print one resolved with every key and its meaning."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from sdtune.config import load_config, preset_names, to_toml
 
@@ -128,13 +128,14 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
         cfg, info = load_config(name)
         typer.echo(to_toml(cfg, info))
         return
-    table = Table("preset", "card", "VRAM", "precision", "checkpointing", "attention", "optimizer",
-                  "batch", title="sdtune presets (`sdtune presets NAME` shows every key)")
+    table = Table(Column("preset", no_wrap=True), Column("card", no_wrap=True), "VRAM", "precision",
+                  "checkpoint", "attention", "optimizer", "offload", "batch",
+                  title="sdtune presets (`sdtune presets NAME` shows every key)")
     for preset in preset_names():
         cfg, info = load_config(preset)
         m = cfg.memory
         table.add_row(preset, info.card, f"{info.vram_gib:g} GB" if info.vram_gib else "-", m.precision,
-                      "on" if m.gradient_checkpointing else "off", m.attention, m.optimizer,
+                      "on" if m.gradient_checkpointing else "off", m.attention, m.optimizer, m.optimizer_offload,
                       f"{cfg.train.batch_size}x{cfg.train.gradient_accumulation_steps}")
     Console().print(table)
 

@@ -94,6 +94,13 @@ class MemoryConfig:
         "attention kernel: torch SDPA, xformers (needs the extra), or xformers when installed", "sdpa")
     optimizer: Literal["adamw", "adamw8bit"] = doc(
         "adamw (torch fused/foreach) or adamw8bit (bitsandbytes, 1/4 of the state memory)", "adamw")
+    optimizer_offload: Literal["none", "cpu"] = doc(
+        "where fp32 master weights, gradients and AdamW state live: on the device, or in host RAM", "none")
+
+    def __post_init__(self):
+        _require(self.optimizer_offload == "none" or self.optimizer == "adamw",
+                 f"memory.optimizer_offload={self.optimizer_offload} steps AdamW on the host; "
+                 f"memory.optimizer={self.optimizer} cannot be offloaded (set memory.optimizer=adamw)")
 
 
 @dataclass(frozen=True, kw_only=True)

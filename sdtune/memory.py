@@ -26,6 +26,8 @@ class Plan:
     precision: str                   # "fp32", "bf16" or "fp16"
     gradient_checkpointing: bool
     attention: str                   # "sdpa" or "xformers"
+    optimizer: str = "adamw"         # "adamw" or "adamw8bit"
+    optimizer_offload: str = "none"  # "none" or "cpu"
 
     @property
     def working_dtype(self):
@@ -62,15 +64,20 @@ def resolve_plan(mem: MemoryConfig) -> Plan:
         if device != "cuda":
             raise SdtuneError("memory.attention=xformers needs a CUDA GPU; set memory.attention=sdpa on the CPU")
     return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
-                attention=attention)
+                attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload)
 
 
 def apply_plan(plan: Plan, components) -> None:
-    """Place and cast the parts; switch on checkpointing and the attention backend; freeze VAE and text encoder."""
+    """Place and cast the parts; switch on checkpointing and the attention backend; freeze VAE and text encoder.
+
+    With optimizer offload the UNet stays in fp32 on the host: the offload optimizer keeps those weights
+    as its masters and puts working-precision copies on the device itself."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet = components.unet.to(plan.device, dtype=torch.float32)
+    unet = components.unet.to(dtype=torch.float32)
+    if plan.optimizer_offload == "none":
+        unet.to(plan.device)
     unet.requires_grad_(True)
     unet.train()
     if plan.gradient_checkpointing:

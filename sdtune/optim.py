@@ -8,13 +8,19 @@ from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
 
 
-def make_optimizer(params, train: TrainConfig, name: str):
-    """AdamW with torch's fused kernel (foreach where fused is unavailable), or bitsandbytes' AdamW8bit."""
+def make_optimizer(params, train: TrainConfig, plan):
+    """AdamW with torch's fused kernel (foreach where fused is unavailable), bitsandbytes' AdamW8bit, or
+    AdamW offloaded to the host, as the plan says."""
     import torch
 
     params = [p for p in params if p.requires_grad]
     kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                   eps=train.adam_epsilon, weight_decay=train.weight_decay)
+    name = plan.optimizer
+    if plan.optimizer_offload == "cpu":
+        from sdtune.offload import OffloadAdamW
+
+        return OffloadAdamW(params, device=plan.device, dtype=plan.working_dtype, **kwargs)
     if name == "adamw":
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)
@@ -28,6 +34,25 @@ def make_optimizer(params, train: TrainConfig, name: str):
                               "pip install bitsandbytes or set memory.optimizer=adamw") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     raise SdtuneError(f"unknown memory.optimizer {name!r}")
+
+
+def clip_gradients(optimizer, max_norm: float):
+    """Scale the gradients of `optimizer`'s parameters so that their global L2 norm is at most `max_norm`.
+
+    Unlike `torch.nn.utils.clip_grad_norm_`, the norm is accumulated in float64: the same gradients give
+    the same factor however they are grouped into tensors, so offloaded flat buckets and per-parameter
+    gradients are clipped identically (an fp32 sum over millions of elements differs by ~1e-5)."""
+    import torch
+
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float64).to(grads[0].device) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.device, g.dtype))
+    return total
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:

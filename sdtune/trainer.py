@@ -21,6 +21,7 @@ from sdtune.config import Config, PresetInfo, from_toml, to_toml
 from sdtune.data import BatchStream, scan_folder
 from sdtune.errors import SdtuneError
 from sdtune.memory import Plan, apply_plan, autocast, peak_bytes, reset_peak, resolve_plan
+from sdtune.optim import clip_gradients
 
 # Keys that may change between a run and its --resume: how long to train and what to write.
 RESUMABLE_CHANGES = ("train.max_steps", "output.")
@@ -97,7 +98,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     plan = resolve_plan(cfg.memory)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     apply_plan(plan, components)
-    optimizer = make_optimizer(components.unet.parameters(), cfg.train, cfg.memory.optimizer)
+    optimizer = make_optimizer(components.unet.parameters(), cfg.train, plan)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
               stream=BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log),
               optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
@@ -138,11 +139,9 @@ def _micro_step(run: Run, index: int) -> float:
 
 def _optimizer_step(run: Run) -> bool:
     """Unscale, clip, step, update the scale; False when fp16 overflow made the scaler skip the step."""
-    import torch
-
     run.scaler.unscale_(run.optimizer)
-    if run.cfg.train.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(run.components.unet.parameters(), run.cfg.train.max_grad_norm)
+    if run.cfg.train.max_grad_norm:  # over the optimizer's parameters: the UNet's, or their offloaded masters
+        clip_gradients(run.optimizer, run.cfg.train.max_grad_norm)
     scale = run.scaler.get_scale()
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -151,9 +150,15 @@ def _optimizer_step(run: Run) -> bool:
     return not (run.scaler.is_enabled() and run.scaler.get_scale() < scale)
 
 
+def _fp32_weights(run: Run) -> dict:
+    """The UNet's trained weights in fp32: its own parameters, or the offload optimizer's masters."""
+    unet = run.components.unet
+    return run.optimizer.master_weights(unet) if hasattr(run.optimizer, "master_weights") else unet.state_dict()
+
+
 def _save(run: Run) -> None:
     state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
-    checkpoint.save_checkpoint(run.out_dir, run.step, unet=run.components.unet, optimizer=run.optimizer,
+    checkpoint.save_checkpoint(run.out_dir, run.step, weights=_fp32_weights(run), optimizer=run.optimizer,
                                lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
                                config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints)
 
@@ -225,6 +230,9 @@ def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume:
 
     run = prepare(cfg, info, data_dir, out_dir, resume, log)
     seconds_per_step = loop(run, progress or (lambda run, sps: None))
+    if hasattr(run.optimizer, "master_weights"):  # export the fp32 masters, not the device copies
+        for name, weight in run.optimizer.master_weights(run.components.unet).items():
+            run.components.unet.get_parameter(name).data = weight
     export_pipeline(run.components, run.out_dir)
     if cfg.output.single_file:
         try:

@@ -18,7 +18,7 @@ def test_eight_gib_presets_use_the_memory_levers():
     for name in ("rtx2070", "rtx3050"):
         cfg, info = load_config(name)
         assert info.vram_gib == 8
-        assert cfg.memory.gradient_checkpointing and cfg.memory.optimizer == "adamw8bit"
+        assert cfg.memory.gradient_checkpointing and cfg.memory.optimizer_offload == "cpu"
     assert load_config("rtx2070")[0].memory.precision == "fp16"  # Turing has no bf16
 
 

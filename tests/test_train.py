@@ -189,3 +189,60 @@ def test_xformers_asked_for_but_missing_is_a_clear_error(monkeypatch):
     with pytest.raises(SdtuneError, match=r"xformers is not installed.*sdtune\[xformers\].*attention=sdpa"):
         memory.resolve_plan(MemoryConfig(device="cpu", attention="xformers"))
     assert memory.resolve_plan(MemoryConfig(device="cpu", attention="auto")).attention == "sdpa"
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["train.gradient_accumulation_steps=2", "train.max_grad_norm=0.05", "train.weight_decay=0.1"],
+])
+def test_cpu_optimizer_offload_equals_plain_adamw(tiny_sd1, images, tmp_path, overrides):
+    """fp32 masters, gradients and AdamW state on the host give the losses and weights of plain AdamW."""
+    from sdtune.offload import OffloadAdamW
+
+    runs = {}
+    for offload in ("none", "cpu"):
+        run = _prepared(tiny_sd1, images, tmp_path / offload, "train.max_steps=4",
+                        f"memory.optimizer_offload={offload}", *overrides)
+        trainer.loop(run, lambda run, sps: None)
+        runs[offload] = run
+    assert isinstance(runs["cpu"].optimizer, OffloadAdamW)
+    assert all(p.grad is None for p in runs["cpu"].components.unet.parameters())  # gradients left the device
+    assert runs["cpu"].losses == pytest.approx(runs["none"].losses, rel=1e-5)
+    plain, offloaded = runs["none"].components.unet.state_dict(), trainer._fp32_weights(runs["cpu"])
+    for name, weight in plain.items():
+        torch.testing.assert_close(offloaded[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(runs["cpu"].components.unet.get_parameter(name).data, weight, rtol=1e-5,
+                                   atol=1e-6, msg=name)  # the device copy follows the masters
+
+
+def test_optimizer_offload_resumes_exactly_and_exports_fp32(tiny_sd1, images, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("--max-steps", "4", "--set", "output.checkpoint_every=2", "--set", "memory.optimizer_offload=cpu")
+    expected = train(tiny_sd1, images, straight, *args)
+    shutil.copytree(straight, killed)
+    shutil.rmtree(killed / "checkpoints" / "step-000004")
+    resumed = train(tiny_sd1, images, killed, *args, "--resume")
+    assert resumed["losses"] == expected["losses"]
+    a, b = final_unet(straight), final_unet(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a) and all(v.dtype == torch.float32 for v in a.values())
+
+
+def test_offload_with_a_non_adamw_optimizer_names_both_keys():
+    from sdtune.errors import SdtuneError
+
+    with pytest.raises(SdtuneError, match="memory.optimizer_offload=cpu.*memory.optimizer=adamw8bit"):
+        load_config("cpu", ["memory.optimizer_offload=cpu", "memory.optimizer=adamw8bit"])
+
+
+def test_offload_with_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
+    run = _prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", "memory.optimizer_offload=cpu",
+                    "train.max_steps=6")
+    assert next(run.components.unet.parameters()).dtype == torch.float16  # working precision on the device
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    before = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
+    trainer._micro_step(run, 0)
+    assert not trainer._optimizer_step(run)
+    assert all(torch.equal(before[k], v) for k, v in trainer._fp32_weights(run).items())
+    trainer.loop(run, lambda run, sps: None)
+    assert run.skipped_steps >= 1 and all(torch.isfinite(torch.tensor(run.losses)))
+    assert any(not torch.equal(before[k], v) for k, v in trainer._fp32_weights(run).items())

@@ -1,0 +1,179 @@
+"""AdamW whose fp32 master weights, gradients and moments live in host memory (`optimizer_offload = "cpu"`).
+
+The compute device keeps only the working-precision weights: every trainable parameter becomes a view
+into one flat device buffer per bucket (about `bucket_mb` of fp32 each). On the host, each bucket has a
+flat fp32 master copy, a flat fp32 gradient and AdamW's two moments, stepped by torch's fused CPU AdamW.
+
+As backward produces a parameter's gradient (a post-accumulate-grad hook), the gradient is copied to the
+host and freed on the device, so gradients never pile up on the GPU; with gradient accumulation the host
+sums the micro-batches in fp32. On CUDA the copy runs on a side stream into pinned memory and a worker
+thread folds it into the fp32 gradient while backward goes on. The optimizer's parameters are the host
+masters, so torch's GradScaler (fp16 overflow check and skip), `clip_grad_norm_` over its param groups and
+LR schedulers work unchanged. After the step, each bucket's weights go back to the device.
+
+The step runs after backward rather than bucket by bucket during it: gradient clipping needs the norm of
+all gradients, and fp16 loss scaling needs to know whether any overflowed, before any weight may change.
+"""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    offsets: list[int]
+    device_flat: torch.Tensor          # working-precision weights on the compute device; params are views
+    master: torch.Tensor               # fp32 weights on the host; `.grad` is the fp32 host gradient
+    staging: torch.Tensor | None       # pinned working-precision host buffer for the copies (CUDA only)
+
+
+def _partition(params: list, bucket_bytes: int) -> list[list]:
+    groups, current, size = [], [], 0
+    for p in params:
+        current.append(p)
+        size += p.numel() * 4
+        if size >= bucket_bytes:
+            groups.append(current)
+            current, size = [], 0
+    return groups + ([current] if current else [])
+
+
+def _fold(target: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
+    if first:
+        target.copy_(grad)
+    else:
+        target.add_(grad)
+
+
+def _fold_after(event, target: torch.Tensor, staged: torch.Tensor, first: bool) -> None:
+    event.synchronize()
+    _fold(target, staged, first)
+
+
+class OffloadAdamW(torch.optim.AdamW):
+    """AdamW over host fp32 masters of `params`, which it moves to `device` in `dtype`.
+
+    `params` must arrive in fp32 (on any device): they become the masters exactly."""
+
+    def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, bucket_mb: int = 64):
+        self.device, self.dtype = torch.device(device), dtype
+        cuda = self.device.type == "cuda"
+        trainable = [p for p in params if p.requires_grad]
+        self._buckets = [self._make_bucket(group, cuda) for group in _partition(trainable, bucket_mb * 2**20)]
+        self._where = {}
+        for bucket in self._buckets:
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                self._where[p] = (bucket, offset, p.numel())
+                p.register_post_accumulate_grad_hook(self._on_grad)
+        self._fresh = set(self._where)  # parameters whose next gradient replaces the host one
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sdtune-offload") if cuda else None
+        self._pending: list[Future] = []
+        self._in_backward = False
+        super().__init__([b.master for b in self._buckets], lr=lr, betas=betas, eps=eps,
+                         weight_decay=weight_decay, fused=True)
+
+    def _make_bucket(self, params: list, cuda: bool) -> _Bucket:
+        sizes = [p.numel() for p in params]
+        offsets = list(itertools.accumulate([0, *sizes[:-1]]))
+        master = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=cuda)
+        for p, offset, n in zip(params, offsets, sizes, strict=True):
+            master[offset:offset + n].copy_(p.detach().reshape(-1))
+        master.grad = torch.zeros(len(master), dtype=torch.float32, pin_memory=cuda)
+        device_flat = torch.empty(len(master), dtype=self.dtype, device=self.device)
+        device_flat.copy_(master)
+        for p, offset, n in zip(params, offsets, sizes, strict=True):
+            p.data = device_flat[offset:offset + n].view(p.shape)
+        staging = torch.empty(len(master), dtype=self.dtype, pin_memory=True) if cuda else None
+        return _Bucket(params, offsets, device_flat, master, staging)
+
+    # ------------------------------------------------------------------------------------------------
+    # backward: gradients leave the device as they are produced
+
+    def _on_grad(self, param: torch.nn.Parameter) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        bucket, offset, n = self._where[param]
+        first = param in self._fresh
+        self._fresh.discard(param)
+        grad, target = param.grad.reshape(-1), bucket.master.grad[offset:offset + n]
+        if self._stream is None:
+            _fold(target, grad, first)
+        else:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                staged = bucket.staging[offset:offset + n]
+                staged.copy_(grad, non_blocking=True)
+                param.grad.record_stream(self._stream)  # keep the device memory until the copy is done
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            self._pending.append(self._worker.submit(_fold_after, event, target, staged, first))
+        param.grad = None
+
+    def _backward_done(self) -> None:
+        """End of a backward pass: the host gradient is complete once the queued folds are."""
+        self._in_backward = False
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+
+    # ------------------------------------------------------------------------------------------------
+    # step: fused CPU AdamW over the masters, then the weights go back to the device
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self._fresh:  # no gradient since the last step (an unused parameter): count it as zero
+            bucket, offset, n = self._where[p]
+            bucket.master.grad[offset:offset + n].zero_()
+        loss = super().step(closure)
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler: the fused step was skipped
+        if found_inf is None or not found_inf.item():
+            self._upload()
+        self._fresh = set(self._where)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Host gradients are overwritten by the next backward; device ones were freed in the hooks."""
+        self._fresh = set(self._where)
+
+    def _upload(self) -> None:
+        for bucket in self._buckets:
+            if self._stream is None:
+                bucket.device_flat.copy_(bucket.master)
+                continue
+            bucket.staging.copy_(bucket.master)  # cast on the host, then one copy per bucket
+            with torch.cuda.stream(self._stream):
+                bucket.device_flat.copy_(bucket.staging, non_blocking=True)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints: the masters are part of the state, the device weights follow from them
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "masters": [b.master for b in self._buckets]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("masters")
+        super().load_state_dict(state_dict)
+        for bucket, master in zip(self._buckets, masters, strict=True):
+            bucket.master.copy_(master)
+        self._upload()
+
+    def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """`module.state_dict()` with every offloaded parameter replaced by its fp32 master."""
+        weights = dict(module.state_dict())
+        for name, p in module.named_parameters():
+            if p in self._where:
+                bucket, offset, n = self._where[p]
+                weights[name] = bucket.master[offset:offset + n].view(p.shape)
+        return weights

@@ -3,8 +3,8 @@
 sdtune-tiny is pretrained on this world and the demo teaches it a shape it has never seen. The scorer
 checks a generated image against its prompt the way a person would glance at it: is the background
 the colour asked for (its border pixels), is the object the colour asked for (the pixels that differ
-from the background), and is it the shape asked for (two moments of its silhouette: how much of its
-bounding box it fills, and how much of its convex hull).
+from the background), and is it the shape asked for (template matching: which shape, drawn to fill the
+object's bounding box, overlaps it best).
 
     from sdtune.shapes import Spec, render, score_image
     spec = Spec("star", "red", "white")
@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 
@@ -87,34 +86,31 @@ def _nearest(colour: np.ndarray, palette: dict) -> str:
     return min(palette, key=lambda name: float(np.sum((np.asarray(palette[name]) - colour) ** 2)))
 
 
-def _hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of 2-D points (monotone chain, then the shoelace formula)."""
-    pts = sorted(set(map(tuple, points.tolist())))
-    if len(pts) < 3:
-        return 0.0
+def silhouette(shape: str, box: tuple[int, int, int, int], size: int = SIZE) -> np.ndarray:
+    """Boolean mask of `shape` drawn by the renderer's own outline to fill the pixel box (x0, y0, x1, y1)."""
+    from PIL import Image, ImageDraw
 
-    def half(seq):
-        out = []
-        for p in seq:
-            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
-                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
-                out.pop()
-            out.append(p)
-        return out
+    scale = 4
+    x0, y0, x1, y1 = (v * scale for v in box)
+    x1, y1 = x1 + scale, y1 + scale  # the box's last pixel is inside it
+    canvas = Image.new("L", (size * scale, size * scale), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=255)
+    else:
+        unit = np.asarray(_outline(shape, 0.0, 0.0, 1.0))
+        lo, hi = unit.min(0), unit.max(0)
+        points = (unit - lo) / (hi - lo) * [x1 - x0, y1 - y0] + [x0, y0]
+        draw.polygon([tuple(p) for p in points], fill=255)
+    return np.asarray(canvas.resize((size, size), Image.BILINEAR)) >= 128
 
-    hull = np.array(half(pts)[:-1] + half(reversed(pts))[:-1], dtype=float)
-    x, y = hull[:, 0], hull[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
 
-
-def silhouette_features(mask: np.ndarray) -> tuple[float, float]:
-    """(extent, solidity): silhouette area over its bounding box, and over its convex hull."""
+def shape_match(mask: np.ndarray) -> dict[str, float]:
+    """Template matching: intersection over union of `mask` with each shape fitted to its bounding box."""
     ys, xs = np.nonzero(mask)
-    area = float(len(xs))
-    # pixel corners, not centres, so the hull covers whole pixels like the area does
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
-    box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-    return area / box, area / max(_hull_area(corners), 1.0)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    return {shape: float((mask & (t := silhouette(shape, box, mask.shape[0]))).sum() / (mask | t).sum())
+            for shape in SHAPES}
 
 
 def _foreground(array: np.ndarray) -> tuple[str, np.ndarray]:
@@ -124,34 +120,22 @@ def _foreground(array: np.ndarray) -> tuple[str, np.ndarray]:
     return _nearest(background, BACKGROUNDS), mask
 
 
-@cache
-def shape_prototypes() -> dict[str, tuple[float, float]]:
-    """Mean silhouette features of each shape, measured on the renderer's own images."""
-    rng = random.Random(1234)
-    found = {}
-    for shape in SHAPES:
-        feats = [silhouette_features(_foreground(np.asarray(render(Spec(shape, "red", "white"), rng), float))[1])
-                 for _ in range(24)]
-        found[shape] = tuple(np.mean(feats, axis=0).tolist())
-    return found
-
-
 def score_image(image, spec: Spec) -> dict[str, float]:
     """1.0 or 0.0 for background, colour and shape as the prompt asks; 'total' is their mean.
 
-    An object is one compact region of one palette colour covering 1-60% of the image; scattered
-    pixels (noise, texture) are no object, and score 0 for colour and shape."""
+    The object is the region of one palette colour that stands out from the background; its shape is
+    the template that overlaps it best. Scattered pixels (noise, texture) or a region that matches no
+    template at least half well are no object, and score 0 for colour and shape."""
     array = np.asarray(image.convert("RGB"), dtype=float)
     background, mask = _foreground(array)
     result = {"background": float(background == spec.background), "colour": 0.0, "shape": 0.0}
     if 0.01 * mask.size <= mask.sum() <= 0.6 * mask.size:
         colour = _nearest(np.median(array[mask], axis=0), COLOURS)
         mask &= np.sqrt(((array - np.asarray(COLOURS[colour])) ** 2).sum(-1)) < 100
-        features = silhouette_features(mask) if mask.sum() >= 0.01 * mask.size else (0.0, 0.0)
-        if features[1] >= 0.3:
-            protos = shape_prototypes()
-            guess = min(protos, key=lambda s: float(np.sum((np.asarray(protos[s]) - np.asarray(features)) ** 2)))
-            result["colour"], result["shape"] = float(colour == spec.colour), float(guess == spec.shape)
+        match = shape_match(mask) if mask.sum() >= 0.01 * mask.size else {}
+        if match and max(match.values()) >= 0.5:
+            result["colour"] = float(colour == spec.colour)
+            result["shape"] = float(max(match, key=match.get) == spec.shape)
     result["total"] = (result["background"] + result["colour"] + result["shape"]) / 3
     return result
 

@@ -38,7 +38,10 @@ def test_captions_parse_back():
         assert Spec.parse(spec.caption) == spec
 
 
-def test_shape_prototypes_are_well_separated():
-    protos = np.array(list(shapes.shape_prototypes().values()))
-    distances = np.sqrt(((protos[:, None] - protos[None]) ** 2).sum(-1))
-    assert distances[~np.eye(len(protos), dtype=bool)].min() > 0.15
+def test_templates_tell_the_shapes_apart():
+    rng = random.Random(3)
+    for shape in shapes.SHAPES:
+        image = np.asarray(render(Spec(shape, "red", "white"), rng), dtype=float)
+        match = shapes.shape_match(np.sqrt(((image - [220, 40, 40]) ** 2).sum(-1)) < 100)
+        assert max(match, key=match.get) == shape and match[shape] > 0.85, (shape, match)
+        assert sorted(match.values())[-2] < match[shape] - 0.1

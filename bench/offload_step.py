@@ -1,0 +1,77 @@
+"""CPU optimizer offload: how fast the host AdamW step runs against what memory bandwidth allows.
+
+    .venv/bin/python bench/offload_step.py [--params 50_000_000]
+
+A fused AdamW step must read the fp32 weight, gradient and two moments (16 bytes a parameter) and write
+the weight and both moments back (12 bytes). The baseline moves the same 28 bytes a parameter with plain
+tensor copies in the same process, so the ratio says how close the step is to the memory-bandwidth bound
+of this machine. Also times `OffloadAdamW.step` (step plus the copy back to the compute device, here the
+CPU) against torch's own fused AdamW on the same parameters held per tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sdtune.offload import OffloadAdamW
+
+
+def timed(fn, repeats: int, setup=lambda: None) -> list[float]:
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        setup()
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", type=int, default=50_000_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    n = args.params
+    w, g, m, v = (torch.randn(n) for _ in range(4))
+    out = [torch.empty(n) for _ in range(3)]
+
+    def bandwidth():  # read 4 tensors, write 3: the bytes of one AdamW step
+        out[0].copy_(w)
+        torch.add(g, m, out=out[1])
+        out[2].copy_(v)
+
+    shapes = [(n // 100,)] * 100  # a model's worth of separate tensors
+    plain_params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    plain = torch.optim.AdamW(plain_params, lr=1e-4, fused=True)
+    offload_params = [torch.nn.Parameter(p.detach().clone()) for p in plain_params]
+    offload = OffloadAdamW(offload_params, device="cpu", dtype=torch.float32, lr=1e-4)
+
+    def backward(params):  # gradients of ones, through the real hooks for the offload optimizer
+        return lambda: sum(p.sum() for p in params).backward()
+
+    results = {
+        "bandwidth baseline (same bytes)": timed(bandwidth, args.repeats),
+        "torch fused AdamW": timed(plain.step, args.repeats, backward(plain_params)),
+        "OffloadAdamW.step": timed(offload.step, args.repeats, backward(offload_params)),
+    }
+    rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+                   "params_per_s": n / statistics.median(t)} for name, t in results.items()}
+    base = rows["bandwidth baseline (same bytes)"]["median_s"]
+    print(f"{n:,} parameters, {torch.get_num_threads()} threads, median of {args.repeats}")
+    for name, row in rows.items():
+        row["vs_bandwidth"] = base / row["median_s"]
+        print(f"{name:34s} {row['median_s'] * 1e3:8.1f} ms  {row['params_per_s'] / 1e6:8.1f} M params/s  "
+              f"{row['vs_bandwidth']:.2f} of the bandwidth bound")
+    target = Path(__file__).parent / "results"
+    target.mkdir(exist_ok=True)
+    (target / "offload_step.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "star"
 OUT = ROOT / "demo-out"
-TRAIN = ["--preset", "cpu", "--data", str(DATA), "--out", str(OUT / "model"), "--max-steps", "300",
-         "--set", "train.batch_size=8", "--set", "train.learning_rate=2e-4", "--set", "data.caption_dropout=0.1",
-         "--set", "output.checkpoint_every=100"]
+TRAIN = ["--preset", "cpu", "--data", str(DATA), "--out", str(OUT / "model"), "--max-steps", "600",
+         "--set", "train.batch_size=8", "--set", "train.learning_rate=5e-4", "--set", "data.caption_dropout=0.1",
+         "--set", "output.checkpoint_every=200"]
 
 
 def score(model: str, label: str, console) -> dict:

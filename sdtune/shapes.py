@@ -4,7 +4,8 @@ sdtune-tiny is pretrained on this world and the demo teaches it a shape it has n
 checks a generated image against its prompt the way a person would glance at it: is the background
 the colour asked for (its border pixels), is the object the colour asked for (the pixels that differ
 from the background), and is it the shape asked for (template matching: which shape, drawn to fill the
-object's bounding box, overlaps it best).
+object's bounding box, overlaps it best; and a star, the one concave shape, by how little of its convex
+hull it fills).
 
     from sdtune.shapes import Spec, render, score_image
     spec = Spec("star", "red", "white")
@@ -27,6 +28,7 @@ BASE_SHAPES = ("circle", "square", "triangle")   # what sdtune-tiny is pretraine
 NEW_SHAPES = ("star",)                          # held out: the demo's new concept
 SHAPES = BASE_SHAPES + NEW_SHAPES
 WORDS = ("a", "on", "the", "background", *COLOURS, *BACKGROUNDS, *SHAPES)
+STAR_SOLIDITY = 0.8  # below it a silhouette is concave enough to be a star (a drawn triangle fills 0.92 of its hull)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,26 @@ def silhouette(shape: str, box: tuple[int, int, int, int], size: int = SIZE) -> 
     return np.asarray(canvas.resize((size, size), Image.BILINEAR)) >= 128
 
 
+def solidity(mask: np.ndarray) -> float:
+    """Area of `mask` over the area of its convex hull (pixel corners; monotone chain, shoelace)."""
+    ys, xs = np.nonzero(mask)
+    corners = sorted({(x + dx, y + dy) for x, y in zip(xs.tolist(), ys.tolist(), strict=True)
+                      for dx in (0, 1) for dy in (0, 1)})
+
+    def chain(points):
+        out = []
+        for p in points:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    hull = np.array(chain(corners) + chain(corners[::-1]), dtype=float)
+    x, y = hull[:, 0], hull[:, 1]
+    return len(xs) / max(0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))), 1.0)
+
+
 def shape_match(mask: np.ndarray) -> dict[str, float]:
     """Template matching: intersection over union of `mask` with each shape fitted to its bounding box."""
     ys, xs = np.nonzero(mask)
@@ -134,8 +156,10 @@ def score_image(image, spec: Spec) -> dict[str, float]:
         mask &= np.sqrt(((array - np.asarray(COLOURS[colour])) ** 2).sum(-1)) < 100
         match = shape_match(mask) if mask.sum() >= 0.01 * mask.size else {}
         if match and max(match.values()) >= 0.5:
-            result["colour"] = float(colour == spec.colour)
-            result["shape"] = float(max(match, key=match.get) == spec.shape)
+            # the star is the one concave shape: a soft-edged star can overlap a circle's template more
+            # than its own, but it never fills its convex hull (a drawn star fills 0.59 of it)
+            guess = "star" if solidity(mask) < STAR_SOLIDITY else max(match, key=match.get)
+            result["colour"], result["shape"] = float(colour == spec.colour), float(guess == spec.shape)
     result["total"] = (result["background"] + result["colour"] + result["shape"]) / 3
     return result
 

@@ -45,3 +45,14 @@ def test_templates_tell_the_shapes_apart():
         match = shapes.shape_match(np.sqrt(((image - [220, 40, 40]) ** 2).sum(-1)) < 100)
         assert max(match, key=match.get) == shape and match[shape] > 0.85, (shape, match)
         assert sorted(match.values())[-2] < match[shape] - 0.1
+
+
+def test_soft_edged_shapes_keep_their_identity():
+    """Generated images are blurrier than the renderer's; a blurred star is still a star, a circle a circle."""
+    from PIL import ImageFilter
+
+    rng = random.Random(11)
+    for shape in shapes.SHAPES:
+        spec = Spec(shape, "blue", "white")
+        scores = [score_image(render(spec, rng).filter(ImageFilter.GaussianBlur(1.5)), spec) for _ in range(6)]
+        assert mean_scores(scores)["shape"] >= 5 / 6, shape

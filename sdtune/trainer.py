@@ -218,7 +218,8 @@ def summary(run: Run, seconds_per_step: float) -> dict:
         "peak_memory_kind": "cuda_max_reserved" if run.plan.device == "cuda" else "process_max_rss",
         "skipped_steps": run.skipped_steps, "device": run.plan.device, "precision": run.plan.precision,
         "attention": run.plan.attention, "gradient_checkpointing": run.plan.gradient_checkpointing,
-        "optimizer": run.cfg.memory.optimizer, "batch_size": run.cfg.train.batch_size,
+        "optimizer": run.cfg.memory.optimizer, "optimizer_offload": run.plan.optimizer_offload,
+        "batch_size": run.cfg.train.batch_size,
         "gradient_accumulation_steps": run.cfg.train.gradient_accumulation_steps,
     }
 

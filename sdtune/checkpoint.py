@@ -1,7 +1,8 @@
 """Resumable checkpoints: `OUT/checkpoints/step-NNNNNN/`, written whole or not at all.
 
 A checkpoint holds the UNet's fp32 master weights (`unet.safetensors`), the optimizer, LR schedule and
-loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`), the
+loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`; the nvme
+offload tier adds its state file, `optimizer_state.bin`), the
 resolved config (`config.toml`), and `state.json` (step, losses, python RNG), written last. It is built
 under a temporary name and renamed into place, so a killed run never leaves a half checkpoint as the
 newest. The last `keep` checkpoints are kept.
@@ -54,6 +55,8 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_sc
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng}, tmp / "training_state.pt")
+    if hasattr(optimizer, "save_state_files"):  # optimizer state kept in files (the nvme tier)
+        optimizer.save_state_files(tmp)
     (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
     python_rng = random.getstate()
     payload = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}
@@ -79,6 +82,8 @@ def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict
         raise SdtuneError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an older one") from None
     unet.load_state_dict(weights)
     optimizer.load_state_dict(training["optimizer"])
+    if hasattr(optimizer, "load_state_files"):
+        optimizer.load_state_files(path)
     lr_schedule.load_state_dict(training["lr_schedule"])
     scaler.load_state_dict(training["scaler"])
     torch.set_rng_state(training["rng"]["torch"])

@@ -94,13 +94,24 @@ class MemoryConfig:
         "attention kernel: torch SDPA, xformers (needs the extra), or xformers when installed", "sdpa")
     optimizer: Literal["adamw", "adamw8bit"] = doc(
         "adamw (torch fused/foreach) or adamw8bit (bitsandbytes, 1/4 of the state memory)", "adamw")
-    optimizer_offload: Literal["none", "cpu"] = doc(
-        "where fp32 master weights, gradients and AdamW state live: on the device, or in host RAM", "none")
+    optimizer_offload: Literal["none", "cpu", "nvme"] = doc(
+        "where fp32 master weights and AdamW state live: on the device, host RAM, or files in offload_dir", "none")
+    offload_dir: str = doc("folder on a fast local disk for optimizer_offload=nvme (12 bytes per parameter)", "")
+    param_offload: Literal["none", "cpu"] = doc(
+        "keep the UNet's working weights in host RAM and stream them to the GPU block by block", "none")
 
     def __post_init__(self):
         _require(self.optimizer_offload == "none" or self.optimizer == "adamw",
                  f"memory.optimizer_offload={self.optimizer_offload} steps AdamW on the host; "
                  f"memory.optimizer={self.optimizer} cannot be offloaded (set memory.optimizer=adamw)")
+        _require(self.optimizer_offload != "nvme" or self.offload_dir,
+                 "memory.optimizer_offload=nvme needs memory.offload_dir (a folder on a fast local disk)")
+        _require(self.param_offload == "none" or self.gradient_checkpointing,
+                 f"memory.param_offload={self.param_offload} streams weights into the recomputation of backward; "
+                 "it needs memory.gradient_checkpointing=true")
+        _require(self.param_offload == "none" or self.optimizer_offload != "none",
+                 f"memory.param_offload={self.param_offload} keeps weights off the GPU; it needs "
+                 "memory.optimizer_offload=cpu or nvme (else the fp32 weights and AdamW state stay on the GPU)")
 
 
 @dataclass(frozen=True, kw_only=True)

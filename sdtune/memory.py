@@ -27,7 +27,9 @@ class Plan:
     gradient_checkpointing: bool
     attention: str                   # "sdpa" or "xformers"
     optimizer: str = "adamw"         # "adamw" or "adamw8bit"
-    optimizer_offload: str = "none"  # "none" or "cpu"
+    optimizer_offload: str = "none"  # "none", "cpu" or "nvme"
+    offload_dir: str = ""            # folder of the nvme tier's state file
+    param_offload: str = "none"      # "none" or "cpu": working weights streamed from host RAM
 
     @property
     def working_dtype(self):
@@ -63,8 +65,13 @@ def resolve_plan(mem: MemoryConfig) -> Plan:
                               "pip install 'sdtune[xformers]' or set memory.attention=sdpa")
         if device != "cuda":
             raise SdtuneError("memory.attention=xformers needs a CUDA GPU; set memory.attention=sdpa on the CPU")
+    if mem.optimizer_offload == "nvme":
+        from sdtune.offload.nvme import check_offload_dir
+
+        check_offload_dir(mem.offload_dir)  # before any model is loaded; free space is checked once sizes are known
     return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
-                attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload)
+                attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload,
+                offload_dir=mem.offload_dir, param_offload=mem.param_offload)
 
 
 def apply_plan(plan: Plan, components) -> None:

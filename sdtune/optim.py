@@ -10,17 +10,20 @@ from sdtune.errors import SdtuneError
 
 def make_optimizer(params, train: TrainConfig, plan):
     """AdamW with torch's fused kernel (foreach where fused is unavailable), bitsandbytes' AdamW8bit, or
-    AdamW offloaded to the host, as the plan says."""
+    AdamW offloaded to host RAM or to disk, as the plan says."""
     import torch
 
     params = [p for p in params if p.requires_grad]
     kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                   eps=train.adam_epsilon, weight_decay=train.weight_decay)
     name = plan.optimizer
-    if plan.optimizer_offload == "cpu":
-        from sdtune.offload import OffloadAdamW
+    if plan.optimizer_offload != "none":
+        from sdtune.offload import NvmeAdamW, OffloadAdamW
 
-        return OffloadAdamW(params, device=plan.device, dtype=plan.working_dtype, **kwargs)
+        kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu")
+        if plan.optimizer_offload == "nvme":
+            return NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs)
+        return OffloadAdamW(params, **kwargs)
     if name == "adamw":
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)

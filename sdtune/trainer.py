@@ -42,6 +42,7 @@ class Run:
     out_dir: Path
     config_toml: str
     log: Callable[[str], None]
+    streamer: Any = None  # the ParamStreamer when memory.param_offload=cpu
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
@@ -99,7 +100,13 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     components = load_components(cfg.model.pretrained, cfg.model.config)
     apply_plan(plan, components)
     optimizer = make_optimizer(components.unet.parameters(), cfg.train, plan)
+    streamer = None
+    if plan.param_offload == "cpu":  # after the optimizer: it put the working weights in host memory
+        from sdtune.offload import ParamStreamer
+
+        streamer = ParamStreamer(components.unet, plan.device, optimizer)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
+              streamer=streamer,
               stream=BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log),
               optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
               scaler=torch.amp.GradScaler(plan.device, enabled=plan.loss_scaling),
@@ -234,6 +241,8 @@ def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume:
     if hasattr(run.optimizer, "master_weights"):  # export the fp32 masters, not the device copies
         for name, weight in run.optimizer.master_weights(run.components.unet).items():
             run.components.unet.get_parameter(name).data = weight
+    if hasattr(run.optimizer, "close"):  # the nvme tier's state file: its copy is in the last checkpoint
+        run.optimizer.close()
     export_pipeline(run.components, run.out_dir)
     if cfg.output.single_file:
         try:

@@ -1,33 +1,19 @@
 """The training recipe end to end on tiny models: `sdtune train` as a user runs it, plus equivalences."""
 
-import json
 import shutil
 
 import pytest
 import torch
+from helpers import final_unet, prepared, runner, train
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from sdtune import trainer
 from sdtune.cli import app
 from sdtune.config import load_config
 
-runner = CliRunner()
-
 # Losses of `sdtune train --preset cpu` on the tiny SD1 model, seed 0 (see test_recipe_losses_are_pinned).
 PINNED_SD1 = [1.26998, 1.33946, 1.15630, 1.13383, 1.16955, 0.97919]
 PINNED_SD2 = [0.24551, 0.79558, 0.58544, 0.53564, 0.19523, 0.65149]
-
-
-def train(model, images, out, *extra):
-    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(model),
-                                 "--out", str(out), *extra])
-    assert result.exit_code == 0, result.output
-    return json.loads((out / "summary.json").read_text())
-
-
-def final_unet(out):
-    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_recipe_losses_are_pinned(tiny_sd1, tiny_sd2, images, tmp_path):
@@ -51,7 +37,7 @@ def test_training_fits_a_small_dataset(version, tiny_sd1, tiny_sd2, tmp_path):
     from sdtune.testing import make_image_folder
 
     images = make_image_folder(tmp_path / "two", count=2)
-    run = _prepared(tiny_sd1 if version == 1 else tiny_sd2, images, tmp_path / "out", "train.max_steps=60",
+    run = prepared(tiny_sd1 if version == 1 else tiny_sd2, images, tmp_path / "out", "train.max_steps=60",
                     "train.learning_rate=1e-3")
     assert run.components.prediction_type == ("epsilon" if version == 1 else "v_prediction")
     before = _fixed_batch_loss(run)
@@ -119,13 +105,8 @@ def test_resume_refuses_a_changed_plan_and_fresh_runs_refuse_a_used_folder(tiny_
     assert train(tiny_sd1, images, out, "--max-steps", "4", "--resume")["steps"] == 4
 
 
-def _prepared(model, images, out, *overrides):
-    cfg, info = load_config("cpu", [f"model.pretrained={model}", *overrides])
-    return trainer.prepare(cfg, info, str(images), str(out), resume=False, log=lambda m: None)
-
-
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_sd1, images, tmp_path):
-    runs = [_prepared(tiny_sd1, images, tmp_path / f"o{flag}", f"memory.gradient_checkpointing={flag}")
+    runs = [prepared(tiny_sd1, images, tmp_path / f"o{flag}", f"memory.gradient_checkpointing={flag}")
             for flag in ("false", "true")]
     assert runs[1].components.unet.is_gradient_checkpointing and not runs[0].components.unet.is_gradient_checkpointing
     losses = [trainer._micro_step(run, 0) for run in runs]
@@ -136,7 +117,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_sd1, imag
 
 
 def test_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
-    run = _prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", "train.max_steps=6")
+    run = prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", "train.max_steps=6")
     assert run.scaler.is_enabled() and run.components.vae.dtype == torch.float16
     # A scale that guarantees fp16 overflow in backward, backing off fast so later steps go through.
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
@@ -173,7 +154,7 @@ def test_checkpoints_every_n_steps_keep_the_newest_and_validation_grids(tiny_sd1
      "data.center_crop=false", "data.random_flip=true"],
 ])
 def test_other_levers_train(tiny_sd1, images, tmp_path, overrides):
-    run = _prepared(tiny_sd1, images, tmp_path / "o", "train.max_steps=3", *overrides)
+    run = prepared(tiny_sd1, images, tmp_path / "o", "train.max_steps=3", *overrides)
     before = {k: v.clone() for k, v in run.components.unet.state_dict().items()}
     trainer.loop(run, lambda run, sps: None)
     assert len(run.losses) == 3 and all(0 < value < 10 for value in run.losses)
@@ -189,60 +170,3 @@ def test_xformers_asked_for_but_missing_is_a_clear_error(monkeypatch):
     with pytest.raises(SdtuneError, match=r"xformers is not installed.*sdtune\[xformers\].*attention=sdpa"):
         memory.resolve_plan(MemoryConfig(device="cpu", attention="xformers"))
     assert memory.resolve_plan(MemoryConfig(device="cpu", attention="auto")).attention == "sdpa"
-
-
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["train.gradient_accumulation_steps=2", "train.max_grad_norm=0.05", "train.weight_decay=0.1"],
-])
-def test_cpu_optimizer_offload_equals_plain_adamw(tiny_sd1, images, tmp_path, overrides):
-    """fp32 masters, gradients and AdamW state on the host give the losses and weights of plain AdamW."""
-    from sdtune.offload import OffloadAdamW
-
-    runs = {}
-    for offload in ("none", "cpu"):
-        run = _prepared(tiny_sd1, images, tmp_path / offload, "train.max_steps=4",
-                        f"memory.optimizer_offload={offload}", *overrides)
-        trainer.loop(run, lambda run, sps: None)
-        runs[offload] = run
-    assert isinstance(runs["cpu"].optimizer, OffloadAdamW)
-    assert all(p.grad is None for p in runs["cpu"].components.unet.parameters())  # gradients left the device
-    assert runs["cpu"].losses == pytest.approx(runs["none"].losses, rel=1e-5)
-    plain, offloaded = runs["none"].components.unet.state_dict(), trainer._fp32_weights(runs["cpu"])
-    for name, weight in plain.items():
-        torch.testing.assert_close(offloaded[name], weight, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(runs["cpu"].components.unet.get_parameter(name).data, weight, rtol=1e-5,
-                                   atol=1e-6, msg=name)  # the device copy follows the masters
-
-
-def test_optimizer_offload_resumes_exactly_and_exports_fp32(tiny_sd1, images, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ("--max-steps", "4", "--set", "output.checkpoint_every=2", "--set", "memory.optimizer_offload=cpu")
-    expected = train(tiny_sd1, images, straight, *args)
-    shutil.copytree(straight, killed)
-    shutil.rmtree(killed / "checkpoints" / "step-000004")
-    resumed = train(tiny_sd1, images, killed, *args, "--resume")
-    assert resumed["losses"] == expected["losses"]
-    a, b = final_unet(straight), final_unet(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a) and all(v.dtype == torch.float32 for v in a.values())
-
-
-def test_offload_with_a_non_adamw_optimizer_names_both_keys():
-    from sdtune.errors import SdtuneError
-
-    with pytest.raises(SdtuneError, match="memory.optimizer_offload=cpu.*memory.optimizer=adamw8bit"):
-        load_config("cpu", ["memory.optimizer_offload=cpu", "memory.optimizer=adamw8bit"])
-
-
-def test_offload_with_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
-    run = _prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", "memory.optimizer_offload=cpu",
-                    "train.max_steps=6")
-    assert next(run.components.unet.parameters()).dtype == torch.float16  # working precision on the device
-    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
-    before = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
-    trainer._micro_step(run, 0)
-    assert not trainer._optimizer_step(run)
-    assert all(torch.equal(before[k], v) for k, v in trainer._fp32_weights(run).items())
-    trainer.loop(run, lambda run, sps: None)
-    assert run.skipped_steps >= 1 and all(torch.isfinite(torch.tensor(run.losses)))
-    assert any(not torch.equal(before[k], v) for k, v in trainer._fp32_weights(run).items())

@@ -28,7 +28,7 @@ import torch
 class _Bucket:
     params: list[torch.nn.Parameter]
     offsets: list[int]
-    device_flat: torch.Tensor          # working-precision weights on the compute device; params are views
+    device_flat: torch.Tensor          # working-precision weights (on the compute device unless host_weights)
     master: torch.Tensor               # fp32 weights on the host; `.grad` is the fp32 host gradient
     staging: torch.Tensor | None       # pinned working-precision host buffer for the copies (CUDA only)
 
@@ -59,14 +59,18 @@ def _fold_after(event, target: torch.Tensor, staged: torch.Tensor, first: bool) 
 class OffloadAdamW(torch.optim.AdamW):
     """AdamW over host fp32 masters of `params`, which it moves to `device` in `dtype`.
 
-    `params` must arrive in fp32 (on any device): they become the masters exactly."""
+    `params` must arrive in fp32 (on any device): they become the masters exactly. With `host_weights`
+    the working-precision weights stay in (pinned) host memory instead, for `ParamStreamer` to bring
+    to the device block by block; gradients still arrive on `device`."""
 
     def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, bucket_mb: int = 64):
-        self.device, self.dtype = torch.device(device), dtype
+                 weight_decay: float = 1e-2, bucket_mb: int = 64, host_weights: bool = False):
+        self.device, self.dtype, self.host_weights = torch.device(device), dtype, host_weights
         cuda = self.device.type == "cuda"
         trainable = [p for p in params if p.requires_grad]
-        self._buckets = [self._make_bucket(group, cuda) for group in _partition(trainable, bucket_mb * 2**20)]
+        self._buckets: list[_Bucket] = []
+        for group in _partition(trainable, bucket_mb * 2**20):
+            self._buckets.append(self._make_bucket(group, cuda))
         self._where = {}
         for bucket in self._buckets:
             for p, offset in zip(bucket.params, bucket.offsets, strict=True):
@@ -83,16 +87,24 @@ class OffloadAdamW(torch.optim.AdamW):
     def _make_bucket(self, params: list, cuda: bool) -> _Bucket:
         sizes = [p.numel() for p in params]
         offsets = list(itertools.accumulate([0, *sizes[:-1]]))
-        master = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=cuda)
+        values = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=cuda)
         for p, offset, n in zip(params, offsets, sizes, strict=True):
-            master[offset:offset + n].copy_(p.detach().reshape(-1))
-        master.grad = torch.zeros(len(master), dtype=torch.float32, pin_memory=cuda)
-        device_flat = torch.empty(len(master), dtype=self.dtype, device=self.device)
-        device_flat.copy_(master)
+            values[offset:offset + n].copy_(p.detach().reshape(-1))
+        if self.host_weights:
+            device_flat = torch.empty(len(values), dtype=self.dtype, pin_memory=cuda)
+        else:
+            device_flat = torch.empty(len(values), dtype=self.dtype, device=self.device)
+        device_flat.copy_(values)
         for p, offset, n in zip(params, offsets, sizes, strict=True):
             p.data = device_flat[offset:offset + n].view(p.shape)
-        staging = torch.empty(len(master), dtype=self.dtype, pin_memory=True) if cuda else None
+        staging = torch.empty(len(values), dtype=self.dtype, pin_memory=True) if cuda else None
+        master = self._keep_master(len(self._buckets), values)
+        master.grad = torch.zeros(len(values), dtype=torch.float32, pin_memory=cuda)
         return _Bucket(params, offsets, device_flat, master, staging)
+
+    def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
+        """Where bucket `index`'s fp32 master lives: here, the host tensor itself."""
+        return values
 
     # ------------------------------------------------------------------------------------------------
     # backward: gradients leave the device as they are produced
@@ -130,15 +142,22 @@ class OffloadAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for p in self._fresh:  # no gradient since the last step (an unused parameter): count it as zero
-            bucket, offset, n = self._where[p]
-            bucket.master.grad[offset:offset + n].zero_()
+        self._zero_unused_grads()
         loss = super().step(closure)
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler: the fused step was skipped
-        if found_inf is None or not found_inf.item():
+        if not self._overflowed():
             self._upload()
         self._fresh = set(self._where)
         return loss
+
+    def _zero_unused_grads(self) -> None:
+        for p in self._fresh:  # no gradient since the last step (an unused parameter): count it as zero
+            bucket, offset, n = self._where[p]
+            bucket.master.grad[offset:offset + n].zero_()
+
+    def _overflowed(self) -> bool:
+        """GradScaler found inf/NaN gradients (it sets `found_inf` on fused optimizers): skip the step."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Host gradients are overwritten by the next backward; device ones were freed in the hooks."""
@@ -146,12 +165,20 @@ class OffloadAdamW(torch.optim.AdamW):
 
     def _upload(self) -> None:
         for bucket in self._buckets:
-            if self._stream is None:
-                bucket.device_flat.copy_(bucket.master)
-                continue
-            bucket.staging.copy_(bucket.master)  # cast on the host, then one copy per bucket
-            with torch.cuda.stream(self._stream):
-                bucket.device_flat.copy_(bucket.staging, non_blocking=True)
+            self._upload_bucket(bucket, bucket.master)
+        self._uploaded()
+
+    def _upload_bucket(self, bucket: _Bucket, master: torch.Tensor) -> None:
+        """Queue the copy of `master` (this bucket's fp32 weights) to the device in working precision."""
+        if self._stream is None or self.host_weights:
+            bucket.device_flat.copy_(master)
+            return
+        bucket.staging.copy_(master)  # cast on the host, then one copy per bucket
+        with torch.cuda.stream(self._stream):
+            bucket.device_flat.copy_(bucket.staging, non_blocking=True)
+
+    def _uploaded(self) -> None:
+        """The device weights are used next on the compute stream: it waits for the queued copies."""
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo tiny-model
+.PHONY: install test lint demo tiny-model gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -30,3 +30,9 @@ demo: install
 # Pretrain sdtune-tiny from scratch (seeded; about half an hour on 2 CPU cores) into the package.
 tiny-model: install
 	$(PY) -m sdtune.tiny --out sdtune/assets/sdtune-tiny
+
+# The wheels bench/gpu_check.py needs on the lent GPU machine, which has no diffusers and no network
+# (see bench/README.md): into the git-ignored .whl/, which the device tool carries.
+gpu-wheels: install
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		-d .whl diffusers==0.42.1

@@ -135,7 +135,8 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
         cfg, info = load_config(preset)
         m = cfg.memory
         table.add_row(preset, info.card, f"{info.vram_gib:g} GB" if info.vram_gib else "-", m.precision,
-                      "on" if m.gradient_checkpointing else "off", m.attention, m.optimizer, m.optimizer_offload,
+                      "on" if m.gradient_checkpointing else "off", m.attention, m.optimizer,
+                      m.optimizer_offload + (" + weights" if m.param_offload != "none" else ""),
                       f"{cfg.train.batch_size}x{cfg.train.gradient_accumulation_steps}")
     Console().print(table)
 

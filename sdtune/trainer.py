@@ -226,6 +226,7 @@ def summary(run: Run, seconds_per_step: float) -> dict:
         "skipped_steps": run.skipped_steps, "device": run.plan.device, "precision": run.plan.precision,
         "attention": run.plan.attention, "gradient_checkpointing": run.plan.gradient_checkpointing,
         "optimizer": run.cfg.memory.optimizer, "optimizer_offload": run.plan.optimizer_offload,
+        "param_offload": run.plan.param_offload,
         "batch_size": run.cfg.train.batch_size,
         "gradient_accumulation_steps": run.cfg.train.gradient_accumulation_steps,
     }

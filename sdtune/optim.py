@@ -23,7 +23,10 @@ def make_optimizer(params, train: TrainConfig, plan):
         kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu")
         if plan.optimizer_offload == "nvme":
             return NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs)
-        return OffloadAdamW(params, **kwargs)
+        # Each bucket can step as soon as its gradients are in, unless clipping, fp16 overflow checks or
+        # accumulation need every gradient (of every micro-batch) first.
+        eager = not train.max_grad_norm and not plan.loss_scaling and train.gradient_accumulation_steps == 1
+        return OffloadAdamW(params, step_in_backward=eager, **kwargs)
     if name == "adamw":
         try:
             return torch.optim.AdamW(params, fused=True, **kwargs)

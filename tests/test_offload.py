@@ -22,6 +22,7 @@ def _offload(tier: str, folder) -> list[str]:
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
 @pytest.mark.parametrize("overrides", [
     [],
+    ["train.max_grad_norm=0"],  # the cpu tier steps each bucket during backward
     ["train.gradient_accumulation_steps=2", "train.max_grad_norm=0.05", "train.weight_decay=0.1"],
 ])
 def test_optimizer_offload_equals_plain_adamw(tiny_sd1, images, tmp_path, tier, overrides):
@@ -35,6 +36,7 @@ def test_optimizer_offload_equals_plain_adamw(tiny_sd1, images, tmp_path, tier, 
         trainer.loop(run, lambda run, sps: None)
         runs[offload] = run
     assert isinstance(runs[tier].optimizer, OffloadAdamW)
+    assert runs[tier].optimizer.step_in_backward == (tier == "cpu" and overrides == ["train.max_grad_norm=0"])
     assert all(p.grad is None for p in runs[tier].components.unet.parameters())  # gradients left the device
     assert runs[tier].losses == pytest.approx(runs["none"].losses, rel=1e-5)
     plain, offloaded = runs["none"].components.unet.state_dict(), trainer._fp32_weights(runs[tier])
@@ -168,3 +170,15 @@ def test_nvme_tier_needs_much_less_host_memory_than_the_cpu_tier(tmp_path):
     # cpu: working copy + master + gradient + 2 moments = 20 B/param; nvme: working copy + gradient + 3 buckets
     assert nvme["added_rss_bytes"] < 0.75 * cpu["added_rss_bytes"]  # measured 0.65
     assert not list(tmp_path.iterdir())  # the state file is gone with the process
+
+
+def test_without_clipping_the_cpu_tier_steps_during_backward(tiny_sd1, images, tmp_path):
+    run = prepared(tiny_sd1, images, tmp_path / "o", "memory.optimizer_offload=cpu", "train.max_grad_norm=0")
+    before = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
+    trainer._micro_step(run, 0)  # forward and backward only
+    assert all(b.stepped for b in run.optimizer._buckets)
+    after_backward = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
+    assert all(not torch.equal(before[k], after_backward[k]) for k in before)
+    trainer._optimizer_step(run)  # finds nothing left to do
+    assert all(torch.equal(after_backward[k], v) for k, v in trainer._fp32_weights(run).items())
+    assert not any(b.stepped for b in run.optimizer._buckets)

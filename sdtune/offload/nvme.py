@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.offload.optimizer import OffloadAdamW, _Bucket, _partition
+from sdtune.offload.optimizer import OffloadAdamW, _Bucket, _partition, adamw_kernel
 
 STATE_FILE = "optimizer_state.bin"
 _FLOAT = 4
@@ -142,13 +142,9 @@ class NvmeAdamW(OffloadAdamW):
 
     def _update(self, bucket: _Bucket, state: torch.Tensor) -> bool:
         """One fused AdamW kernel over a bucket's `[master | exp_avg | exp_avg_sq]`; its weights go to the device."""
-        group = self.param_groups[0]
         master, exp_avg, exp_avg_sq = state.chunk(3)
-        beta1, beta2 = group["betas"]
-        torch._fused_adamw_([master], [bucket.master.grad], [exp_avg], [exp_avg_sq], [], [self._steps],
-                            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                            eps=group["eps"], amsgrad=False, maximize=False,
-                            grad_scale=getattr(self, "grad_scale", None), found_inf=None)
+        adamw_kernel(master, bucket.master.grad, exp_avg, exp_avg_sq, self._steps, self.param_groups[0],
+                     getattr(self, "grad_scale", None))
         self._upload_bucket(bucket, master)
         return True  # the state changed: write it back
 

@@ -11,8 +11,11 @@ thread folds it into the fp32 gradient while backward goes on. The optimizer's p
 masters, so torch's GradScaler (fp16 overflow check and skip), `clip_grad_norm_` over its param groups and
 LR schedulers work unchanged. After the step, each bucket's weights go back to the device.
 
-The step runs after backward rather than bucket by bucket during it: gradient clipping needs the norm of
-all gradients, and fp16 loss scaling needs to know whether any overflowed, before any weight may change.
+Gradient clipping needs the norm of all gradients, and fp16 loss scaling needs to know whether any
+overflowed, before any weight may change: with either, or with gradient accumulation, the step runs after
+backward. Without them (`step_in_backward`), each bucket is stepped and its weights sent back as soon as
+its last gradient has arrived, on the worker thread while backward goes on (a parameter's weight is not
+read by backward again once its gradient is complete); `step()` then only finishes what is left.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class _Bucket:
     device_flat: torch.Tensor          # working-precision weights (on the compute device unless host_weights)
     master: torch.Tensor               # fp32 weights on the host; `.grad` is the fp32 host gradient
     staging: torch.Tensor | None       # pinned working-precision host buffer for the copies (CUDA only)
+    waiting: int = 0                   # parameters still to receive their gradient in this backward
+    stepped: bool = False              # already stepped in this backward (step_in_backward)
 
 
 def _partition(params: list, bucket_bytes: int) -> list[list]:
@@ -56,16 +61,29 @@ def _fold_after(event, target: torch.Tensor, staged: torch.Tensor, first: bool) 
     _fold(target, staged, first)
 
 
+def adamw_kernel(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 step: torch.Tensor, group: dict, grad_scale: torch.Tensor | None = None) -> None:
+    """One AdamW update of `master` in place, by the kernel torch's fused AdamW runs (so results match it
+    bit for bit); `step` is the already incremented step count."""
+    beta1, beta2 = group["betas"]
+    torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=group["lr"], beta1=beta1,
+                        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                        maximize=False, grad_scale=grad_scale, found_inf=None)
+
+
 class OffloadAdamW(torch.optim.AdamW):
     """AdamW over host fp32 masters of `params`, which it moves to `device` in `dtype`.
 
     `params` must arrive in fp32 (on any device): they become the masters exactly. With `host_weights`
     the working-precision weights stay in (pinned) host memory instead, for `ParamStreamer` to bring
-    to the device block by block; gradients still arrive on `device`."""
+    to the device block by block; gradients still arrive on `device`. `step_in_backward` is only exact
+    without gradient clipping, loss scaling and gradient accumulation: the caller decides."""
 
     def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, bucket_mb: int = 64, host_weights: bool = False):
+                 weight_decay: float = 1e-2, bucket_mb: int = 64, host_weights: bool = False,
+                 step_in_backward: bool = False):
         self.device, self.dtype, self.host_weights = torch.device(device), dtype, host_weights
+        self.step_in_backward = step_in_backward
         cuda = self.device.type == "cuda"
         trainable = [p for p in params if p.requires_grad]
         self._buckets: list[_Bucket] = []
@@ -113,6 +131,8 @@ class OffloadAdamW(torch.optim.AdamW):
         if not self._in_backward:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            for b in self._buckets:
+                b.waiting = len(b.params)
         bucket, offset, n = self._where[param]
         first = param in self._fresh
         self._fresh.discard(param)
@@ -129,6 +149,12 @@ class OffloadAdamW(torch.optim.AdamW):
                 event.record(self._stream)
             self._pending.append(self._worker.submit(_fold_after, event, target, staged, first))
         param.grad = None
+        bucket.waiting -= 1
+        if self.step_in_backward and bucket.waiting == 0:  # after its folds: the worker runs tasks in order
+            if self._worker is None:
+                self._step_bucket(bucket)
+            else:
+                self._pending.append(self._worker.submit(self._step_bucket, bucket))
 
     def _backward_done(self) -> None:
         """End of a backward pass: the host gradient is complete once the queued folds are."""
@@ -138,16 +164,34 @@ class OffloadAdamW(torch.optim.AdamW):
         self._pending.clear()
 
     # ------------------------------------------------------------------------------------------------
-    # step: fused CPU AdamW over the masters, then the weights go back to the device
+    # step: fused AdamW over each bucket's master on the host, then its weights go back to the device
 
     @torch.no_grad()
     def step(self, closure=None):
-        self._zero_unused_grads()
-        loss = super().step(closure)
+        if closure is not None:
+            raise ValueError(f"{type(self).__name__}.step takes no closure")
         if not self._overflowed():
-            self._upload()
+            self._zero_unused_grads()
+            for bucket in self._buckets:
+                if not bucket.stepped:
+                    self._step_bucket(bucket)
+            self._uploaded()
+        for bucket in self._buckets:
+            bucket.stepped = False
         self._fresh = set(self._where)
-        return loss
+
+    @torch.no_grad()
+    def _step_bucket(self, bucket: _Bucket) -> None:
+        state = self.state[bucket.master]
+        if not state:  # laid out as torch's fused AdamW lays out its state, so checkpoints are the same
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(bucket.master, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(bucket.master, memory_format=torch.preserve_format)
+        state["step"] += 1
+        adamw_kernel(bucket.master, bucket.master.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                     self.param_groups[0], getattr(self, "grad_scale", None))
+        self._upload_bucket(bucket, bucket.master)
+        bucket.stepped = True
 
     def _zero_unused_grads(self) -> None:
         for p in self._fresh:  # no gradient since the last step (an unused parameter): count it as zero

@@ -58,15 +58,18 @@ def test_nvme_tier_keeps_the_state_in_its_file_not_in_memory(tiny_sd1, images, t
     assert not folder.exists()  # the state file goes with the optimizer
 
 
-@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+@pytest.mark.parametrize("tier", ["cpu", "nvme", "nvme+params"])
 def test_optimizer_offload_resumes_exactly_and_exports_fp32(tiny_sd1, images, tmp_path, tier):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    sets = [arg for key in _offload(tier, tmp_path / "state") for arg in ("--set", key)]
+    keys = _offload(tier.split("+")[0], tmp_path / "state")
+    if tier.endswith("+params"):
+        keys += ["memory.param_offload=cpu", "memory.gradient_checkpointing=true"]
+    sets = [arg for key in keys for arg in ("--set", key)]
     args = ("--max-steps", "4", "--set", "output.checkpoint_every=2", *sets)
     expected = train(tiny_sd1, images, straight, *args)
     shutil.copytree(straight, killed)
     shutil.rmtree(killed / "checkpoints" / "step-000004")
-    if tier == "nvme":
+    if tier.startswith("nvme"):
         assert (killed / "checkpoints" / "step-000002" / "optimizer_state.bin").is_file()
     resumed = train(tiny_sd1, images, killed, *args, "--resume")
     assert resumed["losses"] == expected["losses"]

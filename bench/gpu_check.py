@@ -113,19 +113,16 @@ def _skip_saves() -> None:
     export.export_pipeline = lambda components, out_dir: Path(out_dir)
 
 
-def _estimate(cfg) -> dict:
-    """The estimator's figure for this plan, when `sdtune.estimate` exists; its API is tried loosely."""
-    if importlib.util.find_spec("sdtune.estimate") is None:
-        return {}
+def _estimate(cfg, info, device: str) -> dict:
+    """The estimator's figure for this plan (the model traced on the meta device), to set beside the
+    measured peak; its failure is a column of the report, not the end of the measurement."""
     try:
-        module = importlib.import_module("sdtune.estimate")
-        fn = getattr(module, "estimate_vram", None) or module.estimate
-        value = fn(cfg)
-        if isinstance(value, dict):
-            value = next(value[k] for k in ("total_bytes", "peak_bytes", "total") if k in value)
-        return {"estimate_bytes": int(getattr(value, "total_bytes", value))}
-    except Exception as exc:  # the estimator is optional here; its failure must not hide the measurement
-        return {"estimate_error": f"{type(exc).__name__}: {exc}"[:200]}
+        from sdtune.estimate import estimate
+
+        result = estimate(cfg, info, device="cuda" if device == "cuda" else "cpu")
+        return {"estimate_reserved_bytes": result.peak_reserved, "estimate_total_bytes": result.total}
+    except Exception as exc:
+        return {"estimate_failure": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def child(spec_path: Path) -> None:
@@ -168,7 +165,7 @@ def child(spec_path: Path) -> None:
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in first.lower()
         save(status="OOM" if oom else "error", message=f"{type(exc).__name__}: {first}"[:300], **_peaks(device))
     if cfg is not None:
-        save(**_estimate(cfg))
+        save(**_estimate(cfg, info, device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,12 +234,18 @@ def judge(rows: list[dict], dry_run: bool = False) -> list[dict]:
     for row in rows:
         mine = measured.get(row["plan"]) is row and row.get("seconds_per_step")
         row["speed_vs_baseline"] = round(base / row["seconds_per_step"], 3) if base and mine else None
+        if row.get("estimate_reserved_bytes") and row.get("peak_reserved_bytes"):
+            row["estimate_error"] = round(row["estimate_reserved_bytes"] / row["peak_reserved_bytes"] - 1, 3)
     verdicts = []
     for plan, what, key, limit in GOALS:
         value = measured.get(plan, {}).get(key)
         at_least = key == "speed_vs_baseline"
         passed = None if value is None or dry_run else (value >= limit if at_least else value <= limit)
         verdicts.append({"plan": plan, "goal": what, "value": value, "passed": passed})
+    errors = [abs(row["estimate_error"]) for row in measured.values() if row.get("estimate_error") is not None]
+    worst = max(errors) if errors else None
+    verdicts.append({"plan": "every plan", "goal": "estimate within 10% of peak reserved", "value": worst,
+                     "passed": None if worst is None or dry_run else worst <= 0.10})
     return verdicts
 
 
@@ -255,9 +258,8 @@ def _num(value, fmt: str) -> str:
 
 
 def table(meta: dict, rows: list[dict], goals: list[dict]) -> str:
-    estimates = any("estimate_bytes" in row or "estimate_error" in row for row in rows)
     head = ["plan", "cap GiB", "status", "peak reserved GiB", "peak allocated GiB", "host peak RSS GiB", "s/step",
-            "speed vs baseline"] + (["estimate GiB"] if estimates else []) + ["what"]
+            "speed vs baseline", "estimate GiB", "estimate error", "what"]
     lines = [f"## sdtune GPU check, {meta['date']}", "",
              f"{meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, transformers "
              f"{meta['transformers']}; {meta['arch']} at {meta['resolution']} px, batch 1, {meta['warmup']} "
@@ -269,13 +271,18 @@ def table(meta: dict, rows: list[dict], goals: list[dict]) -> str:
                  _gib(row.get("peak_reserved_bytes")), _gib(row.get("peak_allocated_bytes")),
                  _gib(row.get("host_peak_rss_bytes")), _num(row.get("seconds_per_step"), ".3f"),
                  _num(row.get("speed_vs_baseline"), ".2f")]
-        if estimates:
-            cells.append(_gib(row.get("estimate_bytes")))
+        error = row.get("estimate_error")
+        cells += [_gib(row.get("estimate_reserved_bytes")), "-" if error is None else f"{error:+.0%}"]
         lines.append("| " + " | ".join(cells + [row["about"]]) + " |")
     lines += ["", "| goal | plan | measured | verdict |", "| --- | --- | --- | --- |"]
     for goal in goals:
         value = goal["value"]
-        shown = "-" if value is None else (f"{value:.2f}x" if "speed" in goal["goal"] else f"{value / GIB:.2f} GiB")
+        if value is None:
+            shown = "-"
+        elif "estimate" in goal["goal"]:
+            shown = f"worst {value:.0%}"
+        else:
+            shown = f"{value:.2f}x" if "speed" in goal["goal"] else f"{value / GIB:.2f} GiB"
         verdict = {True: "PASS", False: "FAIL", None: "not judged" if meta["device"] == "cpu" else "not measured"}[
             goal["passed"]]
         lines.append(f"| {goal['goal']} | {goal['plan']} | {shown} | {verdict} |")

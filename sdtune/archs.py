@@ -61,24 +61,14 @@ def pipeline_archs() -> list[str]:
 def build_model(name: str, part: str = "unet", device: str = "meta") -> Any:
     """One model part of `name` (unet, vae, text_encoder) built from its config: on the meta device it holds
     no memory (for counting and tracing), elsewhere it has torch's default random initialisation."""
-    import torch
+    from sdtune.models import build_part
 
     known = parts(name)
     if part not in known or known[part][1].endswith(("Tokenizer", "Scheduler")):
         models = [p for p, (_, cls) in known.items() if not cls.endswith(("Tokenizer", "Scheduler"))]
         raise SdtuneError(f"{name} has no model part '{part}'; it has {', '.join(models)}")
     library, class_name = known[part]
-    folder = arch_dir(name) / part
-    with torch.device(device):
-        if library == "diffusers":
-            import diffusers
-
-            cls = getattr(diffusers, class_name)
-            return cls.from_config(cls.load_config(folder))
-        import transformers
-
-        cls = getattr(transformers, class_name)
-        return cls(cls.config_class.from_pretrained(folder))
+    return build_part(arch_dir(name) / part, library, class_name, device)
 
 
 def parameter_count(name: str, part: str = "unet") -> int:

@@ -51,9 +51,11 @@ class _Pass:
 class ParamStreamer:
     """Streams `model`'s parameters (which must already live on the host) to `device` unit by unit."""
 
-    def __init__(self, model: torch.nn.Module, device, optimizer=None, lookahead_bytes: int = 64 * 2**20):
+    def __init__(self, model: torch.nn.Module, device, optimizer=None, lookahead_bytes: int = 64 * 2**20,
+                 on_copy=None):
         self.device = torch.device(device)
         self.lookahead_bytes = lookahead_bytes
+        self._on_copy = on_copy  # called with each device copy made (the estimator counts them as weights)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._units: list[_Unit] = []
         self._unit_of: dict[torch.nn.Parameter, _Unit] = {}
@@ -143,7 +145,11 @@ class ParamStreamer:
             self._count(-unit.nbytes)
 
     def _copy(self, unit: _Unit) -> list[torch.Tensor]:
-        return [home.to(self.device, copy=True, non_blocking=True) for home in unit.home]
+        copies = [home.to(self.device, copy=True, non_blocking=True) for home in unit.home]
+        if self._on_copy is not None:
+            for copy in copies:
+                self._on_copy(copy)
+        return copies
 
     def _take_prefetched(self, unit: _Unit) -> list[torch.Tensor] | None:
         copies, unit.prefetched = unit.prefetched, None

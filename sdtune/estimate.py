@@ -1,0 +1,352 @@
+"""VRAM and host-RAM estimate of a memory plan, from a trace of one real training step on the meta device.
+
+    cfg, info = load_config("rtx3050")
+    estimate(cfg, info, "sd15").total      # bytes the card must hold; no GPU, no weights, a few seconds
+
+The real architecture is built on the meta device (shapes, no memory) and one step runs as the trainer
+runs it under the plan: the frozen VAE encodes and the text encoder embeds a batch (no grad), the UNet
+runs forward and backward with the plan's precision, checkpointing and attention, and with its optimizer
+tier's gradient handling (`OffloadAdamW` sends each gradient to the host as it is produced) or parameter
+streaming (the real `ParamStreamer`). `memtrack.MemoryTracker` follows every storage by category; the
+peak and what made it up are the estimate. Then what the meta device cannot show is added:
+
+- Attention runs as CUDA's flash / memory-efficient kernels (and xformers) do: they keep q, k, v, the
+  output and a log-sum-exp for backward, never the L x L score matrix a CPU math kernel materialises
+  (512 MiB per attention at 64x64 latents). `_FlashAttention` stands in for them.
+- Autocast: traced on meta, torch's autocast does nothing, so `_CudaSemantics` applies CUDA autocast's
+  rules at the function level: convolutions, linears, matmuls and attention in the working precision
+  (fp32 weights cast once per forward and cached, as autocast's weight cache does), norms and softmax
+  in fp32.
+- The optimizer's state is counted from its layout (fused AdamW: 8 bytes a parameter; bitsandbytes'
+  AdamW8bit: 2 bytes plus block scales), not traced: its step adds no temporaries.
+- The CUDA caching allocator reserves more than it hands out (512-byte rounding, 2 MiB and 20 MiB
+  segments, fragmentation): `ALLOCATOR_SLACK` of the peak plus `ALLOCATOR_POOLS`. cuBLAS's workspace
+  comes from that allocator too. The CUDA context (`CUDA_CONTEXT`) is outside torch's reserved memory.
+These constants are a model to be checked against `torch.cuda.max_memory_reserved()` by
+`bench/gpu_check.py` on a real GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sdtune.config import Config, MemoryConfig, PresetInfo
+from sdtune.errors import SdtuneError
+
+GIB = 2**30
+DEFAULT_MODEL = "sd15"
+CUDA_CONTEXT = int(0.40 * GIB)   # driver context and kernel images: 0.3-0.45 GB on recent cards
+CUBLAS_WORKSPACE = 32 * 2**20    # cuBLAS keeps up to 32 MiB per handle and stream, from torch's allocator
+ALLOCATOR_SLACK = 0.08           # share of the peak the caching allocator reserves beyond it (rounding, splits)
+ALLOCATOR_POOLS = 40 * 2**20     # the partly used 2 MiB small-block and 20 MiB large-buffer segments
+NVME_RING = 3                    # NvmeAdamW's buffers, each 3 floats x a bucket's parameters
+BUCKET_PARAMS = 64 * 2**20 // 4  # OffloadAdamW's default bucket: 64 MB of fp32
+CATEGORIES = ("weights", "frozen", "gradients", "optimizer_state", "activations", "temporaries")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    model: str
+    preset: str
+    resolution: int
+    batch_size: int
+    device: str
+    categories: dict[str, int]   # bytes on the GPU at the peak, CATEGORIES then allocator_overhead, cuda_context
+    peak_allocated: int          # the first six categories
+    peak_reserved: int           # plus allocator overhead: comparable with torch.cuda.max_memory_reserved()
+    total: int                   # plus the CUDA context: what the card must hold
+    host_ram: int                # host memory for the model and the offloaded state (not Python/torch itself)
+    disk: int                    # bytes in memory.offload_dir
+    card_gib: float              # the preset's card, 0 when it names none
+    seconds: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+    milestones: dict[str, dict[str, int]] = field(default_factory=dict)  # bytes by category at forward_end
+                                                                          # and backward_end (UNet only)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if not self.card_gib else self.total <= self.card_gib * GIB
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "notes": list(self.notes), "fits": self.fits}
+
+
+def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str = "cuda",
+             frozen_on_device: bool = True) -> Estimate:
+    """Estimate the memory of training `model` (None: the config's model, or sd15 when that is a hub id)
+    with `cfg`'s plan. `device="cpu"` models a CPU run instead (no CUDA constants), for checking the trace
+    against a measured CPU step. `frozen_on_device=False` leaves the VAE and text encoder off the GPU, as
+    with latents and text embeddings cached beforehand."""
+    import torch
+
+    from sdtune.memtrack import MemoryTracker
+    from sdtune.models import classify_source, meta_model
+
+    started = time.perf_counter()
+    source = model or cfg.model.pretrained
+    if not source or (source not in _arch_names() and classify_source(source) == "hub"):
+        source = DEFAULT_MODEL
+    parts = meta_model(source)
+    if not frozen_on_device:
+        parts = dataclasses.replace(parts, vae=None, text_encoder=None)
+    tracker = MemoryTracker("meta")
+    with torch.no_grad():
+        cond = _frozen_pass(parts, cfg, tracker)
+    unet_params = sum(p.numel() for p in parts.unet.parameters())
+    state = _optimizer_state(parts.unet, cfg.memory)
+    tracker.add([state], "optimizer_state")
+    milestones = _unet_step(parts, cfg, tracker, cond, device)
+    at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
+    allocated = sum(at_peak.values())
+    overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
+    context = CUDA_CONTEXT if device == "cuda" else 0
+    host, disk = _host_and_disk(unet_params, parts, cfg.memory, device)
+    notes = () if parts.vae or not frozen_on_device else (
+        "sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",)
+    return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
+                    batch_size=cfg.train.batch_size, device=device,
+                    categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
+                    peak_allocated=allocated, peak_reserved=allocated + overhead, total=allocated + overhead + context,
+                    host_ram=host, disk=disk, card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2),
+                    notes=notes, milestones=milestones)
+
+
+def _arch_names() -> tuple[str, ...]:
+    from sdtune.archs import ARCHS
+
+    return ARCHS
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the traced step
+
+
+def _frozen_pass(parts, cfg: Config, tracker) -> tuple:
+    """The frozen parts on the device in the working precision; encode one batch as the trainer does.
+    Returns the UNet's conditioning (text embeddings, and SDXL's extra inputs)."""
+    import torch
+
+    dtype, batch, side = _dtype(cfg.memory.precision), cfg.train.batch_size, cfg.data.resolution
+    config = parts.unet.config
+    frozen = [m.to(dtype) for m in (parts.vae, parts.text_encoder) if m is not None]
+    for module in frozen:
+        tracker.add(module.parameters(), "frozen")
+    with tracker, _CudaSemantics():
+        tracker.phase = "temporaries"
+        if parts.vae is not None:
+            parts.vae.encode(torch.empty(batch, 3, side, side, dtype=dtype, device="meta"))
+        if parts.text_encoder is not None:
+            text = parts.text_encoder(torch.zeros(batch, 77, dtype=torch.long, device="meta"))[0]
+        else:
+            text = torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype, device="meta")
+        extra = {}
+        if config.addition_embed_type == "text_time":
+            extra = {"added_cond_kwargs": {
+                "text_embeds": torch.empty(batch, config.projection_class_embeddings_input_dim - 6 * 256, dtype=dtype,
+                                           device="meta"),
+                "time_ids": torch.empty(batch, 6, dtype=dtype, device="meta")}}
+    return text, extra
+
+
+def _unet_step(parts, cfg: Config, tracker, cond, device: str) -> dict[str, dict[str, int]]:
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from torch.utils.checkpoint import checkpoint
+
+    mem, unet = cfg.memory, parts.unet
+    working = _dtype(mem.precision)
+    unet.to(working if mem.optimizer_offload != "none" else torch.float32)  # offload: masters leave the device
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.train()
+    cuda = _CudaSemantics(autocast=working if mem.precision != "fp32" else None)
+    if mem.gradient_checkpointing:
+        def checkpointed(function, *args, **kwargs):
+            """diffusers' checkpointing minus RNG bookkeeping the meta device lacks; the recomputation in
+            backward runs under the same CUDA semantics, and what it makes counts as activations."""
+            def recompute(*args, **kwargs):
+                if cuda.active():
+                    return function(*args, **kwargs)
+                phase, tracker.phase = tracker.phase, "activations"
+                with cuda:
+                    out = function(*args, **kwargs)
+                tracker.phase = phase
+                return out
+            return checkpoint(recompute, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+        unet.enable_gradient_checkpointing(checkpointed)
+    if mem.param_offload == "cpu":
+        from sdtune.offload import ParamStreamer
+
+        ParamStreamer(unet, "meta", on_copy=lambda copy: tracker.relabel(copy, "weights"))
+    else:
+        tracker.add(unet.parameters(), "weights")
+    for p in unet.parameters():
+        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, mem.optimizer_offload != "none"))
+    text, extra = cond
+    side, batch = cfg.data.resolution // 8, cfg.train.batch_size
+    latents = torch.empty(batch, unet.config.in_channels, side, side, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    with tracker:
+        tracker.phase = "activations"
+        with cuda:
+            prediction = unet(latents, timesteps, text, **extra).sample
+        cuda.end_forward()
+        forward_end = dict(tracker.current)
+        tracker.phase = "temporaries"  # backward runs outside the mode; recomputation re-enters it
+        loss = (prediction.float() - torch.empty_like(latents)).square().mean()
+        loss.backward()
+        del loss, prediction
+    return {"forward_end": forward_end, "backward_end": dict(tracker.current)}
+
+
+def _on_grad(tracker, offloaded: bool, param) -> None:
+    tracker.relabel(param.grad, "gradients")
+    if offloaded:
+        param.grad = None  # OffloadAdamW copies it to the host and frees it on the device
+
+
+def _optimizer_state(unet, mem: MemoryConfig):
+    """A placeholder of the optimizer's state size on the device (kept alive by the caller)."""
+    import torch
+
+    nbytes = 0
+    if mem.optimizer_offload == "none":
+        for p in unet.parameters():
+            n = p.numel()
+            if mem.optimizer == "adamw8bit" and n >= 4096:  # bitsandbytes keeps small tensors' state in fp32
+                nbytes += 2 * n + 2 * 4 * -(-n // 256)      # two uint8 moments and an fp32 scale per 256 values
+            else:
+                nbytes += 8 * n + 4                         # fp32 exp_avg and exp_avg_sq, and a step count
+    return torch.empty(nbytes, dtype=torch.uint8, device="meta")
+
+
+def _host_and_disk(unet_params: int, parts, mem: MemoryConfig, device: str) -> tuple[int, int]:
+    """Host bytes the plan needs: the fp32 model while it loads, then the offloaded state (whichever is
+    more), plus pinned copies; disk for the nvme tier."""
+    frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters())
+    loading = 4 * (unet_params + frozen)
+    half = 2 if mem.precision != "fp32" else 4
+    pinned = half * unet_params if device == "cuda" else 0           # staging of gradients and weights
+    streamed = half * unet_params if mem.param_offload == "cpu" else 0
+    if mem.optimizer_offload == "cpu":
+        return max(loading, 16 * unet_params + pinned + streamed), 0
+    if mem.optimizer_offload == "nvme":
+        ring = NVME_RING * 3 * 4 * min(unet_params, BUCKET_PARAMS)
+        return max(loading, 4 * unet_params + ring + pinned + streamed), 12 * unet_params
+    return loading, 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# what the meta device cannot do by itself: CUDA autocast and CUDA attention kernels
+
+
+class _CudaSemantics:
+    """What the GPU would do that the meta device does not, applied at the torch-function level:
+
+    - CUDA autocast's casting rules when `autocast` is a dtype (real autocast ignores meta tensors), so the
+      casts, and what autograd saves of them, are traced as on the GPU: convolutions, linears, matmuls and
+      attention in the working precision, fp32 weights cast once per forward and cached (autocast's weight
+      cache), norms and softmax in fp32;
+    - attention through `_FlashAttention`, the memory behaviour of CUDA's flash / memory-efficient kernels.
+    """
+
+    def __init__(self, autocast=None):
+        import torch
+        import torch.nn.functional as F
+        from torch.overrides import TorchFunctionMode
+
+        self.dtype = autocast
+        self.cache: dict[int, object] = {}
+        self.in_forward = True
+        self._threads = threading.local()  # torch-function modes are per thread; backward may run on another
+        lower = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, torch.matmul,
+                 torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.Tensor.matmul, torch.Tensor.__matmul__,
+                 F.scaled_dot_product_attention}
+        fp32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax}
+        outer = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if outer.dtype is not None and func in lower:
+                    args, kwargs = outer._cast(args, outer.dtype), outer._cast(kwargs, outer.dtype)
+                elif outer.dtype is not None and func in fp32:
+                    args, kwargs = outer._cast(args, torch.float32), outer._cast(kwargs, torch.float32)
+                if func is F.scaled_dot_product_attention:
+                    return _attention(*args, **kwargs)
+                return func(*args, **kwargs)
+
+        self._mode = Mode()
+
+    def _cast(self, tree, dtype):
+        import torch
+        from torch.utils._pytree import tree_map_only
+
+        def cast(t):
+            if not t.is_floating_point() or t.dtype == dtype:
+                return t
+            if t.is_leaf and t.requires_grad and self.in_forward:  # autocast caches weight casts per forward
+                if id(t) not in self.cache:
+                    self.cache[id(t)] = t.to(dtype)
+                return self.cache[id(t)]
+            return t.to(dtype)
+
+        return tree_map_only(torch.Tensor, cast, tree)
+
+    def end_forward(self) -> None:
+        """Autocast's cache is dropped when the forward's autocast region ends."""
+        self.cache.clear()
+        self.in_forward = False
+
+    def active(self) -> bool:
+        return getattr(self._threads, "depth", 0) > 0
+
+    def __enter__(self):
+        self._mode.__enter__()
+        self._threads.depth = getattr(self._threads, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        self._threads.depth -= 1
+        return self._mode.__exit__(*exc)
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    if attn_mask is not None:
+        raise SdtuneError("estimate: attention masks are not modelled")
+    return _flash_function().apply(query, key, value)
+
+
+@functools.cache
+def _flash_function():
+    import torch
+
+    class _FlashAttention(torch.autograd.Function):
+        """Flash attention's memory: keeps q, k, v, the output and an fp32 log-sum-exp per query for
+        backward; backward adds an fp32 dq accumulator and a row statistic beside the three gradients."""
+
+        @staticmethod
+        def forward(ctx, query, key, value):
+            out = torch.empty_like(query)
+            lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            query, key, value, _, lse = ctx.saved_tensors
+            accumulator = torch.empty(query.shape, dtype=torch.float32, device=query.device)  # noqa: F841
+            row_stat = torch.empty_like(lse)  # noqa: F841
+            return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    return _FlashAttention

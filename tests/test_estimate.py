@@ -1,0 +1,98 @@
+"""The VRAM estimator: its trace agrees with a measured CPU step, and each shipped plan fits its card."""
+
+import pytest
+import torch
+
+from sdtune.config import load_config
+from sdtune.estimate import estimate
+from sdtune.memtrack import MemoryTracker
+
+GIB = 2**30
+
+
+def _measured_cpu_step(model_dir, batch: int, side: int) -> dict:
+    """One real fp32 training step of the tiny UNet on the CPU, measured with the estimator's tracker."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sdtune.models import load_components
+
+    c = load_components(str(model_dir))
+    unet = c.unet.train()
+    unet.set_attn_processor(AttnProcessor2_0())
+    with torch.no_grad():
+        text = c.text_encoder(torch.zeros(batch, 77, dtype=torch.long))[0]
+    latents, target = torch.randn(batch, 4, side, side), torch.randn(batch, 4, side, side)
+    tracker = MemoryTracker("cpu")
+    tracker.add(unet.parameters(), "weights")
+    for p in unet.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
+    with tracker:
+        tracker.phase = "activations"
+        prediction = unet(latents, torch.full((batch,), 10), text).sample
+        forward_end = dict(tracker.current)
+        tracker.phase = "temporaries"
+        (prediction.float() - target).square().mean().backward()
+        del prediction
+        backward_end = dict(tracker.current)
+        tracker.phase = "optimizer_state"
+        optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
+        optimizer.step()
+    return {"forward_end": forward_end, "backward_end": backward_end, "state": tracker.bytes_of("optimizer_state"),
+            "params": sum(p.numel() for p in unet.parameters())}
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_the_trace_matches_a_measured_cpu_step(tiny_sd1, checkpointing):
+    cfg, info = load_config("cpu", ["data.resolution=64", "train.batch_size=2",
+                                    f"memory.gradient_checkpointing={checkpointing}"])
+    if checkpointing == "true":  # the measured step has none: only the estimate's activations shrink
+        full = estimate(load_config("cpu", ["data.resolution=64", "train.batch_size=2"])[0], info, str(tiny_sd1),
+                        device="cpu")
+    guess = estimate(cfg, info, str(tiny_sd1), device="cpu")
+    real = _measured_cpu_step(tiny_sd1, batch=2, side=8)
+    assert guess.milestones["forward_end"]["weights"] == real["forward_end"]["weights"] == 4 * real["params"]
+    assert guess.milestones["backward_end"]["gradients"] == real["backward_end"]["gradients"] == 4 * real["params"]
+    assert guess.categories["optimizer_state"] == real["state"]
+    activations = guess.milestones["forward_end"]["activations"]
+    if checkpointing == "false":
+        assert activations == pytest.approx(real["forward_end"]["activations"], rel=0.05)
+    else:
+        assert activations < 0.5 * full.milestones["forward_end"]["activations"]
+    assert guess.categories["cuda_context"] == guess.categories["allocator_overhead"] == 0  # a CPU run
+
+
+@pytest.mark.parametrize("preset", ["rtx2070", "rtx3050", "rtx3080", "rtx4090"])
+def test_each_gpu_preset_fits_its_card_with_sd15_at_512(preset):
+    cfg, info = load_config(preset)
+    result = estimate(cfg, info, "sd15")
+    assert (result.resolution, result.batch_size) == (512, 1)
+    assert result.fits, f"{preset}: {result.total / GIB:.2f} GiB on a {info.vram_gib} GB card"
+    assert result.categories["frozen"] > 0 and result.categories["weights"] > 0
+    assert result.total == result.peak_reserved + result.categories["cuda_context"]
+
+
+def test_offload_tiers_move_what_they_promise_off_the_gpu():
+    def run(*sets):
+        cfg, info = load_config("rtx3050", list(sets))
+        return estimate(cfg, info, "sd15")
+
+    plain = run("memory.optimizer_offload=none")
+    offloaded = run()
+    streamed = run("memory.param_offload=cpu")
+    nvme = run("memory.optimizer_offload=nvme", "memory.offload_dir=/tmp")
+    params = 859_520_964
+    assert plain.categories["optimizer_state"] > 8 * params and plain.categories["weights"] == 4 * params
+    assert offloaded.categories["optimizer_state"] == 0 and offloaded.categories["weights"] == 2 * params
+    assert offloaded.milestones["backward_end"]["gradients"] == 0  # each gradient left as it was made
+    assert streamed.milestones["forward_end"]["weights"] < 0.1 * offloaded.categories["weights"]
+    assert streamed.total < offloaded.total < plain.total
+    assert offloaded.host_ram >= 16 * params and nvme.host_ram < offloaded.host_ram / 2
+    assert nvme.disk == 12 * params and offloaded.disk == 0
+
+
+def test_sd21_and_sdxl_estimate():
+    cfg, info = load_config("rtx4090", ["memory.gradient_checkpointing=true", "memory.optimizer=adamw8bit"])
+    sd21 = estimate(cfg, info, "sd21")
+    assert sd21.categories["weights"] == 4 * 865_910_724
+    sdxl = estimate(cfg, info, "sdxl")
+    assert sdxl.categories["weights"] == 4 * 2_567_463_684 and sdxl.notes

@@ -4,7 +4,7 @@
     estimate(cfg, info, "sd15").total      # bytes the card must hold; no GPU, no weights, a few seconds
 
 The real architecture is built on the meta device (shapes, no memory) and one step runs as the trainer
-runs it under the plan: the frozen VAE encodes and the text encoder embeds a batch (no grad), the UNet
+runs it under the plan (the same `memory.Plan` the trainer gets, made by `memory.make_plan`): the frozen VAE encodes and the text encoder embeds a batch (no grad), the UNet
 runs forward and backward with the plan's precision, checkpointing and attention, and with its optimizer
 tier's gradient handling (`OffloadAdamW` sends each gradient to the host as it is produced) or parameter
 streaming (the real `ParamStreamer`). `memtrack.MemoryTracker` follows every storage by category; the
@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sdtune.config import Config, MemoryConfig, PresetInfo
+from sdtune.config import Config, PresetInfo
 from sdtune.errors import SdtuneError
 
 GIB = 2**30
@@ -83,6 +83,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     with latents and text embeddings cached beforehand."""
     import torch
 
+    from sdtune.memory import make_plan
     from sdtune.memtrack import MemoryTracker
     from sdtune.models import classify_source, meta_model
 
@@ -94,17 +95,18 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not frozen_on_device:
         parts = dataclasses.replace(parts, vae=None, text_encoder=None)
     tracker = MemoryTracker("meta")
+    plan = make_plan(cfg.memory, device, "xformers" if cfg.memory.attention == "xformers" else "sdpa")
     with torch.no_grad():
-        cond = _frozen_pass(parts, cfg, tracker)
+        cond = _frozen_pass(parts, plan, cfg, tracker)
     unet_params = sum(p.numel() for p in parts.unet.parameters())
-    state = _optimizer_state(parts.unet, cfg.memory)
+    state = _optimizer_state(parts.unet, plan)
     tracker.add([state], "optimizer_state")
-    milestones = _unet_step(parts, cfg, tracker, cond, device)
+    milestones = _unet_step(parts, plan, cfg, tracker, cond)
     at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
     allocated = sum(at_peak.values())
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
     context = CUDA_CONTEXT if device == "cuda" else 0
-    host, disk = _host_and_disk(unet_params, parts, cfg.memory, device)
+    host, disk = _host_and_disk(unet_params, parts, plan)
     notes = () if parts.vae or not frozen_on_device else (
         "sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",)
     return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
@@ -121,22 +123,16 @@ def _arch_names() -> tuple[str, ...]:
     return ARCHS
 
 
-def _dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 # ----------------------------------------------------------------------------------------------------
 # the traced step
 
 
-def _frozen_pass(parts, cfg: Config, tracker) -> tuple:
+def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
     """The frozen parts on the device in the working precision; encode one batch as the trainer does.
     Returns the UNet's conditioning (text embeddings, and SDXL's extra inputs)."""
     import torch
 
-    dtype, batch, side = _dtype(cfg.memory.precision), cfg.train.batch_size, cfg.data.resolution
+    dtype, batch, side = plan.working_dtype, cfg.train.batch_size, cfg.data.resolution
     config = parts.unet.config
     frozen = [m.to(dtype) for m in (parts.vae, parts.text_encoder) if m is not None]
     for module in frozen:
@@ -158,18 +154,18 @@ def _frozen_pass(parts, cfg: Config, tracker) -> tuple:
     return text, extra
 
 
-def _unet_step(parts, cfg: Config, tracker, cond, device: str) -> dict[str, dict[str, int]]:
+def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, int]]:
+    """The UNet placed as `memory.apply_plan` and the optimizer place it, then forward and backward."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
     from torch.utils.checkpoint import checkpoint
 
-    mem, unet = cfg.memory, parts.unet
-    working = _dtype(mem.precision)
-    unet.to(working if mem.optimizer_offload != "none" else torch.float32)  # offload: masters leave the device
+    unet, working = parts.unet, plan.working_dtype
+    unet.to(working if plan.optimizer_offload != "none" else torch.float32)  # offload: masters leave the device
     unet.set_attn_processor(AttnProcessor2_0())
     unet.train()
-    cuda = _CudaSemantics(autocast=working if mem.precision != "fp32" else None)
-    if mem.gradient_checkpointing:
+    cuda = _CudaSemantics(autocast=working if plan.precision != "fp32" else None)
+    if plan.gradient_checkpointing:
         def checkpointed(function, *args, **kwargs):
             """diffusers' checkpointing minus RNG bookkeeping the meta device lacks; the recomputation in
             backward runs under the same CUDA semantics, and what it makes counts as activations."""
@@ -184,14 +180,14 @@ def _unet_step(parts, cfg: Config, tracker, cond, device: str) -> dict[str, dict
             return checkpoint(recompute, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
         unet.enable_gradient_checkpointing(checkpointed)
-    if mem.param_offload == "cpu":
+    if plan.param_offload == "cpu":
         from sdtune.offload import ParamStreamer
 
         ParamStreamer(unet, "meta", on_copy=lambda copy: tracker.relabel(copy, "weights"))
     else:
         tracker.add(unet.parameters(), "weights")
     for p in unet.parameters():
-        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, mem.optimizer_offload != "none"))
+        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, plan.optimizer_offload != "none"))
     text, extra = cond
     side, batch = cfg.data.resolution // 8, cfg.train.batch_size
     latents = torch.empty(batch, unet.config.in_channels, side, side, device="meta")
@@ -215,32 +211,32 @@ def _on_grad(tracker, offloaded: bool, param) -> None:
         param.grad = None  # OffloadAdamW copies it to the host and frees it on the device
 
 
-def _optimizer_state(unet, mem: MemoryConfig):
+def _optimizer_state(unet, plan):
     """A placeholder of the optimizer's state size on the device (kept alive by the caller)."""
     import torch
 
     nbytes = 0
-    if mem.optimizer_offload == "none":
+    if plan.optimizer_offload == "none":
         for p in unet.parameters():
             n = p.numel()
-            if mem.optimizer == "adamw8bit" and n >= 4096:  # bitsandbytes keeps small tensors' state in fp32
+            if plan.optimizer == "adamw8bit" and n >= 4096:  # bitsandbytes keeps small tensors' state in fp32
                 nbytes += 2 * n + 2 * 4 * -(-n // 256)      # two uint8 moments and an fp32 scale per 256 values
             else:
                 nbytes += 8 * n + 4                         # fp32 exp_avg and exp_avg_sq, and a step count
     return torch.empty(nbytes, dtype=torch.uint8, device="meta")
 
 
-def _host_and_disk(unet_params: int, parts, mem: MemoryConfig, device: str) -> tuple[int, int]:
+def _host_and_disk(unet_params: int, parts, plan) -> tuple[int, int]:
     """Host bytes the plan needs: the fp32 model while it loads, then the offloaded state (whichever is
     more), plus pinned copies; disk for the nvme tier."""
     frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters())
     loading = 4 * (unet_params + frozen)
-    half = 2 if mem.precision != "fp32" else 4
-    pinned = half * unet_params if device == "cuda" else 0           # staging of gradients and weights
-    streamed = half * unet_params if mem.param_offload == "cpu" else 0
-    if mem.optimizer_offload == "cpu":
+    half = plan.working_dtype.itemsize
+    pinned = half * unet_params if plan.device == "cuda" else 0      # staging of gradients and weights
+    streamed = half * unet_params if plan.param_offload == "cpu" else 0
+    if plan.optimizer_offload == "cpu":
         return max(loading, 16 * unet_params + pinned + streamed), 0
-    if mem.optimizer_offload == "nvme":
+    if plan.optimizer_offload == "nvme":
         ring = NVME_RING * 3 * 4 * min(unet_params, BUCKET_PARAMS)
         return max(loading, 4 * unet_params + ring + pinned + streamed), 12 * unet_params
     return loading, 0

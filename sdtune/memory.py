@@ -69,6 +69,12 @@ def resolve_plan(mem: MemoryConfig) -> Plan:
         from sdtune.offload.nvme import check_offload_dir
 
         check_offload_dir(mem.offload_dir)  # before any model is loaded; free space is checked once sizes are known
+    return make_plan(mem, device, attention)
+
+
+def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:
+    """The plan of `mem` on `device` without asking the machine anything (the estimator plans for a GPU
+    it does not have); `resolve_plan` checks the machine first."""
     return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
                 attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload,
                 offload_dir=mem.offload_dir, param_offload=mem.param_offload)

@@ -3,6 +3,7 @@
     sdtune presets                      # the shipped memory plans
     sdtune train --preset rtx3050 --data ./images
     sdtune sample --ckpt out/ --prompt "a photo of sks dog"
+    sdtune estimate-vram --preset all   # will a plan fit? (no GPU, no weights needed)
 
 Nothing heavy is imported here (torch, diffusers): `sdtune --help` answers at once.
 """
@@ -10,6 +11,7 @@ Nothing heavy is imported here (torch, diffusers): `sdtune --help` answers at on
 from __future__ import annotations
 
 import functools
+import importlib
 from pathlib import Path
 
 import typer
@@ -48,7 +50,8 @@ def _gib(n: int) -> str:
 @app.command()
 @user_errors
 def train(
-    preset: str = typer.Option(..., help="Memory plan: a shipped preset name (see `sdtune presets`) or a .toml path."),
+    preset: str = typer.Option(..., help="Memory plan: a shipped preset name (see `sdtune presets`), a .toml path, "
+                               "or auto (the fastest plan the estimator fits into this GPU; cpu without one)."),
     data: Path = typer.Option(..., help="Folder of training images (searched recursively; NAME.txt captions)."),
     model: str | None = typer.Option(None, help="Base model: diffusers folder, .safetensors file or hub id."),
     out: Path = typer.Option(Path("out"), help="Output folder: diffusers pipeline, checkpoints, samples."),
@@ -68,6 +71,13 @@ def train(
         overrides.append(f"model.pretrained={model}")
     if max_steps:
         overrides.append(f"train.max_steps={max_steps}")
+    if preset == "auto":
+        from sdtune.auto import pick_plan
+
+        with console.status("--preset auto: estimating the memory plans"):
+            pick = pick_plan(overrides)
+        console.print(pick.reason)
+        preset, overrides = pick.preset, [*pick.extra, *overrides]
     cfg, info = load_config(preset, overrides)
     bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
                    TimeRemainingColumn(), console=console)
@@ -114,6 +124,99 @@ def sample(
     for path in result.images:
         console.print(f"wrote {path}")
     console.print(f"wrote {result.grid}")
+
+
+ESTIMATE_ROWS = {"weights": "weights (UNet)", "frozen": "frozen (VAE, text)", "gradients": "gradients",
+                 "optimizer_state": "optimizer state", "activations": "activations", "temporaries": "temporaries",
+                 "allocator_overhead": "allocator overhead", "cuda_context": "CUDA context"}
+
+
+@app.command("estimate-vram")
+@user_errors
+def estimate_vram(
+    model: str | None = typer.Option(None, help="A diffusers folder, a .safetensors checkpoint or an architecture "
+                                                "(sd15, sd21, sdxl); default: the preset's model when it is a "
+                                                "local path, else sd15."),
+    preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, or all (every GPU preset)."),
+    resolution: int | None = typer.Option(None, min=8, help="Image side in pixels; sets data.resolution "
+                                                            "(default: the preset's, 512 for the GPU presets)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass; sets train.batch_size "
+                                                            "(default: the preset's, 1 for the GPU presets)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP + " --resolution and --batch-size win over --set."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON document (every figure in bytes), no table."),
+):
+    """Estimate the GPU memory of a plan before training, without a GPU and without weights.
+
+    One training step of the model's real architecture is traced on torch's meta device under the plan.
+    The figures are the peak on the GPU during that step, by category; "peak reserved" adds the CUDA
+    caching allocator's rounding and fragmentation and compares with torch.cuda.max_memory_reserved();
+    "total" adds the CUDA context on top and is what the card must hold. Host RAM is what offloaded state
+    needs on the host (pinned buffers included); disk is the nvme tier's state file.
+    """
+    import json
+
+    from sdtune.auto import SAFETY, detect_gpu, gpu_presets
+    from sdtune.config import load_config
+
+    estimator = importlib.import_module("sdtune.estimate")
+    overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
+                 *([f"train.batch_size={batch_size}"] if batch_size else [])]
+    results = []
+    for name in gpu_presets() if preset == "all" else [preset]:
+        cfg, info = load_config(name, overrides)
+        with console.status(f"tracing one training step under {info.name}"):
+            results.append(estimator.estimate(cfg, info, model))
+    gpu = detect_gpu()
+    if json_:
+        gpu_doc = gpu and {"name": gpu.name, "total_memory": gpu.total_memory,
+                           "fits": {est.preset: est.total <= gpu.total_memory for est in results}}
+        typer.echo(json.dumps({"gpu": gpu_doc, "estimates": [est.to_dict() for est in results]}, indent=2))
+        return
+    out = Console(highlight=False, soft_wrap=True)  # soft wrap: each line of text stays one line
+    seconds = sum(getattr(est, "seconds", 0.0) for est in results)
+    out.print(f"GPU memory at the peak of one training step, estimated without a GPU in {seconds:.1f} s:")
+    out.print(_estimate_table(results), soft_wrap=False)  # the table wraps its cells to the terminal's width
+    out.print("peak reserved compares with torch.cuda.max_memory_reserved(); total adds the CUDA context "
+              "and is what the card must hold")
+    for est in results:
+        for note in getattr(est, "notes", ()):
+            out.print(f"note: {est.preset}: {note}")
+    if gpu is None:
+        out.print("no GPU detected: the verdicts above are against each preset's card")
+        return
+    verdicts = ", ".join(f"{est.preset} [green]fits[/]" if est.total <= gpu.total_memory
+                         else f"{est.preset} [red]does not fit[/]" for est in results)
+    out.print(f"GPU detected: {gpu.name}, {gpu.total_memory / 2**30:.2f} GiB: {verdicts} "
+              f"(--preset auto keeps {1 - SAFETY:.0%} of it free)")
+
+
+def _estimate_table(results):
+    from rich.table import Column, Table
+
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.2f}"
+
+    def verdict(est) -> str:
+        if est.fits is None:
+            return "no card named"
+        return f"[green]fits {est.card_gib:g} GB[/]" if est.fits else f"[red]does not fit {est.card_gib:g} GB[/]"
+
+    table = Table(Column("GiB", no_wrap=True), *(Column(est.preset, justify="right") for est in results))
+    table.add_row("model", *(Path(est.model).name or est.model for est in results))
+    table.add_row("image x batch", *(f"{est.resolution} px x {est.batch_size}" for est in results), end_section=True)
+    allocated = ("weights", "frozen", "gradients", "optimizer_state", "activations", "temporaries")
+    for key in allocated:
+        table.add_row(ESTIMATE_ROWS[key], *(gib(est.categories.get(key, 0)) for est in results))
+    table.add_row("peak allocated", *(gib(est.peak_allocated) for est in results), end_section=True)
+    table.add_row(ESTIMATE_ROWS["allocator_overhead"],
+                  *(gib(est.categories.get("allocator_overhead", 0)) for est in results))
+    table.add_row("peak reserved", *(gib(est.peak_reserved) for est in results))
+    table.add_row(ESTIMATE_ROWS["cuda_context"], *(gib(est.categories.get("cuda_context", 0)) for est in results))
+    table.add_row("[bold]total[/]", *(f"[bold]{gib(est.total)}[/]" for est in results), end_section=True)
+    table.add_row("host RAM", *(gib(est.host_ram) for est in results))
+    table.add_row("disk (nvme)", *(gib(est.disk) for est in results), end_section=True)
+    table.add_row("card", *(verdict(est) for est in results))
+    return table
 
 
 @app.command()

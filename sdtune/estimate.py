@@ -4,10 +4,11 @@
     estimate(cfg, info, "sd15").total      # bytes the card must hold; no GPU, no weights, a few seconds
 
 The real architecture is built on the meta device (shapes, no memory) and one step runs as the trainer
-runs it under the plan (the same `memory.Plan` the trainer gets, made by `memory.make_plan`): the frozen VAE encodes and the text encoder embeds a batch (no grad), the UNet
-runs forward and backward with the plan's precision, checkpointing and attention, and with its optimizer
-tier's gradient handling (`OffloadAdamW` sends each gradient to the host as it is produced) or parameter
-streaming (the real `ParamStreamer`). `memtrack.MemoryTracker` follows every storage by category; the
+runs it under the plan (the same `memory.Plan` the trainer gets, made by `memory.make_plan`): the frozen
+VAE encodes and the text encoder embeds a batch (no grad), the UNet runs forward and backward with the
+plan's precision, checkpointing and attention, and with its optimizer tier's gradient handling
+(`OffloadAdamW` sends each gradient to the host as it is produced) or parameter streaming (the real
+`ParamStreamer`). `memtrack.MemoryTracker` follows every storage by category; the
 peak and what made it up are the estimate. Then what the meta device cannot show is added:
 
 - Attention runs as CUDA's flash / memory-efficient kernels (and xformers) do: they keep q, k, v, the
@@ -75,21 +76,23 @@ class Estimate:
         return {**dataclasses.asdict(self), "notes": list(self.notes), "fits": self.fits}
 
 
-def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str = "cuda",
+def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str | None = None,
              frozen_on_device: bool = True) -> Estimate:
     """Estimate the memory of training `model` (None: the config's model, or sd15 when that is a hub id)
-    with `cfg`'s plan. `device="cpu"` models a CPU run instead (no CUDA constants), for checking the trace
-    against a measured CPU step. `frozen_on_device=False` leaves the VAE and text encoder off the GPU, as
-    with latents and text embeddings cached beforehand."""
+    with `cfg`'s plan on `device`: "cuda", or "cpu" for a CPU run (no CUDA constants; also how the trace is
+    checked against a measured CPU step); None takes "cpu" for `memory.device=cpu` plans, else "cuda".
+    `frozen_on_device=False` leaves the VAE and text encoder off the GPU, as with latents and text
+    embeddings cached beforehand."""
     import torch
 
     from sdtune.memory import make_plan
     from sdtune.memtrack import MemoryTracker
-    from sdtune.models import classify_source, meta_model
+    from sdtune.models import meta_model
 
     started = time.perf_counter()
+    device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")
     source = model or cfg.model.pretrained
-    if not source or (source not in _arch_names() and classify_source(source) == "hub"):
+    if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
         source = DEFAULT_MODEL
     parts = meta_model(source)
     if not frozen_on_device:
@@ -117,10 +120,13 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                     notes=notes, milestones=milestones)
 
 
-def _arch_names() -> tuple[str, ...]:
-    from sdtune.archs import ARCHS
+def _is_hub_id(source: str) -> bool:
+    from sdtune.models import classify_source
 
-    return ARCHS
+    try:
+        return classify_source(source) == "hub"
+    except SdtuneError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,7 +148,8 @@ def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
         if parts.vae is not None:
             parts.vae.encode(torch.empty(batch, 3, side, side, dtype=dtype, device="meta"))
         if parts.text_encoder is not None:
-            text = parts.text_encoder(torch.zeros(batch, 77, dtype=torch.long, device="meta"))[0]
+            tokens = min(77, parts.text_encoder.config.max_position_embeddings)  # the tokenizer pads to this
+            text = parts.text_encoder(torch.zeros(batch, tokens, dtype=torch.long, device="meta"))[0]
         else:
             text = torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype, device="meta")
         extra = {}

@@ -42,6 +42,13 @@ class Plan:
         return self.precision == "fp16"
 
 
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere or newer); torch's own check also accepts slow emulation on older cards."""
+    import torch
+
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def _xformers_installed() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
@@ -53,7 +60,7 @@ def resolve_plan(mem: MemoryConfig) -> Plan:
     if mem.device == "cuda" and not has_cuda:
         raise SdtuneError("memory.device=cuda but no CUDA GPU is visible; use --preset cpu or fix the driver")
     device = "cuda" if mem.device == "cuda" or (mem.device == "auto" and has_cuda) else "cpu"
-    if mem.precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+    if mem.precision == "bf16" and device == "cuda" and not _native_bf16():
         raise SdtuneError(f"memory.precision=bf16 but {torch.cuda.get_device_name()} has no bf16; "
                           "use --set memory.precision=fp16 (or the rtx2070 preset)")
     attention = mem.attention

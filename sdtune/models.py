@@ -155,6 +155,9 @@ def meta_model(source: str) -> MetaModel:
 
     if source in archs.ARCHS:
         return _meta_from(archs.arch_dir(source), source)
+    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
+        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
+                          "a diffusers folder or a .safetensors file")
     kind = classify_source(source)
     if kind == "hub":
         raise SdtuneError(f"{source} is a hub id; estimate a local folder or file, or an architecture "

@@ -1,0 +1,182 @@
+"""`--preset auto`: the fastest memory plan that the estimator says fits the detected GPU.
+
+    pick = pick_plan(["train.max_steps=100"], log=print)
+    cfg, info = load_config(pick.preset, [*pick.extra, "train.max_steps=100"])
+
+A plan is a shipped preset plus extra `--set` overrides (a *candidate*). The candidates are the GPU
+presets (those whose `[preset]` names a card), each also with one lever more: checkpointing turned on
+where it is off, or weight streaming (`memory.param_offload=cpu`) where the optimizer is offloaded. On a
+card without native bf16 (compute capability below 8.0) bf16 plans run in fp16; on one with it, the fp16
+presets are left out (the same memory, and bf16 needs no loss scaling). The user's own overrides go on
+top of every candidate, so what is estimated is what will train; plans that come out identical are tried
+once. They are tried fastest first by `cost` (below), and the first whose estimated `total` is at most
+`SAFETY` of the card's memory is the pick. The nvme optimizer tier saves host RAM, not GPU memory, so it
+is never picked here; ask for it with `--set`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, preset_names, read_preset
+from sdtune.errors import SdtuneError
+
+GIB = 2**30
+# A plan may use at most this share of the card's memory. The estimate models one process alone on the
+# card; the desktop, a browser or a second process hold memory too, and the estimate itself may be a few
+# percent off the measured peak. 10% of an 8 GB card is 0.8 GiB.
+SAFETY = 0.9
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_memory: int  # bytes, torch.cuda.get_device_properties(0).total_memory
+    bf16: bool         # native bf16 (compute capability 8.0 or newer)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    preset: str
+    extra: tuple[str, ...] = ()  # `--set` items applied after the preset, before the user's own
+
+    @property
+    def label(self) -> str:
+        return " + ".join((self.preset, *self.extra))
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What `--preset auto` resolved to: train as if `--preset preset --set extra...` had been given."""
+
+    preset: str
+    extra: tuple[str, ...]
+    estimate: Any | None  # sdtune.estimate.Estimate of the pick; None on a machine without CUDA
+    reason: str           # one paragraph for the user: the plan, its estimate, the card, what was rejected
+
+    @property
+    def label(self) -> str:
+        return Candidate(self.preset, self.extra).label
+
+
+def detect_gpu() -> Gpu | None:
+    """GPU 0, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return Gpu(name=props.name, total_memory=int(props.total_memory), bf16=props.major >= 8)
+
+
+def host_ram() -> int | None:
+    """This machine's physical memory in bytes, where the OS says (Linux, macOS)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def gpu_presets() -> list[str]:
+    """The shipped presets sized for a GPU card (`[preset] vram_gib` above 0): all but `cpu`."""
+    return [name for name in preset_names() if read_preset(name)[1].vram_gib > 0]
+
+
+def cost(mem: MemoryConfig) -> int:
+    """Slowness rank of a memory plan, 0 fastest: everything on the GPU with nothing recomputed costs 0;
+    activation checkpointing (~25-30% more compute), optimizer offload to host RAM (copies and a CPU step),
+    weight streaming (every block copied in, twice) each add 1, and the nvme tier 1 more than host RAM."""
+    return (int(mem.gradient_checkpointing) + int(mem.optimizer_offload != "none")
+            + int(mem.optimizer_offload == "nvme") + int(mem.param_offload != "none"))
+
+
+def candidates(gpu: Gpu) -> list[Candidate]:
+    """Every plan `--preset auto` may try on `gpu`, before the user's overrides; not yet ordered."""
+    found = []
+    for name in gpu_presets():
+        cfg, _ = load_config(name)
+        mem = cfg.memory
+        if gpu.bf16 and mem.precision == "fp16":
+            continue
+        base = ("memory.precision=fp16",) if not gpu.bf16 and mem.precision == "bf16" else ()
+        found.append(Candidate(name, base))
+        if not mem.gradient_checkpointing:
+            found.append(Candidate(name, (*base, "memory.gradient_checkpointing=true")))
+        elif mem.optimizer_offload != "none" and mem.param_offload == "none":
+            found.append(Candidate(name, (*base, "memory.param_offload=cpu")))
+    return found
+
+
+def ordered(gpu: Gpu, overrides: Sequence[str]) -> list[tuple[Candidate, Config, PresetInfo]]:
+    """The candidates with the user's overrides applied, fastest first, each distinct plan once.
+
+    Ties in `cost` go to fewer extra overrides. Of candidates that resolve to the same config (rtx3050 and
+    rtx3080 differ only in their card), the one with fewer extras and then the card size nearest the GPU's
+    keeps its name. A candidate the user's overrides make invalid is left out; if all are, the first error
+    is raised."""
+    card_gib = gpu.total_memory / GIB
+    resolved, errors = [], []
+    for cand in candidates(gpu):
+        try:
+            cfg, info = load_config(cand.preset, [*cand.extra, *overrides])
+        except SdtuneError as exc:
+            errors.append(exc)
+            continue
+        resolved.append((cost(cfg.memory), len(cand.extra), abs(info.vram_gib - card_gib), cand, cfg, info))
+    if not resolved:
+        raise errors[0] if errors else SdtuneError("no GPU preset is shipped; reinstall sdtune")
+    resolved.sort(key=lambda row: row[:3])
+    result, seen = [], []
+    for *_, cand, cfg, info in resolved:
+        if cfg not in seen:
+            seen.append(cfg)
+            result.append((cand, cfg, info))
+    return result
+
+
+def _estimator() -> Callable:
+    """`sdtune.estimate.estimate`, looked up at call time (tests replace the module)."""
+    return importlib.import_module("sdtune.estimate").estimate
+
+
+def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
+              log: Callable[[str], None] = lambda message: None) -> Pick:
+    """The fastest plan that fits this machine's GPU, with the user's `overrides` (`--set` items, including
+    model.pretrained, data.resolution, train.batch_size) on top of each candidate. `model` is passed to the
+    estimator (None: the config's model.pretrained, or sd15 for a hub id). Raises SdtuneError when no plan
+    fits, naming the smallest estimate and the card."""
+    gpu = detect_gpu()
+    if gpu is None:
+        return Pick("cpu", (), None, "no CUDA GPU: the cpu preset")
+    budget = SAFETY * gpu.total_memory
+    card = f"{gpu.name} ({gpu.total_memory / GIB:.1f} GiB; plans may use {SAFETY:.0%}: {budget / GIB:.1f} GiB)"
+    estimate, rejected = _estimator(), []
+    for cand, cfg, info in ordered(gpu, overrides):
+        log(f"auto: estimating {cand.label}")
+        est = estimate(cfg, info, model, device="cuda")
+        if est.total <= budget:
+            return Pick(cand.preset, cand.extra, est, _reason(cand, cfg, est, card, rejected))
+        rejected.append((cand, est))
+    smallest, est = min(rejected, key=lambda row: row[1].total)
+    raise SdtuneError(f"no memory plan fits {card}: the smallest, {smallest.label}, needs "
+                      f"{est.total / GIB:.2f} GiB at {cfg.data.resolution} px, batch {cfg.train.batch_size}; "
+                      "try a smaller --set data.resolution or a card with more memory")
+
+
+def _reason(cand: Candidate, cfg: Config, est, card: str, rejected: list) -> str:
+    text = (f"--preset auto: {cand.label} on {card}: it needs {est.total / GIB:.2f} GiB "
+            f"(peak reserved {est.peak_reserved / GIB:.2f} GiB + CUDA context)")
+    if rejected:
+        text += "; faster plans need more: " + ", ".join(f"{c.label} {e.total / GIB:.2f} GiB" for c, e in rejected)
+    else:
+        text += "; it is the fastest plan"
+    ram = host_ram()
+    if ram and est.host_ram > SAFETY * ram and cfg.memory.optimizer_offload != "nvme":
+        text += (f". Warning: it needs {est.host_ram / GIB:.1f} GiB of host RAM and this machine has "
+                 f"{ram / GIB:.1f} GiB; --set memory.optimizer_offload=nvme --set memory.offload_dir=DIR "
+                 "keeps the optimizer state on disk instead")
+    return text

@@ -43,17 +43,45 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    resolution: int = doc("training side length in pixels (images are resized, then cropped square)", 512)
-    center_crop: bool = doc("crop the center (true) or a random square (false)", True)
+    resolution: int = doc("training size: buckets hold at most resolution x resolution pixels", 512)
+    buckets: bool = doc("aspect-ratio buckets (sides multiples of 64); false crops every image square", True)
+    min_side: int = doc("smallest bucket side, and the smallest usable image side, in px; 0: resolution / 2", 0)
+    max_side: int = doc("largest bucket side in px; 0: resolution * 2", 0)
+    max_ratio: float = doc("largest long-to-short side ratio of a bucket", 2.0)
+    center_crop: bool = doc("crop the center of the resized image to its bucket (true) or a random window", True)
     random_flip: bool = doc("flip images horizontally at random", False)
-    caption_extension: str = doc("sidecar caption file extension; without one the file name is the caption", ".txt")
+    caption_extension: str = doc("sidecar caption file extension (NAME.txt, and NAME.caption is also read)", ".txt")
+    caption: str = doc("caption for images without a sidecar or metadata caption (instance prompt); "
+                       "empty: the file name", "")
+    shuffle_tags: bool = doc("shuffle a caption's comma-separated tags each time it is used", False)
+    keep_tags: int = doc("with shuffle_tags, keep the first K tags in place", 0)
     caption_dropout: float = doc("share of images trained with an empty caption (lets guidance work); 0 is off",
                                  0.0)
+    cache_latents: bool = doc("encode every image once with the VAE and reuse the latents from disk", False)
+    cache_text: bool = doc("embed every caption once and reuse the embeddings from disk", False)
+    cache_dir: str = doc("folder of the latent and text caches; empty: ~/.cache/sdtune", "")
 
     def __post_init__(self):
         _require(self.resolution >= 8 and self.resolution % 8 == 0,
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        _require(self.min_side >= 0 and self.max_side >= 0 and self.keep_tags >= 0,
+                 "data.min_side, data.max_side and data.keep_tags must be >= 0")
+        _require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
+        _require(not (self.cache_latents and not self.center_crop),
+                 "data.cache_latents stores one crop per image; it cannot serve data.center_crop=false "
+                 "(a random crop each time): set one of them the other way")
+        _require(not (self.cache_text and self.shuffle_tags),
+                 "data.cache_text stores one embedding per caption; data.shuffle_tags makes a new caption each "
+                 "time: set one of them the other way")
+
+    @property
+    def smallest_side(self) -> int:
+        return self.min_side or self.resolution // 2
+
+    @property
+    def largest_side(self) -> int:
+        return self.max_side or self.resolution * 2
 
 
 @dataclass(frozen=True, kw_only=True)

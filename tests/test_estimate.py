@@ -96,3 +96,19 @@ def test_sd21_and_sdxl_estimate():
     assert sd21.categories["weights"] == 4 * 865_910_724
     sdxl = estimate(cfg, info, "sdxl")
     assert sdxl.categories["weights"] == 4 * 2_567_463_684 and sdxl.notes
+
+
+def test_a_single_file_checkpoint_is_estimated_by_its_architecture(tmp_path):
+    """Only the header is read: a file with SD2's cross-attention width is traced as sd21."""
+    from safetensors.torch import save_file
+
+    probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    save_file({probe: torch.zeros(320, 1024, dtype=torch.float16)}, tmp_path / "model.safetensors")
+    cfg, info = load_config("rtx3050")
+    result = estimate(cfg, info, str(tmp_path / "model.safetensors"))
+    assert result.categories["weights"] == 2 * 865_910_724  # sd21's UNet in bf16
+    save_file({"something.else": torch.zeros(2)}, tmp_path / "other.safetensors")
+    from sdtune.errors import SdtuneError
+
+    with pytest.raises(SdtuneError, match="not a Stable Diffusion 1.x, 2.x or XL checkpoint"):
+        estimate(cfg, info, str(tmp_path / "other.safetensors"))

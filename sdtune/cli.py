@@ -4,6 +4,7 @@
     sdtune train --preset rtx3050 --data ./images
     sdtune sample --ckpt out/ --prompt "a photo of sks dog"
     sdtune estimate-vram --preset all   # will a plan fit? (no GPU, no weights needed)
+    sdtune data check ./images          # what training would see: counts, buckets, captions, problems
 
 Nothing heavy is imported here (torch, diffusers): `sdtune --help` answers at once.
 """
@@ -52,7 +53,8 @@ def _gib(n: int) -> str:
 def train(
     preset: str = typer.Option(..., help="Memory plan: a shipped preset name (see `sdtune presets`), a .toml path, "
                                "or auto (the fastest plan the estimator fits into this GPU; cpu without one)."),
-    data: Path = typer.Option(..., help="Folder of training images (searched recursively; NAME.txt captions)."),
+    data: Path = typer.Option(..., help="Folder of training images, searched recursively; captions from NAME.txt, "
+                              "metadata.jsonl/.csv or the file name (`sdtune data check DIR` shows what is found)."),
     model: str | None = typer.Option(None, help="Base model: diffusers folder, .safetensors file or hub id."),
     out: Path = typer.Option(Path("out"), help="Output folder: diffusers pipeline, checkpoints, samples."),
     max_steps: int | None = typer.Option(None, min=1, help="Optimizer steps (overrides train.max_steps)."),
@@ -242,6 +244,61 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
                       m.optimizer_offload + (" + weights" if m.param_offload != "none" else ""),
                       f"{cfg.train.batch_size}x{cfg.train.gradient_accumulation_steps}")
     Console().print(table)
+
+
+data_app = typer.Typer(help="Inspect a training folder without training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    folder: Path = typer.Argument(..., help="Folder of training images, as --data of `sdtune train` takes it."),
+    preset: str = typer.Option("rtx3050", help="Memory plan whose [data] settings apply (resolution, buckets, "
+                                               "smallest side, captions): a preset name or a .toml path."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Scan a training folder as `sdtune train` would, without training: image counts, bucket histogram,
+    caption sources and every file that would be skipped. Exits 2 when no image is usable."""
+    from sdtune.config import load_config
+    from sdtune.data.check import report
+    from sdtune.data.scan import no_usable_images, scan_all
+
+    cfg, _ = load_config(preset, set_)
+    with console.status(f"checking the images in {folder}"):
+        scan = scan_all(folder, cfg.data)
+    out = Console(highlight=False, soft_wrap=True)
+    _print_report(out, report(scan, cfg.data), folder, cfg.data)
+    if not scan.examples:
+        raise SdtuneError(no_usable_images(folder, scan))
+
+
+def _print_report(out: Console, rep, folder: Path, data) -> None:
+    from rich.markup import escape
+    from rich.table import Column, Table
+
+    repeats = f", {rep.with_repeats:,} with repeats" if rep.with_repeats != rep.usable else ""
+    out.print(f"{rep.found:,} image{'' if rep.found == 1 else 's'} in {escape(str(folder))}: {rep.usable:,} usable"
+              + repeats)
+    if rep.buckets:
+        top = max(n for _, _, n in rep.buckets)
+        table = Table(Column("bucket (w x h)", no_wrap=True), Column("images", justify="right"),
+                      Column("with repeats", justify="right"), Column("", no_wrap=True), box=None,
+                      title=f"buckets at data.resolution={data.resolution}"
+                            + ("" if data.buckets else " (data.buckets=false: square crops)"), title_justify="left")
+        for (w, h), images, weighted in rep.buckets:
+            table.add_row(f"{w} x {h}", f"{images:,}", f"{weighted:,}", "#" * max(1, round(30 * weighted / top)))
+        out.print(table, soft_wrap=False)
+    if rep.captions:
+        empty = f" ({rep.empty_captions:,} empty)" if rep.empty_captions else ""
+        out.print("captions: " + ", ".join(f"{n:,} {source}" for source, n in rep.captions) + empty)
+    for skip in rep.skipped:
+        where = skip.path.relative_to(folder) if skip.path.is_relative_to(folder) else skip.path
+        out.print(f"[yellow]skipped[/] {escape(str(where))} ({skip.kind}): {escape(skip.detail)}")
+    if rep.summary:
+        out.print(rep.summary)
+    elif rep.usable:
+        out.print("no problems found")
 
 
 if __name__ == "__main__":

@@ -95,8 +95,10 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
         source = DEFAULT_MODEL
     parts = meta_model(source)
-    if not frozen_on_device:
-        parts = dataclasses.replace(parts, vae=None, text_encoder=None)
+    if not frozen_on_device or cfg.data.cache_latents:  # a cached encoder leaves the GPU before step 1
+        parts = dataclasses.replace(parts, vae=None)
+    if not frozen_on_device or cfg.data.cache_text:
+        parts = dataclasses.replace(parts, text_encoder=None)
     tracker = MemoryTracker("meta")
     plan = make_plan(cfg.memory, device, "xformers" if cfg.memory.attention == "xformers" else "sdpa")
     with torch.no_grad():
@@ -110,8 +112,8 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
     context = CUDA_CONTEXT if device == "cuda" else 0
     host, disk = _host_and_disk(unet_params, parts, plan)
-    notes = () if parts.vae or not frozen_on_device else (
-        "sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",)
+    notes = ("sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",) if (
+        source == "sdxl" and frozen_on_device) else ()
     return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
                     batch_size=cfg.train.batch_size, device=device,
                     categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},

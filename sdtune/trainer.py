@@ -18,7 +18,8 @@ from typing import Any
 
 from sdtune import checkpoint, loss
 from sdtune.config import Config, PresetInfo, from_toml, to_toml
-from sdtune.data import BatchStream, scan_folder
+from sdtune.data import BatchStream, ImageFailed, scan_folder
+from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
 from sdtune.memory import Plan, apply_plan, autocast, peak_bytes, reset_peak, resolve_plan
 from sdtune.optim import clip_gradients
@@ -42,6 +43,7 @@ class Run:
     out_dir: Path
     config_toml: str
     log: Callable[[str], None]
+    features: Any = None  # latents and text embeddings, encoded or from the caches
     streamer: Any = None  # the ParamStreamer when memory.param_offload=cpu
     step: int = 0
     losses: list[float] = field(default_factory=list)
@@ -93,9 +95,13 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     out = Path(out_dir)
     _check_out_dir(out, resume)
     scan = scan_folder(data_dir, cfg.data)
-    for path, reason in scan.skipped:
-        log(f"skipped {path}: {reason}")
-    log(f"{len(scan.examples)} images from {data_dir}" + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
+    for skip in scan.skipped:
+        log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
+    counted = sum(e.repeats for e in scan.examples)
+    log(f"{len(scan.examples):,} images from {data_dir}"
+        + (f", {counted:,} with repeats" if counted != len(scan.examples) else ""))
+    if scan.skipped:
+        log(scan.summary())
     plan = resolve_plan(cfg.memory)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     apply_plan(plan, components)
@@ -105,9 +111,11 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
         from sdtune.offload import ParamStreamer
 
         streamer = ParamStreamer(components.unet, plan.device, optimizer)
+    stream = BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log)
+    features = Features(components, cfg.data, plan, log)
+    features.prepare(stream, scan.examples)  # with caches: encode what is missing, then park the encoders
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
-              streamer=streamer,
-              stream=BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log),
+              features=features, streamer=streamer, stream=stream,
               optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
               scaler=torch.amp.GradScaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
@@ -123,14 +131,15 @@ def _micro_step(run: Run, index: int) -> float:
     import torch
 
     c, plan, train = run.components, run.plan, run.cfg.train
-    pixels, captions = run.stream.batch(index)
-    generator = torch.Generator(plan.device).manual_seed(train.seed * 1_000_003 + index)
-    with torch.no_grad():
-        latents = c.vae.encode(pixels.to(plan.device, plan.working_dtype)).latent_dist.sample(generator)
-        latents = latents.float() * c.vae.config.scaling_factor
-        tokens = c.tokenizer(captions, padding="max_length", max_length=c.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(plan.device)
-        text = c.text_encoder(tokens)[0]
+    while True:
+        items = run.stream.items(index)
+        generator = torch.Generator(plan.device).manual_seed(train.seed * 1_000_003 + index)
+        try:
+            latents = run.features.latents(run.stream, items, generator)
+            break
+        except ImageFailed:
+            continue  # reported once by the stream, which now substitutes another image of the bucket
+    text = run.features.text([item.caption for item in items])
     noise = loss.sample_noise(latents, generator, train.noise_offset)
     timesteps = loss.sample_timesteps(len(latents), len(run.alphas_cumprod), generator, latents.device)
     noisy = loss.add_noise(latents, noise, timesteps, run.alphas_cumprod)
@@ -176,7 +185,7 @@ def _sample(run: Run) -> Path:
 
     unet, out = run.components.unet, run.cfg.output
     unet.eval()
-    with autocast(run.plan):
+    with autocast(run.plan), run.features.on_device():
         prompts = list(out.sample_prompts)
         images = generate(assemble_pipeline(run.components), prompts, [run.cfg.train.seed] * len(prompts),
                           steps=out.sample_steps)

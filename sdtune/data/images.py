@@ -1,13 +1,84 @@
-"""Opening training images: any supported file, as an RGB PIL image the way it is meant to be seen."""
+"""Opening training images as they are meant to be seen: 8-bit RGB, upright, transparency on white.
+
+Phone photos store pixels sideways and say so in an EXIF orientation tag; PNGs carry alpha; scans come
+as CMYK or 16-bit grayscale; GIFs are animated. The VAE wants none of that, so every image the trainer
+or the cache reads goes through `open_rgb`, and the scan measures sizes the same way (`seen_size`).
+
+    im = open_rgb("photo.jpg")          # PIL.Image, mode RGB, EXIF rotation applied
+    w, h = seen_size("photo.jpg")       # the same size, from the header alone
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
 
-def open_rgb(path: Path):
-    """The image at `path`, EXIF orientation applied, converted to RGB."""
-    from PIL import Image, ImageOps
+ORIENTATION_TAG = 0x0112
+SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+WHITE = (255, 255, 255, 255)
 
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at `path` (the first frame of an animation) as 8-bit RGB, EXIF orientation applied."""
     with Image.open(path) as im:
-        return ImageOps.exif_transpose(im).convert("RGB")
+        return to_rgb(im)
+
+
+def seen_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of `path` as `open_rgb` returns it, read from the header without decoding pixels."""
+    with Image.open(path) as im:
+        return oriented_size(im)
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when it has none or the EXIF block is unreadable.
+
+    A PNG's eXIf chunk may follow the pixel data; Pillow would decode the whole image to reach it, so
+    before the image is loaded only an eXIf chunk in the header counts."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block says nothing reliable about orientation: treat as upright
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    w, h = im.size
+    return (h, w) if orientation(im) in SWAPS_SIDES else (w, h)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image (decoded here) as a new 8-bit RGB image, upright, any transparency on white."""
+    im.load()
+    method = _TRANSPOSE.get(orientation(im))
+    upright = im.transpose(method) if method is not None else im
+    if upright.mode in ("I", "F") or upright.mode.startswith("I;16"):
+        upright = _to_8bit_gray(upright)
+    if upright.mode in _ALPHA_MODES or "transparency" in upright.info:
+        rgba = upright.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
+    return upright.convert("RGB")
+
+
+def _to_8bit_gray(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale scaled into 0-255 (Pillow's own conversion clips them,
+    which turns most 16-bit images white). 16-bit modes use their full range; "I" and "F" images, whose
+    range the mode does not say, are read as 8-bit, 16-bit or [0, 1] data by their largest value."""
+    import numpy as np
+
+    a = np.nan_to_num(np.asarray(im).astype(np.float64))
+    top = float(a.max()) if a.size else 0.0
+    if im.mode.startswith("I;16"):
+        a = a / 257
+    elif im.mode == "F" and top <= 1:
+        a = a * 255
+    elif top > 255:
+        a = a * (255 / max(top, 65535))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))

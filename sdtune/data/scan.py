@@ -1,71 +1,178 @@
-"""Finding training images and their captions, and checking them before step 1.
+"""Finding training images and their captions, and checking every one of them before step 1.
 
-An image folder is searched recursively for .jpg/.jpeg/.png/.webp files; `NAME.txt` beside an image is
-its caption, otherwise the file name is (`red_circle.png` -> "red circle"). Unreadable files are
-reported and skipped before training starts.
+`scan_folder` searches a folder recursively for .jpg .jpeg .png .webp .bmp .gif .tif .tiff files (any
+case), skipping hidden files and folders (names starting with "."; the `.sdtune-cache` folder among
+them). Each image gets its caption (`sdtune.data.captions` says from where), its repeats (kohya's
+`N_name` folders: the nearest such folder above the image gives N) and its size as seen, after EXIF
+orientation. Every file that training could not use is reported once as a `Skip` and left out, so
+nothing fails at step 400.
 
     scan = scan_folder("images", DataConfig())
+    print(scan.summary())     # "12 of 1,040 images skipped: 7 corrupt, 5 too small"
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import re
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.config import DataConfig
+from sdtune.data import captions
+from sdtune.data.check import ImageProblem, check_image
 from sdtune.errors import SdtuneError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CACHE_DIR_NAME = ".sdtune-cache"  # hidden, like every folder whose name starts with "."
+REPEAT_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
 class Example:
     image: Path
     caption: str
+    size: tuple[int, int] = (0, 0)      # (width, height) as the image is seen, after EXIF orientation
+    repeats: int = 1                    # kohya's "N_name" folder convention: N
+    caption_source: str = "file name"   # "sidecar", "metadata", "fixed", "folder name" or "file name"
+
+
+@dataclass(frozen=True)
+class Skip:
+    path: Path
+    kind: str      # "corrupt", "not an image", "empty", "unreadable", "too large", "too small", "bad caption"
+    detail: str    # one line for the user
 
 
 @dataclass(frozen=True)
 class Scan:
     examples: list[Example]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    skipped: list[Skip]
 
-
-def _caption_for(image: Path, extension: str) -> str:
-    sidecar = image.with_suffix(extension)
-    if sidecar.is_file():
-        return sidecar.read_text(encoding="utf-8-sig").strip()
-    return image.stem.replace("_", " ").replace("-", " ").strip()
-
-
-def _problem(image: Path) -> str | None:
-    from PIL import Image
-
-    if image.stat().st_size == 0:
-        return "empty file"
-    try:
-        with Image.open(image) as im:
-            im.verify()
-    except Exception as exc:  # PIL raises many types for corrupt data; each means "skip this file"
-        return f"not a readable image ({type(exc).__name__})"
-    return None
+    def summary(self) -> str:
+        """ "12 of 1,040 images skipped: 7 corrupt, 5 too small", or "" when nothing was skipped."""
+        if not self.skipped:
+            return ""
+        total = len(self.examples) + len(self.skipped)
+        kinds = sorted(Counter(s.kind for s in self.skipped).items(), key=lambda kv: (-kv[1], kv[0]))
+        return (f"{len(self.skipped):,} of {total:,} image{'s' if total != 1 else ''} skipped: "
+                + ", ".join(f"{n:,} {kind}" for kind, n in kinds))
 
 
 def scan_folder(root: str | Path, cfg: DataConfig) -> Scan:
-    """Every usable image under `root` with its caption, and every skipped file with the reason."""
+    """Every usable image under `root` with its caption, and every skipped file with the reason; an error
+    when `root` is missing or holds no usable image."""
+    scan = scan_all(root, cfg)
+    if not scan.examples:
+        raise SdtuneError(no_usable_images(Path(root), scan))
+    return scan
+
+
+def no_usable_images(root: Path, scan: Scan) -> str:
+    found = f"{scan.summary()}" if scan.skipped else f"found no {'/'.join(IMAGE_SUFFIXES)} file"
+    return f"no usable images in {root} ({found}); add images or fix --data"
+
+
+def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
+    """`scan_folder` without the error for an empty result (for `sdtune data check`, which reports first)."""
     root = Path(root)
     if not root.is_dir():
         raise SdtuneError(f"data folder {root} does not exist or is not a folder; pass --data DIR with your images")
-    examples, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        problem = _problem(path)
-        if problem:
-            skipped.append((path, problem))
+    images, metadata, unlisted = [], {}, []
+    for folder, names in _walk(root, unlisted):
+        metadata[folder] = captions.read_metadata(folder, names)
+        lower = {}
+        for name in names:
+            lower.setdefault(name.lower(), name)
+        images += [(folder / name, lower) for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    images.sort(key=lambda item: item[0].relative_to(root).parts)
+    sizes = _check_all([path for path, _ in images], cfg.smallest_side)
+    examples = []
+    skipped = [Skip(Path(err.filename), "unreadable", f"a folder that cannot be listed ({err.strerror}): its images "
+                                                     "are left out") for err in unlisted]
+    for (path, names), size in zip(images, sizes, strict=True):
+        if isinstance(size, ImageProblem):
+            skipped.append(Skip(path, size.kind, size.detail))
             continue
         try:
-            examples.append(Example(path, _caption_for(path, cfg.caption_extension)))
-        except UnicodeDecodeError:
-            skipped.append((path, f"caption {path.with_suffix(cfg.caption_extension).name} is not UTF-8"))
-    if not examples:
-        raise SdtuneError(f"no usable images in {root} (looked for {', '.join(IMAGE_SUFFIXES)}; "
-                          f"{len(skipped)} skipped); add images or fix --data")
+            caption, source = _caption(path, root, names, metadata, cfg)
+        except captions.CaptionError as exc:
+            skipped.append(Skip(path, "bad caption", str(exc)))
+            continue
+        examples.append(Example(path, caption, size, _repeat_folder(path, root)[0], source))
     return Scan(examples, skipped)
+
+
+def _walk(root: Path, unlisted: list[OSError]):
+    """(folder, sorted file names) for `root` and every folder below it, parents first, in name order;
+    hidden entries skipped; linked folders followed once (a link back up the tree is not a loop). Folders
+    that cannot be listed are added to `unlisted`."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != CACHE_DIR_NAME)
+        yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
+
+
+def _check_all(paths: list[Path], smallest_side: int) -> list[tuple[int, int] | ImageProblem]:
+    """`check_image` for every path, in threads (Pillow decodes without the GIL), results in order.
+    Pillow's decompression-bomb warning (images between 1x and 2x its limit) becomes an error here, so
+    such a file is skipped as "too large" instead of printing a warning and passing."""
+    from PIL import Image
+
+    def check(path):
+        try:
+            return check_image(path, smallest_side)
+        except ImageProblem as problem:
+            return problem
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return list(pool.map(check, paths))
+
+
+def _caption(path: Path, root: Path, names: dict[str, str], metadata: dict[Path, dict[str, str]],
+             cfg: DataConfig) -> tuple[str, str]:
+    """(caption, source) by the precedence of `sdtune.data.captions`."""
+    sidecar = captions.sidecar(path, cfg.caption_extension, names)
+    if sidecar is not None:
+        return captions.read_caption_file(sidecar), "sidecar"
+    for folder in _folders_up(path, root):
+        entries = metadata.get(folder)
+        key = captions.metadata_key(path.relative_to(folder).as_posix())
+        if entries and key in entries:
+            return entries[key], "metadata"
+    if cfg.caption:
+        return cfg.caption, "fixed"
+    name = _repeat_folder(path, root)[1]
+    if name:
+        return name, "folder name"
+    return captions.file_name_caption(path), "file name"
+
+
+def _folders_up(path: Path, root: Path):
+    """The image's folder, then each folder above it, up to and including `root`."""
+    folder = path.parent
+    while True:
+        yield folder
+        if folder == root or folder == folder.parent:
+            return
+        folder = folder.parent
+
+
+def _repeat_folder(path: Path, root: Path) -> tuple[int, str]:
+    """(N, name) of the nearest kohya `N_name` folder above `path` (N >= 1) and below `root`, else (1, "").
+    `root` itself never counts: `--data 2024_photos` does not mean 2024 repeats."""
+    for folder in _folders_up(path, root):
+        match = REPEAT_FOLDER.fullmatch(folder.name)
+        if folder != root and match and int(match.group(1)) >= 1:
+            return int(match.group(1)), captions.clean(match.group(2))
+    return 1, ""

@@ -1,5 +1,17 @@
-"""Transforms and a deterministic batch stream. Batch `k` is a pure function of (seed, k), so a resumed
-run sees exactly the images, crops and flips the uninterrupted run would have seen.
+"""The batch stream: which images make batch `k`, in which bucket, with which crop, flip and caption.
+
+Batch `k` is a pure function of (seed, k), so a resumed run sees exactly the images, crops, flips and
+captions the uninterrupted run would have seen. The data order, epoch by epoch:
+
+- each example is an entry `repeats` times (kohya's `N_name` folders);
+- each bucket's entries are shuffled by a generator seeded with (seed, epoch) and cut into batches of
+  `batch_size`; a bucket's last, short batch is filled up with other entries of the same bucket, drawn
+  from the same generator, so every batch is full and holds one bucket only;
+- the epoch's batches are shuffled (when there is more than one bucket; with one, the entries already are).
+
+Every epoch has the same number of batches, so batch `k` is batch `k % n` of epoch `k // n`. The crop
+(when `data.center_crop` is false), the flip and the caption dropout and tag shuffle of slot `i` of batch
+`k` come from a generator seeded with (seed, k, i).
 
     stream = BatchStream(scan.examples, DataConfig(), batch_size=2, seed=0)
     pixels, captions = stream.batch(0)
@@ -7,70 +19,157 @@ run sees exactly the images, crops and flips the uninterrupted run would have se
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.config import DataConfig
-from sdtune.data.images import open_rgb
+from sdtune.data.buckets import Size, assign, fit, make_buckets
+from sdtune.data.captions import shuffle_tags
+from sdtune.data.images import open_rgb, seen_size
 from sdtune.data.scan import Example
 from sdtune.errors import SdtuneError
 
 
-def load_image(path: Path, cfg: DataConfig, rng: random.Random):
-    """Resize the short side to `cfg.resolution`, crop a square, maybe flip; a [3, H, W] tensor in [-1, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
+@dataclass(frozen=True)
+class Item:
+    """One slot of a batch: the image, where it goes, and the caption it is trained with."""
 
-    size = cfg.resolution
-    im = open_rgb(path)
-    scale = size / min(im.size)
-    im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BICUBIC)
-    if cfg.center_crop:
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-    else:
-        left, top = rng.randint(0, im.width - size), rng.randint(0, im.height - size)
-    im = im.crop((left, top, left + size, top + size))
-    if cfg.random_flip and rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    example: Example
+    bucket: Size  # (width, height) of the batch
+    resized: Size  # the image is resized to this (aspect kept) ...
+    crop: tuple[int, int, int, int]  # ... then cropped to this box (left, top, right, bottom) of bucket size
+    flip: bool  # ... then flipped left to right
+    caption: str  # after tag shuffling and caption dropout
+
+
+class ImageFailed(Exception):
+    """An image of a batch could not be used (it vanished, broke or changed since the scan). The stream has
+    recorded and reported it; `items()` asked again gives the batch with another image in its place."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _seen_size(example: Example) -> Size:
+    """The image's (width, height) as seen (EXIF orientation applied): from the scan, else from the header."""
+    if all(example.size):
+        return tuple(example.size)
+    try:
+        return seen_size(example.image)
+    except Exception:  # unreadable now: any size will do, loading it reports the problem
+        return (1, 1)
 
 
 class BatchStream:
-    """Batches drawn epoch by epoch in a seeded order; `batch(k)` depends only on (seed, k)."""
+    """Single-bucket batches drawn epoch by epoch in a seeded order; batch `k` depends only on (seed, k)."""
 
     def __init__(self, examples: list[Example], cfg: DataConfig, batch_size: int, seed: int,
                  warn: Callable[[str], None] = print):
+        if not examples:
+            raise SdtuneError("no training images to draw batches from")
         self.examples, self.cfg, self.batch_size, self.seed, self.warn = examples, cfg, batch_size, seed, warn
-        self._orders: dict[int, list[int]] = {}
+        self.buckets = make_buckets(cfg)
+        self.sizes = [_seen_size(e) for e in examples]
+        self.bucket_of = [assign(size, self.buckets) for size in self.sizes]
+        self.members: dict[Size, list[int]] = {}  # bucket -> indices into examples, in scan order
+        for i, bucket in enumerate(self.bucket_of):
+            self.members.setdefault(bucket, []).append(i)
+        self.entries = {b: [i for i in members for _ in range(max(1, examples[i].repeats))]
+                        for b, members in self.members.items()}
+        self.batches_per_epoch = sum(math.ceil(len(e) / batch_size) for e in self.entries.values())
         self.failed: set[Path] = set()
+        self._epoch: tuple[int, list[tuple[Size, list[int]]]] | None = None
 
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            order = list(range(len(self.examples)))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
-            self._orders = {epoch: order}  # only the current epoch is ever needed again
-        return self._orders[epoch]
+    def _plan(self, epoch: int) -> list[tuple[Size, list[int]]]:
+        """The epoch's batches, each (bucket, example indices)."""
+        if self._epoch is None or self._epoch[0] != epoch:  # only the current epoch is ever needed again
+            rng = random.Random(self.seed * 7919 + epoch)
+            batches = []
+            for bucket in sorted(self.entries):
+                entries = list(self.entries[bucket])
+                rng.shuffle(entries)
+                for start in range(0, len(entries), self.batch_size):
+                    batch = entries[start:start + self.batch_size]
+                    others = entries[:start]
+                    need = self.batch_size - len(batch)
+                    if need and len(others) >= need:
+                        batch += rng.sample(others, need)
+                    elif need:  # the bucket has fewer entries than a batch: repeat them
+                        batch += [rng.choice(entries) for _ in range(need)]
+                    batches.append((bucket, batch))
+            if len(self.entries) > 1:
+                rng.shuffle(batches)
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
 
-    def _load(self, position: int):
-        n = len(self.examples)
-        rng = random.Random(self.seed * 1_000_003 + position)
-        for attempt in range(n):  # a file that vanished or broke since the scan: take the next one
-            example = self.examples[self._order((position + attempt) // n)[(position + attempt) % n]]
+    def _usable(self, i: int, bucket: Size) -> int:
+        """Example `i`, or when its file failed, the next usable example of the same bucket."""
+        if self.examples[i].image not in self.failed:
+            return i
+        members = self.members[bucket]
+        start = members.index(i)
+        for j in members[start:] + members[:start]:
+            if self.examples[j].image not in self.failed:
+                return j
+        w, h = bucket
+        raise SdtuneError(f"every image of the {w}x{h} bucket ({len(members)} files) became unusable during the "
+                          "run (deleted, broken or replaced): restore them or remove them, then continue with --resume")
+
+    def items(self, index: int) -> list[Item]:
+        """Batch `index`: `batch_size` items from one bucket, a pure function of (seed, index) (and of which
+        files failed so far)."""
+        bucket, entries = self._plan(index // self.batches_per_epoch)[index % self.batches_per_epoch]
+        items = []
+        for slot, i in enumerate(entries):
+            i = self._usable(i, bucket)
+            rng = random.Random(self.seed * 1_000_003 + index * self.batch_size + slot)
+            resized, crop = fit(self.sizes[i], bucket, self.cfg.center_crop, rng)
+            flip = self.cfg.random_flip and rng.random() < 0.5
+            caption = "" if rng.random() < self.cfg.caption_dropout else self.examples[i].caption
+            if caption and self.cfg.shuffle_tags:
+                caption = shuffle_tags(caption, self.cfg.keep_tags, rng)
+            items.append(Item(self.examples[i], bucket, resized, crop, flip, caption))
+        return items
+
+    def _fail(self, path: Path, reason: str) -> ImageFailed:
+        if path not in self.failed:
+            self.failed.add(path)
+            self.warn(f"skipping {path}: {reason}")
+        return ImageFailed(path, reason)
+
+    def pixels(self, items: list[Item]):
+        """The items' images as a [B, 3, H, W] float tensor in [-1, 1]: opened, resized, cropped, flipped.
+        Raises ImageFailed (after reporting the file once) when one cannot be used."""
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        arrays = []
+        for item in items:
+            path = item.example.image
             try:
-                pixels = load_image(example.image, self.cfg, rng)
-                return pixels, "" if rng.random() < self.cfg.caption_dropout else example.caption
-            except OSError as exc:
-                if example.image not in self.failed:
-                    self.failed.add(example.image)
-                    self.warn(f"skipping {example.image}: {exc}")
-        raise SdtuneError("every training image became unreadable during the run")
+                im = open_rgb(path)
+            except Exception as exc:  # PIL raises many types for broken data; each means "skip this file"
+                raise self._fail(path, f"no longer readable ({type(exc).__name__}: {exc})") from exc
+            expected = tuple(item.example.size)
+            if all(expected) and im.size != expected:
+                raise self._fail(path, f"changed since the scan ({expected[0]}x{expected[1]} px, "
+                                       f"now {im.width}x{im.height})")
+            im = im.resize(item.resized, Image.BICUBIC).crop(item.crop)
+            if item.flip:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def batch(self, index: int):
-        import torch
-
-        start = index * self.batch_size
-        pixels, captions = zip(*(self._load(start + i) for i in range(self.batch_size)), strict=True)
-        return torch.stack(pixels), list(captions)
+        """(pixels, captions) of batch `index`; an image that fails is replaced by another of its bucket."""
+        while True:
+            items = self.items(index)
+            try:
+                return self.pixels(items), [item.caption for item in items]
+            except ImageFailed:
+                continue  # recorded in self.failed: items() now substitutes it

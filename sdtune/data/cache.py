@@ -1,0 +1,91 @@
+"""Latent and text-embedding caches: each computed once, stored on disk, reused by every later run.
+
+    cache = FeatureCache(cache_dir, "latents", identity=module_identity(vae))
+    tensors = cache.get(key)            # None when missing
+    cache.put(key, {"mean": ..., "std": ...})
+
+A latent entry holds the VAE's latent distribution (mean and std, fp32) of one image as trained: its
+content hash, bucket, resize, crop box and flip are in the key, so a changed file, another bucket or
+transform, or another VAE (the identity digests its config and every weight) misses the cache instead of
+reusing a stale latent. Sampling from the stored distribution with the step's generator gives the latent
+the uncached path would have drawn. A text entry holds the text encoder's hidden states for one caption,
+keyed by the caption and the encoder's and tokenizer's identities. Entries are safetensors files written
+under a temporary name and renamed, so a killed run never leaves a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_root(cache_dir: str) -> Path:
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sdtune"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes: the cache follows content, not names or modification times."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def module_identity(module, extra: str = "") -> str:
+    """A digest of a model's config and every weight's bytes (a few hundred MB hash in well under a second)."""
+    import torch
+
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers' or diffusers' config
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(extra.encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class FeatureCache:
+    """Safetensors entries under `root/kind/identity/`, one file per key."""
+
+    def __init__(self, root: Path, kind: str, identity: str):
+        self.folder = Path(root) / kind / identity
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict | None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError):  # a damaged entry is a miss; it is rewritten
+            self.misses += 1
+            return None
+        self.hits += 1
+        return tensors
+
+    def put(self, key: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)

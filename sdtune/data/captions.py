@@ -1,0 +1,158 @@
+"""Captions as the common tools leave them, and tag shuffling.
+
+Sources, first found wins (`caption_for`):
+
+1. "sidecar": `NAME<data.caption_extension>`, then `NAME.caption`, then `NAME.txt` beside the image
+   (kohya, OneTrainer; UTF-8, a byte-order mark is fine, lines are joined by spaces);
+2. "metadata": a `metadata.jsonl` or `metadata.csv` in the image's folder or any folder above it (the
+   Hugging Face imagefolder convention of the diffusers examples: `file_name` relative to the metadata
+   file's folder, caption in `text`, or `caption`); the nearest file that lists the image wins;
+3. "fixed": `data.caption`, one caption for every image (an instance prompt such as "a photo of sks dog");
+4. "folder name": the name part of kohya's `N_name` repeat folder ("10_sks dog" -> "sks dog");
+5. "file name": `blue_sky-photo.jpg` -> "blue sky photo".
+
+    shuffle_tags("sks dog, red collar, grass, sunny", keep=1, rng=random.Random(0))
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import random
+from pathlib import Path
+
+from sdtune.errors import SdtuneError
+
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+TEXT_COLUMNS = ("text", "caption")
+
+
+class CaptionError(Exception):
+    """A caption file that cannot be read: the image is skipped with kind "bad caption"."""
+
+
+def clean(text: str) -> str:
+    """Whitespace (newlines included) collapsed to single spaces, ends stripped."""
+    return " ".join(text.split())
+
+
+def read_caption_file(path: Path) -> str:
+    try:
+        return clean(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise CaptionError(f"caption {path.name} is not UTF-8 (bad byte at offset {exc.start}): "
+                           "save it as UTF-8") from None
+    except OSError as exc:
+        raise CaptionError(f"caption {path.name} cannot be read: {exc.strerror or exc}") from None
+
+
+def sidecar(image: Path, extension: str, names: dict[str, str]) -> Path | None:
+    """The caption file beside `image`, if any. `names` maps each lower-cased file name in the image's
+    folder to its real name, so `IMG_1.TXT` captions `IMG_1.JPG` as `IMG_1.txt` would."""
+    for suffix in dict.fromkeys((extension, ".caption", ".txt")):
+        name = names.get((image.stem + suffix).lower())
+        if name is not None:
+            return image.with_name(name)
+    return None
+
+
+def file_name_caption(image: Path) -> str:
+    return clean(image.stem.replace("_", " ").replace("-", " "))
+
+
+def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
+    """The caption's comma-separated tags in a random order drawn from `rng`, the first `keep` in place.
+    Tags are re-joined with ", "; a caption without commas comes back unchanged (but stripped)."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    tags = [tag for tag in tags if tag]
+    head, tail = tags[:keep], tags[keep:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metadata.jsonl / metadata.csv
+
+
+def read_metadata(folder: Path, names: list[str]) -> dict[str, str]:
+    """{normalised file_name: caption} from the metadata file among `names` in `folder` (empty without
+    one). A file sdtune cannot read fully is an error that names the file and line, not a silent gap."""
+    present = [name for name in METADATA_NAMES if name in names]
+    if not present:
+        return {}
+    if len(present) > 1:
+        raise SdtuneError(f"{folder / present[0]} and {present[1]} both caption this folder: keep one")
+    path = folder / present[0]
+    text = _decode(path)
+    rows = _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text)
+    return {key: caption for key, caption in rows}
+
+
+def metadata_key(relative: str) -> str:
+    """A `file_name`, or an image's path relative to the metadata file's folder, in the form both are
+    compared in: forward slashes, no `./` or `dir/..`."""
+    return posixpath.normpath(relative.replace("\\", "/"))
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise SdtuneError(f"{path} line {line}: not UTF-8 (bad byte at offset {exc.start}); "
+                          "save the file as UTF-8") from None
+
+
+def _require_columns(path: Path, line: int, columns) -> str:
+    """The caption column among `columns`; an error unless file_name and a caption column are there."""
+    column = next((c for c in TEXT_COLUMNS if c in columns), None)
+    if "file_name" not in columns or column is None:
+        raise SdtuneError(f"{path} line {line}: needs the columns file_name (the image's path relative to "
+                          f"this file's folder) and text (its caption); has {', '.join(map(str, columns)) or 'none'}")
+    return column
+
+
+def _row(path: Path, line: int, row: dict) -> tuple[str, str]:
+    column = _require_columns(path, line, row)
+    name, caption = row["file_name"], row[column]
+    if not isinstance(name, str) or not name.strip():
+        raise SdtuneError(f"{path} line {line}: file_name must be a file's path, got {json.dumps(name)}")
+    if not isinstance(caption, str):
+        raise SdtuneError(f"{path} line {line}: {column} must be a string, got {json.dumps(caption)}")
+    return metadata_key(name.strip()), clean(caption)
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    rows = []
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SdtuneError(f"{path} line {line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise SdtuneError(f"{path} line {line}: expected a JSON object like "
+                              '{"file_name": "a.png", "text": "a caption"}')
+        rows.append(_row(path, line, row))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[str, str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        if not reader.fieldnames:
+            raise SdtuneError(f"{path} line 1: empty; the first line names the columns: file_name,text")
+        _require_columns(path, 1, reader.fieldnames)
+        for row in reader:
+            if None in row or None in row.values():
+                raise SdtuneError(f"{path} line {reader.line_num}: not as many fields as the header has columns "
+                                  "(quote captions that contain commas)")
+            rows.append(_row(path, reader.line_num, row))
+    except csv.Error as exc:
+        raise SdtuneError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+    return rows

@@ -1,0 +1,162 @@
+"""What the UNet trains on, per micro-batch: latents and text embeddings, encoded now or read from the caches.
+
+    features = Features(components, cfg.data, plan, cache_dir, log)
+    features.prepare(stream, examples)       # with caches: encode what is missing, then free the encoders
+    latents = features.latents(items, generator)
+    text = features.text(captions)
+
+Without caches both are encoded for every micro-batch by the frozen VAE and text encoder on the device.
+With `data.cache_latents`, every image is encoded once before step 1 (both flips when `data.random_flip`)
+and each micro-batch samples from the stored distribution with the step's generator, drawing exactly the
+values the uncached path draws. With `data.cache_text`, every caption (and the empty one of caption
+dropout) is embedded once. An encoder whose outputs are all cached leaves the device for host memory,
+which `estimate-vram` counts the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable
+
+from sdtune.config import DataConfig
+from sdtune.data.cache import FeatureCache, cache_root, file_digest, key_of, module_identity
+from sdtune.data.stream import ImageFailed
+
+
+class Features:
+    def __init__(self, components, data: DataConfig, plan, log: Callable[[str], None]):
+        self.c, self.data, self.plan, self.log = components, data, plan, log
+        self.latent_cache: FeatureCache | None = None
+        self.text_cache: FeatureCache | None = None
+        self._digests: dict = {}
+        self._buckets = None
+
+    # ------------------------------------------------------------------------------------------------
+    # before step 1
+
+    def prepare(self, stream, examples) -> None:
+        root = cache_root(self.data.cache_dir)
+        if self.data.cache_latents:
+            self.latent_cache = FeatureCache(root, "latents", module_identity(self.c.vae))
+            self._encode_missing_latents(stream, examples)
+            self.c.vae.to("cpu")
+        if self.data.cache_text:
+            tokenizer = f"{type(self.c.tokenizer).__name__}:{len(self.c.tokenizer)}:{self.c.tokenizer.model_max_length}"
+            self.text_cache = FeatureCache(root, "text", module_identity(self.c.text_encoder, tokenizer))
+            captions = sorted({e.caption for e in examples} | ({""} if self.data.caption_dropout else set()))
+            missing = [caption for caption in captions if self.text_cache.get(key_of(caption)) is None]
+            for start in range(0, len(missing), 32):
+                chunk = missing[start:start + 32]
+                for caption, hidden in zip(chunk, self._embed(chunk), strict=True):
+                    self.text_cache.put(key_of(caption), {"hidden": hidden})
+            self.log(f"text cache: {len(captions) - len(missing)} of {len(captions)} captions reused")
+            self.c.text_encoder.to("cpu")
+
+    def _encode_missing_latents(self, stream, examples) -> None:
+        items = [item for example in examples for item in self._cached_items(example)]
+        missing = [item for item in items if self.latent_cache.get(self._latent_key(item)) is None]
+        for start in range(0, len(missing), 8):
+            chunk = missing[start:start + 8]
+            for bucket in sorted({item.bucket for item in chunk}):  # one encode per bucket: equal sizes
+                same = [item for item in chunk if item.bucket == bucket]
+                try:
+                    self._encode_into_cache(stream, same)
+                except ImageFailed:  # reported by the stream; the others go one by one
+                    for item in same:
+                        with contextlib.suppress(ImageFailed):
+                            self._encode_into_cache(stream, [item])
+        self.log(f"latent cache: {len(items) - len(missing)} of {len(items)} latents reused")
+
+    def _encode_into_cache(self, stream, items) -> None:
+        import torch
+
+        vae = self.c.vae
+        parameter = next(vae.parameters())
+        pixels = stream.pixels(items).to(parameter.device, parameter.dtype)
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+        for i, item in enumerate(items):
+            self.latent_cache.put(self._latent_key(item), {"mean": dist.mean[i], "std": dist.std[i]})
+
+    def _cached_items(self, example) -> list:
+        """The crops a latent cache must hold for `example`: its bucket's center crop, both ways round when
+        flips are on (a random crop cannot be cached; the config refuses that combination)."""
+        from sdtune.data.buckets import assign, fit, make_buckets
+        from sdtune.data.stream import Item
+
+        if self._buckets is None:
+            self._buckets = make_buckets(self.data)
+        bucket = assign(example.size, self._buckets)
+        resized, crop = fit(example.size, bucket, True, random.Random(0))  # center: the rng is not used
+        flips = (False, True) if self.data.random_flip else (False,)
+        return [Item(example, bucket, resized, crop, flip, "") for flip in flips]
+
+    def _latent_key(self, item) -> str:
+        image = item.example.image
+        if image not in self._digests:
+            self._digests[image] = file_digest(image)
+        return key_of(self._digests[image], item.bucket, item.resized, item.crop, item.flip)
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """The frozen encoders back on the device for a while (validation samples), then home again."""
+        parked = [m for m, cached in ((self.c.vae, self.latent_cache), (self.c.text_encoder, self.text_cache))
+                  if cached is not None]
+        for module in parked:
+            module.to(self.plan.device)
+        try:
+            yield
+        finally:
+            for module in parked:
+                module.to("cpu")
+
+    # ------------------------------------------------------------------------------------------------
+    # every micro-batch
+
+    def latents(self, stream, items, generator):
+        """Scaled latents of `items` in fp32: the VAE's sample, drawn with `generator`."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        device, dtype = self.plan.device, self.plan.working_dtype
+        with torch.no_grad():
+            if self.latent_cache is None:
+                pixels = stream.pixels(items).to(device, dtype)
+                latents = self.c.vae.encode(pixels).latent_dist.sample(generator)
+            else:
+                stored = [self._stored_latent(stream, item) for item in items]
+                mean = torch.stack([s["mean"] for s in stored]).to(device, dtype)
+                std = torch.stack([s["std"] for s in stored]).to(device, dtype)
+                latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+        return latents.float() * self.c.vae.config.scaling_factor
+
+    def _stored_latent(self, stream, item) -> dict:
+        key = self._latent_key(item)
+        stored = self.latent_cache.get(key)
+        if stored is None:  # deleted or damaged since prepare(): encode it again, on the host if need be
+            self._encode_missing_latents(stream, [item.example])
+            stored = self.latent_cache.get(key)
+        return stored
+
+    def text(self, captions: list[str]):
+        import torch
+
+        if self.text_cache is None:
+            with torch.no_grad():
+                return self._embed(captions)
+        hidden = []
+        for caption in captions:
+            stored = self.text_cache.get(key_of(caption))
+            hidden.append(stored["hidden"] if stored is not None else self._embed([caption])[0].cpu())
+        return torch.stack(hidden).to(self.plan.device, self.plan.working_dtype)
+
+    def _embed(self, captions: list[str]):
+        import torch
+
+        tokenizer, encoder = self.c.tokenizer, self.c.text_encoder
+        device = next(encoder.parameters()).device
+        tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            return encoder(tokens)[0]

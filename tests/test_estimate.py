@@ -112,3 +112,10 @@ def test_a_single_file_checkpoint_is_estimated_by_its_architecture(tmp_path):
 
     with pytest.raises(SdtuneError, match="not a Stable Diffusion 1.x, 2.x or XL checkpoint"):
         estimate(cfg, info, str(tmp_path / "other.safetensors"))
+
+
+def test_cached_latents_and_text_take_the_encoders_off_the_gpu():
+    cfg, info = load_config("rtx3050", ["data.cache_latents=true", "data.cache_text=true"])
+    assert estimate(cfg, info, "sd15").categories["frozen"] == 0
+    cfg, info = load_config("rtx3050", ["data.cache_text=true"])
+    assert estimate(cfg, info, "sd15").categories["frozen"] == 2 * 83_653_863  # the VAE alone, in bf16

@@ -2,18 +2,22 @@
 
 A checkpoint holds the UNet's fp32 master weights (`unet.safetensors`), the optimizer, LR schedule and
 loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`; the nvme
-offload tier adds its state file, `optimizer_state.bin`), the
-resolved config (`config.toml`), and `state.json` (step, losses, python RNG), written last. It is built
-under a temporary name and renamed into place, so a killed run never leaves a half checkpoint as the
-newest. The last `keep` checkpoints are kept.
+offload tier adds its state file, `optimizer_state.bin`), the resolved config (`config.toml`), and
+`state.json` (step, losses, python and numpy RNG, and a manifest of every other file's size and sha256),
+written last. It is built under a temporary name, flushed to disk (fsync) and renamed into place, so a
+killed run never leaves a half checkpoint as the newest; one damaged later (a bad disk, a copy cut
+short) fails its manifest and the one before it is used, with a warning. The last `keep` are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
@@ -35,42 +39,107 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: p.name)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
+def verify(path: Path) -> str | None:
+    """What is wrong with checkpoint `path` (a missing, resized or altered file), or None when it is whole."""
+    try:
+        manifest = json.loads((path / STATE).read_text())["manifest"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"no readable manifest ({exc})"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is reported and passed over."""
+    for path in reversed(list_checkpoints(out_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"warning: checkpoint {path} is damaged ({problem}); using the one before it")
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sync(path: Path) -> None:
+    """Flush a file's or a folder's data to the disk, so a power cut cannot undo a rename."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_schedule, scaler, state: dict,
                     config_toml: str, keep: int) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
+    """Write checkpoint `step` whole or not at all; on a write error (a full disk), one line saying so and
+    that the previous checkpoint is intact."""
     final = checkpoint_root(out_dir) / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, tmp / "unet.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng}, tmp / "training_state.pt")
-    if hasattr(optimizer, "save_state_files"):  # optimizer state kept in files (the nvme tier)
-        optimizer.save_state_files(tmp)
-    (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
-    python_rng = random.getstate()
-    payload = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]]}
-    (tmp / STATE).write_text(json.dumps(payload))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    previous = latest_checkpoint(out_dir, warn=lambda message: None)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write_files(tmp, step, weights, optimizer, lr_schedule, scaler, state, config_toml)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _sync(final.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise SdtuneError(f"writing checkpoint {final.name} failed ({exc.strerror or exc}); {kept}; "
+                          f"free space in {checkpoint_root(out_dir)} and --resume") from None
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
+def _write_files(folder: Path, step: int, weights: dict, optimizer, lr_schedule, scaler, state: dict,
+                 config_toml: str) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / "unet.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng}, folder / "training_state.pt")
+    if hasattr(optimizer, "save_state_files"):  # optimizer state kept in files (the nvme tier)
+        optimizer.save_state_files(folder)
+    (folder / "config.toml").write_text(config_toml, encoding="utf-8")
+    manifest = {}
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        _sync(file)
+        manifest[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    python_rng = random.getstate()
+    numpy_rng = np.random.get_state()
+    payload = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+               "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]], "manifest": manifest}
+    (folder / STATE).write_text(json.dumps(payload))  # last: its presence marks the checkpoint complete
+    _sync(folder / STATE)
+    _sync(folder)
+
+
 def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict:
-    """Restore everything `save_checkpoint` wrote into the live objects; return the saved `state.json`."""
+    """Restore everything `save_checkpoint` wrote into the live objects; return the saved `state.json`.
+    `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code."""
+    import numpy as np
     import torch
     from safetensors.torch import load_file
 
@@ -78,8 +147,12 @@ def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict
         weights = load_file(path / "unet.safetensors")
         training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / STATE).read_text())
+    except pickle.UnpicklingError:
+        raise SdtuneError(f"checkpoint {path} is unreadable (training_state.pt holds objects other than tensors and "
+                          "plain data; sdtune never unpickles code); delete it to resume from an older one") from None
     except (OSError, RuntimeError, ValueError) as exc:
-        raise SdtuneError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an older one") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SdtuneError(f"checkpoint {path} is unreadable ({first}); delete it to resume from an older one") from None
     unet.load_state_dict(weights)
     optimizer.load_state_dict(training["optimizer"])
     if hasattr(optimizer, "load_state_files"):
@@ -91,4 +164,8 @@ def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict
         torch.cuda.set_rng_state_all(training["rng"]["cuda"])
     version, internal, gauss = state.pop("python_rng")
     random.setstate((version, tuple(internal), gauss))
+    if "numpy_rng" in state:
+        kind, keys, *rest = state.pop("numpy_rng")
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    state.pop("manifest", None)
     return state

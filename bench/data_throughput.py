@@ -13,13 +13,13 @@ sdtune-tiny's VAE and text encoder on the CPU, one thread:
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import save_results
 
 from sdtune.config import load_config
 from sdtune.data import BatchStream, scan_folder
@@ -88,9 +88,7 @@ def main() -> None:
     print(f"{args.images} JPEGs of 1.6-2.1 MP, resolution {args.resolution}, sdtune-tiny encoders, one thread")
     for name, value in rows.items():
         print(f"{name:42s} {value:8.1f} images/s")
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "data_throughput.json").write_text(json.dumps(rows, indent=2))
+    save_results("data_throughput", rows)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ flash attention, allocator) are not exercised here: `bench/gpu_check.py` checks 
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
+from _common import save_results
 
 from sdtune import archs
 from sdtune.config import load_config
@@ -46,9 +45,7 @@ def main() -> None:
           f"{time.perf_counter() - started:.0f} s")
     for key, row in rows.items():
         print(f"{key:12s} estimate {row['estimate_gib']:.3f} GiB  measured {row['measured_gib']:.3f} GiB")
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "estimate_check.json").write_text(json.dumps(rows, indent=2))
+    save_results("estimate_check", rows)
 
 
 if __name__ == "__main__":

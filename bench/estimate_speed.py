@@ -16,7 +16,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from _common import save_results
 
 from sdtune.config import load_config
 from sdtune.estimate import estimate
@@ -50,9 +51,7 @@ def main() -> None:
         error = result.total / 1e9 / published - 1
         rows[label] = {"published_gb": published, "estimate_gb": round(result.total / 1e9, 2), "error": round(error, 3)}
         print(f"{label:36s} {published:6.2f} GB  {result.total / 1e9:6.2f} GB ({error:+.0%})")
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "estimate_speed.json").write_text(json.dumps(rows, indent=2))
+    save_results("estimate_speed", rows)
 
 
 if __name__ == "__main__":

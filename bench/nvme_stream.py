@@ -18,7 +18,6 @@ against the same syscalls rather than the disk; point `--dir` at the real NVMe d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import save_results, summarize
 
 from sdtune.offload import NvmeAdamW
 
@@ -81,13 +81,10 @@ def main() -> None:
           f"({args.bucket_mb} MB buckets, {os.path.dirname(state_file.path)}), median of {args.repeats}")
     for name, times in results.items():
         median = statistics.median(times)
-        rows[name] = {"median_s": median, "min_s": min(times), "max_s": max(times),
-                      "gb_per_s": nbytes / median / 1e9, "vs_baseline": base / median}
+        rows[name] = {**summarize(times), "gb_per_s": nbytes / median / 1e9, "vs_baseline": base / median}
         print(f"{name:34s} {median:7.3f} s  {rows[name]['gb_per_s']:6.2f} GB/s  {rows[name]['vs_baseline']:.2f}x")
     optimizer.close()
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "nvme_stream.json").write_text(json.dumps(rows, indent=2))
+    save_results("nvme_stream", rows)
 
 
 if __name__ == "__main__":

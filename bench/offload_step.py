@@ -14,12 +14,11 @@ torch's own fused AdamW on the same parameters held per tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import save_results, summarize
 
 from sdtune.offload import OffloadAdamW
 
@@ -63,17 +62,14 @@ def main() -> None:
         "torch fused AdamW": timed(plain.step, args.repeats, backward(plain_params)),
         "OffloadAdamW.step": timed(offload.step, args.repeats, backward(offload_params)),
     }
-    rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
-                   "params_per_s": n / statistics.median(t)} for name, t in results.items()}
+    rows = {name: {**summarize(t), "params_per_s": n / statistics.median(t)} for name, t in results.items()}
     base = rows["bandwidth baseline (same bytes)"]["median_s"]
     print(f"{n:,} parameters, {torch.get_num_threads()} threads, median of {args.repeats}")
     for name, row in rows.items():
         row["vs_bandwidth"] = base / row["median_s"]
         print(f"{name:34s} {row['median_s'] * 1e3:8.1f} ms  {row['params_per_s'] / 1e6:8.1f} M params/s  "
               f"{row['vs_bandwidth']:.2f} of the bandwidth bound")
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "offload_step.json").write_text(json.dumps(rows, indent=2))
+    save_results("offload_step", rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from _common import save_results
 
 TIERS = ("none", "cpu", "nvme")
 # glibc raises its mmap threshold after large frees and then keeps freed blocks in the heap: RSS would
@@ -106,9 +107,7 @@ def main() -> None:
         row["speed_vs_none"] = base["seconds_per_step"] / row["seconds_per_step"]
         print(f"{row['tier']:6s} {row['peak_rss_bytes'] / 2**30:6.2f} GiB {row['added_rss_bytes'] / 2**30:6.2f} GiB "
               f"{row['added_rss_vs_none']:8.2f} {row['seconds_per_step']:8.3f} {row['speed_vs_none']:14.2f}")
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "offload_tiers.json").write_text(json.dumps(rows, indent=2))
+    save_results("offload_tiers", rows)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ buckets, copies, streaming), not PCIe transfers.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _common import save_results, summarize
 
 from sdtune import trainer
 from sdtune.config import load_config
@@ -58,16 +57,14 @@ def main() -> None:
     rows = {}
     for index, (name, sets) in enumerate(MODES.items()):
         times = step_times([s.format(tmp=tmp) for s in sets], data, tmp / f"out{index}", args.steps, args.batch_size)
-        rows[name] = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+        rows[name] = summarize(times)
     base = rows["no offload"]["median_s"]
     print(f"sdtune-tiny, 64 px, batch {args.batch_size}, checkpointing on, {args.steps} steps, one thread")
     for name, row in rows.items():
         row["speed_vs_no_offload"] = base / row["median_s"]
         print(f"{name:34s} {row['median_s']:6.3f} s/step (min {row['min_s']:.3f}, max {row['max_s']:.3f})  "
               f"{row['speed_vs_no_offload']:.2f}x")
-    target = Path(__file__).parent / "results"
-    target.mkdir(exist_ok=True)
-    (target / "offload_unet.json").write_text(json.dumps(rows, indent=2))
+    save_results("offload_unet", rows)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@ score is the procedural one of `sdtune.shapes` (1.0 = background, colour and sha
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
+from _common import save_results
 from rich.console import Console
 from rich.table import Table
 
@@ -36,9 +34,7 @@ def main() -> None:
     for name, mean in results.items():
         table.add_row(name, *(f"{mean[k]:.2f}" for k in ("total", "background", "colour", "shape")))
     Console().print(table)
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "tiny_scores.json").write_text(json.dumps(results, indent=2))
+    save_results("tiny_scores", results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ short) fails its manifest and the one before it is used, with a warning. The las
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
+from sdtune.files import sha256_file, sync
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -51,7 +51,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != expected["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, not {expected['bytes']}"
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -64,23 +64,6 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
             return path
         warn(f"warning: checkpoint {path} is damaged ({problem}); using the one before it")
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sync(path: Path) -> None:
-    """Flush a file's or a folder's data to the disk, so a power cut cannot undo a rename."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_schedule, scaler, state: dict,
@@ -97,7 +80,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_sc
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _sync(final.parent)
+        sync(final.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
@@ -125,15 +108,15 @@ def _write_files(folder: Path, step: int, weights: dict, optimizer, lr_schedule,
     (folder / "config.toml").write_text(config_toml, encoding="utf-8")
     manifest = {}
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
-        _sync(file)
-        manifest[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        sync(file)
+        manifest[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
     python_rng = random.getstate()
     numpy_rng = np.random.get_state()
     payload = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
                "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]], "manifest": manifest}
     (folder / STATE).write_text(json.dumps(payload))  # last: its presence marks the checkpoint complete
-    _sync(folder / STATE)
-    _sync(folder)
+    sync(folder / STATE)
+    sync(folder)
 
 
 def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict:

@@ -11,6 +11,7 @@ from helpers import final_unet, prepared, train
 
 from sdtune import checkpoint, trainer
 from sdtune.errors import SdtuneError
+from sdtune.files import sha256_file
 
 ARGS = ("--max-steps", "4", "--set", "output.checkpoint_every=2", "--set", "output.keep_checkpoints=3")
 
@@ -68,7 +69,7 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused(tiny_sd1, image
     (target / "training_state.pt").write_bytes(pickle.dumps(Exploit()))
     state = json.loads((target / "state.json").read_text())  # make the manifest agree, as an attacker would
     state["manifest"]["training_state.pt"] = {"bytes": (target / "training_state.pt").stat().st_size,
-                                              "sha256": checkpoint._sha256(target / "training_state.pt")}
+                                              "sha256": sha256_file(target / "training_state.pt")}
     (target / "state.json").write_text(json.dumps(state))
     run = prepared(tiny_sd1, images, tmp_path / "fresh", "train.max_steps=4")
     with pytest.raises(SdtuneError, match="checkpoint .*step-000002 is unreadable"):

@@ -27,15 +27,6 @@ def cache_root(cache_dir: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sdtune"
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes: the cache follows content, not names or modification times."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def module_identity(module, extra: str = "") -> str:
     """A digest of a model's config and every weight's bytes (a few hundred MB hash in well under a second)."""
     import torch

@@ -20,8 +20,9 @@ import random
 from collections.abc import Callable
 
 from sdtune.config import DataConfig
-from sdtune.data.cache import FeatureCache, cache_root, file_digest, key_of, module_identity
+from sdtune.data.cache import FeatureCache, cache_root, key_of, module_identity
 from sdtune.data.stream import ImageFailed
+from sdtune.files import sha256_file
 
 
 class Features:
@@ -95,7 +96,7 @@ class Features:
     def _latent_key(self, item) -> str:
         image = item.example.image
         if image not in self._digests:
-            self._digests[image] = file_digest(image)
+            self._digests[image] = sha256_file(image)
         return key_of(self._digests[image], item.bucket, item.resized, item.crop, item.flip)
 
     @contextlib.contextmanager

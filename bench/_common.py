@@ -1,0 +1,21 @@
+"""What the benchmark scripts share: a summary of repeated timings and where results are written."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def summarize(seconds: list[float]) -> dict:
+    return {"median_s": statistics.median(seconds), "min_s": min(seconds), "max_s": max(seconds)}
+
+
+def save_results(name: str, rows) -> Path:
+    """Write `rows` as bench/results/NAME.json (the folder is git-ignored); returns the path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    return path

@@ -1,10 +1,11 @@
 # sdtune tasks. `make demo` to see it work; `make install` once, then `make test`.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo tiny-model gpu-wheels
+.PHONY: install test lint demo tiny-model gpu-wheels bench
 
 install: $(VENV)/.installed
 
@@ -22,6 +23,14 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench
+
+# Every CPU benchmark, one after another (about 15 minutes on 2 cores): each prints its table; all of them
+# go to bench/results/bench.md, and each script's figures to bench/results/NAME.json.
+BENCHES := offload_step nvme_stream offload_tiers offload_unet train_step estimate_speed estimate_check data_throughput
+bench: install
+	mkdir -p bench/results
+	set -o pipefail; for b in $(BENCHES); do echo "## bench/$$b.py"; $(PY) bench/$$b.py || exit 1; echo; done \
+		| tee bench/results/bench.md
 
 # Fine-tune the bundled sdtune-tiny on examples/star and print the concept score before and after.
 demo: install

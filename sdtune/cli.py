@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import shlex
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -48,6 +50,35 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+class OnOom(str, Enum):
+    stop = "stop"
+    fallback = "fallback"
+
+
+def _resume_command(preset: str, data: Path, model: str | None, out: Path, max_steps: int | None,
+                    sets: list[str]) -> str:
+    """The `sdtune train` command line that continues this run: the same plan, plus --resume."""
+    args = ["sdtune", "train", "--preset", preset, "--data", str(data), *(["--model", model] if model else []),
+            "--out", str(out), *(["--max-steps", str(max_steps)] if max_steps else [])]
+    for item in sets:
+        args += ["--set", item]
+    return shlex.join([*args, "--resume"])
+
+
+def _fall_back(exc, preset: str, overrides: list[str], fallbacks: list[str]):
+    """--on-oom fallback: the config and preset info of the next smaller plan, whose `--set` items join
+    `fallbacks`."""
+    from sdtune.config import load_config
+    from sdtune.replan import describe
+
+    fallbacks += exc.fallback.overrides
+    cfg, info = load_config(preset, [*overrides, *fallbacks])
+    sets = " ".join(f"--set {item}" for item in exc.fallback.overrides)
+    console.print(f"[yellow]{exc.what}[/]; --on-oom fallback ({sets}): continuing from the newest checkpoint "
+                  f"on {describe(cfg, info)}")
+    return cfg, info
+
+
 @app.command()
 @user_errors
 def train(
@@ -60,15 +91,25 @@ def train(
     max_steps: int | None = typer.Option(None, min=1, help="Optimizer steps (overrides train.max_steps)."),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --out."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    on_oom: OnOom = typer.Option(OnOom.stop, "--on-oom", help="When the GPU runs out of memory: stop with a "
+                                 "message naming the next smaller memory plan, or fallback: continue from the "
+                                 "newest checkpoint on it (same precision and results, slower)."),
+    overwrite: bool = typer.Option(False, help="Allow an --out folder that is not empty and not an sdtune output "
+                                   "folder, or that holds another run (its checkpoints are deleted)."),
 ):
-    """Fine-tune the UNet of a Stable Diffusion model on a folder of images."""
+    """Fine-tune the UNet of a Stable Diffusion model on a folder of images.
+
+    Ctrl+C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint, prints the command that
+    resumes the run and exits with 130 or 143."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdtune.config import load_config
     from sdtune.memory import peak_bytes
+    from sdtune.replan import OutOfMemory
+    from sdtune.trainer import Interrupted
     from sdtune.trainer import train as run_training
 
-    overrides = list(set_)
+    overrides, plan_sets = list(set_), []
     if model:
         overrides.append(f"model.pretrained={model}")
     if max_steps:
@@ -79,7 +120,7 @@ def train(
         with console.status("--preset auto: estimating the memory plans"):
             pick = pick_plan(overrides)
         console.print(pick.reason)
-        preset, overrides = pick.preset, [*pick.extra, *overrides]
+        preset, overrides, plan_sets = pick.preset, [*pick.extra, *overrides], list(pick.extra)
     cfg, info = load_config(preset, overrides)
     bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
                    TimeRemainingColumn(), console=console)
@@ -93,8 +134,23 @@ def train(
                  f"peak {_gib(peak_bytes(run.plan))}")
         bar.update(task, completed=run.step, stats=stats)
 
+    fallbacks: list[str] = []  # the --set items of the smaller plans that --on-oom fallback moved to
     try:
-        result = run_training(cfg, info, str(data), str(out), resume=resume, log=console.print, progress=progress)
+        while True:
+            try:
+                result = run_training(cfg, info, str(data), str(out), resume=resume, overwrite=overwrite,
+                                      log=console.print, progress=progress)
+                break
+            except OutOfMemory as exc:
+                if on_oom is OnOom.stop or exc.fallback is None:
+                    raise
+                cfg, info = _fall_back(exc, preset, overrides, fallbacks)
+                resume = True
+    except (Interrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: Ctrl+C outside the training loop
+        command = _resume_command(preset, data, model, out, max_steps, [*plan_sets, *set_, *fallbacks])
+        stopped = exc if isinstance(exc, Interrupted) else "SIGINT: stopped outside the training loop"
+        console.print(f"[yellow]{stopped}[/]; resume with: {command}")
+        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
     finally:
         if bar.live.is_started:
             bar.stop()

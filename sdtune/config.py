@@ -100,12 +100,14 @@ class TrainConfig:
     snr_gamma: float = doc("min-SNR-gamma loss weighting (5.0 is the paper's value); 0 turns it off", 0.0)
     noise_offset: float = doc("offset noise strength (0.05-0.1 helps very dark/bright images); 0 is off", 0.0)
     seed: int = doc("seed for weights' noise, timesteps, data order and augmentation", 0)
+    max_bad_steps: int = doc("stop after this many steps in a row with a NaN/Inf loss or gradient (each is "
+                             "skipped); 0 never stops", 5)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
             _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
-        for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay"):
+        for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay", "max_bad_steps"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.lr_warmup_steps <= self.max_steps,
                  f"train.lr_warmup_steps ({self.lr_warmup_steps}) exceeds train.max_steps ({self.max_steps})")

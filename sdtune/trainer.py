@@ -5,18 +5,27 @@
 `train()` checks the data and the plan before any model is loaded, then runs the loop. Each micro-batch's
 images, noise and timesteps are a function of (seed, micro-batch index), so a run resumed from a
 checkpoint continues exactly as the uninterrupted run would have.
+
+What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, save a checkpoint and raise
+`Interrupted`; a step whose loss (or, without fp16 loss scaling, gradient norm) is NaN/Inf is skipped, and
+`train.max_bad_steps` of them in a row stop the run; running out of GPU memory raises `replan.OutOfMemory`,
+which names the next smaller plan (`sdtune train --on-oom fallback` continues on it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtune import checkpoint, loss
+from sdtune import checkpoint, loss, replan
 from sdtune.config import Config, PresetInfo, from_toml, to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
@@ -24,8 +33,18 @@ from sdtune.errors import SdtuneError
 from sdtune.memory import Plan, apply_plan, autocast, peak_bytes, reset_peak, resolve_plan
 from sdtune.optim import clip_gradients
 
-# Keys that may change between a run and its --resume: how long to train and what to write.
-RESUMABLE_CHANGES = ("train.max_steps", "output.")
+# Keys that may change between a run and its --resume: how long to train, when to give up on NaN, what to
+# write; and the memory levers that leave the math alone (`replan.may_change_on_resume`).
+RESUMABLE_CHANGES = ("train.max_steps", "train.max_bad_steps", "output.")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after step `step`, saved as checkpoint `saved`."""
+
+    def __init__(self, signum: int, step: int, saved: Path):
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, checkpoint saved in {saved}")
+        self.step, self.saved = step, saved
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 @dataclass
@@ -51,33 +70,50 @@ class Run:
     seconds: float = 0.0
 
 
-def _check_out_dir(out_dir: Path, resume: bool) -> None:
+def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints; --overwrite
+    lets it write into any folder. True when a previous run's checkpoints are to be deleted (--overwrite),
+    so that none of them is taken for this run's."""
     if resume or not out_dir.exists() or not any(out_dir.iterdir()):
-        return
+        return False
+    if overwrite:
+        return checkpoint.checkpoint_root(out_dir).exists()
     if checkpoint.list_checkpoints(out_dir):
-        raise SdtuneError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        raise SdtuneError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start "
+                          "over (deletes its checkpoints), or choose another --out")
     if not (out_dir / "config.toml").is_file():
-        raise SdtuneError(f"{out_dir} exists and is not an sdtune output folder; choose another --out")
+        raise SdtuneError(f"{out_dir} exists, is not empty and is not an sdtune output folder; choose another --out, "
+                          "or pass --overwrite to write into it (files of the same names are replaced)")
+    return False
 
 
-def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> None:
-    saved, now = dataclasses.asdict(from_toml(saved_toml, str(source))), dataclasses.asdict(cfg)
+def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> Config:
+    """The checkpoint's config, when `cfg` differs from it only where a resume may differ."""
+    saved_cfg = from_toml(saved_toml, str(source))
+    saved, now = dataclasses.asdict(saved_cfg), dataclasses.asdict(cfg)
     changed = [f"{section}.{key}: {value!r} -> {now[section][key]!r}"
                for section, values in saved.items() for key, value in values.items()
-               if value != now[section][key] and not f"{section}.{key}".startswith(RESUMABLE_CHANGES)]
+               if value != now[section][key] and not f"{section}.{key}".startswith(RESUMABLE_CHANGES)
+               and not replan.may_change_on_resume(f"{section}.{key}", value, now[section][key])]
     if changed:
         raise SdtuneError(f"--resume with a different plan than {source} ({'; '.join(changed)}); "
                           "resume with the same settings or start a new --out")
+    return saved_cfg
 
 
 def _restore(run: Run) -> None:
     """Load the newest checkpoint of `run.out_dir` into the run, if there is one."""
-    latest = checkpoint.latest_checkpoint(run.out_dir)
+    latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
     if latest is None:
         run.log(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
         return
-    _check_resume_config((latest / "config.toml").read_text(encoding="utf-8"), run.cfg, latest)
-    state = checkpoint.load_checkpoint(latest, unet=run.components.unet, optimizer=run.optimizer,
+    saved = _check_resume_config((latest / "config.toml").read_text(encoding="utf-8"), run.cfg, latest)
+    optimizer = run.optimizer
+    if saved.memory.optimizer_offload != run.cfg.memory.optimizer_offload:  # the state's layout differs
+        run.log(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
+                f"to {run.cfg.memory.optimizer_offload}")
+        optimizer = replan.OtherTierState(run.optimizer, run.components.unet, latest / "unet.safetensors")
+    state = checkpoint.load_checkpoint(latest, unet=run.components.unet, optimizer=optimizer,
                                        lr_schedule=run.lr_schedule, scaler=run.scaler)
     run.step, run.losses = state["step"], state["losses"]
     run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
@@ -85,7 +121,7 @@ def _restore(run: Run) -> None:
 
 
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
-            log: Callable[[str], None]) -> Run:
+            log: Callable[[str], None], overwrite: bool = False) -> Run:
     import torch
     from diffusers import DDPMScheduler
 
@@ -93,7 +129,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     from sdtune.optim import make_lr_schedule, make_optimizer
 
     out = Path(out_dir)
-    _check_out_dir(out, resume)
+    clear = _check_out_dir(out, resume, overwrite)
     scan = scan_folder(data_dir, cfg.data)
     for skip in scan.skipped:
         log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
@@ -121,13 +157,18 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
     if resume:
         _restore(run)
+    if clear:  # only now, with the data and the model checked
+        log(f"--overwrite: deleting the previous run's checkpoints in {checkpoint.checkpoint_root(out)}")
+        shutil.rmtree(checkpoint.checkpoint_root(out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
     return run
 
 
 def _micro_step(run: Run, index: int) -> float:
-    """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss."""
+    """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss.
+    A NaN/Inf loss is returned without backward: its gradients would reach the weights (the host-RAM
+    optimizer tier may step during backward)."""
     import torch
 
     c, plan, train = run.components, run.plan, run.cfg.train
@@ -149,15 +190,31 @@ def _micro_step(run: Run, index: int) -> float:
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)
     value = loss.diffusion_loss(prediction, target, weights)
-    run.scaler.scale(value / train.gradient_accumulation_steps).backward()
-    return value.item()
+    result = value.item()
+    if math.isfinite(result):
+        run.scaler.scale(value / train.gradient_accumulation_steps).backward()
+    return result
+
+
+def _skip_step(run: Run) -> bool:
+    """Drop the step's gradients (the offload tiers: the next backward replaces them) and step on; False."""
+    import warnings
+
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # torch warns when the schedule steps before the optimizer ever has
+        warnings.simplefilter("ignore", UserWarning)
+        run.lr_schedule.step()
+    return False
 
 
 def _optimizer_step(run: Run) -> bool:
-    """Unscale, clip, step, update the scale; False when fp16 overflow made the scaler skip the step."""
+    """Unscale, clip, step, update the scale; False when the step was skipped: fp16 overflow (the scaler
+    skips it), or without loss scaling a NaN/Inf gradient norm."""
     run.scaler.unscale_(run.optimizer)
     if run.cfg.train.max_grad_norm:  # over the optimizer's parameters: the UNet's, or their offloaded masters
-        clip_gradients(run.optimizer, run.cfg.train.max_grad_norm)
+        norm = clip_gradients(run.optimizer, run.cfg.train.max_grad_norm)
+        if norm is not None and not run.scaler.is_enabled() and not math.isfinite(norm.item()):
+            return _skip_step(run)
     scale = run.scaler.get_scale()
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -172,9 +229,9 @@ def _fp32_weights(run: Run) -> dict:
     return run.optimizer.master_weights(unet) if hasattr(run.optimizer, "master_weights") else unet.state_dict()
 
 
-def _save(run: Run) -> None:
+def _save(run: Run) -> Path:
     state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
-    checkpoint.save_checkpoint(run.out_dir, run.step, weights=_fp32_weights(run), optimizer=run.optimizer,
+    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=_fp32_weights(run), optimizer=run.optimizer,
                                lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
                                config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints)
 
@@ -201,28 +258,74 @@ def _mean_step_time(times: list[float]) -> float:
     return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else (times[0] if times else 0.0)
 
 
+class _StopOnSignal:
+    """While the loop runs, SIGINT and SIGTERM ask it to stop after the current step (`signum` is set); a
+    second signal is reported and ignored. The handlers before it come back on exit. Signals can only be
+    handled in the main thread: elsewhere nothing is installed."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.signum, self.previous = log, None, {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            self.log(f"{name}: finishing this step, then saving a checkpoint")
+        else:
+            self.log(f"{name} ignored: already stopping and saving a checkpoint (a checkpoint is written whole "
+                     "or not at all, so killing the process loses at most the steps since the last one)")
+
+
+def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
+    latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
+    kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
+    return SdtuneError(f"{count} steps in a row had a NaN/Inf loss or gradient, the last at step {run.step}; "
+                       f"stopped ({kept}; skipped steps never change the weights). Try a lower "
+                       "train.learning_rate, or memory.precision=bf16 or fp32 instead of fp16, in a new run; "
+                       "train.max_bad_steps=0 never stops")
+
+
 def loop(run: Run, progress: Callable[[Run, float], None]) -> float:
     """Train from `run.step` to `train.max_steps`, calling `progress(run, seconds_per_step)` after each
-    step; returns the mean seconds per step."""
+    step; returns the mean seconds per step. Raises `Interrupted` after SIGINT/SIGTERM (a checkpoint saved)
+    and SdtuneError after `train.max_bad_steps` NaN/Inf steps in a row."""
     cfg = run.cfg
-    accumulation, step_times = cfg.train.gradient_accumulation_steps, []
+    accumulation, step_times, bad_in_a_row = cfg.train.gradient_accumulation_steps, [], 0
     reset_peak(run.plan)
-    while run.step < cfg.train.max_steps:
-        started = time.perf_counter()
-        first = run.step * accumulation
-        step_loss = sum(_micro_step(run, first + i) for i in range(accumulation)) / accumulation
-        if not _optimizer_step(run):
-            run.skipped_steps += 1
-        run.step += 1
-        run.losses.append(step_loss)
-        step_times.append(time.perf_counter() - started)
-        run.seconds += step_times[-1]
-        progress(run, _mean_step_time(step_times))
-        if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
-            run.log(f"samples: {_sample(run)}")
-        every = cfg.output.checkpoint_every
-        if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
-            _save(run)
+    with _StopOnSignal(run.log) as stop:
+        while run.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            first = run.step * accumulation
+            step_loss = sum(_micro_step(run, first + i) for i in range(accumulation)) / accumulation
+            finite = math.isfinite(step_loss)
+            stepped = _optimizer_step(run) if finite else _skip_step(run)
+            run.skipped_steps += not stepped
+            bad = not finite or not (stepped or run.scaler.is_enabled())  # fp16 overflow: the scaler's business
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            run.step += 1
+            run.losses.append(step_loss)
+            step_times.append(time.perf_counter() - started)
+            run.seconds += step_times[-1]
+            progress(run, _mean_step_time(step_times))
+            if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
+                raise _too_many_bad_steps(run, bad_in_a_row)
+            if stop.signum:
+                raise Interrupted(stop.signum, run.step, _save(run))
+            if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
+                run.log(f"samples: {_sample(run)}")
+            every = cfg.output.checkpoint_every
+            if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
+                _save(run)
     return _mean_step_time(step_times)
 
 
@@ -241,13 +344,38 @@ def summary(run: Run, seconds_per_step: float) -> dict:
     }
 
 
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume: bool = False,
-          log: Callable[[str], None] = print, progress: Callable[[Run, float], None] | None = None) -> dict:
-    """Prepare, loop, export the diffusers folder and write `summary.json`; returns the summary."""
+          overwrite: bool = False, log: Callable[[str], None] = print,
+          progress: Callable[[Run, float], None] | None = None) -> dict:
+    """Prepare, loop, export the diffusers folder and write `summary.json`; returns the summary. Raises
+    `replan.OutOfMemory` when the GPU runs out of memory, `Interrupted` after SIGINT/SIGTERM."""
+    import torch
+
     from sdtune.export import SUMMARY, export_pipeline, export_single_file, write_json
 
-    run = prepare(cfg, info, data_dir, out_dir, resume, log)
-    seconds_per_step = loop(run, progress or (lambda run, sps: None))
+    run, out_of_memory = None, False
+    try:
+        run = prepare(cfg, info, data_dir, out_dir, resume, log, overwrite)
+        seconds_per_step = loop(run, progress or (lambda run, sps: None))
+    except torch.OutOfMemoryError:
+        out_of_memory = True  # raised below, once this block has dropped the error (its traceback holds the step)
+    if out_of_memory:
+        step = None if run is None else run.step
+        if run is not None and hasattr(run.optimizer, "close"):  # the nvme tier's threads and state file
+            run.optimizer.close()
+        run = None
+        _free_memory()  # before the estimate, and before --on-oom fallback loads the run again
+        raise replan.out_of_memory(cfg, info, step, Path(out_dir))
     if hasattr(run.optimizer, "master_weights"):  # export the fp32 masters, not the device copies
         for name, weight in run.optimizer.master_weights(run.components.unet).items():
             run.components.unet.get_parameter(name).data = weight

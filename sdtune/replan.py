@@ -1,0 +1,182 @@
+"""Changing a run's memory plan: the next smaller plan after the GPU runs out of memory, and what `--resume`
+lets change.
+
+    fallback = next_smaller(cfg, info)   # None when no lever is left to pull
+    fallback.overrides                   # ("memory.gradient_checkpointing=true",): --set items
+    describe(dataclasses.replace(cfg, memory=fallback.memory), info)   # "rtx4090 (bf16, ...)"
+
+The smaller plans are those `--preset auto` orders (`auto.candidates`, ranked by `auto.cost`): of each
+candidate only its memory levers are taken, added to the run's own plan, so the training itself (model,
+data, recipe, precision, optimizer) stays what it was. The next smaller plan is the cheapest by
+`auto.cost` that pulls at least one lever more.
+
+The levers that leave the math alone (`NEUTRAL_KEYS`: gradient checkpointing, the attention kernel,
+optimizer offload between none and cpu, weight streaming, the offload folder) may differ between a
+checkpoint and the run that resumes it; the optimizer's state is carried between the in-memory AdamW and
+the host-RAM tier by `OtherTierState`. Results then match the unchanged run to float rounding, not bit
+for bit. Precision may not change (fp16, bf16 and fp32 train different numbers), nor may the optimizer
+or the nvme tier's state file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdtune.config import Config, MemoryConfig, PresetInfo
+from sdtune.errors import SdtuneError
+
+GIB = 2**30
+NEUTRAL_KEYS = ("memory.gradient_checkpointing", "memory.attention", "memory.optimizer_offload",
+                "memory.param_offload", "memory.offload_dir")
+LEVERS = ("gradient_checkpointing", "optimizer_offload", "param_offload")  # what a smaller plan may pull
+
+
+def may_change_on_resume(key: str, old, new) -> bool:
+    """A memory key that `--resume` accepts changed: numerically neutral, and no nvme state file to move."""
+    return key in NEUTRAL_KEYS and not (key == "memory.optimizer_offload" and "nvme" in (old, new))
+
+
+@dataclass(frozen=True)
+class Fallback:
+    overrides: tuple[str, ...]   # the `--set` items that turn the run's plan into this one
+    memory: MemoryConfig         # the plan they make
+
+
+class OutOfMemory(SdtuneError):
+    """The GPU ran out of memory after `step` steps (None: while loading); `what` says so in a few words
+    (where, the plan, its estimate); `fallback` is the next smaller plan, None when there is none."""
+
+    def __init__(self, message: str, what: str, step: int | None, fallback: Fallback | None):
+        super().__init__(message)
+        self.what, self.step, self.fallback = what, step, fallback
+
+
+def _pulled(mem: MemoryConfig, other: MemoryConfig) -> MemoryConfig | None:
+    """`mem` with every lever that `other` pulls pulled too (none released), or None when invalid."""
+    try:
+        return dataclasses.replace(
+            mem, gradient_checkpointing=mem.gradient_checkpointing or other.gradient_checkpointing,
+            optimizer_offload=mem.optimizer_offload if mem.optimizer_offload != "none" else other.optimizer_offload,
+            param_offload=mem.param_offload if mem.param_offload != "none" else other.param_offload)
+    except SdtuneError:  # e.g. an offload tier for memory.optimizer=adamw8bit
+        return None
+
+
+def _set_item(key: str, value) -> str:
+    return f"memory.{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
+def next_smaller(cfg: Config, info: PresetInfo) -> Fallback | None:
+    """The next plan in `--preset auto`'s order that needs less memory than `cfg`'s and trains the same."""
+    from sdtune.auto import Gpu, candidates, cost
+    from sdtune.config import load_config
+
+    mem = cfg.memory
+    found = []
+    for cand in candidates(Gpu("", 0, bf16=True)):  # only the levers are used: the card does not matter
+        smaller = _pulled(mem, load_config(cand.preset, cand.extra)[0].memory)
+        if smaller is not None and cost(smaller) > cost(mem):
+            changed = tuple(_set_item(key, getattr(smaller, key)) for key in LEVERS
+                            if getattr(smaller, key) != getattr(mem, key))
+            found.append((cost(smaller), len(changed), changed, smaller))
+    if not found:
+        return None
+    _, _, changed, smaller = min(found, key=lambda row: row[:3])
+    return Fallback(changed, smaller)
+
+
+def describe(cfg: Config, info: PresetInfo) -> str:
+    """The plan's name and its memory levers, for a message."""
+    m = cfg.memory
+    return (f"{info.name} ({m.precision}, gradient_checkpointing {'on' if m.gradient_checkpointing else 'off'}, "
+            f"optimizer_offload {m.optimizer_offload}, param_offload {m.param_offload}, "
+            f"{cfg.data.resolution} px x batch {cfg.train.batch_size})")
+
+
+def estimated(cfg: Config, info: PresetInfo) -> str:
+    """"estimated N GiB" by `sdtune.estimate`, or why there is no figure; never raises."""
+    try:
+        total = importlib.import_module("sdtune.estimate").estimate(cfg, info).total
+    except Exception as exc:  # a message about a failure must not fail itself
+        return f"no estimate: {type(exc).__name__}"
+    return f"estimated {total / GIB:.2f} GiB"
+
+
+def out_of_memory(cfg: Config, info: PresetInfo, step: int | None, out_dir: Path) -> OutOfMemory:
+    """The error for running out of GPU memory after `step` steps (None: while loading the run): the plan,
+    its estimate, the next smaller plan and how to continue on it."""
+    import torch
+
+    from sdtune.checkpoint import latest_checkpoint
+
+    where = "while loading the model" if step is None else f"in step {step + 1}"
+    card = ""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        card = f" of {props.name} ({props.total_memory / GIB:.1f} GiB)"
+    text = f"out of GPU memory{card} {where} under {describe(cfg, info)}, {estimated(cfg, info)}"
+    fallback = next_smaller(cfg, info)
+    if fallback is None:
+        return OutOfMemory(f"{text}; no smaller plan trains the same: lower data.resolution or train.batch_size "
+                           "(raise train.gradient_accumulation_steps to keep the effective batch) in a new run, "
+                           "or close other programs that use the GPU", text, step, None)
+    smaller = dataclasses.replace(cfg, memory=fallback.memory)
+    latest = latest_checkpoint(out_dir, warn=lambda message: None)
+    start = f"from {latest}" if latest else "from step 0 (no checkpoint yet)"
+    sets = " ".join(f"--set {item}" for item in fallback.overrides)
+    return OutOfMemory(f"{text}; the next smaller plan is {describe(smaller, info)}, {estimated(smaller, info)}: "
+                       f"run the same command with --on-oom fallback, or with {sets} --resume, to continue {start}",
+                       text, step, fallback)
+
+
+class OtherTierState:
+    """Stands in for `optimizer` when `checkpoint.load_checkpoint` restores state that the other optimizer
+    tier saved (in-memory AdamW: one state per parameter; host-RAM tier: one flat state per bucket, plus
+    the fp32 masters, taken from the checkpoint's `unet.safetensors`)."""
+
+    def __init__(self, optimizer, unet, weights_file: Path):
+        self.optimizer, self.unet, self.weights_file = optimizer, unet, weights_file
+
+    def load_state_dict(self, saved: dict) -> None:
+        from safetensors.torch import load_file
+
+        self.optimizer.load_state_dict(convert_state(saved, self.optimizer.state_dict(), self.unet,
+                                                     load_file(self.weights_file)))
+
+
+def convert_state(saved: dict, target: dict, unet, weights: dict) -> dict:
+    """AdamW state `saved` by one tier, laid out as the other tier's `target` state dict lays it out."""
+    import torch
+
+    params = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]  # the optimizer's order
+    skip = ("params", "fused", "foreach", "capturable", "differentiable")  # how it runs, not what it computes
+    groups = [{**new, **{k: v for k, v in old.items() if k not in skip}}
+              for new, old in zip(target["param_groups"], saved["param_groups"], strict=True)]
+    result = {"param_groups": groups, "state": {}}
+    if "masters" in target:
+        lengths = [len(master) for master in target["masters"]]
+        result["masters"] = list(torch.cat([weights[name].reshape(-1).float() for name, _ in params]).split(lengths))
+    if not saved["state"]:  # no step taken yet (or every one skipped): nothing but the masters to carry
+        return result
+    first = saved["state"][min(saved["state"])]
+    if "masters" in saved:  # flat buckets, in parameter order
+        buckets = [saved["state"][i] for i in sorted(saved["state"])]
+        joined = {key: torch.cat([b[key] for b in buckets]) for key in ("exp_avg", "exp_avg_sq")}
+    else:  # one state per parameter; one without (no gradient yet) has zero moments
+        joined = {key: torch.cat([saved["state"][i][key].reshape(-1) if i in saved["state"]
+                                  else torch.zeros(p.numel()) for i, (_, p) in enumerate(params)])
+                  for key in ("exp_avg", "exp_avg_sq")}
+    if "masters" in target:
+        pieces = {key: value.split(lengths) for key, value in joined.items()}
+        count = len(lengths)
+    else:
+        sizes = [p.numel() for _, p in params]
+        pieces = {key: [t.view(p.shape) for t, (_, p) in zip(value.split(sizes), params, strict=True)]
+                  for key, value in joined.items()}
+        count = len(params)
+    result["state"] = {i: {"step": first["step"].clone(), "exp_avg": pieces["exp_avg"][i].clone(),
+                           "exp_avg_sq": pieces["exp_avg_sq"][i].clone()} for i in range(count)}
+    return result

@@ -185,3 +185,18 @@ def test_without_clipping_the_cpu_tier_steps_during_backward(tiny_sd1, images, t
     trainer._optimizer_step(run)  # finds nothing left to do
     assert all(torch.equal(after_backward[k], v) for k, v in trainer._fp32_weights(run).items())
     assert not any(b.stepped for b in run.optimizer._buckets)
+
+
+def test_a_failed_nvme_write_is_one_clear_error(tiny_sd1, images, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    run = prepared(tiny_sd1, images, tmp_path / "o", "train.max_steps=2", *_offload("nvme", tmp_path / "state"))
+
+    def disk_full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(SdtuneError, match=r"writing optimizer state to .*optimizer_state.bin failed "
+                                          r"\(No space left on device\); free space there"):
+        trainer.loop(run, lambda run, sps: None)

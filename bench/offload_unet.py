@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from _common import save_results, summarize
+from _common import save_results, summarize, trainer_step_times
 
-from sdtune import trainer
 from sdtune.config import load_config
 from sdtune.testing import make_image_folder
 
@@ -38,12 +36,7 @@ def step_times(sets: list[str], data: Path, out: Path, steps: int, batch_size: i
     cfg, info = load_config("cpu", ["model.pretrained=sdtune-tiny", "memory.gradient_checkpointing=true",
                                     f"train.max_steps={steps}", f"train.batch_size={batch_size}",
                                     "output.checkpoint_every=0", *sets])
-    run = trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda message: None)
-    marks = [time.perf_counter()]
-    trainer.loop(run, lambda run, seconds_per_step: marks.append(time.perf_counter()))
-    if hasattr(run.optimizer, "close"):
-        run.optimizer.close()
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]
+    return trainer_step_times(cfg, info, data, out)
 
 
 def main() -> None:

@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import save_results
+from _common import save_results, trainer_step_times
 
-from sdtune import trainer
 from sdtune.config import load_config
 from sdtune.testing import make_image_folder
 
@@ -40,10 +39,7 @@ COMMON = ["model.pretrained=sdtune-tiny", "memory.device=cpu", "memory.attention
 
 def sdtune_step(preset: str, sets: list[str], data: Path, out: Path, steps: int, batch: int) -> float:
     cfg, info = load_config(preset, [*COMMON, *sets, f"train.max_steps={steps}", f"train.batch_size={batch}"])
-    run = trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda message: None)
-    marks = [time.perf_counter()]
-    trainer.loop(run, lambda run, seconds_per_step: marks.append(time.perf_counter()))
-    return statistics.mean(b - a for a, b in zip(marks[1:], marks[2:], strict=False))
+    return statistics.mean(trainer_step_times(cfg, info, data, out))
 
 
 def baseline_step(precision: str, data: Path, steps: int, batch: int) -> float:

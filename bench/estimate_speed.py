@@ -4,9 +4,10 @@
 
 Speed: `sdtune estimate-vram --model sd15 --preset rtx3050 --json` as a user runs it, in a fresh process
 (imports included), then each GPU preset's estimate of SD1.5 at 512 px timed in this process (warm).
-Published measurements (diffusers' DreamBooth README: SD v1-4 UNet, 512 px, batch 1, T4, xformers, VAE
-and text encoder not on the GPU) beside the estimator's figure for the same plan; the published figures
-are whole-card usage, so they are set beside `total` (peak reserved + CUDA context).
+Published measurements (the DreamBooth README of ShivamShrirao's diffusers fork: SD v1-4 UNet, 512 px,
+batch 1, T4, xformers, VAE and text encoder not on the GPU) beside the estimator's figure for the same
+plan; the published figures are whole-card usage, so they are set beside `total` (peak reserved + CUDA
+context).
 """
 
 from __future__ import annotations

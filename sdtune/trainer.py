@@ -367,7 +367,7 @@ def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume:
     try:
         run = prepare(cfg, info, data_dir, out_dir, resume, log, overwrite)
         seconds_per_step = loop(run, progress or (lambda run, sps: None))
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5; the same class
         out_of_memory = True  # raised below, once this block has dropped the error (its traceback holds the step)
     if out_of_memory:
         step = None if run is None else run.step

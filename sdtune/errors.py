@@ -7,3 +7,7 @@ it) with a non-zero exit; any other exception is a bug in sdtune and keeps its t
 
 class SdtuneError(Exception):
     """A user-fixable problem: bad input, a missing file, a contradictory plan."""
+
+
+class HostOutOfMemory(SdtuneError):
+    """Host RAM (or page-locked memory) ran out while the offload engine allocated its buffers."""

@@ -10,8 +10,9 @@ card without native bf16 (compute capability below 8.0) bf16 plans run in fp16; 
 presets are left out (the same memory, and bf16 needs no loss scaling). The user's own overrides go on
 top of every candidate, so what is estimated is what will train; plans that come out identical are tried
 once. They are tried fastest first by `cost` (below), and the first whose estimated `total` is at most
-`SAFETY` of the card's memory is the pick. The nvme optimizer tier saves host RAM, not GPU memory, so it
-is never picked here; ask for it with `--set`.
+`SAFETY` of the card's memory, and whose host RAM is at most `SAFETY` of this machine's, is the pick.
+The nvme optimizer tier needs a folder on a fast disk, which only the user can name, so it is never
+picked here: when host RAM is what no plan fits, the error says to ask for it with `--set`.
 """
 
 from __future__ import annotations
@@ -152,31 +153,35 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
     gpu = detect_gpu()
     if gpu is None:
         return Pick("cpu", (), None, "no CUDA GPU: the cpu preset")
-    budget = SAFETY * gpu.total_memory
+    budget, ram = SAFETY * gpu.total_memory, host_ram()
     card = f"{gpu.name} ({gpu.total_memory / GIB:.1f} GiB; plans may use {SAFETY:.0%}: {budget / GIB:.1f} GiB)"
     estimate, rejected = _estimator(), []
     for cand, cfg, info in ordered(gpu, overrides):
         log(f"auto: estimating {cand.label}")
         est = estimate(cfg, info, model, device="cuda")
-        if est.total <= budget:
-            return Pick(cand.preset, cand.extra, est, _reason(cand, cfg, est, card, rejected))
+        if est.total <= budget and (ram is None or est.host_ram <= SAFETY * ram):
+            return Pick(cand.preset, cand.extra, est, _reason(cand, est, card, rejected))
         rejected.append((cand, est))
+    on_card = [row for row in rejected if row[1].total <= budget]
+    if on_card:  # the card would do; host RAM is what is short
+        smallest, est = min(on_card, key=lambda row: row[1].host_ram)
+        raise SdtuneError(f"no memory plan fits this machine's host RAM ({ram / GIB:.1f} GiB; plans may use "
+                          f"{SAFETY:.0%}): the smallest, {smallest.label}, needs {est.host_ram / GIB:.1f} GiB; keep "
+                          "the optimizer state on disk with --set memory.optimizer_offload=nvme --set "
+                          "memory.offload_dir=DIR, or free host memory")
     smallest, est = min(rejected, key=lambda row: row[1].total)
     raise SdtuneError(f"no memory plan fits {card}: the smallest, {smallest.label}, needs "
                       f"{est.total / GIB:.2f} GiB at {cfg.data.resolution} px, batch {cfg.train.batch_size}; "
                       "try a smaller --set data.resolution or a card with more memory")
 
 
-def _reason(cand: Candidate, cfg: Config, est, card: str, rejected: list) -> str:
+def _reason(cand: Candidate, est, card: str, rejected: list) -> str:
     text = (f"--preset auto: {cand.label} on {card}: it needs {est.total / GIB:.2f} GiB "
-            f"(peak reserved {est.peak_reserved / GIB:.2f} GiB + CUDA context)")
+            f"(peak reserved {est.peak_reserved / GIB:.2f} GiB + CUDA context) and {est.host_ram / GIB:.1f} GiB "
+            "of host RAM")
     if rejected:
-        text += "; faster plans need more: " + ", ".join(f"{c.label} {e.total / GIB:.2f} GiB" for c, e in rejected)
+        needs = (f"{c.label} {e.total / GIB:.2f} GiB ({e.host_ram / GIB:.1f} GiB host)" for c, e in rejected)
+        text += "; faster plans need more: " + ", ".join(needs)
     else:
         text += "; it is the fastest plan"
-    ram = host_ram()
-    if ram and est.host_ram > SAFETY * ram and cfg.memory.optimizer_offload != "nvme":
-        text += (f". Warning: it needs {est.host_ram / GIB:.1f} GiB of host RAM and this machine has "
-                 f"{ram / GIB:.1f} GiB; --set memory.optimizer_offload=nvme --set memory.offload_dir=DIR "
-                 "keeps the optimizer state on disk instead")
     return text

@@ -44,8 +44,6 @@ CUDA_CONTEXT = int(0.40 * GIB)   # driver context and kernel images: 0.3-0.45 GB
 CUBLAS_WORKSPACE = 32 * 2**20    # cuBLAS keeps up to 32 MiB per handle and stream, from torch's allocator
 ALLOCATOR_SLACK = 0.08           # share of the peak the caching allocator reserves beyond it (rounding, splits)
 ALLOCATOR_POOLS = 40 * 2**20     # the partly used 2 MiB small-block and 20 MiB large-buffer segments
-NVME_RING = 3                    # NvmeAdamW's buffers, each 3 floats x a bucket's parameters
-BUCKET_PARAMS = 64 * 2**20 // 4  # OffloadAdamW's default bucket: 64 MB of fp32
 CATEGORIES = ("weights", "frozen", "gradients", "optimizer_state", "activations", "temporaries")
 
 
@@ -103,7 +101,6 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     plan = make_plan(cfg.memory, device, "xformers" if cfg.memory.attention == "xformers" else "sdpa")
     with torch.no_grad():
         cond = _frozen_pass(parts, plan, cfg, tracker)
-    unet_params = sum(p.numel() for p in parts.unet.parameters())
     state = _optimizer_state(parts.unet, plan)
     tracker.add([state], "optimizer_state")
     milestones = _unet_step(parts, plan, cfg, tracker, cond)
@@ -111,7 +108,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     allocated = sum(at_peak.values())
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
     context = CUDA_CONTEXT if device == "cuda" else 0
-    host, disk = _host_and_disk(unet_params, parts, plan)
+    host, disk = _host_and_disk(parts, plan, cfg)
     notes = ("sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",) if (
         source == "sdxl" and frozen_on_device) else ()
     return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
@@ -235,20 +232,23 @@ def _optimizer_state(unet, plan):
     return torch.empty(nbytes, dtype=torch.uint8, device="meta")
 
 
-def _host_and_disk(unet_params: int, parts, plan) -> tuple[int, int]:
-    """Host bytes the plan needs: the fp32 model while it loads, then the offloaded state (whichever is
-    more), plus pinned copies; disk for the nvme tier."""
+def _host_and_disk(parts, plan, cfg: Config) -> tuple[int, int]:
+    """Host bytes the plan needs: the fp32 model while it loads, then what the optimizer tier allocates
+    (whichever is more), counted by the tier's own byte model from the UNet's parameter sizes, so that
+    a change of bucket size or buffer layout in the engine changes the estimate; disk for the nvme tier."""
+    from sdtune.offload import NvmeAdamW, OffloadAdamW
+    from sdtune.offload.optimizer import MASTER_BYTES
+
+    numels = [p.numel() for p in parts.unet.parameters()]
     frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters())
-    loading = 4 * (unet_params + frozen)
-    half = plan.working_dtype.itemsize
-    pinned = half * unet_params if plan.device == "cuda" else 0      # staging of gradients and weights
-    streamed = half * unet_params if plan.param_offload == "cpu" else 0
-    if plan.optimizer_offload == "cpu":
-        return max(loading, 16 * unet_params + pinned + streamed), 0
-    if plan.optimizer_offload == "nvme":
-        ring = NVME_RING * 3 * 4 * min(unet_params, BUCKET_PARAMS)
-        return max(loading, 4 * unet_params + ring + pinned + streamed), 12 * unet_params
-    return loading, 0
+    loading = 4 * (sum(numels) + frozen)
+    if plan.optimizer_offload == "none":
+        return loading, 0
+    tier = NvmeAdamW if plan.optimizer_offload == "nvme" else OffloadAdamW
+    layout = dict(itemsize=plan.working_dtype.itemsize, host_weights=plan.param_offload == "cpu",
+                  accumulation_steps=cfg.train.gradient_accumulation_steps)
+    held = max(tier.host_bytes(numels, **layout), tier.host_bytes(numels, **layout, building=True))
+    return max(loading, held), MASTER_BYTES * sum(numels) if plan.optimizer_offload == "nvme" else 0
 
 
 # ----------------------------------------------------------------------------------------------------

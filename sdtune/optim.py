@@ -20,12 +20,14 @@ def make_optimizer(params, train: TrainConfig, plan):
     if plan.optimizer_offload != "none":
         from sdtune.offload import NvmeAdamW, OffloadAdamW
 
-        kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu")
+        accumulation = train.gradient_accumulation_steps
+        kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu",
+                      max_grad_norm=train.max_grad_norm, accumulation_steps=accumulation)
         if plan.optimizer_offload == "nvme":
             return NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs)
         # Each bucket can step as soon as its gradients are in, unless clipping, fp16 overflow checks or
         # accumulation need every gradient (of every micro-batch) first.
-        eager = not train.max_grad_norm and not plan.loss_scaling and train.gradient_accumulation_steps == 1
+        eager = not train.max_grad_norm and not plan.loss_scaling and accumulation == 1
         return OffloadAdamW(params, step_in_backward=eager, **kwargs)
     if name == "adamw":
         try:
@@ -40,6 +42,25 @@ def make_optimizer(params, train: TrainConfig, plan):
                               "pip install bitsandbytes or set memory.optimizer=adamw") from None
         return bnb.optim.AdamW8bit(params, **kwargs)
     raise SdtuneError(f"unknown memory.optimizer {name!r}")
+
+
+def host_gradients(optimizer) -> bool:
+    """The optimizer is an offload tier: its gradients are in host memory, and it checks, unscales and
+    clips them itself (on the device-side norm), so the loop must not run GradScaler.unscale_ or clipping."""
+    from sdtune.offload import OffloadAdamW
+
+    return isinstance(optimizer, OffloadAdamW)
+
+
+def make_scaler(plan, optimizer, **kwargs):
+    """fp16 dynamic loss scaling (disabled for bf16/fp32): `torch.amp.GradScaler`, or for an offload tier
+    `HostGradScaler`, which takes the overflow verdict from the tier. `kwargs` go to the scaler."""
+    import torch
+
+    from sdtune.offload.scaler import HostGradScaler
+
+    kind = HostGradScaler if host_gradients(optimizer) else torch.amp.GradScaler
+    return kind(plan.device, enabled=plan.loss_scaling, **kwargs)
 
 
 def clip_gradients(optimizer, max_norm: float):

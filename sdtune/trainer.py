@@ -31,7 +31,7 @@ from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
 from sdtune.memory import Plan, apply_plan, autocast, peak_bytes, reset_peak, resolve_plan
-from sdtune.optim import clip_gradients
+from sdtune.optim import clip_gradients, host_gradients
 
 # Keys that may change between a run and its --resume: how long to train, when to give up on NaN, what to
 # write; and the memory levers that leave the math alone (`replan.may_change_on_resume`).
@@ -122,11 +122,10 @@ def _restore(run: Run) -> None:
 
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
             log: Callable[[str], None], overwrite: bool = False) -> Run:
-    import torch
     from diffusers import DDPMScheduler
 
     from sdtune.models import load_components
-    from sdtune.optim import make_lr_schedule, make_optimizer
+    from sdtune.optim import make_lr_schedule, make_optimizer, make_scaler
 
     out = Path(out_dir)
     clear = _check_out_dir(out, resume, overwrite)
@@ -153,7 +152,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
               features=features, streamer=streamer, stream=stream,
               optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
-              scaler=torch.amp.GradScaler(plan.device, enabled=plan.loss_scaling),
+              scaler=make_scaler(plan, optimizer),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
     if resume:
         _restore(run)
@@ -167,8 +166,9 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 
 def _micro_step(run: Run, index: int) -> float:
     """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss.
-    A NaN/Inf loss is returned without backward: its gradients would reach the weights (the host-RAM
-    optimizer tier may step during backward)."""
+    A NaN/Inf loss skips the step. Its backward is skipped too where gradients reach the weights during
+    backward (the host-RAM tier's `step_in_backward`); elsewhere the loss is read after backward is queued,
+    so that the host does not wait for the GPU between forward and backward."""
     import torch
 
     c, plan, train = run.components, run.plan, run.cfg.train
@@ -190,10 +190,15 @@ def _micro_step(run: Run, index: int) -> float:
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)
     value = loss.diffusion_loss(prediction, target, weights)
-    result = value.item()
-    if math.isfinite(result):
+    eager = host_gradients(run.optimizer) and run.optimizer.step_in_backward
+    if eager and not math.isfinite(value.item()):
+        return value.item()
+    try:
         run.scaler.scale(value / train.gradient_accumulation_steps).backward()
-    return result
+    except BaseException:
+        run.optimizer.zero_grad(set_to_none=True)  # nothing of a half-done backward reaches a later step
+        raise
+    return value.item()
 
 
 def _skip_step(run: Run) -> bool:
@@ -209,18 +214,22 @@ def _skip_step(run: Run) -> bool:
 
 def _optimizer_step(run: Run) -> bool:
     """Unscale, clip, step, update the scale; False when the step was skipped: fp16 overflow (the scaler
-    skips it), or without loss scaling a NaN/Inf gradient norm."""
-    run.scaler.unscale_(run.optimizer)
-    if run.cfg.train.max_grad_norm:  # over the optimizer's parameters: the UNet's, or their offloaded masters
-        norm = clip_gradients(run.optimizer, run.cfg.train.max_grad_norm)
-        if norm is not None and not run.scaler.is_enabled() and not math.isfinite(norm.item()):
-            return _skip_step(run)
-    scale = run.scaler.get_scale()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    skips it), or without loss scaling a NaN/Inf gradient norm. An offload tier does the unscaling,
+    clipping and overflow check inside its step, from the norm it took as the gradients left the GPU."""
+    optimizer, scaler = run.optimizer, run.scaler
+    if not host_gradients(optimizer):
+        scaler.unscale_(optimizer)
+        if run.cfg.train.max_grad_norm:  # over the UNet's parameters
+            norm = clip_gradients(optimizer, run.cfg.train.max_grad_norm)
+            if norm is not None and not scaler.is_enabled() and not math.isfinite(norm.item()):
+                return _skip_step(run)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    skipped = host_gradients(optimizer) and optimizer.skipped
+    optimizer.zero_grad(set_to_none=True)
     run.lr_schedule.step()
-    return not (run.scaler.is_enabled() and run.scaler.get_scale() < scale)
+    return not (skipped or (scaler.is_enabled() and scaler.get_scale() < scale))
 
 
 def _fp32_weights(run: Run) -> dict:

@@ -191,10 +191,17 @@ def test_user_overrides_apply_to_every_plan(monkeypatch, fake_estimator):
     assert fake_estimator[0][0].memory.param_offload == "cpu"
 
 
-def test_a_host_ram_shortfall_is_warned_about(monkeypatch, fake_estimator):
+def test_host_ram_is_weighed_as_vram_is(monkeypatch, fake_estimator):
+    """The offloaded plans fit the 8 GB card but need 14 GiB of host RAM: on a 12 GiB machine none is picked."""
     fake_gpu(monkeypatch, 8)
-    monkeypatch.setattr(auto, "host_ram", lambda: 8 * GIB)
-    assert "memory.optimizer_offload=nvme" in auto.pick_plan().reason
+    monkeypatch.setattr(auto, "host_ram", lambda: 12 * GIB)
+    with pytest.raises(SdtuneError) as caught:
+        auto.pick_plan()
+    message = str(caught.value)
+    assert "host RAM (12.0 GiB" in message and "needs 14.0 GiB" in message
+    assert "--set memory.optimizer_offload=nvme --set memory.offload_dir=DIR" in message
+    monkeypatch.setattr(auto, "host_ram", lambda: 16 * GIB)  # 14 GiB is within 90% of 16
+    assert auto.pick_plan().label == "rtx3050"
 
 
 def fake_training(monkeypatch):

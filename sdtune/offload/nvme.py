@@ -1,15 +1,16 @@
 """AdamW whose fp32 master weights and moments live in a file on a fast disk (`optimizer_offload = "nvme"`).
 
-Everything about gradients is `OffloadAdamW`'s: they leave the device during backward and are summed in
-fp32 in host RAM (4 bytes a parameter), so GradScaler's overflow check and gradient clipping see all of
-them before any weight changes. What moves to disk is the rest of the optimizer's 16 bytes a parameter:
-the master weight and AdamW's two moments, 12 bytes, stored bucket after bucket in one file under
-`memory.offload_dir` as `[master | exp_avg | exp_avg_sq]`.
+Everything about gradients is `OffloadAdamW`'s: they leave the device during backward into pinned
+staging in the working precision (2 bytes a parameter; with gradient accumulation summed in fp32, 4 more),
+and their norm decides clipping and the fp16 overflow check before any weight changes. What moves to
+disk is the master weight and AdamW's two moments, 12 bytes a parameter, stored bucket after bucket in
+one file under `memory.offload_dir` as `[master | exp_avg | exp_avg_sq]`.
 
 A step streams the buckets through a ring of three host buffers: a reader thread loads bucket i+1 while
 the fused AdamW kernel updates bucket i and a writer thread stores bucket i-1, so host RAM holds three
-buckets of state instead of all of it. Each updated bucket's weights go to the device as soon as its
-kernel is done. Reads and writes are `os.preadv`/`os.pwrite`, which release the GIL.
+buckets of state instead of all of it (pageable: only the staging is DMA'd). Each updated bucket's
+weights go to the device as soon as its kernel is done. Reads and writes are `os.preadv`/`os.pwrite`,
+which release the GIL.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.offload.optimizer import OffloadAdamW, _Bucket, _partition, adamw_kernel
+from sdtune.offload import optimizer
+from sdtune.offload.optimizer import OffloadAdamW, _Bucket, partition
+from sdtune.offload.pinned import host_empty
 
 STATE_FILE = "optimizer_state.bin"
 _FLOAT = 4
-_RING = 3  # buffers: one being read, one being stepped, one being written
+RING = 3  # buffers: one being read, one being stepped, one being written
 
 
 def check_offload_dir(directory: str) -> Path:
@@ -103,24 +106,32 @@ class _StateFile:
 class NvmeAdamW(OffloadAdamW):
     """`OffloadAdamW` with the masters and moments in a file under `offload_dir`, streamed bucket by bucket.
 
-    The optimizer's parameters are zero-stride placeholders, one per bucket, whose `.grad` is the bucket's
-    host gradient: GradScaler and clipping work on them as on any parameter, and no master is in RAM."""
+    The optimizer's parameters are zero-stride placeholders, one per bucket (the LR schedule and the
+    checkpoint's param groups see them as any optimizer's parameters); no master is in RAM."""
 
-    def __init__(self, params, *, offload_dir: str, device, dtype, lr: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, bucket_mb: int = 64, host_weights: bool = False):
+    def __init__(self, params, *, offload_dir: str, bucket_mb: int | None = None, **kwargs):
         params = [p for p in params if p.requires_grad]
-        lengths = [sum(p.numel() for p in group) for group in _partition(params, bucket_mb * 2**20)]
+        numels = [p.numel() for p in params]
+        lengths = [sum(numels[i] for i in r) for r in partition(numels, bucket_mb)]
         self._file = _StateFile(check_offload_dir(offload_dir), lengths)
-        cuda = torch.device(device).type == "cuda"
-        self._ring = [torch.empty(3 * max(lengths), dtype=torch.float32, pin_memory=cuda) for _ in range(_RING)]
+        self._ring = [host_empty(3 * max(lengths, default=0), torch.float32) for _ in range(RING)]
         self._steps = torch.zeros((), dtype=torch.float32)  # AdamW's step count, shared by every bucket
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sdtune-nvme-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sdtune-nvme-write")
-        super().__init__(params, device=device, dtype=dtype, lr=lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, bucket_mb=bucket_mb, host_weights=host_weights)
+        super().__init__(params, bucket_mb=bucket_mb, **kwargs)
+
+    @staticmethod
+    def host_bytes(numels: list[int], *, itemsize: int, accumulation_steps: int = 1, host_weights: bool = False,
+                   bucket_mb: int | None = None, building: bool = False) -> int:
+        """Host RAM this tier holds (`OffloadAdamW`'s without the masters and moments, plus the ring); with
+        `building`, at most what it holds while the fp32 parameters it is given still exist."""
+        largest = max((sum(numels[i] for i in r) for r in partition(numels, bucket_mb)), default=0)
+        held = optimizer.host_bytes(numels, itemsize=itemsize, accumulation_steps=accumulation_steps,
+                                    host_weights=host_weights, bucket_mb=bucket_mb, building=building)
+        return held - optimizer.MASTER_BYTES * sum(numels) * (not building) + RING * optimizer.MASTER_BYTES * largest
 
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
-        """Write the master and zero moments to the file; keep a placeholder the gradient hangs on."""
+        """Write the master and zero moments to the file; keep a placeholder of the bucket's length."""
         n = len(values)
         self._file.write(index, values)
         self._file.write(index, torch.zeros(2 * n, dtype=torch.float32), start=n)
@@ -129,32 +140,25 @@ class NvmeAdamW(OffloadAdamW):
     # ------------------------------------------------------------------------------------------------
     # the streamed step
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if closure is not None:
-            raise ValueError("NvmeAdamW.step takes no closure")
-        self._zero_unused_grads()
-        if not self._overflowed():
-            self._steps += 1
-            self._stream_buckets(self._update)
-            self._uploaded()
-        self._fresh = set(self._where)
+    def _allocate_state(self) -> None:
+        """The moments are in the file (zeros, written with the masters)."""
 
-    def _update(self, bucket: _Bucket, state: torch.Tensor) -> bool:
-        """One fused AdamW kernel over a bucket's `[master | exp_avg | exp_avg_sq]`; its weights go to the device."""
-        master, exp_avg, exp_avg_sq = state.chunk(3)
-        adamw_kernel(master, bucket.master.grad, exp_avg, exp_avg_sq, self._steps, self.param_groups[0],
-                     getattr(self, "grad_scale", None))
-        self._upload_bucket(bucket, master)
+    def _step_all(self, scaling) -> None:
+        self._steps += 1
+        self._stream_buckets(lambda bucket, state: self._update_state(bucket, state, scaling))
+
+    def _update_state(self, bucket: _Bucket, state: torch.Tensor, scaling) -> bool:
+        """One fused AdamW pass over a bucket's `[master | exp_avg | exp_avg_sq]`; its weights go to the device."""
+        self._update(bucket, *state.chunk(3), self._steps, scaling)
         return True  # the state changed: write it back
 
     def _stream_buckets(self, visit) -> None:
         """Call `visit(bucket, state)` on each bucket's state in a ring buffer, reading one bucket ahead and
         writing back behind (when `visit` returns True)."""
-        writes: list[Future | None] = [None] * _RING
+        writes: list[Future | None] = [None] * RING
 
         def load(index: int) -> torch.Tensor:
-            slot = index % _RING
+            slot = index % RING
             if writes[slot] is not None:
                 writes[slot].result()  # the buffer is free once its last bucket is on disk
             state = self._ring[slot][:3 * len(self._buckets[index].master)]
@@ -167,7 +171,7 @@ class NvmeAdamW(OffloadAdamW):
             if index + 1 < len(self._buckets):
                 ahead = self._reader.submit(load, index + 1)
             if visit(bucket, state):
-                writes[index % _RING] = self._writer.submit(self._file.write, index, state)
+                writes[index % RING] = self._writer.submit(self._file.write, index, state)
         for write in writes:
             if write is not None:
                 write.result()
@@ -194,7 +198,7 @@ class NvmeAdamW(OffloadAdamW):
 
     def load_state_files(self, folder: Path) -> None:
         self._file.load(Path(folder) / STATE_FILE)
-        self._stream_buckets(lambda bucket, state: self._upload_bucket(bucket, state.chunk(3)[0]))
+        self._stream_buckets(lambda bucket, state: self._publish(bucket, state.chunk(3)[0]))
         self._uploaded()
 
     def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:

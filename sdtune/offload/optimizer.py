@@ -1,74 +1,99 @@
-"""AdamW whose fp32 master weights, gradients and moments live in host memory (`optimizer_offload = "cpu"`).
+"""AdamW whose fp32 master weights and moments live in host memory (`optimizer_offload = "cpu"`).
 
 The compute device keeps only the working-precision weights: every trainable parameter becomes a view
-into one flat device buffer per bucket (about `bucket_mb` of fp32 each). On the host, each bucket has a
-flat fp32 master copy, a flat fp32 gradient and AdamW's two moments, stepped by torch's fused CPU AdamW.
+into one flat device buffer per bucket (about `BUCKET_MB` of fp32 each, in parameter order). On the host,
+each bucket has a flat fp32 master copy and AdamW's two moments (12 bytes a parameter, pageable), and a
+slice of one exactly sized page-locked staging buffer in the working precision (2 bytes a parameter).
 
-As backward produces a parameter's gradient (a post-accumulate-grad hook), the gradient is copied to the
-host and freed on the device, so gradients never pile up on the GPU; with gradient accumulation the host
-sums the micro-batches in fp32. On CUDA the copy runs on a side stream into pinned memory and a worker
-thread folds it into the fp32 gradient while backward goes on. The optimizer's parameters are the host
-masters, so torch's GradScaler (fp16 overflow check and skip), `clip_grad_norm_` over its param groups and
-LR schedulers work unchanged. After the step, each bucket's weights go back to the device.
+As backward produces a parameter's gradient (a post-accumulate-grad hook), its norm is taken on the device
+and the gradient is copied into the staging buffer, then freed on the device, so gradients never pile up
+on the GPU. On CUDA the copies run on a gradient stream, one event a bucket; a worker thread handles each
+bucket once its copies are done. Without gradient accumulation the staged gradients are the step's
+gradients; with it, the worker sums the micro-batches in an fp32 host buffer (4 more bytes a parameter)
+and takes their norm while it adds the last one.
 
-Gradient clipping needs the norm of all gradients, and fp16 loss scaling needs to know whether any
-overflowed, before any weight may change: with either, or with gradient accumulation, the step runs after
-backward. Without them (`step_in_backward`), each bucket is stepped and its weights sent back as soon as
-its last gradient has arrived, on the worker thread while backward goes on (a parameter's weight is not
-read by backward again once its gradient is complete); `step()` then only finishes what is left.
+The step needs no pass over the gradients of its own: the norm (device-side, or from the last fold) gives
+the clipping factor and the overflow check. The host then makes one pass over memory, chunk by chunk of
+`CHUNK` values that stay in the CPU's caches: upcast the gradient, unscale and clip it (two in-cache
+multiplies by the same fp32 factors as GradScaler and `optim.clip_gradients` use, so that results equal
+plain AdamW's bit for bit, which folding them into the kernel's `grad_scale` division would not), AdamW,
+and cast the new weight into the staging buffer, from which an upload stream (not the gradient stream)
+copies the bucket back to the device. Without clipping, loss scaling and accumulation
+(`step_in_backward`), each bucket is stepped and sent back as soon as its gradients are in, on the worker
+thread while backward goes on (a parameter's weight is not read by backward again once its gradient is
+complete). fp16 overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from sdtune.offload.pinned import PinnedBuffer, host_empty
+from sdtune.offload.streams import blocking_event, side_stream
 
-@dataclass
+BUCKET_MB = 64        # fp32 megabytes after which a bucket closes (so a bucket holds 64 MB or a bit more)
+CHUNK = 2**20         # values per host pass: upcast, AdamW and cast stay within the CPU caches
+MASTER_BYTES = 12     # fp32 master + exp_avg + exp_avg_sq per parameter, in host RAM (cpu tier) or on disk
+ACCUMULATION_BYTES = 4  # fp32 host sum of the micro-batches' gradients, with gradient accumulation only
+
+
+@dataclass(eq=False)
 class _Bucket:
     params: list[torch.nn.Parameter]
     offsets: list[int]
-    device_flat: torch.Tensor          # working-precision weights (on the compute device unless host_weights)
-    master: torch.Tensor               # fp32 weights on the host; `.grad` is the fp32 host gradient
-    staging: torch.Tensor | None       # pinned working-precision host buffer for the copies (CUDA only)
-    waiting: int = 0                   # parameters still to receive their gradient in this backward
+    start: int                         # where its values begin in the flat order of all trainable parameters
+    device_flat: torch.Tensor          # working-precision weights: on the compute device, or pinned host (host_weights)
+    master: torch.Tensor               # fp32 weights on the host (the nvme tier: a placeholder)
+    grad: torch.Tensor | None          # fp32 host sum of the micro-batches (gradient accumulation only)
+    staging: torch.Tensor | None = None  # host, working precision: gradients arrive here, new weights leave
+    pending: set = field(default_factory=set)  # parameters still to receive their gradient in this backward
+    event: Any = None                  # after this bucket's gradient copies (CUDA)
+    folds: int = 0                     # micro-batches summed into `grad` since the last step
     stepped: bool = False              # already stepped in this backward (step_in_backward)
 
 
-def _partition(params: list, bucket_bytes: int) -> list[list]:
-    groups, current, size = [], [], 0
-    for p in params:
-        current.append(p)
-        size += p.numel() * 4
-        if size >= bucket_bytes:
-            groups.append(current)
-            current, size = [], 0
-    return groups + ([current] if current else [])
+def partition(numels: list[int], bucket_mb: int | None = None) -> list[range]:
+    """Index ranges of consecutive parameters, each closed once it holds `bucket_mb` of fp32."""
+    limit, ranges, start, size = (bucket_mb or BUCKET_MB) * 2**20, [], 0, 0
+    for i, n in enumerate(numels):
+        size += 4 * n
+        if size >= limit:
+            ranges.append(range(start, i + 1))
+            start, size = i + 1, 0
+    return ranges + ([range(start, len(numels))] if start < len(numels) else [])
 
 
-def _fold(target: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
-    if first:
-        target.copy_(grad)
-    else:
-        target.add_(grad)
-
-
-def _fold_after(event, target: torch.Tensor, staged: torch.Tensor, first: bool) -> None:
-    event.synchronize()
-    _fold(target, staged, first)
+def host_bytes(numels: list[int], *, itemsize: int, accumulation_steps: int = 1, host_weights: bool = False,
+               bucket_mb: int | None = None, building: bool = False) -> int:
+    """Host RAM `OffloadAdamW` holds for parameters of `numels` elements; with `building`, at most what it
+    holds while it is built, when the fp32 parameters it is given are not yet released."""
+    total = sum(numels)
+    largest = max((sum(numels[i] for i in r) for r in partition(numels, bucket_mb)), default=0)
+    common = itemsize * total * host_weights + ACCUMULATION_BYTES * total * (accumulation_steps > 1)
+    common += 4 * min(CHUNK, largest)
+    if building:  # the fp32 parameters become the masters one bucket at a time: never more than both
+        return 4 * total + common
+    return MASTER_BYTES * total + itemsize * total + common
 
 
 def adamw_kernel(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  step: torch.Tensor, group: dict, grad_scale: torch.Tensor | None = None) -> None:
     """One AdamW update of `master` in place, by the kernel torch's fused AdamW runs (so results match it
-    bit for bit); `step` is the already incremented step count."""
+    bit for bit); `step` is the already incremented step count; `grad` is divided by `grad_scale`."""
     beta1, beta2 = group["betas"]
     torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=group["lr"], beta1=beta1,
                         beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                         maximize=False, grad_scale=grad_scale, found_inf=None)
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """What clipping multiplies the gradients by: at most 1, so that their norm is at most `max_norm`."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm else 1.0
 
 
 class OffloadAdamW(torch.optim.AdamW):
@@ -76,155 +101,259 @@ class OffloadAdamW(torch.optim.AdamW):
 
     `params` must arrive in fp32 (on any device): they become the masters exactly. With `host_weights`
     the working-precision weights stay in (pinned) host memory instead, for `ParamStreamer` to bring
-    to the device block by block; gradients still arrive on `device`. `step_in_backward` is only exact
-    without gradient clipping, loss scaling and gradient accumulation: the caller decides."""
+    to the device block by block; gradients still arrive on `device`. `max_grad_norm` clips inside the
+    step; `accumulation_steps` backward passes make one step. `step_in_backward` is only exact without
+    clipping, loss scaling and accumulation: the caller decides. After `step()`, `last_grad_norm` is the
+    unscaled gradient norm and `skipped` says whether an inf/NaN gradient made it skip."""
+
+    host_bytes = staticmethod(host_bytes)  # what it allocates, for the estimator
 
     def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, bucket_mb: int = 64, host_weights: bool = False,
-                 step_in_backward: bool = False):
+                 weight_decay: float = 1e-2, bucket_mb: int | None = None, host_weights: bool = False,
+                 step_in_backward: bool = False, max_grad_norm: float = 0.0, accumulation_steps: int = 1):
         self.device, self.dtype, self.host_weights = torch.device(device), dtype, host_weights
-        self.step_in_backward = step_in_backward
+        self.step_in_backward, self.max_grad_norm = step_in_backward, max_grad_norm
+        self.accumulation_steps = accumulation_steps
         cuda = self.device.type == "cuda"
+        self._cast_in_place = host_weights or not cuda  # the working weights are host memory: cast straight in
         trainable = [p for p in params if p.requires_grad]
+        ranges = partition([p.numel() for p in trainable], bucket_mb)
+        total = sum(p.numel() for p in trainable)
+        self._weights = PinnedBuffer(total, dtype, pin=cuda) if host_weights else None
+        largest = max((sum(trainable[i].numel() for i in r) for r in ranges), default=0)
+        self._scratch = host_empty(min(CHUNK, largest), torch.float32)  # one chunk of upcast gradients
         self._buckets: list[_Bucket] = []
-        for group in _partition(trainable, bucket_mb * 2**20):
-            self._buckets.append(self._make_bucket(group, cuda))
-        self._where = {}
-        for bucket in self._buckets:
+        self._where: dict[torch.nn.Parameter, tuple[_Bucket, int, int]] = {}
+        start = 0
+        for r in ranges:
+            bucket = self._make_bucket([trainable[i] for i in r], start)
+            start += len(bucket.master)
+            self._buckets.append(bucket)
             for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                 self._where[p] = (bucket, offset, p.numel())
                 p.register_post_accumulate_grad_hook(self._on_grad)
-        self._fresh = set(self._where)  # parameters whose next gradient replaces the host one
-        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        # Gradient (and upload) staging of every bucket, allocated once the fp32 parameters are released.
+        self._staging = PinnedBuffer(total, dtype, pin=cuda)
+        for bucket in self._buckets:
+            bucket.staging = self._staging.tensor[bucket.start:bucket.start + len(bucket.master)]
+        self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sdtune-offload") if cuda else None
-        self._pending: list[Future] = []
-        self._in_backward = False
+        self._futures: list[Future] = []
+        self._norms: list[torch.Tensor] = []   # device-side gradient norms of this backward (no accumulation)
+        self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
+        self._task, self._in_backward, self._backwards = None, False, 0
+        self.last_grad_norm, self.skipped = None, False
         super().__init__([b.master for b in self._buckets], lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, fused=True)
+        self._step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
+        self._allocate_state()
 
-    def _make_bucket(self, params: list, cuda: bool) -> _Bucket:
-        sizes = [p.numel() for p in params]
-        offsets = list(itertools.accumulate([0, *sizes[:-1]]))
-        values = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=cuda)
-        for p, offset, n in zip(params, offsets, sizes, strict=True):
-            values[offset:offset + n].copy_(p.detach().reshape(-1))
+    def _make_bucket(self, params: list, start: int) -> _Bucket:
+        offsets, n = [], 0
+        for p in params:
+            offsets.append(n)
+            n += p.numel()
+        values = host_empty(n, torch.float32)
+        for p, offset in zip(params, offsets, strict=True):
+            values[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
         if self.host_weights:
-            device_flat = torch.empty(len(values), dtype=self.dtype, pin_memory=cuda)
+            device_flat = self._weights.tensor[start:start + n]
         else:
-            device_flat = torch.empty(len(values), dtype=self.dtype, device=self.device)
+            device_flat = torch.empty(n, dtype=self.dtype, device=self.device)
         device_flat.copy_(values)
-        for p, offset, n in zip(params, offsets, sizes, strict=True):
-            p.data = device_flat[offset:offset + n].view(p.shape)
-        staging = torch.empty(len(values), dtype=self.dtype, pin_memory=True) if cuda else None
+        for p, offset in zip(params, offsets, strict=True):
+            p.data = device_flat[offset:offset + p.numel()].view(p.shape)
+        grad = host_empty(n, torch.float32) if self.accumulation_steps > 1 else None
         master = self._keep_master(len(self._buckets), values)
-        master.grad = torch.zeros(len(values), dtype=torch.float32, pin_memory=cuda)
-        return _Bucket(params, offsets, device_flat, master, staging)
+        return _Bucket(params, offsets, start, device_flat, master, grad)
 
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
         """Where bucket `index`'s fp32 master lives: here, the host tensor itself."""
         return values
 
+    def _allocate_state(self) -> None:
+        """AdamW's moments, allocated now so that a machine short of RAM fails before step one; laid out as
+        torch's fused AdamW lays out its state, so checkpoints are the same."""
+        for bucket in self._buckets:
+            self.state[bucket.master].update(
+                step=torch.zeros((), dtype=torch.float32),
+                exp_avg=host_empty(len(bucket.master), torch.float32, zero=True),
+                exp_avg_sq=host_empty(len(bucket.master), torch.float32, zero=True))
+
     # ------------------------------------------------------------------------------------------------
     # backward: gradients leave the device as they are produced
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
-        if not self._in_backward:
-            self._in_backward = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
-            for b in self._buckets:
-                b.waiting = len(b.params)
+        task = torch._C._current_graph_task_id()
+        if task != self._task or not self._in_backward:
+            self._start_backward(task)
         bucket, offset, n = self._where[param]
-        first = param in self._fresh
-        self._fresh.discard(param)
-        grad, target = param.grad.reshape(-1), bucket.master.grad[offset:offset + n]
-        if self._stream is None:
-            _fold(target, grad, first)
-        else:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                staged = bucket.staging[offset:offset + n]
-                staged.copy_(grad, non_blocking=True)
-                param.grad.record_stream(self._stream)  # keep the device memory until the copy is done
-                event = torch.cuda.Event()
-                event.record(self._stream)
-            self._pending.append(self._worker.submit(_fold_after, event, target, staged, first))
+        grad = param.grad
+        if self.accumulation_steps == 1:  # with accumulation the norm is of the sum, taken on the host
+            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float64))  # as clip_gradients does
+        self._send(grad, bucket.staging[offset:offset + n])
         param.grad = None
-        bucket.waiting -= 1
-        if self.step_in_backward and bucket.waiting == 0:  # after its folds: the worker runs tasks in order
-            if self._worker is None:
-                self._step_bucket(bucket)
-            else:
-                self._pending.append(self._worker.submit(self._step_bucket, bucket))
+        bucket.pending.discard(param)
+        if not bucket.pending:
+            self._complete(bucket)
+
+    def _start_backward(self, task: int) -> None:
+        if self._in_backward:  # the last backward raised before it finished: drop what it left
+            self._reset()
+        self._task, self._in_backward = task, True
+        self._backwards += 1
+        for bucket in self._buckets:
+            bucket.pending = set(bucket.params)
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _send(self, grad: torch.Tensor, target: torch.Tensor) -> None:
+        flat = grad.contiguous().view(-1)  # a copy when the gradient is not contiguous (channels_last)
+        if self._grads_stream is None:
+            target.copy_(flat)
+            return
+        self._grads_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._grads_stream):
+            target.copy_(flat, non_blocking=True)
+        flat.record_stream(self._grads_stream)  # the tensor the copy reads stays allocated until it is done
+
+    def _complete(self, bucket: _Bucket) -> None:
+        """Every gradient of `bucket` that this backward will produce is on its way: hand it to the worker."""
+        missing, bucket.pending = [p for p in bucket.params if p in bucket.pending], set()
+        bucket.event = None
+        if self._grads_stream is not None:
+            self._grads_stream.wait_stream(torch.cuda.current_stream(self.device))
+            bucket.event = blocking_event()
+            bucket.event.record(self._grads_stream)
+        final = self._backwards >= self.accumulation_steps
+        if self._worker is None:
+            self._arrived(bucket, missing, final)
+        else:
+            self._futures.append(self._worker.submit(self._arrived, bucket, missing, final))
+
+    def _arrived(self, bucket: _Bucket, missing: list, final: bool) -> None:
+        """On the worker: the bucket's gradients are in its staging buffer once its event has passed."""
+        if bucket.event is not None:
+            bucket.event.synchronize()
+        for p in missing:  # no gradient in this backward (an unused parameter): it counts as zero
+            _, offset, n = self._where[p]
+            bucket.staging[offset:offset + n].zero_()
+        if bucket.grad is not None:
+            self._fold(bucket, final)
+        if self.step_in_backward:
+            self._step_bucket(bucket, _Scaling())
+
+    def _fold(self, bucket: _Bucket, final: bool) -> None:
+        """Add this micro-batch's gradients into the fp32 sum; after the last one, take the sum's norm."""
+        for part in _chunks(len(bucket.grad)):
+            total, staged = bucket.grad[part], bucket.staging[part]
+            total.copy_(staged) if bucket.folds == 0 else total.add_(staged)
+            if final:
+                self._host_sq += torch.linalg.vector_norm(total, dtype=torch.float64).item() ** 2
+        bucket.folds += 1
 
     def _backward_done(self) -> None:
-        """End of a backward pass: the host gradient is complete once the queued folds are."""
+        """End of a backward pass: buckets with parameters that got no gradient are complete now too."""
+        for bucket in self._buckets:
+            if bucket.pending:
+                self._complete(bucket)
+        self._wait()
         self._in_backward = False
-        for future in self._pending:
+
+    def _wait(self) -> None:
+        futures, self._futures = self._futures, []
+        for future in futures:
             future.result()
-        self._pending.clear()
+
+    def _reset(self) -> None:
+        """Forget this step's gradients (after a step, a skipped step, or a backward that raised)."""
+        try:
+            self._wait()
+        finally:
+            self._in_backward, self._backwards, self._norms, self._host_sq = False, 0, [], 0.0
+            for bucket in self._buckets:
+                bucket.pending, bucket.folds, bucket.stepped = set(), 0, False
 
     # ------------------------------------------------------------------------------------------------
     # step: fused AdamW over each bucket's master on the host, then its weights go back to the device
+
+    def grad_sq_norm(self) -> float:
+        """Squared L2 norm of this step's (still scaled) gradients, summed in float64."""
+        if self.accumulation_steps > 1:
+            return self._host_sq
+        if not self._norms:
+            return 0.0
+        return torch.stack(self._norms).double().square().sum().item()
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError(f"{type(self).__name__}.step takes no closure")
-        if not self._overflowed():
-            self._zero_unused_grads()
-            for bucket in self._buckets:
-                if not bucket.stepped:
-                    self._step_bucket(bucket)
+        if self._in_backward:
+            raise RuntimeError(f"{type(self).__name__}.step() after a backward that did not finish; "
+                               "call zero_grad() first")
+        scale = getattr(self, "grad_scale", None)  # set by GradScaler.step when loss scaling is on
+        scale = 1.0 if scale is None else float(scale)
+        self.last_grad_norm = math.sqrt(self.grad_sq_norm()) / scale
+        self.skipped = not self.step_in_backward and not math.isfinite(self.last_grad_norm)
+        if not self.skipped:
+            if self._backwards == 0:  # no backward since the last step: every gradient is zero
+                for bucket in self._buckets:
+                    bucket.staging.zero_()
+                    if bucket.grad is not None:
+                        bucket.grad.zero_()
+            self._step_all(_Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm)))
             self._uploaded()
-        for bucket in self._buckets:
-            bucket.stepped = False
-        self._fresh = set(self._where)
+        self._reset()
 
-    @torch.no_grad()
-    def _step_bucket(self, bucket: _Bucket) -> None:
+    def _step_all(self, scaling: _Scaling) -> None:
+        for bucket in self._buckets:
+            if not bucket.stepped:
+                self._step_bucket(bucket, scaling)
+
+    def _step_bucket(self, bucket: _Bucket, scaling: _Scaling) -> None:
         state = self.state[bucket.master]
-        if not state:  # laid out as torch's fused AdamW lays out its state, so checkpoints are the same
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(bucket.master, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(bucket.master, memory_format=torch.preserve_format)
         state["step"] += 1
-        adamw_kernel(bucket.master, bucket.master.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                     self.param_groups[0], getattr(self, "grad_scale", None))
-        self._upload_bucket(bucket, bucket.master)
+        self._update(bucket, bucket.master, state["exp_avg"], state["exp_avg_sq"], state["step"], scaling)
         bucket.stepped = True
 
-    def _zero_unused_grads(self) -> None:
-        for p in self._fresh:  # no gradient since the last step (an unused parameter): count it as zero
-            bucket, offset, n = self._where[p]
-            bucket.master.grad[offset:offset + n].zero_()
-
-    def _overflowed(self) -> bool:
-        """GradScaler found inf/NaN gradients (it sets `found_inf` on fused optimizers): skip the step."""
-        found_inf = getattr(self, "found_inf", None)
-        return found_inf is not None and bool(found_inf.item())
+    def _update(self, bucket: _Bucket, master, exp_avg, exp_avg_sq, step, scaling: _Scaling) -> None:
+        """AdamW over `master` chunk by chunk, each new chunk cast on its way out; then the upload."""
+        group, out = self.param_groups[0], bucket.device_flat if self._cast_in_place else bucket.staging
+        for part in _chunks(len(master)):
+            if bucket.grad is not None:
+                grad = bucket.grad[part]
+            else:
+                grad = self._scratch[:part.stop - part.start].copy_(bucket.staging[part])
+            scaling.apply(grad)
+            adamw_kernel(master[part], grad, exp_avg[part], exp_avg_sq[part], step, group)
+            out[part].copy_(master[part])
+        self._upload(bucket)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Host gradients are overwritten by the next backward; device ones were freed in the hooks."""
-        self._fresh = set(self._where)
+        """Device gradients were freed in the hooks; the host ones are replaced by the next backward."""
+        self._reset()
 
-    def _upload(self) -> None:
-        for bucket in self._buckets:
-            self._upload_bucket(bucket, bucket.master)
-        self._uploaded()
+    def _publish(self, bucket: _Bucket, master: torch.Tensor) -> None:
+        """`master` (this bucket's fp32 weights, e.g. loaded from a checkpoint) becomes its working weights."""
+        (bucket.device_flat if self._cast_in_place else bucket.staging).copy_(master)
+        self._upload(bucket)
 
-    def _upload_bucket(self, bucket: _Bucket, master: torch.Tensor) -> None:
-        """Queue the copy of `master` (this bucket's fp32 weights) to the device in working precision."""
-        if self._stream is None or self.host_weights:
-            bucket.device_flat.copy_(master)
+    def _upload(self, bucket: _Bucket) -> None:
+        """Queue the copy of the bucket's staged working weights to the device."""
+        if self._cast_in_place:
             return
-        bucket.staging.copy_(master)  # cast on the host, then one copy per bucket
-        with torch.cuda.stream(self._stream):
+        if self._upload_stream is None:
+            bucket.device_flat.copy_(bucket.staging)
+            return
+        with torch.cuda.stream(self._upload_stream):
+            if bucket.event is not None:  # backward has read the old weights before the copy overwrites them
+                self._upload_stream.wait_event(bucket.event)
             bucket.device_flat.copy_(bucket.staging, non_blocking=True)
 
     def _uploaded(self) -> None:
         """The device weights are used next on the compute stream: it waits for the queued copies."""
-        if self._stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        if self._upload_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._upload_stream)
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints: the masters are part of the state, the device weights follow from them
@@ -238,7 +367,8 @@ class OffloadAdamW(torch.optim.AdamW):
         super().load_state_dict(state_dict)
         for bucket, master in zip(self._buckets, masters, strict=True):
             bucket.master.copy_(master)
-        self._upload()
+            self._publish(bucket, bucket.master)
+        self._uploaded()
 
     def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """`module.state_dict()` with every offloaded parameter replaced by its fp32 master."""
@@ -248,3 +378,22 @@ class OffloadAdamW(torch.optim.AdamW):
                 bucket, offset, n = self._where[p]
                 weights[name] = bucket.master[offset:offset + n].view(p.shape)
         return weights
+
+
+class _Scaling:
+    """Unscale by the loss scale, then clip: the same fp32 multiplications, in the same order, as
+    `GradScaler.unscale_` and `optim.clip_gradients` make on gradients kept on the device."""
+
+    def __init__(self, scale: float = 1.0, factor: float = 1.0):
+        self.inv_scale = None if scale == 1.0 else torch.tensor(scale, dtype=torch.float64).reciprocal().float()
+        self.factor = None if factor == 1.0 else torch.tensor(factor, dtype=torch.float64).float()
+
+    def apply(self, grad: torch.Tensor) -> None:
+        if self.inv_scale is not None:
+            grad.mul_(self.inv_scale)
+        if self.factor is not None:
+            grad.mul_(self.factor)
+
+
+def _chunks(length: int) -> list[slice]:
+    return [slice(start, min(start + CHUNK, length)) for start in range(0, length, CHUNK)]

@@ -90,7 +90,8 @@ def test_offload_tiers_move_what_they_promise_off_the_gpu():
     assert offloaded.milestones["backward_end"]["gradients"] == 0  # each gradient left as it was made
     assert streamed.milestones["forward_end"]["weights"] < 0.1 * offloaded.categories["weights"]
     assert streamed.total < offloaded.total < plain.total
-    assert offloaded.host_ram >= 16 * params and nvme.host_ram < offloaded.host_ram / 2
+    assert 14 * params < offloaded.host_ram < 14.01 * params  # fp32 master and moments, bf16 staging
+    assert nvme.host_ram < offloaded.host_ram / 2
     assert nvme.disk == 12 * params and offloaded.disk == 0
 
 

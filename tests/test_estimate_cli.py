@@ -118,10 +118,12 @@ def test_cost_ranks_the_presets_fastest_first():
 def test_candidates_are_tried_fastest_first_each_plan_once():
     gpu = auto.Gpu("Fake", 8 * GIB, bf16=True)
     labels = [cand.label for cand, _, _ in auto.ordered(gpu, [])]
-    assert labels == ["rtx4090", "rtx4090 + memory.gradient_checkpointing=true", "rtx3050",
-                      "rtx3050 + memory.param_offload=cpu"]  # rtx3080 is rtx3050's plan; rtx2070 is fp16
+    assert labels == ["rtx4090", "rtx4090 + memory.gradient_checkpointing=true", "rtx3050", "rtx3080",
+                      "rtx3050 + memory.param_offload=cpu", "rtx3080 + memory.param_offload=cpu"]  # rtx2070 is fp16
     big = auto.Gpu("Fake", 12 * GIB, bf16=True)
-    assert [c.label for c, _, _ in auto.ordered(big, [])][2] == "rtx3080"  # the name nearest the card
+    assert [c.label for c, _, _ in auto.ordered(big, [])][2] == "rtx3080"  # of equal cost, the card nearest first
+    same = [c.label for c, _, _ in auto.ordered(gpu, ["train.batch_size=2"])]  # now rtx3080 is rtx3050's plan
+    assert "rtx3080" not in same and "rtx3050" in same
 
 
 def test_without_bf16_the_plans_run_in_fp16():
@@ -129,7 +131,8 @@ def test_without_bf16_the_plans_run_in_fp16():
     plans = auto.ordered(gpu, [])
     assert [c.label for c, _, _ in plans] == [
         "rtx4090 + memory.precision=fp16", "rtx4090 + memory.precision=fp16 + memory.gradient_checkpointing=true",
-        "rtx2070", "rtx2070 + memory.param_offload=cpu"]
+        "rtx2070", "rtx3080 + memory.precision=fp16", "rtx2070 + memory.param_offload=cpu",
+        "rtx3080 + memory.precision=fp16 + memory.param_offload=cpu"]  # rtx3050 in fp16 is rtx2070
     assert {cfg.memory.precision for _, cfg, _ in plans} == {"fp16"}
 
 
@@ -357,7 +360,7 @@ def test_real_estimate_table_and_json():
     assert list(entry["categories"]) == list(CATEGORIES)
     assert entry["peak_allocated"] == sum(entry["categories"][k] for k in CATEGORIES[:6])
     assert entry["total"] == entry["peak_reserved"] + entry["categories"]["cuda_context"]
-    assert (entry["preset"], entry["resolution"], entry["batch_size"], entry["device"]) == ("rtx3050", 512, 1, "cuda")
+    assert (entry["preset"], entry["resolution"], entry["batch_size"], entry["device"]) == ("rtx3050", 512, 4, "cuda")
     assert entry["fits"] == (entry["total"] <= 8 * GIB)
 
 

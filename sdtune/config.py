@@ -129,6 +129,8 @@ class MemoryConfig:
     offload_dir: str = doc("folder on a fast local disk for optimizer_offload=nvme (12 bytes per parameter)", "")
     param_offload: Literal["none", "cpu"] = doc(
         "keep the UNet's working weights in host RAM and stream them to the GPU block by block", "none")
+    param_prefetch_blocks: int = doc("with param_offload=cpu: UNet blocks (up to 128 MiB each) copied to the GPU "
+                                     "ahead of the one running; more overlaps copies better, costs VRAM", 2)
 
     def __post_init__(self):
         _require(self.optimizer_offload == "none" or self.optimizer == "adamw",
@@ -136,6 +138,8 @@ class MemoryConfig:
                  f"memory.optimizer={self.optimizer} cannot be offloaded (set memory.optimizer=adamw)")
         _require(self.optimizer_offload != "nvme" or self.offload_dir,
                  "memory.optimizer_offload=nvme needs memory.offload_dir (a folder on a fast local disk)")
+        _require(self.param_prefetch_blocks >= 0,
+                 f"memory.param_prefetch_blocks must be 0 or more, got {self.param_prefetch_blocks}")
         _require(self.param_offload == "none" or self.gradient_checkpointing,
                  f"memory.param_offload={self.param_offload} streams weights into the recomputation of backward; "
                  "it needs memory.gradient_checkpointing=true")

@@ -189,7 +189,8 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, i
     if plan.param_offload == "cpu":
         from sdtune.offload import ParamStreamer
 
-        ParamStreamer(unet, "meta", on_copy=lambda copy: tracker.relabel(copy, "weights"))
+        ParamStreamer(unet, "meta", prefetch_blocks=cfg.memory.param_prefetch_blocks,
+                      on_copy=lambda copy: tracker.relabel(copy, "weights"))
     else:
         tracker.add(unet.parameters(), "weights")
     for p in unet.parameters():

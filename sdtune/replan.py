@@ -30,7 +30,7 @@ from sdtune.errors import SdtuneError
 
 GIB = 2**30
 NEUTRAL_KEYS = ("memory.gradient_checkpointing", "memory.attention", "memory.optimizer_offload",
-                "memory.param_offload", "memory.offload_dir")
+                "memory.param_offload", "memory.param_prefetch_blocks", "memory.offload_dir")
 LEVERS = ("gradient_checkpointing", "optimizer_offload", "param_offload")  # what a smaller plan may pull
 
 

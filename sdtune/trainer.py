@@ -145,7 +145,8 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if plan.param_offload == "cpu":  # after the optimizer: it put the working weights in host memory
         from sdtune.offload import ParamStreamer
 
-        streamer = ParamStreamer(components.unet, plan.device, optimizer)
+        streamer = ParamStreamer(components.unet, plan.device, optimizer,
+                                 prefetch_blocks=cfg.memory.param_prefetch_blocks)
     stream = BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log)
     features = Features(components, cfg.data, plan, log)
     features.prepare(stream, scan.examples)  # with caches: encode what is missing, then park the encoders

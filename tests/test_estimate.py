@@ -88,7 +88,8 @@ def test_offload_tiers_move_what_they_promise_off_the_gpu():
     assert plain.categories["optimizer_state"] > 8 * params and plain.categories["weights"] == 4 * params
     assert offloaded.categories["optimizer_state"] == 0 and offloaded.categories["weights"] == 2 * params
     assert offloaded.milestones["backward_end"]["gradients"] == 0  # each gradient left as it was made
-    assert streamed.milestones["forward_end"]["weights"] < 0.1 * offloaded.categories["weights"]
+    # weights streamed: a pool of 3 buffers of the largest block (119 MiB) instead of all 1.6 GiB
+    assert streamed.milestones["forward_end"]["weights"] < 0.25 * offloaded.categories["weights"]
     assert streamed.total < offloaded.total < plain.total
     assert 14 * params < offloaded.host_ram < 14.01 * params  # fp32 master and moments, bf16 staging
     assert nvme.host_ram < offloaded.host_ram / 2

@@ -121,7 +121,8 @@ class MemoryConfig:
     gradient_checkpointing: bool = doc("recompute UNet activations in backward: far less memory, ~25% slower",
                                        False)
     attention: Literal["sdpa", "xformers", "auto"] = doc(
-        "attention kernel: torch SDPA, xformers (needs the extra), or xformers when installed", "sdpa")
+        "attention kernel: torch SDPA, xformers (needs the extra), or xformers if a test call on the GPU works",
+        "sdpa")
     optimizer: Literal["adamw", "adamw8bit"] = doc(
         "adamw (torch fused/foreach) or adamw8bit (bitsandbytes, 1/4 of the state memory)", "adamw")
     optimizer_offload: Literal["none", "cpu", "nvme"] = doc(

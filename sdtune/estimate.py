@@ -83,7 +83,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     embeddings cached beforehand."""
     import torch
 
-    from sdtune.memory import make_plan
+    from sdtune.memory import make_plan, resolve_attention
     from sdtune.memtrack import MemoryTracker
     from sdtune.models import meta_model
 
@@ -98,7 +98,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not frozen_on_device or cfg.data.cache_text:
         parts = dataclasses.replace(parts, text_encoder=None)
     tracker = MemoryTracker("meta")
-    plan = make_plan(cfg.memory, device, "xformers" if cfg.memory.attention == "xformers" else "sdpa")
+    plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
     with torch.no_grad():
         cond = _frozen_pass(parts, plan, cfg, tracker)
     state = _optimizer_state(parts.unet, plan)

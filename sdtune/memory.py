@@ -1,17 +1,20 @@
 """Apply a memory plan: compute device, precision, activation checkpointing, attention backend.
 
 `resolve_plan` turns the `[memory]` config into concrete choices for this machine (and fails with one
-line when the machine cannot do what was asked); `apply_plan` puts the model parts where and how the
-plan says: the trainable UNet keeps fp32 master weights (autocast computes in half precision), the
-frozen VAE and text encoder are cast to the working precision.
+line when the machine cannot do what was asked); `resolve_attention`, its attention part, is shared with
+the estimator. `apply_plan` puts the model parts where and how the plan says: the trainable UNet keeps
+fp32 master weights (autocast computes in half precision), the frozen VAE and text encoder are cast to
+the working precision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sdtune.config import MemoryConfig
@@ -53,7 +56,65 @@ def _xformers_installed() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
-def resolve_plan(mem: MemoryConfig) -> Plan:
+_PROBE_DEVICE = "cuda"  # tests point it at the CPU, where a fake xformers runs
+
+
+@functools.cache
+def _xformers_fails() -> str | None:
+    """Why xformers cannot train here (its error's first line), or None when one tiny attention call runs
+    forward and backward on the GPU. A wheel built for another torch or CUDA often imports (with a
+    warning) and fails only at its first call: here, not deep inside diffusers at step 1."""
+    try:
+        import torch
+        import xformers.ops
+
+        # [batch, tokens, heads, head dim]; 40 is SD 1.x's head dim
+        q = torch.randn(1, 8, 1, 40, device=_PROBE_DEVICE, dtype=torch.float16, requires_grad=True)
+        xformers.ops.memory_efficient_attention(q, q, q).float().sum().backward()
+        q.grad.float().sum().item()  # waits for the kernels, so a launch failure surfaces here
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return None
+
+
+def resolve_attention(requested: str, device: str, log: Callable[[str], None] | None = None) -> str:
+    """`memory.attention` as the backend this machine runs: "sdpa" or "xformers".
+
+    "auto" takes xformers only where it runs (a probe on the visible GPU, once per process), else SDPA,
+    with one `log` line when an installed xformers fails. An explicit "xformers" that cannot run is one
+    SdtuneError. Planning for a GPU this machine lacks (the estimator on device "cuda"), the probe cannot
+    run: "auto" means SDPA there and an explicit "xformers" is taken at its word."""
+    import torch
+
+    if requested == "sdpa":
+        return "sdpa"
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    fix = f"reinstall xformers built for this torch ({torch.__version__})"
+    if requested == "auto":
+        if not on_gpu or not _xformers_installed():
+            return "sdpa"
+        why = _xformers_fails()
+        if why and log:
+            log(f"attention: xformers not used, SDPA instead ({why}); {fix}, "
+                "or set memory.attention=sdpa to silence this")
+        return "sdpa" if why else "xformers"
+    if device == "cuda" and not on_gpu:
+        return "xformers"
+    if not _xformers_installed():
+        raise SdtuneError("memory.attention=xformers but xformers is not installed; "
+                          "pip install 'sdtune[xformers]' or set memory.attention=sdpa")
+    if device != "cuda":
+        raise SdtuneError("memory.attention=xformers needs a CUDA GPU; set memory.attention=sdpa on the CPU")
+    why = _xformers_fails()
+    if why:
+        raise SdtuneError(f"memory.attention=xformers but xformers fails on this GPU ({why}); "
+                          f"{fix}, or set memory.attention=sdpa")
+    return "xformers"
+
+
+def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None) -> Plan:
+    """The plan of `mem` on this machine; `log` gets a line for each choice "auto" could not make as asked."""
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -63,15 +124,7 @@ def resolve_plan(mem: MemoryConfig) -> Plan:
     if mem.precision == "bf16" and device == "cuda" and not _native_bf16():
         raise SdtuneError(f"memory.precision=bf16 but {torch.cuda.get_device_name()} has no bf16; "
                           "use --set memory.precision=fp16 (or the rtx2070 preset)")
-    attention = mem.attention
-    if attention == "auto":
-        attention = "xformers" if device == "cuda" and _xformers_installed() else "sdpa"
-    if attention == "xformers":
-        if not _xformers_installed():
-            raise SdtuneError("memory.attention=xformers but xformers is not installed; "
-                              "pip install 'sdtune[xformers]' or set memory.attention=sdpa")
-        if device != "cuda":
-            raise SdtuneError("memory.attention=xformers needs a CUDA GPU; set memory.attention=sdpa on the CPU")
+    attention = resolve_attention(mem.attention, device, log)
     if mem.optimizer_offload == "nvme":
         from sdtune.offload.nvme import check_offload_dir
 

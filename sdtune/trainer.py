@@ -137,7 +137,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
         + (f", {counted:,} with repeats" if counted != len(scan.examples) else ""))
     if scan.skipped:
         log(scan.summary())
-    plan = resolve_plan(cfg.memory)
+    plan = resolve_plan(cfg.memory, log)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     apply_plan(plan, components)
     optimizer = make_optimizer(components.unet.parameters(), cfg.train, plan)

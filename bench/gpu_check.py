@@ -363,16 +363,17 @@ def _exit_message(returncode: int | None, timeout: float, log: Path) -> str:
     return f"exit code {returncode}: {(_tail(log)[-1:] or ['no output'])[0]}"[:300]
 
 
-def _common(args, model: Path, resolution: int, steps: int) -> list[str]:
-    """The overrides that make runs comparable: batch 1, no accumulation, no warmup, no samples or single file."""
-    return [f"model.pretrained={model}", f"data.resolution={resolution}", "train.batch_size=1",
-            f"train.max_steps={steps}", "train.gradient_accumulation_steps=1", "train.lr_warmup_steps=0",
-            "output.checkpoint_every=0", "output.single_file=false", "output.sample_every=0"] + (
-        ["memory.device=cpu"] if args.device == "cpu" else [])
+def _common(args, model: Path, resolution: int, steps: int, batch: int | None = None) -> list[str]:
+    """The overrides that make runs comparable: no accumulation, no warmup, no samples or single file; the
+    preset's own batch size unless `batch` is given (the pre-flight's tiny runs take 1)."""
+    return [f"model.pretrained={model}", f"data.resolution={resolution}", f"train.max_steps={steps}",
+            "train.gradient_accumulation_steps=1", "train.lr_warmup_steps=0", "output.checkpoint_every=0",
+            "output.single_file=false", "output.sample_every=0"] + (
+        [f"train.batch_size={batch}"] if batch else []) + (["memory.device=cpu"] if args.device == "cpu" else [])
 
 
 def start_preflight(args, work: Path, tiny: Path, images: Path) -> dict:
-    common = _common(args, tiny, 64, PREFLIGHT_STEPS) + ["memory.attention=sdpa"]  # its math backend: deterministic
+    common = _common(args, tiny, 64, PREFLIGHT_STEPS, batch=1) + ["memory.attention=sdpa"]  # its math backend: deterministic
     cases = {name: common + list(overrides) for name, overrides in PREFLIGHT.items()}
     children = {}
     for variant, env in VARIANTS.items():
@@ -572,7 +573,7 @@ def _detail_cells(r: dict) -> list[str]:
 def table(meta: dict, preflight: dict, rows: list[dict], goals: list[dict]) -> str:
     lines = [f"## sdtune GPU check, {meta['date']}", "",
              f"{meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, transformers "
-             f"{meta['transformers']}; {meta['arch']} at {meta['resolution']} px, batch 1, {meta['warmup']} "
+             f"{meta['transformers']}; {meta['arch']} at {meta['resolution']} px, each preset's batch, {meta['warmup']} "
              f"warm-up + {meta['steps']} timed steps{'; deterministic kernels' if meta['deterministic'] else ''}"
              f"; {meta.get('wall_seconds', 0):.0f} s in all", "",
              f"Pre-flight: tiny model at 64 px, {PREFLIGHT_STEPS} steps, async against SDTUNE_OFFLOAD_SYNC=1", ""]
@@ -639,7 +640,7 @@ def output_path() -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plans", help=f"comma-separated, from {', '.join(PLANS)} (default: all for the device)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per plan (default 20; 4 on the CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per plan (default 12; 4 on the CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; 1 on the CPU)")
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 on the CPU)")
     parser.add_argument("--arch", default=None, choices=["sd15", "sd21", "tiny"],
@@ -660,7 +661,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cpu = args.device == "cpu"
-    for key, gpu_value, cpu_value in (("steps", 20, 4), ("warmup", 3, 1), ("resolution", 512, 64),
+    for key, gpu_value, cpu_value in (("steps", 12, 4), ("warmup", 3, 1), ("resolution", 512, 64),
                                       ("arch", "sd15", "tiny")):
         if getattr(args, key) is None:
             setattr(args, key, cpu_value if cpu else gpu_value)

@@ -373,7 +373,8 @@ def _common(args, model: Path, resolution: int, steps: int, batch: int | None = 
 
 
 def start_preflight(args, work: Path, tiny: Path, images: Path) -> dict:
-    common = _common(args, tiny, 64, PREFLIGHT_STEPS, batch=1) + ["memory.attention=sdpa"]  # its math backend: deterministic
+    # SDPA here runs its math backend: deterministic
+    common = _common(args, tiny, 64, PREFLIGHT_STEPS, batch=1) + ["memory.attention=sdpa"]
     cases = {name: common + list(overrides) for name, overrides in PREFLIGHT.items()}
     children = {}
     for variant, env in VARIANTS.items():
@@ -573,7 +574,8 @@ def _detail_cells(r: dict) -> list[str]:
 def table(meta: dict, preflight: dict, rows: list[dict], goals: list[dict]) -> str:
     lines = [f"## sdtune GPU check, {meta['date']}", "",
              f"{meta['gpu']}; torch {meta['torch']}, diffusers {meta['diffusers']}, transformers "
-             f"{meta['transformers']}; {meta['arch']} at {meta['resolution']} px, each preset's batch, {meta['warmup']} "
+             f"{meta['transformers']}; {meta['arch']} at {meta['resolution']} px, each preset's batch, "
+             f"{meta['warmup']} "
              f"warm-up + {meta['steps']} timed steps{'; deterministic kernels' if meta['deterministic'] else ''}"
              f"; {meta.get('wall_seconds', 0):.0f} s in all", "",
              f"Pre-flight: tiny model at 64 px, {PREFLIGHT_STEPS} steps, async against SDTUNE_OFFLOAD_SYNC=1", ""]

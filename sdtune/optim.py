@@ -64,7 +64,8 @@ def make_scaler(plan, optimizer, **kwargs):
 
 
 def clip_gradients(optimizer, max_norm: float):
-    """Scale the gradients of `optimizer`'s parameters so that their global L2 norm is at most `max_norm`.
+    """Scale the gradients of `optimizer`'s parameters so that their global L2 norm is at most `max_norm`
+    (0: only measure it); returns the norm before clipping, None without gradients.
 
     Unlike `torch.nn.utils.clip_grad_norm_`, the norm is accumulated in float64: the same gradients give
     the same factor however they are grouped into tensors, so offloaded flat buckets and per-parameter
@@ -76,6 +77,8 @@ def clip_gradients(optimizer, max_norm: float):
         return None
     norms = [torch.linalg.vector_norm(g, dtype=torch.float64).to(grads[0].device) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms))
+    if not max_norm:
+        return total
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.to(g.device, g.dtype))

@@ -220,8 +220,9 @@ def _optimizer_step(run: Run) -> bool:
     optimizer, scaler = run.optimizer, run.scaler
     if not host_gradients(optimizer):
         scaler.unscale_(optimizer)
-        if run.cfg.train.max_grad_norm:  # over the UNet's parameters
-            norm = clip_gradients(optimizer, run.cfg.train.max_grad_norm)
+        max_norm = run.cfg.train.max_grad_norm
+        if max_norm or not scaler.is_enabled():  # the norm, clipped or not, finds inf/NaN without loss scaling
+            norm = clip_gradients(optimizer, max_norm)
             if norm is not None and not scaler.is_enabled() and not math.isfinite(norm.item()):
                 return _skip_step(run)
     scale = scaler.get_scale()

@@ -300,3 +300,43 @@ def types_plan(precision: str):
 
     return Plan(device="cpu", precision=precision, gradient_checkpointing=False, attention="sdpa",
                 optimizer_offload="cpu")
+
+
+def test_host_memory_that_cannot_be_had_is_one_clear_line(monkeypatch):
+    """A refused page-lock (cudaHostRegister's error code) or a failed host allocation is HostOutOfMemory,
+    naming the nvme lever, not a generic CUDA or allocator error."""
+    import types
+
+    from sdtune.errors import HostOutOfMemory
+    from sdtune.offload import pinned
+
+    refusing = types.SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: 2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
+    with pytest.raises(HostOutOfMemory, match=r"^host RAM exhausted: page-locking 0\.25 GiB failed \(cudaHostRegister "
+                                              r"returned error 2\); .*--set memory.optimizer_offload=nvme"):
+        pinned.PinnedBuffer(2**27, torch.bfloat16, pin=True)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 13743895347 bytes.")
+
+    monkeypatch.setattr(torch, "zeros", no_memory)
+    with pytest.raises(HostOutOfMemory, match=r"allocating 12\.81 GiB failed \(DefaultCPUAllocator"):
+        pinned.host_empty(859_520_964 * 4, torch.float32, zero=True)
+
+
+def test_stepping_in_backward_stops_at_an_inf_gradient():
+    """Without clipping or loss scaling each bucket steps as its gradients arrive; an inf gradient stops
+    that before the bucket changes, and the step is reported skipped. The next step is clean."""
+    from sdtune.offload import OffloadAdamW
+
+    model, x = _toy(), torch.randn(2, 3, 8, 8)
+    opt = OffloadAdamW(model.parameters(), device="cpu", dtype=torch.float32, lr=1e-2, step_in_backward=True)
+    before = {k: v.clone() for k, v in opt.master_weights(model).items()}
+    hook = model[2].bias.register_hook(lambda grad: grad * float("inf"))
+    _toy_step(model, opt, x)
+    opt.step()
+    assert opt.skipped and all(torch.equal(before[k], v) for k, v in opt.master_weights(model).items())
+    hook.remove()
+    _toy_step(model, opt, x)
+    opt.step()
+    assert not opt.skipped and all(not torch.equal(before[k], v) for k, v in opt.master_weights(model).items())

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -166,12 +166,15 @@ class NvmeAdamW(OffloadAdamW):
             return state
 
         ahead = self._reader.submit(load, 0)
-        for index, bucket in enumerate(self._buckets):
-            state = ahead.result()
-            if index + 1 < len(self._buckets):
-                ahead = self._reader.submit(load, index + 1)
-            if visit(bucket, state):
-                writes[index % RING] = self._writer.submit(self._file.write, index, state)
+        try:
+            for index, bucket in enumerate(self._buckets):
+                state = ahead.result()
+                if index + 1 < len(self._buckets):
+                    ahead = self._reader.submit(load, index + 1)
+                if visit(bucket, state):
+                    writes[index % RING] = self._writer.submit(self._file.write, index, state)
+        finally:  # even after an error, nothing may still read into or write from the ring when this returns
+            wait([ahead, *(write for write in writes if write is not None)])
         for write in writes:
             if write is not None:
                 write.result()

@@ -52,6 +52,8 @@ class _Bucket:
     grad: torch.Tensor | None          # fp32 host sum of the micro-batches (gradient accumulation only)
     staging: torch.Tensor | None = None  # host, working precision: gradients arrive here, new weights leave
     pending: set = field(default_factory=set)  # parameters still to receive their gradient in this backward
+    norms: list = field(default_factory=list)  # device-side norms of its gradients in this backward
+    sq_host: torch.Tensor | None = None  # their squared sum, on the host (step_in_backward's overflow check)
     event: Any = None                  # after this bucket's gradient copies (CUDA)
     folds: int = 0                     # micro-batches summed into `grad` since the last step
     stepped: bool = False              # already stepped in this backward (step_in_backward)
@@ -139,9 +141,11 @@ class OffloadAdamW(torch.optim.AdamW):
         self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sdtune-offload") if cuda else None
         self._futures: list[Future] = []
-        self._norms: list[torch.Tensor] = []   # device-side gradient norms of this backward (no accumulation)
         self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
-        self._task, self._in_backward, self._backwards = None, False, 0
+        self._task, self._in_backward, self._backwards, self._poisoned = None, False, 0, False
+        if step_in_backward:  # where each bucket's gradient norm lands before the worker steps it
+            for bucket in self._buckets:
+                bucket.sq_host = torch.zeros((), dtype=torch.float64, pin_memory=cuda)
         self.last_grad_norm, self.skipped = None, False
         super().__init__([b.master for b in self._buckets], lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, fused=True)
@@ -190,7 +194,7 @@ class OffloadAdamW(torch.optim.AdamW):
         bucket, offset, n = self._where[param]
         grad = param.grad
         if self.accumulation_steps == 1:  # with accumulation the norm is of the sum, taken on the host
-            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float64))  # as clip_gradients does
+            bucket.norms.append(torch.linalg.vector_norm(grad, dtype=torch.float64))  # as clip_gradients does
         self._send(grad, bucket.staging[offset:offset + n])
         param.grad = None
         bucket.pending.discard(param)
@@ -220,8 +224,18 @@ class OffloadAdamW(torch.optim.AdamW):
         """Every gradient of `bucket` that this backward will produce is on its way: hand it to the worker."""
         missing, bucket.pending = [p for p in bucket.params if p in bucket.pending], set()
         bucket.event = None
-        if self._grads_stream is not None:
+        squared = None
+        if bucket.sq_host is not None:
+            squared = torch.stack(bucket.norms).square().sum() if bucket.norms else torch.zeros((), dtype=torch.float64)
+        if self._grads_stream is None:
+            if squared is not None:
+                bucket.sq_host.copy_(squared)
+        else:
             self._grads_stream.wait_stream(torch.cuda.current_stream(self.device))
+            if squared is not None:  # lands before the event the worker waits for
+                with torch.cuda.stream(self._grads_stream):
+                    bucket.sq_host.copy_(squared, non_blocking=True)
+                squared.record_stream(self._grads_stream)
             bucket.event = blocking_event()
             bucket.event.record(self._grads_stream)
         final = self._backwards >= self.accumulation_steps
@@ -240,7 +254,11 @@ class OffloadAdamW(torch.optim.AdamW):
         if bucket.grad is not None:
             self._fold(bucket, final)
         if self.step_in_backward:
-            self._step_bucket(bucket, _Scaling())
+            # An inf/NaN gradient stops the stepping here: buckets stepped before it cannot be taken back,
+            # the rest keep their weights, and step() reports the step as skipped.
+            self._poisoned = self._poisoned or not math.isfinite(bucket.sq_host.item())
+            if not self._poisoned:
+                self._step_bucket(bucket, _Scaling())
 
     def _fold(self, bucket: _Bucket, final: bool) -> None:
         """Add this micro-batch's gradients into the fp32 sum; after the last one, take the sum's norm."""
@@ -260,18 +278,29 @@ class OffloadAdamW(torch.optim.AdamW):
         self._in_backward = False
 
     def _wait(self) -> None:
+        """Every queued worker task is done (all of them, even when one raised; then that error is raised)."""
         futures, self._futures = self._futures, []
-        for future in futures:
-            future.result()
+        errors = [future.exception() for future in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _reset(self) -> None:
         """Forget this step's gradients (after a step, a skipped step, or a backward that raised)."""
         try:
             self._wait()
         finally:
-            self._in_backward, self._backwards, self._norms, self._host_sq = False, 0, [], 0.0
+            if self._in_backward:  # copies of the unfinished backward may still be writing the staging
+                self._drain_streams()
+            self._in_backward, self._backwards, self._host_sq, self._poisoned = False, 0, 0.0, False
             for bucket in self._buckets:
-                bucket.pending, bucket.folds, bucket.stepped = set(), 0, False
+                bucket.pending, bucket.folds, bucket.stepped, bucket.norms = set(), 0, False, []
+
+    def _drain_streams(self) -> None:
+        """The host waits for every copy queued on the side streams (before it writes their buffers itself)."""
+        for stream in (self._grads_stream, self._upload_stream):
+            if stream is not None:
+                stream.synchronize()
 
     # ------------------------------------------------------------------------------------------------
     # step: fused AdamW over each bucket's master on the host, then its weights go back to the device
@@ -280,9 +309,8 @@ class OffloadAdamW(torch.optim.AdamW):
         """Squared L2 norm of this step's (still scaled) gradients, summed in float64."""
         if self.accumulation_steps > 1:
             return self._host_sq
-        if not self._norms:
-            return 0.0
-        return torch.stack(self._norms).double().square().sum().item()
+        norms = [norm for bucket in self._buckets for norm in bucket.norms]
+        return torch.stack(norms).square().sum().item() if norms else 0.0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -293,17 +321,23 @@ class OffloadAdamW(torch.optim.AdamW):
                                "call zero_grad() first")
         scale = getattr(self, "grad_scale", None)  # set by GradScaler.step when loss scaling is on
         scale = 1.0 if scale is None else float(scale)
+        try:
+            self._step(scale)
+        finally:
+            self._reset()
+
+    def _step(self, scale: float) -> None:
         self.last_grad_norm = math.sqrt(self.grad_sq_norm()) / scale
-        self.skipped = not self.step_in_backward and not math.isfinite(self.last_grad_norm)
+        self.skipped = self._poisoned if self.step_in_backward else not math.isfinite(self.last_grad_norm)
         if not self.skipped:
             if self._backwards == 0:  # no backward since the last step: every gradient is zero
+                self._drain_streams()  # the last uploads may still read the staging
                 for bucket in self._buckets:
                     bucket.staging.zero_()
                     if bucket.grad is not None:
                         bucket.grad.zero_()
             self._step_all(_Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm)))
             self._uploaded()
-        self._reset()
 
     def _step_all(self, scaling: _Scaling) -> None:
         for bucket in self._buckets:
@@ -335,6 +369,7 @@ class OffloadAdamW(torch.optim.AdamW):
 
     def _publish(self, bucket: _Bucket, master: torch.Tensor) -> None:
         """`master` (this bucket's fp32 weights, e.g. loaded from a checkpoint) becomes its working weights."""
+        self._drain_streams()  # an earlier upload may still read the staging
         (bucket.device_flat if self._cast_in_place else bucket.staging).copy_(master)
         self._upload(bucket)
 

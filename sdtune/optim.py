@@ -8,9 +8,10 @@ from sdtune.config import TrainConfig
 from sdtune.errors import SdtuneError
 
 
-def make_optimizer(params, train: TrainConfig, plan):
+def make_optimizer(params, train: TrainConfig, plan, model=None):
     """AdamW with torch's fused kernel (foreach where fused is unavailable), bitsandbytes' AdamW8bit, or
-    AdamW offloaded to host RAM or to disk, as the plan says."""
+    AdamW offloaded to host RAM or to disk, as the plan says. `model`, the module that owns `params`,
+    lets the host-RAM tier overlap its step with the next forward."""
     import torch
 
     params = [p for p in params if p.requires_grad]
@@ -22,7 +23,7 @@ def make_optimizer(params, train: TrainConfig, plan):
 
         accumulation = train.gradient_accumulation_steps
         kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu",
-                      max_grad_norm=train.max_grad_norm, accumulation_steps=accumulation)
+                      max_grad_norm=train.max_grad_norm, accumulation_steps=accumulation, model=model)
         if plan.optimizer_offload == "nvme":
             return NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs)
         # Each bucket can step as soon as its gradients are in, unless clipping, fp16 overflow checks or

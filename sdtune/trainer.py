@@ -140,7 +140,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     plan = resolve_plan(cfg.memory, log)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     apply_plan(plan, components)
-    optimizer = make_optimizer(components.unet.parameters(), cfg.train, plan)
+    optimizer = make_optimizer(components.unet.parameters(), cfg.train, plan, model=components.unet)
     streamer = None
     if plan.param_offload == "cpu":  # after the optimizer: it put the working weights in host memory
         from sdtune.offload import ParamStreamer

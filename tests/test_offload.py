@@ -243,10 +243,12 @@ def _toy(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
 
 
-def _toy_step(model, optimizer, x, fail: bool = False) -> None:
+def _toy_step(model, optimizer, x, fail: bool = False) -> float:
     hidden = model[1](model[0](x))
     _FailOnce.armed = fail
-    model[2](_FailOnce.apply(hidden)).square().sum().backward()
+    loss = model[2](_FailOnce.apply(hidden)).square().sum()
+    loss.backward()
+    return loss.item()
 
 
 @pytest.mark.parametrize("step_in_backward", [False, True])
@@ -340,3 +342,56 @@ def test_stepping_in_backward_stops_at_an_inf_gradient():
     _toy_step(model, opt, x)
     opt.step()
     assert not opt.skipped and all(not torch.equal(before[k], v) for k, v in opt.master_weights(model).items())
+
+
+def test_a_step_that_overlaps_the_next_forward_changes_no_number(monkeypatch):
+    """overlap_step: step() returns once the norm is known and the worker steps the buckets, each block of
+    the model waiting for its own before it runs. With every bucket's step slowed down, the next forward
+    still sees the new weights: losses and weights equal plain AdamW's bit for bit."""
+    import time
+
+    from sdtune.offload import OffloadAdamW, optimizer
+
+    monkeypatch.setattr(optimizer, "GATE_BYTES", 4000)  # the conv and the linear layer wait apart
+    slow_step = OffloadAdamW._step_bucket
+
+    def slowly(self, *args):
+        time.sleep(0.05)
+        slow_step(self, *args)
+
+    monkeypatch.setattr(OffloadAdamW, "_step_bucket", slowly)
+    x = torch.randn(2, 3, 8, 8)
+    plain, offloaded = _toy(), _toy()
+    reference = torch.optim.AdamW(plain.parameters(), lr=1e-2, fused=True)
+    opt = OffloadAdamW(offloaded.parameters(), device="cpu", dtype=torch.float32, lr=1e-2, bucket_mb=0.001,
+                       max_grad_norm=1.0, model=offloaded, overlap_step=True)
+    assert opt.overlap_step and len(opt._buckets) == 2
+    for _ in range(3):
+        assert _toy_step(offloaded, opt, x) == _toy_step(plain, reference, x)
+        opt.step()
+        assert any(not b.ready.is_set() for b in opt._buckets)  # step() returned before the worker was done
+        clip_gradients(reference, 1.0)
+        reference.step()
+        reference.zero_grad()
+    for name, weight in plain.state_dict().items():
+        assert torch.equal(opt.master_weights(offloaded)[name], weight), name
+
+
+def test_the_overlapped_step_trains_the_unet_as_plain_adamw_does(tiny_sd1, images, tmp_path, monkeypatch):
+    """The CUDA default (the host step overlapping the next forward), forced on the CPU through the loop,
+    with validation samples and a checkpoint in between: the same losses and weights as plain AdamW."""
+    from sdtune.offload import OffloadAdamW, optimizer
+
+    monkeypatch.setitem(OffloadAdamW.__init__.__kwdefaults__, "overlap_step", True)
+    monkeypatch.setattr(optimizer, "GATE_BYTES", 2**16)  # the tiny UNet in blocks, as SD1.5 is at 128 MiB
+    runs = {}
+    for offload in ("none", "cpu"):
+        run = prepared(tiny_sd1, images, tmp_path / offload, "train.max_steps=4", f"memory.optimizer_offload={offload}",
+                       "output.sample_every=2", "output.sample_prompts=['a star']", "output.sample_steps=2",
+                       "output.checkpoint_every=3", "train.weight_decay=0.1")
+        trainer.loop(run, lambda run, sps: None)
+        runs[offload] = run
+    assert runs["cpu"].optimizer.overlap_step
+    assert runs["cpu"].losses == runs["none"].losses
+    plain, offloaded = runs["none"].components.unet.state_dict(), trainer._fp32_weights(runs["cpu"])
+    assert all(torch.equal(offloaded[name], weight) for name, weight in plain.items())

@@ -118,7 +118,7 @@ class NvmeAdamW(OffloadAdamW):
         self._steps = torch.zeros((), dtype=torch.float32)  # AdamW's step count, shared by every bucket
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="sdtune-nvme-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sdtune-nvme-write")
-        super().__init__(params, bucket_mb=bucket_mb, **kwargs)
+        super().__init__(params, bucket_mb=bucket_mb, **{**kwargs, "overlap_step": False})  # steps stream from disk
 
     @staticmethod
     def host_bytes(numels: list[int], *, itemsize: int, accumulation_steps: int = 1, host_weights: bool = False,

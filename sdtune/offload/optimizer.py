@@ -21,12 +21,17 @@ and cast the new weight into the staging buffer, from which an upload stream (no
 copies the bucket back to the device. Without clipping, loss scaling and accumulation
 (`step_in_backward`), each bucket is stepped and sent back as soon as its gradients are in, on the worker
 thread while backward goes on (a parameter's weight is not read by backward again once its gradient is
-complete). fp16 overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
+complete). With them (`overlap_step`, the default on CUDA when the optimizer is given the model), `step()`
+returns once the norm is known and the worker steps the buckets while the GPU starts the next forward:
+each block of the model waits, before it runs, for the buckets that hold its weights (in the order the
+last forward used them), so the host step overlaps the next forward instead of idling the GPU. fp16
+overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,12 +39,13 @@ from typing import Any
 import torch
 
 from sdtune.offload.pinned import PinnedBuffer, host_empty
-from sdtune.offload.streams import blocking_event, side_stream
+from sdtune.offload.streams import blocking_event, side_stream, synchronous
 
 BUCKET_MB = 64        # fp32 megabytes after which a bucket closes (so a bucket holds 64 MB or a bit more)
 CHUNK = 2**20         # values per host pass: upcast, AdamW and cast stay within the CPU caches
 MASTER_BYTES = 12     # fp32 master + exp_avg + exp_avg_sq per parameter, in host RAM (cpu tier) or on disk
 ACCUMULATION_BYTES = 4  # fp32 host sum of the micro-batches' gradients, with gradient accumulation only
+GATE_BYTES = 128 * 2**20  # blocks of the model (as weight streaming cuts them) that wait for their buckets
 
 
 @dataclass(eq=False)
@@ -57,6 +63,8 @@ class _Bucket:
     event: Any = None                  # after this bucket's gradient copies (CUDA)
     folds: int = 0                     # micro-batches summed into `grad` since the last step
     stepped: bool = False              # already stepped in this backward (step_in_backward)
+    ready: threading.Event | None = None  # overlap_step: set by the worker once this bucket is stepped
+    uploaded: Any = None               # overlap_step: after its upload (CUDA)
 
 
 def partition(numels: list[int], bucket_mb: int | None = None) -> list[range]:
@@ -105,14 +113,17 @@ class OffloadAdamW(torch.optim.AdamW):
     the working-precision weights stay in (pinned) host memory instead, for `ParamStreamer` to bring
     to the device block by block; gradients still arrive on `device`. `max_grad_norm` clips inside the
     step; `accumulation_steps` backward passes make one step. `step_in_backward` is only exact without
-    clipping, loss scaling and accumulation: the caller decides. After `step()`, `last_grad_norm` is the
-    unscaled gradient norm and `skipped` says whether an inf/NaN gradient made it skip."""
+    clipping, loss scaling and accumulation: the caller decides. `model` (which owns `params`) lets the
+    step overlap the next forward (`overlap_step`: default on CUDA, off with host weights or when stepping
+    in backward). After `step()`, `last_grad_norm` is the unscaled gradient norm and `skipped` says
+    whether an inf/NaN gradient made it skip."""
 
     host_bytes = staticmethod(host_bytes)  # what it allocates, for the estimator
 
     def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, bucket_mb: int | None = None, host_weights: bool = False,
-                 step_in_backward: bool = False, max_grad_norm: float = 0.0, accumulation_steps: int = 1):
+                 step_in_backward: bool = False, max_grad_norm: float = 0.0, accumulation_steps: int = 1,
+                 model: torch.nn.Module | None = None, overlap_step: bool | None = None):
         self.device, self.dtype, self.host_weights = torch.device(device), dtype, host_weights
         self.step_in_backward, self.max_grad_norm = step_in_backward, max_grad_norm
         self.accumulation_steps = accumulation_steps
@@ -139,8 +150,15 @@ class OffloadAdamW(torch.optim.AdamW):
         for bucket in self._buckets:
             bucket.staging = self._staging.tensor[bucket.start:bucket.start + len(bucket.master)]
         self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sdtune-offload") if cuda else None
+        overlap = (cuda and not synchronous()) if overlap_step is None else overlap_step
+        self.overlap_step = overlap and model is not None and not host_weights and not step_in_backward
+        if self.overlap_step:
+            self._gate(model)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="sdtune-offload") if (
+            cuda or self.overlap_step) else None
         self._futures: list[Future] = []
+        self._stepping: list[Future] = []       # overlap_step: the buckets' steps queued by step()
+        self._order: list[_Bucket] = []         # overlap_step: buckets in the order the last forward used them
         self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
         self._task, self._in_backward, self._backwards, self._poisoned = None, False, 0, False
         if step_in_backward:  # where each bucket's gradient norm lands before the worker steps it
@@ -170,6 +188,39 @@ class OffloadAdamW(torch.optim.AdamW):
         grad = host_empty(n, torch.float32) if self.accumulation_steps > 1 else None
         master = self._keep_master(len(self._buckets), values)
         return _Bucket(params, offsets, start, device_flat, master, grad)
+
+    def _gate(self, model: torch.nn.Module) -> None:
+        """Before each block of `model` runs, its buckets must have been stepped and uploaded."""
+        from sdtune.offload.params import plan_units
+
+        for module, params in plan_units(model, GATE_BYTES):
+            buckets = list(dict.fromkeys(self._where[p][0] for p in params if p in self._where))
+            if buckets:
+                module.register_forward_pre_hook(lambda module, args, buckets=buckets: self._await(buckets))
+
+    def _await(self, buckets: list[_Bucket]) -> None:
+        for bucket in buckets:
+            ready = bucket.ready
+            if ready is not None:
+                ready.wait()
+                bucket.ready = None
+                self._order.append(bucket)
+                if bucket.uploaded is not None:
+                    torch.cuda.current_stream(self.device).wait_event(bucket.uploaded)
+
+    def _settle(self) -> None:
+        """Every step queued by `step()` is done and the compute stream waits for its uploads (before
+        backward, checkpoints, or anything else that reads the masters, the state or the staging)."""
+        stepping, self._stepping = self._stepping, []
+        if not stepping:
+            return
+        errors = [future.exception() for future in stepping]
+        for bucket in self._buckets:
+            bucket.ready = None
+        self._uploaded()
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
         """Where bucket `index`'s fp32 master lives: here, the host tensor itself."""
@@ -202,6 +253,7 @@ class OffloadAdamW(torch.optim.AdamW):
             self._complete(bucket)
 
     def _start_backward(self, task: int) -> None:
+        self._settle()  # blocks whose weights the forward did not use have theirs now too
         if self._in_backward:  # the last backward raised before it finished: drop what it left
             self._reset()
         self._task, self._in_backward = task, True
@@ -319,6 +371,7 @@ class OffloadAdamW(torch.optim.AdamW):
         if self._in_backward:
             raise RuntimeError(f"{type(self).__name__}.step() after a backward that did not finish; "
                                "call zero_grad() first")
+        self._settle()
         scale = getattr(self, "grad_scale", None)  # set by GradScaler.step when loss scaling is on
         scale = 1.0 if scale is None else float(scale)
         try:
@@ -336,23 +389,45 @@ class OffloadAdamW(torch.optim.AdamW):
                     bucket.staging.zero_()
                     if bucket.grad is not None:
                         bucket.grad.zero_()
-            self._step_all(_Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm)))
-            self._uploaded()
+            scaling = _Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm))
+            if self.overlap_step:
+                self._step_later(scaling)
+            else:
+                self._step_all(scaling)
+                self._uploaded()
+
+    def _step_later(self, scaling: _Scaling) -> None:
+        """Queue each bucket's step on the worker, in the order the last forward used them; the next
+        forward's blocks wait for theirs. The learning rate is read now: the schedule changes it next."""
+        group, order, self._order = dict(self.param_groups[0]), self._order, []
+        for bucket in list(dict.fromkeys([*order, *self._buckets])):
+            bucket.ready, bucket.uploaded = threading.Event(), None
+            self._stepping.append(self._worker.submit(self._step_queued, bucket, scaling, group))
+
+    def _step_queued(self, bucket: _Bucket, scaling: _Scaling, group: dict) -> None:
+        try:
+            self._step_bucket(bucket, scaling, group)
+            if self._upload_stream is not None:
+                bucket.uploaded = blocking_event()
+                bucket.uploaded.record(self._upload_stream)
+        finally:  # on an error too: the forward goes on, and the error is raised by the next _settle
+            bucket.ready.set()
 
     def _step_all(self, scaling: _Scaling) -> None:
         for bucket in self._buckets:
             if not bucket.stepped:
                 self._step_bucket(bucket, scaling)
 
-    def _step_bucket(self, bucket: _Bucket, scaling: _Scaling) -> None:
+    def _step_bucket(self, bucket: _Bucket, scaling: _Scaling, group: dict | None = None) -> None:
         state = self.state[bucket.master]
         state["step"] += 1
-        self._update(bucket, bucket.master, state["exp_avg"], state["exp_avg_sq"], state["step"], scaling)
+        self._update(bucket, bucket.master, state["exp_avg"], state["exp_avg_sq"], state["step"], scaling, group)
         bucket.stepped = True
 
-    def _update(self, bucket: _Bucket, master, exp_avg, exp_avg_sq, step, scaling: _Scaling) -> None:
+    def _update(self, bucket: _Bucket, master, exp_avg, exp_avg_sq, step, scaling: _Scaling,
+                group: dict | None = None) -> None:
         """AdamW over `master` chunk by chunk, each new chunk cast on its way out; then the upload."""
-        group, out = self.param_groups[0], bucket.device_flat if self._cast_in_place else bucket.staging
+        group, out = group or self.param_groups[0], bucket.device_flat if self._cast_in_place else bucket.staging
         for part in _chunks(len(master)):
             if bucket.grad is not None:
                 grad = bucket.grad[part]
@@ -394,9 +469,11 @@ class OffloadAdamW(torch.optim.AdamW):
     # checkpoints: the masters are part of the state, the device weights follow from them
 
     def state_dict(self) -> dict:
+        self._settle()
         return {**super().state_dict(), "masters": [b.master for b in self._buckets]}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._settle()
         state_dict = dict(state_dict)
         masters = state_dict.pop("masters")
         super().load_state_dict(state_dict)
@@ -407,6 +484,7 @@ class OffloadAdamW(torch.optim.AdamW):
 
     def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """`module.state_dict()` with every offloaded parameter replaced by its fp32 master."""
+        self._settle()
         weights = dict(module.state_dict())
         for name, p in module.named_parameters():
             if p in self._where:

@@ -265,8 +265,9 @@ def plan_child(spec: dict) -> None:
 
 
 def _fine_grained() -> None:
-    """Cut the engine's buckets (64 MB) and streamed blocks (128 MB) to the tiny model's scale, so that its 4 MB
-    UNet has about as many of each as SD1.5 (~50 and ~34), not one: else there is no overlap to race."""
+    """Cut the engine's buckets (64 MB), streamed blocks and the blocks that wait for the overlapped step
+    (128 MB) to the tiny model's scale, so that its 4 MB UNet has about as many of each as SD1.5 (~50 and
+    ~34), not one: else there is no overlap to race."""
     import functools
     import inspect
 
@@ -274,6 +275,8 @@ def _fine_grained() -> None:
 
     if hasattr(optimizer, "BUCKET_MB"):  # read by `partition` when a tier is built (the nvme tier's too)
         optimizer.BUCKET_MB = 1 / 16
+    if hasattr(optimizer, "GATE_BYTES"):  # the blocks whose forward waits for their buckets (overlap_step)
+        optimizer.GATE_BYTES = 128 * 2**10
     if "block_bytes" in inspect.signature(ParamStreamer.__init__).parameters:  # the counts go into the report
         ParamStreamer.__init__ = functools.partialmethod(ParamStreamer.__init__, block_bytes=128 * 2**10)
 
@@ -297,7 +300,8 @@ def _preflight_case(name: str, overrides: list[str], data: str, folder: Path) ->
     torch.save(masters, folder / "masters.pt")
     return {"losses": run.losses, "skipped_steps": run.skipped_steps, "masters": str(folder / "masters.pt"),
             "finite": all(bool(torch.isfinite(v).all()) for v in masters.values() if v.is_floating_point()),
-            "buckets": len(getattr(run.optimizer, "_buckets", ())), "blocks": len(getattr(run.streamer, "units", ()))}
+            "buckets": len(getattr(run.optimizer, "_buckets", ())), "blocks": len(getattr(run.streamer, "units", ())),
+            "overlap_step": getattr(run.optimizer, "overlap_step", None)}
 
 
 def preflight_child(spec: dict) -> None:

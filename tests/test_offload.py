@@ -190,7 +190,8 @@ def test_the_host_byte_model_is_what_the_tier_allocates(tmp_path, tier, accumula
     kind, extra = (NvmeAdamW, {"offload_dir": str(tmp_path)}) if tier == "nvme" else (OffloadAdamW, {})
     opt = kind(model.parameters(), device="cpu", dtype=torch.bfloat16, lr=1e-3, bucket_mb=1,
                accumulation_steps=accumulation, host_weights=host_weights, **extra)
-    held = [opt._scratch, opt._staging.tensor, opt._weights and opt._weights.tensor, *getattr(opt, "_ring", [])]
+    held = [opt._scratch, opt._staging.tensor, opt._small.tensor, opt._weights and opt._weights.tensor,
+            *getattr(opt, "_ring", [])]
     for bucket in opt._buckets:
         held += [bucket.grad] + ([bucket.master] if tier == "cpu" else [])
     held += [t for state in opt.state.values() for t in state.values()]

@@ -8,7 +8,8 @@ slice of one exactly sized page-locked staging buffer in the working precision (
 As backward produces a parameter's gradient (a post-accumulate-grad hook), its norm is taken on the device
 and the gradient is copied into the staging buffer, then freed on the device, so gradients never pile up
 on the GPU. On CUDA the copies run on a gradient stream, one event a bucket; a worker thread handles each
-bucket once its copies are done. Without gradient accumulation the staged gradients are the step's
+bucket once its copies are done. Parameters under `SMALL_PARAM` values are gathered on the device and leave
+in one copy per bucket. Without gradient accumulation the staged gradients are the step's
 gradients; with it, the worker sums the micro-batches in an fp32 host buffer (4 more bytes a parameter)
 and takes their norm while it adds the last one.
 

@@ -271,12 +271,10 @@ def _fine_grained() -> None:
     import functools
     import inspect
 
-    from sdtune.offload import ParamStreamer, optimizer
+    from sdtune.offload import ParamStreamer, layout, overlap
 
-    if hasattr(optimizer, "BUCKET_MB"):  # read by `partition` when a tier is built (the nvme tier's too)
-        optimizer.BUCKET_MB = 1 / 16
-    if hasattr(optimizer, "GATE_BYTES"):  # the blocks whose forward waits for their buckets (overlap_step)
-        optimizer.GATE_BYTES = 128 * 2**10
+    layout.BUCKET_MB = 1 / 16  # read by `partition` when a tier is built (the nvme tier's too)
+    overlap.GATE_BYTES = 128 * 2**10  # the blocks whose forward waits for their buckets (overlap_step)
     if "block_bytes" in inspect.signature(ParamStreamer.__init__).parameters:  # the counts go into the report
         ParamStreamer.__init__ = functools.partialmethod(ParamStreamer.__init__, block_bytes=128 * 2**10)
 

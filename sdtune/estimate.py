@@ -238,7 +238,7 @@ def _host_and_disk(parts, plan, cfg: Config) -> tuple[int, int]:
     (whichever is more), counted by the tier's own byte model from the UNet's parameter sizes, so that
     a change of bucket size or buffer layout in the engine changes the estimate; disk for the nvme tier."""
     from sdtune.offload import NvmeAdamW, OffloadAdamW
-    from sdtune.offload.optimizer import MASTER_BYTES
+    from sdtune.offload.layout import MASTER_BYTES
 
     numels = [p.numel() for p in parts.unet.parameters()]
     frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters())

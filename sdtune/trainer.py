@@ -3,8 +3,7 @@
     sdtune train --preset cpu --data images/ --model tiny-sd/ --out out/ --max-steps 20
 
 `train()` checks the data and the plan before any model is loaded, then runs the loop. Each micro-batch's
-images, noise and timesteps are a function of (seed, micro-batch index), so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would have.
+images, noise and timesteps are a function of (seed, micro-batch index): a resumed run continues exactly.
 
 What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, save a checkpoint and raise
 `Interrupted`; a step whose loss (or, without fp16 loss scaling, gradient norm) is NaN/Inf is skipped, and
@@ -167,9 +166,8 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 
 def _micro_step(run: Run, index: int) -> float:
     """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss.
-    A NaN/Inf loss skips the step. Its backward is skipped too where gradients reach the weights during
-    backward (the host-RAM tier's `step_in_backward`); elsewhere the loss is read after backward is queued,
-    so that the host does not wait for the GPU between forward and backward."""
+    The loss is read after backward is queued (the host does not wait for the GPU in between), except
+    where gradients reach the weights during backward (`step_in_backward`): a NaN/Inf loss skips it."""
     import torch
 
     c, plan, train = run.components, run.plan, run.cfg.train
@@ -191,8 +189,7 @@ def _micro_step(run: Run, index: int) -> float:
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)
     value = loss.diffusion_loss(prediction, target, weights)
-    eager = host_gradients(run.optimizer) and run.optimizer.step_in_backward
-    if eager and not math.isfinite(value.item()):
+    if host_gradients(run.optimizer) and run.optimizer.step_in_backward and not math.isfinite(value.item()):
         return value.item()
     try:
         run.scaler.scale(value / train.gradient_accumulation_steps).backward()
@@ -237,7 +234,7 @@ def _optimizer_step(run: Run) -> bool:
 def _fp32_weights(run: Run) -> dict:
     """The UNet's trained weights in fp32: its own parameters, or the offload optimizer's masters."""
     unet = run.components.unet
-    return run.optimizer.master_weights(unet) if hasattr(run.optimizer, "master_weights") else unet.state_dict()
+    return run.optimizer.master_weights(unet) if host_gradients(run.optimizer) else unet.state_dict()
 
 
 def _save(run: Run) -> Path:
@@ -387,8 +384,8 @@ def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume:
         run = None
         _free_memory()  # before the estimate, and before --on-oom fallback loads the run again
         raise replan.out_of_memory(cfg, info, step, Path(out_dir))
-    if hasattr(run.optimizer, "master_weights"):  # export the fp32 masters, not the device copies
-        for name, weight in run.optimizer.master_weights(run.components.unet).items():
+    if host_gradients(run.optimizer):  # export the fp32 masters, not the device copies
+        for name, weight in _fp32_weights(run).items():
             run.components.unet.get_parameter(name).data = weight
     if hasattr(run.optimizer, "close"):  # the nvme tier's state file: its copy is in the last checkpoint
         run.optimizer.close()

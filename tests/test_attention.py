@@ -47,7 +47,7 @@ def no_xformers(monkeypatch):
     monkeypatch.setattr(memory, "_xformers_installed", lambda: False)
 
 
-def broken(q, k, v):
+def broken(q, k, v):  # what a wheel built for another torch or CUDA raises
     raise NotImplementedError(BROKEN)
 
 

@@ -207,19 +207,19 @@ def test_the_estimate_follows_the_engines_bucket_size(monkeypatch):
     estimator's host RAM changes by exactly that."""
     from sdtune.estimate import estimate
     from sdtune.models import meta_model
-    from sdtune.offload import nvme, optimizer
+    from sdtune.offload import layout, nvme
 
     cfg, info = load_config("rtx3050", ["memory.optimizer_offload=nvme", "memory.offload_dir=/tmp"])
     numels = [p.numel() for p in meta_model("sd15").unet.parameters()]
 
     def largest() -> int:
-        return max(sum(numels[i] for i in r) for r in optimizer.partition(numels))
+        return max(sum(numels[i] for i in r) for r in layout.partition(numels))
 
     before, largest_before = estimate(cfg, info, "sd15").host_ram, largest()
-    monkeypatch.setattr(optimizer, "BUCKET_MB", 16)
+    monkeypatch.setattr(layout, "BUCKET_MB", 16)
     after = estimate(cfg, info, "sd15").host_ram
     assert largest() < largest_before
-    assert before - after == nvme.RING * optimizer.MASTER_BYTES * (largest_before - largest())
+    assert before - after == nvme.RING * layout.MASTER_BYTES * (largest_before - largest())
 
 
 class _FailOnce(torch.autograd.Function):
@@ -351,9 +351,9 @@ def test_a_step_that_overlaps_the_next_forward_changes_no_number(monkeypatch):
     still sees the new weights: losses and weights equal plain AdamW's bit for bit."""
     import time
 
-    from sdtune.offload import OffloadAdamW, optimizer
+    from sdtune.offload import OffloadAdamW, overlap
 
-    monkeypatch.setattr(optimizer, "GATE_BYTES", 4000)  # the conv and the linear layer wait apart
+    monkeypatch.setattr(overlap, "GATE_BYTES", 4000)  # the conv and the linear layer wait apart
     slow_step = OffloadAdamW._step_bucket
 
     def slowly(self, *args):
@@ -381,10 +381,10 @@ def test_a_step_that_overlaps_the_next_forward_changes_no_number(monkeypatch):
 def test_the_overlapped_step_trains_the_unet_as_plain_adamw_does(tiny_sd1, images, tmp_path, monkeypatch):
     """The CUDA default (the host step overlapping the next forward), forced on the CPU through the loop,
     with validation samples and a checkpoint in between: the same losses and weights as plain AdamW."""
-    from sdtune.offload import OffloadAdamW, optimizer
+    from sdtune.offload import OffloadAdamW, overlap
 
     monkeypatch.setitem(OffloadAdamW.__init__.__kwdefaults__, "overlap_step", True)
-    monkeypatch.setattr(optimizer, "GATE_BYTES", 2**16)  # the tiny UNet in blocks, as SD1.5 is at 128 MiB
+    monkeypatch.setattr(overlap, "GATE_BYTES", 2**16)  # the tiny UNet in blocks, as SD1.5 is at 128 MiB
     runs = {}
     for offload in ("none", "cpu"):
         run = prepared(tiny_sd1, images, tmp_path / offload, "train.max_steps=4", f"memory.optimizer_offload={offload}",

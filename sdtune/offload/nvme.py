@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.offload import optimizer
-from sdtune.offload.optimizer import OffloadAdamW, _Bucket, partition
+from sdtune.offload import layout
+from sdtune.offload.layout import Bucket, partition
+from sdtune.offload.optimizer import OffloadAdamW
 from sdtune.offload.pinned import host_empty
 
 STATE_FILE = "optimizer_state.bin"
@@ -126,9 +127,9 @@ class NvmeAdamW(OffloadAdamW):
         """Host RAM this tier holds (`OffloadAdamW`'s without the masters and moments, plus the ring); with
         `building`, at most what it holds while the fp32 parameters it is given still exist."""
         largest = max((sum(numels[i] for i in r) for r in partition(numels, bucket_mb)), default=0)
-        held = optimizer.host_bytes(numels, itemsize=itemsize, accumulation_steps=accumulation_steps,
+        held = layout.host_bytes(numels, itemsize=itemsize, accumulation_steps=accumulation_steps,
                                     host_weights=host_weights, bucket_mb=bucket_mb, building=building)
-        return held - optimizer.MASTER_BYTES * sum(numels) * (not building) + RING * optimizer.MASTER_BYTES * largest
+        return held - layout.MASTER_BYTES * sum(numels) * (not building) + RING * layout.MASTER_BYTES * largest
 
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
         """Write the master and zero moments to the file; keep a placeholder of the bucket's length."""
@@ -147,7 +148,7 @@ class NvmeAdamW(OffloadAdamW):
         self._steps += 1
         self._stream_buckets(lambda bucket, state: self._update_state(bucket, state, scaling))
 
-    def _update_state(self, bucket: _Bucket, state: torch.Tensor, scaling) -> bool:
+    def _update_state(self, bucket: Bucket, state: torch.Tensor, scaling) -> bool:
         """One fused AdamW pass over a bucket's `[master | exp_avg | exp_avg_sq]`; its weights go to the device."""
         self._update(bucket, *state.chunk(3), self._steps, scaling)
         return True  # the state changed: write it back
@@ -207,7 +208,7 @@ class NvmeAdamW(OffloadAdamW):
     def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         masters = {}
 
-        def keep(bucket: _Bucket, state: torch.Tensor) -> bool:
+        def keep(bucket: Bucket, state: torch.Tensor) -> bool:
             master = state.chunk(3)[0]
             for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                 masters[p] = master[offset:offset + p.numel()].view(p.shape).clone()

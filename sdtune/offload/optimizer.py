@@ -8,110 +8,39 @@ slice of one exactly sized page-locked staging buffer in the working precision (
 As backward produces a parameter's gradient (a post-accumulate-grad hook), its norm is taken on the device
 and the gradient is copied into the staging buffer, then freed on the device, so gradients never pile up
 on the GPU. On CUDA the copies run on a gradient stream, one event a bucket; a worker thread handles each
-bucket once its copies are done. Parameters under `SMALL_PARAM` values are gathered on the device and leave
+bucket once its copies are done. Parameters under `layout.SMALL_PARAM` values are gathered on the device and leave
 in one copy per bucket. Without gradient accumulation the staged gradients are the step's
 gradients; with it, the worker sums the micro-batches in an fp32 host buffer (4 more bytes a parameter)
 and takes their norm while it adds the last one.
 
 The step needs no pass over the gradients of its own: the norm (device-side, or from the last fold) gives
 the clipping factor and the overflow check. The host then makes one pass over memory, chunk by chunk of
-`CHUNK` values that stay in the CPU's caches: upcast the gradient, unscale and clip it (two in-cache
+`layout.CHUNK` values that stay in the CPU's caches: upcast the gradient, unscale and clip it (two in-cache
 multiplies by the same fp32 factors as GradScaler and `optim.clip_gradients` use, so that results equal
 plain AdamW's bit for bit, which folding them into the kernel's `grad_scale` division would not), AdamW,
 and cast the new weight into the staging buffer, from which an upload stream (not the gradient stream)
 copies the bucket back to the device. Without clipping, loss scaling and accumulation
 (`step_in_backward`), each bucket is stepped and sent back as soon as its gradients are in, on the worker
 thread while backward goes on (a parameter's weight is not read by backward again once its gradient is
-complete). With them (`overlap_step`, the default on CUDA when the optimizer is given the model), `step()`
-returns once the norm is known and the worker steps the buckets while the GPU starts the next forward:
-each block of the model waits, before it runs, for the buckets that hold its weights (in the order the
-last forward used them), so the host step overlaps the next forward instead of idling the GPU. fp16
+complete). With them, the host step overlaps the next forward instead (`overlap_step`, overlap.py). fp16
 overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from sdtune.offload import layout
+from sdtune.offload.layout import Bucket, Scaling, adamw_kernel, chunks, clip_factor, host_bytes, partition
+from sdtune.offload.overlap import OverlapStep
 from sdtune.offload.pinned import PinnedBuffer, host_empty
 from sdtune.offload.streams import blocking_event, side_stream, synchronous
 
-BUCKET_MB = 64        # fp32 megabytes after which a bucket closes (so a bucket holds 64 MB or a bit more)
-CHUNK = 2**20         # values per host pass: upcast, AdamW and cast stay within the CPU caches
-MASTER_BYTES = 12     # fp32 master + exp_avg + exp_avg_sq per parameter, in host RAM (cpu tier) or on disk
-ACCUMULATION_BYTES = 4  # fp32 host sum of the micro-batches' gradients, with gradient accumulation only
-GATE_BYTES = 128 * 2**20  # blocks of the model (as weight streaming cuts them) that wait for their buckets
-SMALL_PARAM = 4096    # parameters below this many values (biases, norms: 393 of SD1.5's 686) leave together
 
-
-@dataclass(eq=False)
-class _Bucket:
-    params: list[torch.nn.Parameter]
-    offsets: list[int]
-    start: int                         # where its values begin in the flat order of all trainable parameters
-    device_flat: torch.Tensor          # working-precision weights: on the compute device, or pinned host (host_weights)
-    master: torch.Tensor               # fp32 weights on the host (the nvme tier: a placeholder)
-    grad: torch.Tensor | None          # fp32 host sum of the micro-batches (gradient accumulation only)
-    staging: torch.Tensor | None = None  # host, working precision: gradients arrive here, new weights leave
-    pending: set = field(default_factory=set)  # parameters still to receive their gradient in this backward
-    norms: list = field(default_factory=list)  # device-side norms of its gradients in this backward
-    sq_host: torch.Tensor | None = None  # their squared sum, on the host (step_in_backward's overflow check)
-    event: Any = None                  # after this bucket's gradient copies (CUDA)
-    folds: int = 0                     # micro-batches summed into `grad` since the last step
-    stepped: bool = False              # already stepped in this backward (step_in_backward)
-    small: list = field(default_factory=list)  # (param, offset, offset in the small buffers) of small params
-    small_device: torch.Tensor | None = None  # their gradients gathered on the device, in that order
-    small_host: torch.Tensor | None = None    # ... and the one copy of them on the host
-    ready: threading.Event | None = None  # overlap_step: set by the worker once this bucket is stepped
-    uploaded: Any = None               # overlap_step: after its upload (CUDA)
-
-
-def partition(numels: list[int], bucket_mb: int | None = None) -> list[range]:
-    """Index ranges of consecutive parameters, each closed once it holds `bucket_mb` of fp32."""
-    limit, ranges, start, size = (bucket_mb or BUCKET_MB) * 2**20, [], 0, 0
-    for i, n in enumerate(numels):
-        size += 4 * n
-        if size >= limit:
-            ranges.append(range(start, i + 1))
-            start, size = i + 1, 0
-    return ranges + ([range(start, len(numels))] if start < len(numels) else [])
-
-
-def host_bytes(numels: list[int], *, itemsize: int, accumulation_steps: int = 1, host_weights: bool = False,
-               bucket_mb: int | None = None, building: bool = False) -> int:
-    """Host RAM `OffloadAdamW` holds for parameters of `numels` elements; with `building`, at most what it
-    holds while it is built, when the fp32 parameters it is given are not yet released."""
-    total, small = sum(numels), sum(n for n in numels if n < SMALL_PARAM)
-    largest = max((sum(numels[i] for i in r) for r in partition(numels, bucket_mb)), default=0)
-    common = itemsize * total * host_weights + ACCUMULATION_BYTES * total * (accumulation_steps > 1)
-    common += 4 * min(CHUNK, largest)
-    if building:  # the fp32 parameters become the masters one bucket at a time: never more than both
-        return 4 * total + common
-    return MASTER_BYTES * total + itemsize * (total + small) + common
-
-
-def adamw_kernel(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: torch.Tensor, group: dict, grad_scale: torch.Tensor | None = None) -> None:
-    """One AdamW update of `master` in place, by the kernel torch's fused AdamW runs (so results match it
-    bit for bit); `step` is the already incremented step count; `grad` is divided by `grad_scale`."""
-    beta1, beta2 = group["betas"]
-    torch._fused_adamw_([master], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=group["lr"], beta1=beta1,
-                        beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                        maximize=False, grad_scale=grad_scale, found_inf=None)
-
-
-def clip_factor(norm: float, max_norm: float) -> float:
-    """What clipping multiplies the gradients by: at most 1, so that their norm is at most `max_norm`."""
-    return min(1.0, max_norm / (norm + 1e-6)) if max_norm else 1.0
-
-
-class OffloadAdamW(torch.optim.AdamW):
+class OffloadAdamW(OverlapStep, torch.optim.AdamW):
     """AdamW over host fp32 masters of `params`, which it moves to `device` in `dtype`.
 
     `params` must arrive in fp32 (on any device): they become the masters exactly. With `host_weights`
@@ -139,9 +68,9 @@ class OffloadAdamW(torch.optim.AdamW):
         total = sum(p.numel() for p in trainable)
         self._weights = PinnedBuffer(total, dtype, pin=cuda) if host_weights else None
         largest = max((sum(trainable[i].numel() for i in r) for r in ranges), default=0)
-        self._scratch = host_empty(min(CHUNK, largest), torch.float32)  # one chunk of upcast gradients
-        self._buckets: list[_Bucket] = []
-        self._where: dict[torch.nn.Parameter, tuple[_Bucket, int, int]] = {}
+        self._scratch = host_empty(min(layout.CHUNK, largest), torch.float32)  # one chunk of upcast gradients
+        self._buckets: list[Bucket] = []
+        self._where: dict[torch.nn.Parameter, tuple[Bucket, int, int]] = {}
         self._gathered: dict[torch.nn.Parameter, int] = {}  # a small parameter's offset in its bucket's gathering
         start = 0
         for r in ranges:
@@ -171,7 +100,7 @@ class OffloadAdamW(torch.optim.AdamW):
             cuda or self.overlap_step) else None
         self._futures: list[Future] = []
         self._stepping: list[Future] = []       # overlap_step: the buckets' steps queued by step()
-        self._order: list[_Bucket] = []         # overlap_step: buckets in the order the last forward used them
+        self._order: list[Bucket] = []         # overlap_step: buckets in the order the last forward used them
         self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
         self._task, self._in_backward, self._backwards, self._poisoned = None, False, 0, False
         if step_in_backward:  # where each bucket's gradient norm lands before the worker steps it
@@ -183,7 +112,7 @@ class OffloadAdamW(torch.optim.AdamW):
         self._step_supports_amp_scaling = True  # GradScaler hands over grad_scale and found_inf
         self._allocate_state()
 
-    def _make_bucket(self, params: list, start: int) -> _Bucket:
+    def _make_bucket(self, params: list, start: int) -> Bucket:
         offsets, n = [], 0
         for p in params:
             offsets.append(n)
@@ -200,55 +129,21 @@ class OffloadAdamW(torch.optim.AdamW):
             p.data = device_flat[offset:offset + p.numel()].view(p.shape)
         grad = host_empty(n, torch.float32) if self.accumulation_steps > 1 else None
         master = self._keep_master(len(self._buckets), values)
-        bucket = _Bucket(params, offsets, start, device_flat, master, grad)
+        bucket = Bucket(params, offsets, start, device_flat, master, grad)
         for p, offset in zip(params, offsets, strict=True):
-            if p.numel() < SMALL_PARAM:
+            if p.numel() < layout.SMALL_PARAM:
                 bucket.small.append((p, offset, sum(q.numel() for q, _, _ in bucket.small)))
         if bucket.small:
             gathered = sum(p.numel() for p, _, _ in bucket.small)
             bucket.small_device = torch.empty(gathered, dtype=self.dtype, device=self.device)
         return bucket
 
-    def _gate(self, model: torch.nn.Module) -> None:
-        """Before each block of `model` runs, its buckets must have been stepped and uploaded."""
-        from sdtune.offload.params import plan_units
-
-        for module, params in plan_units(model, GATE_BYTES):
-            buckets = list(dict.fromkeys(self._where[p][0] for p in params if p in self._where))
-            if buckets:
-                module.register_forward_pre_hook(lambda module, args, buckets=buckets: self._await(buckets))
-
-    def _await(self, buckets: list[_Bucket]) -> None:
-        for bucket in buckets:
-            ready = bucket.ready
-            if ready is not None:
-                ready.wait()
-                bucket.ready = None
-                self._order.append(bucket)
-                if bucket.uploaded is not None:
-                    torch.cuda.current_stream(self.device).wait_event(bucket.uploaded)
-
-    def _settle(self) -> None:
-        """Every step queued by `step()` is done and the compute stream waits for its uploads (before
-        backward, checkpoints, or anything else that reads the masters, the state or the staging)."""
-        stepping, self._stepping = self._stepping, []
-        if not stepping:
-            return
-        errors = [future.exception() for future in stepping]
-        for bucket in self._buckets:
-            bucket.ready = None
-        self._uploaded()
-        for error in errors:
-            if error is not None:
-                raise error
-
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
         """Where bucket `index`'s fp32 master lives: here, the host tensor itself."""
         return values
 
     def _allocate_state(self) -> None:
-        """AdamW's moments, allocated now so that a machine short of RAM fails before step one; laid out as
-        torch's fused AdamW lays out its state, so checkpoints are the same."""
+        """AdamW's moments, laid out as torch's fused AdamW's; allocated now, so a short host fails before step 1."""
         for bucket in self._buckets:
             self.state[bucket.master].update(
                 step=torch.zeros((), dtype=torch.float32),
@@ -264,7 +159,7 @@ class OffloadAdamW(torch.optim.AdamW):
             self._start_backward(task)
         bucket, offset, n = self._where[param]
         grad = param.grad
-        if n < SMALL_PARAM:  # gathered on the device: one copy to the host for all of the bucket's
+        if n < layout.SMALL_PARAM:  # gathered on the device: one copy to the host for all of the bucket's
             gathered = self._gathered[param]
             bucket.small_device[gathered:gathered + n].view(grad.shape).copy_(grad)
         else:
@@ -296,7 +191,7 @@ class OffloadAdamW(torch.optim.AdamW):
             target.copy_(flat, non_blocking=True)
         flat.record_stream(self._grads_stream)  # the tensor the copy reads stays allocated until it is done
 
-    def _complete(self, bucket: _Bucket) -> None:
+    def _complete(self, bucket: Bucket) -> None:
         """Every gradient of `bucket` that this backward will produce is on its way: hand it to the worker."""
         missing, bucket.pending = [p for p in bucket.params if p in bucket.pending], set()
         bucket.event = None
@@ -309,29 +204,26 @@ class OffloadAdamW(torch.optim.AdamW):
         squared = None
         if bucket.sq_host is not None:
             squared = torch.stack(bucket.norms).square().sum() if bucket.norms else torch.zeros((), dtype=torch.float64)
-        if self._grads_stream is None:
-            if bucket.small:
-                bucket.small_host.copy_(bucket.small_device)
+        stream = self._grads_stream  # None: copies in order (CPU, or SDTUNE_OFFLOAD_SYNC=1)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # both land before the event the worker waits for
+            if bucket.small:  # (the device buffer is rewritten only in the next backward, after the event)
+                bucket.small_host.copy_(bucket.small_device, non_blocking=stream is not None)
             if squared is not None:
-                bucket.sq_host.copy_(squared)
-        else:
-            self._grads_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._grads_stream):  # both land before the event the worker waits for
-                if bucket.small:  # (the device buffer is rewritten only in the next backward, after the event)
-                    bucket.small_host.copy_(bucket.small_device, non_blocking=True)
-                if squared is not None:
-                    bucket.sq_host.copy_(squared, non_blocking=True)
+                bucket.sq_host.copy_(squared, non_blocking=stream is not None)
+        if stream is not None:
             if squared is not None:
-                squared.record_stream(self._grads_stream)
+                squared.record_stream(stream)
             bucket.event = blocking_event()
-            bucket.event.record(self._grads_stream)
+            bucket.event.record(stream)
         final = self._backwards >= self.accumulation_steps
         if self._worker is None:
             self._arrived(bucket, missing, final)
         else:
             self._futures.append(self._worker.submit(self._arrived, bucket, missing, final))
 
-    def _arrived(self, bucket: _Bucket, missing: list, final: bool) -> None:
+    def _arrived(self, bucket: Bucket, missing: list, final: bool) -> None:
         """On the worker: the bucket's gradients are in its staging buffer once its event has passed."""
         if bucket.event is not None:
             bucket.event.synchronize()
@@ -347,11 +239,11 @@ class OffloadAdamW(torch.optim.AdamW):
             # the rest keep their weights, and step() reports the step as skipped.
             self._poisoned = self._poisoned or not math.isfinite(bucket.sq_host.item())
             if not self._poisoned:
-                self._step_bucket(bucket, _Scaling())
+                self._step_bucket(bucket, Scaling())
 
-    def _fold(self, bucket: _Bucket, final: bool) -> None:
+    def _fold(self, bucket: Bucket, final: bool) -> None:
         """Add this micro-batch's gradients into the fp32 sum; after the last one, take the sum's norm."""
-        for part in _chunks(len(bucket.grad)):
+        for part in chunks(len(bucket.grad)):
             total, staged = bucket.grad[part], bucket.staging[part]
             total.copy_(staged) if bucket.folds == 0 else total.add_(staged)
             if final:
@@ -426,46 +318,24 @@ class OffloadAdamW(torch.optim.AdamW):
                     bucket.staging.zero_()
                     if bucket.grad is not None:
                         bucket.grad.zero_()
-            scaling = _Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm))
+            scaling = Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm))
             if self.overlap_step:
                 self._step_later(scaling)
             else:
                 self._step_all(scaling)
                 self._uploaded()
 
-    def _step_later(self, scaling: _Scaling) -> None:
-        """Queue each bucket's step on the worker, in the order the last forward used them; the next
-        forward's blocks wait for theirs. The learning rate is read now: the schedule changes it next."""
-        group, order, self._order = dict(self.param_groups[0]), self._order, []
-        for bucket in list(dict.fromkeys([*order, *self._buckets])):
-            bucket.ready, bucket.uploaded = threading.Event(), None
-            self._stepping.append(self._worker.submit(self._step_queued, bucket, scaling, group))
-
-    def _step_queued(self, bucket: _Bucket, scaling: _Scaling, group: dict) -> None:
-        try:
-            self._step_bucket(bucket, scaling, group)
-            if self._upload_stream is not None:
-                bucket.uploaded = blocking_event()
-                bucket.uploaded.record(self._upload_stream)
-        finally:  # on an error too: the forward goes on, and the error is raised by the next _settle
-            bucket.ready.set()
-
-    def _step_all(self, scaling: _Scaling) -> None:
-        for bucket in self._buckets:
-            if not bucket.stepped:
-                self._step_bucket(bucket, scaling)
-
-    def _step_bucket(self, bucket: _Bucket, scaling: _Scaling, group: dict | None = None) -> None:
+    def _step_bucket(self, bucket: Bucket, scaling: Scaling, group: dict | None = None) -> None:
         state = self.state[bucket.master]
         state["step"] += 1
         self._update(bucket, bucket.master, state["exp_avg"], state["exp_avg_sq"], state["step"], scaling, group)
         bucket.stepped = True
 
-    def _update(self, bucket: _Bucket, master, exp_avg, exp_avg_sq, step, scaling: _Scaling,
+    def _update(self, bucket: Bucket, master, exp_avg, exp_avg_sq, step, scaling: Scaling,
                 group: dict | None = None) -> None:
         """AdamW over `master` chunk by chunk, each new chunk cast on its way out; then the upload."""
         group, out = group or self.param_groups[0], bucket.device_flat if self._cast_in_place else bucket.staging
-        for part in _chunks(len(master)):
+        for part in chunks(len(master)):
             if bucket.grad is not None:
                 grad = bucket.grad[part]
             else:
@@ -479,23 +349,21 @@ class OffloadAdamW(torch.optim.AdamW):
         """Device gradients were freed in the hooks; the host ones are replaced by the next backward."""
         self._reset()
 
-    def _publish(self, bucket: _Bucket, master: torch.Tensor) -> None:
+    def _publish(self, bucket: Bucket, master: torch.Tensor) -> None:
         """`master` (this bucket's fp32 weights, e.g. loaded from a checkpoint) becomes its working weights."""
         self._drain_streams()  # an earlier upload may still read the staging
         (bucket.device_flat if self._cast_in_place else bucket.staging).copy_(master)
         self._upload(bucket)
 
-    def _upload(self, bucket: _Bucket) -> None:
+    def _upload(self, bucket: Bucket) -> None:
         """Queue the copy of the bucket's staged working weights to the device."""
         if self._cast_in_place:
             return
-        if self._upload_stream is None:
-            bucket.device_flat.copy_(bucket.staging)
-            return
-        with torch.cuda.stream(self._upload_stream):
-            if bucket.event is not None:  # backward has read the old weights before the copy overwrites them
-                self._upload_stream.wait_event(bucket.event)
-            bucket.device_flat.copy_(bucket.staging, non_blocking=True)
+        stream = self._upload_stream
+        with torch.cuda.stream(stream):
+            if stream is not None and bucket.event is not None:  # backward has read the old weights by then
+                stream.wait_event(bucket.event)
+            bucket.device_flat.copy_(bucket.staging, non_blocking=stream is not None)
 
     def _uploaded(self) -> None:
         """The device weights are used next on the compute stream: it waits for the queued copies."""
@@ -530,20 +398,3 @@ class OffloadAdamW(torch.optim.AdamW):
         return weights
 
 
-class _Scaling:
-    """Unscale by the loss scale, then clip: the same fp32 multiplications, in the same order, as
-    `GradScaler.unscale_` and `optim.clip_gradients` make on gradients kept on the device."""
-
-    def __init__(self, scale: float = 1.0, factor: float = 1.0):
-        self.inv_scale = None if scale == 1.0 else torch.tensor(scale, dtype=torch.float64).reciprocal().float()
-        self.factor = None if factor == 1.0 else torch.tensor(factor, dtype=torch.float64).float()
-
-    def apply(self, grad: torch.Tensor) -> None:
-        if self.inv_scale is not None:
-            grad.mul_(self.inv_scale)
-        if self.factor is not None:
-            grad.mul_(self.factor)
-
-
-def _chunks(length: int) -> list[slice]:
-    return [slice(start, min(start + CHUNK, length)) for start in range(0, length, CHUNK)]

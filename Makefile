@@ -38,7 +38,7 @@ demo: install
 
 # Pretrain sdtune-tiny from scratch (seeded; about half an hour on 2 CPU cores) into the package.
 tiny-model: install
-	$(PY) -m sdtune.tiny --out sdtune/assets/sdtune-tiny
+	$(PY) -m sdtune.toy.tiny --out sdtune/assets/sdtune-tiny
 
 # The wheels bench/gpu_check.py needs on the lent GPU machine, which has no diffusers and no network
 # (see bench/README.md): into the git-ignored .whl/, which the device tool carries.

@@ -613,7 +613,7 @@ def prepare_model(args, work: Path, tiny: Path) -> Path:
         return tiny
     import gc
 
-    from sdtune.archs import build_random_pipeline
+    from sdtune.toy.random_pipeline import build_random_pipeline
 
     folder = build_random_pipeline(args.arch, work / "model", device=args.device)
     if args.device == "cuda":
@@ -689,7 +689,7 @@ def main(argv=None) -> None:
     started = time.time()
     deadline = started + args.budget
     work = Path(tempfile.mkdtemp(prefix="sdtune-gpu-check-", dir=args.workdir))
-    from sdtune.testing import make_image_folder, save_tiny_pipeline
+    from sdtune.toy.testing import make_image_folder, save_tiny_pipeline
 
     tiny = save_tiny_pipeline(work / "tiny")
     pending = start_preflight(args, work, tiny, make_image_folder(work / "images-64", size=64)) if (

@@ -20,7 +20,7 @@ import torch
 from _common import save_results, summarize, trainer_step_times
 
 from sdtune.config import load_config
-from sdtune.testing import make_image_folder
+from sdtune.toy.testing import make_image_folder
 
 MODES = {
     "no offload": [],

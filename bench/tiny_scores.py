@@ -3,7 +3,7 @@
     .venv/bin/python bench/tiny_scores.py        # prints a table, writes bench/results/tiny_scores.json
 
 Both models get the same 24 prompts (3 shapes x 4 colours x 2 backgrounds) and the same seeds; the
-score is the procedural one of `sdtune.shapes` (1.0 = background, colour and shape all as asked).
+score is the procedural one of `sdtune.toy.shapes` (1.0 = background, colour and shape all as asked).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from _common import save_results
 from rich.console import Console
 from rich.table import Table
 
-from sdtune import shapes, tiny
-from sdtune.evaluate import score_model
 from sdtune.models import assemble_pipeline, load_components
+from sdtune.toy import shapes, tiny
+from sdtune.toy.evaluate import score_model
 
 SEEDS = (0, 1, 2)
 

@@ -25,7 +25,7 @@ import torch
 from _common import save_results, trainer_step_times
 
 from sdtune.config import load_config
-from sdtune.testing import make_image_folder
+from sdtune.toy.testing import make_image_folder
 
 PLANS = {  # row: (preset, extra overrides, baseline precision)
     "cpu preset (fp32)": ("cpu", [], "fp32"),

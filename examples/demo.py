@@ -27,8 +27,8 @@ TRAIN = ["--preset", "cpu", "--data", str(DATA), "--out", str(OUT / "model"), "-
 
 
 def score(model: str, label: str, console) -> dict:
-    from sdtune import shapes
-    from sdtune.evaluate import score_model
+    from sdtune.toy import shapes
+    from sdtune.toy.evaluate import score_model
 
     results = {}
     for name, specs in (("star (new)", shapes.all_specs(shapes.NEW_SHAPES)),

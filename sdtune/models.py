@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdtune import archs
 from sdtune.errors import SdtuneError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
@@ -120,23 +121,6 @@ def load_components(source: str, config: str = "") -> Components:
                       tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
 
 
-def build_part(folder: Path, library: str, class_name: str, device: str = "meta") -> Any:
-    """A model part built from the config in `folder` alone: on the meta device it holds no memory (for
-    counting and tracing); elsewhere it has the library's random initialisation."""
-    import torch
-
-    with torch.device(device):
-        if library == "diffusers":
-            import diffusers
-
-            cls = getattr(diffusers, class_name)
-            return cls.from_config(cls.load_config(folder))
-        import transformers
-
-        cls = getattr(transformers, class_name)
-        return cls(cls.config_class.from_pretrained(folder))
-
-
 @dataclass
 class MetaModel:
     """A model's trainable and frozen parts on the meta device: shapes and dtypes, no weights."""
@@ -151,8 +135,6 @@ class MetaModel:
 def meta_model(source: str) -> MetaModel:
     """Build `source` on the meta device: a bundled architecture name (sd15, sd21, sdxl), a diffusers folder,
     or a single-file checkpoint whose architecture is read from its tensor shapes (no weights are read)."""
-    from sdtune import archs
-
     if source in archs.ARCHS:
         return _meta_from(archs.arch_dir(source), source)
     if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
@@ -172,12 +154,12 @@ def meta_model(source: str) -> MetaModel:
 def _meta_from(folder: Path, label: str) -> MetaModel:
     quiet_libraries()
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
-    built = {part: build_part(folder / part, *index[part][:2]) for part in ("vae", "text_encoder")
+    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", "text_encoder")
              if isinstance(index.get(part), list) and index[part][0]}
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
     prediction = scheduler_config.get("prediction_type", "epsilon")
-    return MetaModel(label, build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
+    return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
                      built.get("text_encoder"), prediction)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from sdtune import archs
 from sdtune.errors import SdtuneError
+from sdtune.toy.random_pipeline import build_random_pipeline
 
 torch.set_num_threads(1)
 
@@ -70,7 +71,7 @@ def test_unknown_names_get_one_clear_line(tmp_path):
     with pytest.raises(SdtuneError, match="no model part 'tokenizer'"):
         archs.build_model("sd15", "tokenizer")
     with pytest.raises(SdtuneError, match="only its UNet config"):
-        archs.build_random_pipeline("sdxl", tmp_path / "xl")
+        build_random_pipeline("sdxl", tmp_path / "xl")
 
 
 def _shrink(folder):
@@ -104,7 +105,7 @@ def test_random_pipeline_loads_offline_and_runs(tmp_path, monkeypatch, name, pre
     shutil.copytree(archs.arch_dir(name), root / name)
     _shrink(root / name)
     monkeypatch.setattr(archs, "ARCH_ROOT", root)
-    folder = archs.build_random_pipeline(name, tmp_path / "model", seed=1)
+    folder = build_random_pipeline(name, tmp_path / "model", seed=1)
     assert {p.name for p in folder.iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
                                                     "scheduler"}
     assert (folder / "unet/diffusion_pytorch_model.safetensors").is_file()
@@ -118,7 +119,7 @@ def test_random_pipeline_is_a_function_of_the_seed(tmp_path, monkeypatch):
     shutil.copytree(archs.arch_dir("sd15"), root / "sd15")
     _shrink(root / "sd15")
     monkeypatch.setattr(archs, "ARCH_ROOT", root)
-    weights = [load_file(archs.build_random_pipeline("sd15", tmp_path / f"m{i}", seed=seed)
+    weights = [load_file(build_random_pipeline("sd15", tmp_path / f"m{i}", seed=seed)
                          / "unet/diffusion_pytorch_model.safetensors") for i, seed in enumerate((0, 0, 1))]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(weights[0]["conv_in.weight"], weights[2]["conv_in.weight"])
@@ -129,7 +130,7 @@ def test_a_real_tokenizer_folder_can_replace_the_tiny_one(tmp_path, monkeypatch,
     shutil.copytree(archs.arch_dir("sd15"), root / "sd15")
     _shrink(root / "sd15")
     monkeypatch.setattr(archs, "ARCH_ROOT", root)
-    folder = archs.build_random_pipeline("sd15", tmp_path / "model", tokenizer_from=tiny_sd1)
+    folder = build_random_pipeline("sd15", tmp_path / "model", tokenizer_from=tiny_sd1)
     assert (folder / "tokenizer/tokenizer.json").read_text() == (tiny_sd1 / "tokenizer/tokenizer.json").read_text()
 
 
@@ -138,6 +139,6 @@ def test_a_real_tokenizer_folder_can_replace_the_tiny_one(tmp_path, monkeypatch,
 def test_full_size_sd15_random_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    folder = archs.build_random_pipeline("sd15", tmp_path / "sd15")
+    folder = build_random_pipeline("sd15", tmp_path / "sd15")
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert sum(p.numel() for p in pipe.unet.parameters()) == KNOWN_COUNTS["sd15", "unet"]

@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 import sdtune.offload
 from sdtune import trainer
 from sdtune.offload.params import ParamStreamer, plan_units
-from sdtune.testing import tiny_components
+from sdtune.toy.testing import tiny_components
 
 
 def _bytes(params) -> int:

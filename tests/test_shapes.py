@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdtune import shapes
-from sdtune.shapes import Spec, mean_scores, render, score_image
+from sdtune.toy import shapes
+from sdtune.toy.shapes import Spec, mean_scores, render, score_image
 
 
 def test_rendered_truth_scores_full_marks_and_wrong_prompts_do_not():

@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
     """A saved tiny SD1 pipeline folder and the pipeline loaded from it."""
     from diffusers import StableDiffusionPipeline
 
-    from sdtune.testing import save_tiny_pipeline
+    from sdtune.toy.testing import save_tiny_pipeline
 
     folder = save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd1", version=1)
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,

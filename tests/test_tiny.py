@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sdtune import shapes
 from sdtune.cli import app
-from sdtune.evaluate import score_model
-from sdtune.tiny import ASSET, render_batch
+from sdtune.toy import shapes
+from sdtune.toy.evaluate import score_model
+from sdtune.toy.tiny import ASSET, render_batch
 
 VAE_MSE_BOUND = 0.015  # measured 0.0067 on rendered shapes in [-1, 1]; an untrained VAE gives ~0.85
 BASE_SCORE_BOUND = 0.9  # measured 1.00 on 24 prompts x 3 seeds; a random UNet scores 0.17

@@ -34,7 +34,7 @@ def _fixed_batch_loss(run, batches=8) -> float:
 @pytest.mark.parametrize("version", [1, 2])
 def test_training_fits_a_small_dataset(version, tiny_sd1, tiny_sd2, tmp_path):
     """Epsilon (SD1) and v-prediction (SD2) targets are learnable: the loss on fixed batches falls."""
-    from sdtune.testing import make_image_folder
+    from sdtune.toy.testing import make_image_folder
 
     images = make_image_folder(tmp_path / "two", count=2)
     run = prepared(tiny_sd1 if version == 1 else tiny_sd2, images, tmp_path / "out", "train.max_steps=60",

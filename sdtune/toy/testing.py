@@ -5,7 +5,7 @@ same UNet, VAE, CLIP text encoder, tokenizer and scheduler classes as SD 1.x / 2
 so every code path that loads, trains, exports and samples a real model runs on it in well under a
 second a step on one CPU thread.
 
-    from sdtune.testing import save_tiny_pipeline, make_image_folder
+    from sdtune.toy.testing import save_tiny_pipeline, make_image_folder
     save_tiny_pipeline("tiny-sd", version=1)       # a diffusers folder: from_pretrained loads it
     make_image_folder("images", count=8)           # PNGs with .txt captions
 """
@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from sdtune.shapes import WORDS
+from sdtune.toy.shapes import WORDS
 
 IMAGE_SIZE = 64
 
@@ -112,8 +112,8 @@ def save_tiny_pipeline(folder: str | Path, version: int = 1, seed: int = 0) -> P
 def make_image_folder(folder: str | Path, count: int = 8, seed: int = 0, captions: bool = True,
                       size: int = IMAGE_SIZE) -> Path:
     """`count` PNG images of coloured shapes, each with a `.txt` caption such as 'a red circle on the white
-    background' (the language of `sdtune.shapes`)."""
-    from sdtune import shapes
+    background' (the language of `sdtune.toy.shapes`)."""
+    from sdtune.toy import shapes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

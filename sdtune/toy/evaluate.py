@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdtune import shapes
+from sdtune.toy import shapes
 
 GUIDANCE = 4.0  # classifier-free guidance scale used for scoring and the demo
 STEPS = 25

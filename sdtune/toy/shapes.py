@@ -7,7 +7,7 @@ from the background), and is it the shape asked for (template matching: which sh
 object's bounding box, overlaps it best; and a star, the one concave shape, by how little of its convex
 hull it fills).
 
-    from sdtune.shapes import Spec, render, score_image
+    from sdtune.toy.shapes import Spec, render, score_image
     spec = Spec("star", "red", "white")
     image = render(spec, random.Random(0))          # a 64x64 PIL image
     score_image(image, spec)                         # {'background': 1.0, 'colour': 1.0, 'shape': 1.0, ...}

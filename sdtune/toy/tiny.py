@@ -1,6 +1,6 @@
 """sdtune-tiny: a small Stable Diffusion model pretrained by sdtune itself on the world of `shapes`.
 
-    make tiny-model            # or: python -m sdtune.tiny --out sdtune/assets/sdtune-tiny
+    make tiny-model            # or: python -m sdtune.toy.tiny --out sdtune/assets/sdtune-tiny
 
 Nothing can be downloaded where sdtune is developed, and a randomly initialised model cannot show
 whether fine-tuning is right, so sdtune ships this one. It has the SD architecture (AutoencoderKL, CLIP
@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdtune import shapes
+from sdtune.toy import shapes
 
-ASSET = Path(__file__).parent / "assets" / "sdtune-tiny"
+ASSET = Path(__file__).parent.parent / "assets" / "sdtune-tiny"
 MAX_TOKENS = 16  # "a yellow triangle on the black background" is 9 tokens with start and end
 
 
@@ -36,7 +36,7 @@ def architecture(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdtune.testing import write_tiny_tokenizer
+    from sdtune.toy.testing import write_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_tiny_tokenizer(tmp, words=shapes.WORDS, max_length=MAX_TOKENS)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.errors import SdtuneError
+from sdtune.libraries import quiet_libraries
 
 ARCH_ROOT = Path(__file__).parent / "archs"
 ARCHS = ("sd15", "sd21", "sdxl")
@@ -76,6 +77,7 @@ def build_part(folder: Path, library: str, class_name: str, device: str = "meta"
     counting and tracing); elsewhere it has the library's random initialisation."""
     import torch
 
+    quiet_libraries()  # before diffusers' first model class is imported
     with torch.device(device):
         if library == "diffusers":
             import diffusers

@@ -5,13 +5,12 @@
     components = load_components("stable-diffusion-v1-5/stable-diffusion-v1-5") # hub id, where online
     components = load_components("sdtune-tiny")                                  # bundled with sdtune
 
-Everything is loaded in fp32 on the CPU; `memory.apply_plan` casts and places it.
+Everything is loaded in fp32 on the CPU; `sdtune.placement.place` casts and places it for a plan.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from sdtune import archs
 from sdtune.errors import SdtuneError
+from sdtune.libraries import quiet_libraries
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 BUNDLED = {"sdtune-tiny": Path(__file__).parent / "assets" / "sdtune-tiny"}  # models shipped in the package
@@ -76,17 +76,6 @@ def _check_pipeline_class(index_path: Path) -> None:
     name = json.loads(index_path.read_text()).get("_class_name", "")
     if name != "StableDiffusionPipeline":
         raise SdtuneError(f"{index_path.parent} is a {name}; sdtune trains Stable Diffusion 1.x and 2.x models")
-
-
-def quiet_libraries() -> None:
-    """Silence diffusers' and transformers' per-file progress bars and advice; sdtune reports progress itself."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read once, when transformers is first imported
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
 
 
 def _load_pipeline(source: str, kind: str, config: str):

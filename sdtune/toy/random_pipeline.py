@@ -44,7 +44,7 @@ def build_random_pipeline(name: str, folder: str | Path, *, seed: int = 0,
     import diffusers
     import torch
 
-    from sdtune.models import quiet_libraries
+    from sdtune.libraries import quiet_libraries
 
     if not (archs.arch_dir(name) / "model_index.json").is_file():
         raise SdtuneError(f"{name} ships only its UNet config (for counting and estimates), not a pipeline; "

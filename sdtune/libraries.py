@@ -1,0 +1,61 @@
+"""Quiet, lazy access to third-party libraries: diffusers and transformers without their progress bars and
+advice, and bitsandbytes only where a run asks for it (`memory.optimizer=adamw8bit`).
+
+    from sdtune.libraries import import_bitsandbytes, quiet_libraries
+    quiet_libraries()            # before a command first loads a diffusers model
+    bnb = import_bitsandbytes()  # the 8-bit optimizer's library, imported without its import-time chatter
+
+Why bitsandbytes needs keeping out: diffusers imports it, when installed, as soon as its model code loads
+(`diffusers.models.modeling_utils` -> `diffusers.quantizers` -> `quantizers/bitsandbytes/utils.py`, for
+loading 4/8-bit quantised checkpoints, which sdtune never does). The import costs about a second and, on a
+CPU without the `kernels` package, logs "Failed to load CPU gemm_4bit_forward from kernels-community" in
+every sdtune command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from types import ModuleType
+
+from sdtune.errors import SdtuneError
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' per-file progress bars and advice (sdtune reports progress
+    itself), and keep diffusers from importing bitsandbytes. Call it before the first diffusers model
+    class is imported; later, the bitsandbytes part no longer helps (it is imported already)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read once, when transformers is first imported
+    from diffusers.utils import import_utils as diffusers_imports
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # diffusers' quantizer module imports bitsandbytes when this flag (set at import, from find_spec) is
+    # true; sdtune loads no quantised models, and imports bitsandbytes itself for adamw8bit
+    diffusers_imports._bitsandbytes_available = False
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def import_bitsandbytes() -> ModuleType:
+    """The `bitsandbytes` module, with what its import prints, logs or warns (such as the kernels-community
+    line above) kept out of the output; a one-line `SdtuneError` where it is missing or fails to import."""
+    logger = logging.getLogger("bitsandbytes")  # the parent of the loggers its backends warn through
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # where a handler is configured, sys.stderr's redirection does not reach it
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes
+    except Exception as exc:  # ImportError, or a broken native library (OSError, RuntimeError)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SdtuneError(f"memory.optimizer=adamw8bit needs bitsandbytes ({reason}); "
+                          "pip install bitsandbytes or set memory.optimizer=adamw") from None
+    finally:
+        logger.setLevel(level)
+    return bitsandbytes

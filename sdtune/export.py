@@ -17,10 +17,17 @@ SINGLE_FILE = "model.safetensors"
 
 
 def export_pipeline(components, out_dir: Path) -> Path:
+    """The diffusers pipeline folder, every file of it readable as the umask allows (safetensors writes 0600)."""
+    from sdtune.files import follow_umask
     from sdtune.models import assemble_pipeline
 
-    assemble_pipeline(components).save_pretrained(out_dir, safe_serialization=True)
-    return Path(out_dir)
+    out, pipe = Path(out_dir), assemble_pipeline(components)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # only what save_pretrained wrote: a part's folder each, and model_index.json
+    for part in [name for name, module in pipe.components.items() if module is not None] + ["model_index.json"]:
+        if (out / part).exists():
+            follow_umask(out / part)
+    return out
 
 
 def export_single_file(components, out_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""File helpers shared by checkpoints and caches: content digests and durable writes."""
+"""File helpers shared by checkpoints, caches and exports: content digests, durable writes, and modes that
+follow the umask."""
 
 from __future__ import annotations
 
@@ -23,3 +24,35 @@ def sync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells (/proc), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give `path` (a file, or every file and folder under it) the mode a plain `open()` would: safetensors
+    writes 0600 files, which a container or another user could not read beside 0644 JSON."""
+    mask = _umask()
+    path = Path(path)
+    targets = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for target in targets:
+        if not target.is_symlink():  # chmod would change what the link points to
+            os.chmod(target, (0o777 if target.is_dir() else 0o666) & ~mask)
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, with the file's mode following the umask."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    follow_umask(path)

@@ -148,7 +148,7 @@ def pipeline_to_single_file(unet, vae, text_encoder, path, dtype=None) -> Path:
     """Write the three models as one LDM-layout `.safetensors` (atomically) and return its path.
 
     `dtype` (e.g. `torch.float16`) casts the floating-point tensors; `None` keeps each tensor's dtype."""
-    from safetensors.torch import save_file
+    from sdtune.files import save_safetensors
 
     weights = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config),
                **text_encoder_to_ldm(text_encoder.state_dict(), text_encoder.config)}
@@ -161,7 +161,7 @@ def pipeline_to_single_file(unet, vae, text_encoder, path, dtype=None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(weights, str(tmp), metadata={"format": "pt"})
+        save_safetensors(weights, tmp, metadata={"format": "pt"})  # in the umask's mode, not 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from sdtune.files import save_safetensors
+
 
 def cache_root(cache_dir: str) -> Path:
     if cache_dir:
@@ -51,7 +53,6 @@ class FeatureCache:
 
     def __init__(self, root: Path, kind: str, identity: str):
         self.folder = Path(root) / kind / identity
-        self.hits = self.misses = 0
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -62,21 +63,15 @@ class FeatureCache:
 
         path = self._path(key)
         if not path.is_file():
-            self.misses += 1
             return None
         try:
-            tensors = load_file(path)
+            return load_file(path)
         except (SafetensorError, OSError):  # a damaged entry is a miss; it is rewritten
-            self.misses += 1
             return None
-        self.hits += 1
-        return tensors
 
     def put(self, key: str, tensors: dict) -> None:
-        from safetensors.torch import save_file
-
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+        save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)

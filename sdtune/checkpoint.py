@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.files import sha256_file, sync
+from sdtune.files import save_safetensors, sha256_file, sync
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -66,7 +66,7 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
     return None
 
 
-def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_schedule, scaler, state: dict,
+def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedule, scaler, state: dict,
                     config_toml: str, keep: int) -> Path:
     """Write checkpoint `step` whole or not at all; on a write error (a full disk), one line saying so and
     that the previous checkpoint is intact."""
@@ -76,7 +76,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_sc
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_files(tmp, step, weights, optimizer, lr_schedule, scaler, state, config_toml)
+        _write_files(tmp, step, weights, tier, lr_schedule, scaler, state, config_toml)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -91,20 +91,18 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, optimizer, lr_sc
     return final
 
 
-def _write_files(folder: Path, step: int, weights: dict, optimizer, lr_schedule, scaler, state: dict,
+def _write_files(folder: Path, step: int, weights: dict, tier, lr_schedule, scaler, state: dict,
                  config_toml: str) -> None:
     import numpy as np
     import torch
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / "unet.safetensors")
+    save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
+                     folder / "unet.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+    torch.save({"optimizer": tier.state_dict(), "lr_schedule": lr_schedule.state_dict(),
                 "scaler": scaler.state_dict(), "rng": rng}, folder / "training_state.pt")
-    if hasattr(optimizer, "save_state_files"):  # optimizer state kept in files (the nvme tier)
-        optimizer.save_state_files(folder)
+    tier.save_files(folder)  # optimizer state kept in files (the nvme tier)
     (folder / "config.toml").write_text(config_toml, encoding="utf-8")
     manifest = {}
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
@@ -119,7 +117,7 @@ def _write_files(folder: Path, step: int, weights: dict, optimizer, lr_schedule,
     sync(folder)
 
 
-def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict:
+def load_checkpoint(path: Path, *, unet, tier, lr_schedule, scaler) -> dict:
     """Restore everything `save_checkpoint` wrote into the live objects; return the saved `state.json`.
     `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code."""
     import numpy as np
@@ -137,9 +135,8 @@ def load_checkpoint(path: Path, *, unet, optimizer, lr_schedule, scaler) -> dict
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SdtuneError(f"checkpoint {path} is unreadable ({first}); delete it to resume from an older one") from None
     unet.load_state_dict(weights)
-    optimizer.load_state_dict(training["optimizer"])
-    if hasattr(optimizer, "load_state_files"):
-        optimizer.load_state_files(path)
+    tier.load_state_dict(training["optimizer"])
+    tier.load_files(path)
     lr_schedule.load_state_dict(training["lr_schedule"])
     scaler.load_state_dict(training["scaler"])
     torch.set_rng_state(training["rng"]["torch"])

@@ -18,8 +18,9 @@ peak and what made it up are the estimate. Then what the meta device cannot show
   rules at the function level: convolutions, linears, matmuls and attention in the working precision
   (fp32 weights cast once per forward and cached, as autocast's weight cache does), norms and softmax
   in fp32.
-- The optimizer's state is counted from its layout (fused AdamW: 8 bytes a parameter; bitsandbytes'
-  AdamW8bit: 2 bytes plus block scales), not traced: its step adds no temporaries.
+- The optimizer's state is counted by its tier's byte model (`Tier.footprint` in sdtune/offload/tier.py:
+  fused AdamW 8 bytes a parameter, AdamW8bit 2 plus block scales, the host tiers' buckets and rings),
+  not traced: its step adds no temporaries on the device.
 - The CUDA caching allocator reserves more than it hands out (512-byte rounding, 2 MiB and 20 MiB
   segments, fragmentation): `ALLOCATOR_SLACK` of the peak plus `ALLOCATOR_POOLS`. cuBLAS's workspace
   comes from that allocator too. The CUDA context (`CUDA_CONTEXT`) is outside torch's reserved memory.
@@ -101,22 +102,22 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
     with torch.no_grad():
         cond = _frozen_pass(parts, plan, cfg, tracker)
-    state = _optimizer_state(parts.unet, plan)
+    footprint = _footprint(parts, plan, cfg)
+    state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
     tracker.add([state], "optimizer_state")
     milestones = _unet_step(parts, plan, cfg, tracker, cond)
     at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
     allocated = sum(at_peak.values())
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
     context = CUDA_CONTEXT if device == "cuda" else 0
-    host, disk = _host_and_disk(parts, plan, cfg)
     notes = ("sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",) if (
         source == "sdxl" and frozen_on_device) else ()
     return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
                     batch_size=cfg.train.batch_size, device=device,
                     categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                     peak_allocated=allocated, peak_reserved=allocated + overhead, total=allocated + overhead + context,
-                    host_ram=host, disk=disk, card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2),
-                    notes=notes, milestones=milestones)
+                    host_ram=_host_ram(parts, footprint), disk=footprint.disk, card_gib=info.vram_gib,
+                    seconds=round(time.perf_counter() - started, 2), notes=notes, milestones=milestones)
 
 
 def _is_hub_id(source: str) -> bool:
@@ -161,13 +162,16 @@ def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
 
 
 def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, int]]:
-    """The UNet placed as `memory.apply_plan` and the optimizer place it, then forward and backward."""
+    """The UNet placed as `sdtune.placement` places it, then forward and backward."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
     from torch.utils.checkpoint import checkpoint
 
+    from sdtune.offload.tier import tier_class
+
     unet, working = parts.unet, plan.working_dtype
-    unet.to(working if plan.optimizer_offload != "none" else torch.float32)  # offload: masters leave the device
+    host_gradients = tier_class(plan).host_gradients  # the tier holds the masters: working weights on the device
+    unet.to(working if host_gradients else torch.float32)
     unet.set_attn_processor(AttnProcessor2_0())
     unet.train()
     cuda = _CudaSemantics(autocast=working if plan.precision != "fp32" else None)
@@ -189,12 +193,12 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, i
     if plan.param_offload == "cpu":
         from sdtune.offload import ParamStreamer
 
-        ParamStreamer(unet, "meta", prefetch_blocks=cfg.memory.param_prefetch_blocks,
+        ParamStreamer(unet, "meta", prefetch_blocks=plan.param_prefetch_blocks,
                       on_copy=lambda copy: tracker.relabel(copy, "weights"))
     else:
         tracker.add(unet.parameters(), "weights")
     for p in unet.parameters():
-        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, plan.optimizer_offload != "none"))
+        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, host_gradients))
     text, extra = cond
     side, batch = cfg.data.resolution // 8, cfg.train.batch_size
     latents = torch.empty(batch, unet.config.in_channels, side, side, device="meta")
@@ -218,38 +222,20 @@ def _on_grad(tracker, offloaded: bool, param) -> None:
         param.grad = None  # OffloadAdamW copies it to the host and frees it on the device
 
 
-def _optimizer_state(unet, plan):
-    """A placeholder of the optimizer's state size on the device (kept alive by the caller)."""
-    import torch
+def _footprint(parts, plan, cfg: Config):
+    """The optimizer tier's bytes on the device, the host and the disk, by the tier's own byte model."""
+    from sdtune.offload.tier import tier_class
 
-    nbytes = 0
-    if plan.optimizer_offload == "none":
-        for p in unet.parameters():
-            n = p.numel()
-            if plan.optimizer == "adamw8bit" and n >= 4096:  # bitsandbytes keeps small tensors' state in fp32
-                nbytes += 2 * n + 2 * 4 * -(-n // 256)      # two uint8 moments and an fp32 scale per 256 values
-            else:
-                nbytes += 8 * n + 4                         # fp32 exp_avg and exp_avg_sq, and a step count
-    return torch.empty(nbytes, dtype=torch.uint8, device="meta")
+    return tier_class(plan).footprint([p.numel() for p in parts.unet.parameters()],
+                                      itemsize=plan.working_dtype.itemsize, host_weights=plan.param_offload == "cpu",
+                                      accumulation_steps=cfg.train.gradient_accumulation_steps)
 
 
-def _host_and_disk(parts, plan, cfg: Config) -> tuple[int, int]:
-    """Host bytes the plan needs: the fp32 model while it loads, then what the optimizer tier allocates
-    (whichever is more), counted by the tier's own byte model from the UNet's parameter sizes, so that
-    a change of bucket size or buffer layout in the engine changes the estimate; disk for the nvme tier."""
-    from sdtune.offload import NvmeAdamW, OffloadAdamW
-    from sdtune.offload.layout import MASTER_BYTES
-
-    numels = [p.numel() for p in parts.unet.parameters()]
-    frozen = sum(p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters())
-    loading = 4 * (sum(numels) + frozen)
-    if plan.optimizer_offload == "none":
-        return loading, 0
-    tier = NvmeAdamW if plan.optimizer_offload == "nvme" else OffloadAdamW
-    layout = dict(itemsize=plan.working_dtype.itemsize, host_weights=plan.param_offload == "cpu",
-                  accumulation_steps=cfg.train.gradient_accumulation_steps)
-    held = max(tier.host_bytes(numels, **layout), tier.host_bytes(numels, **layout, building=True))
-    return max(loading, held), MASTER_BYTES * sum(numels) if plan.optimizer_offload == "nvme" else 0
+def _host_ram(parts, footprint) -> int:
+    """Host bytes: the fp32 model while it loads, or what the optimizer tier holds, whichever is more."""
+    frozen = [p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters()]
+    loading = 4 * (sum(p.numel() for p in parts.unet.parameters()) + sum(frozen))
+    return max(loading, footprint.host)
 
 
 # ----------------------------------------------------------------------------------------------------

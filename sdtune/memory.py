@@ -1,10 +1,9 @@
-"""Apply a memory plan: compute device, precision, activation checkpointing, attention backend.
+"""The resolved memory plan: compute device, precision, activation checkpointing, attention backend, tiers.
 
 `resolve_plan` turns the `[memory]` config into concrete choices for this machine (and fails with one
-line when the machine cannot do what was asked); `resolve_attention`, its attention part, is shared with
-the estimator. `apply_plan` puts the model parts where and how the plan says: the trainable UNet keeps
-fp32 master weights (autocast computes in half precision), the frozen VAE and text encoder are cast to
-the working precision.
+line when the machine cannot do what was asked); `make_plan` does it without asking the machine (the
+estimator plans for a GPU it may not have); `resolve_attention`, the attention part, is shared by both.
+`sdtune.placement` puts the model where the plan says; `autocast` and `peak_bytes` serve the loop.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ class Plan:
     optimizer_offload: str = "none"  # "none", "cpu" or "nvme"
     offload_dir: str = ""            # folder of the nvme tier's state file
     param_offload: str = "none"      # "none" or "cpu": working weights streamed from host RAM
+    param_prefetch_blocks: int = 2   # with param_offload: UNet blocks copied to the device ahead of use
 
     @property
     def working_dtype(self):
@@ -137,32 +137,8 @@ def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:
     it does not have); `resolve_plan` checks the machine first."""
     return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
                 attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload,
-                offload_dir=mem.offload_dir, param_offload=mem.param_offload)
-
-
-def apply_plan(plan: Plan, components) -> None:
-    """Place and cast the parts; switch on checkpointing and the attention backend; freeze VAE and text encoder.
-
-    With optimizer offload the UNet stays in fp32 on the host: the offload optimizer keeps those weights
-    as its masters and puts working-precision copies on the device itself."""
-    import torch
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet = components.unet.to(dtype=torch.float32)
-    if plan.optimizer_offload == "none":
-        unet.to(plan.device)
-    unet.requires_grad_(True)
-    unet.train()
-    if plan.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if plan.attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    else:
-        unet.set_attn_processor(AttnProcessor2_0())
-    for frozen in (components.vae, components.text_encoder):
-        frozen.requires_grad_(False)
-        frozen.eval()
-        frozen.to(plan.device, dtype=plan.working_dtype)
+                offload_dir=mem.offload_dir, param_offload=mem.param_offload,
+                param_prefetch_blocks=mem.param_prefetch_blocks)
 
 
 def autocast(plan: Plan):

@@ -35,7 +35,6 @@ class MemoryTracker(TorchDispatchMode):
         self.current: dict[str, int] = defaultdict(int)
         self.peak = 0
         self.at_peak: dict[str, int] = {}
-        self.sizes: list[int] = []           # every allocation's size, for the allocator model
         self._live: dict[int, tuple[str, int, weakref.ref]] = {}  # storage id -> (category, bytes, ref)
 
     # ------------------------------------------------------------------------------------------------
@@ -81,7 +80,6 @@ class MemoryTracker(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._live[key] = (category, nbytes, weakref.ref(storage, lambda _, key=key: self._free(key)))
         self.current[category] += nbytes
-        self.sizes.append(nbytes)
         total = self.total
         if total > self.peak:
             self.peak, self.at_peak = total, dict(self.current)

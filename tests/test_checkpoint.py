@@ -50,7 +50,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_newest(tiny_sd1, images, t
     monkeypatch.setattr(torch, "save", disk_full_on_second_save)
     with pytest.raises(SdtuneError, match=r"writing checkpoint step-000004 failed \(No space left on device\); "
                                           r"step-000002 is intact"):
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
     root = checkpoint.checkpoint_root(tmp_path / "out")
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]  # no half-written step-000004(.tmp)
     assert checkpoint.verify(root / "step-000002") is None
@@ -73,7 +73,7 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused(tiny_sd1, image
     (target / "state.json").write_text(json.dumps(state))
     run = prepared(tiny_sd1, images, tmp_path / "fresh", "train.max_steps=4")
     with pytest.raises(SdtuneError, match="checkpoint .*step-000002 is unreadable"):
-        checkpoint.load_checkpoint(target, unet=run.components.unet, optimizer=run.optimizer,
+        checkpoint.load_checkpoint(target, unet=run.components.unet, tier=run.tier,
                                    lr_schedule=run.lr_schedule, scaler=run.scaler)
     assert not marker.exists()
 

@@ -125,3 +125,40 @@ def test_cached_latents_and_text_take_the_encoders_off_the_gpu():
     assert estimate(cfg, info, "sd15").categories["frozen"] == 0
     cfg, info = load_config("rtx3050", ["data.cache_text=true"])
     assert estimate(cfg, info, "sd15").categories["frozen"] == 2 * 83_653_863  # the VAE alone, in bf16
+
+
+def test_the_estimate_follows_the_engines_bucket_size_and_ring_depth(monkeypatch):
+    """Host RAM comes from the tiers' own byte model: change the engine's bucket size or the nvme ring's
+    depth and the estimate moves by what the tier would allocate more."""
+    from sdtune import archs
+    from sdtune.offload import layout, nvme
+
+    cfg, info = load_config("rtx3050", ["memory.optimizer_offload=nvme", "memory.offload_dir=/tmp"])
+    numels = [p.numel() for p in archs.build_model("sd15").parameters()]
+
+    def largest() -> int:
+        return max(sum(numels[i] for i in r) for r in layout.partition(numels))
+
+    before, bucket = estimate(cfg, info, "sd15").host_ram, largest()
+    monkeypatch.setattr(nvme, "RING", nvme.RING + 2)
+    deeper = estimate(cfg, info, "sd15").host_ram
+    assert deeper - before == 2 * layout.MASTER_BYTES * bucket  # two more ring buffers of the largest bucket
+    monkeypatch.setattr(layout, "BUCKET_MB", 4 * layout.BUCKET_MB)
+    assert largest() > bucket
+    bigger = estimate(cfg, info, "sd15").host_ram  # each ring buffer holds one bucket's state (both > CHUNK)
+    assert bigger - deeper == nvme.RING * layout.MASTER_BYTES * (largest() - bucket)
+
+
+def test_the_host_tiers_byte_model_is_what_they_allocate(tiny_sd1):
+    """`HostAdamW.footprint` counts every host tensor `OffloadAdamW` holds: masters, moments, staging."""
+    from sdtune.models import load_components
+    from sdtune.offload import OffloadAdamW
+    from sdtune.offload.tier import HostAdamW
+
+    unet = load_components(str(tiny_sd1)).unet
+    numels = [p.numel() for p in unet.parameters()]
+    opt = OffloadAdamW(unet.parameters(), device="cpu", dtype=torch.bfloat16, lr=1e-4)
+    held = [b.master for b in opt._buckets] + [t for s in opt.state.values() for t in s.values() if t.dim()]
+    held += [opt._staging.tensor, opt._small.tensor, opt._scratch]
+    allocated = sum(t.numel() * t.element_size() for t in held)
+    assert HostAdamW.footprint(numels, itemsize=2).host == allocated

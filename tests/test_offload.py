@@ -9,7 +9,7 @@ from helpers import final_unet, prepared, train
 from sdtune import trainer
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
-from sdtune.optim import clip_gradients, make_scaler
+from sdtune.offload.tier import clip_gradients
 
 
 def _offload(tier: str, folder) -> list[str]:
@@ -34,13 +34,13 @@ def test_optimizer_offload_equals_plain_adamw(tiny_sd1, images, tmp_path, tier, 
     for offload in ("none", tier):
         run = prepared(tiny_sd1, images, tmp_path / offload, "train.max_steps=4",
                        *_offload(offload, tmp_path / "state"), *overrides)
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
         runs[offload] = run
     assert isinstance(runs[tier].optimizer, OffloadAdamW)
     assert runs[tier].optimizer.step_in_backward == (tier == "cpu" and overrides == ["train.max_grad_norm=0"])
     assert all(p.grad is None for p in runs[tier].components.unet.parameters())  # gradients left the device
     assert runs[tier].losses == runs["none"].losses
-    plain, offloaded = runs["none"].components.unet.state_dict(), trainer._fp32_weights(runs[tier])
+    plain, offloaded = runs["none"].components.unet.state_dict(), trainer.fp32_weights(runs[tier])
     for name, weight in plain.items():  # the same fp32 operations in the same order: equal bit for bit
         assert torch.equal(offloaded[name], weight), name
         assert torch.equal(runs[tier].components.unet.get_parameter(name).data, weight), name  # the device copy
@@ -48,7 +48,7 @@ def test_optimizer_offload_equals_plain_adamw(tiny_sd1, images, tmp_path, tier, 
 
 def test_nvme_tier_keeps_the_state_in_its_file_not_in_memory(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "out", "train.max_steps=2", *_offload("nvme", tmp_path / "state"))
-    trainer.loop(run, lambda run, sps: None)
+    trainer.loop(run)
     [folder] = (tmp_path / "state").iterdir()
     params = sum(p.numel() for p in run.components.unet.parameters())
     assert (folder / "optimizer_state.bin").stat().st_size == 12 * params  # master, exp_avg, exp_avg_sq
@@ -126,14 +126,14 @@ def test_offload_with_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images
     run = prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", *_offload(tier, tmp_path / "state"),
                    "train.max_steps=6")
     assert next(run.components.unet.parameters()).dtype == torch.float16  # working precision on the device
-    run.scaler = make_scaler(run.plan, run.optimizer, init_scale=2.0**40, backoff_factor=2.0**-8)
-    before = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
+    run.scaler = run.tier.make_scaler("cpu", enabled=True, init_scale=2.0**40, backoff_factor=2.0**-8)
+    before = {k: v.clone() for k, v in trainer.fp32_weights(run).items()}
     trainer._micro_step(run, 0)
     assert not trainer._optimizer_step(run)
-    assert all(torch.equal(before[k], v) for k, v in trainer._fp32_weights(run).items())
-    trainer.loop(run, lambda run, sps: None)
+    assert all(torch.equal(before[k], v) for k, v in trainer.fp32_weights(run).items())
+    trainer.loop(run)
     assert run.skipped_steps >= 1 and all(torch.isfinite(torch.tensor(run.losses)))
-    assert any(not torch.equal(before[k], v) for k, v in trainer._fp32_weights(run).items())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.fp32_weights(run).items())
 
 
 def test_nvme_tier_needs_much_less_host_memory_than_the_cpu_tier(tmp_path):
@@ -154,13 +154,13 @@ def test_nvme_tier_needs_much_less_host_memory_than_the_cpu_tier(tmp_path):
 
 def test_without_clipping_the_cpu_tier_steps_during_backward(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "o", "memory.optimizer_offload=cpu", "train.max_grad_norm=0")
-    before = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
+    before = {k: v.clone() for k, v in trainer.fp32_weights(run).items()}
     trainer._micro_step(run, 0)  # forward and backward only
     assert all(b.stepped for b in run.optimizer._buckets)
-    after_backward = {k: v.clone() for k, v in trainer._fp32_weights(run).items()}
+    after_backward = {k: v.clone() for k, v in trainer.fp32_weights(run).items()}
     assert all(not torch.equal(before[k], after_backward[k]) for k in before)
     trainer._optimizer_step(run)  # finds nothing left to do
-    assert all(torch.equal(after_backward[k], v) for k, v in trainer._fp32_weights(run).items())
+    assert all(torch.equal(after_backward[k], v) for k, v in trainer.fp32_weights(run).items())
     assert not any(b.stepped for b in run.optimizer._buckets)
 
 
@@ -176,7 +176,7 @@ def test_a_failed_nvme_write_is_one_clear_error(tiny_sd1, images, tmp_path, monk
     monkeypatch.setattr(os, "pwrite", disk_full)
     with pytest.raises(SdtuneError, match=r"writing optimizer state to .*optimizer_state.bin failed "
                                           r"\(No space left on device\); free space there"):
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
 
 
 @pytest.mark.parametrize("tier", ["cpu", "nvme"])
@@ -282,10 +282,11 @@ def test_an_overflow_anywhere_is_seen_by_the_host_gradient_scaler():
     """fp16 with host gradients: one inf in the first element of one gradient skips the step, backs the
     scale off and leaves the masters as they were; GradScaler.unscale_ is refused."""
     from sdtune.offload import OffloadAdamW
+    from sdtune.offload.scaler import HostGradScaler
 
     model = _toy()
     opt = OffloadAdamW(model.parameters(), device="cpu", dtype=torch.float16, lr=1e-2, max_grad_norm=1.0)
-    scaler = make_scaler(types_plan("fp16"), opt, init_scale=2.0**10)
+    scaler = HostGradScaler("cpu", init_scale=2.0**10)
     before = {k: v.clone() for k, v in opt.master_weights(model).items()}
     model[2].bias.register_hook(lambda grad: torch.cat([torch.full_like(grad[:1], float("inf")), grad[1:]]))
     x = torch.randn(2, 3, 8, 8, dtype=torch.float16)
@@ -296,13 +297,6 @@ def test_an_overflow_anywhere_is_seen_by_the_host_gradient_scaler():
     assert all(torch.equal(before[k], v) for k, v in opt.master_weights(model).items())
     with pytest.raises(RuntimeError, match="unscale and clip inside their step"):
         scaler.unscale_(opt)
-
-
-def types_plan(precision: str):
-    from sdtune.memory import Plan
-
-    return Plan(device="cpu", precision=precision, gradient_checkpointing=False, attention="sdpa",
-                optimizer_offload="cpu")
 
 
 def test_host_memory_that_cannot_be_had_is_one_clear_line(monkeypatch):
@@ -390,9 +384,9 @@ def test_the_overlapped_step_trains_the_unet_as_plain_adamw_does(tiny_sd1, image
         run = prepared(tiny_sd1, images, tmp_path / offload, "train.max_steps=4", f"memory.optimizer_offload={offload}",
                        "output.sample_every=2", "output.sample_prompts=['a star']", "output.sample_steps=2",
                        "output.checkpoint_every=3", "train.weight_decay=0.1")
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
         runs[offload] = run
     assert runs["cpu"].optimizer.overlap_step
     assert runs["cpu"].losses == runs["none"].losses
-    plain, offloaded = runs["none"].components.unet.state_dict(), trainer._fp32_weights(runs["cpu"])
+    plain, offloaded = runs["none"].components.unet.state_dict(), trainer.fp32_weights(runs["cpu"])
     assert all(torch.equal(offloaded[name], weight) for name, weight in plain.items())

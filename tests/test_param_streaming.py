@@ -45,13 +45,13 @@ def test_streamed_training_equals_resident_training(tiny_sd1, images, tmp_path, 
     streamed = prepared(tiny_sd1, images, tmp_path / "streamed", *common, "memory.param_offload=cpu",
                         f"memory.param_prefetch_blocks={prefetch_blocks}", "output.sample_every=2",
                         "output.sample_prompts=['a star']", "output.sample_steps=2")
-    streamer = streamed.streamer
-    assert isinstance(streamer, ParamStreamer) and resident.streamer is None
+    streamer = streamed.placement.streamer
+    assert isinstance(streamer, ParamStreamer) and resident.placement.streamer is None
     assert streamer.prefetch_blocks == prefetch_blocks
     for run in (resident, streamed):
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
     assert streamed.losses == resident.losses
-    a, b = trainer._fp32_weights(resident), trainer._fp32_weights(streamed)
+    a, b = trainer.fp32_weights(resident), trainer.fp32_weights(streamed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "streamed" / "samples" / "step-000002.png").is_file()
     # after the step every weight is home: the optimizer's host buffers, nothing left in the pool

@@ -1,0 +1,241 @@
+"""The optimizer-tier interface: what the loop, the checkpoints and the estimator ask of any optimizer.
+
+    tier = make_tier(unet.parameters(), cfg.train, plan, model=unet)
+    tier.step(scaler, max_norm)          # unscale, clip, step; False when the step was skipped
+    tier.master_weights(unet)            # the fp32 trained weights, wherever they live
+    tier_class(plan).footprint(numels, itemsize=2).host   # bytes, before anything is built
+
+A tier owns one torch optimizer (`tier.optimizer`, what the LR schedule and GradScaler see) and says
+where its fp32 master weights and AdamW state live: on the compute device (`Tier` itself: torch AdamW, and
+`AdamW8bit` with bitsandbytes' 8-bit moments), in host RAM (`HostAdamW`, over `OffloadAdamW`) or in a file
+(`NvmeTier`, over `NvmeAdamW`). Its `footprint` is the byte model the estimator counts, taken from the
+same layout code the tier allocates by, so that the estimate follows the engine. Every tier implements
+every method; the defaults here are the in-device ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from sdtune.config import TrainConfig
+from sdtune.offload import layout
+
+BNB_SMALL = 4096  # bitsandbytes keeps the state of tensors under this many values in fp32
+BNB_BLOCK = 256   # ... and one fp32 scale per block of this many values of each 8-bit moment
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a tier holds for its optimizer state and master weights, once built."""
+
+    device: int  # on the compute device (besides the working weights and their gradients)
+    host: int    # in host RAM (besides the model while it loads)
+    disk: int    # in memory.offload_dir
+
+
+class Tier:
+    """AdamW with its fp32 masters and state on the compute device: gradients stay there, and the loop's
+    GradScaler unscales them and `clip_gradients` clips them before the step."""
+
+    name: ClassVar[str] = "adamw"
+    host_gradients: ClassVar[bool] = False  # gradients leave for the host; the tier unscales, clips, checks
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.grad_norm: float | None = None  # the last step's unscaled gradient norm, when one was taken
+
+    @property
+    def step_in_backward(self) -> bool:
+        """Gradients reach the weights during backward: a NaN/Inf loss must skip backward itself."""
+        return False
+
+    @classmethod
+    def footprint(cls, numels: list[int], *, itemsize: int, accumulation_steps: int = 1,
+                  host_weights: bool = False) -> Footprint:
+        """Fused AdamW's fp32 exp_avg and exp_avg_sq (8 bytes a parameter) and a step count each."""
+        return Footprint(device=sum(8 * n + 4 for n in numels), host=0, disk=0)
+
+    def make_scaler(self, device: str, enabled: bool, **kwargs) -> torch.amp.GradScaler:
+        """fp16 dynamic loss scaling (`enabled=False`: a pass-through) for this tier's gradients."""
+        return torch.amp.GradScaler(device, enabled=enabled, **kwargs)
+
+    def step(self, scaler: torch.amp.GradScaler, max_norm: float) -> bool:
+        """Unscale, clip to `max_norm` (0: no clipping), step and update the scale; False when the step was
+        skipped: fp16 overflow (the scaler skips it) or, without loss scaling, a NaN/Inf gradient norm."""
+        scaler.unscale_(self.optimizer)
+        self.grad_norm = None
+        if max_norm or not scaler.is_enabled():  # the norm, clipped or not, finds inf/NaN without loss scaling
+            norm = clip_gradients(self.optimizer, max_norm)
+            self.grad_norm = None if norm is None else norm.item()
+            if self.grad_norm is not None and not scaler.is_enabled() and not math.isfinite(self.grad_norm):
+                return False
+        return _scaled_step(scaler, self.optimizer)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """`module`'s weights with every trained parameter in fp32: its own state dict here."""
+        return module.state_dict()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def save_files(self, folder: Path) -> None:
+        """Write the state this tier keeps outside `state_dict` (the nvme tier's file) into `folder`."""
+
+    def load_files(self, folder: Path) -> None:
+        """Read back what `save_files` wrote into `folder`."""
+
+    def close(self) -> None:
+        """Release threads and files (the nvme tier's state file); the tier is not used afterwards."""
+
+
+class AdamW8bit(Tier):
+    """bitsandbytes' AdamW8bit on the compute device: two uint8 moments with block scales."""
+
+    name = "adamw8bit"
+
+    @classmethod
+    def footprint(cls, numels, *, itemsize, accumulation_steps=1, host_weights=False) -> Footprint:
+        device = sum(2 * n + 2 * 4 * -(-n // BNB_BLOCK) if n >= BNB_SMALL else 8 * n + 4 for n in numels)
+        return Footprint(device=device, host=0, disk=0)
+
+
+class HostAdamW(Tier):
+    """`OffloadAdamW`: masters and moments in host RAM; gradients leave the device as backward makes them,
+    and the tier unscales, clips and checks them itself, from the norm it took on the device."""
+
+    name = "cpu"
+    host_gradients = True
+
+    @property
+    def step_in_backward(self) -> bool:
+        return self.optimizer.step_in_backward
+
+    @classmethod
+    def footprint(cls, numels, *, itemsize, accumulation_steps=1, host_weights=False) -> Footprint:
+        kw = dict(itemsize=itemsize, accumulation_steps=accumulation_steps, host_weights=host_weights)
+        return Footprint(device=0, host=cls._host_bytes(numels, **kw), disk=cls._disk_bytes(numels))
+
+    @classmethod
+    def _host_bytes(cls, numels, **kw) -> int:
+        """The most it holds: built, or while it is built from the fp32 parameters."""
+        return max(layout.host_bytes(numels, **kw), layout.host_bytes(numels, **kw, building=True))
+
+    @classmethod
+    def _disk_bytes(cls, numels) -> int:
+        return 0
+
+    def make_scaler(self, device, enabled, **kwargs):
+        from sdtune.offload.scaler import HostGradScaler
+
+        return HostGradScaler(device, enabled=enabled, **kwargs)
+
+    def step(self, scaler, max_norm) -> bool:
+        stepped = _scaled_step(scaler, self.optimizer) and not self.optimizer.skipped
+        self.grad_norm = self.optimizer.last_grad_norm if stepped else math.inf
+        return stepped
+
+    def master_weights(self, module):
+        return self.optimizer.master_weights(module)
+
+
+class NvmeTier(HostAdamW):
+    """`NvmeAdamW`: masters and moments in a file under `memory.offload_dir`, streamed bucket by bucket
+    through a ring of host buffers."""
+
+    name = "nvme"
+
+    @classmethod
+    def _host_bytes(cls, numels, **kw) -> int:
+        from sdtune.offload.nvme import NvmeAdamW
+
+        return max(NvmeAdamW.host_bytes(numels, **kw), NvmeAdamW.host_bytes(numels, **kw, building=True))
+
+    @classmethod
+    def _disk_bytes(cls, numels) -> int:
+        return layout.MASTER_BYTES * sum(numels)
+
+    def save_files(self, folder):
+        self.optimizer.save_state_files(folder)
+
+    def load_files(self, folder):
+        self.optimizer.load_state_files(folder)
+
+    def close(self):
+        self.optimizer.close()
+
+
+def tier_class(plan) -> type[Tier]:
+    """The tier a plan trains with (`memory.optimizer` and `memory.optimizer_offload`)."""
+    if plan.optimizer_offload == "nvme":
+        return NvmeTier
+    if plan.optimizer_offload == "cpu":
+        return HostAdamW
+    return AdamW8bit if plan.optimizer == "adamw8bit" else Tier
+
+
+def make_tier(params, train: TrainConfig, plan, model: torch.nn.Module | None = None) -> Tier:
+    """The plan's tier over the trainable `params`. `model`, the module that owns them, lets the host-RAM
+    tier overlap its step with the next forward."""
+    params = [p for p in params if p.requires_grad]
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                  eps=train.adam_epsilon, weight_decay=train.weight_decay)
+    kind = tier_class(plan)
+    if kind.host_gradients:
+        from sdtune.offload import NvmeAdamW, OffloadAdamW
+
+        accumulation = train.gradient_accumulation_steps
+        kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu",
+                      max_grad_norm=train.max_grad_norm, accumulation_steps=accumulation, model=model)
+        if kind is NvmeTier:
+            return NvmeTier(NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs))
+        # Each bucket can step as soon as its gradients are in, unless clipping, fp16 overflow checks or
+        # accumulation need every gradient (of every micro-batch) first.
+        eager = not train.max_grad_norm and not plan.loss_scaling and accumulation == 1
+        return HostAdamW(OffloadAdamW(params, step_in_backward=eager, **kwargs))
+    if kind is AdamW8bit:
+        from sdtune.libraries import import_bitsandbytes
+
+        return AdamW8bit(import_bitsandbytes().optim.AdamW8bit(params, **kwargs))
+    try:
+        return Tier(torch.optim.AdamW(params, fused=True, **kwargs))
+    except (RuntimeError, TypeError):  # fused needs a recent torch for the CPU; foreach works everywhere
+        return Tier(torch.optim.AdamW(params, foreach=True, **kwargs))
+
+
+def _scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """`scaler.step` and `scaler.update`; False when fp16 overflow made the scaler skip the step."""
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return not (scaler.is_enabled() and scaler.get_scale() < scale)
+
+
+def clip_gradients(optimizer, max_norm: float):
+    """Scale the gradients of `optimizer`'s parameters so that their global L2 norm is at most `max_norm`
+    (0: only measure it); returns the norm before clipping, None without gradients.
+
+    Unlike `torch.nn.utils.clip_grad_norm_`, the norm is accumulated in float64: the same gradients give
+    the same factor however they are grouped into tensors, so offloaded flat buckets and per-parameter
+    gradients are clipped identically (an fp32 sum over millions of elements differs by ~1e-5)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float64).to(grads[0].device) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if not max_norm:
+        return total
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.device, g.dtype))
+    return total

@@ -15,16 +15,11 @@ def summarize(seconds: list[float]) -> dict:
 
 def trainer_step_times(cfg, info, data: Path, out: Path) -> list[float]:
     """Seconds of each step of the real trainer on `cfg`, the first (warm-up) step left out."""
-    import time
-
     from sdtune import trainer
 
-    run = trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda message: None)
-    marks = [time.perf_counter()]
-    trainer.loop(run, lambda run, seconds_per_step: marks.append(time.perf_counter()))
-    if hasattr(run.optimizer, "close"):  # the nvme tier's state file
-        run.optimizer.close()
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]
+    with trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda message: None) as run:
+        trainer.loop(run)
+    return run.step_times[1:]
 
 
 def save_results(name: str, rows) -> Path:

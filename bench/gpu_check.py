@@ -12,7 +12,7 @@ with the engine's buckets and streamed blocks cut to the tiny UNet's scale (else
 nothing overlaps). Each case's fp32 masters must be `torch.equal`; fp16 from a loss scale of 2**24 must also skip steps and stay
 finite. A difference is a race: the case FAILs, and the plans still run.
 
-Plans: each runs `sdtune.trainer.train` in a fresh subprocess with its own timeout (90 s, nvme 120 s), under
+Plans: each runs `sdtune.run.attempt` in a fresh subprocess with its own timeout (90 s, nvme 120 s), under
 `torch.cuda.set_per_process_memory_fraction` at the preset's `vram_gib - 0.5` GiB (the CUDA context lives
 outside torch's allocator; each row measures that memory too), set before anything touches CUDA memory.
 Ten seconds before its timeout a child dumps every thread's stack (faulthandler) into its log, whose tail
@@ -144,7 +144,7 @@ def _failure_status(exc: BaseException) -> str:
     import torch
 
     from sdtune.errors import HostOutOfMemory
-    from sdtune.replan import OutOfMemory  # what trainer.train makes of torch.cuda.OutOfMemoryError
+    from sdtune.replan import OutOfMemory  # what run.attempt makes of torch.cuda.OutOfMemoryError
 
     gpu = isinstance(exc, (torch.cuda.OutOfMemoryError, OutOfMemory))  # not torch.OutOfMemoryError: torch>=2.5
     return "host OOM" if isinstance(exc, HostOutOfMemory) else "OOM" if gpu else "error"
@@ -236,6 +236,7 @@ def plan_child(spec: dict) -> None:
 
         from sdtune import trainer
         from sdtune.config import load_config
+        from sdtune.run import attempt
 
         cfg, info = load_config(spec["preset"], spec["overrides"])
         save(cap_gib=_cap(device, info.vram_gib) if spec["capped"] else None, message="")
@@ -247,12 +248,15 @@ def plan_child(spec: dict) -> None:
             _skip_saves()
         parts = _time_parts(trainer, device)
 
-        def progress(run, seconds_per_step) -> None:
-            save(step_seconds=row["step_seconds"] + [run.seconds - sum(row["step_seconds"])], losses=run.losses,
-                 **{key: list(values) for key, values in parts.items()}, **_memory(device, spec["others"], row))
+        record = trainer._record  # called once a step, after the step: the row is saved as the run goes
 
-        summary = trainer.train(cfg, info, spec["data"], spec["out"], log=lambda line: print(line, flush=True),
-                                progress=progress)
+        def saving_record(run, *args):
+            save(step_seconds=list(run.step_times), losses=run.losses,
+                 **{key: list(values) for key, values in parts.items()}, **_memory(device, spec["others"], row))
+            return record(run, *args)
+
+        trainer._record = saving_record
+        summary = attempt(cfg, info, Path(spec["data"]), Path(spec["out"]), log=lambda line: print(line, flush=True))
         save(status="ok", skipped_steps=summary["skipped_steps"], applied={k: summary.get(k) for k in APPLIED},
              **_memory(device, spec["others"], row))
     except Exception as exc:  # a plan that fails is a row of the report, not the end of the check
@@ -286,19 +290,16 @@ def _preflight_case(name: str, overrides: list[str], data: str, folder: Path) ->
     from sdtune.config import load_config
 
     cfg, info = load_config("rtx3050", overrides)
-    run = trainer.prepare(cfg, info, data, str(folder / "out"), resume=False, log=print)
-    try:
+    with trainer.prepare(cfg, info, data, str(folder / "out"), resume=False, log=print) as run:  # closes the tier
         if name == FP16_CASE:  # start far above what fp16 holds, so steps overflow; the class the trainer chose
             run.scaler = type(run.scaler)(run.plan.device, init_scale=2.0**24)  # (HostGradScaler for the tiers)
-        trainer.loop(run, lambda run, seconds_per_step: None)
-        masters = {key: value.detach().to("cpu", copy=True) for key, value in trainer._fp32_weights(run).items()}
-    finally:
-        if hasattr(run.optimizer, "close"):  # the nvme tier's threads and state file
-            run.optimizer.close()
+        trainer.loop(run)
+        masters = {key: value.detach().to("cpu", copy=True) for key, value in trainer.fp32_weights(run).items()}
     torch.save(masters, folder / "masters.pt")
+    streamer = run.placement.streamer
     return {"losses": run.losses, "skipped_steps": run.skipped_steps, "masters": str(folder / "masters.pt"),
             "finite": all(bool(torch.isfinite(v).all()) for v in masters.values() if v.is_floating_point()),
-            "buckets": len(getattr(run.optimizer, "_buckets", ())), "blocks": len(getattr(run.streamer, "units", ())),
+            "buckets": len(getattr(run.optimizer, "_buckets", ())), "blocks": len(streamer.units) if streamer else 0,
             "overlap_step": getattr(run.optimizer, "overlap_step", None)}
 
 

@@ -17,7 +17,6 @@ picked here: when host RAM is what no plan fits, the error says to ask for it wi
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -139,11 +138,6 @@ def ordered(gpu: Gpu, overrides: Sequence[str]) -> list[tuple[Candidate, Config,
     return result
 
 
-def _estimator() -> Callable:
-    """`sdtune.estimate.estimate`, looked up at call time (tests replace the module)."""
-    return importlib.import_module("sdtune.estimate").estimate
-
-
 def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
               log: Callable[[str], None] = lambda message: None) -> Pick:
     """The fastest plan that fits this machine's GPU, with the user's `overrides` (`--set` items, including
@@ -155,7 +149,9 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
         return Pick("cpu", (), None, "no CUDA GPU: the cpu preset")
     budget, ram = SAFETY * gpu.total_memory, host_ram()
     card = f"{gpu.name} ({gpu.total_memory / GIB:.1f} GiB; plans may use {SAFETY:.0%}: {budget / GIB:.1f} GiB)"
-    estimate, rejected = _estimator(), []
+    from sdtune.estimate import estimate
+
+    rejected = []
     for cand, cfg, info in ordered(gpu, overrides):
         log(f"auto: estimating {cand.label}")
         est = estimate(cfg, info, model, device="cuda")

@@ -12,13 +12,12 @@ Nothing heavy is imported here (torch, diffusers): `sdtune --help` answers at on
 from __future__ import annotations
 
 import functools
-import importlib
-import shlex
 from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sdtune.errors import SdtuneError
 
@@ -40,7 +39,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except SdtuneError as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -53,30 +52,6 @@ def _gib(n: int) -> str:
 class OnOom(str, Enum):
     stop = "stop"
     fallback = "fallback"
-
-
-def _resume_command(preset: str, data: Path, model: str | None, out: Path, max_steps: int | None,
-                    sets: list[str]) -> str:
-    """The `sdtune train` command line that continues this run: the same plan, plus --resume."""
-    args = ["sdtune", "train", "--preset", preset, "--data", str(data), *(["--model", model] if model else []),
-            "--out", str(out), *(["--max-steps", str(max_steps)] if max_steps else [])]
-    for item in sets:
-        args += ["--set", item]
-    return shlex.join([*args, "--resume"])
-
-
-def _fall_back(exc, preset: str, overrides: list[str], fallbacks: list[str]):
-    """--on-oom fallback: the config and preset info of the next smaller plan, whose `--set` items join
-    `fallbacks`."""
-    from sdtune.config import load_config
-    from sdtune.replan import describe
-
-    fallbacks += exc.fallback.overrides
-    cfg, info = load_config(preset, [*overrides, *fallbacks])
-    sets = " ".join(f"--set {item}" for item in exc.fallback.overrides)
-    console.print(f"[yellow]{exc.what}[/]; --on-oom fallback ({sets}): continuing from the newest checkpoint "
-                  f"on {describe(cfg, info)}")
-    return cfg, info
 
 
 @app.command()
@@ -101,59 +76,18 @@ def train(
 
     Ctrl+C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint, prints the command that
     resumes the run and exits with 130 or 143."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from sdtune.metrics import ProgressSink
+    from sdtune.run import Stopped, TrainRequest
+    from sdtune.run import train as run_training
 
-    from sdtune.config import load_config
-    from sdtune.memory import peak_bytes
-    from sdtune.replan import OutOfMemory
-    from sdtune.trainer import Interrupted
-    from sdtune.trainer import train as run_training
-
-    overrides, plan_sets = list(set_), []
-    if model:
-        overrides.append(f"model.pretrained={model}")
-    if max_steps:
-        overrides.append(f"train.max_steps={max_steps}")
-    if preset == "auto":
-        from sdtune.auto import pick_plan
-
-        with console.status("--preset auto: estimating the memory plans"):
-            pick = pick_plan(overrides)
-        console.print(pick.reason)
-        preset, overrides, plan_sets = pick.preset, [*pick.extra, *overrides], list(pick.extra)
-    cfg, info = load_config(preset, overrides)
-    bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
-                   TimeRemainingColumn(), console=console)
-    task = bar.add_task("train", total=cfg.train.max_steps, stats="")
-
-    def progress(run, seconds_per_step):
-        if not bar.live.is_started:  # shown from the first step on, after the data and model checks
-            bar.start()
-        lr = run.optimizer.param_groups[0]["lr"]
-        stats = (f"loss {run.losses[-1]:.4f}  lr {lr:.2e}  {seconds_per_step:.3f} s/step  "
-                 f"peak {_gib(peak_bytes(run.plan))}")
-        bar.update(task, completed=run.step, stats=stats)
-
-    fallbacks: list[str] = []  # the --set items of the smaller plans that --on-oom fallback moved to
+    request = TrainRequest(preset=preset, data=data, out=out, model=model, max_steps=max_steps, sets=tuple(set_),
+                           resume=resume, overwrite=overwrite, on_oom=on_oom.value)
     try:
-        while True:
-            try:
-                result = run_training(cfg, info, str(data), str(out), resume=resume, overwrite=overwrite,
-                                      log=console.print, progress=progress)
-                break
-            except OutOfMemory as exc:
-                if on_oom is OnOom.stop or exc.fallback is None:
-                    raise
-                cfg, info = _fall_back(exc, preset, overrides, fallbacks)
-                resume = True
-    except (Interrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: Ctrl+C outside the training loop
-        command = _resume_command(preset, data, model, out, max_steps, [*plan_sets, *set_, *fallbacks])
-        stopped = exc if isinstance(exc, Interrupted) else "SIGINT: stopped outside the training loop"
-        console.print(f"[yellow]{stopped}[/]; resume with: {command}")
-        raise typer.Exit(getattr(exc, "exit_code", 130)) from None
-    finally:
-        if bar.live.is_started:
-            bar.stop()
+        result = run_training(request, log=lambda line: console.print(escape(line)),
+                              progress=lambda total: ProgressSink(console, total), status=console.status)
+    except Stopped as exc:
+        console.print(f"[yellow]{escape(str(exc))}[/]")
+        raise typer.Exit(exc.exit_code) from None
     console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
@@ -215,15 +149,15 @@ def estimate_vram(
 
     from sdtune.auto import SAFETY, detect_gpu, gpu_presets
     from sdtune.config import load_config
+    from sdtune.estimate import estimate
 
-    estimator = importlib.import_module("sdtune.estimate")
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
     results = []
     for name in gpu_presets() if preset == "all" else [preset]:
         cfg, info = load_config(name, overrides)
         with console.status(f"tracing one training step under {info.name}"):
-            results.append(estimator.estimate(cfg, info, model))
+            results.append(estimate(cfg, info, model))
     gpu = detect_gpu()
     if json_:
         gpu_doc = gpu and {"name": gpu.name, "total_memory": gpu.total_memory,
@@ -351,6 +285,8 @@ def _print_report(out: Console, rep, folder: Path, data) -> None:
     for skip in rep.skipped:
         where = skip.path.relative_to(folder) if skip.path.is_relative_to(folder) else skip.path
         out.print(f"[yellow]skipped[/] {escape(str(where))} ({skip.kind}): {escape(skip.detail)}")
+    for warning in rep.warnings:
+        out.print(f"[yellow]warning[/] {escape(warning)}")
     if rep.summary:
         out.print(rep.summary)
     elif rep.usable:

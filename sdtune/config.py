@@ -26,8 +26,21 @@ PRESET_DIR = Path(__file__).parent / "presets"
 SECTIONS = ("model", "data", "train", "memory", "output")
 
 
-def doc(text: str, default):
-    return field(default=default, metadata={"doc": text})
+# What `--resume` may change of a key, declared beside it (`doc(..., resume=...)`): FIXED, the default
+# (the training's numbers depend on it); FREE (how long to train, when to give up, what to write); NEUTRAL
+# (a memory lever that leaves the math alone: results match the unchanged run to float rounding); or a
+# function of the old and new values.
+FIXED, FREE, NEUTRAL = "fixed", "free", "neutral"
+
+
+def doc(text: str, default, resume=FIXED):
+    return field(default=default, metadata={"doc": text, "resume": resume})
+
+
+def _not_nvme(old: str, new: str) -> bool:
+    """optimizer_offload may move between none and cpu, whose AdamW state converts; the nvme tier's
+    state file is laid out for its own buckets."""
+    return "nvme" not in (old, new)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -86,7 +99,7 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    max_steps: int = doc("optimizer steps to train", 1000)
+    max_steps: int = doc("optimizer steps to train", 1000, resume=FREE)
     batch_size: int = doc("images per forward pass", 1)
     gradient_accumulation_steps: int = doc("forward/backward passes summed into one optimizer step", 1)
     learning_rate: float = doc("peak learning rate", 1e-5)
@@ -101,7 +114,7 @@ class TrainConfig:
     noise_offset: float = doc("offset noise strength (0.05-0.1 helps very dark/bright images); 0 is off", 0.0)
     seed: int = doc("seed for weights' noise, timesteps, data order and augmentation", 0)
     max_bad_steps: int = doc("stop after this many steps in a row with a NaN/Inf loss or gradient (each is "
-                             "skipped); 0 never stops", 5)
+                             "skipped); 0 never stops", 5, resume=FREE)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
@@ -119,19 +132,23 @@ class MemoryConfig:
     precision: Literal["fp32", "bf16", "fp16"] = doc(
         "autocast precision; UNet master weights stay fp32, fp16 adds dynamic loss scaling", "fp32")
     gradient_checkpointing: bool = doc("recompute UNet activations in backward: far less memory, ~25% slower",
-                                       False)
+                                       False, resume=NEUTRAL)
     attention: Literal["sdpa", "xformers", "auto"] = doc(
         "attention kernel: torch SDPA, xformers (needs the extra), or xformers if a test call on the GPU works",
-        "sdpa")
+        "sdpa", resume=NEUTRAL)
     optimizer: Literal["adamw", "adamw8bit"] = doc(
         "adamw (torch fused/foreach) or adamw8bit (bitsandbytes, 1/4 of the state memory)", "adamw")
     optimizer_offload: Literal["none", "cpu", "nvme"] = doc(
-        "where fp32 master weights and AdamW state live: on the device, host RAM, or files in offload_dir", "none")
-    offload_dir: str = doc("folder on a fast local disk for optimizer_offload=nvme (12 bytes per parameter)", "")
+        "where fp32 master weights and AdamW state live: on the device, host RAM, or files in offload_dir", "none",
+        resume=_not_nvme)
+    offload_dir: str = doc("folder on a fast local disk for optimizer_offload=nvme (12 bytes per parameter)", "",
+                           resume=NEUTRAL)
     param_offload: Literal["none", "cpu"] = doc(
-        "keep the UNet's working weights in host RAM and stream them to the GPU block by block", "none")
+        "keep the UNet's working weights in host RAM and stream them to the GPU block by block", "none",
+        resume=NEUTRAL)
     param_prefetch_blocks: int = doc("with param_offload=cpu: UNet blocks (up to 128 MiB each) copied to the GPU "
-                                     "ahead of the one running; more overlaps copies better, costs VRAM", 2)
+                                     "ahead of the one running; more overlaps copies better, costs VRAM", 2,
+                                     resume=NEUTRAL)
 
     def __post_init__(self):
         _require(self.optimizer_offload == "none" or self.optimizer == "adamw",
@@ -151,12 +168,15 @@ class MemoryConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OutputConfig:
-    checkpoint_every: int = doc("save a resumable checkpoint every N steps; 0 saves only at the end", 500)
-    keep_checkpoints: int = doc("how many of the newest checkpoints to keep", 2)
-    sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0)
-    sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", ())
-    sample_steps: int = doc("denoising steps for validation samples", 20)
-    single_file: bool = doc("also write model.safetensors, one fp16 file for A1111/ComfyUI (SD 1.x models)", True)
+    checkpoint_every: int = doc("save a resumable checkpoint every N steps; 0 saves only at the end", 500, resume=FREE)
+    keep_checkpoints: int = doc("how many of the newest checkpoints to keep", 2, resume=FREE)
+    sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0, resume=FREE)
+    sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", (), resume=FREE)
+    sample_steps: int = doc("denoising steps for validation samples", 20, resume=FREE)
+    single_file: bool = doc("also write model.safetensors, one fp16 file for A1111/ComfyUI (SD 1.x models)", True,
+                            resume=FREE)
+    tensorboard: bool = doc("also write TensorBoard event files to OUT/logs/ (needs sdtune[tensorboard])", False,
+                            resume=FREE)
 
     def __post_init__(self):
         for name in ("checkpoint_every", "sample_every"):
@@ -327,6 +347,20 @@ def to_toml(cfg: Config, info: PresetInfo | None = None) -> str:
             lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['doc']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def resume_conflicts(saved: Config, now: Config) -> list[str]:
+    """The keys `now` changes from `saved` (a checkpoint's config) that `--resume` may not change, each as
+    "section.key: old -> new"; empty when the run may continue."""
+    conflicts = []
+    for name in SECTIONS:
+        old, new = getattr(saved, name), getattr(now, name)
+        for f in dataclasses.fields(old):
+            before, after, rule = getattr(old, f.name), getattr(new, f.name), f.metadata["resume"]
+            allowed = rule in (FREE, NEUTRAL) or (callable(rule) and rule(before, after))
+            if before != after and not allowed:
+                conflicts.append(f"{name}.{f.name}: {before!r} -> {after!r}")
+    return conflicts
 
 
 def from_toml(text: str, source: str) -> Config:

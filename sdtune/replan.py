@@ -1,5 +1,4 @@
-"""Changing a run's memory plan: the next smaller plan after the GPU runs out of memory, and what `--resume`
-lets change.
+"""The next smaller memory plan after the GPU runs out of memory, and the error that names it.
 
     fallback = next_smaller(cfg, info)   # None when no lever is left to pull
     fallback.overrides                   # ("memory.gradient_checkpointing=true",): --set items
@@ -10,18 +9,14 @@ candidate only its memory levers are taken, added to the run's own plan, so the 
 data, recipe, precision, optimizer) stays what it was. The next smaller plan is the cheapest by
 `auto.cost` that pulls at least one lever more.
 
-The levers that leave the math alone (`NEUTRAL_KEYS`: gradient checkpointing, the attention kernel,
-optimizer offload between none and cpu, weight streaming, the offload folder) may differ between a
-checkpoint and the run that resumes it; the optimizer's state is carried between the in-memory AdamW and
-the host-RAM tier by `OtherTierState`. Results then match the unchanged run to float rounding, not bit
-for bit. Precision may not change (fp16, bf16 and fp32 train different numbers), nor may the optimizer
-or the nvme tier's state file.
+A fallback resumes the run's checkpoint on the smaller plan: the levers it pulls are those `--resume` may
+change (`resume=NEUTRAL` in sdtune/config.py; the optimizer's state moves between the in-device AdamW
+and the host-RAM tier by `offload.convert`), so results match the unchanged run to float rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +24,7 @@ from sdtune.config import Config, MemoryConfig, PresetInfo
 from sdtune.errors import SdtuneError
 
 GIB = 2**30
-NEUTRAL_KEYS = ("memory.gradient_checkpointing", "memory.attention", "memory.optimizer_offload",
-                "memory.param_offload", "memory.param_prefetch_blocks", "memory.offload_dir")
 LEVERS = ("gradient_checkpointing", "optimizer_offload", "param_offload")  # what a smaller plan may pull
-
-
-def may_change_on_resume(key: str, old, new) -> bool:
-    """A memory key that `--resume` accepts changed: numerically neutral, and no nvme state file to move."""
-    return key in NEUTRAL_KEYS and not (key == "memory.optimizer_offload" and "nvme" in (old, new))
 
 
 @dataclass(frozen=True)
@@ -99,7 +87,9 @@ def describe(cfg: Config, info: PresetInfo) -> str:
 def estimated(cfg: Config, info: PresetInfo) -> str:
     """"estimated N GiB" by `sdtune.estimate`, or why there is no figure; never raises."""
     try:
-        total = importlib.import_module("sdtune.estimate").estimate(cfg, info).total
+        from sdtune.estimate import estimate
+
+        total = estimate(cfg, info).total
     except Exception as exc:  # a message about a failure must not fail itself
         return f"no estimate: {type(exc).__name__}"
     return f"estimated {total / GIB:.2f} GiB"
@@ -130,53 +120,3 @@ def out_of_memory(cfg: Config, info: PresetInfo, step: int | None, out_dir: Path
     return OutOfMemory(f"{text}; the next smaller plan is {describe(smaller, info)}, {estimated(smaller, info)}: "
                        f"run the same command with --on-oom fallback, or with {sets} --resume, to continue {start}",
                        text, step, fallback)
-
-
-class OtherTierState:
-    """Stands in for `optimizer` when `checkpoint.load_checkpoint` restores state that the other optimizer
-    tier saved (in-memory AdamW: one state per parameter; host-RAM tier: one flat state per bucket, plus
-    the fp32 masters, taken from the checkpoint's `unet.safetensors`)."""
-
-    def __init__(self, optimizer, unet, weights_file: Path):
-        self.optimizer, self.unet, self.weights_file = optimizer, unet, weights_file
-
-    def load_state_dict(self, saved: dict) -> None:
-        from safetensors.torch import load_file
-
-        self.optimizer.load_state_dict(convert_state(saved, self.optimizer.state_dict(), self.unet,
-                                                     load_file(self.weights_file)))
-
-
-def convert_state(saved: dict, target: dict, unet, weights: dict) -> dict:
-    """AdamW state `saved` by one tier, laid out as the other tier's `target` state dict lays it out."""
-    import torch
-
-    params = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]  # the optimizer's order
-    skip = ("params", "fused", "foreach", "capturable", "differentiable")  # how it runs, not what it computes
-    groups = [{**new, **{k: v for k, v in old.items() if k not in skip}}
-              for new, old in zip(target["param_groups"], saved["param_groups"], strict=True)]
-    result = {"param_groups": groups, "state": {}}
-    if "masters" in target:
-        lengths = [len(master) for master in target["masters"]]
-        result["masters"] = list(torch.cat([weights[name].reshape(-1).float() for name, _ in params]).split(lengths))
-    if not saved["state"]:  # no step taken yet (or every one skipped): nothing but the masters to carry
-        return result
-    first = saved["state"][min(saved["state"])]
-    if "masters" in saved:  # flat buckets, in parameter order
-        buckets = [saved["state"][i] for i in sorted(saved["state"])]
-        joined = {key: torch.cat([b[key] for b in buckets]) for key in ("exp_avg", "exp_avg_sq")}
-    else:  # one state per parameter; one without (no gradient yet) has zero moments
-        joined = {key: torch.cat([saved["state"][i][key].reshape(-1) if i in saved["state"]
-                                  else torch.zeros(p.numel()) for i, (_, p) in enumerate(params)])
-                  for key in ("exp_avg", "exp_avg_sq")}
-    if "masters" in target:
-        pieces = {key: value.split(lengths) for key, value in joined.items()}
-        count = len(lengths)
-    else:
-        sizes = [p.numel() for _, p in params]
-        pieces = {key: [t.view(p.shape) for t, (_, p) in zip(value.split(sizes), params, strict=True)]
-                  for key, value in joined.items()}
-        count = len(params)
-    result["state"] = {i: {"step": first["step"].clone(), "exp_avg": pieces["exp_avg"][i].clone(),
-                           "exp_avg_sq": pieces["exp_avg_sq"][i].clone()} for i in range(count)}
-    return result

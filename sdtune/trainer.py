@@ -1,49 +1,39 @@
 """The training loop: one explicit loop that accumulates, scales, clips, steps, logs, samples and saves.
 
-    sdtune train --preset cpu --data images/ --model tiny-sd/ --out out/ --max-steps 20
+    run = prepare(cfg, info, "images/", "out/", resume=False, log=print)
+    loop(run, metrics)            # metrics: a sdtune.metrics.MetricsLogger, one record a step
 
-`train()` checks the data and the plan before any model is loaded, then runs the loop. Each micro-batch's
-images, noise and timesteps are a function of (seed, micro-batch index): a resumed run continues exactly.
+`prepare` checks the data and the plan before any model is loaded, places the model for the plan
+(`sdtune.placement`) and restores the newest checkpoint on `resume`. Each micro-batch's images, noise and
+timesteps are a function of (seed, micro-batch index): a resumed run continues exactly.
 
 What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, save a checkpoint and raise
 `Interrupted`; a step whose loss (or, without fp16 loss scaling, gradient norm) is NaN/Inf is skipped, and
-`train.max_bad_steps` of them in a row stop the run; running out of GPU memory raises `replan.OutOfMemory`,
-which names the next smaller plan (`sdtune train --on-oom fallback` continues on it).
+`train.max_bad_steps` of them in a row stop the run. Running out of GPU memory raises torch's own
+`OutOfMemoryError`: what to do about it is the run's business (`sdtune.run`), not the loop's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtune import checkpoint, loss, replan
-from sdtune.config import Config, PresetInfo, from_toml, to_toml
+from sdtune import checkpoint, loss
+from sdtune.config import Config, PresetInfo, from_toml, resume_conflicts, to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
-from sdtune.memory import Plan, apply_plan, autocast, peak_bytes, reset_peak, resolve_plan
-from sdtune.optim import clip_gradients, host_gradients
+from sdtune.memory import Plan, autocast, peak_bytes, reset_peak, resolve_plan
+from sdtune.metrics import StepRecord
+from sdtune.placement import Placement, place
+from sdtune.schedule import make_lr_schedule, step_schedule
+from sdtune.signals import Interrupted, StopOnSignal
 
-# Keys that may change between a run and its --resume: how long to train, when to give up on NaN, what to
-# write; and the memory levers that leave the math alone (`replan.may_change_on_resume`).
-RESUMABLE_CHANGES = ("train.max_steps", "train.max_bad_steps", "output.")
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after step `step`, saved as checkpoint `saved`."""
-
-    def __init__(self, signum: int, step: int, saved: Path):
-        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, checkpoint saved in {saved}")
-        self.step, self.saved = step, saved
-        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+__all__ = ["Interrupted", "Run", "fp32_weights", "loop", "prepare"]
 
 
 @dataclass
@@ -54,7 +44,7 @@ class Run:
     plan: Plan
     components: Any
     stream: BatchStream
-    optimizer: Any
+    placement: Placement
     lr_schedule: Any
     scaler: Any
     alphas_cumprod: Any
@@ -62,42 +52,50 @@ class Run:
     config_toml: str
     log: Callable[[str], None]
     features: Any = None  # latents and text embeddings, encoded or from the caches
-    streamer: Any = None  # the ParamStreamer when memory.param_offload=cpu
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     seconds: float = 0.0
+    step_times: list[float] = field(default_factory=list)  # this process's steps, for seconds per step
+
+    @property
+    def tier(self):
+        return self.placement.tier
+
+    @property
+    def optimizer(self):
+        return self.placement.tier.optimizer
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Mean seconds per step without the first step this process ran, which pays for warm-up
+        (allocator, kernels, caches); a run resumed with nothing left to do reports its whole mean."""
+        times = self.step_times
+        if len(times) > 1:
+            return sum(times[1:]) / (len(times) - 1)
+        if times:
+            return times[0]
+        return self.seconds / self.step if self.step else None
+
+    def close(self) -> None:
+        """Release the optimizer tier's threads and files (the nvme tier's state file)."""
+        self.placement.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints; --overwrite
-    lets it write into any folder. True when a previous run's checkpoints are to be deleted (--overwrite),
-    so that none of them is taken for this run's."""
-    if resume or not out_dir.exists() or not any(out_dir.iterdir()):
-        return False
-    if overwrite:
-        return checkpoint.checkpoint_root(out_dir).exists()
-    if checkpoint.list_checkpoints(out_dir):
-        raise SdtuneError(f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to start "
-                          "over (deletes its checkpoints), or choose another --out")
-    if not (out_dir / "config.toml").is_file():
-        raise SdtuneError(f"{out_dir} exists, is not empty and is not an sdtune output folder; choose another --out, "
-                          "or pass --overwrite to write into it (files of the same names are replaced)")
-    return False
-
-
-def _check_resume_config(saved_toml: str, cfg: Config, source: Path) -> Config:
+def _check_resume_config(latest: Path, cfg: Config) -> Config:
     """The checkpoint's config, when `cfg` differs from it only where a resume may differ."""
-    saved_cfg = from_toml(saved_toml, str(source))
-    saved, now = dataclasses.asdict(saved_cfg), dataclasses.asdict(cfg)
-    changed = [f"{section}.{key}: {value!r} -> {now[section][key]!r}"
-               for section, values in saved.items() for key, value in values.items()
-               if value != now[section][key] and not f"{section}.{key}".startswith(RESUMABLE_CHANGES)
-               and not replan.may_change_on_resume(f"{section}.{key}", value, now[section][key])]
+    saved = from_toml((latest / "config.toml").read_text(encoding="utf-8"), str(latest))
+    changed = resume_conflicts(saved, cfg)
     if changed:
-        raise SdtuneError(f"--resume with a different plan than {source} ({'; '.join(changed)}); "
+        raise SdtuneError(f"--resume with a different plan than {latest} ({'; '.join(changed)}); "
                           "resume with the same settings or start a new --out")
-    return saved_cfg
+    return saved
 
 
 def _restore(run: Run) -> None:
@@ -106,28 +104,23 @@ def _restore(run: Run) -> None:
     if latest is None:
         run.log(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
         return
-    saved = _check_resume_config((latest / "config.toml").read_text(encoding="utf-8"), run.cfg, latest)
-    optimizer = run.optimizer
+    saved = _check_resume_config(latest, run.cfg)
+    tier = run.tier
     if saved.memory.optimizer_offload != run.cfg.memory.optimizer_offload:  # the state's layout differs
+        from sdtune.offload.convert import OtherTierState
+
         run.log(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
                 f"to {run.cfg.memory.optimizer_offload}")
-        optimizer = replan.OtherTierState(run.optimizer, run.components.unet, latest / "unet.safetensors")
-    state = checkpoint.load_checkpoint(latest, unet=run.components.unet, optimizer=optimizer,
+        tier = OtherTierState(run.tier, run.components.unet, latest / "unet.safetensors")
+    state = checkpoint.load_checkpoint(latest, unet=run.components.unet, tier=tier,
                                        lr_schedule=run.lr_schedule, scaler=run.scaler)
     run.step, run.losses = state["step"], state["losses"]
     run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
     run.log(f"resumed from {latest} at step {run.step}")
 
 
-def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
-            log: Callable[[str], None], overwrite: bool = False) -> Run:
-    from diffusers import DDPMScheduler
-
-    from sdtune.models import load_components
-    from sdtune.optim import make_lr_schedule, make_optimizer, make_scaler
-
-    out = Path(out_dir)
-    clear = _check_out_dir(out, resume, overwrite)
+def _scan(data_dir: str, cfg: Config, log: Callable[[str], None]):
+    """The training images, with every skipped file, the counts and the scan's warnings logged."""
     scan = scan_folder(data_dir, cfg.data)
     for skip in scan.skipped:
         log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
@@ -136,31 +129,33 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
         + (f", {counted:,} with repeats" if counted != len(scan.examples) else ""))
     if scan.skipped:
         log(scan.summary())
+    for warning in scan.warnings:
+        log(f"warning: {warning}")
+    return scan
+
+
+def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
+            log: Callable[[str], None]) -> Run:
+    """Scan the data, resolve the plan, load and place the model, prepare the features; with `resume`,
+    continue from the newest checkpoint in `out_dir`."""
+    from diffusers import DDPMScheduler
+
+    from sdtune.models import load_components
+
+    scan = _scan(data_dir, cfg, log)
     plan = resolve_plan(cfg.memory, log)
     components = load_components(cfg.model.pretrained, cfg.model.config)
-    apply_plan(plan, components)
-    optimizer = make_optimizer(components.unet.parameters(), cfg.train, plan, model=components.unet)
-    streamer = None
-    if plan.param_offload == "cpu":  # after the optimizer: it put the working weights in host memory
-        from sdtune.offload import ParamStreamer
-
-        streamer = ParamStreamer(components.unet, plan.device, optimizer,
-                                 prefetch_blocks=cfg.memory.param_prefetch_blocks)
+    placement = place(components, plan, cfg.train)
     stream = BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log)
     features = Features(components, cfg.data, plan, log)
     features.prepare(stream, scan.examples)  # with caches: encode what is missing, then park the encoders
-    run = Run(cfg=cfg, plan=plan, components=components, out_dir=out, config_toml=to_toml(cfg, info), log=log,
-              features=features, streamer=streamer, stream=stream,
-              optimizer=optimizer, lr_schedule=make_lr_schedule(optimizer, cfg.train),
-              scaler=make_scaler(plan, optimizer),
+    run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
+              log=log, features=features, stream=stream, placement=placement,
+              lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
+              scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
     if resume:
         _restore(run)
-    if clear:  # only now, with the data and the model checked
-        log(f"--overwrite: deleting the previous run's checkpoints in {checkpoint.checkpoint_root(out)}")
-        shutil.rmtree(checkpoint.checkpoint_root(out))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
     return run
 
 
@@ -189,62 +184,42 @@ def _micro_step(run: Run, index: int) -> float:
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)
     value = loss.diffusion_loss(prediction, target, weights)
-    if host_gradients(run.optimizer) and run.optimizer.step_in_backward and not math.isfinite(value.item()):
+    if run.tier.step_in_backward and not math.isfinite(value.item()):
         return value.item()
     try:
         run.scaler.scale(value / train.gradient_accumulation_steps).backward()
     except BaseException:
-        run.optimizer.zero_grad(set_to_none=True)  # nothing of a half-done backward reaches a later step
+        run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
         raise
     return value.item()
 
 
-def _skip_step(run: Run) -> bool:
-    """Drop the step's gradients (the offload tiers: the next backward replaces them) and step on; False."""
-    import warnings
-
-    run.optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():  # torch warns when the schedule steps before the optimizer ever has
-        warnings.simplefilter("ignore", UserWarning)
-        run.lr_schedule.step()
-    return False
-
-
-def _optimizer_step(run: Run) -> bool:
-    """Unscale, clip, step, update the scale; False when the step was skipped: fp16 overflow (the scaler
-    skips it), or without loss scaling a NaN/Inf gradient norm. An offload tier does the unscaling,
-    clipping and overflow check inside its step, from the norm it took as the gradients left the GPU."""
-    optimizer, scaler = run.optimizer, run.scaler
-    if not host_gradients(optimizer):
-        scaler.unscale_(optimizer)
-        max_norm = run.cfg.train.max_grad_norm
-        if max_norm or not scaler.is_enabled():  # the norm, clipped or not, finds inf/NaN without loss scaling
-            norm = clip_gradients(optimizer, max_norm)
-            if norm is not None and not scaler.is_enabled() and not math.isfinite(norm.item()):
-                return _skip_step(run)
-    scale = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    skipped = host_gradients(optimizer) and optimizer.skipped
-    optimizer.zero_grad(set_to_none=True)
-    run.lr_schedule.step()
-    return not (skipped or (scaler.is_enabled() and scaler.get_scale() < scale))
+def _optimizer_step(run: Run, finite_loss: bool = True) -> bool:
+    """Step the tier (it unscales, clips and checks), or skip the step after a NaN/Inf loss; drop the
+    gradients and step the LR schedule either way. False when the step was skipped."""
+    stepped = finite_loss and run.tier.step(run.scaler, run.cfg.train.max_grad_norm)
+    if not finite_loss:
+        run.tier.grad_norm = None
+    run.tier.zero_grad()  # the offload tiers: the next backward replaces them
+    step_schedule(run.lr_schedule, stepped)
+    return stepped
 
 
-def _fp32_weights(run: Run) -> dict:
-    """The UNet's trained weights in fp32: its own parameters, or the offload optimizer's masters."""
-    unet = run.components.unet
-    return run.optimizer.master_weights(unet) if host_gradients(run.optimizer) else unet.state_dict()
+def fp32_weights(run: Run) -> dict:
+    """The UNet's trained weights in fp32, wherever the tier keeps them."""
+    return run.tier.master_weights(run.components.unet)
 
 
 def _save(run: Run) -> Path:
     state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
-    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=_fp32_weights(run), optimizer=run.optimizer,
-                               lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
-                               config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints)
+    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=fp32_weights(run), tier=run.tier,
+                                      lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
+                                      config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints)
 
 
-def _sample(run: Run) -> Path:
+def _sample(run: Run, metrics) -> Path:
+    """The validation grid of `output.sample_prompts` at this step: a PNG in OUT/samples/, and an image
+    for the metrics sinks."""
     from sdtune.models import assemble_pipeline
     from sdtune.sample import generate, make_grid
 
@@ -256,42 +231,11 @@ def _sample(run: Run) -> Path:
                           steps=out.sample_steps)
     unet.train()
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
-    path.parent.mkdir(exist_ok=True)
-    make_grid(images).save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(images)
+    grid.save(path)
+    metrics.image("validation/samples", run.step, grid)
     return path
-
-
-def _mean_step_time(times: list[float]) -> float:
-    """Seconds per step without the first step, which pays for warm-up (allocator, kernels, caches)."""
-    return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else (times[0] if times else 0.0)
-
-
-class _StopOnSignal:
-    """While the loop runs, SIGINT and SIGTERM ask it to stop after the current step (`signum` is set); a
-    second signal is reported and ignored. The handlers before it come back on exit. Signals can only be
-    handled in the main thread: elsewhere nothing is installed."""
-
-    def __init__(self, log: Callable[[str], None]):
-        self.log, self.signum, self.previous = log, None, {}
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is None:
-            self.signum = signum
-            self.log(f"{name}: finishing this step, then saving a checkpoint")
-        else:
-            self.log(f"{name} ignored: already stopping and saving a checkpoint (a checkpoint is written whole "
-                     "or not at all, so killing the process loses at most the steps since the last one)")
 
 
 def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
@@ -303,98 +247,51 @@ def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
                        "train.max_bad_steps=0 never stops")
 
 
-def loop(run: Run, progress: Callable[[Run, float], None]) -> float:
-    """Train from `run.step` to `train.max_steps`, calling `progress(run, seconds_per_step)` after each
-    step; returns the mean seconds per step. Raises `Interrupted` after SIGINT/SIGTERM (a checkpoint saved)
-    and SdtuneError after `train.max_bad_steps` NaN/Inf steps in a row."""
-    cfg = run.cfg
-    accumulation, step_times, bad_in_a_row = cfg.train.gradient_accumulation_steps, [], 0
+class _NoMetrics:
+    def log(self, record: StepRecord) -> None:
+        pass
+
+    def image(self, tag: str, step: int, image) -> None:
+        pass
+
+
+def _record(run: Run, step_loss: float, learning_rate: float) -> StepRecord:
+    seconds = run.seconds_per_step or 0.0
+    images = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation_steps
+    return StepRecord(step=run.step, loss=step_loss, learning_rate=learning_rate, grad_norm=run.tier.grad_norm,
+                      seconds_per_step=seconds, images_per_second=images / seconds if seconds else 0.0,
+                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps)
+
+
+def loop(run: Run, metrics=None) -> None:
+    """Train from `run.step` to `train.max_steps`, sending `metrics` (a `sdtune.metrics.MetricsLogger`, or
+    anything with its `log` and `image`) one `StepRecord` after each step and the validation grids.
+    Raises `Interrupted` after SIGINT/SIGTERM (a checkpoint saved) and SdtuneError after
+    `train.max_bad_steps` NaN/Inf steps in a row."""
+    cfg, metrics = run.cfg, metrics or _NoMetrics()
+    accumulation, bad_in_a_row = cfg.train.gradient_accumulation_steps, 0
     reset_peak(run.plan)
-    with _StopOnSignal(run.log) as stop:
+    with StopOnSignal(run.log) as stop:
         while run.step < cfg.train.max_steps:
             started = time.perf_counter()
-            first = run.step * accumulation
+            first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
             step_loss = sum(_micro_step(run, first + i) for i in range(accumulation)) / accumulation
             finite = math.isfinite(step_loss)
-            stepped = _optimizer_step(run) if finite else _skip_step(run)
+            stepped = _optimizer_step(run, finite)
             run.skipped_steps += not stepped
             bad = not finite or not (stepped or run.scaler.is_enabled())  # fp16 overflow: the scaler's business
             bad_in_a_row = bad_in_a_row + 1 if bad else 0
             run.step += 1
             run.losses.append(step_loss)
-            step_times.append(time.perf_counter() - started)
-            run.seconds += step_times[-1]
-            progress(run, _mean_step_time(step_times))
+            run.step_times.append(time.perf_counter() - started)
+            run.seconds += run.step_times[-1]
+            metrics.log(_record(run, step_loss, learning_rate))
             if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
                 raise _too_many_bad_steps(run, bad_in_a_row)
             if stop.signum:
                 raise Interrupted(stop.signum, run.step, _save(run))
             if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
-                run.log(f"samples: {_sample(run)}")
+                run.log(f"samples: {_sample(run, metrics)}")
             every = cfg.output.checkpoint_every
             if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
                 _save(run)
-    return _mean_step_time(step_times)
-
-
-def summary(run: Run, seconds_per_step: float) -> dict:
-    return {
-        "steps": run.step, "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
-        "seconds": round(run.seconds, 3), "seconds_per_step": round(seconds_per_step, 4),
-        "peak_memory_bytes": peak_bytes(run.plan),
-        "peak_memory_kind": "cuda_max_reserved" if run.plan.device == "cuda" else "process_max_rss",
-        "skipped_steps": run.skipped_steps, "device": run.plan.device, "precision": run.plan.precision,
-        "attention": run.plan.attention, "gradient_checkpointing": run.plan.gradient_checkpointing,
-        "optimizer": run.cfg.memory.optimizer, "optimizer_offload": run.plan.optimizer_offload,
-        "param_offload": run.plan.param_offload,
-        "batch_size": run.cfg.train.batch_size,
-        "gradient_accumulation_steps": run.cfg.train.gradient_accumulation_steps,
-    }
-
-
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def train(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, *, resume: bool = False,
-          overwrite: bool = False, log: Callable[[str], None] = print,
-          progress: Callable[[Run, float], None] | None = None) -> dict:
-    """Prepare, loop, export the diffusers folder and write `summary.json`; returns the summary. Raises
-    `replan.OutOfMemory` when the GPU runs out of memory, `Interrupted` after SIGINT/SIGTERM."""
-    import torch
-
-    from sdtune.export import SUMMARY, export_pipeline, export_single_file, write_json
-
-    run, out_of_memory = None, False
-    try:
-        run = prepare(cfg, info, data_dir, out_dir, resume, log, overwrite)
-        seconds_per_step = loop(run, progress or (lambda run, sps: None))
-    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5; the same class
-        out_of_memory = True  # raised below, once this block has dropped the error (its traceback holds the step)
-    if out_of_memory:
-        step = None if run is None else run.step
-        if run is not None and hasattr(run.optimizer, "close"):  # the nvme tier's threads and state file
-            run.optimizer.close()
-        run = None
-        _free_memory()  # before the estimate, and before --on-oom fallback loads the run again
-        raise replan.out_of_memory(cfg, info, step, Path(out_dir))
-    if host_gradients(run.optimizer):  # export the fp32 masters, not the device copies
-        for name, weight in _fp32_weights(run).items():
-            run.components.unet.get_parameter(name).data = weight
-    if hasattr(run.optimizer, "close"):  # the nvme tier's state file: its copy is in the last checkpoint
-        run.optimizer.close()
-    export_pipeline(run.components, run.out_dir)
-    if cfg.output.single_file:
-        try:
-            export_single_file(run.components, run.out_dir)
-        except ValueError as exc:
-            log(f"single-file checkpoint not written: {exc}")
-    result = {"preset": info.name, **summary(run, seconds_per_step)}
-    write_json(run.out_dir / SUMMARY, result)
-    return result

@@ -19,8 +19,33 @@ def train(model, images, out, *extra):
     return json.loads((out / "summary.json").read_text())
 
 
+def batch(stream, index):
+    """(pixels, captions) of batch `index` as training takes it: a file that fails is replaced from its bucket."""
+    from sdtune.data import ImageFailed
+
+    while True:
+        items = stream.items(index)
+        try:
+            return stream.pixels(items), [item.caption for item in items]
+        except ImageFailed:
+            continue
+
+
 def final_unet(out):
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+class on_step:  # noqa: N801 (used like a function)
+    """A metrics logger for `trainer.loop` that calls `function(record)` after every step."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def log(self, record):
+        self.function(record)
+
+    def image(self, tag, step, image):
+        pass
 
 
 def prepared(model, images, out, *overrides):

@@ -8,7 +8,7 @@ from sdtune import trainer
 
 def _run(model, images, out, cache_dir, *sets, steps=3):
     run = prepared(model, images, out, f"train.max_steps={steps}", f"data.cache_dir={cache_dir}", *sets)
-    trainer.loop(run, lambda run, sps: None)
+    trainer.loop(run)
     return run
 
 
@@ -52,7 +52,7 @@ def test_a_second_run_calls_no_encoder_and_changes_invalidate(tiny_sd1, images, 
     assert encodes == [] and embeds == []
     changed = sorted(images.glob("*.png"))[0]
     Image.new("RGB", (64, 64), (255, 0, 0)).save(changed)  # new content under the same name
-    run = _run(tiny_sd1, images, tmp_path / "third", tmp_path / "cache", *CACHED, steps=1)
-    assert len(encodes) == 1 and run.features.latent_cache.misses >= 1
+    _run(tiny_sd1, images, tmp_path / "third", tmp_path / "cache", *CACHED, steps=1)
+    assert len(encodes) == 1  # the changed file's latent missed the cache and was encoded again
     other = _run(tiny_sd1, images, tmp_path / "fourth", tmp_path / "cache", *CACHED, "data.random_flip=true", steps=1)
     assert other.features.latent_cache is not None and len(encodes) > 1  # flipped crops were not cached yet

@@ -211,12 +211,12 @@ def fake_training(monkeypatch):
     """Replace the training run with one that records the config it was given."""
     seen = {}
 
-    def train(cfg, info, data, out, **kwargs):
+    def attempt(cfg, info, data, out, **kwargs):
         seen.update(cfg=cfg, info=info)
         return {"steps": 1, "final_loss": 0.1, "seconds_per_step": 0.1, "peak_memory_bytes": GIB,
                 "peak_memory_kind": "reserved", "skipped_steps": 0}
 
-    monkeypatch.setattr("sdtune.trainer.train", train)
+    monkeypatch.setattr("sdtune.run.attempt", attempt)
     return seen
 
 

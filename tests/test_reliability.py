@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_unet, prepared, runner, train
+from helpers import final_unet, on_step, prepared, runner, train
 
 from sdtune import loss, replan, trainer
 from sdtune.cli import app
@@ -111,8 +111,8 @@ def test_the_stop_handler_ignores_a_second_signal_and_restores_the_previous_hand
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     real_save = trainer._save
 
-    def progress(run, seconds_per_step):
-        if run.step == 3:
+    def progress(record):
+        if record.step == 3:
             signal.raise_signal(signal.SIGTERM)
 
     def save_with_a_second_signal(run):
@@ -121,7 +121,7 @@ def test_the_stop_handler_ignores_a_second_signal_and_restores_the_previous_hand
 
     monkeypatch.setattr(trainer, "_save", save_with_a_second_signal)
     with pytest.raises(trainer.Interrupted, match="SIGTERM: stopped after step 3") as stopped:
-        trainer.loop(run, progress)
+        trainer.loop(run, on_step(progress))
     assert stopped.value.exit_code == 143 and stopped.value.saved.name == "step-000003"
     assert run.step == 3 and (stopped.value.saved / "state.json").is_file()
     assert messages[0] == "SIGTERM: finishing this step, then saving a checkpoint"
@@ -163,7 +163,7 @@ def test_a_nan_loss_is_not_backpropagated_and_its_step_is_skipped(tiny_sd1, imag
     run = prepared(tiny_sd1, images, tmp_path / "o", "train.max_steps=4", *overrides)
     _nan_at(monkeypatch, {1})
     weights = []
-    trainer.loop(run, lambda run, sps: weights.append({k: v.clone() for k, v in trainer._fp32_weights(run).items()}))
+    trainer.loop(run, on_step(lambda record: weights.append(_cloned(trainer.fp32_weights(run)))))
     assert math.isnan(run.losses[1]) and all(math.isfinite(v) for i, v in enumerate(run.losses) if i != 1)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 changed nothing
     assert any(not torch.equal(weights[1][k], weights[3][k]) for k in weights[0])  # later steps train
@@ -180,11 +180,11 @@ def test_a_skipped_accumulation_step_leaves_no_gradient_behind_in_any_optimizer_
         _nan_at(monkeypatch, {1})
         run = prepared(tiny_sd1, images, tmp_path / tier, "train.max_steps=3", "train.gradient_accumulation_steps=2",
                        f"memory.optimizer_offload={tier}")
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
         runs[tier] = run
     assert runs["none"].skipped_steps == runs["cpu"].skipped_steps == 1
     assert math.isnan(runs["cpu"].losses[0]) and runs["cpu"].losses[1:] == pytest.approx(runs["none"].losses[1:])
-    plain, offloaded = trainer._fp32_weights(runs["none"]), trainer._fp32_weights(runs["cpu"])
+    plain, offloaded = trainer.fp32_weights(runs["none"]), trainer.fp32_weights(runs["cpu"])
     for name, weight in plain.items():
         torch.testing.assert_close(offloaded[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -194,7 +194,7 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped_too(tiny_sd1, images, tmp_
     first = next(run.components.unet.parameters())
     first.register_hook(lambda grad: grad * float("nan") if run.step == 1 else grad)
     weights = []
-    trainer.loop(run, lambda run, sps: weights.append({k: v.clone() for k, v in trainer._fp32_weights(run).items()}))
+    trainer.loop(run, on_step(lambda record: weights.append(_cloned(trainer.fp32_weights(run)))))
     assert all(math.isfinite(v) for v in run.losses) and run.skipped_steps == 1
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -204,7 +204,7 @@ def test_consecutive_bad_steps_stop_the_run_keeping_the_newest_checkpoint(tiny_s
     run = prepared(tiny_sd1, images, out, "train.max_steps=10", "output.checkpoint_every=2", "train.max_bad_steps=3")
     _nan_at(monkeypatch, {1, 3, 4, 5, 6})  # steps 2, then 4-6 in a row
     with pytest.raises(SdtuneError) as stopped:
-        trainer.loop(run, lambda run, sps: None)
+        trainer.loop(run)
     message = str(stopped.value)
     assert message.startswith("3 steps in a row had a NaN/Inf loss or gradient, the last at step 6")
     assert f"the newest checkpoint, {out / 'checkpoints' / 'step-000004'}, is kept" in message  # none at 6
@@ -213,8 +213,12 @@ def test_consecutive_bad_steps_stop_the_run_keeping_the_newest_checkpoint(tiny_s
 
     run = prepared(tiny_sd1, images, tmp_path / "never", "train.max_steps=6", "train.max_bad_steps=0")
     _nan_at(monkeypatch, {0, 1, 2, 3, 4, 5})
-    trainer.loop(run, lambda run, sps: None)  # 0: never stops
+    trainer.loop(run)  # 0: never stops
     assert run.step == 6 and run.skipped_steps == 6
+
+
+def _cloned(weights: dict) -> dict:
+    return {k: v.clone() for k, v in weights.items()}
 
 
 def _out_of_memory_at(monkeypatch, when) -> list:

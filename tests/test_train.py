@@ -1,5 +1,6 @@
 """The training recipe end to end on tiny models: `sdtune train` as a user runs it, plus equivalences."""
 
+import json
 import shutil
 
 import pytest
@@ -41,7 +42,7 @@ def test_training_fits_a_small_dataset(version, tiny_sd1, tiny_sd2, tmp_path):
                     "train.learning_rate=1e-3")
     assert run.components.prediction_type == ("epsilon" if version == 1 else "v_prediction")
     before = _fixed_batch_loss(run)
-    trainer.loop(run, lambda run, sps: None)
+    trainer.loop(run)
     assert _fixed_batch_loss(run) < 0.7 * before
 
 
@@ -51,8 +52,8 @@ def test_output_folder_loads_with_plain_diffusers_and_samples(tiny_sd1, images, 
     out = tmp_path / "out"
     train(tiny_sd1, images, out, "--max-steps", "2")
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoints", "config.toml", "model.safetensors", "model_index.json", "scheduler", "summary.json",
-        "text_encoder", "tokenizer", "unet", "vae"]
+        "checkpoints", "config.toml", "metrics.jsonl", "model.safetensors", "model_index.json", "scheduler",
+        "summary.json", "text_encoder", "tokenizer", "unet", "vae"]
     pipe = StableDiffusionPipeline.from_pretrained(out)
     trained = load_file(out / "checkpoints" / "step-000002" / "unet.safetensors")
     for name, tensor in pipe.unet.state_dict().items():
@@ -94,6 +95,17 @@ def test_resume_continues_exactly(tiny_sd1, images, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_a_finished_run_says_so_and_keeps_its_speed(tiny_sd1, images, tmp_path):
+    first = train(tiny_sd1, images, tmp_path / "out", "--max-steps", "2")
+    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(tiny_sd1),
+                                 "--out", str(tmp_path / "out"), "--max-steps", "2", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "nothing left to train: the checkpoint is at step 2 of 2" in result.output
+    again = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert again["losses"] == first["losses"] and again["seconds_per_step"] > 0
+    assert f"{again['seconds_per_step']:.3f} s/step" in result.output and "0.000 s/step" not in result.output
+
+
 def test_resume_refuses_a_changed_plan_and_fresh_runs_refuse_a_used_folder(tiny_sd1, images, tmp_path):
     out = tmp_path / "out"
     train(tiny_sd1, images, out, "--max-steps", "2")
@@ -126,7 +138,7 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
     assert not trainer._optimizer_step(run)
     assert run.scaler.get_scale() == 2.0**32
     assert all(torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
-    trainer.loop(run, lambda run, sps: None)  # the scale backs off until steps go through
+    trainer.loop(run)  # the scale backs off until steps go through
     assert run.step == run.cfg.train.max_steps and run.skipped_steps >= 1
     assert all(torch.isfinite(torch.tensor(run.losses)))
     assert any(not torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
@@ -156,7 +168,7 @@ def test_checkpoints_every_n_steps_keep_the_newest_and_validation_grids(tiny_sd1
 def test_other_levers_train(tiny_sd1, images, tmp_path, overrides):
     run = prepared(tiny_sd1, images, tmp_path / "o", "train.max_steps=3", *overrides)
     before = {k: v.clone() for k, v in run.components.unet.state_dict().items()}
-    trainer.loop(run, lambda run, sps: None)
+    trainer.loop(run)
     assert len(run.losses) == 3 and all(0 < value < 10 for value in run.losses)
     assert any(not torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
 

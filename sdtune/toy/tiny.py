@@ -11,8 +11,8 @@ three seeded stages:
    random initialisation (frozen, as in fine-tuning: its job is only to tell the words apart);
 2. the VAE is trained to reconstruct rendered shapes (its own short loop: a VAE is not what sdtune
    fine-tunes), and its latent scaling factor is measured, as SD's was;
-3. the UNet is pretrained from scratch by sdtune's own trainer (`sdtune.trainer.train`, the code path
-   every fine-tune takes) on rendered images of circles, squares and triangles with captions.
+3. the UNet is pretrained from scratch by sdtune's own run (`sdtune.run.attempt`, the code path every
+   fine-tune takes) on rendered images of circles, squares and triangles with captions.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: i
     from diffusers import StableDiffusionPipeline
 
     from sdtune.config import load_config
-    from sdtune.trainer import train
+    from sdtune.run import attempt
 
     parts = architecture(seed)
     started = time.perf_counter()
@@ -136,20 +136,36 @@ def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: i
         data = write_dataset(work / "data", images, seed + 2, shapes.all_specs(shapes.BASE_SHAPES))
         cfg, info = load_config("cpu", [
             f"model.pretrained={work / 'base'}", f"train.max_steps={unet_steps}", "train.batch_size=16",
-            "train.learning_rate=1e-3", "train.lr_scheduler=cosine", "train.lr_warmup_steps=200",
+            "train.learning_rate=1e-3", "train.lr_scheduler=cosine", f"train.lr_warmup_steps={min(200, unet_steps)}",
             "train.snr_gamma=5.0", "data.caption_dropout=0.1", f"train.seed={seed}", "train.weight_decay=0.0",
             "output.checkpoint_every=0", "output.single_file=false",
         ])
         torch.manual_seed(seed)
-        summary = train(cfg, info, str(data), str(work / "run"), log=log,
-                        progress=lambda run, sps: log(f"unet step {run.step}/{unet_steps}: loss "
-                                                      f"{run.losses[-1]:.4f}, {sps:.2f} s/step")
-                        if run.step % 100 == 0 else None)
+        summary = attempt(cfg, info, data, work / "run", log=log, progress=lambda total: _EveryHundred(log, total))
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(work / "run", out, ignore=shutil.ignore_patterns("checkpoints", "summary.json", "config.toml"))
+        shutil.copytree(work / "run", out, ignore=shutil.ignore_patterns(
+            "checkpoints", "summary.json", "config.toml", "metrics.jsonl", "logs"))
     log(f"sdtune-tiny written to {out} in {time.perf_counter() - started:.0f} s "
         f"(unet {summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f})")
     return out
+
+
+class _EveryHundred:
+    """A metrics sink that logs one line every 100 steps (the pretraining takes an hour)."""
+
+    def __init__(self, say, total: int):
+        self.say, self.total = say, total
+
+    def log(self, record) -> None:
+        if record.step % 100 == 0:
+            self.say(f"unet step {record.step}/{self.total}: loss {record.loss:.4f}, "
+                     f"{record.seconds_per_step:.2f} s/step")
+
+    def image(self, tag: str, step: int, image) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def main() -> None:

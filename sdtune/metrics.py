@@ -1,0 +1,237 @@
+"""Per-step training metrics, sent to sinks: `metrics.jsonl`, TensorBoard event files, a rich progress bar.
+
+The training loop builds one `StepRecord` per optimizer step and hands it to a `MetricsLogger`; which sinks
+receive it is the run's choice (`MetricsLogger.for_run` reads `output.tensorboard`), so the loop never
+knows where its numbers go. `metrics.jsonl` always gets one JSON object per step, flushed at once, and a
+resumed run first drops what a killed run logged after its last checkpoint, so the file reads as one
+history. Validation grids go to TensorBoard only. Only rank 0 writes; on other ranks the logger has no
+sinks. Nothing heavy is imported here (torch, rich, tensorboard load when a sink is built).
+
+    with MetricsLogger.for_run(out, cfg.output, resume_step=run.step, progress=ProgressSink(console, steps)) as metrics:
+        metrics.log(StepRecord(step=1, loss=0.12, learning_rate=1e-5, grad_norm=0.8, seconds_per_step=0.9,
+                               images_per_second=1.1, peak_memory_bytes=6 << 30, skipped_steps=0))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from sdtune.errors import SdtuneError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from rich.console import Console
+
+    from sdtune.config import OutputConfig
+
+TENSORBOARD_MISSING = ("output.tensorboard=true needs tensorboard: pip install 'sdtune[tensorboard]' "
+                       "(or set output.tensorboard=false)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepRecord:
+    """What one optimizer step left behind; the loop emits one after every step."""
+
+    step: int  # 1-based: the step just finished
+    loss: float
+    learning_rate: float
+    grad_norm: float | None  # None when the step computed no norm (no clipping, or a skipped step)
+    seconds_per_step: float  # mean so far, without the first step (warm-up)
+    images_per_second: float
+    peak_memory_bytes: int
+    skipped_steps: int  # NaN/Inf or fp16-overflow steps so far
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Sink(Protocol):
+    def log(self, record: StepRecord) -> None: ...
+    def image(self, tag: str, step: int, image: Image) -> None: ...
+    def close(self) -> None: ...
+
+
+class MetricsLogger:
+    """Sends every record and image to each of its sinks; a context manager, and closing twice is harmless."""
+
+    def __init__(self, sinks: list[Sink] | tuple[Sink, ...] = ()):
+        self.sinks = tuple(sinks)
+
+    @classmethod
+    def for_run(cls, out_dir: str | Path, output_cfg: OutputConfig, *, resume_step: int,
+                progress: Sink | None = None, rank: int | None = None) -> MetricsLogger:
+        """The sinks of a run in `out_dir`: `metrics.jsonl`, `logs/` when `output.tensorboard`, and `progress`.
+        `resume_step` is the checkpoint's step (0 for a fresh run). Off rank 0 nothing is opened or written."""
+        if (_rank() if rank is None else rank) != 0:
+            return cls()
+        out_dir = Path(out_dir)
+        sinks: list[Sink] = []
+        try:  # TensorBoard first: if it is missing, that error comes before metrics.jsonl is touched
+            if output_cfg.tensorboard:
+                sinks.append(TensorBoardSink(out_dir / "logs", resume_step=resume_step))
+            sinks.append(JsonlSink(out_dir / "metrics.jsonl", resume_step=resume_step))
+        except BaseException:
+            cls(sinks).close()
+            raise
+        return cls([*sinks, *([progress] if progress is not None else [])])
+
+    def log(self, record: StepRecord) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+    def image(self, tag: str, step: int, image: Image) -> None:
+        for sink in self.sinks:
+            sink.image(tag, step, image)
+
+    def close(self) -> None:
+        sinks, self.sinks = self.sinks, ()
+        with contextlib.ExitStack() as stack:  # every sink is closed even when one of them raises
+            for sink in reversed(sinks):
+                stack.callback(sink.close)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _rank() -> int:
+    """This process's rank: torch.distributed's when it is initialised, else $RANK (torchrun), else 0."""
+    torch = sys.modules.get("torch")  # not imported yet: then torch.distributed cannot be initialised either
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+class JsonlSink:
+    """One JSON object per record and line (the keys of `StepRecord`; NaN/Inf become null), flushed at once
+    so a killed run keeps every step it logged. Images are not written here."""
+
+    def __init__(self, path: str | Path, *, resume_step: int = 0):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step and path.exists():
+            _truncate_after(path, resume_step)
+            self._file = path.open("a", encoding="utf-8")
+        else:
+            self._file = path.open("w", encoding="utf-8")
+
+    def log(self, record: StepRecord) -> None:
+        row = {key: _json_number(value) for key, value in record.to_dict().items()}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def image(self, tag: str, step: int, image: Image) -> None:
+        pass
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step`: later ones (and a line torn by a kill) came from a run that
+    stopped after its last checkpoint and are logged again. Atomic, so a second kill loses nothing."""
+    kept = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_sinks(*, tensorboard: bool) -> None:
+    """Fail with one line when a sink the config asks for cannot be built: before a run loads anything."""
+    if tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as exc:
+            raise SdtuneError(TENSORBOARD_MISSING) from exc
+
+
+class TensorBoardSink:
+    """Scalars under `train/...` and images (validation grids) as TensorBoard event files in `log_dir`.
+
+    A resumed run purges the events after its checkpoint's step (SummaryWriter's purge_step); a fresh run
+    deletes the event files an earlier run left in `log_dir`, as metrics.jsonl starts empty."""
+
+    def __init__(self, log_dir: str | Path, *, resume_step: int = 0):
+        check_sinks(tensorboard=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = Path(log_dir)
+        if not resume_step:
+            for stale in log_dir.glob("events.out.tfevents.*"):
+                stale.unlink()
+        self._writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: StepRecord) -> None:
+        scalars = {
+            "train/loss": record.loss,
+            "train/learning_rate": record.learning_rate,
+            "train/grad_norm": record.grad_norm,
+            "train/seconds_per_step": record.seconds_per_step,
+            "train/images_per_second": record.images_per_second,
+            "train/peak_memory_gib": record.peak_memory_bytes / 2**30,
+            "train/skipped_steps": record.skipped_steps,
+        }
+        for tag, value in scalars.items():
+            if value is not None:
+                self._writer.add_scalar(tag, value, record.step)
+        self._writer.flush()  # like metrics.jsonl: a killed run keeps what it logged
+
+    def image(self, tag: str, step: int, image: Image) -> None:
+        import numpy as np
+
+        self._writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class ProgressSink:
+    """The progress bar on `console`: `step N/M`, a bar, loss, lr, s/step, peak memory, time remaining.
+    It appears with the first record (after the data and model checks), starting at that record's step,
+    so a resumed run starts at its checkpoint; with no records it never shows."""
+
+    def __init__(self, console: Console, total_steps: int):
+        self.console, self.total_steps = console, total_steps
+        self._bar = self._task = None
+
+    def log(self, record: StepRecord) -> None:
+        stats = (f"loss {record.loss:.4f}  lr {record.learning_rate:.2e}  {record.seconds_per_step:.3f} s/step  "
+                 f"peak {record.peak_memory_bytes / 2**30:.2f} GiB")
+        if self._bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=self.console)
+            self._task = self._bar.add_task("train", total=self.total_steps, completed=record.step, stats=stats)
+            self._bar.start()
+        else:
+            self._bar.update(self._task, completed=record.step, stats=stats)
+
+    def image(self, tag: str, step: int, image: Image) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,227 @@
+"""A training run's life, above the loop: the plan (`--preset auto`), the output folder and its lock,
+resume, the out-of-memory fallback, the metrics sinks, the export and the summary.
+
+    result = train(TrainRequest(preset="rtx3050", data=Path("images"), out=Path("out")), log=print)
+
+`train` is what `sdtune train` runs. It resolves the plan, locks `--out`, and runs `attempt` once, or,
+with `on_oom="fallback"`, again on each next smaller plan after the GPU runs out of memory, continuing
+from the newest checkpoint. `attempt` is one try on one plan: prepare, loop, export, summary; it turns
+torch's out-of-memory error into `replan.OutOfMemory`, which names the next smaller plan. The loop below
+it (`sdtune.trainer`) knows nothing of plans other than its own.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdtune import checkpoint
+from sdtune.config import Config, PresetInfo, load_config
+from sdtune.errors import SdtuneError
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the user asked `sdtune train` for."""
+
+    preset: str                   # a preset name, a .toml path, or auto
+    data: Path
+    out: Path = Path("out")
+    model: str | None = None      # model.pretrained
+    max_steps: int | None = None  # train.max_steps
+    sets: tuple[str, ...] = ()    # --set items, in order
+    resume: bool = False
+    overwrite: bool = False
+    on_oom: str = "stop"          # or "fallback": continue on the next smaller plan
+
+    @property
+    def overrides(self) -> list[str]:
+        return [*([f"model.pretrained={self.model}"] if self.model else []),
+                *([f"train.max_steps={self.max_steps}"] if self.max_steps else []), *self.sets]
+
+    def resume_command(self, preset: str, sets: list[str]) -> str:
+        """The `sdtune train` command line that continues this run on `preset` with `sets`, plus --resume."""
+        args = ["sdtune", "train", "--preset", preset, "--data", str(self.data),
+                *(["--model", self.model] if self.model else []), "--out", str(self.out),
+                *(["--max-steps", str(self.max_steps)] if self.max_steps else [])]
+        for item in sets:
+            args += ["--set", item]
+        return shlex.join([*args, "--resume"])
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM stopped the run; the message says how to resume it; `exit_code` is the shell's."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def train(request: TrainRequest, *, log: Log = print, progress: Callable | None = None,
+          status: Callable[[str], AbstractContextManager] | None = None) -> dict:
+    """Train as `request` says; returns the summary. `progress(total_steps)` makes the progress-bar sink;
+    `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
+    Raises SdtuneError on bad input or when no plan fits, `Stopped` after SIGINT/SIGTERM."""
+    from sdtune.replan import OutOfMemory
+    from sdtune.signals import Interrupted
+
+    preset, plan_sets = request.preset, []
+    if preset == "auto":
+        from sdtune.auto import pick_plan
+
+        with (status or _quiet)("--preset auto: estimating the memory plans"):
+            pick = pick_plan(request.overrides)
+        log(pick.reason)
+        preset, plan_sets = pick.preset, list(pick.extra)
+    fallbacks: list[str] = []  # the --set items of the smaller plans that --on-oom fallback moved to
+    cfg, info = load_config(preset, [*plan_sets, *request.overrides])
+    resume = request.resume
+    try:
+        while True:
+            try:
+                return attempt(cfg, info, request.data, request.out, resume=resume, overwrite=request.overwrite,
+                               log=log, progress=progress)
+            except OutOfMemory as exc:
+                if request.on_oom != "fallback" or exc.fallback is None:
+                    raise
+                fallbacks += exc.fallback.overrides
+                cfg, info = _fall_back(exc, preset, [*plan_sets, *request.overrides, *fallbacks], log)
+                resume = True
+    except (Interrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: Ctrl+C outside the training loop
+        command = request.resume_command(preset, [*plan_sets, *request.sets, *fallbacks])
+        stopped = exc if isinstance(exc, Interrupted) else "SIGINT: stopped outside the training loop"
+        raise Stopped(f"{stopped}; resume with: {command}", getattr(exc, "exit_code", 130)) from None
+
+
+def _quiet(text: str) -> AbstractContextManager:
+    return nullcontext()
+
+
+def _fall_back(exc, preset: str, overrides: list[str], log: Log) -> tuple[Config, PresetInfo]:
+    from sdtune.replan import describe
+
+    cfg, info = load_config(preset, overrides)
+    sets = " ".join(f"--set {item}" for item in exc.fallback.overrides)
+    log(f"{exc.what}; --on-oom fallback ({sets}): continuing from the newest checkpoint on {describe(cfg, info)}")
+    return cfg, info
+
+
+def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: bool = False, overwrite: bool = False,
+            log: Log = print, progress: Callable | None = None) -> dict:
+    """One run on one plan, with `out` locked: prepare (resuming on `resume`), loop, export, summary.
+    Raises `replan.OutOfMemory` when the GPU runs out of memory, `signals.Interrupted` after a signal."""
+    from sdtune.lock import output_lock
+
+    out = Path(out)
+    with output_lock(out, log=log):
+        outcome = _run(cfg, info, data, out, resume, overwrite, log, progress)
+    if isinstance(outcome, _OutOfMemoryAt):  # the failed step's tensors are gone with its traceback by now
+        from sdtune.replan import out_of_memory
+
+        _free_memory()  # before the estimate, and before --on-oom fallback loads the run again
+        raise out_of_memory(cfg, info, outcome.step, out)
+    return outcome
+
+
+@dataclass(frozen=True)
+class _OutOfMemoryAt:
+    step: int | None  # steps done when torch ran out of GPU memory; None: while loading
+
+
+def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, overwrite: bool, log: Log,
+         progress: Callable | None) -> dict | _OutOfMemoryAt:
+    import torch
+
+    from sdtune import trainer
+    from sdtune.metrics import MetricsLogger, check_sinks
+
+    check_sinks(tensorboard=cfg.output.tensorboard)
+    clear = _check_out_dir(out, resume, overwrite)
+    run = None
+    try:
+        run = trainer.prepare(cfg, info, str(data), str(out), resume, log)
+        with run:
+            if clear:  # only now, with the data and the model checked
+                log(f"--overwrite: deleting the previous run's checkpoints in {checkpoint.checkpoint_root(out)}")
+                shutil.rmtree(checkpoint.checkpoint_root(out))
+            (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
+            if run.step >= cfg.train.max_steps:
+                log(f"nothing left to train: the checkpoint is at step {run.step} of {cfg.train.max_steps}")
+            sink = progress(cfg.train.max_steps) if progress else None
+            with MetricsLogger.for_run(out, cfg.output, resume_step=run.step, progress=sink) as metrics:
+                trainer.loop(run, metrics)
+            return _export(run, info, log)
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5; the same class
+        return _OutOfMemoryAt(None if run is None else run.step)
+
+
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints; --overwrite
+    lets it write into any folder. True when a previous run's checkpoints are to be deleted (--overwrite),
+    so that none of them is taken for this run's."""
+    from sdtune.lock import LOCK_NAME
+
+    if resume or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return False
+    if overwrite:
+        return checkpoint.checkpoint_root(out).exists()
+    if checkpoint.list_checkpoints(out):
+        raise SdtuneError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                          "over (deletes its checkpoints), or choose another --out")
+    if not (out / "config.toml").is_file():
+        raise SdtuneError(f"{out} exists, is not empty and is not an sdtune output folder; choose another --out, "
+                          "or pass --overwrite to write into it (files of the same names are replaced)")
+    return False
+
+
+def _export(run, info: PresetInfo, log: Log) -> dict:
+    """The diffusers folder (and the single file) from the fp32 trained weights; `summary.json`."""
+    from sdtune.export import SUMMARY, export_pipeline, export_single_file, write_json
+    from sdtune.trainer import fp32_weights
+
+    if run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
+        for name, weight in fp32_weights(run).items():
+            run.components.unet.get_parameter(name).data = weight
+    run.close()  # the nvme tier's state file: its copy is in the last checkpoint
+    export_pipeline(run.components, run.out_dir)
+    if run.cfg.output.single_file:
+        try:
+            export_single_file(run.components, run.out_dir)
+        except ValueError as exc:
+            log(f"single-file checkpoint not written: {exc}")
+    result = {"preset": info.name, **summary(run)}
+    write_json(run.out_dir / SUMMARY, result)
+    return result
+
+
+def summary(run) -> dict:
+    from sdtune.memory import peak_bytes
+
+    plan, train = run.plan, run.cfg.train
+    return {
+        "steps": run.step, "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
+        "seconds": round(run.seconds, 3), "seconds_per_step": round(run.seconds_per_step or 0.0, 4),
+        "peak_memory_bytes": peak_bytes(plan),
+        "peak_memory_kind": "cuda_max_reserved" if plan.device == "cuda" else "process_max_rss",
+        "skipped_steps": run.skipped_steps, "device": plan.device, "precision": plan.precision,
+        "attention": plan.attention, "gradient_checkpointing": plan.gradient_checkpointing,
+        "optimizer": plan.optimizer, "optimizer_offload": plan.optimizer_offload,
+        "param_offload": plan.param_offload, "batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+    }
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

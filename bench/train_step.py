@@ -63,7 +63,8 @@ def baseline_step(precision: str, data: Path, steps: int, batch: int) -> float:
     times = []
     for step in range(steps):
         started = time.perf_counter()
-        pixels, captions = stream.batch(step)
+        items = stream.items(step)
+        pixels, captions = stream.pixels(items), [item.caption for item in items]
         with torch.no_grad():
             latents = c.vae.encode(pixels.to(weight_dtype)).latent_dist.sample().float() * c.vae.config.scaling_factor
             ids = c.tokenizer(captions, padding="max_length", max_length=c.tokenizer.model_max_length,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import batch
 from PIL import Image
 
 from sdtune.config import DataConfig
@@ -39,21 +40,21 @@ def test_batches_are_deterministic_cropped_and_cover_every_image(images):
     cfg = DataConfig(resolution=32, center_crop=False, random_flip=True)
     scan = scan_folder(images, cfg)
     a, b = BatchStream(scan.examples, cfg, 2, seed=3), BatchStream(scan.examples, cfg, 2, seed=3)
-    pixels, captions = a.batch(5)
+    pixels, captions = batch(a, 5)
     assert pixels.shape == (2, 3, 32, 32) and -1 <= pixels.min() and pixels.max() <= 1
-    later_first = b.batch(5)  # asked cold, out of order: same result
+    later_first = batch(b, 5)  # asked cold, out of order: same result
     assert torch.equal(pixels, later_first[0]) and captions == later_first[1]
     n = len(scan.examples)
-    epoch = [c for i in range(n // 2) for c in a.batch(i)[1]]
+    epoch = [c for i in range(n // 2) for c in batch(a, i)[1]]
     assert sorted(epoch) == sorted(e.caption for e in scan.examples)
 
 
 def test_caption_dropout_empties_a_seeded_share_of_captions(images):
     cfg = DataConfig(resolution=32, caption_dropout=0.5)
     scan = scan_folder(images, cfg)
-    captions = [c for i in range(40) for c in BatchStream(scan.examples, cfg, 2, seed=1).batch(i)[1]]
+    captions = [c for i in range(40) for c in batch(BatchStream(scan.examples, cfg, 2, seed=1), i)[1]]
     assert 20 < captions.count("") < 60
-    again = [c for i in range(40) for c in BatchStream(scan.examples, cfg, 2, seed=1).batch(i)[1]]
+    again = [c for i in range(40) for c in batch(BatchStream(scan.examples, cfg, 2, seed=1), i)[1]]
     assert captions == again
     with pytest.raises(SdtuneError, match="caption_dropout"):
         DataConfig(caption_dropout=1.0)

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from sdtune.cli import app
 from sdtune.config import DataConfig
 from sdtune.data.captions import shuffle_tags
-from sdtune.data.check import ImageProblem, check_image
 from sdtune.data.images import open_rgb, seen_size
 from sdtune.data.scan import Example, Scan, Skip, scan_folder
+from sdtune.data.verify import ImageProblem, check_image
 from sdtune.errors import SdtuneError
 
 CFG = DataConfig(resolution=64)  # smallest usable side: 32 px
@@ -162,8 +162,8 @@ def _bad_folder(tmp_path: Path) -> Path:
     Image.new("RGB", (80, 80)).save(tmp_path / "bomb.png")     # over the (patched) limit
     Image.new("RGB", (200, 200)).save(tmp_path / "bomb2.png")  # over twice the limit: Pillow refuses to open it
     Image.new("RGB", (20, 64)).save(tmp_path / "tiny.png")
-    _rgb(tmp_path / "latin1.png")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    _rgb(tmp_path / "garbled.png")
+    (tmp_path / "garbled.txt").write_bytes(b"caf\x81")  # 0x81: neither UTF-8 nor Windows-1252
     _rgb(tmp_path / "locked.png")
     return tmp_path
 
@@ -192,7 +192,7 @@ def test_each_bad_file_is_skipped_once_with_its_kind(tmp_path, monkeypatch, smal
     kinds = {s.path.name: s.kind for s in scan.skipped}
     assert kinds == {"empty.png": "empty", "cut.png": "corrupt", "cut.jpg": "corrupt", "notes.png": "not an image",
                      "broken.png": "corrupt", "bomb.png": "too large", "bomb2.png": "too large",
-                     "tiny.png": "too small", "latin1.png": "bad caption", "locked.png": "unreadable"}
+                     "tiny.png": "too small", "garbled.png": "bad caption", "locked.png": "unreadable"}
     assert len(scan.skipped) == len(kinds)  # once each
     assert all(s.detail and "\n" not in s.detail for s in scan.skipped)
     assert "20x64" in next(s.detail for s in scan.skipped if s.kind == "too small")
@@ -363,6 +363,35 @@ def test_shuffle_tags_keeps_the_first_k_and_is_seeded():
 
 
 # ---------------------------------------------------------------------------------------------------------
+def test_a_caption_that_is_not_utf8_is_read_as_windows_1252_with_a_warning(tmp_path):
+    for name in ("notepad.png", "bom.png", "unicode.png", "binary.png", "garbled.png", "plain.png"):
+        _img(tmp_path / name)
+    (tmp_path / "notepad.txt").write_bytes("café – crème brûlée".encode("cp1252"))
+    (tmp_path / "bom.txt").write_bytes("\ufeffnaïve".encode())
+    (tmp_path / "unicode.txt").write_bytes("smörgåsbord".encode("utf-16"))  # with its byte-order mark
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02 not text")
+    (tmp_path / "garbled.txt").write_bytes(b"caf\x81")  # 0x81 is undefined in Windows-1252 too
+    (tmp_path / "plain.txt").write_text("plain")
+    scan = scan_folder(tmp_path, CFG)
+    assert {e.image.name: e.caption for e in scan.examples} == {
+        "notepad.png": "café – crème brûlée", "bom.png": "naïve", "unicode.png": "smörgåsbord", "plain.png": "plain"}
+    details = {s.path.name: s.detail for s in scan.skipped if s.kind == "bad caption"}
+    assert details.keys() == {"binary.png", "garbled.png"} and len(scan.skipped) == 2
+    assert "NUL" in details["binary.png"] and "0x81 at offset 3" in details["garbled.png"]
+    assert len(scan.warnings) == 1 and "1 caption file is not UTF-8" in scan.warnings[0]
+    assert "notepad.txt" in scan.warnings[0] and "Windows-1252" in scan.warnings[0]
+    (tmp_path / "notepad.txt").write_text("café", encoding="utf-8")
+    assert scan_folder(tmp_path, CFG).warnings == ()
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path), "--preset", "cpu"])
+    assert result.exit_code == 0 and "warning" not in result.output
+    for i in range(5):
+        _img(tmp_path / f"old{i}.png")
+        (tmp_path / f"old{i}.txt").write_bytes("déjà vu".encode("cp1252"))
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path), "--preset", "cpu"])
+    warning = next(line for line in result.output.splitlines() if line.startswith("warning"))
+    assert "5 caption files are not UTF-8" in warning and "old0.txt, old1.txt, old2.txt and 2 more" in warning
+
+
 # sdtune data check
 
 runner = CliRunner()
@@ -412,10 +441,12 @@ def test_train_reports_bad_files_once_and_trains_on_the_rest(tiny_sd1, images, t
     from sdtune.cli import app
 
     data = shutil.copytree(images, tmp_path / "data")
+    sorted(data.glob("*.png"))[0].with_suffix(".txt").write_bytes("crème".encode("cp1252"))
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (data / "notes.jpg").write_text("not a picture")
     result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(data), "--model", str(tiny_sd1),
                                  "--out", str(tmp_path / "out"), "--max-steps", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.count("broken.png") == 1 and result.output.count("notes.jpg") == 1
+    assert result.output.count("read as Windows-1252") == 1
     assert "2 of 8 images skipped" in result.output

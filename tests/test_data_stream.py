@@ -10,6 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from helpers import batch
 from PIL import Image
 
 from sdtune.config import DataConfig
@@ -140,7 +141,7 @@ def test_batches_never_mix_buckets_and_match_each_images_bucket(mixed):
         items = stream.items(k)
         assert len(items) == 2 and len({item.bucket for item in items}) == 1
         assert {expected[group(item.example.caption)] for item in items} == {items[0].bucket}
-    pixels, captions = stream.batch(4)
+    pixels, captions = batch(stream, 4)
     w, h = stream.items(4)[0].bucket
     assert pixels.shape == (2, 3, h, w) and pixels.dtype == torch.float32
     assert -1 <= pixels.min() and pixels.max() <= 1
@@ -151,7 +152,7 @@ def test_without_buckets_every_image_is_cropped_square(mixed):
     stream = BatchStream(scan_folder(mixed, cfg).examples, cfg, batch_size=3, seed=0)
     assert stream.batches_per_epoch == 4
     assert {item.bucket for k in range(8) for item in stream.items(k)} == {(128, 128)}
-    assert stream.batch(1)[0].shape == (3, 3, 128, 128)
+    assert batch(stream, 1)[0].shape == (3, 3, 128, 128)
 
 
 def test_every_example_appears_repeats_times_per_epoch(tmp_path):
@@ -180,7 +181,7 @@ def test_a_bucket_smaller_than_a_batch_repeats_its_images(tmp_path):
     assert stream.batches_per_epoch == 2
     batches = [[item.example.caption for item in stream.items(k)] for k in range(2)]
     assert sorted(batches) == [["only"] * 4, ["square"] * 4]
-    assert stream.batch(0)[0].shape[0] == 4
+    assert batch(stream, 0)[0].shape[0] == 4
 
 
 def test_the_order_is_a_function_of_seed_and_index_alone(mixed):
@@ -192,8 +193,8 @@ def test_the_order_is_a_function_of_seed_and_index_alone(mixed):
     for k in (13, 2, 19, 7):  # resume: a fresh stream asked for batch k first, out of order
         fresh = BatchStream(examples, cfg, 2, seed=3)
         assert fresh.items(k) == run[k]
-        pixels, captions = fresh.batch(k)
-        assert torch.equal(pixels, a.batch(k)[0]) and captions == [item.caption for item in run[k]]
+        pixels, captions = batch(fresh, k)
+        assert torch.equal(pixels, batch(a, k)[0]) and captions == [item.caption for item in run[k]]
     other = [BatchStream(examples, cfg, 2, seed=4).items(k) for k in range(20)]
     assert other != run
     epochs = [[tuple(i.example.caption for i in run[k]) for k in range(e * 6, e * 6 + 6)] for e in range(3)]
@@ -236,17 +237,17 @@ def test_a_vanished_or_broken_file_is_reported_once_and_replaced_from_its_bucket
     (mixed / "wide_1.png").unlink()
     (mixed / "tall_0.png").write_bytes(b"\x89PNG broken")
     for k in range(3 * stream.batches_per_epoch):
-        pixels, captions = stream.batch(k)
+        pixels, captions = batch(stream, k)
         assert len(captions) == 2 and "wide 1" not in captions and "tall 0" not in captions
         assert pixels.shape[0] == 2
     assert sorted(w.split(":")[0] for w in warnings) == [f"skipping {mixed / 'tall_0.png'}",
                                                           f"skipping {mixed / 'wide_1.png'}"]
-    assert BatchStream(examples, cfg, 2, seed=0, warn=warnings.append).batch(5)[1] == stream.batch(5)[1]
+    assert batch(BatchStream(examples, cfg, 2, seed=0, warn=warnings.append), 5)[1] == batch(stream, 5)[1]
     for name in ("tall_1.png", "tall_2.png"):  # the whole bucket gone: a clear error
         (mixed / name).unlink()
     with pytest.raises(SdtuneError, match="64x128 bucket"):
         for k in range(stream.batches_per_epoch):
-            stream.batch(k)
+            batch(stream, k)
 
 
 def test_a_file_changed_since_the_scan_is_skipped(tmp_path):
@@ -255,5 +256,5 @@ def test_a_file_changed_since_the_scan_is_skipped(tmp_path):
     write_image(tmp_path / "1.png", (80, 64))  # replaced by a different picture
     warnings = []
     stream = BatchStream(examples, DataConfig(resolution=64), 2, seed=0, warn=warnings.append)
-    captions = [c for k in range(6) for c in stream.batch(k)[1]]
+    captions = [c for k in range(6) for c in batch(stream, k)[1]]
     assert "image 1" not in captions and len(warnings) == 1 and "changed since the scan" in warnings[0]

@@ -1,9 +1,11 @@
-"""Training data: discovery and checks (`scan`), opening images (`images`), aspect-ratio buckets
-(`buckets`), the batch stream (`stream`).
+"""Training data: discovery (`scan`), one image's checks (`verify`), captions (`captions`), opening images
+(`images`), aspect-ratio buckets (`buckets`), the batch stream (`stream`), what the UNet trains on and its
+caches (`features`, `cache`), and `sdtune data check`'s report (`check`).
 
     scan = scan_folder("images", DataConfig())
     stream = BatchStream(scan.examples, DataConfig(), batch_size=2, seed=0)
-    pixels, captions = stream.batch(0)
+    items = stream.items(0)
+    pixels = stream.pixels(items)
 """
 
 from sdtune.data.buckets import assign, fit, make_buckets

@@ -3,7 +3,8 @@
 Sources, first found wins (`caption_for`):
 
 1. "sidecar": `NAME<data.caption_extension>`, then `NAME.caption`, then `NAME.txt` beside the image
-   (kohya, OneTrainer; UTF-8, a byte-order mark is fine, lines are joined by spaces);
+   (kohya, OneTrainer; UTF-8, a byte-order mark is fine, else Windows-1252 with a warning; lines are
+   joined by spaces);
 2. "metadata": a `metadata.jsonl` or `metadata.csv` in the image's folder or any folder above it (the
    Hugging Face imagefolder convention of the diffusers examples: `file_name` relative to the metadata
    file's folder, caption in `text`, or `caption`); the nearest file that lists the image wins;
@@ -38,14 +39,28 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_caption_file(path: Path) -> str:
+def read_caption_file(path: Path) -> tuple[str, str]:
+    """(caption, encoding) of a sidecar caption file: "utf-8" (a byte-order mark is fine), "utf-16" (with its
+    byte-order mark, as Notepad's "Unicode"), else "cp1252" (Windows-1252: what Notepad and older taggers
+    wrote on Windows; the scan says so). Only a file that is none of these, or holds NUL bytes, is a
+    `CaptionError`."""
     try:
-        return clean(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise CaptionError(f"caption {path.name} is not UTF-8 (bad byte at offset {exc.start}): "
-                           "save it as UTF-8") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise CaptionError(f"caption {path.name} cannot be read: {exc.strerror or exc}") from None
+    encodings = ("utf-16",) if data.startswith((b"\xff\xfe", b"\xfe\xff")) else ("utf-8-sig", "cp1252")
+    for encoding in encodings:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            failure = exc
+            continue
+        if "\x00" in text:
+            raise CaptionError(f"caption {path.name} holds NUL bytes, so it is not text: save it as UTF-8")
+        return clean(text), encoding.removesuffix("-sig")
+    tried = " or ".join({"utf-16": "UTF-16", "utf-8-sig": "UTF-8", "cp1252": "Windows-1252"}[e] for e in encodings)
+    raise CaptionError(f"caption {path.name} is not {tried} text (byte 0x{data[failure.start]:02x} at offset "
+                       f"{failure.start}): save it as UTF-8") from None
 
 
 def sidecar(image: Path, extension: str, names: dict[str, str]) -> Path | None:

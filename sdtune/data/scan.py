@@ -1,11 +1,11 @@
 """Finding training images and their captions, and checking every one of them before step 1.
 
 `scan_folder` searches a folder recursively for .jpg .jpeg .png .webp .bmp .gif .tif .tiff files (any
-case), skipping hidden files and folders (names starting with "."; the `.sdtune-cache` folder among
-them). Each image gets its caption (`sdtune.data.captions` says from where), its repeats (kohya's
-`N_name` folders: the nearest such folder above the image gives N) and its size as seen, after EXIF
-orientation. Every file that training could not use is reported once as a `Skip` and left out, so
-nothing fails at step 400.
+case), skipping hidden files and folders (names starting with "."). Each image gets its caption
+(`sdtune.data.captions` says from where), its repeats (kohya's `N_name` folders: the nearest such folder
+above the image gives N) and its size as seen, after EXIF orientation (`sdtune.data.verify` checks it).
+Every file that training could not use is reported once as a `Skip` and left out, so nothing fails at
+step 400. What is used but worth a look (captions read as Windows-1252) is in `Scan.warnings`.
 
     scan = scan_folder("images", DataConfig())
     print(scan.summary())     # "12 of 1,040 images skipped: 7 corrupt, 5 too small"
@@ -23,11 +23,10 @@ from pathlib import Path
 
 from sdtune.config import DataConfig
 from sdtune.data import captions
-from sdtune.data.check import ImageProblem, check_image
+from sdtune.data.verify import ImageProblem, check_image
 from sdtune.errors import SdtuneError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CACHE_DIR_NAME = ".sdtune-cache"  # hidden, like every folder whose name starts with "."
 REPEAT_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)
 
 
@@ -51,6 +50,7 @@ class Skip:
 class Scan:
     examples: list[Example]
     skipped: list[Skip]
+    warnings: tuple[str, ...] = ()  # one line each, for files that are used but may not read as meant
 
     def summary(self) -> str:
         """ "12 of 1,040 images skipped: 7 corrupt, 5 too small", or "" when nothing was skipped."""
@@ -90,7 +90,7 @@ def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
         images += [(folder / name, lower) for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     images.sort(key=lambda item: item[0].relative_to(root).parts)
     sizes = _check_all([path for path, _ in images], cfg.smallest_side)
-    examples = []
+    examples, legacy = [], []
     skipped = [Skip(Path(err.filename), "unreadable", f"a folder that cannot be listed ({err.strerror}): its images "
                                                      "are left out") for err in unlisted]
     for (path, names), size in zip(images, sizes, strict=True):
@@ -98,12 +98,20 @@ def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
             skipped.append(Skip(path, size.kind, size.detail))
             continue
         try:
-            caption, source = _caption(path, root, names, metadata, cfg)
+            caption, source = _caption(path, root, names, metadata, cfg, legacy)
         except captions.CaptionError as exc:
             skipped.append(Skip(path, "bad caption", str(exc)))
             continue
         examples.append(Example(path, caption, size, _repeat_folder(path, root)[0], source))
-    return Scan(examples, skipped)
+    return Scan(examples, skipped, (_legacy_warning(legacy, root),) if legacy else ())
+
+
+def _legacy_warning(paths: list[Path], root: Path) -> str:
+    names = [str(p.relative_to(root)) for p in paths]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
+    return (f"{len(names):,} caption file{'s are' if len(names) > 1 else ' is'} not UTF-8 and "
+            f"{'were' if len(names) > 1 else 'was'} read as Windows-1252 ({shown}): if a caption was "
+            "written in another encoding its letters are wrong; save caption files as UTF-8 to be sure")
 
 
 def _walk(root: Path, unlisted: list[OSError]):
@@ -117,7 +125,7 @@ def _walk(root: Path, unlisted: list[OSError]):
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != CACHE_DIR_NAME)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
 
 
@@ -140,11 +148,15 @@ def _check_all(paths: list[Path], smallest_side: int) -> list[tuple[int, int] | 
 
 
 def _caption(path: Path, root: Path, names: dict[str, str], metadata: dict[Path, dict[str, str]],
-             cfg: DataConfig) -> tuple[str, str]:
-    """(caption, source) by the precedence of `sdtune.data.captions`."""
+             cfg: DataConfig, legacy: list[Path]) -> tuple[str, str]:
+    """(caption, source) by the precedence of `sdtune.data.captions`; a sidecar read as Windows-1252 is
+    added to `legacy`."""
     sidecar = captions.sidecar(path, cfg.caption_extension, names)
     if sidecar is not None:
-        return captions.read_caption_file(sidecar), "sidecar"
+        caption, encoding = captions.read_caption_file(sidecar)
+        if encoding == "cp1252":
+            legacy.append(sidecar)
+        return caption, "sidecar"
     for folder in _folders_up(path, root):
         entries = metadata.get(folder)
         key = captions.metadata_key(path.relative_to(folder).as_posix())

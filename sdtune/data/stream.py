@@ -14,7 +14,8 @@ Every epoch has the same number of batches, so batch `k` is batch `k % n` of epo
 `k` come from a generator seeded with (seed, k, i).
 
     stream = BatchStream(scan.examples, DataConfig(), batch_size=2, seed=0)
-    pixels, captions = stream.batch(0)
+    items = stream.items(0)          # which images, crops, flips and captions make batch 0
+    pixels = stream.pixels(items)    # raises ImageFailed for a file that broke: ask items(0) again
 """
 
 from __future__ import annotations
@@ -164,12 +165,3 @@ class BatchStream:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-    def batch(self, index: int):
-        """(pixels, captions) of batch `index`; an image that fails is replaced by another of its bucket."""
-        while True:
-            items = self.items(index)
-            try:
-                return self.pixels(items), [item.caption for item in items]
-            except ImageFailed:
-                continue  # recorded in self.failed: items() now substitutes it

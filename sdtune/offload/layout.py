@@ -41,6 +41,15 @@ class Bucket:
     ready: threading.Event | None = None  # overlap_step: set by the worker once this bucket is stepped
     uploaded: Any = None               # overlap_step: after its upload (CUDA)
 
+    def gather_small(self, dtype: torch.dtype, device: torch.device) -> None:
+        """List the parameters under `SMALL_PARAM` values, whose gradients leave in one copy, and give them
+        their device-side gathering buffer."""
+        for p, offset in zip(self.params, self.offsets, strict=True):
+            if p.numel() < SMALL_PARAM:
+                self.small.append((p, offset, sum(q.numel() for q, _, _ in self.small)))
+        if self.small:
+            self.small_device = torch.empty(sum(p.numel() for p, _, _ in self.small), dtype=dtype, device=device)
+
 
 def partition(numels: list[int], bucket_mb: int | None = None) -> list[range]:
     """Index ranges of consecutive parameters, each closed once it holds `bucket_mb` of fp32."""
@@ -83,7 +92,7 @@ def clip_factor(norm: float, max_norm: float) -> float:
 
 class Scaling:
     """Unscale by the loss scale, then clip: the same fp32 multiplications, in the same order, as
-    `GradScaler.unscale_` and `optim.clip_gradients` make on gradients kept on the device."""
+    `GradScaler.unscale_` and `tier.clip_gradients` make on gradients kept on the device."""
 
     def __init__(self, scale: float = 1.0, factor: float = 1.0):
         self.inv_scale = None if scale == 1.0 else torch.tensor(scale, dtype=torch.float64).reciprocal().float()

@@ -8,15 +8,15 @@ slice of one exactly sized page-locked staging buffer in the working precision (
 As backward produces a parameter's gradient (a post-accumulate-grad hook), its norm is taken on the device
 and the gradient is copied into the staging buffer, then freed on the device, so gradients never pile up
 on the GPU. On CUDA the copies run on a gradient stream, one event a bucket; a worker thread handles each
-bucket once its copies are done. Parameters under `layout.SMALL_PARAM` values are gathered on the device and leave
-in one copy per bucket. Without gradient accumulation the staged gradients are the step's
-gradients; with it, the worker sums the micro-batches in an fp32 host buffer (4 more bytes a parameter)
-and takes their norm while it adds the last one.
+bucket once its copies are done. Parameters under `layout.SMALL_PARAM` values are gathered on the device
+and leave in one copy per bucket. Without gradient accumulation the staged gradients are the step's
+gradients; with it, the worker sums the micro-batches in an fp32 host buffer (4 more bytes a parameter) and
+takes their norm while it adds the last one.
 
 The step needs no pass over the gradients of its own: the norm (device-side, or from the last fold) gives
 the clipping factor and the overflow check. The host then makes one pass over memory, chunk by chunk of
 `layout.CHUNK` values that stay in the CPU's caches: upcast the gradient, unscale and clip it (two in-cache
-multiplies by the same fp32 factors as GradScaler and `optim.clip_gradients` use, so that results equal
+multiplies by the same fp32 factors as GradScaler and `tier.clip_gradients` use, so that results equal
 plain AdamW's bit for bit, which folding them into the kernel's `grad_scale` division would not), AdamW,
 and cast the new weight into the staging buffer, from which an upload stream (not the gradient stream)
 copies the bucket back to the device. Without clipping, loss scaling and accumulation
@@ -81,16 +81,7 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
                 self._where[p] = (bucket, offset, p.numel())
                 p.register_post_accumulate_grad_hook(self._on_grad)
             self._gathered.update({p: gathered for p, _, gathered in bucket.small})
-        # Gradient (and upload) staging of every bucket, allocated once the fp32 parameters are released.
-        self._staging = PinnedBuffer(total, dtype, pin=cuda)
-        self._small = PinnedBuffer(sum(p.numel() for b in self._buckets for p, _, _ in b.small), dtype, pin=cuda)
-        start_small = 0
-        for bucket in self._buckets:
-            bucket.staging = self._staging.tensor[bucket.start:bucket.start + len(bucket.master)]
-            if bucket.small:
-                size = len(bucket.small_device)
-                bucket.small_host = self._small.tensor[start_small:start_small + size]
-                start_small += size
+        self._allocate_staging(total, cuda)
         self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
         overlap = (cuda and not synchronous()) if overlap_step is None else overlap_step
         self.overlap_step = overlap and model is not None and not host_weights and not step_in_backward
@@ -130,13 +121,20 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
         grad = host_empty(n, torch.float32) if self.accumulation_steps > 1 else None
         master = self._keep_master(len(self._buckets), values)
         bucket = Bucket(params, offsets, start, device_flat, master, grad)
-        for p, offset in zip(params, offsets, strict=True):
-            if p.numel() < layout.SMALL_PARAM:
-                bucket.small.append((p, offset, sum(q.numel() for q, _, _ in bucket.small)))
-        if bucket.small:
-            gathered = sum(p.numel() for p, _, _ in bucket.small)
-            bucket.small_device = torch.empty(gathered, dtype=self.dtype, device=self.device)
+        bucket.gather_small(self.dtype, self.device)
         return bucket
+
+    def _allocate_staging(self, total: int, cuda: bool) -> None:
+        """Every bucket's gradient (and upload) staging, allocated once the fp32 parameters are released."""
+        self._staging = PinnedBuffer(total, self.dtype, pin=cuda)
+        self._small = PinnedBuffer(sum(len(b.small_device) for b in self._buckets if b.small), self.dtype, pin=cuda)
+        start_small = 0
+        for bucket in self._buckets:
+            bucket.staging = self._staging.tensor[bucket.start:bucket.start + len(bucket.master)]
+            if bucket.small:
+                size = len(bucket.small_device)
+                bucket.small_host = self._small.tensor[start_small:start_small + size]
+                start_small += size
 
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
         """Where bucket `index`'s fp32 master lives: here, the host tensor itself."""

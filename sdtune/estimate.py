@@ -86,7 +86,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
 
     from sdtune.memory import make_plan, resolve_attention
     from sdtune.memtrack import MemoryTracker
-    from sdtune.models import meta_model
+    from sdtune.meta import meta_model
 
     started = time.perf_counter()
     device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdtune import archs
 from sdtune.errors import SdtuneError
 from sdtune.libraries import quiet_libraries
 
@@ -72,7 +71,7 @@ def classify_source(source: str) -> str:
     raise SdtuneError(f"model {source} does not exist: pass a diffusers folder, a .safetensors file or a hub id")
 
 
-def _check_pipeline_class(index_path: Path) -> None:
+def check_pipeline_class(index_path: Path) -> None:
     name = json.loads(index_path.read_text()).get("_class_name", "")
     if name != "StableDiffusionPipeline":
         raise SdtuneError(f"{index_path.parent} is a {name}; sdtune trains Stable Diffusion 1.x and 2.x models")
@@ -84,7 +83,7 @@ def _load_pipeline(source: str, kind: str, config: str):
 
     common = dict(safety_checker=None, requires_safety_checker=False)
     if kind == "folder":
-        _check_pipeline_class(Path(source) / "model_index.json")
+        check_pipeline_class(Path(source) / "model_index.json")
         return StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **common)
     if kind == "single_file":
         if not config:
@@ -108,64 +107,6 @@ def load_components(source: str, config: str = "") -> Components:
     pipe = _load_pipeline(resolve_source(source), classify_source(source), config)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                       tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
-
-
-@dataclass
-class MetaModel:
-    """A model's trainable and frozen parts on the meta device: shapes and dtypes, no weights."""
-
-    label: str
-    unet: Any
-    vae: Any | None           # None where sdtune ships only the UNet's config (sdxl)
-    text_encoder: Any | None
-    prediction_type: str
-
-
-def meta_model(source: str) -> MetaModel:
-    """Build `source` on the meta device: a bundled architecture name (sd15, sd21, sdxl), a diffusers folder,
-    or a single-file checkpoint whose architecture is read from its tensor shapes (no weights are read)."""
-    if source in archs.ARCHS:
-        return _meta_from(archs.arch_dir(source), source)
-    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
-        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
-                          "a diffusers folder or a .safetensors file")
-    kind = classify_source(source)
-    if kind == "hub":
-        raise SdtuneError(f"{source} is a hub id; estimate a local folder or file, or an architecture "
-                          f"({', '.join(archs.ARCHS)})")
-    if kind == "folder":
-        folder = Path(resolve_source(source))
-        _check_pipeline_class(folder / "model_index.json")
-        return _meta_from(folder, source)
-    return _meta_from(archs.arch_dir(_single_file_arch(Path(source))), source)
-
-
-def _meta_from(folder: Path, label: str) -> MetaModel:
-    quiet_libraries()
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
-    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", "text_encoder")
-             if isinstance(index.get(part), list) and index[part][0]}
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
-    prediction = scheduler_config.get("prediction_type", "epsilon")
-    return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
-                     built.get("text_encoder"), prediction)
-
-
-def _single_file_arch(path: Path) -> str:
-    """sd15, sd21 or sdxl, from the shapes in a single-file checkpoint's header."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):
-            return "sdxl"
-        probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-        if probe in keys:
-            context = f.get_slice(probe).get_shape()[1]
-            if context in (768, 1024):
-                return "sd15" if context == 768 else "sd21"
-    raise SdtuneError(f"{path} is not a Stable Diffusion 1.x, 2.x or XL checkpoint sdtune recognises")
 
 
 def assemble_pipeline(components: Components):

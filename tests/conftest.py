@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sdtune.toy.testing import make_image_folder, save_tiny_pipeline  # noqa: E402
+from sdtune.toy.testing import make_image_folder, save_tiny_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -25,6 +25,11 @@ def tiny_sd1(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2") / "model", version=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "model")
 
 
 @pytest.fixture(scope="session")

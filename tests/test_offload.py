@@ -206,7 +206,7 @@ def test_the_estimate_follows_the_engines_bucket_size(monkeypatch):
     """The nvme tier's ring holds three of the largest buckets: change the engine's bucket size and the
     estimator's host RAM changes by exactly that."""
     from sdtune.estimate import estimate
-    from sdtune.models import meta_model
+    from sdtune.meta import meta_model
     from sdtune.offload import layout, nvme
 
     cfg, info = load_config("rtx3050", ["memory.optimizer_offload=nvme", "memory.offload_dir=/tmp"])

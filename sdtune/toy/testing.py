@@ -1,12 +1,13 @@
 """Tiny Stable Diffusion models and synthetic data, built from configs: no downloads, no GPU.
 
 The tests, examples and benchmarks share these builders. A tiny model has the real architecture (the
-same UNet, VAE, CLIP text encoder, tokenizer and scheduler classes as SD 1.x / 2.x) at 64x64 pixels,
+same UNet, VAE, CLIP text encoder(s), tokenizer and scheduler classes as SD 1.x / 2.x and SDXL) at 64x64 pixels,
 so every code path that loads, trains, exports and samples a real model runs on it in well under a
 second a step on one CPU thread.
 
     from sdtune.toy.testing import save_tiny_pipeline, make_image_folder
     save_tiny_pipeline("tiny-sd", version=1)       # a diffusers folder: from_pretrained loads it
+    save_tiny_sdxl_pipeline("tiny-sdxl")           # the same for StableDiffusionXLPipeline
     make_image_folder("images", count=8)           # PNGs with .txt captions
 """
 
@@ -106,6 +107,57 @@ def save_tiny_pipeline(folder: str | Path, version: int = 1, seed: int = 0) -> P
     pipe = StableDiffusionPipeline(**tiny_components(version, seed), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """Randomly initialised SDXL-architecture parts: two CLIP text encoders (the second with a projection,
+    whose pooled output joins the time embedding), a UNet with SDXL's `text_time` conditioning and a
+    transformer depth that differs between levels, as SDXL's (1, 2, 10) does."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_tiny_tokenizer(tmp)
+    torch.manual_seed(seed)
+
+    def encoder_config(act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                              num_hidden_layers=3, max_position_embeddings=tokenizer.model_max_length,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, hidden_act=act, projection_dim=32)
+
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 32, 32), sample_size=IMAGE_SIZE, scaling_factor=0.13025, force_upcast=True,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(encoder_config("quick_gelu")),
+            "text_encoder_2": CLIPTextModelWithProjection(encoder_config("gelu")), "tokenizer": tokenizer,
+            "tokenizer_2": tokenizer, "scheduler": scheduler}
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny diffusers SDXL folder that `StableDiffusionXLPipeline.from_pretrained` loads."""
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components(seed)).save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
 

@@ -1,0 +1,78 @@
+"""Models on the meta device, for counting and tracing: shapes and dtypes, no weights.
+
+    parts = meta_model("sdxl")              # a bundled architecture name (sd15, sd21, sdxl)
+    parts = meta_model("path/to/folder")    # a diffusers folder, read from its configs
+    parts = meta_model("model.safetensors") # a single file: its architecture from its tensor shapes
+
+`sdtune.estimate` counts and traces these; nothing here reads a weight.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdtune import archs
+from sdtune.errors import SdtuneError
+from sdtune.libraries import quiet_libraries
+from sdtune.models import check_pipeline_class, classify_source, resolve_source
+
+
+@dataclass
+class MetaModel:
+    """A model's trainable and frozen parts on the meta device: shapes and dtypes, no weights."""
+
+    label: str
+    unet: Any
+    vae: Any | None           # None where sdtune ships only the UNet's config (sdxl)
+    text_encoder: Any | None
+    prediction_type: str
+
+
+def meta_model(source: str) -> MetaModel:
+    """Build `source` on the meta device: a bundled architecture name (sd15, sd21, sdxl), a diffusers folder,
+    or a single-file checkpoint whose architecture is read from its tensor shapes (no weights are read)."""
+    if source in archs.ARCHS:
+        return _meta_from(archs.arch_dir(source), source)
+    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
+        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
+                          "a diffusers folder or a .safetensors file")
+    kind = classify_source(source)
+    if kind == "hub":
+        raise SdtuneError(f"{source} is a hub id; estimate a local folder or file, or an architecture "
+                          f"({', '.join(archs.ARCHS)})")
+    if kind == "folder":
+        folder = Path(resolve_source(source))
+        check_pipeline_class(folder / "model_index.json")
+        return _meta_from(folder, source)
+    return _meta_from(archs.arch_dir(_single_file_arch(Path(source))), source)
+
+
+def _meta_from(folder: Path, label: str) -> MetaModel:
+    quiet_libraries()
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", "text_encoder")
+             if isinstance(index.get(part), list) and index[part][0]}
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
+                     built.get("text_encoder"), prediction)
+
+
+def _single_file_arch(path: Path) -> str:
+    """sd15, sd21 or sdxl, from the shapes in a single-file checkpoint's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):
+            return "sdxl"
+        probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        if probe in keys:
+            context = f.get_slice(probe).get_shape()[1]
+            if context in (768, 1024):
+                return "sd15" if context == 768 else "sd21"
+    raise SdtuneError(f"{path} is not a Stable Diffusion 1.x, 2.x or XL checkpoint sdtune recognises")

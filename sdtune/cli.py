@@ -91,7 +91,7 @@ def train(
     console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
-    console.print(f"diffusers pipeline written to {out}/ (StableDiffusionPipeline.from_pretrained('{out}'))")
+    console.print(f"diffusers pipeline written to {out}/ ({result['pipeline_class']}.from_pretrained('{out}'))")
 
 
 @app.command()

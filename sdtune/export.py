@@ -1,7 +1,8 @@
 """Write the result of a run: a diffusers pipeline folder, and the run's summary as JSON.
 
-The folder is what `StableDiffusionPipeline.from_pretrained(out)` loads with no sdtune code: the
-trained UNet (fp32 master weights) beside the base model's VAE, text encoder, tokenizer and scheduler,
+The folder is what the model family's pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`)
+`.from_pretrained(out)` loads with no sdtune code: the trained UNet (fp32 master weights) beside the base
+model's VAE, text encoder(s), tokenizer(s) and scheduler,
 all in safetensors. Beside it, `model.safetensors` holds the same model as one fp16 file in the original
 (LDM) layout that A1111, ComfyUI and `from_single_file` read; SD 2.x text encoders are not converted yet.
 """
@@ -31,10 +32,14 @@ def export_pipeline(components, out_dir: Path) -> Path:
 
 
 def export_single_file(components, out_dir: Path) -> Path:
-    """One fp16 LDM-layout checkpoint; ValueError when a part has no LDM layout here (SD 2.x text encoder)."""
+    """One fp16 LDM-layout checkpoint; ValueError when a part has no LDM layout here (SD 2.x text encoder,
+    SDXL)."""
     import torch
 
     from sdtune.single_file import pipeline_to_single_file
+
+    if len(components.text_encoders) != 1:
+        raise ValueError(f"sdtune writes no {components.family.pipeline_class} single file yet")
 
     return pipeline_to_single_file(components.unet, components.vae, components.text_encoder,
                                    Path(out_dir) / SINGLE_FILE, dtype=torch.float16)

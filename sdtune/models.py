@@ -1,42 +1,28 @@
-"""The one place that loads Stable Diffusion models: a diffusers folder, a single-file checkpoint, a hub id.
+"""The one place that loads models (SD 1.x, 2.x, SDXL): a diffusers folder, a single-file checkpoint, a hub id.
 
     components = load_components("path/to/sd15")             # diffusers folder with model_index.json
     components = load_components("model.safetensors", config="path/to/sd15")   # single file + its configs
     components = load_components("stable-diffusion-v1-5/stable-diffusion-v1-5") # hub id, where online
     components = load_components("sdtune-tiny")                                  # bundled with sdtune
 
-Everything is loaded in fp32 on the CPU; `sdtune.placement.place` casts and places it for a plan.
+The model's family (`sdtune.families`) is read from model_index.json (for a single file, from its
+`model.config` folder, checked against the file's keys) and loads it. Everything is loaded in fp32 on the
+CPU; `sdtune.placement.place` casts and places it for a plan.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sdtune.errors import SdtuneError
+from sdtune.families.base import Components
 from sdtune.libraries import quiet_libraries
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 BUNDLED = {"sdtune-tiny": Path(__file__).parent / "assets" / "sdtune-tiny"}  # models shipped in the package
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass
-class Components:
-    """A Stable Diffusion pipeline taken apart for training."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any  # the pipeline's own (sampling) scheduler; training derives a DDPM one from its config
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.get("prediction_type", "epsilon")
 
 
 def resolve_source(source: str) -> str:
@@ -71,48 +57,59 @@ def classify_source(source: str) -> str:
     raise SdtuneError(f"model {source} does not exist: pass a diffusers folder, a .safetensors file or a hub id")
 
 
-def check_pipeline_class(index_path: Path) -> None:
-    name = json.loads(index_path.read_text()).get("_class_name", "")
-    if name != "StableDiffusionPipeline":
-        raise SdtuneError(f"{index_path.parent} is a {name}; sdtune trains Stable Diffusion 1.x and 2.x models")
+def check_pipeline_class(index_path: Path):
+    """The family of the diffusers folder whose model_index.json is `index_path`; an error for others."""
+    from sdtune.families import family_for_class
+
+    return family_for_class(json.loads(index_path.read_text()).get("_class_name", ""), str(index_path.parent))
 
 
-def _load_pipeline(source: str, kind: str, config: str):
-    quiet_libraries()
-    from diffusers import StableDiffusionPipeline
+def _family(source: str, kind: str, config: str):
+    from sdtune.families import family_for_class
 
-    common = dict(safety_checker=None, requires_safety_checker=False)
     if kind == "folder":
-        check_pipeline_class(Path(source) / "model_index.json")
-        return StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **common)
+        return check_pipeline_class(Path(source) / "model_index.json")
     if kind == "single_file":
         if not config:
             raise SdtuneError(f"{source} is a single-file checkpoint; tell sdtune its architecture with "
                               "--set model.config=DIR (a diffusers folder of the same model family)")
         if not (Path(config) / "model_index.json").is_file():
             raise SdtuneError(f"model.config {config} is not a diffusers folder (no model_index.json)")
-        try:
-            return StableDiffusionPipeline.from_single_file(source, config=config, local_files_only=True, **common)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise SdtuneError(f"could not load {source} with the configs of {config}: {exc}") from None
-    try:
-        return StableDiffusionPipeline.from_pretrained(source, **common)
+        family = check_pipeline_class(Path(config) / "model_index.json")
+        if (single_file_family(Path(source)) == "sdxl") != (family.name == "sdxl"):
+            raise SdtuneError(f"{source} and model.config {config} are of different model families "
+                              f"({single_file_family(Path(source))} and {family.name}): pass the configs of its own")
+        return family
+    try:  # a hub id: its model_index.json says which pipeline it is
+        index = json.loads(Path(_hub_file(source, "model_index.json")).read_text())
     except OSError as exc:
         raise SdtuneError(f"could not fetch '{source}' from the Hugging Face hub ({str(exc).splitlines()[0]}); "
                           "download it, or pass a local diffusers folder with --model") from None
+    return family_for_class(index.get("_class_name", ""), source)
+
+
+def _hub_file(repo: str, name: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(repo, name)
+
+
+def single_file_family(path: Path) -> str:
+    """"sdxl" for a checkpoint in SDXL's original layout (its UNet has `label_emb`), else "sd"."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return "sdxl" if any(k.startswith("model.diffusion_model.label_emb.") for k in f.keys()) else "sd"
 
 
 def load_components(source: str, config: str = "") -> Components:
-    """Load a Stable Diffusion 1.x/2.x model from `source` (see the module docstring) in fp32 on the CPU."""
-    pipe = _load_pipeline(resolve_source(source), classify_source(source), config)
-    return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                      tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+    """Load a model of any family sdtune trains from `source` (see the module docstring) in fp32 on the CPU."""
+    resolved, kind = resolve_source(source), classify_source(source)
+    family = _family(resolved, kind, config)
+    quiet_libraries()
+    return family.components(family.load_pipeline(resolved, kind, config))
 
 
 def assemble_pipeline(components: Components):
-    """A `StableDiffusionPipeline` sharing `components`' modules (no copies), for sampling or saving."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(unet=components.unet, vae=components.vae, text_encoder=components.text_encoder,
-                                   tokenizer=components.tokenizer, scheduler=components.scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """The family's inference pipeline sharing `components`' modules (no copies), for sampling or saving."""
+    return components.family.assemble(components)

@@ -5,7 +5,8 @@ streamer and the optimizer tier together.
     ...
     placed.close()                                # the tier's threads and files
 
-The frozen VAE and text encoder go to the compute device in the working precision. The trainable UNet
+The frozen VAE and text encoder(s) go to the compute device in the working precision (SDXL's VAE stays
+fp32 under fp16, where it overflows: `Family.vae_dtype`). The trainable UNet
 is fp32: with the in-device tier it moves to the device as it is (autocast computes in half precision);
 with a host tier its fp32 weights stay on the host, where the tier takes them as its masters and puts
 working-precision copies on the device, or, with `param_offload=cpu`, in host memory for `ParamStreamer`
@@ -37,17 +38,18 @@ class Placement:
 
 def place(components, plan: Plan, train: TrainConfig) -> Placement:
     """Cast and place every part as `plan` says, switch on checkpointing and the attention backend, freeze
-    the VAE and text encoder, and build the optimizer tier (and the streamer) over the UNet."""
+    the VAE and text encoder(s), and build the optimizer tier (and the streamer) over the UNet."""
     import torch
 
     unet = components.unet.to(dtype=torch.float32)
     if not tier_class(plan).host_gradients:
         unet.to(plan.device)
     _configure(unet, plan)
-    for frozen in (components.vae, components.text_encoder):
+    for frozen in components.frozen:
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(plan.device, dtype=plan.working_dtype)
+    components.vae.to(dtype=components.family.vae_dtype(components.vae, plan.working_dtype))  # SDXL's: fp32 in fp16
     tier = make_tier(unet.parameters(), train, plan, model=unet)
     if plan.param_offload != "cpu":
         return Placement(tier)

@@ -205,6 +205,7 @@ def summary(run) -> dict:
 
     plan, train = run.plan, run.cfg.train
     return {
+        "model_family": run.components.family.name, "pipeline_class": run.components.family.pipeline_class,
         "steps": run.step, "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
         "seconds": round(run.seconds, 3), "seconds_per_step": round(run.seconds_per_step or 0.0, 4),
         "peak_memory_bytes": peak_bytes(plan),

@@ -174,12 +174,13 @@ def _micro_step(run: Run, index: int) -> float:
             break
         except ImageFailed:
             continue  # reported once by the stream, which now substitutes another image of the bucket
-    text = run.features.text([item.caption for item in items])
+    cond = run.features.text([item.caption for item in items])
+    added = c.family.added_cond(cond, items, latents.device, plan.working_dtype)
     noise = loss.sample_noise(latents, generator, train.noise_offset)
     timesteps = loss.sample_timesteps(len(latents), len(run.alphas_cumprod), generator, latents.device)
     noisy = loss.add_noise(latents, noise, timesteps, run.alphas_cumprod)
     with autocast(plan):
-        prediction = c.unet(noisy, timesteps, text).sample
+        prediction = c.unet(noisy, timesteps, cond.hidden, added_cond_kwargs=added).sample
     target = loss.target(c.prediction_type, latents, noise, timesteps, run.alphas_cumprod)
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)

@@ -2,15 +2,16 @@
 
     features = Features(components, cfg.data, plan, cache_dir, log)
     features.prepare(stream, examples)       # with caches: encode what is missing, then free the encoders
-    latents = features.latents(items, generator)
-    text = features.text(captions)
+    latents = features.latents(stream, items, generator)
+    cond = features.text(captions)           # a sdtune.families.Conditioning: hidden states (+ pooled)
 
 Without caches both are encoded for every micro-batch by the frozen VAE and text encoder on the device.
 With `data.cache_latents`, every image is encoded once before step 1 (both flips when `data.random_flip`)
 and each micro-batch samples from the stored distribution with the step's generator, drawing exactly the
 values the uncached path draws. With `data.cache_text`, every caption (and the empty one of caption
-dropout) is embedded once. An encoder whose outputs are all cached leaves the device for host memory,
-which `estimate-vram` counts the same way.
+dropout) is embedded once by the model family's encoder(s): the hidden states and, for SDXL, the pooled
+embedding. Encoders whose outputs are all cached leave the device for host memory, which `estimate-vram`
+counts the same way.
 """
 
 from __future__ import annotations
@@ -43,16 +44,24 @@ class Features:
             self._encode_missing_latents(stream, examples)
             self.c.vae.to("cpu")
         if self.data.cache_text:
-            tokenizer = f"{type(self.c.tokenizer).__name__}:{len(self.c.tokenizer)}:{self.c.tokenizer.model_max_length}"
-            self.text_cache = FeatureCache(root, "text", module_identity(self.c.text_encoder, tokenizer))
+            self.text_cache = FeatureCache(root, "text", self._text_identity())
             captions = sorted({e.caption for e in examples} | ({""} if self.data.caption_dropout else set()))
             missing = [caption for caption in captions if self.text_cache.get(key_of(caption)) is None]
             for start in range(0, len(missing), 32):
                 chunk = missing[start:start + 32]
-                for caption, hidden in zip(chunk, self._embed(chunk), strict=True):
-                    self.text_cache.put(key_of(caption), {"hidden": hidden})
+                for caption, entry in zip(chunk, _entries(self.c.family.encode(self.c, chunk)), strict=True):
+                    self.text_cache.put(key_of(caption), entry)
             self.log(f"text cache: {len(captions) - len(missing)} of {len(captions)} captions reused")
-            self.c.text_encoder.to("cpu")
+            for encoder in self.c.text_encoders:
+                encoder.to("cpu")
+
+    def _text_identity(self) -> str:
+        """A digest of every text encoder with its tokenizer (and the family's handling of empty captions)."""
+        parts = []
+        for tokenizer, encoder in zip(self.c.tokenizers, self.c.text_encoders, strict=True):
+            name = f"{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.model_max_length}"
+            parts.append(module_identity(encoder, f"{self.c.family.name}:{name}:{sorted(self.c.options.items())}"))
+        return parts[0] if len(parts) == 1 else key_of(*parts)[:32]
 
     def _encode_missing_latents(self, stream, examples) -> None:
         items = [item for example in examples for item in self._cached_items(example)]
@@ -102,8 +111,8 @@ class Features:
     @contextlib.contextmanager
     def on_device(self):
         """The frozen encoders back on the device for a while (validation samples), then home again."""
-        parked = [m for m, cached in ((self.c.vae, self.latent_cache), (self.c.text_encoder, self.text_cache))
-                  if cached is not None]
+        parked = ([self.c.vae] if self.latent_cache is not None else []) + (
+            list(self.c.text_encoders) if self.text_cache is not None else [])
         for module in parked:
             module.to(self.plan.device)
         try:
@@ -123,7 +132,7 @@ class Features:
         device, dtype = self.plan.device, self.plan.working_dtype
         with torch.no_grad():
             if self.latent_cache is None:
-                pixels = stream.pixels(items).to(device, dtype)
+                pixels = stream.pixels(items).to(device, next(self.c.vae.parameters()).dtype)
                 latents = self.c.vae.encode(pixels).latent_dist.sample(generator)
             else:
                 stored = [self._stored_latent(stream, item) for item in items]
@@ -141,23 +150,27 @@ class Features:
         return stored
 
     def text(self, captions: list[str]):
+        """The micro-batch's `Conditioning` on the device in the working precision: encoded now, or cached."""
         import torch
+
+        from sdtune.families import Conditioning
 
         if self.text_cache is None:
-            with torch.no_grad():
-                return self._embed(captions)
-        hidden = []
-        for caption in captions:
-            stored = self.text_cache.get(key_of(caption))
-            hidden.append(stored["hidden"] if stored is not None else self._embed([caption])[0].cpu())
-        return torch.stack(hidden).to(self.plan.device, self.plan.working_dtype)
+            return self.c.family.encode(self.c, captions)
+        stored = [self.text_cache.get(key_of(caption)) for caption in captions]
+        for i, caption in enumerate(captions):
+            if stored[i] is None:  # deleted or damaged since prepare(): embedded again, on the host if need be
+                stored[i] = _entries(self.c.family.encode(self.c, [caption]))[0]
 
-    def _embed(self, captions: list[str]):
-        import torch
+        def stack(name):
+            if name not in stored[0]:
+                return None
+            return torch.stack([entry[name].cpu() for entry in stored]).to(self.plan.device, self.plan.working_dtype)
 
-        tokenizer, encoder = self.c.tokenizer, self.c.text_encoder
-        device = next(encoder.parameters()).device
-        tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt").input_ids.to(device)
-        with torch.no_grad():
-            return encoder(tokens)[0]
+        return Conditioning(hidden=stack("hidden"), pooled=stack("pooled"))
+
+
+def _entries(cond) -> list[dict]:
+    """A text-cache entry per caption of a `Conditioning`: its hidden states, and its pooled embedding."""
+    return [{"hidden": cond.hidden[i], **({} if cond.pooled is None else {"pooled": cond.pooled[i]})}
+            for i in range(len(cond.hidden))]

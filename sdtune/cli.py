@@ -106,13 +106,17 @@ def sample(
     width: int | None = typer.Option(None, help="Image width in pixels (default: the model's size)."),
     guidance: float = typer.Option(7.5, min=0.0, help="Classifier-free guidance scale; 1 turns guidance off."),
     out: Path = typer.Option(Path("samples"), help="Folder for the PNGs and grid.png."),
+    vae: str | None = typer.Option(None, help="A diffusers VAE folder to decode with instead of the model's own "
+                                              "(e.g. an fp16-safe SDXL VAE)."),
 ):
-    """Generate images with a trained (or any diffusers) Stable Diffusion pipeline."""
+    """Generate images with a trained (or any diffusers) Stable Diffusion 1.x, 2.x or SDXL pipeline."""
     from sdtune.sample import sample as run_sample
 
     with console.status(f"sampling {num_images} image(s), {steps} steps"):
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
-                            width=width, guidance=guidance, out_dir=str(out))
+                            width=width, guidance=guidance, out_dir=str(out), vae=vae)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
     for path in result.images:
         console.print(f"wrote {path}")
     console.print(f"wrote {result.grid}")

@@ -1,8 +1,11 @@
-"""Image generation through diffusers' own `StableDiffusionPipeline`, saved as PNGs and a PNG grid.
+"""Image generation through diffusers' own pipeline of the model's family (`StableDiffusionPipeline`,
+`StableDiffusionXLPipeline`), saved as PNGs and a PNG grid.
 
     sdtune sample --ckpt out/ --prompt "a red circle on the white background" --num-images 4
 
-Image i uses seed `seed + i`, so any single image can be regenerated alone.
+Image i uses seed `seed + i`, so any single image can be regenerated alone. On a GPU the pipeline runs in
+fp16; SDXL's own VAE overflows there, so the pipeline decodes in fp32 (a note says so) unless `vae` names
+an fp16-safe one (its config says `force_upcast: false`, as madebyollin/sdxl-vae-fp16-fix's does).
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance
 class SampleResult:
     images: list[Path]
     grid: Path
+    notes: tuple[str, ...] = ()  # lines for the user, e.g. that the VAE decodes in fp32
 
 
 def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed: int = 0,
            height: int | None = None, width: int | None = None, guidance: float = 7.5,
-           out_dir: str = "samples") -> SampleResult:
-    """Load the pipeline at `ckpt` and write `num_images` PNGs plus `grid.png` into `out_dir`."""
+           out_dir: str = "samples", vae: str | None = None) -> SampleResult:
+    """Load the pipeline at `ckpt` (with the VAE folder `vae` instead of its own, if given) and write
+    `num_images` PNGs plus `grid.png` into `out_dir`."""
     import torch
 
     from sdtune.errors import SdtuneError
@@ -62,8 +67,15 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
         if value is not None and (value < 8 or value % 8):
             raise SdtuneError(f"{name} must be a positive multiple of 8, got {value}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
     components = load_components(ckpt)
-    pipe = assemble_pipeline(components).to(device, torch.float16 if device == "cuda" else torch.float32)
+    if vae is not None:
+        components.vae = _load_vae(vae)
+    notes = ()
+    if components.family.vae_dtype(components.vae, dtype) != dtype:  # the pipeline upcasts it to decode
+        notes = ("the VAE overflows in fp16 (its config says force_upcast): decoding in fp32; pass --vae with an "
+                 "fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) to decode in fp16",)
+    pipe = assemble_pipeline(components).to(device, dtype)
     images = generate(pipe, [prompt] * num_images, [seed + i for i in range(num_images)], steps=steps,
                       guidance=guidance, height=height, width=width)
     out = Path(out_dir)
@@ -74,4 +86,14 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
         image.save(paths[-1])
     grid = out / "grid.png"
     make_grid(images).save(grid)
-    return SampleResult(paths, grid)
+    return SampleResult(paths, grid, notes)
+
+
+def _load_vae(folder: str):
+    from diffusers import AutoencoderKL
+
+    from sdtune.errors import SdtuneError
+
+    if not (Path(folder) / "config.json").is_file():
+        raise SdtuneError(f"--vae {folder} is not a diffusers VAE folder (no config.json)")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True)

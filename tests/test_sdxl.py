@@ -82,10 +82,13 @@ def test_cached_latents_and_text_train_exactly_as_uncached(tiny_sdxl, images, tm
     assert entries and all(set(load_file(e)) == {"hidden", "pooled"} for e in entries)
 
 
-@pytest.mark.parametrize("levers", [[], ["memory.optimizer_offload=cpu", "memory.param_offload=cpu",
-                                         "memory.gradient_checkpointing=true"]], ids=["in-device", "offload+streaming"])
+@pytest.mark.parametrize("levers", [
+    [], ["memory.optimizer_offload=cpu", "memory.param_offload=cpu", "memory.gradient_checkpointing=true"],
+    ["memory.optimizer_offload=nvme", "memory.offload_dir={tmp}", "memory.param_offload=cpu",
+     "memory.gradient_checkpointing=true"],
+], ids=["in-device", "cpu-offload+streaming", "nvme-offload+streaming"])
 def test_resume_is_bitwise(tiny_sdxl, images, tmp_path, levers):
-    sets = [arg for lever in levers for arg in ("--set", lever)]
+    sets = [arg for lever in levers for arg in ("--set", lever.format(tmp=tmp_path))]
     args = ["--max-steps", "4", "--set", "output.checkpoint_every=2", *sets]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     expected = train(tiny_sdxl, images, straight, *args)
@@ -96,3 +99,20 @@ def test_resume_is_bitwise(tiny_sdxl, images, tmp_path, levers):
     assert resumed["losses"] == expected["losses"]
     a, b = final_unet(straight), final_unet(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sdxls_vae_decodes_in_fp32_under_fp16_unless_it_is_fp16_safe(tiny_sdxl, tiny_sd1, tmp_path):
+    sdxl, sd = load_components(str(tiny_sdxl)), load_components(str(tiny_sd1))
+    assert sdxl.vae.config.force_upcast and sd.vae.config.force_upcast  # diffusers' default: SD ignores it
+    assert sdxl.family.vae_dtype(sdxl.vae, torch.float16) == torch.float32
+    assert sdxl.family.vae_dtype(sdxl.vae, torch.bfloat16) == torch.bfloat16
+    assert sd.family.vae_dtype(sd.vae, torch.float16) == torch.float16
+    safe = tmp_path / "fp16-safe-vae"
+    sdxl.vae.register_to_config(force_upcast=False)
+    sdxl.vae.save_pretrained(safe)
+    assert sdxl.family.vae_dtype(sdxl.vae, torch.float16) == torch.float16
+    args = ["sample", "--ckpt", str(tiny_sdxl), "--prompt", "a red circle", "--num-images", "1", "--steps", "1"]
+    result = runner.invoke(app, [*args, "--vae", str(safe), "--out", str(tmp_path / "samples")])
+    assert result.exit_code == 0, result.output
+    missing = runner.invoke(app, [*args, "--vae", str(tmp_path), "--out", str(tmp_path / "s2")])
+    assert missing.exit_code == 2 and "is not a diffusers VAE folder" in missing.output

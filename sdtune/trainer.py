@@ -134,6 +134,15 @@ def _scan(data_dir: str, cfg: Config, log: Callable[[str], None]):
     return scan
 
 
+def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> None:
+    """A line when the plan trains well below the model's native size (an SD-card plan on SDXL, 512 px)."""
+    native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    if cfg.data.resolution < 0.75 * native:
+        log(f"warning: the model was trained at {native} px and data.resolution is {cfg.data.resolution}: it "
+            f"would learn to draw at the smaller size; use a preset made for it (sdxl-* for SDXL) or "
+            f"--set data.resolution={native}")
+
+
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
             log: Callable[[str], None]) -> Run:
     """Scan the data, resolve the plan, load and place the model, prepare the features; with `resume`,
@@ -145,6 +154,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     scan = _scan(data_dir, cfg, log)
     plan = resolve_plan(cfg.memory, log)
     components = load_components(cfg.model.pretrained, cfg.model.config)
+    _check_resolution(components, cfg, log)
     placement = place(components, plan, cfg.train)
     stream = BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log)
     features = Features(components, cfg.data, plan, log)

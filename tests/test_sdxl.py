@@ -116,3 +116,17 @@ def test_sdxls_vae_decodes_in_fp32_under_fp16_unless_it_is_fp16_safe(tiny_sdxl, 
     assert result.exit_code == 0, result.output
     missing = runner.invoke(app, [*args, "--vae", str(tmp_path), "--out", str(tmp_path / "s2")])
     assert missing.exit_code == 2 and "is not a diffusers VAE folder" in missing.output
+
+
+def test_a_plan_well_below_the_models_native_size_says_so(tiny_sdxl, images, tmp_path):
+    lines = []
+    cfg_args = ["data.resolution=32", "data.min_side=32", "train.max_steps=1"]
+    from sdtune.config import load_config
+
+    cfg, info = load_config("cpu", [f"model.pretrained={tiny_sdxl}", *cfg_args])
+    trainer.prepare(cfg, info, str(images), str(tmp_path / "out"), resume=False, log=lines.append).close()
+    assert any("trained at 64 px and data.resolution is 32" in line for line in lines)
+    lines.clear()
+    cfg, info = load_config("cpu", [f"model.pretrained={tiny_sdxl}", "train.max_steps=1"])
+    trainer.prepare(cfg, info, str(images), str(tmp_path / "out2"), resume=False, log=lines.append).close()
+    assert not any("trained at" in line for line in lines)

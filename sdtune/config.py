@@ -173,8 +173,8 @@ class OutputConfig:
     sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0, resume=FREE)
     sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", (), resume=FREE)
     sample_steps: int = doc("denoising steps for validation samples", 20, resume=FREE)
-    single_file: bool = doc("also write model.safetensors, one fp16 file for A1111/ComfyUI (SD 1.x models)", True,
-                            resume=FREE)
+    single_file: bool = doc("also write model.safetensors (fp16, original layout) when A1111/ComfyUI can read it",
+                            True, resume=FREE)
     tensorboard: bool = doc("also write TensorBoard event files to OUT/logs/ (needs sdtune[tensorboard])", False,
                             resume=FREE)
 

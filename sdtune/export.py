@@ -2,9 +2,10 @@
 
 The folder is what the model family's pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`)
 `.from_pretrained(out)` loads with no sdtune code: the trained UNet (fp32 master weights) beside the base
-model's VAE, text encoder(s), tokenizer(s) and scheduler,
-all in safetensors. Beside it, `model.safetensors` holds the same model as one fp16 file in the original
-(LDM) layout that A1111, ComfyUI and `from_single_file` read; SD 2.x text encoders are not converted yet.
+model's VAE, text encoder(s), tokenizer(s) and scheduler, all in safetensors. Beside it,
+`model.safetensors` holds the same model as one fp16 file in the family's original layout (ldm for SD
+1.x/2.x, sgm for SDXL) that A1111, ComfyUI and `from_single_file` read, written only when those clients
+can read it (`sdtune.single_file_clients`).
 """
 
 from __future__ import annotations
@@ -31,18 +32,16 @@ def export_pipeline(components, out_dir: Path) -> Path:
     return out
 
 
-def export_single_file(components, out_dir: Path) -> Path:
-    """One fp16 LDM-layout checkpoint; ValueError when a part has no LDM layout here (SD 2.x text encoder,
-    SDXL)."""
+def export_single_file(components, out_dir: Path, *, force: bool = False):
+    """`model.safetensors` in the family's original layout, fp16, when ComfyUI and AUTOMATIC1111 can read
+    it (`force`: anyway); a `sdtune.single_file.SingleFile` that says whether it was written, and why not."""
     import torch
 
-    from sdtune.single_file import pipeline_to_single_file
+    from sdtune.single_file import write_single_file
 
-    if len(components.text_encoders) != 1:
-        raise ValueError(f"sdtune writes no {components.family.pipeline_class} single file yet")
-
-    return pipeline_to_single_file(components.unet, components.vae, components.text_encoder,
-                                   Path(out_dir) / SINGLE_FILE, dtype=torch.float16)
+    return write_single_file(Path(out_dir) / SINGLE_FILE, unet=components.unet, vae=components.vae,
+                             text_encoders=list(components.text_encoders),
+                             prediction_type=components.prediction_type, dtype=torch.float16, force=force)
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -182,7 +182,7 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 def _export(run, info: PresetInfo, log: Log) -> dict:
     """The diffusers folder (and the single file) from the fp32 trained weights; `summary.json`."""
-    from sdtune.export import SUMMARY, export_pipeline, export_single_file, write_json
+    from sdtune.export import SINGLE_FILE, SUMMARY, export_pipeline, export_single_file, write_json
     from sdtune.trainer import fp32_weights
 
     if run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
@@ -190,12 +190,15 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
             run.components.unet.get_parameter(name).data = weight
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
     export_pipeline(run.components, run.out_dir)
+    single = {"written": False, "reason": "output.single_file is false"}
     if run.cfg.output.single_file:
-        try:
-            export_single_file(run.components, run.out_dir)
-        except ValueError as exc:
-            log(f"single-file checkpoint not written: {exc}")
-    result = {"preset": info.name, **summary(run)}
+        written = export_single_file(run.components, run.out_dir)
+        for note in written.notes:
+            log(f"{SINGLE_FILE}: {note}")
+        if written.path is None:
+            log(f"{SINGLE_FILE} not written: {written.reason}")
+        single = {"written": written.path is not None, "reason": written.reason}
+    result = {"preset": info.name, **summary(run), "single_file": single}
     write_json(run.out_dir / SUMMARY, result)
     return result
 

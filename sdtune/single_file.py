@@ -1,29 +1,39 @@
-"""Export a diffusers Stable Diffusion 1.x pipeline as one original-layout ("LDM") `.safetensors` file.
+"""Export a diffusers SD 1.x, SD 2.x or SDXL model as one original-layout `.safetensors` file.
 
-A1111, ComfyUI and diffusers' own `from_single_file` read checkpoints in the layout of the original
-CompVis code: the UNet under `model.diffusion_model.` (`input_blocks`, `middle_block`, `output_blocks`,
-`time_embed`, `out`), the VAE under `first_stage_model.` (`encoder.down.N.block.M`, `mid.attn_1`, ...,
-with 1x1-conv attention weights) and the SD1 CLIP text encoder under `cond_stage_model.transformer.`.
+ComfyUI, AUTOMATIC1111 and diffusers' own `from_single_file` read checkpoints in the layout of the original
+code, CompVis' `ldm` (SD 1.x/2.x) and Stability's `sgm` (SDXL): the UNet under `model.diffusion_model.`
+(`input_blocks`, `middle_block`, `output_blocks`, `time_embed`, SDXL's `label_emb`, `out`), the VAE under
+`first_stage_model.` (`encoder.down.N.block.M`, `mid.attn_1`, ..., with 1x1-conv attention weights) and the
+text encoders under `cond_stage_model.transformer.` (SD1's CLIP-L), `cond_stage_model.model.` (SD2's
+OpenCLIP-H) or `conditioner.embedders.0.transformer.` + `conditioner.embedders.1.model.` (SDXL's CLIP-L and
+OpenCLIP-bigG; the OpenCLIP layout is `sdtune.openclip_layout`'s).
 
-How: each converter builds a table from diffusers module prefixes to LDM module prefixes, worked out
+How: each converter builds a table from diffusers module prefixes to original module prefixes, worked out
 from the model's config (number of blocks, `layers_per_block`), then renames every key through it by
 its longest matching prefix. A key with no entry raises `ValueError`, so nothing is silently dropped.
-All three converters return keys *with* their LDM prefix, so their outputs merge into one file.
+Every converter returns keys *with* their original prefix, so their outputs merge into one file.
 
-    from sdtune.single_file import pipeline_to_single_file
-    pipeline_to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, "model.safetensors", dtype=torch.float16)
+    from sdtune.single_file import write_single_file
+    result = write_single_file(out / "model.safetensors", unet=pipe.unet, vae=pipe.vae,
+                               text_encoders=[pipe.text_encoder], prediction_type="epsilon",
+                               dtype=torch.float16)
+    result.path or result.reason      # written, or one line saying why the clients could not read it
 
-Load it back with `StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>, ...)`.
+The file is written only for a model ComfyUI and AUTOMATIC1111 can read (`sdtune.single_file_clients`
+says which); `force=True` writes it anyway (the tiny test models). Load it back with
+`StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>, ...)` (SDXL: the XL pipeline).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -31,7 +41,9 @@ VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "co
               "conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+            # SDXL's pooled-text + size/crop conditioning ("adm"): sgm's `label_emb` Sequential(Linear, SiLU, Linear)
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 CLIP_PARTS = ("text_model.embeddings.", "text_model.encoder.layers.", "text_model.final_layer_norm.")
 
 
@@ -120,13 +132,13 @@ def vae_to_ldm(state_dict: dict, config) -> dict:
     return out
 
 
-def text_encoder_to_ldm(state_dict: dict, config=None) -> dict:
-    """SD1 `CLIPTextModel` state dict -> `cond_stage_model.transformer.text_model.*` keys.
+def text_encoder_to_ldm(state_dict: dict, config=None, prefix: str = CLIP_PREFIX) -> dict:
+    """SD1's (or SDXL's first) `CLIPTextModel` state dict -> `<prefix>text_model.*` keys.
 
     Accepts keys with or without `text_model.` (transformers >= 5.6 dropped it) and adds the
     `position_ids` buffer SD1 files carry. Raises `ValueError` for other encoders: a projection head
-    (SDXL), other modules, or a config whose `hidden_act` is not `quick_gelu` (SD2's OpenCLIP uses
-    `gelu` and another single-file layout)."""
+    (SDXL's second), other modules, or a config whose `hidden_act` is not `quick_gelu` (SD2's OpenCLIP
+    uses `gelu` and the OpenCLIP layout, `sdtune.openclip_layout`)."""
     import torch
 
     if config is not None and getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
@@ -136,33 +148,102 @@ def text_encoder_to_ldm(state_dict: dict, config=None) -> dict:
         name = key if key.startswith("text_model.") else "text_model." + key
         if not name.startswith(CLIP_PARTS):
             raise ValueError(f"{key!r} is not part of an SD1 CLIP text encoder; only SD1 converts")
-        out[CLIP_PREFIX + name] = value
-    positions = out.get(CLIP_PREFIX + "text_model.embeddings.position_embedding.weight")
+        out[prefix + name] = value
+    positions = out.get(prefix + "text_model.embeddings.position_embedding.weight")
     if positions is not None:
         ids = torch.arange(positions.shape[0], device=positions.device)[None]
-        out.setdefault(CLIP_PREFIX + "text_model.embeddings.position_ids", ids)
+        out.setdefault(prefix + "text_model.embeddings.position_ids", ids)
     return out
 
 
-def pipeline_to_single_file(unet, vae, text_encoder, path, dtype=None) -> Path:
-    """Write the three models as one LDM-layout `.safetensors` (atomically) and return its path.
+def save_single_file(weights: dict, path, dtype=None, metadata: dict | None = None) -> Path:
+    """Write `weights` as one `.safetensors` under a temporary name, then rename it into place.
 
     `dtype` (e.g. `torch.float16`) casts the floating-point tensors; `None` keeps each tensor's dtype."""
     from sdtune.files import save_safetensors
 
-    weights = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config),
-               **text_encoder_to_ldm(text_encoder.state_dict(), text_encoder.config)}
+    tensors = {}
     for key, value in weights.items():
         value = value.detach().cpu()
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
-        weights[key] = value.contiguous()
+        tensors[key] = value.contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_safetensors(weights, tmp, metadata={"format": "pt"})  # in the umask's mode, not 0600
+        save_safetensors(tensors, tmp, metadata={"format": "pt", **(metadata or {})})  # umask's mode, not 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def pipeline_to_single_file(unet, vae, text_encoder, path, dtype=None) -> Path:
+    """Write an SD 1.x model as one LDM-layout `.safetensors` (atomically), readable or not, and return its path."""
+    return save_single_file(sd1_weights(unet, vae, [text_encoder]), path, dtype)
+
+
+def _unet_and_vae(unet, vae) -> dict:
+    return {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
+
+
+def sd1_weights(unet, vae, text_encoders: list) -> dict:
+    (clip,) = text_encoders
+    return {**_unet_and_vae(unet, vae), **text_encoder_to_ldm(clip.state_dict(), clip.config)}
+
+
+def sd2_weights(unet, vae, text_encoders: list) -> dict:
+    from sdtune.openclip_layout import SD2_PREFIX, text_model_to_open_clip
+
+    (open_clip,) = text_encoders
+    return {**_unet_and_vae(unet, vae), **text_model_to_open_clip(open_clip.state_dict(), SD2_PREFIX)}
+
+
+def sdxl_weights(unet, vae, text_encoders: list) -> dict:
+    from sdtune.openclip_layout import SDXL_G_PREFIX, text_model_to_open_clip
+
+    clip_l, clip_g = text_encoders
+    return {**_unet_and_vae(unet, vae),
+            **text_encoder_to_ldm(clip_l.state_dict(), clip_l.config, prefix=SDXL_CLIP_L_PREFIX),
+            **text_model_to_open_clip(clip_g.state_dict(), SDXL_G_PREFIX)}
+
+
+LAYOUTS = {"sd1": sd1_weights, "sd2": sd2_weights, "sdxl": sdxl_weights}
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """What `write_single_file` did: the file (None when not written), why not, and lines to log."""
+
+    path: Path | None
+    reason: str = ""  # "" when written; else one line: why not (for summary.json and the log)
+    notes: tuple[str, ...] = ()
+
+
+def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: str, dtype=None,
+                      force: bool = False) -> SingleFile:
+    """Write the model as one original-layout file where ComfyUI and AUTOMATIC1111 can read it.
+
+    The family (SD 1.x, SD 2.x, SDXL) comes from the modules; a model the clients cannot read (other sizes,
+    GroupNorm groups other than 32, an unknown prediction type) is not written and `reason` says why,
+    unless `force`. A v-prediction model carries the empty `v_pred` tensor ComfyUI's saver writes."""
+    import torch
+
+    from sdtune import single_file_clients as clients
+
+    family = clients.model_family(unet, text_encoders)
+    if family is None:
+        return SingleFile(None, "no original single-file layout for this model "
+                                f"({clients.describe(unet, text_encoders)})")
+    reason = clients.unreadable_reason(family, unet, vae, text_encoders, prediction_type)
+    if reason and not force:
+        return SingleFile(None, reason)
+    weights = LAYOUTS[family](unet, vae, text_encoders)
+    v_pred = prediction_type == "v_prediction"
+    if v_pred:
+        weights[clients.V_PRED_KEY] = torch.zeros(0)
+    metadata = {"modelspec.predict_key": "v" if v_pred else "epsilon"}  # what ComfyUI's saver writes
+    notes = clients.prediction_notes(family, prediction_type) + clients.layout_notes(family, text_encoders)
+    notes += (f"written although clients cannot read it: {reason}",) if reason else ()
+    return SingleFile(save_single_file(weights, path, dtype, metadata), "", notes)

@@ -25,7 +25,7 @@ def test_the_exported_pipeline_and_single_file_follow_the_umask(tiny_sd1, tmp_pa
     components = load_components(str(tiny_sd1))
     out = tmp_path / "out"
     export_pipeline(components, out)
-    export_single_file(components, out)
+    assert export_single_file(components, out, force=True).path == out / "model.safetensors"
     modes = _modes(out)
     assert "unet/diffusion_pytorch_model.safetensors" in modes and "model.safetensors" in modes
     assert {name: mode for name, mode in modes.items() if (out / name).is_file() and mode != 0o644} == {}

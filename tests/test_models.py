@@ -36,12 +36,12 @@ def test_loads_sd1_and_reads_v_prediction_from_sd2(tiny_sd1, tiny_sd2):
 def test_other_pipeline_families_are_refused(tiny_sd1, tmp_path):
     import shutil
 
-    xl = tmp_path / "xl"
-    shutil.copytree(tiny_sd1, xl)
-    index = json.loads((xl / "model_index.json").read_text())
-    (xl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(SdtuneError, match="StableDiffusionXLPipeline"):
-        load_components(str(xl))
+    other = tmp_path / "flux"
+    shutil.copytree(tiny_sd1, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(SdtuneError, match="is a FluxPipeline; sdtune trains Stable Diffusion 1.x, 2.x .* and SDXL"):
+        load_components(str(other))
 
 
 def test_single_file_needs_its_configs(tmp_path):
@@ -73,4 +73,4 @@ def test_single_file_checkpoint_loads_and_trains(tiny_sd1, images, tmp_path):
                                       "--set", f"model.config={tiny_sd1}", "--out", str(tmp_path / "out"),
                                       "--max-steps", "2"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert "model.safetensors not written: " in result.output  # the tiny model's sizes are not SD 1.5's

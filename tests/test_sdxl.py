@@ -130,3 +130,32 @@ def test_a_plan_well_below_the_models_native_size_says_so(tiny_sdxl, images, tmp
     cfg, info = load_config("cpu", [f"model.pretrained={tiny_sdxl}", "train.max_steps=1"])
     trainer.prepare(cfg, info, str(images), str(tmp_path / "out2"), resume=False, log=lines.append).close()
     assert not any("trained at" in line for line in lines)
+
+
+def test_an_sdxl_single_file_trains_with_its_configs(tiny_sdxl, images, tmp_path):
+    """`--model sd_xl_base_1.0.safetensors --set model.config=DIR`: the sgm-layout file sdtune writes (as
+    Stability's is) loads as SDXL, equal to fp16 precision, and trains; an SD config for it is refused."""
+    from sdtune.export import export_single_file
+
+    original = load_components(str(tiny_sdxl))
+    path = export_single_file(original, tmp_path, force=True).path
+    loaded = load_components(str(path), config=str(tiny_sdxl))
+    assert loaded.family.name == "sdxl"
+    for name in ("unet", "vae"):
+        reference = getattr(original, name).state_dict()
+        for key, value in getattr(loaded, name).state_dict().items():
+            assert torch.equal(value, reference[key].half().float()), (name, key)
+    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(path),
+                                 "--set", f"model.config={tiny_sdxl}", "--out", str(tmp_path / "out"),
+                                 "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors not written: " in result.output  # the tiny sizes are not SDXL base's
+
+
+def test_an_sd_config_for_an_sdxl_file_is_refused(tiny_sdxl, tiny_sd1, tmp_path):
+    from sdtune.errors import SdtuneError
+    from sdtune.export import export_single_file
+
+    path = export_single_file(load_components(str(tiny_sdxl)), tmp_path, force=True).path
+    with pytest.raises(SdtuneError, match="different model families"):
+        load_components(str(path), config=str(tiny_sd1))

@@ -124,8 +124,9 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
         tokenizer = write_tiny_tokenizer(tmp)
     torch.manual_seed(seed)
 
-    def encoder_config(act: str) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+    def encoder_config(act: str, width: int) -> CLIPTextConfig:  # two widths (as 768, 1280): loaders tell by it
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width + 5,
+                              num_attention_heads=4,
                               num_hidden_layers=3, max_position_embeddings=tokenizer.model_max_length,
                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id, hidden_act=act, projection_dim=32)
@@ -133,7 +134,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=64,
+        block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32 + 48,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time", addition_time_embed_dim=time_dim,
@@ -148,8 +149,8 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
     )
-    return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(encoder_config("quick_gelu")),
-            "text_encoder_2": CLIPTextModelWithProjection(encoder_config("gelu")), "tokenizer": tokenizer,
+    return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(encoder_config("quick_gelu", 32)),
+            "text_encoder_2": CLIPTextModelWithProjection(encoder_config("gelu", 48)), "tokenizer": tokenizer,
             "tokenizer_2": tokenizer, "scheduler": scheduler}
 
 

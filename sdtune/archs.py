@@ -7,8 +7,10 @@
 `sdtune/archs/NAME/` is laid out like a diffusers pipeline folder with the weights left out: one config
 per part, as published in stable-diffusion-v1-5/stable-diffusion-v1-5 (`sd15`), stabilityai/
 stable-diffusion-2-1 (`sd21`: v-prediction, OpenCLIP-H text encoder) and stabilityai/stable-diffusion-xl-
-base-1.0 (`sdxl`: the UNet only, for counting and estimating; sdtune trains SD 1.x/2.x pipelines). Their
-`model_index.json` leaves out the safety checker and feature extractor, which sdtune never loads.
+base-1.0 (`sdxl`: two text encoders, CLIP ViT-L and OpenCLIP ViT-bigG with its projection, and the VAE with
+SDXL's scaling factor and `force_upcast`). Their `model_index.json` leaves out the safety checker and
+feature extractor, which sdtune never loads. `HUB_IDS` names those repositories, so that a preset naming
+one is estimated as its architecture without a download.
 
 A whole pipeline with random weights (benchmarks, GPU checks) is `sdtune.toy.random_pipeline`'s.
 """
@@ -24,6 +26,11 @@ from sdtune.libraries import quiet_libraries
 
 ARCH_ROOT = Path(__file__).parent / "archs"
 ARCHS = ("sd15", "sd21", "sdxl")
+HUB_IDS = {  # the hub repositories whose published configs these are: same architecture, weights on the hub
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-2-1": "sd21",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+}
 
 
 def arch_dir(name: str) -> Path:
@@ -57,8 +64,9 @@ def pipeline_archs() -> list[str]:
 
 
 def build_model(name: str, part: str = "unet", device: str = "meta") -> Any:
-    """One model part of `name` (unet, vae, text_encoder) built from its config: on the meta device it holds
-    no memory (for counting and tracing), elsewhere it has torch's default random initialisation."""
+    """One model part of `name` (unet, vae, text_encoder, text_encoder_2) built from its config: on the meta
+    device it holds no memory (for counting and tracing), elsewhere it has torch's default random
+    initialisation."""
     known = parts(name)
     if part not in known or known[part][1].endswith(("Tokenizer", "Scheduler")):
         models = [p for p, (_, cls) in known.items() if not cls.endswith(("Tokenizer", "Scheduler"))]

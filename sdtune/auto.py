@@ -4,15 +4,23 @@
     cfg, info = load_config(pick.preset, [*pick.extra, "train.max_steps=100"])
 
 A plan is a shipped preset plus extra `--set` overrides (a *candidate*). The candidates are the GPU
-presets (those whose `[preset]` names a card), each also with one lever more: checkpointing turned on
-where it is off, or weight streaming (`memory.param_offload=cpu`) where the optimizer is offloaded. On a
-card without native bf16 (compute capability below 8.0) bf16 plans run in fp16; on one with it, the fp16
-presets are left out (the same memory, and bf16 needs no loss scaling). The user's own overrides go on
-top of every candidate, so what is estimated is what will train; plans that come out identical are tried
-once. They are tried fastest first by `cost` (below), and the first whose estimated `total` is at most
-`SAFETY` of the card's memory, and whose host RAM is at most `SAFETY` of this machine's, is the pick.
-The nvme optimizer tier needs a folder on a fast disk, which only the user can name, so it is never
-picked here: when host RAM is what no plan fits, the error says to ask for it with `--set`.
+presets (those whose `[preset]` names a card) of the model's family, each also with one lever more:
+checkpointing turned on where it is off, or weight streaming (`memory.param_offload=cpu`) where the
+optimizer is offloaded. On a card without native bf16 (compute capability below 8.0) bf16 plans run in
+fp16; on one with it, the fp16 presets are left out (the same memory, and bf16 needs no loss scaling). The
+user's own overrides go on top of every candidate, so what is estimated is what will train; plans that
+come out identical are tried once. They are tried fastest first by `cost` (below), and the first whose
+estimated `total` is at most `SAFETY` of the card's memory, and whose host RAM is at most `SAFETY` of this
+machine's, is the pick. The nvme optimizer tier needs a folder on a fast disk, which only the user can
+name, so a plan with it (`sdxl-8gb`) is a candidate only when the user's overrides name
+`memory.offload_dir`: when host RAM is what no plan fits, the error says to ask for it with `--set`.
+
+The family is the model's: `model.pretrained` from the user's overrides (or the `model` argument), read
+by `sdtune.meta.family_of` (a diffusers folder by its pipeline class, a single file by its keys, an
+architecture name, the hub repository of a bundled architecture). SDXL models get the `sdxl-*` plans, all
+others the SD ones; so does a hub id that is not a bundled architecture's (a name is no architecture: a
+repository called "...xl..." may hold anything), and so does no model at all (the SD presets' own).
+A preset's family is its own `model.pretrained`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, preset_names, read_preset
+from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, parse_set, preset_names, read_preset
 from sdtune.errors import SdtuneError
 
 GIB = 2**30
@@ -81,9 +89,27 @@ def host_ram() -> int | None:
         return None
 
 
-def gpu_presets() -> list[str]:
-    """The shipped presets sized for a GPU card (`[preset] vram_gib` above 0): all but `cpu`."""
-    return [name for name in preset_names() if read_preset(name)[1].vram_gib > 0]
+def gpu_presets(family: str = "sd") -> list[str]:
+    """The shipped presets of model `family` ("sd" or "sdxl") sized for a GPU card (`[preset] vram_gib`
+    above 0): for "sd" all the SD ones but `cpu`."""
+    return [name for name in preset_names() if read_preset(name)[1].vram_gib > 0 and preset_family(name) == family]
+
+
+def preset_family(name: str) -> str:
+    """"sdxl" or "sd": the family of the model the preset names (its `model.pretrained`)."""
+    from sdtune.meta import family_of
+
+    return family_of(load_config(name)[0].model.pretrained)
+
+
+def model_family(overrides: Sequence[str] = (), model: str | None = None) -> str:
+    """The family of the model a run trains: `model`, else the last `model.pretrained` of `overrides`, else
+    "sd" (the SD presets' default model)."""
+    from sdtune.meta import family_of
+
+    named = [parse_set(item)["model"]["pretrained"] for item in overrides if item.split("=", 1)[0].strip()
+             == "model.pretrained"]
+    return family_of(model or (named[-1] if named else ""))
 
 
 def cost(mem: MemoryConfig) -> int:
@@ -94,10 +120,11 @@ def cost(mem: MemoryConfig) -> int:
             + int(mem.optimizer_offload == "nvme") + int(mem.param_offload != "none"))
 
 
-def candidates(gpu: Gpu) -> list[Candidate]:
-    """Every plan `--preset auto` may try on `gpu`, before the user's overrides; not yet ordered."""
+def candidates(gpu: Gpu, family: str = "sd") -> list[Candidate]:
+    """Every plan of model `family` `--preset auto` may try on `gpu`, before the user's overrides; not yet
+    ordered."""
     found = []
-    for name in gpu_presets():
+    for name in gpu_presets(family):
         cfg, _ = load_config(name)
         mem = cfg.memory
         if gpu.bf16 and mem.precision == "fp16":
@@ -111,20 +138,24 @@ def candidates(gpu: Gpu) -> list[Candidate]:
     return found
 
 
-def ordered(gpu: Gpu, overrides: Sequence[str]) -> list[tuple[Candidate, Config, PresetInfo]]:
-    """The candidates with the user's overrides applied, fastest first, each distinct plan once.
+def ordered(gpu: Gpu, overrides: Sequence[str], family: str = "sd") -> list[tuple[Candidate, Config, PresetInfo]]:
+    """The candidates of `family` with the user's overrides applied, fastest first, each distinct plan once;
+    nvme plans only when the overrides name `memory.offload_dir`.
 
     Ties in `cost` go to fewer extra overrides. Of candidates that resolve to the same config (rtx3050 and
     rtx3080 differ only in their card), the one with fewer extras and then the card size nearest the GPU's
     keeps its name. A candidate the user's overrides make invalid is left out; if all are, the first error
     is raised."""
     card_gib = gpu.total_memory / GIB
+    named_dir = any(item.split("=", 1)[0].strip() == "memory.offload_dir" for item in overrides)
     resolved, errors = [], []
-    for cand in candidates(gpu):
+    for cand in candidates(gpu, family):
         try:
             cfg, info = load_config(cand.preset, [*cand.extra, *overrides])
         except SdtuneError as exc:
             errors.append(exc)
+            continue
+        if cfg.memory.optimizer_offload == "nvme" and not named_dir:
             continue
         resolved.append((cost(cfg.memory), len(cand.extra), abs(info.vram_gib - card_gib), cand, cfg, info))
     if not resolved:
@@ -141,9 +172,10 @@ def ordered(gpu: Gpu, overrides: Sequence[str]) -> list[tuple[Candidate, Config,
 def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
               log: Callable[[str], None] = lambda message: None) -> Pick:
     """The fastest plan that fits this machine's GPU, with the user's `overrides` (`--set` items, including
-    model.pretrained, data.resolution, train.batch_size) on top of each candidate. `model` is passed to the
-    estimator (None: the config's model.pretrained, or sd15 for a hub id). Raises SdtuneError when no plan
-    fits, naming the smallest estimate and the card."""
+    model.pretrained, data.resolution, train.batch_size) on top of each candidate, chosen among the plans
+    of the model's family (`model_family`). `model` is passed to the estimator (None: the config's
+    model.pretrained, a bundled architecture's hub repository as that architecture, or sd15 for another hub
+    id). Raises SdtuneError when no plan fits, naming the smallest estimate and the card."""
     gpu = detect_gpu()
     if gpu is None:
         return Pick("cpu", (), None, "no CUDA GPU: the cpu preset")
@@ -152,7 +184,7 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
     from sdtune.estimate import estimate
 
     rejected = []
-    for cand, cfg, info in ordered(gpu, overrides):
+    for cand, cfg, info in ordered(gpu, overrides, model_family(overrides, model)):
         log(f"auto: estimating {cand.label}")
         est = estimate(cfg, info, model, device="cuda")
         if est.total <= budget and (ram is None or est.host_ram <= SAFETY * ram):

@@ -151,14 +151,14 @@ def estimate_vram(
     """
     import json
 
-    from sdtune.auto import SAFETY, detect_gpu, gpu_presets
+    from sdtune.auto import SAFETY, detect_gpu, gpu_presets, model_family
     from sdtune.config import load_config
     from sdtune.estimate import estimate
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
     results = []
-    for name in gpu_presets() if preset == "all" else [preset]:
+    for name in gpu_presets(model_family(set_, model)) if preset == "all" else [preset]:  # the model's family
         cfg, info = load_config(name, overrides)
         with console.status(f"tracing one training step under {info.name}"):
             results.append(estimate(cfg, info, model))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +287,9 @@ def parse_set(item: str) -> dict:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+    """The shipped presets, numbers in their numeric order (sdxl-8gb before sdxl-12gb)."""
+    return sorted((p.stem for p in PRESET_DIR.glob("*.toml")),
+                  key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
 
 
 def preset_path(name: str) -> Path:

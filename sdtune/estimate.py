@@ -5,11 +5,11 @@
 
 The real architecture is built on the meta device (shapes, no memory) and one step runs as the trainer
 runs it under the plan (the same `memory.Plan` the trainer gets, made by `memory.make_plan`): the frozen
-VAE encodes and the text encoder embeds a batch (no grad), the UNet runs forward and backward with the
-plan's precision, checkpointing and attention, and with its optimizer tier's gradient handling
-(`OffloadAdamW` sends each gradient to the host as it is produced) or parameter streaming (the real
-`ParamStreamer`). `memtrack.MemoryTracker` follows every storage by category; the
-peak and what made it up are the estimate. Then what the meta device cannot show is added:
+VAE encodes and the text encoder(s) embed a batch (no grad; SDXL's two, their contexts concatenated), the
+UNet runs forward and backward with the plan's precision, checkpointing and attention, and with its
+optimizer tier's gradient handling (`OffloadAdamW` sends each gradient to the host as it is produced) or
+parameter streaming (the real `ParamStreamer`). `memtrack.MemoryTracker` follows every storage by
+category; the peak and what made it up are the estimate. Then what the meta device cannot show is added:
 
 - Attention runs as CUDA's flash / memory-efficient kernels (and xformers) do: they keep q, k, v, the
   output and a log-sum-exp for backward, never the L x L score matrix a CPU math kernel materialises
@@ -36,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sdtune import archs
 from sdtune.config import Config, PresetInfo
 from sdtune.errors import SdtuneError
 
@@ -80,8 +81,8 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     """Estimate the memory of training `model` (None: the config's model, or sd15 when that is a hub id)
     with `cfg`'s plan on `device`: "cuda", or "cpu" for a CPU run (no CUDA constants; also how the trace is
     checked against a measured CPU step); None takes "cpu" for `memory.device=cpu` plans, else "cuda".
-    `frozen_on_device=False` leaves the VAE and text encoder off the GPU, as with latents and text
-    embeddings cached beforehand."""
+    `frozen_on_device=False` leaves the VAE and text encoder(s) off the GPU, as with latents and text
+    embeddings cached beforehand: parked in host RAM in the working precision, as the trainer parks them."""
     import torch
 
     from sdtune.memory import make_plan, resolve_attention
@@ -92,12 +93,15 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")
     source = model or cfg.model.pretrained
     if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
-        source = DEFAULT_MODEL
+        source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
     parts = meta_model(source)
-    if not frozen_on_device or cfg.data.cache_latents:  # a cached encoder leaves the GPU before step 1
+    parked = []  # encoders whose outputs are cached: they leave the GPU for host memory before step 1
+    if not frozen_on_device or cfg.data.cache_latents:
+        parked.append(parts.vae)
         parts = dataclasses.replace(parts, vae=None)
     if not frozen_on_device or cfg.data.cache_text:
-        parts = dataclasses.replace(parts, text_encoder=None)
+        parked.extend(parts.text_encoders)
+        parts = dataclasses.replace(parts, text_encoders=())
     tracker = MemoryTracker("meta")
     plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
     with torch.no_grad():
@@ -110,14 +114,12 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     allocated = sum(at_peak.values())
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
     context = CUDA_CONTEXT if device == "cuda" else 0
-    notes = ("sdxl: the UNet alone (sdtune ships no configs of its VAE and text encoders)",) if (
-        source == "sdxl" and frozen_on_device) else ()
     return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
                     batch_size=cfg.train.batch_size, device=device,
                     categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                     peak_allocated=allocated, peak_reserved=allocated + overhead, total=allocated + overhead + context,
-                    host_ram=_host_ram(parts, footprint), disk=footprint.disk, card_gib=info.vram_gib,
-                    seconds=round(time.perf_counter() - started, 2), notes=notes, milestones=milestones)
+                    host_ram=_host_ram(parts, parked, plan, footprint), disk=footprint.disk, card_gib=info.vram_gib,
+                    seconds=round(time.perf_counter() - started, 2), milestones=milestones)
 
 
 def _is_hub_id(source: str) -> bool:
@@ -134,31 +136,61 @@ def _is_hub_id(source: str) -> bool:
 
 
 def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
-    """The frozen parts on the device in the working precision; encode one batch as the trainer does.
-    Returns the UNet's conditioning (text embeddings, and SDXL's extra inputs)."""
+    """The frozen parts on the device in the working precision (an fp16 plan keeps a VAE whose config says
+    `force_upcast`, SDXL's, in fp32, as `sdtune.placement` does); encode one batch as the trainer does.
+    Returns the UNet's conditioning: the text context, and SDXL's `added_cond_kwargs`."""
     import torch
 
     dtype, batch, side = plan.working_dtype, cfg.train.batch_size, cfg.data.resolution
-    config = parts.unet.config
-    frozen = [m.to(dtype) for m in (parts.vae, parts.text_encoder) if m is not None]
-    for module in frozen:
+    for module in parts.frozen:
+        module.to(_frozen_dtype(module, dtype))
         tracker.add(module.parameters(), "frozen")
     with tracker, _CudaSemantics():
         tracker.phase = "temporaries"
         if parts.vae is not None:
-            parts.vae.encode(torch.empty(batch, 3, side, side, dtype=dtype, device="meta"))
-        if parts.text_encoder is not None:
-            tokens = min(77, parts.text_encoder.config.max_position_embeddings)  # the tokenizer pads to this
-            text = parts.text_encoder(torch.zeros(batch, tokens, dtype=torch.long, device="meta"))[0]
-        else:
-            text = torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype, device="meta")
+            vae_dtype = next(parts.vae.parameters()).dtype
+            parts.vae.encode(torch.empty(batch, 3, side, side, dtype=vae_dtype, device="meta"))
+        text, pooled = _encode_text(parts, batch, dtype)
         extra = {}
-        if config.addition_embed_type == "text_time":
-            extra = {"added_cond_kwargs": {
-                "text_embeds": torch.empty(batch, config.projection_class_embeddings_input_dim - 6 * 256, dtype=dtype,
-                                           device="meta"),
-                "time_ids": torch.empty(batch, 6, dtype=dtype, device="meta")}}
+        if parts.unet.config.addition_embed_type == "text_time":  # SDXL: pooled caption and six size numbers
+            extra = {"added_cond_kwargs": {"text_embeds": pooled,
+                                           "time_ids": torch.empty(batch, 6, dtype=dtype, device="meta")}}
     return text, extra
+
+
+def _frozen_dtype(module, working):
+    import torch
+
+    return torch.float32 if working == torch.float16 and getattr(module.config, "force_upcast", False) else working
+
+
+def _encode_text(parts, batch: int, dtype) -> tuple:
+    """The text context [B, 77, cross_attention_dim] and, for SDXL, the pooled embedding: from the encoders
+    as `sdtune.families` runs them (SDXL: each one's penultimate hidden states, concatenated, and the last
+    one's projection), or as the text cache hands them over when the encoders are parked."""
+    import torch
+
+    config = parts.unet.config
+    if not parts.text_encoders:
+        pooled_width = (config.projection_class_embeddings_input_dim or 0) - 6 * (config.addition_time_embed_dim or 0)
+        pooled = torch.empty(batch, pooled_width, dtype=dtype, device="meta") if pooled_width > 0 else None
+        return torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype, device="meta"), pooled
+    if len(parts.text_encoders) == 1 and config.addition_embed_type != "text_time":
+        encoder = parts.text_encoders[0]
+        return encoder(_tokens(encoder, batch))[0], None
+    hidden, pooled = [], None
+    for encoder in parts.text_encoders:
+        out = encoder(_tokens(encoder, batch), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # CLIPTextModelWithProjection's text_embeds
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def _tokens(encoder, batch: int):
+    import torch
+
+    tokens = min(77, encoder.config.max_position_embeddings)  # the tokenizer pads to this
+    return torch.zeros(batch, tokens, dtype=torch.long, device="meta")
 
 
 def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, int]]:
@@ -231,11 +263,16 @@ def _footprint(parts, plan, cfg: Config):
                                       accumulation_steps=cfg.train.gradient_accumulation_steps)
 
 
-def _host_ram(parts, footprint) -> int:
-    """Host bytes: the fp32 model while it loads, or what the optimizer tier holds, whichever is more."""
-    frozen = [p.numel() for m in (parts.vae, parts.text_encoder) if m is not None for p in m.parameters()]
-    loading = 4 * (sum(p.numel() for p in parts.unet.parameters()) + sum(frozen))
-    return max(loading, footprint.host)
+def _host_ram(parts, parked: list, plan, footprint) -> int:
+    """Host bytes, whichever is more: the whole fp32 pipeline while it loads, or what training holds there,
+    the optimizer tier's state and the parked (cached) encoders in the working precision."""
+    def numel(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    parked = [m for m in parked if m is not None]
+    loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
+    held = sum(numel(m) * _frozen_dtype(m, plan.working_dtype).itemsize for m in parked)
+    return max(loading, footprint.host + held)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     parts = meta_model("sdxl")              # a bundled architecture name (sd15, sd21, sdxl)
     parts = meta_model("path/to/folder")    # a diffusers folder, read from its configs
     parts = meta_model("model.safetensors") # a single file: its architecture from its tensor shapes
+    family_of("stabilityai/stable-diffusion-xl-base-1.0")   # "sdxl"; "sd" for SD 1.x / 2.x
 
 `sdtune.estimate` counts and traces these; nothing here reads a weight.
 """
@@ -17,7 +18,9 @@ from typing import Any
 from sdtune import archs
 from sdtune.errors import SdtuneError
 from sdtune.libraries import quiet_libraries
-from sdtune.models import check_pipeline_class, classify_source, resolve_source
+from sdtune.models import check_pipeline_class, classify_source, resolve_source, single_file_family
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first; SDXL both, their outputs concatenated
 
 
 @dataclass
@@ -26,9 +29,13 @@ class MetaModel:
 
     label: str
     unet: Any
-    vae: Any | None           # None where sdtune ships only the UNet's config (sdxl)
-    text_encoder: Any | None
+    vae: Any | None
+    text_encoders: tuple[Any, ...]  # in the pipeline's order: (CLIP-L,) for SD1; (CLIP-L, OpenCLIP-bigG) for SDXL
     prediction_type: str
+
+    @property
+    def frozen(self) -> list:
+        return [m for m in (self.vae, *self.text_encoders) if m is not None]
 
 
 def meta_model(source: str) -> MetaModel:
@@ -36,10 +43,7 @@ def meta_model(source: str) -> MetaModel:
     or a single-file checkpoint whose architecture is read from its tensor shapes (no weights are read)."""
     if source in archs.ARCHS:
         return _meta_from(archs.arch_dir(source), source)
-    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
-        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
-                          "a diffusers folder or a .safetensors file")
-    kind = classify_source(source)
+    kind = _kind(source)
     if kind == "hub":
         raise SdtuneError(f"{source} is a hub id; estimate a local folder or file, or an architecture "
                           f"({', '.join(archs.ARCHS)})")
@@ -50,16 +54,40 @@ def meta_model(source: str) -> MetaModel:
     return _meta_from(archs.arch_dir(_single_file_arch(Path(source))), source)
 
 
+def family_of(source: str) -> str:
+    """"sdxl" or "sd" (SD 1.x / 2.x): a diffusers folder by its model_index.json's `_class_name`, a single file
+    by its keys, an architecture by its name, a hub id only when it is the repository a bundled architecture's
+    configs come from (`archs.HUB_IDS`); any other hub id, or no model, is "sd", the default presets' family."""
+    if not source:
+        return "sd"
+    arch = source if source in archs.ARCHS else archs.HUB_IDS.get(source)
+    if arch:
+        return "sdxl" if arch == "sdxl" else "sd"
+    kind = _kind(source)
+    if kind == "folder":
+        return check_pipeline_class(Path(resolve_source(source)) / "model_index.json").name
+    if kind == "single_file":
+        return single_file_family(Path(source))
+    return "sd"
+
+
+def _kind(source: str) -> str:
+    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
+        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
+                          "a diffusers folder or a .safetensors file")
+    return classify_source(source)
+
+
 def _meta_from(folder: Path, label: str) -> MetaModel:
     quiet_libraries()
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
-    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", "text_encoder")
+    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", *TEXT_ENCODERS)
              if isinstance(index.get(part), list) and index[part][0]}
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
     prediction = scheduler_config.get("prediction_type", "epsilon")
     return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
-                     built.get("text_encoder"), prediction)
+                     tuple(built[part] for part in TEXT_ENCODERS if part in built), prediction)
 
 
 def _single_file_arch(path: Path) -> str:

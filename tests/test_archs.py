@@ -17,13 +17,17 @@ from sdtune.toy.random_pipeline import build_random_pipeline
 
 torch.set_num_threads(1)
 
-# Published parameter counts (the SD1.5 and SDXL UNets, the CLIP ViT-L text encoder, the SD VAE, SD 2.x's UNet).
+# Published parameter counts (the SD1.5 and SDXL UNets, the CLIP ViT-L text encoder, the SD VAE, SD 2.x's UNet,
+# and SDXL's OpenCLIP ViT-bigG text encoder with its 1280 x 1280 projection).
 KNOWN_COUNTS = {
     ("sd15", "unet"): 859_520_964,
     ("sdxl", "unet"): 2_567_463_684,
     ("sd15", "text_encoder"): 123_060_480,
     ("sd15", "vae"): 83_653_863,
     ("sd21", "unet"): 865_910_724,
+    ("sdxl", "text_encoder"): 123_060_480,    # the same CLIP ViT-L/14 text model as SD1.5's
+    ("sdxl", "text_encoder_2"): 694_659_840,
+    ("sdxl", "vae"): 83_653_863,              # SD's VAE architecture, retrained: only its scaling factor differs
 }
 
 
@@ -50,28 +54,51 @@ def test_sd21_is_v_prediction_with_the_openclip_h_text_encoder():
     assert archs.parameter_count("sd21", "text_encoder") == 340_387_840
 
 
+def test_every_architecture_ships_a_whole_pipeline():
+    assert archs.pipeline_archs() == list(archs.ARCHS)
+
+
 @pytest.mark.parametrize("name", archs.pipeline_archs())
 def test_pipeline_parts_fit_together(name):
-    text, vae = _config(name, "text_encoder/config.json"), _config(name, "vae/config.json")
-    unet = archs.unet_config(name)
-    assert unet["cross_attention_dim"] == text["hidden_size"]
+    texts = [_config(name, f"{part}/config.json") for part in ("text_encoder", "text_encoder_2")
+             if part in archs.parts(name)]
+    vae, unet = _config(name, "vae/config.json"), archs.unet_config(name)
+    assert unet["cross_attention_dim"] == sum(text["hidden_size"] for text in texts)  # the contexts concatenated
+    if unet.get("addition_embed_type") == "text_time":  # the last encoder's pooled projection + 6 size embeddings
+        assert unet["projection_class_embeddings_input_dim"] == texts[-1]["projection_dim"] + 6 * unet[
+            "addition_time_embed_dim"]
     assert unet["in_channels"] == vae["latent_channels"]
     assert unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1) == vae["sample_size"]
 
 
-def test_sdxl_has_the_text_time_embedding():
+def test_sdxl_is_the_published_base_pipeline():
     unet = archs.unet_config("sdxl")
     assert unet["addition_embed_type"] == "text_time" and unet["transformer_layers_per_block"] == [1, 2, 10]
-    assert archs.parts("sdxl") == {"unet": ("diffusers", "UNet2DConditionModel")}
+    assert archs.parts("sdxl") == {
+        "scheduler": ("diffusers", "EulerDiscreteScheduler"), "text_encoder": ("transformers", "CLIPTextModel"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "tokenizer": ("transformers", "CLIPTokenizer"), "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+    assert _config("sdxl", "model_index.json")["_class_name"] == "StableDiffusionXLPipeline"
+    first, second = _config("sdxl", "text_encoder/config.json"), _config("sdxl", "text_encoder_2/config.json")
+    assert (first["hidden_size"], first["num_hidden_layers"], first["hidden_act"]) == (768, 12, "quick_gelu")
+    assert (second["hidden_size"], second["num_hidden_layers"], second["num_attention_heads"],
+            second["intermediate_size"], second["hidden_act"], second["projection_dim"]) == (1280, 32, 20, 5120,
+                                                                                              "gelu", 1280)
+    vae = _config("sdxl", "vae/config.json")
+    assert (vae["scaling_factor"], vae["force_upcast"]) == (0.13025, True)
+    scheduler = _config("sdxl", "scheduler/scheduler_config.json")
+    assert (scheduler["_class_name"], scheduler["prediction_type"], scheduler["timestep_spacing"]) == (
+        "EulerDiscreteScheduler", "epsilon", "leading")
 
 
-def test_unknown_names_get_one_clear_line(tmp_path):
+def test_unknown_names_get_one_clear_line():
     with pytest.raises(SdtuneError, match="choose one of sd15, sd21, sdxl"):
         archs.unet_config("sd3")
     with pytest.raises(SdtuneError, match="no model part 'tokenizer'"):
         archs.build_model("sd15", "tokenizer")
-    with pytest.raises(SdtuneError, match="only its UNet config"):
-        build_random_pipeline("sdxl", tmp_path / "xl")
+    with pytest.raises(SdtuneError, match="no model part 'text_encoder_2'"):
+        archs.build_model("sd15", "text_encoder_2")
 
 
 def _shrink(folder):

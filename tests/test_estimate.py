@@ -96,12 +96,30 @@ def test_offload_tiers_move_what_they_promise_off_the_gpu():
     assert nvme.disk == 12 * params and offloaded.disk == 0
 
 
+SDXL_UNET, SDXL_TEXT, SDXL_VAE = 2_567_463_684, 123_060_480 + 694_659_840, 83_653_863
+
+
 def test_sd21_and_sdxl_estimate():
     cfg, info = load_config("rtx4090", ["memory.gradient_checkpointing=true", "memory.optimizer=adamw8bit"])
     sd21 = estimate(cfg, info, "sd21")
     assert sd21.categories["weights"] == 4 * 865_910_724
     sdxl = estimate(cfg, info, "sdxl")
-    assert sdxl.categories["weights"] == 4 * 2_567_463_684 and sdxl.notes
+    assert sdxl.categories["weights"] == 4 * SDXL_UNET and not sdxl.notes
+    assert sdxl.categories["frozen"] == 2 * (SDXL_TEXT + SDXL_VAE)  # both text encoders and the VAE, in bf16
+    assert sdxl.host_ram == 4 * (SDXL_UNET + SDXL_TEXT + SDXL_VAE)  # the fp32 pipeline while it loads
+
+
+def test_sdxl_cached_encoders_wait_in_host_ram():
+    """With both caches the encoders leave the GPU for host memory, in the working precision, beside the tier."""
+    from sdtune import archs
+    from sdtune.offload.tier import HostAdamW
+
+    cfg, info = load_config("rtx3050", ["data.cache_latents=true", "data.cache_text=true", "data.resolution=1024",
+                                        "train.batch_size=1"])
+    result = estimate(cfg, info, "sdxl")
+    numels = [p.numel() for p in archs.build_model("sdxl").parameters()]
+    assert result.categories["frozen"] == 0 and result.categories["weights"] == 2 * SDXL_UNET
+    assert result.host_ram == HostAdamW.footprint(numels, itemsize=2).host + 2 * (SDXL_TEXT + SDXL_VAE)
 
 
 def test_a_single_file_checkpoint_is_estimated_by_its_architecture(tmp_path):
@@ -162,3 +180,96 @@ def test_the_host_tiers_byte_model_is_what_they_allocate(tiny_sd1):
     held += [opt._staging.tensor, opt._small.tensor, opt._scratch]
     allocated = sum(t.numel() * t.element_size() for t in held)
     assert HostAdamW.footprint(numels, itemsize=2).host == allocated
+
+
+def _measured_sdxl_step(model_dir, batch: int, side: int) -> dict:
+    """One real fp32 training step of the tiny SDXL UNet on the CPU, with SDXL's conditioning, measured
+    with the estimator's tracker."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").train()
+    unet.set_attn_processor(AttnProcessor2_0())
+    config = unet.config
+    text = torch.randn(batch, 77, config.cross_attention_dim)
+    pooled = torch.randn(batch, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)
+    extra = {"text_embeds": pooled, "time_ids": torch.randn(batch, 6)}
+    latents, target = torch.randn(batch, 4, side, side), torch.randn(batch, 4, side, side)
+    tracker = MemoryTracker("cpu")
+    tracker.add(unet.parameters(), "weights")
+    for p in unet.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
+    with tracker:
+        tracker.phase = "activations"
+        prediction = unet(latents, torch.full((batch,), 10), text, added_cond_kwargs=extra).sample
+        forward_end = dict(tracker.current)
+        tracker.phase = "temporaries"
+        (prediction.float() - target).square().mean().backward()
+        del prediction
+        backward_end = dict(tracker.current)
+        tracker.phase = "optimizer_state"
+        optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
+        optimizer.step()
+    return {"forward_end": forward_end, "backward_end": backward_end, "state": tracker.bytes_of("optimizer_state"),
+            "params": sum(p.numel() for p in unet.parameters())}
+
+
+def test_the_sdxl_trace_matches_a_measured_cpu_step(tiny_sdxl):
+    """Weights, gradients and AdamW state of the tiny SDXL UNet are the bytes the real tensors take; its
+    two text encoders and the VAE are all counted as frozen."""
+    from sdtune.meta import meta_model
+
+    cfg, info = load_config("cpu", ["data.resolution=64", "train.batch_size=2"])
+    guess = estimate(cfg, info, str(tiny_sdxl), device="cpu")
+    real = _measured_sdxl_step(tiny_sdxl, batch=2, side=8)
+    assert guess.milestones["forward_end"]["weights"] == real["forward_end"]["weights"] == 4 * real["params"]
+    assert guess.milestones["backward_end"]["gradients"] == real["backward_end"]["gradients"] == 4 * real["params"]
+    assert guess.categories["optimizer_state"] == real["state"]
+    assert guess.milestones["forward_end"]["activations"] == pytest.approx(real["forward_end"]["activations"],
+                                                                           rel=0.05)
+    parts = meta_model(str(tiny_sdxl))
+    assert len(parts.text_encoders) == 2
+    assert guess.categories["frozen"] == 4 * sum(p.numel() for m in parts.frozen for p in m.parameters())
+
+
+def test_the_sdxl_offloaded_plan_counts_the_tiny_unet_exactly(tiny_sdxl):
+    """bf16 working weights on the device, no gradients left there, the host tier's bytes by its own model."""
+    from diffusers import UNet2DConditionModel
+
+    from sdtune.offload.tier import HostAdamW
+
+    cfg, info = load_config("rtx3050", ["data.resolution=64", "train.batch_size=1", "data.cache_latents=true",
+                                        "data.cache_text=true"])
+    guess = estimate(cfg, info, str(tiny_sdxl))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    numels = [p.numel() for p in unet.parameters()]
+    assert guess.categories["weights"] == sum(p.to(torch.bfloat16).nbytes for p in unet.parameters())
+    assert guess.milestones["backward_end"]["gradients"] == 0 and guess.categories["optimizer_state"] == 0
+    assert guess.host_ram >= HostAdamW.footprint(numels, itemsize=2).host
+
+
+def test_an_sdxl_single_file_is_estimated_as_the_whole_sdxl_pipeline(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    cfg, info = load_config("rtx4090")
+    result = estimate(cfg, info, str(tmp_path / "xl.safetensors"))
+    assert result.categories["frozen"] == 2 * (SDXL_TEXT + SDXL_VAE)
+
+
+@pytest.mark.parametrize("preset", ["sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"])
+def test_each_sdxl_preset_fits_its_card_at_1024(preset):
+    """By the estimator, within the share of the card `--preset auto` allows; sdxl-8gb with AdamW in at most
+    8 GiB of VRAM and 24 GiB of host RAM (its state on disk)."""
+    from sdtune.auto import SAFETY, preset_family
+
+    cfg, info = load_config(preset)
+    assert preset_family(preset) == "sdxl" and cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (cfg.data.resolution, cfg.train.batch_size, cfg.memory.optimizer) == (1024, 1, "adamw")
+    assert cfg.data.cache_latents and cfg.data.cache_text
+    result = estimate(cfg, info)
+    assert result.model == "sdxl" and result.categories["frozen"] == 0
+    assert result.total <= SAFETY * info.vram_gib * GIB, f"{preset}: {result.total / GIB:.2f} GiB"
+    if preset == "sdxl-8gb":
+        assert result.total <= 8 * GIB and result.host_ram <= 24 * GIB
+        assert result.disk == 12 * SDXL_UNET

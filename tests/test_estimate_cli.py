@@ -78,7 +78,8 @@ def fake_estimator(monkeypatch):
         return FakeEstimate(model=model or "sd15", preset=info.name, resolution=cfg.data.resolution,
                             batch_size=cfg.train.batch_size, device=device, categories=categories,
                             peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
-                            host_ram=14 * GIB if cfg.memory.optimizer_offload != "none" else GIB, disk=0,
+                            host_ram={"none": GIB, "cpu": 14 * GIB, "nvme": 4 * GIB}[cfg.memory.optimizer_offload],
+                            disk=0,
                             card_gib=info.vram_gib)
 
     module = types.ModuleType("sdtune.estimate")
@@ -207,13 +208,70 @@ def test_host_ram_is_weighed_as_vram_is(monkeypatch, fake_estimator):
     assert auto.pick_plan().label == "rtx3050"
 
 
+SDXL_PRESETS = ["sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"]  # by card size
+
+
+def test_sdxl_presets_are_their_own_family():
+    assert auto.gpu_presets() == GPU_PRESETS and auto.gpu_presets("sdxl") == SDXL_PRESETS
+    gpu = auto.Gpu("Fake", 8 * GIB, bf16=True)
+    labels = [cand.label for cand, _, _ in auto.ordered(gpu, [], "sdxl")]
+    # sdxl-24gb is sdxl-16gb's plan on a bigger card; sdxl-16gb with checkpointing is sdxl-12gb; sdxl-8gb's nvme
+    # tier needs a folder only the user can name
+    assert labels == ["sdxl-16gb", "sdxl-12gb", "sdxl-12gb + memory.param_offload=cpu"]
+    named = [cand.label for cand, _, _ in auto.ordered(gpu, ["memory.offload_dir=/tmp"], "sdxl")]
+    assert "sdxl-8gb" in named and "sdxl-8gb + memory.param_offload=cpu" in named
+
+
+@pytest.mark.parametrize("model", ["sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "tiny_sdxl", "xl_file"])
+def test_an_sdxl_model_gets_the_sdxl_plans(monkeypatch, fake_estimator, request, tmp_path, model):
+    if model == "tiny_sdxl":
+        model = str(request.getfixturevalue("tiny_sdxl"))
+    if model == "xl_file":  # a single file is known by its keys
+        from safetensors.torch import save_file
+
+        model = str(tmp_path / "xl.safetensors")
+        save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2)}, model)
+    fake_gpu(monkeypatch, 24)
+    pick = auto.pick_plan([f"model.pretrained={model}"])
+    assert pick.preset == "sdxl-24gb"  # sdxl-16gb's plan, named by the card nearest this one
+    assert {info.name for _, info, _, _ in fake_estimator} <= set(SDXL_PRESETS)
+    fake_estimator.clear()
+    fake_gpu(monkeypatch, 8)
+    assert auto.pick_plan([f"model.pretrained={model}"]).preset == "sdxl-16gb"  # the fake's offloaded plans: 6.5 GiB
+
+
+@pytest.mark.parametrize("model", ["", "sd15", "someone/my-sdxl-finetune", "tiny_sd1"])
+def test_other_models_get_the_sd_plans(monkeypatch, fake_estimator, request, model):
+    """A hub id is read as SDXL only when it is the repository of the bundled sdxl configs: a name is no
+    architecture, so any other hub id gets the SD plans (pass a local folder or file to be sure)."""
+    if model == "tiny_sd1":
+        model = str(request.getfixturevalue("tiny_sd1"))
+    fake_gpu(monkeypatch, 8)
+    pick = auto.pick_plan([f"model.pretrained={model}"] if model else [])
+    assert pick.preset == "rtx3050"
+    assert {info.name for _, info, _, _ in fake_estimator} <= set(GPU_PRESETS)
+
+
+def test_sdxl_on_a_small_desktop_needs_the_nvme_folder(monkeypatch, fake_estimator):
+    """The host-RAM tiers need 14 GiB (the fake's), more than 90% of 12: only the nvme plan fits, and only
+    once the user names its folder."""
+    fake_gpu(monkeypatch, 8)
+    monkeypatch.setattr(auto, "host_ram", lambda: 12 * GIB)
+    with pytest.raises(SdtuneError, match="memory.offload_dir=DIR"):
+        auto.pick_plan(["model.pretrained=sdxl"])
+    pick = auto.pick_plan(["model.pretrained=sdxl", "memory.offload_dir=/tmp"])
+    assert pick.preset == "sdxl-8gb"
+    assert load_config(pick.preset, [*pick.extra, "memory.offload_dir=/tmp"])[0].memory.offload_dir == "/tmp"
+
+
 def fake_training(monkeypatch):
     """Replace the training run with one that records the config it was given."""
     seen = {}
 
     def attempt(cfg, info, data, out, **kwargs):
         seen.update(cfg=cfg, info=info)
-        return {"steps": 1, "final_loss": 0.1, "seconds_per_step": 0.1, "peak_memory_bytes": GIB,
+        return {"pipeline_class": "StableDiffusionPipeline", "steps": 1, "final_loss": 0.1, "seconds_per_step": 0.1,
+                "peak_memory_bytes": GIB,
                 "peak_memory_kind": "reserved", "skipped_steps": 0}
 
     monkeypatch.setattr("sdtune.run.attempt", attempt)

@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# Two workers (pytest-xdist), one thread each: the tests are single-threaded, and the machine has 2 cores.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench

@@ -38,6 +38,7 @@ def images(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: "slow" not in item.keywords)  # the long ones first: two workers finish together
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

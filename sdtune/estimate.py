@@ -95,7 +95,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
         source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
     parts = meta_model(source)
-    parked = []  # encoders whose outputs are cached: they leave the GPU for host memory before step 1
+    parked, vae = [], parts.vae  # parked: encoders whose outputs are cached leave the GPU before step 1
     if not frozen_on_device or cfg.data.cache_latents:
         parked.append(parts.vae)
         parts = dataclasses.replace(parts, vae=None)
@@ -105,7 +105,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     tracker = MemoryTracker("meta")
     plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
     with torch.no_grad():
-        cond = _frozen_pass(parts, plan, cfg, tracker)
+        cond = _frozen_pass(parts, vae, plan, cfg, tracker)
     footprint = _footprint(parts, plan, cfg)
     state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
     tracker.add([state], "optimizer_state")
@@ -118,8 +118,8 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                     batch_size=cfg.train.batch_size, device=device,
                     categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                     peak_allocated=allocated, peak_reserved=allocated + overhead, total=allocated + overhead + context,
-                    host_ram=_host_ram(parts, parked, plan, footprint), disk=footprint.disk, card_gib=info.vram_gib,
-                    seconds=round(time.perf_counter() - started, 2), milestones=milestones)
+                    host_ram=_host_ram(parts, vae, parked, plan, footprint), disk=footprint.disk,
+                    card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2), milestones=milestones)
 
 
 def _is_hub_id(source: str) -> bool:
@@ -135,7 +135,7 @@ def _is_hub_id(source: str) -> bool:
 # the traced step
 
 
-def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
+def _frozen_pass(parts, vae, plan, cfg: Config, tracker) -> tuple:
     """The frozen parts on the device in the working precision (an fp16 plan keeps a VAE whose config says
     `force_upcast`, SDXL's, in fp32, as `sdtune.placement` does); encode one batch as the trainer does.
     Returns the UNet's conditioning: the text context, and SDXL's `added_cond_kwargs`."""
@@ -143,7 +143,7 @@ def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
 
     dtype, batch, side = plan.working_dtype, cfg.train.batch_size, cfg.data.resolution
     for module in parts.frozen:
-        module.to(_frozen_dtype(module, dtype))
+        module.to(_frozen_dtype(parts.family, vae, module, dtype))
         tracker.add(module.parameters(), "frozen")
     with tracker, _CudaSemantics():
         tracker.phase = "temporaries"
@@ -158,10 +158,10 @@ def _frozen_pass(parts, plan, cfg: Config, tracker) -> tuple:
     return text, extra
 
 
-def _frozen_dtype(module, working):
-    import torch
-
-    return torch.float32 if working == torch.float16 and getattr(module.config, "force_upcast", False) else working
+def _frozen_dtype(family, vae, module, working):
+    """A frozen part's precision under the plan: the working one, but the VAE (`vae`) as its family says
+    (`Family.vae_dtype`: SDXL's own VAE stays fp32 under fp16, as `sdtune.placement` keeps it)."""
+    return family.vae_dtype(module, working) if module is vae else working
 
 
 def _encode_text(parts, batch: int, dtype) -> tuple:
@@ -263,7 +263,7 @@ def _footprint(parts, plan, cfg: Config):
                                       accumulation_steps=cfg.train.gradient_accumulation_steps)
 
 
-def _host_ram(parts, parked: list, plan, footprint) -> int:
+def _host_ram(parts, vae, parked: list, plan, footprint) -> int:
     """Host bytes, whichever is more: the whole fp32 pipeline while it loads, or what training holds there,
     the optimizer tier's state and the parked (cached) encoders in the working precision."""
     def numel(module) -> int:
@@ -271,7 +271,7 @@ def _host_ram(parts, parked: list, plan, footprint) -> int:
 
     parked = [m for m in parked if m is not None]
     loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
-    held = sum(numel(m) * _frozen_dtype(m, plan.working_dtype).itemsize for m in parked)
+    held = sum(numel(m) * _frozen_dtype(parts.family, vae, m, plan.working_dtype).itemsize for m in parked)
     return max(loading, footprint.host + held)
 
 

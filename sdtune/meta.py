@@ -32,6 +32,7 @@ class MetaModel:
     vae: Any | None
     text_encoders: tuple[Any, ...]  # in the pipeline's order: (CLIP-L,) for SD1; (CLIP-L, OpenCLIP-bigG) for SDXL
     prediction_type: str
+    family: Any = None              # its `sdtune.families.Family`, which says the VAE's precision
 
     @property
     def frozen(self) -> list:
@@ -86,8 +87,11 @@ def _meta_from(folder: Path, label: str) -> MetaModel:
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
     prediction = scheduler_config.get("prediction_type", "epsilon")
+    from sdtune.families import family_for_class
+
     return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
-                     tuple(built[part] for part in TEXT_ENCODERS if part in built), prediction)
+                     tuple(built[part] for part in TEXT_ENCODERS if part in built), prediction,
+                     family_for_class(index.get("_class_name", "StableDiffusionPipeline"), str(folder)))
 
 
 def _single_file_arch(path: Path) -> str:

@@ -1,5 +1,5 @@
 """GPU check: a pre-flight of the offload engine's asynchronous paths, then every memory plan trained for real
-on a random SD1.5-architecture model under its card's memory cap.
+on a random SD1.5-architecture model under its card's memory cap, then the SDXL plans on a random SDXL.
 
     python bench/gpu_check.py                              # CUDA: pre-flight + every plan, sd15 at 512 px, ~6 min
     python bench/gpu_check.py --plans rtx3050,rtx3050-repeat --no-preflight --deterministic
@@ -87,6 +87,15 @@ PLANS = {
                              max_warmup=1, max_timed_steps=4, timeout=120,
                              about="AdamW state streamed from disk (1 warm-up + 4 timed steps)"),
     "cpu": PlanSpec("cpu", ("memory.precision=fp32",), capped=False, about="the CPU preset (dry runs)"),
+    # SDXL at --sdxl-resolution (1024), after the SD plans: the random SDXL model is built when the first runs
+    "sdxl-8gb": PlanSpec("sdxl-8gb", ("memory.offload_dir={offload_dir}",), family="sdxl", max_warmup=1,
+                         max_timed_steps=2, timeout=300, about="SDXL, AdamW state in an nvme file (1 + 2 steps)"),
+    "sdxl-12gb": PlanSpec("sdxl-12gb", family="sdxl", max_warmup=1, max_timed_steps=3, timeout=240,
+                          about="SDXL, AdamW in host RAM, checkpointing (1 + 3 steps)"),
+    "sdxl-16gb": PlanSpec("sdxl-16gb", family="sdxl", max_warmup=1, max_timed_steps=3, timeout=240,
+                          about="SDXL, AdamW in host RAM, no checkpointing (1 + 3 steps)"),
+    "sdxl-24gb": PlanSpec("sdxl-24gb", family="sdxl", max_warmup=1, max_timed_steps=3, timeout=240,
+                          about="SDXL under a 24 GiB cap (1 + 3 steps)"),
 }
 DEFAULT_PLANS = {"cuda": [p for p in PLANS if p != "cpu"], "cpu": ["cpu"] + [p for p in PLANS if p != "cpu"]}
 SAME_MATH = ("baseline", "rtx3050", "rtx3050-repeat", "rtx3050-params-cpu", "rtx3050-nvme")  # bf16, clip 1.0, seed 0

@@ -31,6 +31,25 @@ def batch(stream, index):
             continue
 
 
+def assert_resume_is_bitwise(model, images, tmp_path, *args, last: int, resume_from: int):
+    """Train to step `last` straight; copy the run, drop everything after its step-`resume_from`
+    checkpoint, resume it: the same losses and the same final UNet, bit for bit."""
+    import shutil
+
+    import torch
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    expected = train(model, images, straight, *args)
+    shutil.copytree(straight, killed)
+    for step in range(resume_from + 1, last + 1):
+        shutil.rmtree(killed / "checkpoints" / f"step-{step:06d}", ignore_errors=True)
+    shutil.rmtree(killed / "unet")
+    resumed = train(model, images, killed, *args, "--resume")
+    assert resumed["losses"] == expected["losses"]
+    a, b = final_unet(straight), final_unet(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def final_unet(out):
     return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 

@@ -11,7 +11,8 @@ GIB = 2**30
 
 
 def _measured_cpu_step(model_dir, batch: int, side: int) -> dict:
-    """One real fp32 training step of the tiny UNet on the CPU, measured with the estimator's tracker."""
+    """One real fp32 training step of a tiny UNet (any family, with its conditioning) on the CPU, measured
+    with the estimator's tracker."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from sdtune.models import load_components
@@ -19,8 +20,8 @@ def _measured_cpu_step(model_dir, batch: int, side: int) -> dict:
     c = load_components(str(model_dir))
     unet = c.unet.train()
     unet.set_attn_processor(AttnProcessor2_0())
-    with torch.no_grad():
-        text = c.text_encoder(torch.zeros(batch, 77, dtype=torch.long))[0]
+    cond = c.family.encode(c, [""] * batch)
+    extra = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": torch.zeros(batch, 6)}
     latents, target = torch.randn(batch, 4, side, side), torch.randn(batch, 4, side, side)
     tracker = MemoryTracker("cpu")
     tracker.add(unet.parameters(), "weights")
@@ -28,7 +29,7 @@ def _measured_cpu_step(model_dir, batch: int, side: int) -> dict:
         p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
     with tracker:
         tracker.phase = "activations"
-        prediction = unet(latents, torch.full((batch,), 10), text).sample
+        prediction = unet(latents, torch.full((batch,), 10), cond.hidden, added_cond_kwargs=extra).sample
         forward_end = dict(tracker.current)
         tracker.phase = "temporaries"
         (prediction.float() - target).square().mean().backward()
@@ -182,38 +183,6 @@ def test_the_host_tiers_byte_model_is_what_they_allocate(tiny_sd1):
     assert HostAdamW.footprint(numels, itemsize=2).host == allocated
 
 
-def _measured_sdxl_step(model_dir, batch: int, side: int) -> dict:
-    """One real fp32 training step of the tiny SDXL UNet on the CPU, with SDXL's conditioning, measured
-    with the estimator's tracker."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet").train()
-    unet.set_attn_processor(AttnProcessor2_0())
-    config = unet.config
-    text = torch.randn(batch, 77, config.cross_attention_dim)
-    pooled = torch.randn(batch, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)
-    extra = {"text_embeds": pooled, "time_ids": torch.randn(batch, 6)}
-    latents, target = torch.randn(batch, 4, side, side), torch.randn(batch, 4, side, side)
-    tracker = MemoryTracker("cpu")
-    tracker.add(unet.parameters(), "weights")
-    for p in unet.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
-    with tracker:
-        tracker.phase = "activations"
-        prediction = unet(latents, torch.full((batch,), 10), text, added_cond_kwargs=extra).sample
-        forward_end = dict(tracker.current)
-        tracker.phase = "temporaries"
-        (prediction.float() - target).square().mean().backward()
-        del prediction
-        backward_end = dict(tracker.current)
-        tracker.phase = "optimizer_state"
-        optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
-        optimizer.step()
-    return {"forward_end": forward_end, "backward_end": backward_end, "state": tracker.bytes_of("optimizer_state"),
-            "params": sum(p.numel() for p in unet.parameters())}
-
-
 def test_the_sdxl_trace_matches_a_measured_cpu_step(tiny_sdxl):
     """Weights, gradients and AdamW state of the tiny SDXL UNet are the bytes the real tensors take; its
     two text encoders and the VAE are all counted as frozen."""
@@ -221,7 +190,7 @@ def test_the_sdxl_trace_matches_a_measured_cpu_step(tiny_sdxl):
 
     cfg, info = load_config("cpu", ["data.resolution=64", "train.batch_size=2"])
     guess = estimate(cfg, info, str(tiny_sdxl), device="cpu")
-    real = _measured_sdxl_step(tiny_sdxl, batch=2, side=8)
+    real = _measured_cpu_step(tiny_sdxl, batch=2, side=8)
     assert guess.milestones["forward_end"]["weights"] == real["forward_end"]["weights"] == 4 * real["params"]
     assert guess.milestones["backward_end"]["gradients"] == real["backward_end"]["gradients"] == 4 * real["params"]
     assert guess.categories["optimizer_state"] == real["state"]

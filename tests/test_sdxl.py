@@ -3,11 +3,10 @@ sample; captions encoded as diffusers' own pipeline encodes them; time ids from 
 crop; caches exact; resume bitwise with offload and weight streaming."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from helpers import final_unet, prepared, runner, train
+from helpers import assert_resume_is_bitwise, final_unet, prepared, runner, train
 from PIL import Image
 
 from sdtune import trainer
@@ -89,16 +88,8 @@ def test_cached_latents_and_text_train_exactly_as_uncached(tiny_sdxl, images, tm
 ], ids=["in-device", "cpu-offload+streaming", "nvme-offload+streaming"])
 def test_resume_is_bitwise(tiny_sdxl, images, tmp_path, levers):
     sets = [arg for lever in levers for arg in ("--set", lever.format(tmp=tmp_path))]
-    args = ["--max-steps", "4", "--set", "output.checkpoint_every=2", *sets]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    expected = train(tiny_sdxl, images, straight, *args)
-    shutil.copytree(straight, killed)
-    shutil.rmtree(killed / "checkpoints" / "step-000004")
-    shutil.rmtree(killed / "unet")
-    resumed = train(tiny_sdxl, images, killed, *args, "--resume")
-    assert resumed["losses"] == expected["losses"]
-    a, b = final_unet(straight), final_unet(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bitwise(tiny_sdxl, images, tmp_path, "--max-steps", "4", "--set", "output.checkpoint_every=2",
+                             *sets, last=4, resume_from=2)
 
 
 def test_sdxls_vae_decodes_in_fp32_under_fp16_unless_it_is_fp16_safe(tiny_sdxl, tiny_sd1, tmp_path):

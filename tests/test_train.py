@@ -1,11 +1,10 @@
 """The training recipe end to end on tiny models: `sdtune train` as a user runs it, plus equivalences."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from helpers import final_unet, prepared, runner, train
+from helpers import assert_resume_is_bitwise, prepared, runner, train
 from safetensors.torch import load_file
 
 from sdtune import trainer
@@ -84,17 +83,9 @@ def test_sample_writes_the_pngs_it_promises(tiny_sd1, tmp_path):
 
 def test_resume_continues_exactly(tiny_sd1, images, tmp_path):
     """A run killed after its step-3 checkpoint, resumed, ends where the uninterrupted run ends."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    args = ("--max-steps", "6", "--set", "output.checkpoint_every=3", "--set", "train.lr_scheduler=cosine",
-            "--set", "train.lr_warmup_steps=2")
-    expected = train(tiny_sd1, images, straight, *args)
-    shutil.copytree(straight, killed)
-    shutil.rmtree(killed / "checkpoints" / "step-000006")
-    shutil.rmtree(killed / "unet")
-    resumed = train(tiny_sd1, images, killed, *args, "--resume")
-    assert resumed["losses"] == expected["losses"]
-    a, b = final_unet(straight), final_unet(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_bitwise(tiny_sd1, images, tmp_path, "--max-steps", "6", "--set", "output.checkpoint_every=3",
+                             "--set", "train.lr_scheduler=cosine", "--set", "train.lr_warmup_steps=2",
+                             last=6, resume_from=3)
 
 
 def test_resuming_a_finished_run_says_so_and_keeps_its_speed(tiny_sd1, images, tmp_path):

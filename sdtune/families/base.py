@@ -51,7 +51,6 @@ class Family:
 
     name: ClassVar[str]
     pipeline_class: ClassVar[str]          # the diffusers pipeline class that loads and samples it
-    default_resolution: ClassVar[int]      # the side of the square its base model was trained at, in pixels
 
     def pipeline_type(self):
         import diffusers

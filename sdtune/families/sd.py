@@ -12,7 +12,6 @@ from sdtune.families.base import Components, Conditioning, Family
 class StableDiffusion(Family):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
-    default_resolution = 512
 
     def load_options(self) -> dict:
         return dict(safety_checker=None, requires_safety_checker=False)

@@ -20,7 +20,6 @@ from sdtune.families.sd import tokenize
 class StableDiffusionXL(Family):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
-    default_resolution = 1024
 
     def load_options(self) -> dict:
         return dict(add_watermarker=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,8 +47,9 @@ class Conditioning:
     pooled: Any = None  # [B, width]: SDXL's pooled embedding of the second encoder; None for SD 1.x/2.x
 
 
-class Family:
-    """The interface; see `sd.StableDiffusion` and `sdxl.StableDiffusionXL`."""
+class Family(ABC):
+    """The interface; see `sd.StableDiffusion` and `sdxl.StableDiffusionXL`. A family must say how to take
+    its pipeline apart, put it back together and encode captions; the rest has defaults."""
 
     name: ClassVar[str]
     pipeline_class: ClassVar[str]          # the diffusers pipeline class that loads and samples it
@@ -83,14 +85,17 @@ class Family:
         """The precision the frozen VAE runs in under a plan of `working_dtype`."""
         return working_dtype
 
-    def components(self, pipe):
-        raise NotImplementedError
+    @abstractmethod
+    def components(self, pipe) -> Components:
+        """The loaded pipeline taken apart for training."""
 
-    def assemble(self, components):
-        raise NotImplementedError
+    @abstractmethod
+    def assemble(self, components: Components):
+        """The inference pipeline, sharing `components`' modules."""
 
-    def encode(self, components, captions: list[str]) -> Conditioning:
-        raise NotImplementedError
+    @abstractmethod
+    def encode(self, components: Components, captions: list[str]) -> Conditioning:
+        """The text encoders' output for `captions`, as the family's pipeline encodes prompts (no grad)."""
 
     def added_cond(self, cond: Conditioning, items, device, dtype) -> dict | None:
         """The UNet's `added_cond_kwargs` for a micro-batch of `sdtune.data.Item`s; None where it takes none."""

@@ -51,8 +51,15 @@ def follow_umask(path: Path) -> None:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`, with the file's mode following the umask."""
+    """`safetensors.torch.save_file`, written whole or not at all (a temporary name beside `path`, renamed
+    into place), with the file's mode following the umask."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
-    follow_umask(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -26,7 +26,6 @@ says which); `force=True` writes it anyway (the tiny test models). Load it back 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,12 +169,7 @@ def save_single_file(weights: dict, path, dtype=None, metadata: dict | None = No
         tensors[key] = value.contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_safetensors(tensors, tmp, metadata={"format": "pt", **(metadata or {})})  # umask's mode, not 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors(tensors, path, metadata={"format": "pt", **(metadata or {})})  # atomic, umask's mode
     return path
 
 

@@ -51,3 +51,23 @@ def test_everything_a_training_run_writes_follows_the_umask(tiny_sd1, images, tm
     assert any(cache / "latents" in p.parents and p.suffix == ".safetensors" for p in written)
     wrong = {str(p): oct(mode) for p, mode in written.items() if mode != (0o755 if p.is_dir() else 0o644)}
     assert wrong == {}
+
+
+def test_a_safetensors_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+    from safetensors.torch import load_file
+
+    from sdtune.files import save_safetensors
+
+    path = tmp_path / "entry.safetensors"
+    save_safetensors({"x": torch.ones(3)}, path)
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="No space"):
+        save_safetensors({"x": torch.zeros(3)}, path)
+    assert torch.equal(load_file(path)["x"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == [path.name]

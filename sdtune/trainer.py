@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class Run:
     config_toml: str
     log: Callable[[str], None]
     features: Any = None  # latents and text embeddings, encoded or from the caches
+    class_stream: BatchStream | None = None  # prior preservation: the class images' batches
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
@@ -111,9 +113,9 @@ def _restore(run: Run) -> None:
 
         run.log(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
                 f"to {run.cfg.memory.optimizer_offload}")
-        tier = OtherTierState(run.tier, run.components.unet, latest / "unet.safetensors")
-    state = checkpoint.load_checkpoint(latest, unet=run.components.unet, tier=tier,
-                                       lr_schedule=run.lr_schedule, scaler=run.scaler)
+        tier = OtherTierState(run.tier, run.components.unet, latest / run.placement.weights_file)
+    state = checkpoint.load_checkpoint(latest, restore=run.placement.restore, tier=tier, lr_schedule=run.lr_schedule,
+                                       scaler=run.scaler, weights_file=run.placement.weights_file)
     run.step, run.losses = state["step"], state["losses"]
     run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
     run.log(f"resumed from {latest} at step {run.step}")
@@ -145,8 +147,8 @@ def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> No
 
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
             log: Callable[[str], None]) -> Run:
-    """Scan the data, resolve the plan, load and place the model, prepare the features; with `resume`,
-    continue from the newest checkpoint in `out_dir`."""
+    """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
+    preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`."""
     from diffusers import DDPMScheduler
 
     from sdtune.models import load_components
@@ -155,32 +157,63 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     plan = resolve_plan(cfg.memory, log)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     _check_resolution(components, cfg, log)
-    placement = place(components, plan, cfg.train)
+    placement = place(components, plan, cfg)
     stream = BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log)
-    features = Features(components, cfg.data, plan, log)
-    features.prepare(stream, scan.examples)  # with caches: encode what is missing, then park the encoders
+    features = Features(components, cfg.data, plan, log, text_grad=cfg.lora.text_encoder)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
               log=log, features=features, stream=stream, placement=placement,
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
+    sources = [(stream, scan.examples)]
+    if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
+        from sdtune.dreambooth import class_config, class_images
+
+        examples = class_images(cfg, components, plan, log, sample_context=lambda: _sampling(run))
+        run.class_stream = BatchStream(examples, class_config(cfg), cfg.train.batch_size, cfg.train.seed + 1, warn=log)
+        sources.append((run.class_stream, examples))
+    features.prepare(sources)  # with caches: encode what is missing, then park the encoders
     if resume:
         _restore(run)
     return run
 
 
+CLASS_SEED = 2**40  # the class half of micro-batch k draws its noise from seed * 1_000_003 + k + CLASS_SEED
+
+
 def _micro_step(run: Run, index: int) -> float:
-    """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss.
+    """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss:
+    with prior preservation, instance loss + train.prior_loss_weight x class loss, one backward each.
     The loss is read after backward is queued (the host does not wait for the GPU in between), except
     where gradients reach the weights during backward (`step_in_backward`): a NaN/Inf loss skips it."""
+    train = run.cfg.train
+    halves = [(run.stream, 0, 1.0)]
+    if run.class_stream is not None:
+        halves.append((run.class_stream, CLASS_SEED, train.prior_loss_weight))
+    total = 0.0
+    for stream, salt, weight in halves:
+        value = _loss(run, stream, index, train.seed * 1_000_003 + index + salt)
+        if run.tier.step_in_backward and not math.isfinite(value.item()):
+            return value.item()
+        try:
+            run.scaler.scale(value * (weight / train.gradient_accumulation_steps)).backward()
+        except BaseException:
+            run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
+            raise
+        total += weight * value.item()
+    return total
+
+
+def _loss(run: Run, stream: BatchStream, index: int, seed: int):
+    """The diffusion loss of batch `index` of `stream`, its noise and timesteps drawn from `seed`."""
     import torch
 
     c, plan, train = run.components, run.plan, run.cfg.train
     while True:
-        items = run.stream.items(index)
-        generator = torch.Generator(plan.device).manual_seed(train.seed * 1_000_003 + index)
+        items = stream.items(index)
+        generator = torch.Generator(plan.device).manual_seed(seed)
         try:
-            latents = run.features.latents(run.stream, items, generator)
+            latents = run.features.latents(stream, items, generator)
             break
         except ImageFailed:
             continue  # reported once by the stream, which now substitutes another image of the bucket
@@ -194,15 +227,7 @@ def _micro_step(run: Run, index: int) -> float:
     target = loss.target(c.prediction_type, latents, noise, timesteps, run.alphas_cumprod)
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)
-    value = loss.diffusion_loss(prediction, target, weights)
-    if run.tier.step_in_backward and not math.isfinite(value.item()):
-        return value.item()
-    try:
-        run.scaler.scale(value / train.gradient_accumulation_steps).backward()
-    except BaseException:
-        run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
-        raise
-    return value.item()
+    return loss.diffusion_loss(prediction, target, weights)
 
 
 def _optimizer_step(run: Run, finite_loss: bool = True) -> bool:
@@ -217,15 +242,31 @@ def _optimizer_step(run: Run, finite_loss: bool = True) -> bool:
 
 
 def fp32_weights(run: Run) -> dict:
-    """The UNet's trained weights in fp32, wherever the tier keeps them."""
-    return run.tier.master_weights(run.components.unet)
+    """What trains, in fp32, wherever the tier keeps it: the UNet's weights, or the LoRA adapters'."""
+    return run.placement.weights()
 
 
 def _save(run: Run) -> Path:
     state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
     return checkpoint.save_checkpoint(run.out_dir, run.step, weights=fp32_weights(run), tier=run.tier,
                                       lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
-                                      config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints)
+                                      config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints,
+                                      weights_file=run.placement.weights_file)
+
+
+@contextmanager
+def _sampling(run: Run):
+    """The model ready to draw images: the trained modules in eval mode (no LoRA dropout), autocast, the
+    parked encoders on the device; back to training afterwards."""
+    trained = [run.components.unet, *(run.placement.lora or {}).values()]
+    for module in trained:
+        module.eval()
+    try:
+        with autocast(run.plan), run.features.on_device():
+            yield
+    finally:
+        for module in trained:
+            module.train()
 
 
 def _sample(run: Run, metrics) -> Path:
@@ -234,13 +275,11 @@ def _sample(run: Run, metrics) -> Path:
     from sdtune.models import assemble_pipeline
     from sdtune.sample import generate, make_grid
 
-    unet, out = run.components.unet, run.cfg.output
-    unet.eval()
-    with autocast(run.plan), run.features.on_device():
+    out = run.cfg.output
+    with _sampling(run):
         prompts = list(out.sample_prompts)
         images = generate(assemble_pipeline(run.components), prompts, [run.cfg.train.seed] * len(prompts),
                           steps=out.sample_steps)
-    unet.train()
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images)

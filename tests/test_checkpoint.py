@@ -73,7 +73,7 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused(tiny_sd1, image
     (target / "state.json").write_text(json.dumps(state))
     run = prepared(tiny_sd1, images, tmp_path / "fresh", "train.max_steps=4")
     with pytest.raises(SdtuneError, match="checkpoint .*step-000002 is unreadable"):
-        checkpoint.load_checkpoint(target, unet=run.components.unet, tier=run.tier,
+        checkpoint.load_checkpoint(target, restore=run.placement.restore, tier=run.tier,
                                    lr_schedule=run.lr_schedule, scaler=run.scaler)
     assert not marker.exists()
 

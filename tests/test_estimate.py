@@ -256,6 +256,6 @@ def test_the_frozen_parts_are_counted_in_the_precision_the_trainer_keeps_them(fi
     cfg, info = load_config("rtx2070", [f"model.pretrained={model}", "memory.device=cpu", "data.resolution=64",
                                         "train.batch_size=1", "memory.optimizer_offload=none"])
     components = load_components(model)
-    place(components, make_plan(cfg.memory, "cpu", "sdpa"), cfg.train).close()
+    place(components, make_plan(cfg.memory, "cpu", "sdpa"), cfg).close()
     held = sum(p.numel() * p.element_size() for m in components.frozen for p in m.parameters())
     assert estimate(cfg, info, model, device="cpu").categories["frozen"] == held

@@ -1,7 +1,7 @@
 """What the UNet trains on, per micro-batch: latents and text embeddings, encoded now or read from the caches.
 
-    features = Features(components, cfg.data, plan, cache_dir, log)
-    features.prepare(stream, examples)       # with caches: encode what is missing, then free the encoders
+    features = Features(components, cfg.data, plan, log, text_grad=False)
+    features.prepare([(stream, examples)])   # with caches: encode what is missing, then free the encoders
     latents = features.latents(stream, items, generator)
     cond = features.text(captions)           # a sdtune.families.Conditioning: hidden states (+ pooled)
 
@@ -27,8 +27,9 @@ from sdtune.files import sha256_file
 
 
 class Features:
-    def __init__(self, components, data: DataConfig, plan, log: Callable[[str], None]):
+    def __init__(self, components, data: DataConfig, plan, log: Callable[[str], None], text_grad: bool = False):
         self.c, self.data, self.plan, self.log = components, data, plan, log
+        self.text_grad = text_grad  # the text encoders train (a LoRA on them): encode with autograd
         self.latent_cache: FeatureCache | None = None
         self.text_cache: FeatureCache | None = None
         self._digests: dict = {}
@@ -37,15 +38,19 @@ class Features:
     # ------------------------------------------------------------------------------------------------
     # before step 1
 
-    def prepare(self, stream, examples) -> None:
+    def prepare(self, sources) -> None:
+        """Fill the caches for every (stream, examples) of `sources` (the instance images, and the class
+        images of prior preservation), then park the encoders whose outputs are all cached."""
         root = cache_root(self.data.cache_dir)
         if self.data.cache_latents:
             self.latent_cache = FeatureCache(root, "latents", module_identity(self.c.vae))
-            self._encode_missing_latents(stream, examples)
+            for stream, examples in sources:
+                self._encode_missing_latents(stream, examples)
             self.c.vae.to("cpu")
         if self.data.cache_text:
             self.text_cache = FeatureCache(root, "text", self._text_identity())
-            captions = sorted({e.caption for e in examples} | ({""} if self.data.caption_dropout else set()))
+            captions = {e.caption for _, examples in sources for e in examples}
+            captions = sorted(captions | ({""} if self.data.caption_dropout else set()))
             missing = [caption for caption in captions if self.text_cache.get(key_of(caption)) is None]
             for start in range(0, len(missing), 32):
                 chunk = missing[start:start + 32]
@@ -156,7 +161,7 @@ class Features:
         from sdtune.families import Conditioning
 
         if self.text_cache is None:
-            return self.c.family.encode(self.c, captions)
+            return self.c.family.encode(self.c, captions, grad=self.text_grad)
         stored = [self.text_cache.get(key_of(caption)) for caption in captions]
         for i, caption in enumerate(captions):
             if stored[i] is None:  # deleted or damaged since prepare(): embedded again, on the host if need be

@@ -94,8 +94,9 @@ class Family(ABC):
         """The inference pipeline, sharing `components`' modules."""
 
     @abstractmethod
-    def encode(self, components: Components, captions: list[str]) -> Conditioning:
-        """The text encoders' output for `captions`, as the family's pipeline encodes prompts (no grad)."""
+    def encode(self, components: Components, captions: list[str], grad: bool = False) -> Conditioning:
+        """The text encoders' output for `captions`, as the family's pipeline encodes prompts; with `grad`,
+        differentiable (a text-encoder LoRA trains through it)."""
 
     def added_cond(self, cond: Conditioning, items, device, dtype) -> dict | None:
         """The UNet's `added_cond_kwargs` for a micro-batch of `sdtune.data.Item`s; None where it takes none."""

@@ -25,12 +25,12 @@ class StableDiffusion(Family):
                                     tokenizer=components.tokenizer, scheduler=components.scheduler,
                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
-    def encode(self, components, captions: list[str]) -> Conditioning:
+    def encode(self, components, captions: list[str], grad: bool = False) -> Conditioning:
         import torch
 
         tokenizer, encoder = components.tokenizer, components.text_encoder
         tokens = tokenize(tokenizer, captions, next(encoder.parameters()).device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return Conditioning(hidden=encoder(tokens)[0])
 
 

@@ -44,11 +44,11 @@ class StableDiffusionXL(Family):
             tokenizer_2=tokenizer_2, unet=components.unet, scheduler=components.scheduler, add_watermarker=False,
             force_zeros_for_empty_prompt=components.options.get("force_zeros_for_empty_prompt", True))
 
-    def encode(self, components, captions: list[str]) -> Conditioning:
+    def encode(self, components, captions: list[str], grad: bool = False) -> Conditioning:
         import torch
 
         hidden, pooled = [], None
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
                 out = encoder(tokenize(tokenizer, captions, next(encoder.parameters()).device),
                               output_hidden_states=True)

@@ -184,9 +184,11 @@ def tier_class(plan) -> type[Tier]:
     return AdamW8bit if plan.optimizer == "adamw8bit" else Tier
 
 
-def make_tier(params, train: TrainConfig, plan, model: torch.nn.Module | None = None) -> Tier:
+def make_tier(params, train: TrainConfig, plan, model: torch.nn.Module | None = None,
+              backward_passes: int = 1) -> Tier:
     """The plan's tier over the trainable `params`. `model`, the module that owns them, lets the host-RAM
-    tier overlap its step with the next forward."""
+    tier overlap its step with the next forward. `backward_passes`: backward calls per micro-batch (2 with
+    prior preservation: the instance and the class half)."""
     params = [p for p in params if p.requires_grad]
     kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                   eps=train.adam_epsilon, weight_decay=train.weight_decay)
@@ -194,7 +196,7 @@ def make_tier(params, train: TrainConfig, plan, model: torch.nn.Module | None = 
     if kind.host_gradients:
         from sdtune.offload import NvmeAdamW, OffloadAdamW
 
-        accumulation = train.gradient_accumulation_steps
+        accumulation = train.gradient_accumulation_steps * backward_passes
         kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu",
                       max_grad_norm=train.max_grad_norm, accumulation_steps=accumulation, model=model)
         if kind is NvmeTier:

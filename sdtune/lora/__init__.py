@@ -1,0 +1,6 @@
+"""LoRA (`train.method = "lora"`): peft adapters on the frozen model, and the files they are shared as.
+
+- `adapter`: attach the adapters (`[lora]` keys), read and restore what trains;
+- `files`: `pytorch_lora_weights.safetensors` (diffusers) and `lora.safetensors` (kohya / AUTOMATIC1111);
+- `apply`: a base pipeline with a trained LoRA loaded (sampling) or merged into its weights (`sdtune merge`).
+"""

@@ -113,18 +113,43 @@ def sample(
     out: Path = typer.Option(Path("samples"), help="Folder for the PNGs and grid.png."),
     vae: str | None = typer.Option(None, help="A diffusers VAE folder to decode with instead of the model's own "
                                               "(e.g. an fp16-safe SDXL VAE)."),
+    lora_scale: float = typer.Option(1.0, help="For a LoRA run's --ckpt: how strongly the LoRA applies "
+                                               "(0: the base model, 1: as trained)."),
 ):
-    """Generate images with a trained (or any diffusers) Stable Diffusion 1.x, 2.x or SDXL pipeline."""
+    """Generate images with a trained (or any diffusers) Stable Diffusion 1.x, 2.x or SDXL pipeline, or
+    with a LoRA run's folder: its base model plus the LoRA."""
     from sdtune.sample import sample as run_sample
 
     with console.status(f"sampling {num_images} image(s), {steps} steps"):
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
-                            width=width, guidance=guidance, out_dir=str(out), vae=vae)
+                            width=width, guidance=guidance, out_dir=str(out), vae=vae, lora_scale=lora_scale)
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for path in result.images:
         console.print(f"wrote {path}")
     console.print(f"wrote {result.grid}")
+
+
+@app.command()
+@user_errors
+def merge(
+    ckpt: Path = typer.Option(..., help="A LoRA run's --out folder (pytorch_lora_weights.safetensors, config.toml)."),
+    out: Path = typer.Option(..., help="Folder for the merged model: a diffusers pipeline and model.safetensors."),
+    lora_scale: float = typer.Option(1.0, help="How strongly the LoRA is merged in (1: as trained)."),
+    base: str | None = typer.Option(None, help="Merge into this base model instead of the one the LoRA was "
+                                               "trained on (a diffusers folder, .safetensors file or hub id)."),
+    overwrite: bool = typer.Option(False, help="Write into an --out folder that is not empty."),
+):
+    """Merge a trained LoRA into its base model and write the result in both of sdtune's export formats:
+    a diffusers pipeline folder and, when ComfyUI/AUTOMATIC1111 can read it, model.safetensors."""
+    from sdtune.lora.merge import merge as run_merge
+
+    with console.status(f"merging {ckpt} into its base model"):
+        result = run_merge(ckpt, out, scale=lora_scale, base=base, overwrite=overwrite)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+    console.print(f"merged model written to {out}/ ({result.pipeline_class}.from_pretrained('{out}'))"
+                  + (f" and {result.single_file}" if result.single_file else ""))
 
 
 ESTIMATE_ROWS = {"weights": "weights (UNet)", "frozen": "frozen (VAE, text)", "gradients": "gradients",

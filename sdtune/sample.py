@@ -53,22 +53,25 @@ class SampleResult:
 
 def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed: int = 0,
            height: int | None = None, width: int | None = None, guidance: float = 7.5,
-           out_dir: str = "samples", vae: str | None = None) -> SampleResult:
+           out_dir: str = "samples", vae: str | None = None, lora_scale: float = 1.0) -> SampleResult:
     """Load the pipeline at `ckpt` (with the VAE folder `vae` instead of its own, if given) and write
-    `num_images` PNGs plus `grid.png` into `out_dir`."""
+    `num_images` PNGs plus `grid.png` into `out_dir`. A LoRA run's folder is its base model with the LoRA
+    merged in at `lora_scale`."""
     import torch
 
     from sdtune.errors import SdtuneError
+    from sdtune.lora.apply import is_lora_folder, merged_components
     from sdtune.models import assemble_pipeline, classify_source, load_components
 
-    if classify_source(ckpt) != "folder":
+    lora = is_lora_folder(ckpt)
+    if not lora and classify_source(ckpt) != "folder":
         raise SdtuneError(f"--ckpt {ckpt} must be a diffusers folder such as a finished `sdtune train --out` folder")
     for name, value in (("--height", height), ("--width", width)):
         if value is not None and (value < 8 or value % 8):
             raise SdtuneError(f"{name} must be a positive multiple of 8, got {value}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    components = load_components(ckpt)
+    components = merged_components(ckpt, lora_scale) if lora else load_components(ckpt)
     if vae is not None:
         components.vae = _load_vae(vae)
     notes = ()

@@ -89,6 +89,9 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     from sdtune.memtrack import MemoryTracker
     from sdtune.meta import meta_model
 
+    if cfg.train.method == "lora":
+        raise SdtuneError("estimate-vram does not model train.method=lora yet (the frozen base in the working "
+                          "precision plus the adapters); it would count a full fine-tune")
     started = time.perf_counter()
     device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")
     source = model or cfg.model.pretrained

@@ -91,7 +91,7 @@ def train(
     console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
-    if result["method"] == "lora":
+    if result.get("method") == "lora":
         console.print(f"LoRA written to {out}/: pytorch_lora_weights.safetensors (diffusers: "
                       f"pipe.load_lora_weights('{out}')) and lora.safetensors (ComfyUI, AUTOMATIC1111); "
                       f"`sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` bakes it in")

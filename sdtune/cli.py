@@ -251,7 +251,8 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
     """List the memory plans, or print one resolved with every key and its meaning."""
     from rich.table import Column, Table
 
-    from sdtune.config import load_config, preset_names, to_toml
+    from sdtune.config import load_config, preset_names
+    from sdtune.config_toml import to_toml
 
     if name:
         cfg, info = load_config(name)

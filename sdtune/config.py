@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -380,53 +379,3 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tup
     data, info = read_preset(preset)
     layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
     return apply_layers(Config(), layers), info
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Resolved TOML dump (written into every output folder; `sdtune presets NAME` prints it)
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(value, ensure_ascii=False)
-
-
-def to_toml(cfg: Config, info: PresetInfo | None = None) -> str:
-    lines = []
-    if info is not None:
-        lines += [f"# resolved from preset {info.name}; usable as --preset FILE", "[preset]",
-                  f"card = {_toml_value(info.card)}",
-                  f"vram_gib = {_toml_value(info.vram_gib)}", f"description = {_toml_value(info.description)}", ""]
-    for name in SECTIONS:
-        section = getattr(cfg, name)
-        lines.append(f"[{name}]")
-        for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['doc']}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def resume_conflicts(saved: Config, now: Config) -> list[str]:
-    """The keys `now` changes from `saved` (a checkpoint's config) that `--resume` may not change, each as
-    "section.key: old -> new"; empty when the run may continue."""
-    conflicts = []
-    for name in SECTIONS:
-        old, new = getattr(saved, name), getattr(now, name)
-        for f in dataclasses.fields(old):
-            before, after, rule = getattr(old, f.name), getattr(new, f.name), f.metadata["resume"]
-            allowed = rule in (FREE, NEUTRAL) or (callable(rule) and rule(before, after))
-            if before != after and not allowed:
-                conflicts.append(f"{name}.{f.name}: {before!r} -> {after!r}")
-    return conflicts
-
-
-def from_toml(text: str, source: str) -> Config:
-    """Read a config.toml written by `to_toml` (a checkpoint's or an output folder's)."""
-    data = tomllib.loads(text)
-    data.pop("preset", None)
-    return apply_layers(Config(), [(data, source)])

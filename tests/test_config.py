@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from sdtune.config import Config, from_toml, load_config, parse_set, preset_names, to_toml
+from sdtune.config import Config, load_config, parse_set, preset_names
+from sdtune.config_toml import from_toml, to_toml
 from sdtune.errors import SdtuneError
 
 

@@ -23,7 +23,7 @@ def is_lora_folder(folder: str | Path) -> bool:
 
 def base_of(folder: str | Path) -> tuple[str, str]:
     """(model.pretrained, model.config) of the run that trained the LoRA in `folder`."""
-    from sdtune.config import from_toml
+    from sdtune.config_toml import from_toml
 
     path = Path(folder) / "config.toml"
     if not path.is_file():

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import checkpoint, loss
-from sdtune.config import Config, PresetInfo, from_toml, resume_conflicts, to_toml
+from sdtune.config import Config, PresetInfo
+from sdtune.config_toml import from_toml, resume_conflicts, to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
@@ -196,7 +197,8 @@ def _micro_step(run: Run, index: int) -> float:
         if run.tier.step_in_backward and not math.isfinite(value.item()):
             return value.item()
         try:
-            run.scaler.scale(value * (weight / train.gradient_accumulation_steps)).backward()
+            scaled = value / train.gradient_accumulation_steps  # the instance half: as without prior preservation
+            run.scaler.scale(scaled if weight == 1.0 else scaled * weight).backward()
         except BaseException:
             run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
             raise

@@ -4,10 +4,12 @@
     cfg, info = load_config(pick.preset, [*pick.extra, "train.max_steps=100"])
 
 A plan is a shipped preset plus extra `--set` overrides (a *candidate*). The candidates are the GPU
-presets (those whose `[preset]` names a card) of the model's family, each also with one lever more:
-checkpointing turned on where it is off, or weight streaming (`memory.param_offload=cpu`) where the
-optimizer is offloaded. On a card without native bf16 (compute capability below 8.0) bf16 plans run in
-fp16; on one with it, the fp16 presets are left out (the same memory, and bf16 needs no loss scaling). The
+presets (those whose `[preset]` names a card) of the model's family that train as the run does
+(`train.method`: full fine-tunes get the full presets, LoRA runs the `lora-*` ones), each also with one
+lever more: checkpointing turned on where it is off, or weight streaming (`memory.param_offload=cpu`)
+where the optimizer is offloaded. Half-precision plans run in the card's half precision: fp16 on a card
+without native bf16 (compute capability below 8.0), bf16 on one with it (the same memory, and bf16 needs
+no loss scaling; an fp16 preset with bf16 is often another preset's plan, and then tried once). The
 user's own overrides go on top of every candidate, so what is estimated is what will train; plans that
 come out identical are tried once. They are tried fastest first by `cost` (below), and the first whose
 estimated `total` is at most `SAFETY` of the card's memory, and whose host RAM is at most `SAFETY` of this
@@ -89,10 +91,12 @@ def host_ram() -> int | None:
         return None
 
 
-def gpu_presets(family: str = "sd") -> list[str]:
+def gpu_presets(family: str = "sd", method: str = "full") -> list[str]:
     """The shipped presets of model `family` ("sd" or "sdxl") sized for a GPU card (`[preset] vram_gib`
-    above 0): for "sd" all the SD ones but `cpu`."""
-    return [name for name in preset_names() if read_preset(name)[1].vram_gib > 0 and preset_family(name) == family]
+    above 0) that train by `method` (`train.method`: "full" or "lora"); for "sd" and "full" all the full SD
+    ones but `cpu`."""
+    return [name for name in preset_names() if read_preset(name)[1].vram_gib > 0 and preset_family(name) == family
+            and load_config(name)[0].train.method == method]
 
 
 def preset_family(name: str) -> str:
@@ -100,6 +104,13 @@ def preset_family(name: str) -> str:
     from sdtune.meta import family_of
 
     return family_of(load_config(name)[0].model.pretrained)
+
+
+def run_method(overrides: Sequence[str] = ()) -> str:
+    """`train.method` as the last of `overrides` sets it, else "full" (the default)."""
+    named = [parse_set(item)["train"]["method"] for item in overrides
+             if item.split("=", 1)[0].strip() == "train.method"]
+    return named[-1] if named else "full"
 
 
 def model_family(overrides: Sequence[str] = (), model: str | None = None) -> str:
@@ -120,16 +131,15 @@ def cost(mem: MemoryConfig) -> int:
             + int(mem.optimizer_offload == "nvme") + int(mem.param_offload != "none"))
 
 
-def candidates(gpu: Gpu, family: str = "sd") -> list[Candidate]:
-    """Every plan of model `family` `--preset auto` may try on `gpu`, before the user's overrides; not yet
-    ordered."""
-    found = []
-    for name in gpu_presets(family):
+def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candidate]:
+    """Every plan of model `family` training by `method` that `--preset auto` may try on `gpu`, before the
+    user's overrides; not yet ordered. Half-precision plans run in the card's half precision: bf16 where it
+    has it, else fp16."""
+    found, half = [], "bf16" if gpu.bf16 else "fp16"
+    for name in gpu_presets(family, method):
         cfg, _ = load_config(name)
         mem = cfg.memory
-        if gpu.bf16 and mem.precision == "fp16":
-            continue
-        base = ("memory.precision=fp16",) if not gpu.bf16 and mem.precision == "bf16" else ()
+        base = (f"memory.precision={half}",) if mem.precision in ("bf16", "fp16") and mem.precision != half else ()
         found.append(Candidate(name, base))
         if not mem.gradient_checkpointing:
             found.append(Candidate(name, (*base, "memory.gradient_checkpointing=true")))
@@ -139,8 +149,8 @@ def candidates(gpu: Gpu, family: str = "sd") -> list[Candidate]:
 
 
 def ordered(gpu: Gpu, overrides: Sequence[str], family: str = "sd") -> list[tuple[Candidate, Config, PresetInfo]]:
-    """The candidates of `family` with the user's overrides applied, fastest first, each distinct plan once;
-    nvme plans only when the overrides name `memory.offload_dir`.
+    """The candidates of `family` training by the overrides' `train.method` with the user's overrides applied,
+    fastest first, each distinct plan once; nvme plans only when the overrides name `memory.offload_dir`.
 
     Ties in `cost` go to fewer extra overrides. Of candidates that resolve to the same config (rtx3050 and
     rtx3080 differ only in their card), the one with fewer extras and then the card size nearest the GPU's
@@ -149,7 +159,7 @@ def ordered(gpu: Gpu, overrides: Sequence[str], family: str = "sd") -> list[tupl
     card_gib = gpu.total_memory / GIB
     named_dir = any(item.split("=", 1)[0].strip() == "memory.offload_dir" for item in overrides)
     resolved, errors = [], []
-    for cand in candidates(gpu, family):
+    for cand in candidates(gpu, family, run_method(overrides)):
         try:
             cfg, info = load_config(cand.preset, [*cand.extra, *overrides])
         except SdtuneError as exc:

@@ -152,7 +152,7 @@ def merge(
                   + (f" and {result.single_file}" if result.single_file else ""))
 
 
-ESTIMATE_ROWS = {"weights": "weights (UNet)", "frozen": "frozen (VAE, text)", "gradients": "gradients",
+ESTIMATE_ROWS = {"weights": "trained weights", "frozen": "frozen weights", "gradients": "gradients",
                  "optimizer_state": "optimizer state", "activations": "activations", "temporaries": "temporaries",
                  "allocator_overhead": "allocator overhead", "cuda_context": "CUDA context"}
 
@@ -163,7 +163,8 @@ def estimate_vram(
     model: str | None = typer.Option(None, help="A diffusers folder, a .safetensors checkpoint or an architecture "
                                                 "(sd15, sd21, sdxl); default: the preset's model when it is a "
                                                 "local path, else sd15."),
-    preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, or all (every GPU preset)."),
+    preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, or all (every GPU preset "
+                                                 "of the model's family and of train.method)."),
     resolution: int | None = typer.Option(None, min=8, help="Image side in pixels; sets data.resolution "
                                                             "(default: the preset's, 512 for the GPU presets)."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass; sets train.batch_size "
@@ -181,14 +182,15 @@ def estimate_vram(
     """
     import json
 
-    from sdtune.auto import SAFETY, detect_gpu, gpu_presets, model_family
+    from sdtune.auto import SAFETY, detect_gpu, gpu_presets, model_family, run_method
     from sdtune.config import load_config
     from sdtune.estimate import estimate
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
     results = []
-    for name in gpu_presets(model_family(set_, model)) if preset == "all" else [preset]:  # the model's family
+    family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
+    for name in gpu_presets(family, method) if preset == "all" else [preset]:
         cfg, info = load_config(name, overrides)
         with console.status(f"tracing one training step under {info.name}"):
             results.append(estimate(cfg, info, model))

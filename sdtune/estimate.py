@@ -89,9 +89,6 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     from sdtune.memtrack import MemoryTracker
     from sdtune.meta import meta_model
 
-    if cfg.train.method == "lora":
-        raise SdtuneError("estimate-vram does not model train.method=lora yet (the frozen base in the working "
-                          "precision plus the adapters); it would count a full fine-tune")
     started = time.perf_counter()
     device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")
     source = model or cfg.model.pretrained
@@ -107,12 +104,13 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
         parts = dataclasses.replace(parts, text_encoders=())
     tracker = MemoryTracker("meta")
     plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
-    with torch.no_grad():
+    trained = _place(parts, vae, plan, cfg, tracker)
+    with torch.set_grad_enabled(cfg.train.method == "lora" and cfg.lora.text_encoder):
         cond = _frozen_pass(parts, vae, plan, cfg, tracker)
-    footprint = _footprint(parts, plan, cfg)
+    footprint = _footprint(trained, plan, cfg)
     state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
     tracker.add([state], "optimizer_state")
-    milestones = _unet_step(parts, plan, cfg, tracker, cond)
+    milestones = _unet_step(parts, plan, cfg, tracker, cond, trained)
     at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
     allocated = sum(at_peak.values())
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
@@ -138,21 +136,55 @@ def _is_hub_id(source: str) -> bool:
 # the traced step
 
 
+def _place(parts, vae, plan, cfg: Config, tracker) -> list:
+    """Cast the parts as `sdtune.placement` does and label their weights; return what trains.
+
+    The frozen parts take the working precision (an fp16 plan keeps a VAE whose config says `force_upcast`,
+    SDXL's, in fp32). A full fine-tune trains the UNet: fp32 on the device with the in-device tier, the
+    working precision there when a host tier holds the fp32 masters. With `train.method = "lora"` the UNet
+    is frozen in the working precision too, and peft's fp32 adapters (`sdtune.lora.adapter.attach`, on the
+    UNet and with `lora.text_encoder` on the encoders) are what trains."""
+    import torch
+
+    from sdtune.offload.tier import tier_class
+
+    working, unet = plan.working_dtype, parts.unet
+    for module in parts.frozen:
+        module.requires_grad_(False)
+        module.to(_frozen_dtype(parts.family, vae, module, working))
+    if cfg.train.method == "lora":
+        from sdtune.lora.adapter import attach, trainable
+
+        unet.to(working)
+        trained = [p for module in attach(unet, parts.text_encoders, cfg.lora, seed=cfg.train.seed).values()
+                   for p in trainable(module)]
+    else:
+        unet.to(working if tier_class(plan).host_gradients else torch.float32)
+        trained = list(unet.parameters())
+    for module in parts.frozen:
+        tracker.add([p for p in module.parameters() if not p.requires_grad], "frozen")
+    if cfg.train.method == "lora":
+        tracker.add([p for p in unet.parameters() if not p.requires_grad], "frozen")
+        tracker.add(trained, "weights")
+    elif plan.param_offload != "cpu":  # streamed weights are counted as the streamer copies them in
+        tracker.add(trained, "weights")
+    return trained
+
+
 def _frozen_pass(parts, vae, plan, cfg: Config, tracker) -> tuple:
-    """The frozen parts on the device in the working precision (an fp16 plan keeps a VAE whose config says
-    `force_upcast`, SDXL's, in fp32, as `sdtune.placement` does); encode one batch as the trainer does.
-    Returns the UNet's conditioning: the text context, and SDXL's `added_cond_kwargs`."""
+    """Encode one batch as the trainer does. Returns the UNet's conditioning: the text context, and SDXL's
+    `added_cond_kwargs`. With LoRA on the text encoders, what their backward needs counts as activations."""
     import torch
 
     dtype, batch, side = plan.working_dtype, cfg.train.batch_size, cfg.data.resolution
-    for module in parts.frozen:
-        module.to(_frozen_dtype(parts.family, vae, module, dtype))
-        tracker.add(module.parameters(), "frozen")
     with tracker, _CudaSemantics():
         tracker.phase = "temporaries"
         if parts.vae is not None:
             vae_dtype = next(parts.vae.parameters()).dtype
-            parts.vae.encode(torch.empty(batch, 3, side, side, dtype=vae_dtype, device="meta"))
+            with torch.no_grad():
+                parts.vae.encode(torch.empty(batch, 3, side, side, dtype=vae_dtype, device="meta"))
+        if torch.is_grad_enabled():
+            tracker.phase = "activations"
         text, pooled = _encode_text(parts, batch, dtype)
         extra = {}
         if parts.unet.config.addition_embed_type == "text_time":  # SDXL: pooled caption and six size numbers
@@ -196,8 +228,9 @@ def _tokens(encoder, batch: int):
     return torch.zeros(batch, tokens, dtype=torch.long, device="meta")
 
 
-def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, int]]:
-    """The UNet placed as `sdtune.placement` places it, then forward and backward."""
+def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[str, dict[str, int]]:
+    """The UNet, placed by `_place`, configured as `sdtune.placement` configures it; then forward and
+    backward, with the tier's gradient handling on what trains."""
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
     from torch.utils.checkpoint import checkpoint
@@ -206,7 +239,6 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, i
 
     unet, working = parts.unet, plan.working_dtype
     host_gradients = tier_class(plan).host_gradients  # the tier holds the masters: working weights on the device
-    unet.to(working if host_gradients else torch.float32)
     unet.set_attn_processor(AttnProcessor2_0())
     unet.train()
     cuda = _CudaSemantics(autocast=working if plan.precision != "fp32" else None)
@@ -230,9 +262,7 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond) -> dict[str, dict[str, i
 
         ParamStreamer(unet, "meta", prefetch_blocks=plan.param_prefetch_blocks,
                       on_copy=lambda copy: tracker.relabel(copy, "weights"))
-    else:
-        tracker.add(unet.parameters(), "weights")
-    for p in unet.parameters():
+    for p in trained:
         p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, host_gradients))
     text, extra = cond
     side, batch = cfg.data.resolution // 8, cfg.train.batch_size
@@ -257,13 +287,15 @@ def _on_grad(tracker, offloaded: bool, param) -> None:
         param.grad = None  # OffloadAdamW copies it to the host and frees it on the device
 
 
-def _footprint(parts, plan, cfg: Config):
-    """The optimizer tier's bytes on the device, the host and the disk, by the tier's own byte model."""
+def _footprint(trained: list, plan, cfg: Config):
+    """The optimizer tier's bytes on the device, the host and the disk over what trains, by the tier's own
+    byte model; prior preservation's two backward passes a micro-batch count as accumulation, as the
+    trainer builds the tier."""
     from sdtune.offload.tier import tier_class
 
-    return tier_class(plan).footprint([p.numel() for p in parts.unet.parameters()],
-                                      itemsize=plan.working_dtype.itemsize, host_weights=plan.param_offload == "cpu",
-                                      accumulation_steps=cfg.train.gradient_accumulation_steps)
+    passes = cfg.train.gradient_accumulation_steps * (2 if cfg.prior_preservation else 1)
+    return tier_class(plan).footprint([p.numel() for p in trained], itemsize=plan.working_dtype.itemsize,
+                                      host_weights=plan.param_offload == "cpu", accumulation_steps=passes)
 
 
 def _host_ram(parts, vae, parked: list, plan, footprint) -> int:

@@ -4,10 +4,10 @@
     fallback.overrides                   # ("memory.gradient_checkpointing=true",): --set items
     describe(dataclasses.replace(cfg, memory=fallback.memory), info)   # "rtx4090 (bf16, ...)"
 
-The smaller plans are those `--preset auto` orders (`auto.candidates`, ranked by `auto.cost`): of each
-candidate only its memory levers are taken, added to the run's own plan, so the training itself (model,
-data, recipe, precision, optimizer) stays what it was. The next smaller plan is the cheapest by
-`auto.cost` that pulls at least one lever more.
+The smaller plans are those `--preset auto` orders (`auto.candidates` of the run's `train.method`,
+ranked by `auto.cost`): of each candidate only its memory levers are taken, added to the run's own plan,
+so the training itself (model, data, recipe, precision, optimizer) stays what it was. The next smaller
+plan is the cheapest by `auto.cost` that pulls at least one lever more.
 
 A fallback resumes the run's checkpoint on the smaller plan: the levers it pulls are those `--resume` may
 change (`resume=NEUTRAL` in sdtune/config.py; the optimizer's state moves between the in-device AdamW
@@ -64,7 +64,8 @@ def next_smaller(cfg: Config, info: PresetInfo) -> Fallback | None:
 
     mem = cfg.memory
     found = []
-    for cand in candidates(Gpu("", 0, bf16=True)):  # only the levers are used: the card does not matter
+    # only the levers are used: the card and the family do not matter, the method does (LoRA refuses offload)
+    for cand in candidates(Gpu("", 0, bf16=True), method=cfg.train.method):
         smaller = _pulled(mem, load_config(cand.preset, cand.extra)[0].memory)
         if smaller is not None and cost(smaller) > cost(mem):
             changed = tuple(_set_item(key, getattr(smaller, key)) for key in LEVERS

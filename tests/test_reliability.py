@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import final_unet, on_step, prepared, runner, train
+from safetensors.torch import load_file
 
 from sdtune import loss, replan, trainer
 from sdtune.cli import app
@@ -82,12 +84,20 @@ def test_sigint_and_sigterm_finish_the_step_save_and_say_how_to_resume(tiny_sd1,
         assert json.loads((outs[sig] / "summary.json").read_text())["steps"] == step + 2
 
 
-def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, images, tmp_path, spawn):
+LORA_WITH_PRIOR = ("--set", "train.method=lora", "--set", "lora.rank=4", "--set", "train.learning_rate=1e-3",
+                   "--set", "data.num_class_images=2")
+
+
+@pytest.mark.parametrize("method", ["full", "lora+prior"])
+def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, images, tmp_path, spawn, method):
     seed = 7
     rng = random.Random(seed)
     after, delay = rng.choice([2, 4, 6]), rng.uniform(0.0, 0.2)  # kill after checkpoint `after`, in some step
-    where = f"seed {seed}: killed {delay:.3f} s after checkpoint {after}"
+    where = f"{method}, seed {seed}: killed {delay:.3f} s after checkpoint {after}"
     args = ("--max-steps", "10", "--set", "output.checkpoint_every=2", "--set", "output.keep_checkpoints=5")
+    if method == "lora+prior":  # a LoRA with DreamBooth's class images (the user's: none is generated)
+        shutil.copytree(images, tmp_path / "class")
+        args += (*LORA_WITH_PRIOR, "--set", f"data.class_dir={tmp_path / 'class'}")
     killed = tmp_path / "killed"
     process = spawn(tiny_sd1, images, killed, *args)
     expected = train(tiny_sd1, images, tmp_path / "straight", *args)  # while the other process starts
@@ -99,8 +109,9 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
     assert not (killed / "summary.json").exists(), where
     resumed = train(tiny_sd1, images, killed, *args, "--resume")
     assert resumed["losses"] == expected["losses"], where
-    a, b = final_unet(tmp_path / "straight"), final_unet(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a), f"{where}: the final UNet weights differ"
+    final = final_unet if method == "full" else lambda out: load_file(out / "pytorch_lora_weights.safetensors")
+    a, b = final(tmp_path / "straight"), final(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"{where}: the final weights differ"
 
 
 def test_the_stop_handler_ignores_a_second_signal_and_restores_the_previous_handlers(tiny_sd1, images, tmp_path,

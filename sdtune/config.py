@@ -240,9 +240,9 @@ class Config:
                      f"{memory.optimizer_offload} would move their AdamW state off the GPU to save nothing; "
                      "set memory.optimizer_offload=none")
             _require(memory.param_offload == "none",
-                     f"train.method=lora keeps the frozen base in the working precision on the GPU; "
-                     f"memory.param_offload={memory.param_offload} streams weights only for a full fine-tune "
-                     "(its host optimizer owns them); set memory.param_offload=none")
+                     f"train.method=lora keeps the frozen base on the GPU: memory.param_offload="
+                     f"{memory.param_offload} sends a streamed block home when its weights' gradients arrive, "
+                     "and a frozen block gets none; set memory.param_offload=none")
         _require(not (self.lora.text_encoder and self.train.method != "lora"),
                  "lora.text_encoder=true needs train.method=lora")
         _require(not (self.lora.text_encoder and self.data.cache_text),

@@ -7,14 +7,14 @@ A plan is a shipped preset plus extra `--set` overrides (a *candidate*). The can
 presets (those whose `[preset]` names a card) of the model's family that train as the run does
 (`train.method`: full fine-tunes get the full presets, LoRA runs the `lora-*` ones), each also with one
 lever more: checkpointing turned on where it is off, or weight streaming (`memory.param_offload=cpu`)
-where the optimizer is offloaded. Half-precision plans run in the card's half precision: fp16 on a card
-without native bf16 (compute capability below 8.0), bf16 on one with it (the same memory, and bf16 needs
-no loss scaling; an fp16 preset with bf16 is often another preset's plan, and then tried once). The
-user's own overrides go on top of every candidate, so what is estimated is what will train; plans that
-come out identical are tried once. They are tried fastest first by `cost` (below), and the first whose
-estimated `total` is at most `SAFETY` of the card's memory, and whose host RAM is at most `SAFETY` of this
-machine's, is the pick. The nvme optimizer tier needs a folder on a fast disk, which only the user can
-name, so a plan with it (`sdxl-8gb`) is a candidate only when the user's overrides name
+where the optimizer is offloaded or a LoRA's base is frozen. Half-precision plans run in the card's half
+precision: fp16 on a card without native bf16 (compute capability below 8.0), bf16 on one with it (the
+same memory, and bf16 needs no loss scaling; an fp16 preset with bf16 is often another preset's plan, and
+then tried once). The user's own overrides go on top of every candidate, so what is estimated is what will
+train; plans that come out identical are tried once. They are tried fastest first by `cost` (below), and
+the first whose estimated `total` is at most `SAFETY` of the card's memory, and whose host RAM is at most
+`SAFETY` of this machine's, is the pick. The nvme optimizer tier needs a folder on a fast disk, which only
+the user can name, so a plan with it (`sdxl-8gb`) is a candidate only when the user's overrides name
 `memory.offload_dir`: when host RAM is what no plan fits, the error says to ask for it with `--set`.
 
 The family is the model's: `model.pretrained` from the user's overrides (or the `model` argument), read
@@ -143,8 +143,8 @@ def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candi
         found.append(Candidate(name, base))
         if not mem.gradient_checkpointing:
             found.append(Candidate(name, (*base, "memory.gradient_checkpointing=true")))
-        elif mem.optimizer_offload != "none" and mem.param_offload == "none":
-            found.append(Candidate(name, (*base, "memory.param_offload=cpu")))
+        elif (mem.optimizer_offload != "none" or cfg.train.method == "lora") and mem.param_offload == "none":
+            found.append(Candidate(name, (*base, "memory.param_offload=cpu")))  # a LoRA streams its frozen base
     return found
 
 

@@ -197,9 +197,6 @@ class MemoryConfig:
         _require(self.param_offload == "none" or self.gradient_checkpointing,
                  f"memory.param_offload={self.param_offload} streams weights into the recomputation of backward; "
                  "it needs memory.gradient_checkpointing=true")
-        _require(self.param_offload == "none" or self.optimizer_offload != "none",
-                 f"memory.param_offload={self.param_offload} keeps weights off the GPU; it needs "
-                 "memory.optimizer_offload=cpu or nvme (else the fp32 weights and AdamW state stay on the GPU)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,10 +236,10 @@ class Config:
                      f"train.method=lora trains a few MB of weights: memory.optimizer_offload="
                      f"{memory.optimizer_offload} would move their AdamW state off the GPU to save nothing; "
                      "set memory.optimizer_offload=none")
-            _require(memory.param_offload == "none",
-                     f"train.method=lora keeps the frozen base on the GPU: memory.param_offload="
-                     f"{memory.param_offload} sends a streamed block home when its weights' gradients arrive, "
-                     "and a frozen block gets none; set memory.param_offload=none")
+        else:  # a full fine-tune streams the working copies of masters that a host tier keeps
+            _require(self.memory.param_offload == "none" or self.memory.optimizer_offload != "none",
+                     f"memory.param_offload={self.memory.param_offload} keeps weights off the GPU; it needs "
+                     "memory.optimizer_offload=cpu or nvme (else the fp32 weights and AdamW state stay on the GPU)")
         _require(not (self.lora.text_encoder and self.train.method != "lora"),
                  "lora.text_encoder=true needs train.method=lora")
         _require(not (self.lora.text_encoder and self.data.cache_text),

@@ -119,7 +119,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                     batch_size=cfg.train.batch_size, device=device,
                     categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                     peak_allocated=allocated, peak_reserved=allocated + overhead, total=allocated + overhead + context,
-                    host_ram=_host_ram(parts, vae, parked, plan, footprint), disk=footprint.disk,
+                    host_ram=_host_ram(parts, vae, parked, plan, footprint, cfg), disk=footprint.disk,
                     card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2), milestones=milestones)
 
 
@@ -164,7 +164,8 @@ def _place(parts, vae, plan, cfg: Config, tracker) -> list:
     for module in parts.frozen:
         tracker.add([p for p in module.parameters() if not p.requires_grad], "frozen")
     if cfg.train.method == "lora":
-        tracker.add([p for p in unet.parameters() if not p.requires_grad], "frozen")
+        if plan.param_offload != "cpu":  # streamed, the frozen base is counted as the streamer copies it in
+            tracker.add([p for p in unet.parameters() if not p.requires_grad], "frozen")
         tracker.add(trained, "weights")
     elif plan.param_offload != "cpu":  # streamed weights are counted as the streamer copies them in
         tracker.add(trained, "weights")
@@ -260,8 +261,10 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[s
     if plan.param_offload == "cpu":
         from sdtune.offload import ParamStreamer
 
+        lora = cfg.train.method == "lora"  # a LoRA streams its frozen base only
         ParamStreamer(unet, "meta", prefetch_blocks=plan.param_prefetch_blocks,
-                      on_copy=lambda copy: tracker.relabel(copy, "weights"))
+                      on_copy=lambda copy: tracker.relabel(copy, "frozen" if lora else "weights"),
+                      select=(lambda p: not p.requires_grad) if lora else None)
     for p in trained:
         p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, host_gradients))
     text, extra = cond
@@ -298,15 +301,18 @@ def _footprint(trained: list, plan, cfg: Config):
                                       host_weights=plan.param_offload == "cpu", accumulation_steps=passes)
 
 
-def _host_ram(parts, vae, parked: list, plan, footprint) -> int:
+def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config) -> int:
     """Host bytes, whichever is more: the whole fp32 pipeline while it loads, or what training holds there,
-    the optimizer tier's state and the parked (cached) encoders in the working precision."""
+    the optimizer tier's state, the parked (cached) encoders in the working precision, and a streamed
+    LoRA's frozen UNet in the working precision."""
     def numel(module) -> int:
         return sum(p.numel() for p in module.parameters())
 
     parked = [m for m in parked if m is not None]
     loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
     held = sum(numel(m) * _frozen_dtype(parts.family, vae, m, plan.working_dtype).itemsize for m in parked)
+    if cfg.train.method == "lora" and plan.param_offload == "cpu":
+        held += sum(p.numel() for p in parts.unet.parameters() if not p.requires_grad) * plan.working_dtype.itemsize
     return max(loading, footprint.host + held)
 
 

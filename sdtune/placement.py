@@ -14,7 +14,8 @@ to bring to the device block by block (built after the tier, which owns those ho
 
 With `train.method = "lora"` the whole UNet is frozen like the rest, in the working precision on the
 device, and only the fp32 LoRA adapters (`sdtune.lora.adapter`) train, with the in-device tier (the
-config refuses the offload levers for LoRA).
+config refuses optimizer offload for LoRA). With `param_offload=cpu` the frozen UNet stays in one host
+buffer and `ParamStreamer` streams only it; the adapters stay on the device.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Placement:
     unet: Any
     streamer: Any = None  # ParamStreamer with param_offload=cpu
     lora: dict | None = None  # train.method=lora: {pipeline name: module with an adapter}
+    host_frozen: Any = None   # a streamed LoRA's frozen UNet weights: the host buffer they live in
     closed: bool = False
 
     @property
@@ -75,12 +77,19 @@ def place(components, plan: Plan, cfg: Config) -> Placement:
         frozen.eval()
         frozen.to(plan.device, dtype=plan.working_dtype)
     components.vae.to(dtype=components.family.vae_dtype(components.vae, plan.working_dtype))  # SDXL's: fp32 in fp16
+    host_frozen = None
     if lora:
-        from sdtune.lora.adapter import attach
+        from sdtune.lora.adapter import attach, trainable
 
-        unet.to(plan.device, dtype=plan.working_dtype)
+        unet.to(dtype=plan.working_dtype)
+        if plan.param_offload != "cpu":
+            unet.to(plan.device)
         modules = attach(unet, components.text_encoders, cfg.lora, seed=cfg.train.seed)
-        params = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+        if plan.param_offload == "cpu":  # the adapters go to the device, the frozen base waits on the host
+            for param in trainable(unet):
+                param.data = param.data.to(plan.device)
+            host_frozen = _host_frozen(unet, plan)
+        params = [p for module in modules.values() for p in trainable(module)]
     else:
         unet.to(dtype=torch.float32).requires_grad_(True)
         if not tier_class(plan).host_gradients:
@@ -92,8 +101,26 @@ def place(components, plan: Plan, cfg: Config) -> Placement:
         return Placement(tier, unet, lora=modules)
     from sdtune.offload import ParamStreamer
 
-    return Placement(tier, unet, ParamStreamer(unet, plan.device, tier.optimizer,
-                                               prefetch_blocks=plan.param_prefetch_blocks))
+    select = (lambda p: not p.requires_grad) if lora else None  # a LoRA streams the frozen base only
+    streamer = ParamStreamer(unet, plan.device, tier.optimizer, prefetch_blocks=plan.param_prefetch_blocks,
+                             select=select)
+    return Placement(tier, unet, streamer, lora=modules, host_frozen=host_frozen)
+
+
+def _host_frozen(unet, plan: Plan):
+    """The frozen UNet's weights moved into one host buffer in module order (page-locked for a CUDA run),
+    so that the streamer copies each block's weights in a run or two: the buffer, kept by the placement."""
+    from sdtune.offload.pinned import PinnedBuffer
+
+    frozen = [p for p in unet.parameters() if not p.requires_grad]
+    buffer = PinnedBuffer(sum(p.numel() for p in frozen), plan.working_dtype, pin=plan.device == "cuda")
+    offset = 0
+    for param in frozen:
+        home = buffer.tensor[offset:offset + param.numel()].view(param.shape)
+        home.copy_(param.data)
+        param.data = home
+        offset += param.numel()
+    return buffer
 
 
 def _configure(unet, plan: Plan) -> None:

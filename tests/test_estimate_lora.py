@@ -105,20 +105,34 @@ def test_auto_picks_among_lora_plans_for_a_lora_run(monkeypatch):
     assert auto.gpu_presets("sdxl", "lora") == ["sdxl-lora-8gb"]
     assert not set(LORA_PRESETS) & {*auto.gpu_presets(), *auto.gpu_presets("sdxl")}
     turing = [c.label for c, _, _ in auto.ordered(auto.Gpu("Turing", 6 * GIB, bf16=False), ["train.method=lora"])]
-    assert turing == ["lora-6gb", "lora-4gb"]  # lora-6gb with checkpointing is lora-4gb's plan: tried once
+    # lora-6gb with checkpointing is lora-4gb's plan: tried once
+    assert turing == ["lora-6gb", "lora-4gb", "lora-4gb + memory.param_offload=cpu"]
     ampere = [c.label for c, _, _ in auto.ordered(auto.Gpu("Ampere", 6 * GIB, bf16=True), ["train.method=lora"])]
-    assert ampere == ["lora-6gb + memory.precision=bf16", "lora-4gb + memory.precision=bf16"]
+    assert ampere == ["lora-6gb + memory.precision=bf16", "lora-4gb + memory.precision=bf16",
+                      "lora-4gb + memory.precision=bf16 + memory.param_offload=cpu"]
     gpu(6, major=7)
     assert auto.pick_plan(["train.method=lora"]).label == "lora-6gb"
     gpu(4)
     pick = auto.pick_plan(["train.method=lora"])
     assert pick.label == "lora-4gb + memory.precision=bf16" and pick.estimate.total <= auto.SAFETY * 4 * GIB
+    gpu(2)  # the frozen base streamed from host RAM block by block
+    assert auto.pick_plan(["train.method=lora"]).label == "lora-4gb + memory.precision=bf16 + memory.param_offload=cpu"
 
 
-def test_out_of_memory_in_a_lora_run_falls_back_to_checkpointing_not_offload():
+def test_out_of_memory_in_a_lora_run_falls_back_to_checkpointing_then_streaming_never_optimizer_offload():
     from sdtune import replan
 
-    cfg, info = load_config("lora-6gb")
-    fallback = replan.next_smaller(cfg, info)
-    assert fallback.overrides == ("memory.gradient_checkpointing=true",)
-    assert replan.next_smaller(*load_config("lora-4gb")) is None
+    assert replan.next_smaller(*load_config("lora-6gb")).overrides == ("memory.gradient_checkpointing=true",)
+    assert replan.next_smaller(*load_config("lora-4gb")).overrides == ("memory.param_offload=cpu",)
+    assert replan.next_smaller(*load_config("lora-4gb", ["memory.param_offload=cpu"])) is None
+
+
+@pytest.mark.parametrize("preset", ["lora-4gb", "sdxl-lora-8gb"])
+def test_a_streamed_frozen_base_leaves_a_few_blocks_on_the_gpu_and_the_rest_in_host_ram(preset):
+    cfg, info = load_config(preset)
+    resident = estimate(cfg, info)
+    streamed = estimate(*load_config(preset, ["memory.param_offload=cpu"]))
+    assert streamed.categories["weights"] == resident.categories["weights"]  # the adapters stay on the GPU
+    assert streamed.categories["frozen"] < 0.25 * resident.categories["frozen"]  # a pool of three blocks
+    unet_half = resident.categories["frozen"]  # the frozen UNet in the working precision, now on the host
+    assert streamed.host_ram >= unet_half

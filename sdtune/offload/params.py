@@ -3,14 +3,16 @@ the compute device block by block, so the GPU holds a few blocks' weights instea
 
     streamer = ParamStreamer(unet, "cuda", optimizer, prefetch_blocks=2)  # OffloadAdamW(host_weights=True)
 
-Units are blocks: from the root down, the largest called module (not a ModuleList/ModuleDict) whose weights
-fit in `block_bytes`; a bigger one is split into its children, and what it owns itself is a unit too (SD1.5
-in fp16: 34 units of at most 119 MiB, not 391 layers). A unit is attached (each `param.data` a view into a
-device buffer, as FSDP does) for its forward and detached after it. Gradient checkpointing is required:
-checkpointed blocks keep no weights for backward and recompute there. A hook on a unit's outputs attaches it
-before its gradients are computed; it is detached once all its parameters have theirs. What autograd saves
-of an attached weight outside checkpointed code (a Linear's `weight.t()`) is saved as a reference to the
-unit and read from wherever the unit is attached when backward needs it.
+Units are blocks: from the root down, the largest called module (not a ModuleList/ModuleDict) whose
+weights fit in `block_bytes`; a bigger one is split into its children, and what it owns itself is a unit
+too (SD1.5 in fp16: 34 units of at most 119 MiB, not 391 layers). A unit is attached (each `param.data` a
+view into a device buffer, as FSDP does) for its forward and detached after it. Gradient checkpointing is
+required: checkpointed blocks keep no weights for backward and recompute there. A hook on a unit's outputs
+attaches it before its gradients are computed; it is detached once all its parameters have theirs. A LoRA
+streams only the frozen base (`select`): its adapters stay on the device, and a frozen unit, which gets no
+gradients of its own, is detached once the gradients of its inputs and of the adapters inside it are all
+computed. What autograd saves of an attached weight outside checkpointed code (a Linear's `weight.t()`) is
+saved as a reference to the unit and read from wherever the unit is attached when backward needs it.
 
 The device holds a pool of `prefetch_blocks + 1` flat buffers the size of the largest unit (more only if
 more units are attached at once). Copies run on their own CUDA stream, `prefetch_blocks` units ahead of the
@@ -28,7 +30,7 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from sdtune.offload.streams import blocking_event, side_stream
 
@@ -36,17 +38,21 @@ ALIGN = 64  # bytes: every run of parameters starts aligned in a buffer, so any 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.ParameterList, torch.nn.ParameterDict)
 
 
-def plan_units(model: torch.nn.Module, block_bytes: int) -> list[tuple[torch.nn.Module, list]]:
-    """(module whose forward attaches them, parameters) for each unit of `model`, in module order."""
+def plan_units(model: torch.nn.Module, block_bytes: int, select=None) -> list[tuple[torch.nn.Module, list]]:
+    """(module whose forward attaches them, parameters) for each unit of `model`, in module order; only the
+    parameters `select(param)` accepts (None: all) are streamed."""
     units = []
 
+    def chosen(params) -> list:
+        return [p for p in params if select is None or select(p)]
+
     def visit(module: torch.nn.Module, called: bool) -> list:  # returns parameters still without a unit
-        params = list(module.parameters())
-        below = any(True for child in module.children() for _ in child.parameters())
+        params = chosen(module.parameters())
+        below = any(True for child in module.children() for _ in chosen(child.parameters()))
         if called and params and (_nbytes(params) <= block_bytes or not below):
             units.append((module, params))
             return []
-        stray = list(module.parameters(recurse=False))
+        stray = chosen(module.parameters(recurse=False))
         for child in module.children():
             stray += visit(child, not isinstance(child, _CONTAINERS))
         if called and stray:
@@ -83,9 +89,11 @@ class _Unit:
     nbytes: int                              # of the parameters
     extent: int                              # of their layout in a buffer
     trainable: int
+    resident: list = field(default_factory=list)  # trainable parameters of its module that are not streamed
     buffer: _Buffer | None = None            # attached, or prefetched when not attached
     attached: bool = False
     waiting_grads: int = 0                   # parameters still to receive a gradient in this backward
+    inputs: tuple = ()                       # a frozen unit's inputs that require grad, during its forward
 
 
 def _layout(params: list) -> tuple[list, list[int], list, int]:
@@ -146,13 +154,14 @@ class ParamStreamer:
     """Streams `model`'s parameters (which must already live on the host) to `device` block by block."""
 
     def __init__(self, model: torch.nn.Module, device, optimizer=None, *, block_bytes: int = 128 * 2**20,
-                 prefetch_blocks: int = 2, on_copy=None):
+                 prefetch_blocks: int = 2, on_copy=None, select=None):
         if prefetch_blocks < 0:
             raise ValueError(f"prefetch_blocks must be 0 or more, got {prefetch_blocks}")
         self.device, self.prefetch_blocks = torch.device(device), prefetch_blocks
         self._on_copy = on_copy  # called with each pool buffer allocated (the estimator counts them as weights)
         self._stream = side_stream(self.device)
-        self.units = [self._make_unit(module, params) for module, params in plan_units(model, block_bytes)]
+        self._watches: list = []  # frozen units' backward hooks of this step
+        self.units = [self._make_unit(module, params) for module, params in plan_units(model, block_bytes, select)]
         self._unit_of = {p: u for u in self.units for p in u.params}
         if len(self._unit_of) != sum(len(u.params) for u in self.units):
             raise ValueError("parameter streaming needs every parameter in one block; this model shares some")
@@ -175,15 +184,22 @@ class ParamStreamer:
 
     def _make_unit(self, module: torch.nn.Module, params: list) -> _Unit:
         home, offsets, runs, extent = _layout(params)
-        unit = _Unit(params, home, offsets, runs, _nbytes(params), extent, sum(p.requires_grad for p in params))
-        module.register_forward_pre_hook(lambda module, args: self._attach(unit, self._pass()))
+        streamed = set(params)
+        unit = _Unit(params, home, offsets, runs, _nbytes(params), extent, sum(p.requires_grad for p in params),
+                     resident=[p for p in module.parameters() if p.requires_grad and p not in streamed])
+        module.register_forward_pre_hook(lambda module, args, kwargs: self._before_forward(unit, args, kwargs),
+                                         with_kwargs=True)
         module.register_forward_hook(lambda module, args, output: self._after_forward(unit, output))
         for p in params:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._on_grad)
         return unit
 
     def _start_forward(self) -> None:
         self.release()  # whatever the last backward left (unused parameters) goes home
+        for handle in self._watches:  # a backward that never ran (an error) leaves no hook behind
+            handle.remove()
+        self._watches.clear()
         self._forward.restart()
         self._backward.restart()
         self._in_forward = True
@@ -201,16 +217,40 @@ class ParamStreamer:
     def _pass(self) -> _Pass:
         return self._forward if self._in_forward else self._backward  # a forward in backward: recomputation
 
+    def _before_forward(self, unit: _Unit, args, kwargs):
+        """Attach the unit. A frozen one's inputs that need a gradient are passed on as views of their own:
+        an input another unit reads too (the text context every cross-attention takes) would have its whole
+        gradient only after the last of them, the view's is complete when this unit's backward is done."""
+        self._attach(unit, self._pass())
+        if unit.trainable or not torch.is_grad_enabled():
+            return None
+        flat, spec = tree_flatten((args, kwargs))
+        flat = [t.view_as(t) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in flat]
+        if self._in_forward:  # (the recomputation in backward makes the same views, and no hooks)
+            unit.inputs = tuple(t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad)
+        return tree_unflatten(flat, spec)
+
     def _after_forward(self, unit: _Unit, output) -> None:
+        inputs, unit.inputs = unit.inputs, ()
         if not self._in_forward:
             return  # recomputation in backward: the gradients are next, keep the weights
         if torch.is_grad_enabled():
             outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-            if not outputs:
+            if not outputs and unit.trainable:
                 return  # nothing to hook backward on: stay on the device until the gradients come
-            torch.autograd.graph.register_multi_grad_hook(
-                outputs, lambda grads: self._attach(unit, self._backward), mode="any")
+            if outputs:
+                torch.autograd.graph.register_multi_grad_hook(
+                    outputs, lambda grads: self._attach(unit, self._backward), mode="any")
+                if not unit.trainable:
+                    self._detach_after_backward(unit, [*inputs, *unit.resident])
         self._detach(unit)
+
+    def _detach_after_backward(self, unit: _Unit, watched: list) -> None:
+        """A frozen unit gets no gradients of its own: backward is done with it once the gradients of its
+        inputs and of the trainable parameters inside it (a LoRA's) are all computed."""
+        if watched:  # (else nothing in it needs a gradient: the next forward or step sends it home)
+            self._watches.append(torch.autograd.graph.register_multi_grad_hook(
+                watched, lambda grads: self._detach(unit), mode="all"))  # removed by the next forward
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
         unit = self._unit_of[param]

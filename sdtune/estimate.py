@@ -13,11 +13,11 @@ category; the peak and what made it up are the estimate. Then what the meta devi
 
 - Attention runs as CUDA's flash / memory-efficient kernels (and xformers) do: they keep q, k, v, the
   output and a log-sum-exp for backward, never the L x L score matrix a CPU math kernel materialises
-  (512 MiB per attention at 64x64 latents). `_FlashAttention` stands in for them.
-- Autocast: traced on meta, torch's autocast does nothing, so `_CudaSemantics` applies CUDA autocast's
-  rules at the function level: convolutions, linears, matmuls and attention in the working precision
-  (fp32 weights cast once per forward and cached, as autocast's weight cache does), norms and softmax
-  in fp32.
+  (512 MiB per attention at 64x64 latents). `sdtune.cuda_semantics` stands in for them.
+- Autocast: traced on meta, torch's autocast does nothing, so `CudaSemantics` (the same module)
+  applies CUDA autocast's rules at the function level: convolutions, linears, matmuls and attention in
+  the working precision (fp32 weights cast once per forward and cached, as autocast's weight cache
+  does), norms and softmax in fp32.
 - The optimizer's state is counted by its tier's byte model (`Tier.footprint` in sdtune/offload/tier.py:
   fused AdamW 8 bytes a parameter, AdamW8bit 2 plus block scales, the host tiers' buckets and rings),
   not traced: its step adds no temporaries on the device.
@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 import time
 from dataclasses import dataclass, field
 
 from sdtune import archs
 from sdtune.config import Config, PresetInfo
+from sdtune.cuda_semantics import CudaSemantics
 from sdtune.errors import SdtuneError
 
 GIB = 2**30
@@ -178,7 +178,7 @@ def _frozen_pass(parts, vae, plan, cfg: Config, tracker) -> tuple:
     import torch
 
     dtype, batch, side = plan.working_dtype, cfg.train.batch_size, cfg.data.resolution
-    with tracker, _CudaSemantics():
+    with tracker, CudaSemantics():
         tracker.phase = "temporaries"
         if parts.vae is not None:
             vae_dtype = next(parts.vae.parameters()).dtype
@@ -242,7 +242,7 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[s
     host_gradients = tier_class(plan).host_gradients  # the tier holds the masters: working weights on the device
     unet.set_attn_processor(AttnProcessor2_0())
     unet.train()
-    cuda = _CudaSemantics(autocast=working if plan.precision != "fp32" else None)
+    cuda = CudaSemantics(autocast=working if plan.precision != "fp32" else None)
     if plan.gradient_checkpointing:
         def checkpointed(function, *args, **kwargs):
             """diffusers' checkpointing minus RNG bookkeeping the meta device lacks; the recomputation in
@@ -314,109 +314,3 @@ def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config) -> int:
     if cfg.train.method == "lora" and plan.param_offload == "cpu":
         held += sum(p.numel() for p in parts.unet.parameters() if not p.requires_grad) * plan.working_dtype.itemsize
     return max(loading, footprint.host + held)
-
-
-# ----------------------------------------------------------------------------------------------------
-# what the meta device cannot do by itself: CUDA autocast and CUDA attention kernels
-
-
-class _CudaSemantics:
-    """What the GPU would do that the meta device does not, applied at the torch-function level:
-
-    - CUDA autocast's casting rules when `autocast` is a dtype (real autocast ignores meta tensors), so the
-      casts, and what autograd saves of them, are traced as on the GPU: convolutions, linears, matmuls and
-      attention in the working precision, fp32 weights cast once per forward and cached (autocast's weight
-      cache), norms and softmax in fp32;
-    - attention through `_FlashAttention`, the memory behaviour of CUDA's flash / memory-efficient kernels.
-    """
-
-    def __init__(self, autocast=None):
-        import torch
-        import torch.nn.functional as F
-        from torch.overrides import TorchFunctionMode
-
-        self.dtype = autocast
-        self.cache: dict[int, object] = {}
-        self.in_forward = True
-        self._threads = threading.local()  # torch-function modes are per thread; backward may run on another
-        lower = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, torch.matmul,
-                 torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.Tensor.matmul, torch.Tensor.__matmul__,
-                 F.scaled_dot_product_attention}
-        fp32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax}
-        outer = self
-
-        class Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if outer.dtype is not None and func in lower:
-                    args, kwargs = outer._cast(args, outer.dtype), outer._cast(kwargs, outer.dtype)
-                elif outer.dtype is not None and func in fp32:
-                    args, kwargs = outer._cast(args, torch.float32), outer._cast(kwargs, torch.float32)
-                if func is F.scaled_dot_product_attention:
-                    return _attention(*args, **kwargs)
-                return func(*args, **kwargs)
-
-        self._mode = Mode()
-
-    def _cast(self, tree, dtype):
-        import torch
-        from torch.utils._pytree import tree_map_only
-
-        def cast(t):
-            if not t.is_floating_point() or t.dtype == dtype:
-                return t
-            if t.is_leaf and t.requires_grad and self.in_forward:  # autocast caches weight casts per forward
-                if id(t) not in self.cache:
-                    self.cache[id(t)] = t.to(dtype)
-                return self.cache[id(t)]
-            return t.to(dtype)
-
-        return tree_map_only(torch.Tensor, cast, tree)
-
-    def end_forward(self) -> None:
-        """Autocast's cache is dropped when the forward's autocast region ends."""
-        self.cache.clear()
-        self.in_forward = False
-
-    def active(self) -> bool:
-        return getattr(self._threads, "depth", 0) > 0
-
-    def __enter__(self):
-        self._mode.__enter__()
-        self._threads.depth = getattr(self._threads, "depth", 0) + 1
-        return self
-
-    def __exit__(self, *exc):
-        self._threads.depth -= 1
-        return self._mode.__exit__(*exc)
-
-
-def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-    if attn_mask is not None:
-        raise SdtuneError("estimate: attention masks are not modelled")
-    return _flash_function().apply(query, key, value)
-
-
-@functools.cache
-def _flash_function():
-    import torch
-
-    class _FlashAttention(torch.autograd.Function):
-        """Flash attention's memory: keeps q, k, v, the output and an fp32 log-sum-exp per query for
-        backward; backward adds an fp32 dq accumulator and a row statistic beside the three gradients."""
-
-        @staticmethod
-        def forward(ctx, query, key, value):
-            out = torch.empty_like(query)
-            lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
-            ctx.save_for_backward(query, key, value, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            query, key, value, _, lse = ctx.saved_tensors
-            accumulator = torch.empty(query.shape, dtype=torch.float32, device=query.device)  # noqa: F841
-            row_stat = torch.empty_like(lse)  # noqa: F841
-            return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-    return _FlashAttention

@@ -48,15 +48,21 @@ def _draw(pipe):
                 generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
 
 
-@pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
-def test_each_lora_file_in_plain_diffusers_draws_what_sdtune_merge_draws(fixture, images, tmp_path, request):
+@pytest.mark.parametrize("fixture, extra", [
+    ("tiny_sd1", ()), ("tiny_sd2", ()),
+    ("tiny_sd1", ("--set", "lora.target=attention+conv", "--set", "lora.text_encoder=true")),
+], ids=["sd1", "sd2", "sd1-conv-text-encoder"])
+def test_each_lora_file_in_plain_diffusers_draws_what_sdtune_merge_draws(fixture, extra, images, tmp_path, request):
     """`load_lora_weights` of either file into the plain base pipeline (unfused: peft's layers at run time)
-    gives the images of the merged model `sdtune merge` writes, to float precision; and not the base's."""
+    gives the images of the merged model `sdtune merge` writes, to float precision; and not the base's.
+    Every adapter is loaded: none of peft's "missing target modules" warnings."""
+    import warnings
+
     from diffusers import StableDiffusionPipeline
 
     tiny = request.getfixturevalue(fixture)
     out, merged = tmp_path / "out", tmp_path / "merged"
-    train(tiny, images, out, "--max-steps", "6", *LORA, "--set", "train.learning_rate=1e-2")
+    train(tiny, images, out, "--max-steps", "6", *LORA, "--set", "train.learning_rate=1e-2", *extra)
     result = runner.invoke(app, ["merge", "--ckpt", str(out), "--out", str(merged)])
     assert result.exit_code == 0, result.output
     expected = _draw(StableDiffusionPipeline.from_pretrained(merged))
@@ -64,7 +70,9 @@ def test_each_lora_file_in_plain_diffusers_draws_what_sdtune_merge_draws(fixture
     assert np.abs(_draw(base) - expected).max() > 1e-3  # the LoRA changes the pictures
     for weight_name in ("pytorch_lora_weights.safetensors", "lora.safetensors"):
         pipe = StableDiffusionPipeline.from_pretrained(tiny)
-        pipe.load_lora_weights(str(out), weight_name=weight_name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # peft: "... additional target modules ..."
+            pipe.load_lora_weights(str(out), weight_name=weight_name)
         np.testing.assert_allclose(_draw(pipe), expected, rtol=0, atol=1e-4, err_msg=weight_name)
 
 

@@ -35,12 +35,13 @@ def peft_weights(module) -> dict:
 
 def save_diffusers(modules: dict, family, out_dir: Path) -> Path:
     """`pytorch_lora_weights.safetensors` in `out_dir`, by diffusers' own writer (into a temporary folder,
-    then renamed: never half a file)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
+    then renamed: never half a file). The weights keep peft's names (`lora_A`/`lora_B`), which diffusers'
+    loader reads as they are: its `convert_state_dict_to_diffusers` renames only the attention projections
+    (to `lora.down`/`lora.up`), and a file that mixes both styles loses its attention half on loading once
+    the convolutions have adapters too."""
     layers, metadata = {}, {}
     for name, module in modules.items():
-        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(peft_weights(module))
+        layers[f"{name}_lora_layers"] = peft_weights(module)
         metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:

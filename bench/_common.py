@@ -22,6 +22,26 @@ def trainer_step_times(cfg, info, data: Path, out: Path) -> list[float]:
     return run.step_times[1:]
 
 
+def step_bench_setup(batch_size: int):
+    """What the step benchmarks share: their options (--steps, --repeats, --batch-size, default
+    `batch_size`), one torch thread, and a temporary folder with 16 test images. Returns (args, tmp, data)."""
+    import argparse
+    import tempfile
+
+    import torch
+
+    from sdtune.toy.testing import make_image_folder
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    return args, tmp, make_image_folder(tmp / "images", count=16)
+
+
 def save_results(name: str, rows) -> Path:
     """Write `rows` as bench/results/NAME.json (the folder is git-ignored); returns the path."""
     RESULTS.mkdir(exist_ok=True)

@@ -15,14 +15,12 @@ ratio baseline / sdtune (above 1 is faster), and the size of one checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import save_results, trainer_step_times
+from _common import save_results, step_bench_setup, trainer_step_times
 
 from sdtune.config import load_config
 from sdtune.toy.testing import make_image_folder
@@ -88,14 +86,7 @@ def baseline_step(data: Path, steps: int, batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp())
-    data = make_image_folder(tmp / "images", count=16)
+    args, tmp, data = step_bench_setup(batch_size=8)
     class_dir = make_image_folder(tmp / "class", count=8)
     baseline = [baseline_step(data, args.steps, args.batch_size) for _ in range(args.repeats)]
     rows, run = {"diffusers LoRA example loop (baseline)": {"s_per_step": statistics.median(baseline)}}, 0

@@ -15,17 +15,14 @@ faster than the baseline).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _common import save_results, trainer_step_times
+from _common import save_results, step_bench_setup, trainer_step_times
 
 from sdtune.config import load_config
-from sdtune.toy.testing import make_image_folder
 
 PLANS = {  # row: (preset, extra overrides, baseline precision)
     "cpu preset (fp32)": ("cpu", [], "fp32"),
@@ -85,14 +82,7 @@ def baseline_step(precision: str, data: Path, steps: int, batch: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp())
-    data = make_image_folder(tmp / "images", count=16)
+    args, tmp, data = step_bench_setup(batch_size=4)
     rows, run = {}, 0
     for name, (preset, sets, precision) in PLANS.items():
         ours, theirs = [], []

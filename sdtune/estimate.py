@@ -163,11 +163,10 @@ def _place(parts, vae, plan, cfg: Config, tracker) -> list:
         trained = list(unet.parameters())
     for module in parts.frozen:
         tracker.add([p for p in module.parameters() if not p.requires_grad], "frozen")
-    if cfg.train.method == "lora":
-        if plan.param_offload != "cpu":  # streamed, the frozen base is counted as the streamer copies it in
-            tracker.add([p for p in unet.parameters() if not p.requires_grad], "frozen")
-        tracker.add(trained, "weights")
-    elif plan.param_offload != "cpu":  # streamed weights are counted as the streamer copies them in
+    streamed = plan.param_offload == "cpu"  # what is streamed is counted as the streamer copies it in
+    if not streamed:
+        tracker.add([p for p in unet.parameters() if not p.requires_grad], "frozen")  # a LoRA's base
+    if cfg.train.method == "lora" or not streamed:  # (a LoRA streams its frozen base, not its adapters)
         tracker.add(trained, "weights")
     return trained
 

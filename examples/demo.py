@@ -8,8 +8,8 @@ stars with captions ("a red star on the white background"), three of every colou
 `examples/shapes/` holds 48 of the old shapes, two of every shape x colour x background: the class
 images of DreamBooth prior preservation (`data.class_dir`), so the model learns "star" without drawing
 stars for everything else. The demo scores the base model on star prompts and on its old prompts, then
-fine-tunes it with the real command line twice, as a full fine-tune (`sdtune train --preset cpu ...`)
-and as a LoRA (`--set train.method=lora`). The full run's folder is scored as sdtune loads it; the
+fine-tunes it with the real command line twice, side by side, as a full fine-tune (`sdtune train --preset
+cpu ...`) and as a LoRA (`--set train.method=lora`). The full run's folder is scored as sdtune loads it; the
 LoRA is scored through plain diffusers (`StableDiffusionPipeline.from_pretrained(<sdtune-tiny>)` then
 `pipe.load_lora_weights(<the run's folder>)`), on the same prompts and seeds. Grids of every model go
 to `demo-out/`, the figures to `demo-out/scores.json`.
@@ -18,6 +18,7 @@ to `demo-out/`, the figures to `demo-out/scores.json`.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -42,7 +43,7 @@ COMMON = ["--preset", "cpu", "--data", str(DATA),
 FULL = ["--out", str(OUT / "full"), "--max-steps", "300",
         "--set", "train.learning_rate=1e-3", "--set", "train.lr_scheduler=cosine", "--set", "train.snr_gamma=5"]
 LORA = ["--out", str(OUT / "lora"), "--max-steps", "300", "--set", "train.method=lora",
-        "--set", "lora.rank=8", "--set", "lora.alpha=8", "--set", "lora.target=attention",
+        "--set", "lora.rank=8", "--set", "lora.alpha=10", "--set", "lora.target=attention+conv",
         "--set", "train.learning_rate=1e-2", "--set", "train.lr_scheduler=cosine",
         "--set", "train.lr_warmup_steps=30", "--set", "train.snr_gamma=5"]
 TRAIN = [*COMMON, *FULL]        # the full fine-tune's `sdtune train` arguments (tests/test_tiny.py runs them)
@@ -79,15 +80,30 @@ def score(model, label: str, console) -> dict:
     return results
 
 
-def train(args: list[str], console) -> float:
-    """`sdtune train ARGS` in a subprocess; seconds taken. A rerun continues (or re-exports) the run's --out."""
-    command = [sys.executable, "-m", "sdtune.cli", "train", *args]
-    console.print("[bold]$ sdtune train " + " ".join(args).replace(str(ROOT) + "/", ""))
-    if Path(args[args.index("--out") + 1]).exists():
-        command.append("--resume")
-    started = time.perf_counter()
-    subprocess.run(command, check=True)
-    return time.perf_counter() - started
+def train_side_by_side(runs: dict[str, list[str]], console) -> dict[str, float]:
+    """`sdtune train ARGS` of every run at once, each in its own process with one thread (a tiny model
+    gains little from a second thread, and one thread computes the same figures on any machine); their
+    output goes to OUT/NAME.log. Seconds each took. A rerun continues (or re-exports) a run's --out."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started, processes = time.perf_counter(), {}
+    for name, args in runs.items():
+        console.print("[bold]$ sdtune train " + " ".join(args).replace(str(ROOT) + "/", ""))
+        command = [sys.executable, "-m", "sdtune.cli", "train", *args]
+        if Path(args[args.index("--out") + 1]).exists():
+            command.append("--resume")
+        with open(OUT / f"{name}.log", "w") as log:
+            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = {}
+    with console.status(f"training {' and '.join(runs)} side by side, one thread each "
+                        f"(progress in {', '.join(f'{OUT.name}/{n}.log' for n in runs)})"):
+        while len(seconds) < len(processes):
+            for name, process in processes.items():
+                if name not in seconds and process.poll() is not None:
+                    if process.returncode:
+                        sys.exit(f"sdtune train ({name}) failed; see {OUT / f'{name}.log'}")
+                    seconds[name] = time.perf_counter() - started
+            time.sleep(0.2)
+    return seconds
 
 
 def lora_pipeline(folder: Path):
@@ -116,9 +132,8 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     started = time.perf_counter()
     scores = {"before": score("sdtune-tiny", "before", console)}
-    seconds = {"full": train(TRAIN, console)}
+    seconds = train_side_by_side({"full": TRAIN, "lora": LORA_TRAIN}, console)
     scores["after full"] = score(str(OUT / "full"), "after-full", console)
-    seconds["lora"] = train(LORA_TRAIN, console)
     console.print(f"[bold]diffusers:[/] StableDiffusionPipeline.from_pretrained('{BASE.relative_to(ROOT)}')"
                   f".load_lora_weights('{(OUT / 'lora').relative_to(ROOT)}')")
     scores["after LoRA"] = score(lora_pipeline(OUT / "lora"), "after-lora", console)

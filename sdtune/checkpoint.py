@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from sdtune.distributed import World
 from sdtune.errors import SdtuneError
 from sdtune.files import save_safetensors, sha256_file, sync
 
@@ -68,46 +69,87 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
 
 
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedule, scaler, state: dict,
-                    config_toml: str, keep: int, weights_file: str = "unet.safetensors") -> Path:
+                    config_toml: str, keep: int, weights_file: str = "unet.safetensors", world: World | None = None,
+                    sharded=None) -> Path:
     """Write checkpoint `step` whole or not at all; on a write error (a full disk), one line saying so and
-    that the previous checkpoint is intact."""
+    that the previous checkpoint is intact.
+
+    Several processes (`world`) all call it: every rank's torch RNG goes into rank 0's files; with
+    `sharded` (an FSDP placement: `unet`, `tier.optimizer`) every rank first writes its shards into
+    `sharded/` (torch.distributed.checkpoint); rank 0 then writes the rest and `state.json`, whose
+    manifest covers every rank's files, and renames the folder into place. No rank goes on before."""
+    world = world or World()
     final = checkpoint_root(out_dir) / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    previous = latest_checkpoint(out_dir, warn=lambda message: None)
+    previous = latest_checkpoint(out_dir, warn=lambda message: None) if world.main else None
+    rngs = world.gather(_rng_state())
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _write_files(tmp, step, weights, weights_file, tier, lr_schedule, scaler, state, config_toml)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        sync(final.parent)
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if sharded is not None:
+            from sdtune.parallel import SHARDED, save_sharded
+
+            world.barrier()
+            save_sharded(tmp / SHARDED, sharded.unet, tier.optimizer)
+            world.barrier()
+        if world.main:
+            state = {**state, "world_size": world.size}
+            _write_files(tmp, step, weights, weights_file, tier, lr_schedule, scaler, state, config_toml, rngs,
+                         optimizer=sharded is None)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            sync(final.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise SdtuneError(f"writing checkpoint {final.name} failed ({exc.strerror or exc}); {kept}; "
                           f"free space in {checkpoint_root(out_dir)} and --resume") from None
-    for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+    if world.main:
+        for old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    world.barrier()
     return final
 
 
-def _write_files(folder: Path, step: int, weights: dict, weights_file: str, tier, lr_schedule, scaler, state: dict,
-                 config_toml: str) -> None:
-    import numpy as np
+def _check_world(path: Path, saved: int, size: int) -> None:
+    """Resume on the world size that wrote the checkpoint: its data shares, RNG streams and (FSDP) shards
+    are laid out for it."""
+    if saved != size:
+        processes = "1 process" if saved == 1 else f"{saved} processes"
+        raise SdtuneError(f"checkpoint {path} was written by {processes} and this run has {size}; resume it with "
+                          f"{processes} (torchrun --nproc-per-node ...), or start a new --out")
+
+
+def _rng_state() -> dict:
     import torch
-    save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / weights_file)
+
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": tier.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng}, folder / "training_state.pt")
+    return rng
+
+
+def _write_files(folder: Path, step: int, weights: dict, weights_file: str, tier, lr_schedule, scaler, state: dict,
+                 config_toml: str, rngs: list, optimizer: bool = True) -> None:
+    """Rank 0's files; `optimizer` false: the weights and AdamW state are in `sharded/` already."""
+    import numpy as np
+    import torch
+    if optimizer:
+        save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / weights_file)
+    training = {"lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0]}
+    if len(rngs) > 1:
+        training["rank_rng"] = rngs
+    if optimizer:
+        training["optimizer"] = tier.state_dict()
+    torch.save(training, folder / "training_state.pt")
     tier.save_files(folder)  # optimizer state kept in files (the nvme tier)
     (folder / "config.toml").write_text(config_toml, encoding="utf-8")
     manifest = {}
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         sync(file)
-        manifest[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        manifest[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
     python_rng = random.getstate()
     numpy_rng = np.random.get_state()
     payload = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
@@ -118,32 +160,41 @@ def _write_files(folder: Path, step: int, weights: dict, weights_file: str, tier
 
 
 def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_schedule, scaler,
-                    weights_file: str = "unet.safetensors") -> dict:
-    """Restore everything `save_checkpoint` wrote into the live objects (the weights through `restore`);
-    return the saved `state.json`.
+                    weights_file: str = "unet.safetensors", world: World | None = None, sharded=None) -> dict:
+    """Restore everything `save_checkpoint` wrote into the live objects (the weights through `restore`, or
+    each rank's shards with `sharded`); return the saved `state.json`. A checkpoint resumes on the number
+    of processes that wrote it (SdtuneError otherwise).
     `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
+    world = world or World()
     try:
-        weights = load_file(path / weights_file)
-        training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / STATE).read_text())
+        _check_world(path, state.get("world_size", 1), world.size)
+        weights = load_file(path / weights_file) if sharded is None else None
+        training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SdtuneError(f"checkpoint {path} is unreadable (training_state.pt holds objects other than tensors and "
                           "plain data; sdtune never unpickles code); delete it to resume from an older one") from None
     except (OSError, RuntimeError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SdtuneError(f"checkpoint {path} is unreadable ({first}); delete it to resume from an older one") from None
-    restore(weights)
-    tier.load_state_dict(training["optimizer"])
+    if sharded is None:
+        restore(weights)
+        tier.load_state_dict(training["optimizer"])
+    else:
+        from sdtune.parallel import SHARDED, load_sharded
+
+        load_sharded(path / SHARDED, sharded.unet, tier.optimizer)
     tier.load_files(path)
     lr_schedule.load_state_dict(training["lr_schedule"])
     scaler.load_state_dict(training["scaler"])
-    torch.set_rng_state(training["rng"]["torch"])
-    if "cuda" in training["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(training["rng"]["cuda"])
+    rng = training["rank_rng"][world.rank] if "rank_rng" in training else training["rng"]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     version, internal, gauss = state.pop("python_rng")
     random.setstate((version, tuple(internal), gauss))
     if "numpy_rng" in state:

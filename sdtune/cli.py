@@ -32,14 +32,18 @@ SET_HELP = ("Override one config key, e.g. --set train.learning_rate=2e-5 (repea
 
 
 def user_errors(command):
-    """Render `SdtuneError` as one red line and exit 2; anything else is a bug and keeps its traceback."""
+    """Render `SdtuneError` as one red line and exit 2; anything else is a bug and keeps its traceback.
+    Under a launcher (torchrun) the line names the rank it happened on."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except SdtuneError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            from sdtune.distributed import launched_rank
+
+            where = "" if launched_rank() is None else f"rank {launched_rank()}: "
+            console.print(f"[bold red]error:[/] {where}{escape(str(exc))}")
             raise typer.Exit(2) from None
 
     return wrapper
@@ -88,6 +92,10 @@ def train(
     except Stopped as exc:
         console.print(f"[yellow]{escape(str(exc))}[/]")
         raise typer.Exit(exc.exit_code) from None
+    from sdtune.distributed import launched_rank
+
+    if launched_rank():  # ranks other than 0 stay quiet: rank 0 reports the run
+        return
     console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")

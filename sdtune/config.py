@@ -182,6 +182,9 @@ class MemoryConfig:
     param_offload: Literal["none", "cpu"] = doc(
         "keep the UNet's working weights in host RAM and stream them to the GPU block by block", "none",
         resume=NEUTRAL)
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = doc(
+        "several processes (torchrun, accelerate launch): ddp copies the model to every GPU, fsdp shards its "
+        "weights, gradients and AdamW state (FSDP2); auto is ddp when launched so", "auto")
     param_prefetch_blocks: int = doc("with param_offload=cpu: UNet blocks (up to 128 MiB each) copied to the GPU "
                                      "ahead of the one running; more overlaps copies better, costs VRAM", 2,
                                      resume=NEUTRAL)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sdtune.config import Config
 from sdtune.data.scan import scan_all
+from sdtune.distributed import World
 from sdtune.errors import SdtuneError
 
 BATCH = 4  # class images drawn per pipeline call
@@ -33,14 +34,20 @@ def class_config(cfg: Config):
     return dataclasses.replace(cfg.data, caption=cfg.data.class_prompt)
 
 
-def class_images(cfg: Config, components, plan, log: Callable[[str], None], sample_context=None) -> list:
+def class_images(cfg: Config, components, plan, log: Callable[[str], None], sample_context=None,
+                 world: World | None = None) -> list:
     """The class images' examples, after generating the missing ones. `sample_context()` is entered around
-    generation (the trainer's: autocast, the parked encoders back on the device)."""
+    generation (the trainer's: autocast, the parked encoders back on the device). Under a launcher every
+    rank draws the same images (an FSDP forward is collective) and rank 0 writes them."""
     from contextlib import nullcontext
 
+    world = world or World()
     folder = Path(cfg.data.class_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        folder.mkdir(parents=True, exist_ok=True)
+    world.barrier()
     scan = scan_all(folder, class_config(cfg))
+    world.barrier()  # every rank has seen the folder as it was before rank 0 adds to it
     for skip in scan.skipped:
         log(f"skipped class image {skip.path} ({skip.kind}): {skip.detail}")
     missing = cfg.data.num_class_images - len(scan.examples)
@@ -53,7 +60,8 @@ def class_images(cfg: Config, components, plan, log: Callable[[str], None], samp
         todo = [i for i in range(cfg.data.num_class_images + len(taken)) if _name(i) not in taken][:missing]
         log(f"prior preservation: generating {len(todo)} class images of '{cfg.data.class_prompt}' into {folder}")
         with (sample_context or nullcontext)():
-            _generate(components, cfg, folder, todo)
+            _generate(components, cfg, folder, todo, write=world.main)
+        world.barrier()
         scan = scan_all(folder, class_config(cfg))
     if not scan.examples:
         raise SdtuneError(f"no usable class images in {folder}")
@@ -66,7 +74,7 @@ def _name(i: int) -> str:
     return f"class-{i:05d}.png"
 
 
-def _generate(components, cfg: Config, folder: Path, indices: list[int]) -> None:
+def _generate(components, cfg: Config, folder: Path, indices: list[int], write: bool = True) -> None:
     from sdtune.models import assemble_pipeline
     from sdtune.sample import generate
 
@@ -76,6 +84,8 @@ def _generate(components, cfg: Config, folder: Path, indices: list[int]) -> None
         chunk = indices[start:start + BATCH]
         images = generate(pipe, [cfg.data.class_prompt] * len(chunk), [cfg.train.seed + i for i in chunk],
                           steps=cfg.output.sample_steps, height=side, width=side, batch_size=len(chunk))
+        if not write:
+            continue
         for i, image in zip(chunk, images, strict=True):
             path = folder / _name(i)
             _write_atomic(path.with_suffix(".txt"), lambda tmp: tmp.write_text(cfg.data.class_prompt, encoding="utf-8"))

@@ -8,16 +8,17 @@ from __future__ import annotations
 import torch
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise; `offset` adds a per-channel constant so the model can learn overall brightness.
+def sample_noise(shape: tuple, generator: torch.Generator, offset: float = 0.0, device="cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Gaussian noise of the latents' `shape`; `offset` adds a per-channel constant so the model can learn
+    overall brightness.
 
     Offset noise: https://www.crosslabs.org/blog/diffusion-with-offset-noise
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     if offset:
-        b, c = latents.shape[:2]
-        noise = noise + offset * torch.randn((b, c, 1, 1), generator=generator, device=latents.device,
-                                             dtype=latents.dtype)
+        b, c = shape[:2]
+        noise = noise + offset * torch.randn((b, c, 1, 1), generator=generator, device=device, dtype=dtype)
     return noise
 
 

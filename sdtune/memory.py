@@ -33,6 +33,7 @@ class Plan:
     offload_dir: str = ""            # folder of the nvme tier's state file
     param_offload: str = "none"      # "none" or "cpu": working weights streamed from host RAM
     param_prefetch_blocks: int = 2   # with param_offload: UNet blocks copied to the device ahead of use
+    distributed: str = "none"        # "none", "ddp" or "fsdp": how several processes share the work (sdtune.parallel)
 
     @property
     def working_dtype(self):

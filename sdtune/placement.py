@@ -35,7 +35,25 @@ class Placement:
     streamer: Any = None  # ParamStreamer with param_offload=cpu
     lora: dict | None = None  # train.method=lora: {pipeline name: module with an adapter}
     host_frozen: Any = None   # a streamed LoRA's frozen UNet weights: the host buffer they live in
+    model: Any = None         # what the loss calls: the UNet, or the UNet under DDP
+    distributed: str = "none"  # the plan's: "none", "ddp" or "fsdp"
     closed: bool = False
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = self.unet
+
+    @property
+    def sharded(self) -> bool:
+        """memory.distributed=fsdp: the UNet's weights are split over the ranks (checkpointed per rank)."""
+        return self.distributed == "fsdp"
+
+    def no_sync(self, sync: bool):
+        """Around a backward pass: with DDP and `sync` false, keep its gradients on this rank (the last
+        backward of an optimizer step averages everything accumulated)."""
+        from contextlib import nullcontext
+
+        return nullcontext() if sync or self.model is self.unet else self.model.no_sync()
 
     @property
     def weights_file(self) -> str:
@@ -44,6 +62,10 @@ class Placement:
 
     def weights(self) -> dict:
         """What trains, in fp32, wherever the tier keeps it: the UNet's weights, or the LoRA adapters'."""
+        if self.lora is None and self.sharded:  # gathered: every rank calls, rank 0 gets them
+            from sdtune.parallel import full_weights
+
+            return full_weights(self.unet)
         if self.lora is None:
             return self.tier.master_weights(self.unet)
         from sdtune.lora.adapter import trained_weights
@@ -96,9 +118,18 @@ def place(components, plan: Plan, cfg: Config) -> Placement:
             unet.to(plan.device)
         modules, params = None, list(unet.parameters())
     _configure(unet, plan)
+    if plan.distributed == "fsdp":  # before the optimizer: it steps the shards
+        from sdtune.parallel import shard
+
+        shard(unet, plan)
+        params = list(unet.parameters())
     tier = make_tier(params, cfg.train, plan, model=unet, backward_passes=2 if cfg.prior_preservation else 1)
+    if plan.distributed == "ddp":
+        from sdtune.parallel import wrap_ddp
+
+        return Placement(tier, unet, lora=modules, model=wrap_ddp(unet, plan.device), distributed="ddp")
     if plan.param_offload != "cpu":
-        return Placement(tier, unet, lora=modules)
+        return Placement(tier, unet, lora=modules, distributed=plan.distributed)
     from sdtune.offload import ParamStreamer
 
     select = (lambda p: not p.requires_grad) if lora else None  # a LoRA streams the frozen base only

@@ -68,9 +68,13 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
     """Train as `request` says; returns the summary. `progress(total_steps)` makes the progress-bar sink;
     `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
     Raises SdtuneError on bad input or when no plan fits, `Stopped` after SIGINT/SIGTERM."""
+    from sdtune.distributed import World
     from sdtune.replan import OutOfMemory
     from sdtune.signals import Interrupted
 
+    world = World.from_env()
+    if not world.main:  # rank 0 speaks for the run; the others only fail aloud (their errors name the rank)
+        log, progress, status = _silent, None, None
     preset, plan_sets = request.preset, []
     if preset == "auto":
         from sdtune.auto import pick_plan
@@ -86,7 +90,7 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
         while True:
             try:
                 return attempt(cfg, info, request.data, request.out, resume=resume, overwrite=request.overwrite,
-                               log=log, progress=progress)
+                               log=log, progress=progress, world=world)
             except OutOfMemory as exc:
                 if request.on_oom != "fallback" or exc.fallback is None:
                     raise
@@ -97,6 +101,12 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
         command = request.resume_command(preset, [*plan_sets, *request.sets, *fallbacks])
         stopped = exc if isinstance(exc, Interrupted) else "SIGINT: stopped outside the training loop"
         raise Stopped(f"{stopped}; resume with: {command}", getattr(exc, "exit_code", 130)) from None
+    finally:
+        world.stop()
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _quiet(text: str) -> AbstractContextManager:
@@ -113,14 +123,16 @@ def _fall_back(exc, preset: str, overrides: list[str], log: Log) -> tuple[Config
 
 
 def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: bool = False, overwrite: bool = False,
-            log: Log = print, progress: Callable | None = None) -> dict:
+            log: Log = print, progress: Callable | None = None, world=None) -> dict:
     """One run on one plan, with `out` locked: prepare (resuming on `resume`), loop, export, summary.
-    Raises `replan.OutOfMemory` when the GPU runs out of memory, `signals.Interrupted` after a signal."""
+    Raises `replan.OutOfMemory` when the GPU runs out of memory, `signals.Interrupted` after a signal.
+    Under a launcher (`world`) rank 0 alone locks, checks and writes `out`."""
+    from sdtune.distributed import World
     from sdtune.lock import output_lock
 
-    out = Path(out)
-    with output_lock(out, log=log):
-        outcome = _run(cfg, info, data, out, resume, overwrite, log, progress)
+    out, world = Path(out), world or World()
+    with output_lock(out, log=log) if world.main else nullcontext():
+        outcome = _run(cfg, info, data, out, resume, overwrite, log, progress, world)
     if isinstance(outcome, _OutOfMemoryAt):  # the failed step's tensors are gone with its traceback by now
         from sdtune.replan import out_of_memory
 
@@ -135,24 +147,29 @@ class _OutOfMemoryAt:
 
 
 def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, overwrite: bool, log: Log,
-         progress: Callable | None) -> dict | _OutOfMemoryAt:
+         progress: Callable | None, world) -> dict | _OutOfMemoryAt:
     import torch
 
     from sdtune import trainer
     from sdtune.metrics import MetricsLogger, check_sinks
 
     check_sinks(tensorboard=cfg.output.tensorboard)
-    clear = _check_out_dir(out, resume, overwrite)
+    clear = _check_out_dir(out, resume, overwrite) if world.main else False
     run = None
     try:
-        run = trainer.prepare(cfg, info, str(data), str(out), resume, log)
+        run = trainer.prepare(cfg, info, str(data), str(out), resume, log, world=world)
         with run:
             if clear:  # only now, with the data and the model checked
                 log(f"--overwrite: deleting the previous run's checkpoints in {checkpoint.checkpoint_root(out)}")
                 shutil.rmtree(checkpoint.checkpoint_root(out))
-            (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
+            if world.main:
+                (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
+            world.barrier()  # no rank writes a checkpoint before --overwrite has cleared the old ones
             if run.step >= cfg.train.max_steps:
                 log(f"nothing left to train: the checkpoint is at step {run.step} of {cfg.train.max_steps}")
+            if not world.main:
+                trainer.loop(run)
+                return _export(run, info, log)
             sink = progress(cfg.train.max_steps) if progress else None
             with MetricsLogger.for_run(out, cfg.output, resume_step=run.step, progress=sink) as metrics:
                 trainer.loop(run, metrics)
@@ -186,6 +203,15 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
     from sdtune.export import SINGLE_FILE, SUMMARY, export_pipeline, export_single_file, write_json
     from sdtune.trainer import fp32_weights
 
+    if run.placement.sharded:  # every rank sends its shards; rank 0 exports a plain UNet of them
+        from sdtune.parallel import unsharded_copy
+
+        weights = fp32_weights(run)
+        if run.world.main:
+            run.components.unet = unsharded_copy(run.components.unet, weights)
+    if not run.world.main:
+        run.close()
+        return {"preset": info.name, **summary(run)}
     if run.placement.lora is not None:
         return _export_lora(run, info)
     if run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
@@ -238,6 +264,8 @@ def summary(run) -> dict:
         "optimizer": plan.optimizer, "optimizer_offload": plan.optimizer_offload,
         "param_offload": plan.param_offload, "batch_size": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "processes": run.world.size, "distributed": plan.distributed,
+        "global_batch": train.batch_size * train.gradient_accumulation_steps * run.world.size,
     }
 
 

@@ -16,6 +16,7 @@ What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, s
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from sdtune.config import Config, PresetInfo
 from sdtune.config_toml import from_toml, resume_conflicts, to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
+from sdtune.distributed import World
 from sdtune.errors import SdtuneError
 from sdtune.memory import Plan, autocast, peak_bytes, reset_peak, resolve_plan
 from sdtune.metrics import StepRecord
@@ -55,6 +57,7 @@ class Run:
     log: Callable[[str], None]
     features: Any = None  # latents and text embeddings, encoded or from the caches
     class_stream: BatchStream | None = None  # prior preservation: the class images' batches
+    world: World = field(default_factory=World)  # this process among the launched ones
     step: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
@@ -116,7 +119,8 @@ def _restore(run: Run) -> None:
                 f"to {run.cfg.memory.optimizer_offload}")
         tier = OtherTierState(run.tier, run.components.unet, latest / run.placement.weights_file)
     state = checkpoint.load_checkpoint(latest, restore=run.placement.restore, tier=tier, lr_schedule=run.lr_schedule,
-                                       scaler=run.scaler, weights_file=run.placement.weights_file)
+                                       scaler=run.scaler, weights_file=run.placement.weights_file, world=run.world,
+                                       sharded=run.placement if run.placement.sharded else None)
     run.step, run.losses = state["step"], state["losses"]
     run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
     run.log(f"resumed from {latest} at step {run.step}")
@@ -147,22 +151,30 @@ def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> No
 
 
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
-            log: Callable[[str], None]) -> Run:
+            log: Callable[[str], None], world: World | None = None) -> Run:
     """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
-    preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`."""
+    preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`.
+    Under a launcher (`world`), every rank does all of it; rank 0 fills the caches first."""
+    import dataclasses
+
     from diffusers import DDPMScheduler
 
     from sdtune.models import load_components
+    from sdtune.parallel import resolve_mode
 
+    world = world or World()
     scan = _scan(data_dir, cfg, log)
     plan = resolve_plan(cfg.memory, log)
+    plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
+    world.start(plan.device)
     components = load_components(cfg.model.pretrained, cfg.model.config)
     _check_resolution(components, cfg, log)
     placement = place(components, plan, cfg)
-    stream = BatchStream(scan.examples, cfg.data, cfg.train.batch_size, cfg.train.seed, warn=log)
+    global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
+    stream = BatchStream(scan.examples, cfg.data, global_batch, cfg.train.seed, warn=log)
     features = Features(components, cfg.data, plan, log, text_grad=cfg.lora.text_encoder)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
-              log=log, features=features, stream=stream, placement=placement,
+              log=log, features=features, stream=stream, placement=placement, world=world,
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
@@ -170,10 +182,11 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.dreambooth import class_config, class_images
 
-        examples = class_images(cfg, components, plan, log, sample_context=lambda: _sampling(run))
-        run.class_stream = BatchStream(examples, class_config(cfg), cfg.train.batch_size, cfg.train.seed + 1, warn=log)
+        examples = class_images(cfg, components, plan, log, sample_context=lambda: _sampling(run), world=world)
+        run.class_stream = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
         sources.append((run.class_stream, examples))
-    features.prepare(sources)  # with caches: encode what is missing, then park the encoders
+    with world.main_first():
+        features.prepare(sources)  # with caches: encode what is missing, then park the encoders
     if resume:
         _restore(run)
     return run
@@ -182,11 +195,12 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 CLASS_SEED = 2**40  # the class half of micro-batch k draws its noise from seed * 1_000_003 + k + CLASS_SEED
 
 
-def _micro_step(run: Run, index: int) -> float:
+def _micro_step(run: Run, index: int, last: bool = True) -> float:
     """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss:
     with prior preservation, instance loss + train.prior_loss_weight x class loss, one backward each.
     The loss is read after backward is queued (the host does not wait for the GPU in between), except
-    where gradients reach the weights during backward (`step_in_backward`): a NaN/Inf loss skips it."""
+    where gradients reach the weights during backward (`step_in_backward`): a NaN/Inf loss skips it.
+    Under DDP only the `last` micro-batch's last backward averages the gradients over the ranks."""
     train = run.cfg.train
     halves = [(run.stream, 0, 1.0)]
     if run.class_stream is not None:
@@ -198,7 +212,8 @@ def _micro_step(run: Run, index: int) -> float:
             return value.item()
         try:
             scaled = value / train.gradient_accumulation_steps  # the instance half: as without prior preservation
-            run.scaler.scale(scaled if weight == 1.0 else scaled * weight).backward()
+            with run.placement.no_sync(last and stream is halves[-1][0]):
+                run.scaler.scale(scaled if weight == 1.0 else scaled * weight).backward()
         except BaseException:
             run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
             raise
@@ -207,25 +222,28 @@ def _micro_step(run: Run, index: int) -> float:
 
 
 def _loss(run: Run, stream: BatchStream, index: int, seed: int):
-    """The diffusion loss of batch `index` of `stream`, its noise and timesteps drawn from `seed`."""
+    """The diffusion loss of this rank's share of batch `index` of `stream`, its noise and timesteps drawn
+    from `seed` for the whole global batch (`sdtune.distributed`)."""
     import torch
 
-    c, plan, train = run.components, run.plan, run.cfg.train
+    c, plan, train, world = run.components, run.plan, run.cfg.train, run.world
     while True:
-        items = stream.items(index)
+        every = stream.items(index)
+        items, rows = world.share(every), world.slice(len(every))
         generator = torch.Generator(plan.device).manual_seed(seed)
         try:
-            latents = run.features.latents(stream, items, generator)
+            latents = run.features.latents(stream, items, generator, rows=(len(every), rows))
             break
         except ImageFailed:
             continue  # reported once by the stream, which now substitutes another image of the bucket
     cond = run.features.text([item.caption for item in items])
     added = c.family.added_cond(cond, items, latents.device, plan.working_dtype)
-    noise = loss.sample_noise(latents, generator, train.noise_offset)
-    timesteps = loss.sample_timesteps(len(latents), len(run.alphas_cumprod), generator, latents.device)
+    shape = (len(every), *latents.shape[1:])
+    noise = loss.sample_noise(shape, generator, train.noise_offset, latents.device, latents.dtype)[rows]
+    timesteps = loss.sample_timesteps(len(every), len(run.alphas_cumprod), generator, latents.device)[rows]
     noisy = loss.add_noise(latents, noise, timesteps, run.alphas_cumprod)
     with autocast(plan):
-        prediction = c.unet(noisy, timesteps, cond.hidden, added_cond_kwargs=added).sample
+        prediction = run.placement.model(noisy, timesteps, cond.hidden, added_cond_kwargs=added).sample
     target = loss.target(c.prediction_type, latents, noise, timesteps, run.alphas_cumprod)
     weights = (loss.min_snr_weights(timesteps, run.alphas_cumprod, train.snr_gamma, c.prediction_type)
                if train.snr_gamma else None)
@@ -250,10 +268,12 @@ def fp32_weights(run: Run) -> dict:
 
 def _save(run: Run) -> Path:
     state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
-    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=fp32_weights(run), tier=run.tier,
+    sharded = run.placement if run.placement.sharded else None
+    weights = fp32_weights(run) if run.world.main and sharded is None else {}
+    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=weights, tier=run.tier,
                                       lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
                                       config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints,
-                                      weights_file=run.placement.weights_file)
+                                      weights_file=run.placement.weights_file, world=run.world, sharded=sharded)
 
 
 @contextmanager
@@ -283,6 +303,8 @@ def _sample(run: Run, metrics) -> Path:
         images = generate(assemble_pipeline(run.components), prompts, [run.cfg.train.seed] * len(prompts),
                           steps=out.sample_steps)
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
+    if not run.world.main:  # every rank draws (FSDP gathers weights collectively), rank 0 writes
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images)
     grid.save(path)
@@ -327,7 +349,9 @@ def loop(run: Run, metrics=None) -> None:
         while run.step < cfg.train.max_steps:
             started = time.perf_counter()
             first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
-            step_loss = sum(_micro_step(run, first + i) for i in range(accumulation)) / accumulation
+            step_loss = sum(_micro_step(run, first + i, last=i == accumulation - 1)
+                            for i in range(accumulation)) / accumulation
+            step_loss = run.world.mean(step_loss)  # the global batch's: every rank decides alike
             finite = math.isfinite(step_loss)
             stepped = _optimizer_step(run, finite)
             run.skipped_steps += not stepped
@@ -340,8 +364,8 @@ def loop(run: Run, metrics=None) -> None:
             metrics.log(_record(run, step_loss, learning_rate))
             if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
                 raise _too_many_bad_steps(run, bad_in_a_row)
-            if stop.signum:
-                raise Interrupted(stop.signum, run.step, _save(run))
+            if run.world.any(bool(stop.signum)):  # a signal that reached one rank stops all of them here
+                raise Interrupted(stop.signum or signal.SIGTERM, run.step, _save(run))
             if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
                 run.log(f"samples: {_sample(run, metrics)}")
             every = cfg.output.checkpoint_every

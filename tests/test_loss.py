@@ -10,7 +10,7 @@ ALPHAS = SCHEDULER.alphas_cumprod
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(3, 4, 8, 8, generator=g)
-    noise = loss.sample_noise(latents, g)
+    noise = loss.sample_noise(latents.shape, g)
     t = loss.sample_timesteps(3, 1000, g, latents.device)
     return latents, noise, t
 
@@ -44,8 +44,8 @@ def test_min_snr_weights():
 
 def test_noise_offset_shifts_channel_means_only_when_asked():
     latents = torch.zeros(64, 4, 8, 8)
-    plain = loss.sample_noise(latents, torch.Generator().manual_seed(0))
-    offset = loss.sample_noise(latents, torch.Generator().manual_seed(0), offset=0.5)
+    plain = loss.sample_noise(latents.shape, torch.Generator().manual_seed(0))
+    offset = loss.sample_noise(latents.shape, torch.Generator().manual_seed(0), offset=0.5)
     assert plain.mean(dim=(2, 3)).std() < 0.2 < offset.mean(dim=(2, 3)).std()
 
 

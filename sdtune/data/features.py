@@ -129,21 +129,27 @@ class Features:
     # ------------------------------------------------------------------------------------------------
     # every micro-batch
 
-    def latents(self, stream, items, generator):
-        """Scaled latents of `items` in fp32: the VAE's sample, drawn with `generator`."""
+    def latents(self, stream, items, generator, rows: tuple[int, slice] | None = None):
+        """Scaled latents of `items` in fp32: the VAE's sample, drawn with `generator`. `rows` = (global batch,
+        these items' rows of it): the sample's noise is drawn for the whole global batch and sliced, so a
+        rank's share equals those rows of one process's batch."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
         device, dtype = self.plan.device, self.plan.working_dtype
+        total, mine = rows or (len(items), slice(None))
         with torch.no_grad():
             if self.latent_cache is None:
                 pixels = stream.pixels(items).to(device, next(self.c.vae.parameters()).dtype)
-                latents = self.c.vae.encode(pixels).latent_dist.sample(generator)
+                dist = self.c.vae.encode(pixels).latent_dist  # its own sample(): mean + std x randn of its shape
+                mean, std, where, dtype = dist.mean, dist.std, dist.parameters.device, dist.parameters.dtype
             else:
                 stored = [self._stored_latent(stream, item) for item in items]
                 mean = torch.stack([s["mean"] for s in stored]).to(device, dtype)
                 std = torch.stack([s["std"] for s in stored]).to(device, dtype)
-                latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=dtype)
+                where = mean.device
+            noise = randn_tensor((total, *mean.shape[1:]), generator=generator, device=where, dtype=dtype)
+            latents = mean + std * noise[mine]
         return latents.float() * self.c.vae.config.scaling_factor
 
     def _stored_latent(self, stream, item) -> dict:

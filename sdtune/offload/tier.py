@@ -177,6 +177,8 @@ class NvmeTier(HostAdamW):
 
 def tier_class(plan) -> type[Tier]:
     """The tier a plan trains with (`memory.optimizer` and `memory.optimizer_offload`)."""
+    if plan.distributed == "fsdp":  # torch AdamW on the shards; optimizer_offload=cpu is FSDP2's own CPU offload
+        return Tier
     if plan.optimizer_offload == "nvme":
         return NvmeTier
     if plan.optimizer_offload == "cpu":
@@ -229,15 +231,37 @@ def clip_gradients(optimizer, max_norm: float):
 
     Unlike `torch.nn.utils.clip_grad_norm_`, the norm is accumulated in float64: the same gradients give
     the same factor however they are grouped into tensors, so offloaded flat buckets and per-parameter
-    gradients are clipped identically (an fp32 sum over millions of elements differs by ~1e-5)."""
+    gradients are clipped identically (an fp32 sum over millions of elements differs by ~1e-5).
+    FSDP2's sharded gradients (DTensors): each rank measures its shards and the squares are summed over
+    the ranks."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return None
+    grads, sharded = _local_shards(grads)
     norms = [torch.linalg.vector_norm(g, dtype=torch.float64).to(grads[0].device) for g in grads]
     total = torch.linalg.vector_norm(torch.stack(norms))
+    if sharded:
+        import torch.distributed as dist
+
+        squared = total.square()
+        dist.all_reduce(squared)
+        total = squared.sqrt()
     if not max_norm:
         return total
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.to(g.device, g.dtype))
     return total
+
+
+def _local_shards(grads: list) -> tuple[list, bool]:
+    """Each gradient's local part: itself, or this rank's shard of a DTensor; and whether any was sharded."""
+    if not torch.distributed.is_available():
+        return grads, False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor
+    if not any(isinstance(g, DTensor) for g in grads):
+        return grads, False
+    return [g.to_local() if isinstance(g, DTensor) else g for g in grads], True

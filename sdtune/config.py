@@ -52,6 +52,16 @@ def _require(ok: bool, message: str) -> None:
 class ModelConfig:
     pretrained: str = doc("diffusers folder, single-file .safetensors checkpoint, or hub id", "")
     config: str = doc("diffusers folder whose configs and tokenizer a single-file checkpoint uses", "")
+    init: Literal["pretrained", "random"] = doc(
+        "the UNet's starting weights: the base model's, or random (pretraining from scratch; the VAE and text "
+        "encoders stay the base model's)", "pretrained")
+    architecture: str = doc("with init=random: the UNet's architecture, a bundled name (sd15, sd21, sdxl) or a "
+                            "folder with its config.json; empty: the base model's", "")
+
+    def __post_init__(self):
+        _require(not (self.architecture and self.init != "random"),
+                 "model.architecture is set but model.init is pretrained: set model.init=random to train that "
+                 "architecture from scratch, or clear model.architecture")
 
 
 @dataclass(frozen=True, kw_only=True)

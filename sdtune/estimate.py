@@ -95,6 +95,12 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
         source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
     parts = meta_model(source)
+    if cfg.model.init == "random" and cfg.model.architecture:  # pretraining another UNet on the base's encoders
+        from sdtune.scratch import check_fits, unet_config_dir
+
+        folder = unet_config_dir(cfg.model.architecture, source)
+        parts = dataclasses.replace(parts, unet=archs.build_part(folder, "diffusers", "UNet2DConditionModel"))
+        check_fits(parts, cfg.model.architecture)
     parked, vae = [], parts.vae  # parked: encoders whose outputs are cached leave the GPU before step 1
     if not frozen_on_device or cfg.data.cache_latents:
         parked.append(parts.vae)

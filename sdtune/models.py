@@ -102,12 +102,13 @@ def single_file_family(path: Path) -> str:
         return "sdxl" if any(k.startswith("model.diffusion_model.label_emb.") for k in f.keys()) else "sd"
 
 
-def load_components(source: str, config: str = "") -> Components:
-    """Load a model of any family sdtune trains from `source` (see the module docstring) in fp32 on the CPU."""
+def load_components(source: str, config: str = "", unet=None) -> Components:
+    """Load a model of any family sdtune trains from `source` (see the module docstring) in fp32 on the CPU;
+    `unet`, a UNet to use instead of the source's (which is then not read: `sdtune.scratch`)."""
     resolved, kind = resolve_source(source), classify_source(source)
     family = _family(resolved, kind, config)
     quiet_libraries()
-    return family.components(family.load_pipeline(resolved, kind, config))
+    return family.components(family.load_pipeline(resolved, kind, config, **({"unet": unet} if unet else {})))
 
 
 def assemble_pipeline(components: Components):

@@ -159,15 +159,15 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 
     from diffusers import DDPMScheduler
 
-    from sdtune.models import load_components
     from sdtune.parallel import resolve_mode
+    from sdtune.scratch import load_for_training
 
     world = world or World()
     scan = _scan(data_dir, cfg, log)
     plan = resolve_plan(cfg.memory, log)
     plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
     world.start(plan.device)
-    components = load_components(cfg.model.pretrained, cfg.model.config)
+    components = load_for_training(cfg.model, cfg.train.seed, log)
     _check_resolution(components, cfg, log)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each

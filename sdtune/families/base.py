@@ -63,10 +63,11 @@ class Family(ABC):
         """Keyword arguments for the pipeline's from_pretrained/from_single_file."""
         return {}
 
-    def load_pipeline(self, source: str, kind: str, config: str = ""):
+    def load_pipeline(self, source: str, kind: str, config: str = "", **parts):
         """The pipeline from a diffusers folder (`kind="folder"`), a hub id (`"hub"`) or a single file with
-        the configs of a diffusers folder (`"single_file"`), in fp32 on the CPU."""
-        pipeline, options = self.pipeline_type(), self.load_options()
+        the configs of a diffusers folder (`"single_file"`), in fp32 on the CPU; `parts` are modules used
+        as they are instead of being loaded (a random UNet)."""
+        pipeline, options = self.pipeline_type(), {**self.load_options(), **parts}
         if kind == "folder":
             return pipeline.from_pretrained(source, local_files_only=True, **options)
         if kind == "single_file":

@@ -82,7 +82,12 @@ class DataConfig:
                                  0.0)
     cache_latents: bool = doc("encode every image once with the VAE and reuse the latents from disk", False)
     cache_text: bool = doc("embed every caption once and reuse the embeddings from disk", False)
-    cache_dir: str = doc("folder of the latent and text caches; empty: ~/.cache/sdtune", "")
+    cache_dir: str = doc("folder of the latent, text and scan caches; empty: ~/.cache/sdtune", "")
+    check_images: Literal["decode", "headers"] = doc(
+        "before step 1, decode every image (every bad file reported up front) or read headers only (large "
+        "folders: a bad file is reported and replaced when the loader meets it)", "decode", resume=FREE)
+    scan_cache: bool = doc("remember each image's check by (path, size, mtime) in cache_dir/scan, so a rerun "
+                           "starts without opening the images again", True, resume=FREE)
     class_dir: str = doc("DreamBooth prior preservation: folder of class images (generated into it when short); "
                          "empty: off", "")
     class_prompt: str = doc("caption of the class images, and the prompt that generates the missing ones "

@@ -89,7 +89,7 @@ def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
             lower.setdefault(name.lower(), name)
         images += [(folder / name, lower) for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     images.sort(key=lambda item: item[0].relative_to(root).parts)
-    sizes = _check_all([path for path, _ in images], cfg.smallest_side)
+    sizes, notes = _check_all([path for path, _ in images], cfg, root)
     examples, legacy = [], []
     skipped = [Skip(Path(err.filename), "unreadable", f"a folder that cannot be listed ({err.strerror}): its images "
                                                      "are left out") for err in unlisted]
@@ -103,7 +103,7 @@ def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
             skipped.append(Skip(path, "bad caption", str(exc)))
             continue
         examples.append(Example(path, caption, size, _repeat_folder(path, root)[0], source))
-    return Scan(examples, skipped, (_legacy_warning(legacy, root),) if legacy else ())
+    return Scan(examples, skipped, (*notes, *((_legacy_warning(legacy, root),) if legacy else ())))
 
 
 def _legacy_warning(paths: list[Path], root: Path) -> str:
@@ -129,22 +129,46 @@ def _walk(root: Path, unlisted: list[OSError]):
         yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
 
 
-def _check_all(paths: list[Path], smallest_side: int) -> list[tuple[int, int] | ImageProblem]:
-    """`check_image` for every path, in threads (Pillow decodes without the GIL), results in order.
+def _check_all(paths: list[Path], cfg: DataConfig, root: Path) -> tuple[list[tuple[int, int] | ImageProblem], list]:
+    """`check_image` for every path not in the scan cache (`sdtune.data.scan_cache`), in threads (Pillow
+    decodes without the GIL), results in order; and a warning when the cache cannot be written.
     Pillow's decompression-bomb warning (images between 1x and 2x its limit) becomes an error here, so
     such a file is skipped as "too large" instead of printing a warning and passing."""
     from PIL import Image
 
+    from sdtune.data.scan_cache import CheckedImages
+
     def check(path):
         try:
-            return check_image(path, smallest_side)
+            return check_image(path, cfg.smallest_side, decode=cfg.check_images == "decode")
         except ImageProblem as problem:
             return problem
 
+    checked = CheckedImages.for_folder(root, cfg)
+    stats = [_stat(path) for path in paths]
+    results = [checked.get(path, stat) if stat else None for path, stat in zip(paths, stats, strict=True)]
+    todo = [i for i, result in enumerate(results) if result is None]
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            return list(pool.map(check, paths))
+            for i, result in zip(todo, pool.map(check, [paths[i] for i in todo]), strict=True):
+                results[i] = result
+                if stats[i]:
+                    checked.put(paths[i], stats[i], result)
+    checked.keep(paths)
+    try:
+        checked.save()
+    except OSError as exc:
+        return results, [f"the scan cache {checked.path} cannot be written ({exc.strerror or exc}): the next run "
+                         "checks every image again; set data.cache_dir to a writable folder"]
+    return results, []
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None  # check_image reports what is wrong with it
 
 
 def _caption(path: Path, root: Path, names: dict[str, str], metadata: dict[Path, dict[str, str]],

@@ -155,7 +155,7 @@ class BatchStream:
             try:
                 im = open_rgb(path)
             except Exception as exc:  # PIL raises many types for broken data; each means "skip this file"
-                raise self._fail(path, f"no longer readable ({type(exc).__name__}: {exc})") from exc
+                raise self._fail(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
             expected = tuple(item.example.size)
             if all(expected) and im.size != expected:
                 raise self._fail(path, f"changed since the scan ({expected[0]}x{expected[1]} px, "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from sdtune.data.images import SWAPS_SIDES, orientation, to_rgb
+from sdtune.data.images import SWAPS_SIDES, orientation, oriented_size, to_rgb
 
 # the first bytes of the formats Pillow reads here: a file that starts like one is a broken image, not a non-image
 SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
@@ -28,11 +28,17 @@ class ImageProblem(Exception):
         self.kind, self.detail = kind, detail
 
 
-def check_image(path: Path, smallest_side: int) -> tuple[int, int]:
-    """(width, height) of `path` as training sees it; raises `ImageProblem` for a file training cannot use."""
+def check_image(path: Path, smallest_side: int, decode: bool = True) -> tuple[int, int]:
+    """(width, height) of `path` as training sees it; raises `ImageProblem` for a file training cannot use.
+    `decode=False` reads the header only (data.check_images=headers): a file broken further in is found,
+    reported and replaced by the loader during training instead."""
     try:
         if path.stat().st_size == 0:
             raise ImageProblem("empty", "0 bytes")
+        if not decode:
+            with Image.open(path) as im:
+                _check_size(*im.size, smallest_side)
+                return oriented_size(im)
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:

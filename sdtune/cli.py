@@ -178,6 +178,8 @@ def estimate_vram(
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass; sets train.batch_size "
                                                             "(default: the preset's, 1 for the GPU presets)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " --resolution and --batch-size win over --set."),
+    gpus: int = typer.Option(1, min=1, help="Per-card figures for this many GPUs (processes) under the plan's "
+                                            "memory.distributed: ddp (auto) or fsdp."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON document (every figure in bytes), no table."),
 ):
     """Estimate the GPU memory of a plan before training, without a GPU and without weights.
@@ -201,7 +203,7 @@ def estimate_vram(
     for name in gpu_presets(family, method) if preset == "all" else [preset]:
         cfg, info = load_config(name, overrides)
         with console.status(f"tracing one training step under {info.name}"):
-            results.append(estimate(cfg, info, model))
+            results.append(estimate(cfg, info, model, gpus=gpus))
     gpu = detect_gpu()
     if json_:
         gpu_doc = gpu and {"name": gpu.name, "total_memory": gpu.total_memory,
@@ -210,7 +212,8 @@ def estimate_vram(
         return
     out = Console(highlight=False, soft_wrap=True)  # soft wrap: each line of text stays one line
     seconds = sum(getattr(est, "seconds", 0.0) for est in results)
-    out.print(f"GPU memory at the peak of one training step, estimated without a GPU in {seconds:.1f} s:")
+    per = f" on each of {gpus} cards ({results[0].distributed})" if gpus > 1 else ""
+    out.print(f"GPU memory at the peak of one training step{per}, estimated without a GPU in {seconds:.1f} s:")
     out.print(_estimate_table(results), soft_wrap=False)  # the table wraps its cells to the terminal's width
     out.print("peak reserved compares with torch.cuda.max_memory_reserved(); total adds the CUDA context "
               "and is what the card must hold")

@@ -67,6 +67,8 @@ class Estimate:
     notes: tuple[str, ...] = field(default=())
     milestones: dict[str, dict[str, int]] = field(default_factory=dict)  # bytes by category at forward_end
                                                                           # and backward_end (UNet only)
+    gpus: int = 1                # the figures are per card of this many (sdtune.estimate_parallel)
+    distributed: str = "none"    # how they share the work: "none", "ddp" or "fsdp"
 
     @property
     def fits(self) -> bool | None:
@@ -77,12 +79,14 @@ class Estimate:
 
 
 def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str | None = None,
-             frozen_on_device: bool = True) -> Estimate:
+             frozen_on_device: bool = True, gpus: int = 1) -> Estimate:
     """Estimate the memory of training `model` (None: the config's model, or sd15 when that is a hub id)
     with `cfg`'s plan on `device`: "cuda", or "cpu" for a CPU run (no CUDA constants; also how the trace is
     checked against a measured CPU step); None takes "cpu" for `memory.device=cpu` plans, else "cuda".
     `frozen_on_device=False` leaves the VAE and text encoder(s) off the GPU, as with latents and text
-    embeddings cached beforehand: parked in host RAM in the working precision, as the trainer parks them."""
+    embeddings cached beforehand: parked in host RAM in the working precision, as the trainer parks them.
+    `gpus` > 1: per-card figures of the plan's `memory.distributed` over that many (`sdtune.estimate_parallel`);
+    SdtuneError when the plan cannot run that way."""
     import torch
 
     from sdtune.memory import make_plan, resolve_attention
@@ -110,6 +114,11 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
         parts = dataclasses.replace(parts, text_encoders=())
     tracker = MemoryTracker("meta")
     plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
+    if gpus > 1:
+        from sdtune.distributed import World
+        from sdtune.parallel import resolve_mode
+
+        plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, World(size=gpus)))
     trained = _place(parts, vae, plan, cfg, tracker)
     with torch.set_grad_enabled(cfg.train.method == "lora" and cfg.lora.text_encoder):
         cond = _frozen_pass(parts, vae, plan, cfg, tracker)
@@ -121,12 +130,18 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     allocated = sum(at_peak.values())
     overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
     context = CUDA_CONTEXT if device == "cuda" else 0
-    return Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
-                    batch_size=cfg.train.batch_size, device=device,
-                    categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
-                    peak_allocated=allocated, peak_reserved=allocated + overhead, total=allocated + overhead + context,
-                    host_ram=_host_ram(parts, vae, parked, plan, footprint, cfg), disk=footprint.disk,
-                    card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2), milestones=milestones)
+    total = allocated + overhead + context
+    result = Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
+                      batch_size=cfg.train.batch_size, device=device,
+                      categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
+                      peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
+                      host_ram=_host_ram(parts, vae, parked, plan, footprint, cfg), disk=footprint.disk,
+                      card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2), milestones=milestones)
+    if gpus > 1:
+        from sdtune.estimate_parallel import per_card
+
+        result = per_card(result, cfg, parts.unet, plan, gpus)
+    return result
 
 
 def _is_hub_id(source: str) -> bool:
@@ -165,7 +180,8 @@ def _place(parts, vae, plan, cfg: Config, tracker) -> list:
         trained = [p for module in attach(unet, parts.text_encoders, cfg.lora, seed=cfg.train.seed).values()
                    for p in trainable(module)]
     else:
-        unet.to(working if tier_class(plan).host_gradients else torch.float32)
+        compute = tier_class(plan).host_gradients or plan.distributed == "fsdp"  # fsdp: sdtune.estimate_parallel
+        unet.to(working if compute else torch.float32)
         trained = list(unet.parameters())
     for module in parts.frozen:
         tracker.add([p for p in module.parameters() if not p.requires_grad], "frozen")

@@ -10,7 +10,7 @@
   averaged it over the ranks.
 - **fsdp** (`torch.distributed.fsdp.fully_shard`, FSDP2, the ZeRO-3 equivalent): each UNet block is one
   unit whose fp32 weights, gradients and AdamW state are split over the ranks and gathered for its
-  forward and backward only. `memory.precision=bf16` is FSDP2's mixed-precision policy (bf16 compute,
+  forward and backward only (`shard_units`). `memory.precision=bf16` is FSDP2's mixed-precision policy (bf16 compute,
   fp32 gradient reduction); `memory.optimizer_offload=cpu` is its `CPUOffloadPolicy` (the shards and the
   AdamW step in host RAM). Refused with it: fp16 (loss scaling over shards), `memory.optimizer=adamw8bit`,
   `memory.optimizer_offload=nvme`, `memory.param_offload` (FSDP2 already gathers one block at a time)
@@ -93,9 +93,16 @@ def _fully_shard():
     return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
 
 
+UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")  # SDXL's innermost attention holds 10 of the latter
+
+
 def shard_units(unet) -> list:
-    """FSDP2's units: each down, mid and up block (the rest, the root, is one more)."""
-    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    """FSDP2's units, innermost first: every ResNet block and transformer layer, then each down, mid and up
+    block (its samplers and projections); the root (the rest) is one more. A unit's weights are gathered
+    only while it runs, so the largest unit sets what gathering costs."""
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    layers = [m for block in blocks for m in block.modules() if type(m).__name__ in UNIT_CLASSES]
+    return [*layers, *blocks]
 
 
 def shard(unet, plan) -> None:

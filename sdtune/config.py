@@ -86,6 +86,8 @@ class DataConfig:
     check_images: Literal["decode", "headers"] = doc(
         "before step 1, decode every image (every bad file reported up front) or read headers only (large "
         "folders: a bad file is reported and replaced when the loader meets it)", "decode", resume=FREE)
+    loader_threads: int = doc("threads decoding the next micro-batch's images while this one trains; 0: decode "
+                              "in the training loop", 2, resume=FREE)
     scan_cache: bool = doc("remember each image's check by (path, size, mtime) in cache_dir/scan, so a rerun "
                            "starts without opening the images again", True, resume=FREE)
     class_dir: str = doc("DreamBooth prior preservation: folder of class images (generated into it when short); "
@@ -98,6 +100,7 @@ class DataConfig:
     def __post_init__(self):
         _require(self.resolution >= 8 and self.resolution % 8 == 0,
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        _require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
         _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         _require(self.min_side >= 0 and self.max_side >= 0 and self.keep_tags >= 0,
                  "data.min_side, data.max_side and data.keep_tags must be >= 0")

@@ -231,6 +231,8 @@ def _loss(run: Run, stream: BatchStream, index: int, seed: int):
         every = stream.items(index)
         items, rows = world.share(every), world.slice(len(every))
         generator = torch.Generator(plan.device).manual_seed(seed)
+        if run.features.latent_cache is None:  # the next micro-batch's images decode while this one trains
+            stream.prefetch(world.share(stream.items(index + 1)))
         try:
             latents = run.features.latents(stream, items, generator, rows=(len(every), rows))
             break

@@ -258,3 +258,29 @@ def test_a_file_changed_since_the_scan_is_skipped(tmp_path):
     stream = BatchStream(examples, DataConfig(resolution=64), 2, seed=0, warn=warnings.append)
     captions = [c for k in range(6) for c in batch(stream, k)[1]]
     assert "image 1" not in captions and len(warnings) == 1 and "changed since the scan" in warnings[0]
+
+
+def test_background_decoding_gives_the_pixels_the_loop_would_decode(images):
+    cfg = DataConfig(resolution=64)
+    scan = scan_folder(images, cfg)
+    ahead = BatchStream(scan.examples, dataclasses.replace(cfg, loader_threads=2), batch_size=2, seed=0)
+    inline = BatchStream(scan.examples, dataclasses.replace(cfg, loader_threads=0), batch_size=2, seed=0)
+    for index in range(3):
+        ahead.prefetch(ahead.items(index))
+    assert len(ahead._ahead) == 3
+    for index in range(3):
+        assert torch.equal(ahead.pixels(ahead.items(index)), inline.pixels(inline.items(index)))
+    assert not ahead._ahead  # each prefetched batch is taken once
+
+
+def test_a_file_that_breaks_before_its_background_decode_is_reported_once_and_replaced(tmp_path):
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    cfg = DataConfig(resolution=64, loader_threads=2)
+    scan = scan_folder(tmp_path, cfg)
+    reported = []
+    stream = BatchStream(scan.examples, cfg, batch_size=4, seed=0, warn=reported.append)
+    (tmp_path / "2.png").write_bytes(b"broken")
+    stream.prefetch(stream.items(0))
+    pixels, _ = batch(stream, 0)  # as the loop takes it: ImageFailed, then the batch again
+    assert pixels.shape[0] == 4 and len(reported) == 1 and "2.png" in reported[0]

@@ -83,6 +83,8 @@ class BatchStream:
                         for b, members in self.members.items()}
         self.batches_per_epoch = sum(math.ceil(len(e) / batch_size) for e in self.entries.values())
         self.failed: set[Path] = set()
+        self._ahead: dict = {}  # tuple(items) -> the Future of their pixels
+        self._pool = None
         self._epoch: tuple[int, list[tuple[Size, list[int]]]] | None = None
 
     def _plan(self, epoch: int) -> list[tuple[Size, list[int]]]:
@@ -142,9 +144,27 @@ class BatchStream:
             self.warn(f"skipping {path}: {reason}")
         return ImageFailed(path, reason)
 
+    def prefetch(self, items: list[Item]) -> None:
+        """Start decoding `items` in a background thread (`data.loader_threads` of them; none: nothing to
+        do), so that `pixels(items)` later finds them ready: JPEG decoding overlaps the training step."""
+        if not self.cfg.loader_threads or tuple(items) in self._ahead:
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.cfg.loader_threads, thread_name_prefix="sdtune-loader")
+        while len(self._ahead) >= 4:  # batches asked for and never taken (a failure changed them)
+            self._ahead.pop(next(iter(self._ahead)))
+        self._ahead[tuple(items)] = self._pool.submit(self._load, items)
+
     def pixels(self, items: list[Item]):
-        """The items' images as a [B, 3, H, W] float tensor in [-1, 1]: opened, resized, cropped, flipped.
-        Raises ImageFailed (after reporting the file once) when one cannot be used."""
+        """The items' images as a [B, 3, H, W] float tensor in [-1, 1]: opened, resized, cropped, flipped
+        (or taken from `prefetch`). Raises ImageFailed (after reporting the file once) when one cannot be
+        used."""
+        ahead = self._ahead.pop(tuple(items), None)
+        return ahead.result() if ahead is not None else self._load(items)
+
+    def _load(self, items: list[Item]):
         import numpy as np
         import torch
         from PIL import Image

@@ -66,7 +66,7 @@ def fake_estimator(monkeypatch):
     """Replace sdtune.estimate with a module whose `estimate` records its calls."""
     calls = []
 
-    def estimate(cfg, info, model=None, *, device="cuda"):
+    def estimate(cfg, info, model=None, *, device="cuda", gpus=1):
         calls.append((cfg, info, model, device))
         total = int(plan_gib(cfg.memory) * GIB)
         context, overhead = int(0.4 * GIB), int(0.1 * GIB)

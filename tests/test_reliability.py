@@ -236,11 +236,11 @@ def _out_of_memory_at(monkeypatch, when) -> list:
     """Make the micro step raise torch.OutOfMemoryError once for each (index, plan) that `when` accepts."""
     real, raised = trainer._micro_step, []
 
-    def micro_step(run, index):
+    def micro_step(run, index, last=True):
         if when(index, run.cfg.memory) and (index, run.cfg.memory) not in raised:
             raised.append((index, run.cfg.memory))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
-        return real(run, index)
+        return real(run, index, last)
 
     monkeypatch.setattr(trainer, "_micro_step", micro_step)
     return raised

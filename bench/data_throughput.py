@@ -55,7 +55,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     data = write_images(tmp / "images", args.images)
     cfg, info = load_config("cpu", ["model.pretrained=sdtune-tiny", f"data.resolution={args.resolution}",
-                                    "train.batch_size=4", f"data.cache_dir={tmp / 'cache'}"])
+                                    "train.batch_size=4", f"data.cache_dir={tmp / 'cache'}", "data.scan_cache=false"])
     rows = {}
     scan = None
 

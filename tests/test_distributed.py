@@ -213,3 +213,16 @@ def test_a_checkpoint_resumes_only_on_the_world_size_that_wrote_it(ddp, tiny_sd1
                              "--max-steps", "6", "--resume"], env=ENV, capture_output=True, text=True)
     assert result.returncode == 2
     assert "was written by 2 processes and this run has 1; resume it with 2 processes" in result.stderr
+
+
+def test_accelerate_launch_starts_the_same_run(tiny_sd1, images, tmp_path, ddp):
+    """`accelerate launch --multi_gpu --num_processes 2 -m sdtune train` (on a machine without GPUs its
+    multi-process launcher needs --multi_gpu; with GPUs it is the default): the torchrun run's losses."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "-m", "sdtune", "train", "--preset", "cpu", "--data", str(images), "--model", str(tiny_sd1),
+               "--out", str(out), *STEPS, "--set", "train.batch_size=1"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    got, expected = (json.loads((folder / "summary.json").read_text()) for folder in (out, ddp[0]))
+    assert got["processes"] == 2 and got["losses"] == expected["losses"]

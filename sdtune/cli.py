@@ -90,7 +90,10 @@ def train(
         result = run_training(request, log=lambda line: console.print(escape(line)),
                               progress=lambda total: ProgressSink(console, total), status=console.status)
     except Stopped as exc:
-        console.print(f"[yellow]{escape(str(exc))}[/]")
+        from sdtune.distributed import launched_rank
+
+        if not launched_rank():  # rank 0 (or the one process) says how to resume
+            console.print(f"[yellow]{escape(str(exc))}[/]")
         raise typer.Exit(exc.exit_code) from None
     from sdtune.distributed import launched_rank
 

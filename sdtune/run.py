@@ -100,7 +100,8 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
     except (Interrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: Ctrl+C outside the training loop
         command = request.resume_command(preset, [*plan_sets, *request.sets, *fallbacks])
         stopped = exc if isinstance(exc, Interrupted) else "SIGINT: stopped outside the training loop"
-        raise Stopped(f"{stopped}; resume with: {command}", getattr(exc, "exit_code", 130)) from None
+        launcher = f" (under the launcher, {world.size} processes)" if world.several else ""
+        raise Stopped(f"{stopped}; resume with: {command}{launcher}", getattr(exc, "exit_code", 130)) from None
     finally:
         world.stop()
 

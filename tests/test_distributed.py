@@ -95,17 +95,55 @@ def test_only_rank_0_writes_and_speaks(ddp, single):
         assert line not in quiet, quiet
 
 
-def test_two_fsdp_processes_shard_the_unet_and_train_the_same(tiny_sd1, images, tmp_path, single):
-    out = tmp_path / "out"
-    process = torchrun(tiny_sd1, images, out, *STEPS, "--set", "train.batch_size=1",
-                       "--set", "memory.distributed=fsdp")
+@pytest.fixture(scope="module")
+def fsdp(tiny_sd1, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    process = torchrun(tiny_sd1, images, out, *STEPS, *FSDP)
     assert process.returncode == 0, process.output
+    return out
+
+
+FSDP = ["--set", "train.batch_size=1", "--set", "memory.distributed=fsdp"]
+
+
+def test_two_fsdp_processes_shard_the_unet_and_train_the_same(fsdp, tiny_sd1, single):
+    out = fsdp
     _assert_same_training(out, single, tiny_sd1)
     checkpoint = out / "checkpoints" / "step-000004"
     assert (checkpoint / "sharded" / ".metadata").is_file()  # torch.distributed.checkpoint, both ranks' shards
     assert not (checkpoint / "unet.safetensors").exists()
     manifest = json.loads((checkpoint / "state.json").read_text())["manifest"]
     assert sum(name.startswith("sharded/") for name in manifest) >= 3  # the metadata and one file per rank
+
+
+def test_a_sharded_checkpoint_resumes_bit_for_bit(fsdp, tiny_sd1, images, tmp_path):
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    for written in ("unet", "summary.json"):
+        shutil.rmtree(resumed / written) if (resumed / written).is_dir() else (resumed / written).unlink()
+    process = torchrun(tiny_sd1, images, resumed, *STEPS, *FSDP, "--resume")
+    assert process.returncode == 0, process.output
+    assert "resumed from" in rank_output(resumed.with_name("resumed-logs"), 0)
+    expected, got = (json.loads((folder / "summary.json").read_text()) for folder in (fsdp, resumed))
+    assert got["losses"] == expected["losses"]
+    a, b = final_unet(fsdp), final_unet(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_lora_trains_under_ddp_as_in_one_process(tiny_sd1, images, tmp_path):
+    from safetensors.torch import load_file
+
+    lora = ["--set", "train.method=lora", "--set", "lora.rank=4"]
+    one = train(tiny_sd1, images, tmp_path / "one", *STEPS, *lora, "--set", "train.batch_size=2")
+    process = torchrun(tiny_sd1, images, tmp_path / "two", *STEPS, *lora, "--set", "train.batch_size=1")
+    assert process.returncode == 0, process.output
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a, b = (load_file(tmp_path / run / "pytorch_lora_weights.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
 def _children(pid: int) -> list[int]:
@@ -226,3 +264,26 @@ def test_accelerate_launch_starts_the_same_run(tiny_sd1, images, tmp_path, ddp):
     assert result.returncode == 0, result.stdout + result.stderr
     got, expected = (json.loads((folder / "summary.json").read_text()) for folder in (out, ddp[0]))
     assert got["processes"] == 2 and got["losses"] == expected["losses"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(tiny_sd1, images, tmp_path):
+    out = tmp_path / "out"
+    args = ["--max-steps", "60", "--set", "output.checkpoint_every=0", "--set", "output.single_file=false",
+            "--set", "train.batch_size=1"]
+    process = torchrun(tiny_sd1, images, out, *args, wait=False)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+    os.kill(next(pid for pid in _children(process.pid) if _rank_of(pid) == 1), signal.SIGTERM)
+    process.communicate(timeout=300)
+    saved = list((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "state.json").is_file()
+    logs = out.with_name("out-logs")
+    assert f"stopped after step {int(saved[0].name[5:])}" in rank_output(logs, 0)
+    assert "resume with: sdtune train" in rank_output(logs, 0) and "(under the launcher, 2 processes)" in \
+        rank_output(logs, 0)
+    assert "resume with" not in rank_output(logs, 1)  # rank 0 speaks for the run
+    resumed = torchrun(tiny_sd1, images, out, *args, "--resume", logs=tmp_path / "resumed-logs")
+    assert resumed.returncode == 0, resumed.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 60

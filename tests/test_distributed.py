@@ -287,3 +287,16 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkp
     resumed = torchrun(tiny_sd1, images, out, *args, "--resume", logs=tmp_path / "resumed-logs")
     assert resumed.returncode == 0, resumed.output
     assert json.loads((out / "summary.json").read_text())["steps"] == 60
+
+
+def test_fsdp_in_bf16_with_cpu_offload_trains_as_one_bf16_process(tiny_sd1, images, tmp_path):
+    """FSDP2's mixed-precision policy (bf16 compute, fp32 reduction) and CPUOffloadPolicy
+    (`memory.optimizer_offload=cpu`): the losses of one process training in bf16 under autocast."""
+    bf16 = ["--set", "memory.precision=bf16"]
+    one = train(tiny_sd1, images, tmp_path / "one", *STEPS, *bf16, "--set", "train.batch_size=2")
+    process = torchrun(tiny_sd1, images, tmp_path / "two", *STEPS, *bf16, *FSDP,
+                       "--set", "memory.optimizer_offload=cpu")
+    assert process.returncode == 0, process.output
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["distributed"] == "fsdp" and two["precision"] == "bf16"
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)

@@ -3,8 +3,10 @@ data.check_images=headers starts without decoding, the loader reporting and repl
 
 import io
 import os
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sdtune.config import DataConfig
@@ -98,3 +100,23 @@ def test_headers_only_starts_without_decoding_and_the_loader_reports_and_replace
     assert len(reported) == 1 and "broken.jpg" in reported[0]
     pixels = stream.pixels(stream.items(0))  # the same batch, the broken file replaced from its bucket
     assert pixels.shape[0] == 6 and "broken.jpg" not in {i.example.image.name for i in stream.items(0)}
+
+
+def test_a_warm_start_with_cached_latents_reads_no_image_bytes(tiny_sd1, images, tmp_path, monkeypatch):
+    """The latent cache keys an image by its content: the digest is remembered by (path, size, mtime)."""
+    from helpers import prepared
+
+    import sdtune.files
+
+    sets = ["data.cache_latents=true", f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=64"]
+    with prepared(tiny_sd1, images, tmp_path / "cold", *sets):
+        pass
+    real = sdtune.files.sha256_file
+
+    def no_image_reads(path):
+        assert Path(path).suffix != ".png", f"{path} was read again"
+        return real(path)
+
+    monkeypatch.setattr(sdtune.files, "sha256_file", no_image_reads)
+    with prepared(tiny_sd1, images, tmp_path / "warm", *sets) as run:  # every latent found by its digest
+        run.features.latents(run.stream, run.stream.items(0), torch.Generator().manual_seed(0))

@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 from sdtune.config import DataConfig
 from sdtune.data.cache import FeatureCache, cache_root, key_of, module_identity
+from sdtune.data.scan_cache import FileDigests
 from sdtune.data.stream import ImageFailed
-from sdtune.files import sha256_file
 
 
 class Features:
@@ -33,6 +33,7 @@ class Features:
         self.latent_cache: FeatureCache | None = None
         self.text_cache: FeatureCache | None = None
         self._digests: dict = {}
+        self._files = FileDigests.for_cache(data)  # content digests, remembered by (path, size, mtime)
         self._buckets = None
 
     # ------------------------------------------------------------------------------------------------
@@ -46,6 +47,7 @@ class Features:
             self.latent_cache = FeatureCache(root, "latents", module_identity(self.c.vae))
             for stream, examples in sources:
                 self._encode_missing_latents(stream, examples)
+            self._save_digests()
             self.c.vae.to("cpu")
         if self.data.cache_text:
             self.text_cache = FeatureCache(root, "text", self._text_identity())
@@ -59,6 +61,12 @@ class Features:
             self.log(f"text cache: {len(captions) - len(missing)} of {len(captions)} captions reused")
             for encoder in self.c.text_encoders:
                 encoder.to("cpu")
+
+    def _save_digests(self) -> None:
+        try:
+            self._files.save()
+        except OSError as exc:  # the cache still works; the next run reads the images' bytes again
+            self.log(f"warning: {self._files.path} cannot be written ({exc.strerror or exc})")
 
     def _text_identity(self) -> str:
         """A digest of every text encoder with its tokenizer (and the family's handling of empty captions)."""
@@ -110,7 +118,7 @@ class Features:
     def _latent_key(self, item) -> str:
         image = item.example.image
         if image not in self._digests:
-            self._digests[image] = sha256_file(image)
+            self._digests[image] = self._files.of(image)
         return key_of(self._digests[image], item.bucket, item.resized, item.crop, item.flip)
 
     @contextlib.contextmanager

@@ -3,6 +3,7 @@
     checked = CheckedImages.for_folder(root, cfg)      # cfg.cache_dir/scan/<folder digest>.json
     known = checked.get(path, stat)                    # (w, h), an ImageProblem, or None: check it
     checked.put(path, stat, result); checked.save()
+    digests = FileDigests.for_cache(cfg)               # each file's sha256 (the latent cache's key), the same way
 
 An entry counts only while the file has the size and modification time (to the nanosecond) it had when
 it was checked, under the same check (decode or headers, smallest side); anything else is checked again.
@@ -76,3 +77,42 @@ class CheckedImages:
         if len(wanted) != len(self.entries) or any(k not in wanted for k in self.entries):
             self.entries = {k: v for k, v in self.entries.items() if k in wanted}
             self.changed = True
+
+
+class FileDigests:
+    """Each file's sha256 (the latent cache keys images by content), remembered by (path, size, mtime) in
+    cache_dir/scan/digests.json, so that a warm start with cached latents reads no image's bytes."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.known, self.changed = path, {}, False
+        if path is not None:
+            try:
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                self.known = stored["files"] if stored.get("version") == VERSION else {}
+            except (OSError, ValueError, KeyError, AttributeError):
+                pass
+
+    @classmethod
+    def for_cache(cls, cfg) -> FileDigests:
+        return cls(cache_root(cfg.cache_dir) / "scan" / "digests.json" if cfg.scan_cache else None)
+
+    def of(self, file: Path) -> str:
+        from sdtune.files import sha256_file
+
+        stat = file.stat()
+        entry = self.known.get(str(file))
+        if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return entry[2]
+        digest = sha256_file(file)
+        self.known[str(file)] = [stat.st_size, stat.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": VERSION, "files": self.known}), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.changed = False

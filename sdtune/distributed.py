@@ -18,7 +18,6 @@ process of batch 2 sees.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -100,16 +99,6 @@ class World:
         tensor = torch.tensor([int(flag)], device=self._device())
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
-
-    @contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (filling a cache, writing files); the others run it after, finding
-        what it wrote."""
-        if not self.main:
-            self.barrier()
-        yield
-        if self.main:
-            self.barrier()
 
     def barrier(self) -> None:
         if self.several:

@@ -185,8 +185,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
         examples = class_images(cfg, components, plan, log, sample_context=lambda: _sampling(run), world=world)
         run.class_stream = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
         sources.append((run.class_stream, examples))
-    with world.main_first():
-        features.prepare(sources)  # with caches: encode what is missing, then park the encoders
+    features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders
     if resume:
         _restore(run)
     return run

@@ -300,3 +300,18 @@ def test_fsdp_in_bf16_with_cpu_offload_trains_as_one_bf16_process(tiny_sd1, imag
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["distributed"] == "fsdp" and two["precision"] == "bf16"
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
+
+
+def test_caches_filled_by_two_processes_hold_the_same_entries_and_train_the_same(tiny_sd1, images, tmp_path):
+    def caches(name):
+        return ["--set", "data.cache_latents=true", "--set", "data.cache_text=true",
+                "--set", f"data.cache_dir={tmp_path / name}"]
+
+    one = train(tiny_sd1, images, tmp_path / "one", *STEPS, *caches("one-cache"), "--set", "train.batch_size=2")
+    process = torchrun(tiny_sd1, images, tmp_path / "two", *STEPS, *caches("two-cache"), "--set", "train.batch_size=1")
+    assert process.returncode == 0, process.output
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    entries = {name: sorted(p.name for p in (tmp_path / name).rglob("*.safetensors")) for name in ("one-cache",
+                                                                                                    "two-cache")}
+    assert entries["one-cache"] == entries["two-cache"] and entries["one-cache"]  # the same entries, all of them

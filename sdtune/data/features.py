@@ -39,25 +39,33 @@ class Features:
     # ------------------------------------------------------------------------------------------------
     # before step 1
 
-    def prepare(self, sources) -> None:
+    def prepare(self, sources, world=None) -> None:
         """Fill the caches for every (stream, examples) of `sources` (the instance images, and the class
-        images of prior preservation), then park the encoders whose outputs are all cached."""
-        root = cache_root(self.data.cache_dir)
+        images of prior preservation), then park the encoders whose outputs are all cached. Under a
+        launcher (`world`, a `sdtune.distributed.World`) each rank encodes its share of what is missing."""
+        from sdtune.distributed import World
+
+        world, root = world or World(), cache_root(self.data.cache_dir)
         if self.data.cache_latents:
             self.latent_cache = FeatureCache(root, "latents", module_identity(self.c.vae))
             for stream, examples in sources:
-                self._encode_missing_latents(stream, examples)
-            self._save_digests()
+                self._encode_missing_latents(stream, examples[world.rank::world.size])
+            for rank in range(world.size):  # one at a time: each merges its digests into the file
+                if rank == world.rank:
+                    self._save_digests()
+                world.barrier()
             self.c.vae.to("cpu")
         if self.data.cache_text:
             self.text_cache = FeatureCache(root, "text", self._text_identity())
             captions = {e.caption for _, examples in sources for e in examples}
             captions = sorted(captions | ({""} if self.data.caption_dropout else set()))
             missing = [caption for caption in captions if self.text_cache.get(key_of(caption)) is None]
-            for start in range(0, len(missing), 32):
-                chunk = missing[start:start + 32]
+            mine = missing[world.rank::world.size]
+            for start in range(0, len(mine), 32):
+                chunk = mine[start:start + 32]
                 for caption, entry in zip(chunk, _entries(self.c.family.encode(self.c, chunk)), strict=True):
                     self.text_cache.put(key_of(caption), entry)
+            world.barrier()
             self.log(f"text cache: {len(captions) - len(missing)} of {len(captions)} captions reused")
             for encoder in self.c.text_encoders:
                 encoder.to("cpu")

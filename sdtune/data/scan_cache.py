@@ -109,10 +109,12 @@ class FileDigests:
         return digest
 
     def save(self) -> None:
+        """Merge what this process learnt into the file (another process may have written it meanwhile)."""
         if self.path is None or not self.changed:
             return
+        merged = {**FileDigests(self.path).known, **self.known}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": VERSION, "files": self.known}), encoding="utf-8")
+        tmp.write_text(json.dumps({"version": VERSION, "files": merged}), encoding="utf-8")
         os.replace(tmp, self.path)
         self.changed = False

@@ -18,6 +18,7 @@ process of batch 2 sees.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -99,6 +100,16 @@ class World:
         tensor = torch.tensor([int(flag)], device=self._device())
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (a cold scan of the data fills the scan cache), then the others (who
+        find it filled)."""
+        if not self.main:
+            self.barrier()
+        yield
+        if self.main:
+            self.barrier()
 
     def barrier(self) -> None:
         if self.several:

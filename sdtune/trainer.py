@@ -163,10 +163,11 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     from sdtune.scratch import load_for_training
 
     world = world or World()
-    scan = _scan(data_dir, cfg, log)
     plan = resolve_plan(cfg.memory, log)
     plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
     world.start(plan.device)
+    with world.main_first():  # the other ranks then find every image in the scan cache
+        scan = _scan(data_dir, cfg, log)
     components = load_for_training(cfg.model, cfg.train.seed, log)
     _check_resolution(components, cfg, log)
     placement = place(components, plan, cfg)

@@ -16,6 +16,10 @@ With `train.method = "lora"` the whole UNet is frozen like the rest, in the work
 device, and only the fp32 LoRA adapters (`sdtune.lora.adapter`) train, with the in-device tier (the
 config refuses optimizer offload for LoRA). With `param_offload=cpu` the frozen UNet stays in one host
 buffer and `ParamStreamer` streams only it; the adapters stay on the device.
+
+Several processes (`plan.distributed`, `sdtune.parallel`): with `ddp` the loss calls the UNet under
+DistributedDataParallel (`Placement.model`); with `fsdp` the fp32 UNet is sharded in place before the
+optimizer is built over its shards, and `weights()` gathers them (every rank calls it).
 """
 
 from __future__ import annotations

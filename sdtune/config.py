@@ -59,9 +59,8 @@ class ModelConfig:
                             "folder with its config.json; empty: the base model's", "")
 
     def __post_init__(self):
-        _require(not (self.architecture and self.init != "random"),
-                 "model.architecture is set but model.init is pretrained: set model.init=random to train that "
-                 "architecture from scratch, or clear model.architecture")
+        _require(not (self.architecture and self.init != "random"), "model.architecture is set but model.init "
+                 "is pretrained: set model.init=random to train it from scratch, or clear model.architecture")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,12 +81,13 @@ class DataConfig:
                                  0.0)
     cache_latents: bool = doc("encode every image once with the VAE and reuse the latents from disk", False)
     cache_text: bool = doc("embed every caption once and reuse the embeddings from disk", False)
+    cache_shards: int = doc("with cache_latents: pack this many latents a file (millions of images); 0: a file "
+                            "each", 0, resume=FREE)
     cache_dir: str = doc("folder of the latent, text and scan caches; empty: ~/.cache/sdtune", "")
     check_images: Literal["decode", "headers"] = doc(
         "before step 1, decode every image (every bad file reported up front) or read headers only (large "
         "folders: a bad file is reported and replaced when the loader meets it)", "decode", resume=FREE)
-    loader_threads: int = doc("threads decoding the next micro-batch's images while this one trains; 0: decode "
-                              "in the training loop", 2, resume=FREE)
+    loader_threads: int = doc("threads decoding the next micro-batch's images during this one; 0: none", 2, resume=FREE)
     scan_cache: bool = doc("remember each image's check by (path, size, mtime) in cache_dir/scan, so a rerun "
                            "starts without opening the images again", True, resume=FREE)
     class_dir: str = doc("DreamBooth prior preservation: folder of class images (generated into it when short); "
@@ -102,8 +102,8 @@ class DataConfig:
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         _require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
         _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        _require(self.min_side >= 0 and self.max_side >= 0 and self.keep_tags >= 0,
-                 "data.min_side, data.max_side and data.keep_tags must be >= 0")
+        _require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards) >= 0,
+                 "data.min_side, data.max_side, data.keep_tags and data.cache_shards must be >= 0")
         _require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
         _require(not (self.cache_latents and not self.center_crop),
                  "data.cache_latents stores one crop per image; it cannot serve data.center_crop=false "

@@ -69,6 +69,12 @@ class FeatureCache:
         except (SafetensorError, OSError):  # a damaged entry is a miss; it is rewritten
             return None
 
+    def flush(self) -> None:
+        """Entries are written as they are put: nothing is pending (the interface of `ShardedCache`)."""
+
+    def reload(self) -> None:
+        """Entries are found by their file names: nothing to read again."""
+
     def put(self, key: str, tensors: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

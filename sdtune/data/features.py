@@ -23,6 +23,7 @@ from collections.abc import Callable
 from sdtune.config import DataConfig
 from sdtune.data.cache import FeatureCache, cache_root, key_of, module_identity
 from sdtune.data.scan_cache import FileDigests
+from sdtune.data.shards import ShardedCache
 from sdtune.data.stream import ImageFailed
 
 
@@ -47,13 +48,17 @@ class Features:
 
         world, root = world or World(), cache_root(self.data.cache_dir)
         if self.data.cache_latents:
-            self.latent_cache = FeatureCache(root, "latents", module_identity(self.c.vae))
+            identity, shards = module_identity(self.c.vae), self.data.cache_shards
+            self.latent_cache = (ShardedCache(root, "latents", identity, shards) if shards
+                                 else FeatureCache(root, "latents", identity))
             for stream, examples in sources:
                 self._encode_missing_latents(stream, examples[world.rank::world.size])
-            for rank in range(world.size):  # one at a time: each merges its digests into the file
+            for rank in range(world.size):  # one at a time: each merges its digests (and shard index) into the file
                 if rank == world.rank:
                     self._save_digests()
+                    self.latent_cache.flush()
                 world.barrier()
+            self.latent_cache.reload()  # what the other ranks encoded
             self.c.vae.to("cpu")
         if self.data.cache_text:
             self.text_cache = FeatureCache(root, "text", self._text_identity())

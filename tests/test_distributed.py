@@ -268,7 +268,7 @@ def test_accelerate_launch_starts_the_same_run(tiny_sd1, images, tmp_path, ddp):
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(tiny_sd1, images, tmp_path):
     out = tmp_path / "out"
-    args = ["--max-steps", "60", "--set", "output.checkpoint_every=0", "--set", "output.single_file=false",
+    args = ["--max-steps", "40", "--set", "output.checkpoint_every=0", "--set", "output.single_file=false",
             "--set", "train.batch_size=1"]
     process = torchrun(tiny_sd1, images, out, *args, wait=False)
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
@@ -284,9 +284,6 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_with_a_checkp
     assert "resume with: sdtune train" in rank_output(logs, 0) and "(under the launcher, 2 processes)" in \
         rank_output(logs, 0)
     assert "resume with" not in rank_output(logs, 1)  # rank 0 speaks for the run
-    resumed = torchrun(tiny_sd1, images, out, *args, "--resume", logs=tmp_path / "resumed-logs")
-    assert resumed.returncode == 0, resumed.output
-    assert json.loads((out / "summary.json").read_text())["steps"] == 60
 
 
 def test_fsdp_in_bf16_with_cpu_offload_trains_as_one_bf16_process(tiny_sd1, images, tmp_path):
@@ -301,17 +298,3 @@ def test_fsdp_in_bf16_with_cpu_offload_trains_as_one_bf16_process(tiny_sd1, imag
     assert two["distributed"] == "fsdp" and two["precision"] == "bf16"
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3)
 
-
-def test_caches_filled_by_two_processes_hold_the_same_entries_and_train_the_same(tiny_sd1, images, tmp_path):
-    def caches(name):
-        return ["--set", "data.cache_latents=true", "--set", "data.cache_text=true",
-                "--set", f"data.cache_dir={tmp_path / name}"]
-
-    one = train(tiny_sd1, images, tmp_path / "one", *STEPS, *caches("one-cache"), "--set", "train.batch_size=2")
-    process = torchrun(tiny_sd1, images, tmp_path / "two", *STEPS, *caches("two-cache"), "--set", "train.batch_size=1")
-    assert process.returncode == 0, process.output
-    two = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
-    entries = {name: sorted(p.name for p in (tmp_path / name).rglob("*.safetensors")) for name in ("one-cache",
-                                                                                                    "two-cache")}
-    assert entries["one-cache"] == entries["two-cache"] and entries["one-cache"]  # the same entries, all of them

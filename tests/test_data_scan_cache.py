@@ -71,10 +71,10 @@ def test_a_changed_or_new_file_is_checked_again(folder, tmp_path):
 def test_the_same_size_and_mtime_of_another_content_is_trusted_as_documented(folder, tmp_path, no_checks):
     scan_all(folder, _cfg(tmp_path))
     stat = (folder / "1.png").stat()
-    _png(folder / "1.png", colour=(10, 200, 10))
+    content = bytearray((folder / "1.png").read_bytes())
+    content[len(content) // 2] ^= 0xFF  # other bytes, the same size (the PNG's checksum no longer holds)
+    (folder / "1.png").write_bytes(bytes(content))
     os.utime(folder / "1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    if (folder / "1.png").stat().st_size != stat.st_size:
-        pytest.skip("the new content compressed to another size")
     no_checks()
     assert len(scan_all(folder, _cfg(tmp_path)).examples) == 5
 

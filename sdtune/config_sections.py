@@ -1,0 +1,270 @@
+"""The sections of a run's configuration: one frozen dataclass each, `[model] [data] [train] [lora] [memory]
+[output]`. Each field's `doc` metadata is its help and the comment written beside the key in `config.toml`;
+its `resume` metadata says what `--resume` may change. Rules that tie keys of two sections live on
+`sdtune.config.Config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sdtune.errors import SdtuneError
+
+# What `--resume` may change of a key, declared beside it (`doc(..., resume=...)`): FIXED, the default
+# (the training's numbers depend on it); FREE (how long to train, when to give up, what to write); NEUTRAL
+# (a memory lever that leaves the math alone: results match the unchanged run to float rounding); or a
+# function of the old and new values.
+FIXED, FREE, NEUTRAL = "fixed", "free", "neutral"
+
+
+def doc(text: str, default, resume=FIXED):
+    return field(default=default, metadata={"doc": text, "resume": resume})
+
+
+def _not_nvme(old: str, new: str) -> bool:
+    """optimizer_offload may move between none and cpu, whose AdamW state converts; the nvme tier's
+    state file is laid out for its own buckets."""
+    return "nvme" not in (old, new)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SdtuneError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    pretrained: str = doc("diffusers folder, single-file .safetensors checkpoint, or hub id", "")
+    config: str = doc("diffusers folder whose configs and tokenizer a single-file checkpoint uses", "")
+    init: Literal["pretrained", "random"] = doc(
+        "the UNet's starting weights: the base model's, or random (pretraining from scratch; the VAE and text "
+        "encoders stay the base model's)", "pretrained")
+    architecture: str = doc("with init=random: the UNet's architecture, a bundled name (sd15, sd21, sdxl) or a "
+                            "folder with its config.json; empty: the base model's", "")
+
+    def __post_init__(self):
+        _require(not (self.architecture and self.init != "random"), "model.architecture is set but model.init "
+                 "is pretrained: set model.init=random to train it from scratch, or clear model.architecture")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    resolution: int = doc("training size: buckets hold at most resolution x resolution pixels", 512)
+    buckets: bool = doc("aspect-ratio buckets (sides multiples of 64); false crops every image square", True)
+    min_side: int = doc("smallest bucket side, and the smallest usable image side, in px; 0: resolution / 2", 0)
+    max_side: int = doc("largest bucket side in px; 0: resolution * 2", 0)
+    max_ratio: float = doc("largest long-to-short side ratio of a bucket", 2.0)
+    center_crop: bool = doc("crop the center of the resized image to its bucket (true) or a random window", True)
+    random_flip: bool = doc("flip images horizontally at random", False)
+    caption_extension: str = doc("sidecar caption file extension (NAME.txt, and NAME.caption is also read)", ".txt")
+    caption: str = doc("caption for images without a sidecar or metadata caption (instance prompt); "
+                       "empty: the file name", "")
+    shuffle_tags: bool = doc("shuffle a caption's comma-separated tags each time it is used", False)
+    keep_tags: int = doc("with shuffle_tags, keep the first K tags in place", 0)
+    caption_dropout: float = doc("share of images trained with an empty caption (lets guidance work); 0 is off",
+                                 0.0)
+    cache_latents: bool = doc("encode every image once with the VAE and reuse the latents from disk", False)
+    cache_text: bool = doc("embed every caption once and reuse the embeddings from disk", False)
+    cache_shards: int = doc("with cache_latents: pack this many latents a file (millions of images); 0: a file "
+                            "each", 0, resume=FREE)
+    cache_dir: str = doc("folder of the latent, text and scan caches; empty: ~/.cache/sdtune", "")
+    check_images: Literal["decode", "headers"] = doc(
+        "before step 1, decode every image (every bad file reported up front) or read headers only (large "
+        "folders: a bad file is reported and replaced when the loader meets it)", "decode", resume=FREE)
+    loader_threads: int = doc("threads decoding the next micro-batch's images during this one; 0: none", 2, resume=FREE)
+    scan_cache: bool = doc("remember each image's check by (path, size, mtime) in cache_dir/scan, so a rerun "
+                           "starts without opening the images again", True, resume=FREE)
+    validation_dir: str = doc("folder of held-out images (and captions) for the validation loss; empty: none, or "
+                              "validation_split", "")
+    validation_split: float = doc("share of the training images held out (seeded by train.seed) for the "
+                                  "validation loss; 0 is none", 0.0)
+    class_dir: str = doc("DreamBooth prior preservation: folder of class images (generated into it when short); "
+                         "empty: off", "")
+    class_prompt: str = doc("caption of the class images, and the prompt that generates the missing ones "
+                            "(e.g. 'a photo of a dog')", "")
+    num_class_images: int = doc("class images to have in class_dir; missing ones are generated from the base "
+                                "model before step 1", 100)
+
+    def __post_init__(self):
+        _require(self.resolution >= 8 and self.resolution % 8 == 0,
+                 f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        _require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
+        _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        _require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards) >= 0,
+                 "data.min_side, data.max_side, data.keep_tags and data.cache_shards must be >= 0")
+        _require(0 <= self.validation_split < 1,
+                 f"data.validation_split must be in [0, 1), got {self.validation_split}")
+        _require(not (self.validation_split and self.validation_dir),
+                 "data.validation_dir and data.validation_split are both set: hold out a share or name a folder")
+        _require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
+        _require(not (self.cache_latents and not self.center_crop),
+                 "data.cache_latents stores one crop per image; it cannot serve data.center_crop=false "
+                 "(a random crop each time): set one of them the other way")
+        _require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
+        _require(not (self.class_prompt and not self.class_dir),
+                 "data.class_prompt is set but data.class_dir is empty: name the folder of the class images")
+        _require(not (self.cache_text and self.shuffle_tags),
+                 "data.cache_text stores one embedding per caption; data.shuffle_tags makes a new caption each "
+                 "time: set one of them the other way")
+
+    @property
+    def smallest_side(self) -> int:
+        return self.min_side or self.resolution // 2
+
+    @property
+    def largest_side(self) -> int:
+        return self.max_side or self.resolution * 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_steps: int = doc("optimizer steps to train", 1000, resume=FREE)
+    batch_size: int = doc("images per forward pass", 1)
+    gradient_accumulation_steps: int = doc("forward/backward passes summed into one optimizer step", 1)
+    learning_rate: float = doc("peak learning rate", 1e-5)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = doc(
+        "learning-rate curve after warmup, shaped as diffusers' get_scheduler: constant, linear or polynomial "
+        "decay to 0, half a cosine, or cosine_with_restarts", "constant")
+    lr_warmup_steps: int = doc("steps of linear warmup from 0 to learning_rate (every scheduler)", 0)
+    lr_num_cycles: int = doc("cosine_with_restarts: how many cosine cycles (hard restarts) after warmup", 1)
+    lr_power: float = doc("polynomial: power of the decay (1.0 is linear) to 1e-7", 1.0)
+    adam_beta1: float = doc("AdamW first-moment decay", 0.9)
+    adam_beta2: float = doc("AdamW second-moment decay", 0.999)
+    adam_epsilon: float = doc("AdamW denominator epsilon", 1e-8)
+    weight_decay: float = doc("AdamW decoupled weight decay", 1e-2)
+    max_grad_norm: float = doc("clip the gradient norm to this; 0 turns clipping off", 1.0)
+    snr_gamma: float = doc("min-SNR-gamma loss weighting (5.0 is the paper's value); 0 turns it off", 0.0)
+    noise_offset: float = doc("offset noise strength (0.05-0.1 helps very dark/bright images); 0 is off", 0.0)
+    seed: int = doc("seed for weights' noise, timesteps, data order and augmentation", 0)
+    max_bad_steps: int = doc("stop after this many steps in a row with a NaN/Inf loss or gradient (each is "
+                             "skipped); 0 never stops", 5, resume=FREE)
+
+    ema_decay: float = doc("exponential moving average of the trained weights (0.9999 for long runs); 0 is off",
+                           0.0)
+    ema_power: float = doc("EMA warm-up: the decay is min(ema_decay, 1 - (1 + n / ema_inv_gamma) ** -ema_power) "
+                           "after n updates (diffusers' EMAModel; 2/3 for long runs, 3/4 for short)", 2 / 3)
+    ema_inv_gamma: float = doc("EMA warm-up: inverse multiplicative factor of the update count", 1.0)
+    ema_every: int = doc("update the EMA every N optimizer steps", 1)
+    text_encoder_lr: float = doc("also train the text encoder(s), in fp32, at this learning rate; 0 keeps them "
+                                 "frozen", 0.0)
+    method: Literal["full", "lora"] = doc("what trains: the full UNet, or a LoRA ([lora]) over the frozen model",
+                                          "full")
+    prior_loss_weight: float = doc("with data.class_dir: loss = instance loss + this x class (prior) loss", 1.0)
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
+        for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay", "max_bad_steps",
+                     "prior_loss_weight"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("ema_power", "ema_inv_gamma", "lr_power"):
+            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        _require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(self.text_encoder_lr >= 0, f"train.text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        for name in ("ema_every", "lr_num_cycles"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        _require(self.lr_warmup_steps <= self.max_steps,
+                 f"train.lr_warmup_steps ({self.lr_warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    rank: int = doc("LoRA rank: the inner size of each low-rank update (4-128; larger learns more, bigger file)", 16)
+    alpha: float = doc("LoRA alpha: the update is scaled by alpha / rank; 0: alpha = rank (scale 1)", 0.0)
+    dropout: float = doc("dropout on the LoRA branch's input while training; 0 is off", 0.0)
+    target: Literal["attention", "attention+conv"] = doc(
+        "UNet layers that get a LoRA: attention projections (to_q/k/v/out), or those plus the ResNet and "
+        "projection convolutions (LoCon)", "attention")
+    text_encoder: bool = doc("also train a LoRA on the text encoder(s)' attention projections (no text cache)",
+                             False)
+
+    def __post_init__(self):
+        _require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")
+        _require(self.alpha >= 0, f"lora.alpha must be >= 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale_alpha(self) -> float:
+        """The alpha the layers use: `alpha`, or the rank when it is 0."""
+        return self.alpha or float(self.rank)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    device: Literal["auto", "cuda", "cpu"] = doc("compute device; auto takes the GPU when there is one", "auto")
+    precision: Literal["fp32", "bf16", "fp16"] = doc(
+        "autocast precision; UNet master weights stay fp32, fp16 adds dynamic loss scaling", "fp32")
+    gradient_checkpointing: bool = doc("recompute UNet activations in backward: far less memory, ~25% slower",
+                                       False, resume=NEUTRAL)
+    attention: Literal["sdpa", "xformers", "auto"] = doc(
+        "attention kernel: torch SDPA, xformers (needs the extra), or xformers if a test call on the GPU works",
+        "sdpa", resume=NEUTRAL)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "lion"] = doc(
+        "adamw (torch fused/foreach), adamw8bit (bitsandbytes, 1/4 of the state memory), adafactor (transformers; "
+        "factored second moment), prodigy (prodigyopt; learning_rate 1.0) or lion (lion-pytorch; 1 moment)",
+        "adamw")
+    fused_backward: bool = doc("step each weight as soon as backward makes its gradient and drop it (no "
+                               "gradients for the whole model); needs max_grad_norm=0, no fp16, no accumulation",
+                               False)
+    optimizer_offload: Literal["none", "cpu", "nvme"] = doc(
+        "where fp32 master weights and AdamW state live: on the device, host RAM, or files in offload_dir", "none",
+        resume=_not_nvme)
+    offload_dir: str = doc("folder on a fast local disk for optimizer_offload=nvme (12 bytes per parameter)", "",
+                           resume=NEUTRAL)
+    param_offload: Literal["none", "cpu"] = doc(
+        "keep the UNet's working weights in host RAM and stream them to the GPU block by block", "none",
+        resume=NEUTRAL)
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = doc(
+        "several processes (torchrun, accelerate launch): ddp copies the model to every GPU, fsdp shards its "
+        "weights, gradients and AdamW state (FSDP2); auto is ddp when launched so", "auto")
+    param_prefetch_blocks: int = doc("with param_offload=cpu: UNet blocks (up to 128 MiB each) copied to the GPU "
+                                     "ahead of the one running; more overlaps copies better, costs VRAM", 2,
+                                     resume=NEUTRAL)
+
+    def __post_init__(self):
+        _require(self.optimizer_offload == "none" or self.optimizer == "adamw",
+                 f"memory.optimizer_offload={self.optimizer_offload} steps AdamW on the host; "
+                 f"memory.optimizer={self.optimizer} cannot be offloaded (set memory.optimizer=adamw)")
+        _require(not (self.fused_backward and self.optimizer == "prodigy"),
+                 "memory.fused_backward=true steps each weight alone; memory.optimizer=prodigy estimates its step "
+                 "size from every weight at once: set one of them the other way")
+        _require(not (self.fused_backward and self.precision == "fp16"),
+                 "memory.fused_backward=true steps weights before fp16 overflow could be checked; use "
+                 "memory.precision=bf16 (or fp32) with it")
+        _require(self.optimizer_offload != "nvme" or self.offload_dir,
+                 "memory.optimizer_offload=nvme needs memory.offload_dir (a folder on a fast local disk)")
+        _require(self.param_prefetch_blocks >= 0,
+                 f"memory.param_prefetch_blocks must be 0 or more, got {self.param_prefetch_blocks}")
+        _require(self.param_offload == "none" or self.gradient_checkpointing,
+                 f"memory.param_offload={self.param_offload} streams weights into the recomputation of backward; "
+                 "it needs memory.gradient_checkpointing=true")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    checkpoint_every: int = doc("save a resumable checkpoint every N steps; 0 saves only at the end", 500, resume=FREE)
+    keep_checkpoints: int = doc("how many of the newest checkpoints to keep", 2, resume=FREE)
+    sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0, resume=FREE)
+    sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", (), resume=FREE)
+    sample_steps: int = doc("denoising steps for validation samples", 20, resume=FREE)
+    sample_ema: bool = doc("with train.ema_decay: draw the validation grids with the EMA weights", True,
+                           resume=FREE)
+    validate_every: int = doc("validation loss (data.validation_dir or validation_split: fixed timesteps and "
+                              "noise) every N steps; 0 turns it off", 0, resume=FREE)
+    single_file: bool = doc("also write model.safetensors (fp16, original layout) when A1111/ComfyUI can read it",
+                            True, resume=FREE)
+    tensorboard: bool = doc("also write TensorBoard event files to OUT/logs/ (needs sdtune[tensorboard])", False,
+                            resume=FREE)
+
+    def __post_init__(self):
+        for name in ("checkpoint_every", "sample_every", "validate_every"):
+            _require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.keep_checkpoints >= 1, f"output.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        _require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
+        _require(not (self.sample_every and not self.sample_prompts),
+                 "output.sample_every is set but output.sample_prompts is empty: add prompts or set sample_every=0")
+
+

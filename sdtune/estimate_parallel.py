@@ -35,7 +35,7 @@ def per_card(single, cfg, unet, plan, gpus: int):
     sizes = _own_sizes(unet, shard_units(unet))
     largest, compute = max(sizes), plan.working_dtype.itemsize
     shards = {"weights": 4 * sum(sizes), "gradients": 4 * sum(sizes),
-              "optimizer_state": Tier.footprint(sizes, itemsize=compute).device}
+              "optimizer_state": Tier.footprint([(n,) for n in sizes], itemsize=compute).device}
     shards = {key: -(-value // gpus) for key, value in shards.items()}  # each card's share
     offloaded = plan.optimizer_offload == "cpu"
     c = dict(single.categories)

@@ -1,9 +1,10 @@
 """Quiet, lazy access to third-party libraries: diffusers and transformers without their progress bars and
-advice, and bitsandbytes only where a run asks for it (`memory.optimizer=adamw8bit`).
+advice, and bitsandbytes, prodigyopt and lion-pytorch only where a run asks for them (`memory.optimizer`).
 
-    from sdtune.libraries import import_bitsandbytes, quiet_libraries
+    from sdtune.libraries import import_bitsandbytes, import_optimizer_package, quiet_libraries
     quiet_libraries()            # before a command first loads a diffusers model
     bnb = import_bitsandbytes()  # the 8-bit optimizer's library, imported without its import-time chatter
+    prodigyopt = import_optimizer_package("prodigy")   # or a one-line error naming `pip install 'sdtune[prodigy]'`
 
 Why bitsandbytes needs keeping out: diffusers imports it, when installed, as soon as its model code loads
 (`diffusers.models.modeling_utils` -> `diffusers.quantizers` -> `quantizers/bitsandbytes/utils.py`, for
@@ -59,3 +60,21 @@ def import_bitsandbytes() -> ModuleType:
     finally:
         logger.setLevel(level)
     return bitsandbytes
+
+
+OPTIMIZER_PACKAGES = {"prodigy": ("prodigyopt", "prodigyopt"), "lion": ("lion_pytorch", "lion-pytorch")}
+"""`memory.optimizer` -> (the module it imports, its pip package); sdtune's extra of the same name installs it."""
+
+
+def import_optimizer_package(optimizer: str) -> ModuleType:
+    """The module of `memory.optimizer=optimizer` (prodigy, lion: packages outside sdtune's core
+    dependencies); a one-line `SdtuneError` naming sdtune's pip extra where it is missing."""
+    import importlib
+
+    module, package = OPTIMIZER_PACKAGES[optimizer]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SdtuneError(f"memory.optimizer={optimizer} needs {package} ({reason}); pip install "
+                          f"'sdtune[{optimizer}]' (or {package}), or set memory.optimizer=adamw") from None

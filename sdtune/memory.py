@@ -28,7 +28,8 @@ class Plan:
     precision: str                   # "fp32", "bf16" or "fp16"
     gradient_checkpointing: bool
     attention: str                   # "sdpa" or "xformers"
-    optimizer: str = "adamw"         # "adamw" or "adamw8bit"
+    optimizer: str = "adamw"         # "adamw", "adamw8bit", "adafactor", "prodigy" or "lion"
+    fused_backward: bool = False     # each parameter stepped during backward (sdtune.optimizers.InBackward)
     optimizer_offload: str = "none"  # "none", "cpu" or "nvme"
     offload_dir: str = ""            # folder of the nvme tier's state file
     param_offload: str = "none"      # "none" or "cpu": working weights streamed from host RAM
@@ -139,7 +140,7 @@ def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:
     return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
                 attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload,
                 offload_dir=mem.offload_dir, param_offload=mem.param_offload,
-                param_prefetch_blocks=mem.param_prefetch_blocks)
+                param_prefetch_blocks=mem.param_prefetch_blocks, fused_backward=mem.fused_backward)
 
 
 def autocast(plan: Plan):

@@ -118,9 +118,9 @@ def test_sdxl_cached_encoders_wait_in_host_ram():
     cfg, info = load_config("rtx3050", ["data.cache_latents=true", "data.cache_text=true", "data.resolution=1024",
                                         "train.batch_size=1"])
     result = estimate(cfg, info, "sdxl")
-    numels = [p.numel() for p in archs.build_model("sdxl").parameters()]
+    shapes = [p.shape for p in archs.build_model("sdxl").parameters()]
     assert result.categories["frozen"] == 0 and result.categories["weights"] == 2 * SDXL_UNET
-    assert result.host_ram == HostAdamW.footprint(numels, itemsize=2).host + 2 * (SDXL_TEXT + SDXL_VAE)
+    assert result.host_ram == HostAdamW.footprint(shapes, itemsize=2).host + 2 * (SDXL_TEXT + SDXL_VAE)
 
 
 def test_a_single_file_checkpoint_is_estimated_by_its_architecture(tmp_path):
@@ -175,12 +175,12 @@ def test_the_host_tiers_byte_model_is_what_they_allocate(tiny_sd1):
     from sdtune.offload.tier import HostAdamW
 
     unet = load_components(str(tiny_sd1)).unet
-    numels = [p.numel() for p in unet.parameters()]
+    shapes = [p.shape for p in unet.parameters()]
     opt = OffloadAdamW(unet.parameters(), device="cpu", dtype=torch.bfloat16, lr=1e-4)
     held = [b.master for b in opt._buckets] + [t for s in opt.state.values() for t in s.values() if t.dim()]
     held += [opt._staging.tensor, opt._small.tensor, opt._scratch]
     allocated = sum(t.numel() * t.element_size() for t in held)
-    assert HostAdamW.footprint(numels, itemsize=2).host == allocated
+    assert HostAdamW.footprint(shapes, itemsize=2).host == allocated
 
 
 def test_the_sdxl_trace_matches_a_measured_cpu_step(tiny_sdxl):
@@ -211,10 +211,10 @@ def test_the_sdxl_offloaded_plan_counts_the_tiny_unet_exactly(tiny_sdxl):
                                         "data.cache_text=true"])
     guess = estimate(cfg, info, str(tiny_sdxl))
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
-    numels = [p.numel() for p in unet.parameters()]
+    shapes = [p.shape for p in unet.parameters()]
     assert guess.categories["weights"] == sum(p.to(torch.bfloat16).nbytes for p in unet.parameters())
     assert guess.milestones["backward_end"]["gradients"] == 0 and guess.categories["optimizer_state"] == 0
-    assert guess.host_ram >= HostAdamW.footprint(numels, itemsize=2).host
+    assert guess.host_ram >= HostAdamW.footprint(shapes, itemsize=2).host
 
 
 def test_an_sdxl_single_file_is_estimated_as_the_whole_sdxl_pipeline(tmp_path):

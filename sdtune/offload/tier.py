@@ -3,11 +3,12 @@
     tier = make_tier(unet.parameters(), cfg.train, plan, model=unet)
     tier.step(scaler, max_norm)          # unscale, clip, step; False when the step was skipped
     tier.master_weights(unet)            # the fp32 trained weights, wherever they live
-    tier_class(plan).footprint(numels, itemsize=2).host   # bytes, before anything is built
+    tier_class(plan).footprint(shapes, itemsize=2).host   # bytes, before anything is built
 
 A tier owns one torch optimizer (`tier.optimizer`, what the LR schedule and GradScaler see) and says
-where its fp32 master weights and AdamW state live: on the compute device (`Tier` itself: torch AdamW, and
-`AdamW8bit` with bitsandbytes' 8-bit moments), in host RAM (`HostAdamW`, over `OffloadAdamW`) or in a file
+where its fp32 master weights and optimizer state live: on the compute device (`Tier` itself: torch AdamW;
+`AdamW8bit` with bitsandbytes' 8-bit moments; `Adafactor`, `Prodigy`, `Lion`: `sdtune.optimizers`, each of
+them also steppable inside backward), in host RAM (`HostAdamW`, over `OffloadAdamW`) or in a file
 (`NvmeTier`, over `NvmeAdamW`). Its `footprint` is the byte model the estimator counts, taken from the
 same layout code the tier allocates by, so that the estimate follows the engine. Every tier implements
 every method; the defaults here are the in-device ones.
@@ -44,21 +45,33 @@ class Tier:
 
     name: ClassVar[str] = "adamw"
     host_gradients: ClassVar[bool] = False  # gradients leave for the host; the tier unscales, clips, checks
+    step_copies: ClassVar[int] = 0  # fp32 temporaries of one parameter's size its step holds at once
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, in_backward: bool = False):
         self.optimizer = optimizer
+        self.in_backward = in_backward  # memory.fused_backward: `optimizer` is an `InBackward`
         self.grad_norm: float | None = None  # the last step's unscaled gradient norm, when one was taken
 
     @property
     def step_in_backward(self) -> bool:
         """Gradients reach the weights during backward: a NaN/Inf loss must skip backward itself."""
-        return False
+        return self.in_backward
 
     @classmethod
-    def footprint(cls, numels: list[int], *, itemsize: int, accumulation_steps: int = 1,
-                  host_weights: bool = False) -> Footprint:
-        """Fused AdamW's fp32 exp_avg and exp_avg_sq (8 bytes a parameter) and a step count each."""
-        return Footprint(device=sum(8 * n + 4 for n in numels), host=0, disk=0)
+    def footprint(cls, shapes: list, *, itemsize: int, accumulation_steps: int = 1, host_weights: bool = False,
+                  ema: bool = False) -> Footprint:
+        """Bytes for the trained parameters of these `shapes` (torch.Size or tuples), on the device: the
+        optimizer's state (`state_bytes`), its step's temporaries (`step_copies` of the largest parameter)
+        and, with `ema`, the fp32 moving average of the weights (4 bytes a parameter)."""
+        numels = _numels(shapes)
+        device = cls.state_bytes(shapes) + 4 * cls.step_copies * max(numels, default=0)
+        return Footprint(device=device + (4 * sum(numels) if ema else 0), host=0, disk=0)
+
+    @classmethod
+    def state_bytes(cls, shapes: list) -> int:
+        """What the optimizer's state holds once it has stepped: fused AdamW's fp32 exp_avg and exp_avg_sq
+        (8 bytes a parameter) and an fp32 step count each; its kernel steps in place."""
+        return sum(8 * n + 4 for n in _numels(shapes))
 
     def make_scaler(self, device: str, enabled: bool, **kwargs) -> torch.amp.GradScaler:
         """fp16 dynamic loss scaling (`enabled=False`: a pass-through) for this tier's gradients."""
@@ -66,7 +79,14 @@ class Tier:
 
     def step(self, scaler: torch.amp.GradScaler, max_norm: float) -> bool:
         """Unscale, clip to `max_norm` (0: no clipping), step and update the scale; False when the step was
-        skipped: fp16 overflow (the scaler skips it) or, without loss scaling, a NaN/Inf gradient norm."""
+        skipped: fp16 overflow (the scaler skips it) or, without loss scaling, a NaN/Inf gradient norm.
+        Stepped inside backward (no loss scaling, no clipping: the config refuses both), the weights are
+        stepped and their gradients gone: only the scaler's state moves on, and there is no norm."""
+        if self.in_backward:
+            self.grad_norm = None
+            self.optimizer.step()  # a no-op, which the LR schedule expects before its own step
+            scaler.update()
+            return True
         scaler.unscale_(self.optimizer)
         self.grad_norm = None
         if max_norm or not scaler.is_enabled():  # the norm, clipped or not, finds inf/NaN without loss scaling
@@ -96,7 +116,10 @@ class Tier:
         """Read back what `save_files` wrote into `folder`."""
 
     def close(self) -> None:
-        """Release threads and files (the nvme tier's state file); the tier is not used afterwards."""
+        """Release threads and files (the nvme tier's state file) and the hooks that step inside backward;
+        the tier is not used afterwards."""
+        if self.in_backward:
+            self.optimizer.remove_hooks()
 
 
 class AdamW8bit(Tier):
@@ -105,9 +128,52 @@ class AdamW8bit(Tier):
     name = "adamw8bit"
 
     @classmethod
-    def footprint(cls, numels, *, itemsize, accumulation_steps=1, host_weights=False) -> Footprint:
-        device = sum(2 * n + 2 * 4 * -(-n // BNB_BLOCK) if n >= BNB_SMALL else 8 * n + 4 for n in numels)
-        return Footprint(device=device, host=0, disk=0)
+    def state_bytes(cls, shapes) -> int:
+        return sum(2 * n + 2 * 4 * -(-n // BNB_BLOCK) if n >= BNB_SMALL else 8 * n + 4 for n in _numels(shapes))
+
+
+class Adafactor(Tier):
+    """transformers' Adafactor without a first moment: the fp32 second moment factored, for a tensor of 2 or
+    more dimensions, into a row (shape[:-1]) and a column (shape[:-2] + shape[-1:]) statistic, whole for
+    1-D tensors; an fp32 RMS each (the step count is a Python int). Its step holds two temporaries of the
+    parameter's size at once (the squared gradient and the update rebuilt from the factors)."""
+
+    name = "adafactor"
+    step_copies = 2
+
+    @classmethod
+    def state_bytes(cls, shapes) -> int:
+        def moment(shape) -> int:
+            if len(shape) < 2:
+                return math.prod(shape)
+            return math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
+
+        return sum(4 * moment(s) + 4 for s in shapes)
+
+
+class Prodigy(Tier):
+    """prodigyopt's Prodigy: exp_avg, exp_avg_sq, its `s` and the initial weights `p0`, all fp32 and of the
+    parameter's size (16 bytes a parameter; the step count and its D estimate are Python numbers). Its
+    step holds one temporary of the parameter's size (p0 - p, then the denominator)."""
+
+    name = "prodigy"
+    step_copies = 1
+
+    @classmethod
+    def state_bytes(cls, shapes) -> int:
+        return sum(16 * n for n in _numels(shapes))
+
+
+class Lion(Tier):
+    """lion-pytorch's Lion: one fp32 moment (4 bytes a parameter). Its step holds two temporaries of the
+    parameter's size at once (a copy of the moment and the interpolation whose sign is the update)."""
+
+    name = "lion"
+    step_copies = 2
+
+    @classmethod
+    def state_bytes(cls, shapes) -> int:
+        return sum(4 * n for n in _numels(shapes))
 
 
 class HostAdamW(Tier):
@@ -122,9 +188,12 @@ class HostAdamW(Tier):
         return self.optimizer.step_in_backward
 
     @classmethod
-    def footprint(cls, numels, *, itemsize, accumulation_steps=1, host_weights=False) -> Footprint:
+    def footprint(cls, shapes, *, itemsize, accumulation_steps=1, host_weights=False, ema=False) -> Footprint:
+        """Buckets, staging and state in host RAM (or the file); with `ema`, the average beside them there."""
+        numels = _numels(shapes)
         kw = dict(itemsize=itemsize, accumulation_steps=accumulation_steps, host_weights=host_weights)
-        return Footprint(device=0, host=cls._host_bytes(numels, **kw), disk=cls._disk_bytes(numels))
+        average = 4 * sum(numels) if ema else 0
+        return Footprint(device=0, host=cls._host_bytes(numels, **kw) + average, disk=cls._disk_bytes(numels))
 
     @classmethod
     def _host_bytes(cls, numels, **kw) -> int:
@@ -175,6 +244,9 @@ class NvmeTier(HostAdamW):
         self.optimizer.close()
 
 
+IN_DEVICE = {tier.name: tier for tier in (Tier, AdamW8bit, Adafactor, Prodigy, Lion)}
+
+
 def tier_class(plan) -> type[Tier]:
     """The tier a plan trains with (`memory.optimizer` and `memory.optimizer_offload`)."""
     if plan.distributed == "fsdp":  # torch AdamW on the shards; optimizer_offload=cpu is FSDP2's own CPU offload
@@ -183,7 +255,7 @@ def tier_class(plan) -> type[Tier]:
         return NvmeTier
     if plan.optimizer_offload == "cpu":
         return HostAdamW
-    return AdamW8bit if plan.optimizer == "adamw8bit" else Tier
+    return IN_DEVICE[plan.optimizer]
 
 
 def make_tier(params, train: TrainConfig, plan, model: torch.nn.Module | None = None,
@@ -192,29 +264,32 @@ def make_tier(params, train: TrainConfig, plan, model: torch.nn.Module | None = 
     tier overlap its step with the next forward. `backward_passes`: backward calls per micro-batch (2 with
     prior preservation: the instance and the class half)."""
     params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
-                  eps=train.adam_epsilon, weight_decay=train.weight_decay)
     kind = tier_class(plan)
-    if kind.host_gradients:
-        from sdtune.offload import NvmeAdamW, OffloadAdamW
+    if not kind.host_gradients:  # a torch optimizer on the device, or one per parameter stepped in backward
+        from sdtune.optimizers import InBackward, build
 
-        accumulation = train.gradient_accumulation_steps * backward_passes
-        kwargs.update(device=plan.device, dtype=plan.working_dtype, host_weights=plan.param_offload == "cpu",
-                      max_grad_norm=train.max_grad_norm, accumulation_steps=accumulation, model=model)
-        if kind is NvmeTier:
-            return NvmeTier(NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs))
-        # Each bucket can step as soon as its gradients are in, unless clipping, fp16 overflow checks or
-        # accumulation need every gradient (of every micro-batch) first.
-        eager = not train.max_grad_norm and not plan.loss_scaling and accumulation == 1
-        return HostAdamW(OffloadAdamW(params, step_in_backward=eager, **kwargs))
-    if kind is AdamW8bit:
-        from sdtune.libraries import import_bitsandbytes
+        name = "adamw" if kind is Tier else kind.name
+        if plan.fused_backward:
+            return kind(InBackward(params, lambda group: build(name, group, train)), in_backward=True)
+        return kind(build(name, params, train))
+    from sdtune.offload import NvmeAdamW, OffloadAdamW
 
-        return AdamW8bit(import_bitsandbytes().optim.AdamW8bit(params, **kwargs))
-    try:
-        return Tier(torch.optim.AdamW(params, fused=True, **kwargs))
-    except (RuntimeError, TypeError):  # fused needs a recent torch for the CPU; foreach works everywhere
-        return Tier(torch.optim.AdamW(params, foreach=True, **kwargs))
+    accumulation = train.gradient_accumulation_steps * backward_passes
+    kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon,
+                  weight_decay=train.weight_decay, device=plan.device, dtype=plan.working_dtype,
+                  host_weights=plan.param_offload == "cpu", max_grad_norm=train.max_grad_norm,
+                  accumulation_steps=accumulation, model=model,
+                  ema=train.ema_decay > 0)  # the moving average is updated in the tier's host pass
+    if kind is NvmeTier:
+        return NvmeTier(NvmeAdamW(params, offload_dir=plan.offload_dir, **kwargs))
+    # Each bucket can step as soon as its gradients are in, unless clipping, fp16 overflow checks or
+    # accumulation need every gradient (of every micro-batch) first.
+    eager = not train.max_grad_norm and not plan.loss_scaling and accumulation == 1
+    return HostAdamW(OffloadAdamW(params, step_in_backward=eager, **kwargs))
+
+
+def _numels(shapes: list) -> list[int]:
+    return [math.prod(shape) for shape in shapes]
 
 
 def _scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:

@@ -1,7 +1,9 @@
 """Resumable checkpoints: `OUT/checkpoints/step-NNNNNN/`, written whole or not at all.
 
 A checkpoint holds what trains, in fp32: the UNet's master weights (`unet.safetensors`) or, with
-`train.method=lora`, only the LoRA adapters (`lora.safetensors`, the base is not copied); the optimizer, LR schedule and
+`train.method=lora`, only the LoRA adapters (`lora.safetensors`, the base is not copied); with
+`train.ema_decay` their moving average (`ema.safetensors`), with `train.text_encoder_lr` the text
+encoder(s) (`text_encoders.safetensors`); the optimizer, LR schedule and
 loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`; the nvme
 offload tier adds its state file, `optimizer_state.bin`), the resolved config (`config.toml`), and
 `state.json` (step, losses, python and numpy RNG, and a manifest of every other file's size and sha256),
@@ -70,9 +72,10 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
 
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedule, scaler, state: dict,
                     config_toml: str, keep: int, weights_file: str = "unet.safetensors", world: World | None = None,
-                    sharded=None) -> Path:
+                    sharded=None, files: dict[str, dict] | None = None) -> Path:
     """Write checkpoint `step` whole or not at all; on a write error (a full disk), one line saying so and
-    that the previous checkpoint is intact.
+    that the previous checkpoint is intact. `files`: more fp32 weights, {file name: weights} (the EMA's
+    `ema.safetensors`, a trained text encoder's).
 
     Several processes (`world`) all call it: every rank's torch RNG goes into rank 0's files; with
     `sharded` (an FSDP placement: `unet`, `tier.optimizer`) every rank first writes its shards into
@@ -95,7 +98,8 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
             world.barrier()
         if world.main:
             state = {**state, "world_size": world.size}
-            _write_files(tmp, step, weights, weights_file, tier, lr_schedule, scaler, state, config_toml, rngs,
+            files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
+            _write_files(tmp, step, files, tier, lr_schedule, scaler, state, config_toml, rngs,
                          optimizer=sharded is None)
             if final.exists():
                 shutil.rmtree(final)
@@ -131,13 +135,14 @@ def _rng_state() -> dict:
     return rng
 
 
-def _write_files(folder: Path, step: int, weights: dict, weights_file: str, tier, lr_schedule, scaler, state: dict,
+def _write_files(folder: Path, step: int, files: dict[str, dict], tier, lr_schedule, scaler, state: dict,
                  config_toml: str, rngs: list, optimizer: bool = True) -> None:
-    """Rank 0's files; `optimizer` false: the weights and AdamW state are in `sharded/` already."""
+    """Rank 0's files: `files` of fp32 weights and the rest; `optimizer` false: the UNet's weights and AdamW
+    state are in `sharded/` already."""
     import numpy as np
     import torch
-    if optimizer:
-        save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / weights_file)
+    for name, weights in files.items():
+        save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / name)
     training = {"lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0]}
     if len(rngs) > 1:
         training["rank_rng"] = rngs
@@ -160,10 +165,11 @@ def _write_files(folder: Path, step: int, weights: dict, weights_file: str, tier
 
 
 def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_schedule, scaler,
-                    weights_file: str = "unet.safetensors", world: World | None = None, sharded=None) -> dict:
+                    weights_file: str = "unet.safetensors", world: World | None = None, sharded=None,
+                    files: dict[str, Callable[[dict], None]] | None = None) -> dict:
     """Restore everything `save_checkpoint` wrote into the live objects (the weights through `restore`, or
-    each rank's shards with `sharded`); return the saved `state.json`. A checkpoint resumes on the number
-    of processes that wrote it (SdtuneError otherwise).
+    each rank's shards with `sharded`; each of `files`, {file name: restore}, through its own); return the
+    saved `state.json`. A checkpoint resumes on the number of processes that wrote it (SdtuneError otherwise).
     `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code."""
     import numpy as np
     import torch
@@ -174,6 +180,7 @@ def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_sch
         state = json.loads((path / STATE).read_text())
         _check_world(path, state.get("world_size", 1), world.size)
         weights = load_file(path / weights_file) if sharded is None else None
+        extra = {name: load_file(path / name) for name in files or {}}
         training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SdtuneError(f"checkpoint {path} is unreadable (training_state.pt holds objects other than tensors and "
@@ -189,6 +196,8 @@ def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_sch
 
         load_sharded(path / SHARDED, sharded.unet, tier.optimizer)
     tier.load_files(path)
+    for name, load in (files or {}).items():
+        load(extra[name])
     lr_schedule.load_state_dict(training["lr_schedule"])
     scaler.load_state_dict(training["scaler"])
     rng = training["rank_rng"][world.rank] if "rank_rng" in training else training["rng"]

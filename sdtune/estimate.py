@@ -19,8 +19,9 @@ category; the peak and what made it up are the estimate. Then what the meta devi
   the working precision (fp32 weights cast once per forward and cached, as autocast's weight cache
   does), norms and softmax in fp32.
 - The optimizer's state is counted by its tier's byte model (`Tier.footprint` in sdtune/offload/tier.py:
-  fused AdamW 8 bytes a parameter, AdamW8bit 2 plus block scales, the host tiers' buckets and rings),
-  not traced: its step adds no temporaries on the device.
+  fused AdamW 8 bytes a parameter, AdamW8bit 2 plus block scales, Adafactor its factored second moment,
+  Prodigy 16, Lion 4, the host tiers' buckets and rings; the EMA's fp32 copy), not traced; the
+  per-tensor steps' temporaries (two copies of the largest parameter, at most) are counted with it.
 - The CUDA caching allocator reserves more than it hands out (512-byte rounding, 2 MiB and 20 MiB
   segments, fragmentation): `ALLOCATOR_SLACK` of the peak plus `ALLOCATOR_POOLS`. cuBLAS's workspace
   comes from that allocator too. The CUDA context (`CUDA_CONTEXT`) is outside torch's reserved memory.
@@ -120,7 +121,8 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
 
         plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, World(size=gpus)))
     trained = _place(parts, vae, plan, cfg, tracker)
-    with torch.set_grad_enabled(cfg.train.method == "lora" and cfg.lora.text_encoder):
+    encoders_train = (cfg.train.method == "lora" and cfg.lora.text_encoder) or cfg.train.text_encoder_lr > 0
+    with torch.set_grad_enabled(encoders_train):
         cond = _frozen_pass(parts, vae, plan, cfg, tracker)
     footprint = _footprint(trained, plan, cfg)
     state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
@@ -164,7 +166,8 @@ def _place(parts, vae, plan, cfg: Config, tracker) -> list:
     SDXL's, in fp32). A full fine-tune trains the UNet: fp32 on the device with the in-device tier, the
     working precision there when a host tier holds the fp32 masters. With `train.method = "lora"` the UNet
     is frozen in the working precision too, and peft's fp32 adapters (`sdtune.lora.adapter.attach`, on the
-    UNet and with `lora.text_encoder` on the encoders) are what trains."""
+    UNet and with `lora.text_encoder` on the encoders) are what trains. `train.text_encoder_lr` adds the
+    encoders, in fp32."""
     import torch
 
     from sdtune.offload.tier import tier_class
@@ -183,6 +186,10 @@ def _place(parts, vae, plan, cfg: Config, tracker) -> list:
         compute = tier_class(plan).host_gradients or plan.distributed == "fsdp"  # fsdp: sdtune.estimate_parallel
         unet.to(working if compute else torch.float32)
         trained = list(unet.parameters())
+        if cfg.train.text_encoder_lr:  # the encoders train too, in fp32 on the device
+            for encoder in parts.text_encoders:
+                encoder.to(torch.float32).requires_grad_(True)
+                trained += list(encoder.parameters())
     for module in parts.frozen:
         tracker.add([p for p in module.parameters() if not p.requires_grad], "frozen")
     streamed = plan.param_offload == "cpu"  # what is streamed is counted as the streamer copies it in
@@ -260,7 +267,8 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[s
     from sdtune.offload.tier import tier_class
 
     unet, working = parts.unet, plan.working_dtype
-    host_gradients = tier_class(plan).host_gradients  # the tier holds the masters: working weights on the device
+    # each gradient leaves for the host tier, or is stepped and dropped (fused_backward), as it is made
+    freed = tier_class(plan).host_gradients or plan.fused_backward
     unet.set_attn_processor(AttnProcessor2_0())
     unet.train()
     cuda = CudaSemantics(autocast=working if plan.precision != "fp32" else None)
@@ -287,7 +295,7 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[s
                       on_copy=lambda copy: tracker.relabel(copy, "frozen" if lora else "weights"),
                       select=(lambda p: not p.requires_grad) if lora else None)
     for p in trained:
-        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, host_gradients))
+        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, freed))
     text, extra = cond
     side, batch = cfg.data.resolution // 8, cfg.train.batch_size
     latents = torch.empty(batch, unet.config.in_channels, side, side, device="meta")
@@ -305,10 +313,10 @@ def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[s
     return {"forward_end": forward_end, "backward_end": dict(tracker.current)}
 
 
-def _on_grad(tracker, offloaded: bool, param) -> None:
+def _on_grad(tracker, freed: bool, param) -> None:
     tracker.relabel(param.grad, "gradients")
-    if offloaded:
-        param.grad = None  # OffloadAdamW copies it to the host and frees it on the device
+    if freed:
+        param.grad = None  # OffloadAdamW copies it to the host, InBackward steps it: freed on the device
 
 
 def _footprint(trained: list, plan, cfg: Config):
@@ -318,8 +326,9 @@ def _footprint(trained: list, plan, cfg: Config):
     from sdtune.offload.tier import tier_class
 
     passes = cfg.train.gradient_accumulation_steps * (2 if cfg.prior_preservation else 1)
-    return tier_class(plan).footprint([p.numel() for p in trained], itemsize=plan.working_dtype.itemsize,
-                                      host_weights=plan.param_offload == "cpu", accumulation_steps=passes)
+    return tier_class(plan).footprint([p.shape for p in trained], itemsize=plan.working_dtype.itemsize,
+                                      host_weights=plan.param_offload == "cpu", accumulation_steps=passes,
+                                      ema=cfg.train.ema_decay > 0)
 
 
 def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config) -> int:

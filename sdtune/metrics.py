@@ -48,6 +48,8 @@ class StepRecord:
     images_per_second: float
     peak_memory_bytes: int
     skipped_steps: int  # NaN/Inf or fp16-overflow steps so far
+    validation_loss: float | None = None  # after steps that evaluate it (output.validate_every)
+    ema_validation_loss: float | None = None  # ... and of the EMA weights, with train.ema_decay
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -191,6 +193,8 @@ class TensorBoardSink:
             "train/images_per_second": record.images_per_second,
             "train/peak_memory_gib": record.peak_memory_bytes / 2**30,
             "train/skipped_steps": record.skipped_steps,
+            "validation/loss": record.validation_loss,
+            "validation/ema_loss": record.ema_validation_loss,
         }
         for tag, value in scalars.items():
             if value is not None:
@@ -215,10 +219,13 @@ class ProgressSink:
     def __init__(self, console: Console, total_steps: int):
         self.console, self.total_steps = console, total_steps
         self._bar = self._task = None
+        self._validation = ""  # the last validation loss, shown until the next
 
     def log(self, record: StepRecord) -> None:
-        stats = (f"loss {record.loss:.4f}  lr {record.learning_rate:.2e}  {record.seconds_per_step:.3f} s/step  "
-                 f"peak {record.peak_memory_bytes / 2**30:.2f} GiB")
+        if record.validation_loss is not None:
+            self._validation = f"  val {record.validation_loss:.4f}"
+        stats = (f"loss {record.loss:.4f}{self._validation}  lr {record.learning_rate:.2e}  "
+                 f"{record.seconds_per_step:.3f} s/step  peak {record.peak_memory_bytes / 2**30:.2f} GiB")
         if self._bar is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -12,10 +12,12 @@
   unit whose fp32 weights, gradients and AdamW state are split over the ranks and gathered for its
   forward and backward only (`shard_units`). `memory.precision=bf16` is FSDP2's mixed-precision policy (bf16 compute,
   fp32 gradient reduction); `memory.optimizer_offload=cpu` is its `CPUOffloadPolicy` (the shards and the
-  AdamW step in host RAM). Refused with it: fp16 (loss scaling over shards), `memory.optimizer=adamw8bit`,
+  AdamW step in host RAM). Refused with it: fp16 (loss scaling over shards), any `memory.optimizer` but
+  adamw (8-bit blocks, Adafactor's factored moment, Prodigy's step size would be taken per shard),
   `memory.optimizer_offload=nvme`, `memory.param_offload` (FSDP2 already gathers one block at a time)
   and `train.method=lora` (a LoRA's few MB train replicated: use ddp).
-- A LoRA's text-encoder adapters (`lora.text_encoder`) are not under DDP: refused with several processes.
+- A LoRA's text-encoder adapters (`lora.text_encoder`) are not under DDP: refused with several processes,
+  and so is `memory.fused_backward` (it steps each weight before its gradient is averaged).
 
 Refusals are one SdtuneError naming both keys; explicit `ddp`/`fsdp` are checked in a single process
 too, so a config that starts on one card starts under torchrun. `auto` (the default) is ddp when the
@@ -48,16 +50,23 @@ def _refusals(cfg: Config, mode: str, key: str) -> list[str]:
                                          "use memory.distributed=ddp"),
             (mem.precision != "fp16", f"{why} needs memory.precision=bf16 or fp32 (fp16 loss scaling over shards "
                                       "is not supported)"),
-            (mem.optimizer == "adamw", f"{why} steps torch AdamW on the shards; memory.optimizer={mem.optimizer} "
-                                       "cannot: set memory.optimizer=adamw"),
+            (mem.optimizer == "adamw", f"{why} steps torch AdamW on each rank's shards; memory.optimizer="
+                                       f"{mem.optimizer} would take its statistics per shard: set "
+                                       "memory.optimizer=adamw, or use memory.distributed=ddp"),
             (mem.optimizer_offload != "nvme", f"{why} with memory.optimizer_offload=nvme is not supported; use "
                                               "memory.optimizer_offload=cpu (FSDP2's CPU offload)"),
             (mem.param_offload == "none", f"{why} already gathers one block's weights at a time; set "
                                           "memory.param_offload=none"),
+            (not cfg.train.ema_decay, f"{why} shards the weights; train.ema_decay keeps a whole copy of them: "
+                                      "use memory.distributed=ddp, or train.ema_decay=0"),
         ) if not ok]
-    if cfg.lora.text_encoder:
-        rules.append(f"{why} averages the UNet's gradients only; lora.text_encoder=true is not supported with "
-                     "several processes")
+    if mem.fused_backward:
+        rules.append(f"{why} averages gradients after backward; memory.fused_backward=true steps each weight "
+                     "during it, before they are averaged: set memory.fused_backward=false")
+    if cfg.lora.text_encoder or cfg.train.text_encoder_lr:
+        train = cfg.train
+        key = "lora.text_encoder=true" if cfg.lora.text_encoder else f"train.text_encoder_lr={train.text_encoder_lr}"
+        rules.append(f"{why} averages the UNet's gradients only; {key} is not supported with several processes")
     return rules
 
 

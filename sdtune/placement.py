@@ -41,6 +41,7 @@ class Placement:
     host_frozen: Any = None   # a streamed LoRA's frozen UNet weights: the host buffer they live in
     model: Any = None         # what the loss calls: the UNet, or the UNet under DDP
     distributed: str = "none"  # the plan's: "none", "ddp" or "fsdp"
+    text_encoders: dict | None = None  # train.text_encoder_lr: {pipeline name: text encoder}, trained in fp32
     closed: bool = False
 
     def __post_init__(self):
@@ -76,6 +77,23 @@ class Placement:
 
         return trained_weights(self.lora)
 
+    def trained_params(self) -> dict:
+        """Every trained parameter, the tensors themselves, as "<pipeline part>.<name>"."""
+        from sdtune.lora.adapter import trained_weights
+
+        return trained_weights(self.lora or {"unet": self.unet, **(self.text_encoders or {})})
+
+    def text_encoder_weights(self) -> dict:
+        """The trained text encoder(s)' fp32 weights as "<pipeline part>.<name>" (empty when they are frozen)."""
+        return {name: p for name, p in self.trained_params().items() if not name.startswith("unet.")}
+
+    def restore_text_encoders(self, weights: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, p in self.text_encoder_weights().items():
+                p.copy_(weights[name])
+
     def restore(self, weights: dict) -> None:
         """Load what `weights` returned (a checkpoint's) back into the trained modules."""
         if self.lora is None:
@@ -102,6 +120,7 @@ def place(components, plan: Plan, cfg: Config) -> Placement:
         frozen.requires_grad_(False)
         frozen.eval()
         frozen.to(plan.device, dtype=plan.working_dtype)
+    text_encoders = _trained_text_encoders(components, plan) if cfg.train.text_encoder_lr else None
     components.vae.to(dtype=components.family.vae_dtype(components.vae, plan.working_dtype))  # SDXL's: fp32 in fp16
     host_frozen = None
     if lora:
@@ -128,18 +147,35 @@ def place(components, plan: Plan, cfg: Config) -> Placement:
         shard(unet, plan)
         params = list(unet.parameters())
     tier = make_tier(params, cfg.train, plan, model=unet, backward_passes=2 if cfg.prior_preservation else 1)
+    if text_encoders:  # their own learning rate, which the LR schedule scales as the UNet's
+        encoder_params = [p for encoder in text_encoders.values() for p in encoder.parameters()]
+        tier.optimizer.add_param_group({"params": encoder_params, "lr": cfg.train.text_encoder_lr})
     if plan.distributed == "ddp":
         from sdtune.parallel import wrap_ddp
 
         return Placement(tier, unet, lora=modules, model=wrap_ddp(unet, plan.device), distributed="ddp")
     if plan.param_offload != "cpu":
-        return Placement(tier, unet, lora=modules, distributed=plan.distributed)
+        return Placement(tier, unet, lora=modules, distributed=plan.distributed, text_encoders=text_encoders)
     from sdtune.offload import ParamStreamer
 
     select = (lambda p: not p.requires_grad) if lora else None  # a LoRA streams the frozen base only
     streamer = ParamStreamer(unet, plan.device, tier.optimizer, prefetch_blocks=plan.param_prefetch_blocks,
                              select=select)
     return Placement(tier, unet, streamer, lora=modules, host_frozen=host_frozen)
+
+
+def _trained_text_encoders(components, plan: Plan) -> dict:
+    """`train.text_encoder_lr`: the text encoder(s) in fp32 on the device, trainable (autocast computes in the
+    working precision), by pipeline name."""
+    import torch
+
+    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
+
+    encoders = dict(zip(TEXT_ENCODER_NAMES, components.text_encoders, strict=False))
+    for encoder in encoders.values():
+        encoder.to(plan.device, dtype=torch.float32).requires_grad_(True)
+        encoder.train()
+    return encoders
 
 
 def _host_frozen(unet, plan: Plan):

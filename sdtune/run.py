@@ -202,6 +202,7 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
     """The diffusers folder (and the single file) from the fp32 trained weights, or a LoRA run's two LoRA
     files; `summary.json`."""
     from sdtune.export import SINGLE_FILE, SUMMARY, export_pipeline, export_single_file, write_json
+    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
     from sdtune.trainer import fp32_weights
 
     if run.placement.sharded:  # every rank sends its shards; rank 0 exports a plain UNet of them
@@ -215,7 +216,13 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
         return {"preset": info.name, **summary(run)}
     if run.placement.lora is not None:
         return _export_lora(run, info)
-    if run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
+    if run.ema is not None:  # the moving average is the model; the raw weights stay in the last checkpoint
+        encoders = zip(TEXT_ENCODER_NAMES, run.components.text_encoders, strict=False)
+        parts = {"unet": run.components.unet, **dict(encoders)}
+        for name, weight in run.ema.weights().items():
+            part, _, key = name.partition(".")
+            parts[part].get_parameter(key).data = weight
+    elif run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
         for name, weight in fp32_weights(run).items():
             run.components.unet.get_parameter(name).data = weight
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
@@ -239,10 +246,11 @@ def _export_lora(run, info: PresetInfo) -> dict:
 
     modules, family = run.placement.lora, run.components.family
     result = {"preset": info.name, **summary(run)}
-    files = [save_diffusers(modules, family, run.out_dir),
-             save_kohya(modules, family, run.out_dir, kohya_metadata(run.cfg, run.components, result,
-                                                                     len(run.stream.examples)),
-                        run.cfg.lora.scale_alpha)]
+    with run.ema.applied() if run.ema is not None else nullcontext():  # the moving average is the LoRA
+        files = [save_diffusers(modules, family, run.out_dir),
+                 save_kohya(modules, family, run.out_dir, kohya_metadata(run.cfg, run.components, result,
+                                                                         len(run.stream.examples)),
+                            run.cfg.lora.scale_alpha)]
     run.close()
     result["lora_files"] = [path.name for path in files]
     write_json(run.out_dir / SUMMARY, result)

@@ -19,25 +19,29 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdtune import checkpoint, loss
 from sdtune.config import Config, PresetInfo
-from sdtune.config_toml import from_toml, resume_conflicts, to_toml
+from sdtune.config_toml import to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
 from sdtune.distributed import World
+from sdtune.ema import make_ema
 from sdtune.errors import SdtuneError
 from sdtune.memory import Plan, autocast, peak_bytes, reset_peak, resolve_plan
 from sdtune.metrics import StepRecord
 from sdtune.placement import Placement, place
+from sdtune.run_checkpoint import restore as _restore
+from sdtune.run_checkpoint import save as _save
 from sdtune.schedule import make_lr_schedule, step_schedule
 from sdtune.signals import Interrupted, StopOnSignal
+from sdtune.validation import validation_set
 
-__all__ = ["Interrupted", "Run", "fp32_weights", "loop", "prepare"]
+__all__ = ["Interrupted", "Run", "evaluation_mode", "fp32_weights", "loop", "prepare"]
 
 
 @dataclass
@@ -57,6 +61,8 @@ class Run:
     log: Callable[[str], None]
     features: Any = None  # latents and text embeddings, encoded or from the caches
     class_stream: BatchStream | None = None  # prior preservation: the class images' batches
+    ema: Any = None  # train.ema_decay: the moving average of the trained weights (sdtune.ema)
+    validation: Any = None  # data.validation_dir or validation_split: the held-out set (sdtune.validation)
     world: World = field(default_factory=World)  # this process among the launched ones
     step: int = 0
     losses: list[float] = field(default_factory=list)
@@ -92,38 +98,6 @@ class Run:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_resume_config(latest: Path, cfg: Config) -> Config:
-    """The checkpoint's config, when `cfg` differs from it only where a resume may differ."""
-    saved = from_toml((latest / "config.toml").read_text(encoding="utf-8"), str(latest))
-    changed = resume_conflicts(saved, cfg)
-    if changed:
-        raise SdtuneError(f"--resume with a different plan than {latest} ({'; '.join(changed)}); "
-                          "resume with the same settings or start a new --out")
-    return saved
-
-
-def _restore(run: Run) -> None:
-    """Load the newest checkpoint of `run.out_dir` into the run, if there is one."""
-    latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
-    if latest is None:
-        run.log(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
-        return
-    saved = _check_resume_config(latest, run.cfg)
-    tier = run.tier
-    if saved.memory.optimizer_offload != run.cfg.memory.optimizer_offload:  # the state's layout differs
-        from sdtune.offload.convert import OtherTierState
-
-        run.log(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
-                f"to {run.cfg.memory.optimizer_offload}")
-        tier = OtherTierState(run.tier, run.components.unet, latest / run.placement.weights_file)
-    state = checkpoint.load_checkpoint(latest, restore=run.placement.restore, tier=tier, lr_schedule=run.lr_schedule,
-                                       scaler=run.scaler, weights_file=run.placement.weights_file, world=run.world,
-                                       sharded=run.placement if run.placement.sharded else None)
-    run.step, run.losses = state["step"], state["losses"]
-    run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
-    run.log(f"resumed from {latest} at step {run.step}")
 
 
 def _scan(data_dir: str, cfg: Config, log: Callable[[str], None]):
@@ -168,22 +142,25 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     world.start(plan.device)
     with world.main_first():  # the other ranks then find every image in the scan cache
         scan = _scan(data_dir, cfg, log)
+        examples, held_out = validation_set(cfg, scan.examples, log)
     components = load_for_training(cfg.model, cfg.train.seed, log)
     _check_resolution(components, cfg, log)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
-    stream = BatchStream(scan.examples, cfg.data, global_batch, cfg.train.seed, warn=log)
-    features = Features(components, cfg.data, plan, log, text_grad=cfg.lora.text_encoder)
+    stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed, warn=log)
+    text_grad = cfg.lora.text_encoder or cfg.train.text_encoder_lr > 0  # the text encoder(s) train
+    features = Features(components, cfg.data, plan, log, text_grad=text_grad)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
               log=log, features=features, stream=stream, placement=placement, world=world,
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
-              alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod)
-    sources = [(stream, scan.examples)]
+              alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
+              ema=make_ema(placement, cfg.train), validation=held_out)
+    sources = [(stream, examples)] + ([(held_out.stream, held_out.examples)] if held_out else [])
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.dreambooth import class_config, class_images
 
-        examples = class_images(cfg, components, plan, log, sample_context=lambda: _sampling(run), world=world)
+        examples = class_images(cfg, components, plan, log, sample_context=lambda: evaluation_mode(run), world=world)
         run.class_stream = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
         sources.append((run.class_stream, examples))
     features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders
@@ -268,21 +245,11 @@ def fp32_weights(run: Run) -> dict:
     return run.placement.weights()
 
 
-def _save(run: Run) -> Path:
-    state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds}
-    sharded = run.placement if run.placement.sharded else None
-    weights = fp32_weights(run) if run.world.main and sharded is None else {}
-    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=weights, tier=run.tier,
-                                      lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
-                                      config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints,
-                                      weights_file=run.placement.weights_file, world=run.world, sharded=sharded)
-
-
 @contextmanager
-def _sampling(run: Run):
+def evaluation_mode(run: Run):
     """The model ready to draw images: the trained modules in eval mode (no LoRA dropout), autocast, the
     parked encoders on the device; back to training afterwards."""
-    trained = [run.components.unet, *(run.placement.lora or {}).values()]
+    trained = [run.components.unet, *(run.placement.lora or {}).values(), *(run.placement.text_encoders or {}).values()]
     for module in trained:
         module.eval()
     try:
@@ -300,7 +267,8 @@ def _sample(run: Run, metrics) -> Path:
     from sdtune.sample import generate, make_grid
 
     out = run.cfg.output
-    with _sampling(run):
+    averaged = run.ema.applied() if run.ema is not None and out.sample_ema else nullcontext()
+    with evaluation_mode(run), averaged:
         prompts = list(out.sample_prompts)
         images = generate(assemble_pipeline(run.components), prompts, [run.cfg.train.seed] * len(prompts),
                           steps=out.sample_steps)
@@ -331,12 +299,12 @@ class _NoMetrics:
         pass
 
 
-def _record(run: Run, step_loss: float, learning_rate: float) -> StepRecord:
+def _record(run: Run, step_loss: float, learning_rate: float, validation: dict) -> StepRecord:
     seconds = run.seconds_per_step or 0.0
     images = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation_steps
     return StepRecord(step=run.step, loss=step_loss, learning_rate=learning_rate, grad_norm=run.tier.grad_norm,
                       seconds_per_step=seconds, images_per_second=images / seconds if seconds else 0.0,
-                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps)
+                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps, **validation)
 
 
 def loop(run: Run, metrics=None) -> None:
@@ -351,11 +319,15 @@ def loop(run: Run, metrics=None) -> None:
         while run.step < cfg.train.max_steps:
             started = time.perf_counter()
             first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
+            if run.ema is not None:
+                run.ema.before_step(run.step + 1)
             step_loss = sum(_micro_step(run, first + i, last=i == accumulation - 1)
                             for i in range(accumulation)) / accumulation
             step_loss = run.world.mean(step_loss)  # the global batch's: every rank decides alike
             finite = math.isfinite(step_loss)
             stepped = _optimizer_step(run, finite)
+            if run.ema is not None:
+                run.ema.after_step(stepped)
             run.skipped_steps += not stepped
             bad = not finite or not (stepped or run.scaler.is_enabled())  # fp16 overflow: the scaler's business
             bad_in_a_row = bad_in_a_row + 1 if bad else 0
@@ -363,7 +335,9 @@ def loop(run: Run, metrics=None) -> None:
             run.losses.append(step_loss)
             run.step_times.append(time.perf_counter() - started)
             run.seconds += run.step_times[-1]
-            metrics.log(_record(run, step_loss, learning_rate))
+            due = cfg.output.validate_every and run.step % cfg.output.validate_every == 0
+            validation = run.validation.evaluate(run, evaluation_mode(run)) if due else {}
+            metrics.log(_record(run, step_loss, learning_rate, validation))
             if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
                 raise _too_many_bad_steps(run, bad_in_a_row)
             if run.world.any(bool(stop.signum)):  # a signal that reached one rank stops all of them here

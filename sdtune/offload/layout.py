@@ -40,6 +40,7 @@ class Bucket:
     small_host: torch.Tensor | None = None    # ... and the one copy of them on the host
     ready: threading.Event | None = None  # overlap_step: set by the worker once this bucket is stepped
     uploaded: Any = None               # overlap_step: after its upload (CUDA)
+    ema: torch.Tensor | None = None    # train.ema_decay: the fp32 moving average of `master`, in host RAM
 
     def gather_small(self, dtype: torch.dtype, device: torch.device) -> None:
         """List the parameters under `SMALL_PARAM` values, whose gradients leave in one copy, and give them

@@ -34,13 +34,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from sdtune.offload import layout
+from sdtune.offload.host_ema import HostEMA
 from sdtune.offload.layout import Bucket, Scaling, adamw_kernel, chunks, clip_factor, host_bytes, partition
 from sdtune.offload.overlap import OverlapStep
 from sdtune.offload.pinned import PinnedBuffer, host_empty
 from sdtune.offload.streams import blocking_event, side_stream, synchronous
 
 
-class OffloadAdamW(OverlapStep, torch.optim.AdamW):
+class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
     """AdamW over host fp32 masters of `params`, which it moves to `device` in `dtype`.
 
     `params` must arrive in fp32 (on any device): they become the masters exactly. With `host_weights`
@@ -49,16 +50,16 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
     step; `accumulation_steps` backward passes make one step. `step_in_backward` is only exact without
     clipping, loss scaling and accumulation: the caller decides. `model` (which owns `params`) lets the
     step overlap the next forward (`overlap_step`: default on CUDA, off with host weights or when stepping
-    in backward). After `step()`, `last_grad_norm` is the unscaled gradient norm and `skipped` says
-    whether an inf/NaN gradient made it skip."""
+    in backward). `ema` keeps a moving average of the masters (`HostEMA`). After `step()`,
+    `last_grad_norm` is the unscaled gradient norm and `skipped` says whether an inf/NaN gradient made it skip."""
 
     host_bytes = staticmethod(host_bytes)  # what it allocates, for the estimator
 
     def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, bucket_mb: int | None = None, host_weights: bool = False,
                  step_in_backward: bool = False, max_grad_norm: float = 0.0, accumulation_steps: int = 1,
-                 model: torch.nn.Module | None = None, overlap_step: bool | None = None):
-        self.device, self.dtype, self.host_weights = torch.device(device), dtype, host_weights
+                 model: torch.nn.Module | None = None, overlap_step: bool | None = None, ema: bool = False):
+        self.device, self.dtype, self.host_weights, self.keeps_ema = torch.device(device), dtype, host_weights, ema
         self.step_in_backward, self.max_grad_norm = step_in_backward, max_grad_norm
         self.accumulation_steps = accumulation_steps
         cuda = self.device.type == "cuda"
@@ -119,8 +120,9 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
         for p, offset in zip(params, offsets, strict=True):
             p.data = device_flat[offset:offset + p.numel()].view(p.shape)
         grad = host_empty(n, torch.float32) if self.accumulation_steps > 1 else None
-        master = self._keep_master(len(self._buckets), values)
-        bucket = Bucket(params, offsets, start, device_flat, master, grad)
+        ema = values.clone() if self.keeps_ema else None
+        bucket = Bucket(params, offsets, start, device_flat, self._keep_master(len(self._buckets), values), grad,
+                        ema=ema)
         bucket.gather_small(self.dtype, self.device)
         return bucket
 
@@ -332,7 +334,8 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
     def _update(self, bucket: Bucket, master, exp_avg, exp_avg_sq, step, scaling: Scaling,
                 group: dict | None = None) -> None:
         """AdamW over `master` chunk by chunk, each new chunk cast on its way out; then the upload."""
-        group, out = group or self.param_groups[0], bucket.device_flat if self._cast_in_place else bucket.staging
+        group, out = group or self._step_settings(), bucket.device_flat if self._cast_in_place else bucket.staging
+        decay = group["ema_decay"] if bucket.ema is not None else None
         for part in chunks(len(master)):
             if bucket.grad is not None:
                 grad = bucket.grad[part]
@@ -340,6 +343,8 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
                 grad = self._scratch[:part.stop - part.start].copy_(bucket.staging[part])
             scaling.apply(grad)
             adamw_kernel(master[part], grad, exp_avg[part], exp_avg_sq[part], step, group)
+            if decay is not None:  # while the new chunk is in the caches
+                bucket.ema[part].lerp_(master[part], 1.0 - decay)
             out[part].copy_(master[part])
         self._upload(bucket)
 
@@ -384,15 +389,3 @@ class OffloadAdamW(OverlapStep, torch.optim.AdamW):
             bucket.master.copy_(master)
             self._publish(bucket, bucket.master)
         self._uploaded()
-
-    def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """`module.state_dict()` with every offloaded parameter replaced by its fp32 master."""
-        self._settle()
-        weights = dict(module.state_dict())
-        for name, p in module.named_parameters():
-            if p in self._where:
-                bucket, offset, n = self._where[p]
-                weights[name] = bucket.master[offset:offset + n].view(p.shape)
-        return weights
-
-

@@ -56,8 +56,9 @@ class OverlapStep:
 
     def _step_later(self, scaling: Scaling) -> None:
         """Queue each bucket's step on the worker, in the order the last forward used them; the next
-        forward's blocks wait for theirs. The learning rate is read now: the schedule changes it next."""
-        group, order, self._order = dict(self.param_groups[0]), self._order, []
+        forward's blocks wait for theirs. The learning rate (and the EMA decay) is read now: the schedule
+        changes it next."""
+        group, order, self._order = self._step_settings(), self._order, []
         for bucket in list(dict.fromkeys([*order, *self._buckets])):
             bucket.ready, bucket.uploaded = threading.Event(), None
             self._stepping.append(self._worker.submit(self._step_queued, bucket, scaling, group))

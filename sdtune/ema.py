@@ -17,6 +17,7 @@ every trained part.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 
 from sdtune.config import TrainConfig
@@ -32,7 +33,7 @@ def ema_decay(update: int, train: TrainConfig) -> float:
     return min(train.ema_decay, warm)
 
 
-class EMA:
+class EMA(ABC):
     """The schedule of updates: when, and with which decay; where the average lives is the subclass's."""
 
     def __init__(self, train: TrainConfig):
@@ -53,19 +54,25 @@ class EMA:
         self._announce(None)
 
     def _announce(self, decay: float | None) -> None:
-        """Tell a tier that updates the average inside its own step which decay its next step uses."""
+        """Tell a tier that updates the average inside its own step which decay its next step uses (the
+        in-device kind has no such tier: nothing to tell)."""
+        return None
 
     def _update(self, decay: float) -> None:
         """Update the average after a step (the in-device kind; an offload tier has done it in its step)."""
+        return None
 
+    @abstractmethod
     def weights(self) -> dict:
-        raise NotImplementedError
+        """The average as {"<pipeline part>.<parameter>": fp32 tensor}."""
 
+    @abstractmethod
     def load(self, weights: dict) -> None:
-        raise NotImplementedError
+        """Copy `weights` (as `weights()` names them) into the average."""
 
+    @abstractmethod
     def applied(self):
-        raise NotImplementedError
+        """A context in which the model's working weights hold the average, and their own values after."""
 
 
 class DeviceEMA(EMA):

@@ -10,7 +10,8 @@ Why bitsandbytes needs keeping out: diffusers imports it, when installed, as soo
 (`diffusers.models.modeling_utils` -> `diffusers.quantizers` -> `quantizers/bitsandbytes/utils.py`, for
 loading 4/8-bit quantised checkpoints, which sdtune never does). The import costs about a second and, on a
 CPU without the `kernels` package, logs "Failed to load CPU gemm_4bit_forward from kernels-community" in
-every sdtune command.
+every sdtune command. peft (0.21 and later) imports it too, at its own import, which diffusers' pipeline
+modules trigger; so `quiet_libraries` also keeps bitsandbytes' loggers to errors.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from sdtune.errors import SdtuneError
 
 def quiet_libraries() -> None:
     """Silence diffusers' and transformers' per-file progress bars and advice (sdtune reports progress
-    itself), and keep diffusers from importing bitsandbytes. Call it before the first diffusers model
-    class is imported; later, the bitsandbytes part no longer helps (it is imported already)."""
+    itself), keep diffusers from importing bitsandbytes, and bitsandbytes' warnings out. Call it before
+    the first diffusers model class is imported; later, the bitsandbytes part no longer helps."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read once, when transformers is first imported
     from diffusers.utils import import_utils as diffusers_imports
     from diffusers.utils import logging as diffusers_logging
@@ -37,6 +38,9 @@ def quiet_libraries() -> None:
     # diffusers' quantizer module imports bitsandbytes when this flag (set at import, from find_spec) is
     # true; sdtune loads no quantised models, and imports bitsandbytes itself for adamw8bit
     diffusers_imports._bitsandbytes_available = False
+    # peft imports bitsandbytes whatever that flag says; its import-time warnings are about kernels
+    # (4-bit CPU gemm) that sdtune never calls, and its errors still show
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()

@@ -127,7 +127,8 @@ class TrainConfig:
                           "polynomial"] = doc(
         "learning-rate curve after warmup, shaped as diffusers' get_scheduler: constant, linear or polynomial "
         "decay to 0, half a cosine, or cosine_with_restarts", "constant")
-    lr_warmup_steps: int = doc("steps of linear warmup from 0 to learning_rate (every scheduler)", 0)
+    lr_warmup_steps: int = doc("steps of linear warmup from 0 to learning_rate, for every scheduler (constant then "
+                               "equals constant_with_warmup)", 0)
     lr_num_cycles: int = doc("cosine_with_restarts: how many cosine cycles (hard restarts) after warmup", 1)
     lr_power: float = doc("polynomial: power of the decay (1.0 is linear) to 1e-7", 1.0)
     adam_beta1: float = doc("AdamW first-moment decay", 0.9)

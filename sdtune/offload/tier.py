@@ -46,6 +46,8 @@ class Tier:
     name: ClassVar[str] = "adamw"
     host_gradients: ClassVar[bool] = False  # gradients leave for the host; the tier unscales, clips, checks
     step_copies: ClassVar[int] = 0  # fp32 temporaries of one parameter's size its step holds at once
+    state_per_parameter: ClassVar[int] = 8  # bytes of optimizer state per element (`state_bytes`)
+    state_per_tensor: ClassVar[int] = 4     # and per tensor (AdamW's fp32 step count)
 
     def __init__(self, optimizer: torch.optim.Optimizer, in_backward: bool = False):
         self.optimizer = optimizer
@@ -69,9 +71,10 @@ class Tier:
 
     @classmethod
     def state_bytes(cls, shapes: list) -> int:
-        """What the optimizer's state holds once it has stepped: fused AdamW's fp32 exp_avg and exp_avg_sq
-        (8 bytes a parameter) and an fp32 step count each; its kernel steps in place."""
-        return sum(8 * n + 4 for n in _numels(shapes))
+        """What the optimizer's state holds once it has stepped: `state_per_parameter` bytes an element and
+        `state_per_tensor` a tensor (fused AdamW's fp32 exp_avg and exp_avg_sq, and an fp32 step count each;
+        its kernel steps in place)."""
+        return sum(cls.state_per_parameter * n + cls.state_per_tensor for n in _numels(shapes))
 
     def make_scaler(self, device: str, enabled: bool, **kwargs) -> torch.amp.GradScaler:
         """fp16 dynamic loss scaling (`enabled=False`: a pass-through) for this tier's gradients."""
@@ -158,10 +161,7 @@ class Prodigy(Tier):
 
     name = "prodigy"
     step_copies = 1
-
-    @classmethod
-    def state_bytes(cls, shapes) -> int:
-        return sum(16 * n for n in _numels(shapes))
+    state_per_parameter, state_per_tensor = 16, 0
 
 
 class Lion(Tier):
@@ -170,10 +170,7 @@ class Lion(Tier):
 
     name = "lion"
     step_copies = 2
-
-    @classmethod
-    def state_bytes(cls, shapes) -> int:
-        return sum(4 * n for n in _numels(shapes))
+    state_per_parameter, state_per_tensor = 4, 0
 
 
 class HostAdamW(Tier):

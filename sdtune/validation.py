@@ -54,6 +54,8 @@ def validation_set(cfg: Config, examples: list, log: Callable[[str], None]) -> t
 
 
 class Validation:
+    """The held-out images and the fixed problem they pose: their batches, then `evaluate`."""
+
     def __init__(self, examples: list, cfg: Config, log: Callable[[str], None]):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
                                     center_crop=True, loader_threads=0)

@@ -9,8 +9,9 @@ Pre-flight (~30 s, while the SD1.5 model is built): the tiny test model at 64 px
 the asynchronous copies as shipped and with `SDTUNE_OFFLOAD_SYNC=1` (sdtune/offload/streams.py), each
 variant in its own subprocess under deterministic kernels (SDPA's math backend, deterministic cuDNN) and
 with the engine's buckets and streamed blocks cut to the tiny UNet's scale (else it is one of each, and
-nothing overlaps). Each case's fp32 masters must be `torch.equal`; fp16 from a loss scale of 2**24 must also skip steps and stay
-finite. A difference is a race: the case FAILs, and the plans still run.
+nothing overlaps). Each case's fp32 masters (and its EMA, where it keeps one) must be `torch.equal`;
+fp16 from a loss scale of 2**24 must also skip steps and stay finite. A difference is a race: the case
+FAILs, and the plans still run.
 
 Plans: each runs `sdtune.run.attempt` in a fresh subprocess with its own timeout (90 s, nvme 120 s), under
 `torch.cuda.set_per_process_memory_fraction` at the preset's `vram_gib - 0.5` GiB (the CUDA context lives
@@ -86,6 +87,13 @@ PLANS = {
     "rtx3050-nvme": PlanSpec("rtx3050", ("memory.optimizer_offload=nvme", "memory.offload_dir={offload_dir}"),
                              max_warmup=1, max_timed_steps=4, timeout=120,
                              about="AdamW state streamed from disk (1 warm-up + 4 timed steps)"),
+    "rtx4090-adafactor": PlanSpec("rtx4090", ("memory.optimizer=adafactor",),
+                                  about="Adafactor on the card: its factored state"),
+    "rtx4090-fused": PlanSpec("rtx4090", ("memory.optimizer=adafactor", "memory.fused_backward=true",
+                                          "train.max_grad_norm=0"),
+                              about="Adafactor stepped inside backward: no whole-model gradients"),
+    "rtx3050-ema": PlanSpec("rtx3050", ("train.ema_decay=0.9999",),
+                            about="rtx3050 with the EMA in the host pass: its speed and host RAM"),
     "cpu": PlanSpec("cpu", ("memory.precision=fp32",), capped=False, about="the CPU preset (dry runs)"),
     # SDXL at --sdxl-resolution (1024), after the SD plans: the random SDXL model is built when the first runs
     "sdxl-8gb": PlanSpec("sdxl-8gb", ("memory.offload_dir={offload_dir}",), family="sdxl", max_warmup=1,
@@ -114,6 +122,7 @@ PREFLIGHT = {
     "weight-streaming": ("memory.param_offload=cpu", "memory.gradient_checkpointing=true",
                          "memory.optimizer_offload=cpu"),
     "fp16-scale-2^24": ("memory.precision=fp16", "memory.optimizer_offload=cpu"),
+    "ema-step-in-backward": ("memory.optimizer_offload=cpu", "train.max_grad_norm=0", "train.ema_decay=0.9"),
 }
 FP16_CASE, PREFLIGHT_STEPS, PREFLIGHT_TIMEOUT = "fp16-scale-2^24", 5, 75
 VARIANTS = {"async": {"SDTUNE_OFFLOAD_SYNC": ""}, "sync": {"SDTUNE_OFFLOAD_SYNC": "1"}}  # "" is off
@@ -216,10 +225,10 @@ def _time_parts(trainer, device: str) -> dict[str, list[float]]:
     seconds: dict[str, list[float]] = {"forward_backward_seconds": [], "optimizer_seconds": []}
 
     def timed(function, into: list[float]):
-        def wrapper(*args):
+        def wrapper(*args, **kwargs):
             sync()
             started = time.perf_counter()
-            result = function(*args)
+            result = function(*args, **kwargs)
             sync()
             into.append(time.perf_counter() - started)
             return result
@@ -305,6 +314,8 @@ def _preflight_case(name: str, overrides: list[str], data: str, folder: Path) ->
             run.scaler = type(run.scaler)(run.plan.device, init_scale=2.0**24)  # (HostGradScaler for the tiers)
         trainer.loop(run)
         masters = {key: value.detach().to("cpu", copy=True) for key, value in trainer.fp32_weights(run).items()}
+        if run.ema is not None:  # the average, updated in the same host pass: compared like the masters
+            masters |= {f"ema/{key}": value.to("cpu", copy=True) for key, value in run.ema.weights().items()}
     torch.save(masters, folder / "masters.pt")
     streamer = run.placement.streamer
     return {"losses": run.losses, "skipped_steps": run.skipped_steps, "masters": str(folder / "masters.pt"),

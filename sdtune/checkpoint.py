@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sdtune.distributed import World
 from sdtune.errors import SdtuneError
-from sdtune.files import save_safetensors, sha256_file, sync
+from sdtune.files import check_space, disk_errors, save_safetensors, sha256_file, sync, tensor_bytes
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -73,22 +73,38 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
 def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedule, scaler, state: dict,
                     config_toml: str, keep: int, weights_file: str = "unet.safetensors", world: World | None = None,
                     sharded=None, files: dict[str, dict] | None = None) -> Path:
-    """Write checkpoint `step` whole or not at all; on a write error (a full disk), one line saying so and
-    that the previous checkpoint is intact. `files`: more fp32 weights, {file name: weights} (the EMA's
-    `ema.safetensors`, a trained text encoder's).
+    """Write checkpoint `step` whole or not at all. Refused with one line, before anything is written, when
+    the disk has less free than it will take (the larger of its estimate and the previous checkpoint's
+    size); a write the OS refuses all the same (a full disk) removes the half-written folder and is one
+    line saying which folder, how much it needs, how much is free and that the previous checkpoint is
+    intact. Folders of earlier unfinished writes (`step-N.tmp`) are removed first. `files`: more fp32
+    weights, {file name: weights} (the EMA's `ema.safetensors`, a trained text encoder's).
 
     Several processes (`world`) all call it: every rank's torch RNG goes into rank 0's files; with
     `sharded` (an FSDP placement: `unet`, `tier.optimizer`) every rank first writes its shards into
     `sharded/` (torch.distributed.checkpoint); rank 0 then writes the rest and `state.json`, whose
     manifest covers every rank's files, and renames the folder into place. No rank goes on before."""
     world = world or World()
-    final = checkpoint_root(out_dir) / f"step-{step:06d}"
+    root = checkpoint_root(out_dir)
+    final = root / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     previous = latest_checkpoint(out_dir, warn=lambda message: None) if world.main else None
     rngs = world.gather(_rng_state())
-    try:
+    kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
+    fix = f"{kept}; free space there and continue with --resume"
+    needed = 0
+    if world.main:
+        _remove_unfinished(root)
+        state = {**state, "world_size": world.size}
+        files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
+        training = _training_state(tier, lr_schedule, scaler, rngs, optimizer=sharded is None)
+        needed = max(_estimate(files, training, tier, state, config_toml), _size(previous))
+        check_space(root, needed, f"checkpoint {final.name}", fix)
+    def remove_tmp() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    with disk_errors(root, f"checkpoint {final.name}", fix, needed, cleanup=remove_tmp):
         if world.main:
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         if sharded is not None:
             from sdtune.parallel import SHARDED, save_sharded
@@ -97,24 +113,38 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
             save_sharded(tmp / SHARDED, sharded.unet, tier.optimizer)
             world.barrier()
         if world.main:
-            state = {**state, "world_size": world.size}
-            files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
-            _write_files(tmp, step, files, tier, lr_schedule, scaler, state, config_toml, rngs,
-                         optimizer=sharded is None)
+            _write_files(tmp, step, files, training, tier, state, config_toml)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             sync(final.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
-        raise SdtuneError(f"writing checkpoint {final.name} failed ({exc.strerror or exc}); {kept}; "
-                          f"free space in {checkpoint_root(out_dir)} and --resume") from None
     if world.main:
         for old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old)
     world.barrier()
     return final
+
+
+def _remove_unfinished(root: Path) -> None:
+    """Delete the `step-N.tmp` folders a killed or failed write left: they only hold the disk."""
+    for unfinished in root.glob("step-*.tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
+
+
+def _estimate(files: dict[str, dict], training: dict, tier, state: dict, config_toml: str) -> int:
+    """Bytes the checkpoint will take: its fp32 weights, the training state's tensors, the tier's files, and
+    a margin for the rest (headers, pickling, the config and `state.json`)."""
+    weights = sum(4 * tensor.numel() for tensors in files.values() for tensor in tensors.values())
+    small = len(config_toml) + len(json.dumps(state, default=str)) + 2**20
+    return weights + tensor_bytes(training) + tier.file_bytes() + small
+
+
+def _size(checkpoint: Path | None) -> int:
+    """The bytes of a checkpoint as its manifest lists them (0 for none): the next one is as large."""
+    if checkpoint is None:
+        return 0
+    manifest = json.loads((checkpoint / STATE).read_text())["manifest"]
+    return sum(entry["bytes"] for entry in manifest.values())
 
 
 def _check_world(path: Path, saved: int, size: int) -> None:
@@ -135,20 +165,25 @@ def _rng_state() -> dict:
     return rng
 
 
-def _write_files(folder: Path, step: int, files: dict[str, dict], tier, lr_schedule, scaler, state: dict,
-                 config_toml: str, rngs: list, optimizer: bool = True) -> None:
-    """Rank 0's files: `files` of fp32 weights and the rest; `optimizer` false: the UNet's weights and AdamW
-    state are in `sharded/` already."""
-    import numpy as np
-    import torch
-    for name, weights in files.items():
-        save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / name)
+def _training_state(tier, lr_schedule, scaler, rngs: list, optimizer: bool = True) -> dict:
+    """What `training_state.pt` holds; `optimizer` false: the AdamW state is in `sharded/` already."""
     training = {"lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0]}
     if len(rngs) > 1:
         training["rank_rng"] = rngs
     if optimizer:
         training["optimizer"] = tier.state_dict()
-    torch.save(training, folder / "training_state.pt")
+    return training
+
+
+def _write_files(folder: Path, step: int, files: dict[str, dict], training: dict, tier, state: dict,
+                 config_toml: str) -> None:
+    """Rank 0's files: `files` of fp32 weights, the training state, the tier's files, and `state.json` last."""
+    import numpy as np
+    import torch
+    for name, weights in files.items():
+        save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / name)
+    with open(folder / "training_state.pt", "wb") as file:  # a file object: a failed write keeps its OSError
+        torch.save(training, file)
     tier.save_files(folder)  # optimizer state kept in files (the nvme tier)
     (folder / "config.toml").write_text(config_toml, encoding="utf-8")
     manifest = {}

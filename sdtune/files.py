@@ -1,11 +1,20 @@
-"""File helpers shared by checkpoints, caches and exports: content digests, durable writes, and modes that
-follow the umask."""
+"""File helpers shared by checkpoints, caches and exports: content digests, durable writes, modes that
+follow the umask, and the disk: free space checked before a large write, and a write the OS refuses (a full
+disk, a read-only folder) turned into one line that says where, how much is needed and how much is free."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import math
 import os
+import re
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+
+from sdtune.errors import SdtuneError
 
 
 def sha256_file(path: Path) -> str:
@@ -60,6 +69,120 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) ->
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         follow_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the disk: what a write needs, what is free, and one line when a write fails for want of either
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) names the OS error it wraps
+
+
+def os_errno(exc: BaseException) -> int | None:
+    """The OS error number behind a failed write, or None: an OSError's own; one a library's error wraps
+    (torch.save into an open file raises RuntimeError with the OSError as its context); or one its message
+    names (safetensors: "I/O error: No space left on device (os error 28)")."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes; never a cycle
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno:
+            return seen.errno
+        found = _OS_ERROR.search(str(seen))
+        if found:
+            return int(found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes free to this user on the filesystem that holds `folder` (or would: its nearest existing parent)."""
+    path = Path(folder).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of every tensor in `tree` (dicts, lists and tuples of tensors and plain values) as stored."""
+    if hasattr(tree, "element_size") and hasattr(tree, "numel"):
+        return tree.element_size() * tree.numel()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(value) for value in tree)
+    return 0
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 when it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def size_text(n: int) -> str:
+    """'3.21 GiB', '12.0 MiB', '512 KiB': bytes as a person reads them."""
+    for unit, scale, digits in (("GiB", 2**30, 2), ("MiB", 2**20, 1)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{math.ceil(n / 2**10)} KiB"
+
+
+def check_space(folder: Path, needed: int, what: str, fix: str) -> None:
+    """Refuse with one line, before anything is written, when `folder`'s disk has less than `needed` bytes
+    free for `what`; `fix` says what to do."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise SdtuneError(f"not enough disk space for {what} in {folder}: it needs {size_text(needed)} and "
+                          f"{size_text(free)} is free; {fix}")
+
+
+@contextmanager
+def disk_errors(folder: Path, what: str, fix: str, needed: int = 0, cleanup: Callable[[], None] | None = None,
+                full_fix: str = ""):
+    """Turn a write under `folder` that the OS refuses (a full disk, a read-only or unwritable folder) into
+    one SdtuneError line that says which folder, how much `what` needs and how much is free, and `fix`
+    (`full_fix` instead for a full disk, when given); `cleanup` (removing what was half written) runs
+    first. Errors that are not the OS's pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        number = os_errno(exc)
+        if number is None or isinstance(exc, SdtuneError):
+            raise
+        if cleanup is not None:
+            cleanup()
+        full = number in DISK_FULL
+        raise SdtuneError(write_failure(folder, what, number, full_fix if full and full_fix else fix,
+                                        needed)) from None
+
+
+def write_failure(folder: Path, what: str, number: int, fix: str, needed: int = 0) -> str:
+    """One line for a write of `what` ("": anything) under `folder` that the OS refused with `number`."""
+    free = size_text(free_bytes(folder))
+    if number in DISK_FULL:
+        if not what:
+            return f"disk full: {folder} has {free} free; {fix}"
+        need = f"needs {size_text(needed)} and " if needed else ""
+        return f"disk full: {what} in {folder} {need}{free} is free; {fix}"
+    reason = os.strerror(number).lower()
+    if not what:
+        return f"cannot write to {folder} ({reason}): {fix}"
+    return f"cannot write {what} in {folder} ({reason}); {fix}"
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` whole or not at all (a temporary name, renamed), leaving no temporary file behind on a
+    failed write (a full disk)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -14,6 +14,10 @@ Without `fcntl` (Windows) or on a filesystem that refuses `flock`, the lock degr
 existence (created with O_EXCL): a second run is still refused, but a run that crashed leaves the file
 behind; on POSIX a lock whose pid no longer exists on this host is taken over, elsewhere the message says
 to delete the file. Two runs racing over a stale file in that mode could both win.
+
+An `--out` that cannot be written (a read-only filesystem, no permission, a full disk) is one SdtuneError
+line; on a full disk the holder's record is skipped (it only serves the messages), so that a run stopped
+for want of space resumes once some is freed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
+from sdtune.files import DISK_FULL, disk_errors
 
 try:
     import fcntl
@@ -47,9 +52,10 @@ def output_lock(out_dir: str | os.PathLike, log: Callable[[str], None] = print) 
     with one `log` line saying so. A second `output_lock` on the same folder in the same process refuses too.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    fd = _acquire(path, log)
+    with disk_errors(out, "", "choose another --out", full_fix="free space there, or choose another --out"):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, log)
     try:
         yield path
     finally:
@@ -154,9 +160,15 @@ def _dead(holder: dict) -> bool:
 
 
 def _write_holder(fd: int) -> None:
+    """Record who holds the lock, if the disk lets us: the record only serves the messages, and a full disk
+    (a run that stopped for want of space, resumed once some is freed) must not stop the run here."""
     record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
 
 
 def _parse(raw: bytes) -> dict:

@@ -10,7 +10,8 @@ transform, or another VAE (the identity digests its config and every weight) mis
 reusing a stale latent. Sampling from the stored distribution with the step's generator gives the latent
 the uncached path would have drawn. A text entry holds the text encoder's hidden states for one caption,
 keyed by the caption and the encoder's and tokenizer's identities. Entries are safetensors files written
-under a temporary name and renamed, so a killed run never leaves a half-written entry.
+under a temporary name and renamed, so a killed run never leaves a half-written entry; a write the disk
+refuses (full, read-only) is one line naming the cache's folder and what is free.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from sdtune.files import save_safetensors
+from sdtune.files import disk_errors, save_safetensors, tensor_bytes
 
 
 def cache_root(cache_dir: str) -> Path:
@@ -53,6 +54,7 @@ class FeatureCache:
 
     def __init__(self, root: Path, kind: str, identity: str):
         self.folder = Path(root) / kind / identity
+        self.kind = kind
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -77,5 +79,13 @@ class FeatureCache:
 
     def put(self, key: str, tensors: dict) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)  # atomic
+        with cache_write_errors(self.folder, self.kind, tensor_bytes(tensors)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)  # atomic
+
+
+def cache_write_errors(folder: Path, kind: str, needed: int):
+    """A cache write the disk refuses (full, read-only) as one line naming the cache, its folder and the fix."""
+    switch = "data.cache_latents" if kind == "latents" else "data.cache_text"
+    return disk_errors(folder, f"the {kind} cache", f"set data.cache_dir to a writable folder or {switch}=false",
+                       needed, full_fix=f"free space there, set data.cache_dir to another disk, or {switch}=false")

@@ -8,7 +8,8 @@
 An entry counts only while the file has the size and modification time (to the nanosecond) it had when
 it was checked, under the same check (decode or headers, smallest side); anything else is checked again.
 The file is one JSON object, written whole (a temporary name, renamed) after each scan; a damaged one
-is ignored and rewritten. `data.scan_cache=false` keeps nothing.
+is ignored and rewritten; one that cannot be written (a full disk) leaves no temporary file and only costs
+the next run its checks (the callers warn). `data.scan_cache=false` keeps nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from sdtune.data.cache import cache_root
 from sdtune.data.verify import ImageProblem
+from sdtune.files import write_text
 
 VERSION = 1
 
@@ -67,9 +69,7 @@ class CheckedImages:
         if self.path is None or not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": VERSION, "check": self.check, "images": self.entries}), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({"version": VERSION, "check": self.check, "images": self.entries}))
 
     def keep(self, paths: list[Path]) -> None:
         """Forget images that are no longer in the folder."""
@@ -114,7 +114,5 @@ class FileDigests:
             return
         merged = {**FileDigests(self.path).known, **self.known}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": VERSION, "files": merged}), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text(self.path, json.dumps({"version": VERSION, "files": merged}))
         self.changed = False

@@ -17,16 +17,17 @@ processes each write shards of their own and merge the index one after another (
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
-from sdtune.files import save_safetensors
+from sdtune.data.cache import cache_write_errors
+from sdtune.files import save_safetensors, tensor_bytes, write_text
 
 
 class ShardedCache:
     def __init__(self, root: Path, kind: str, identity: str, entries: int):
         self.folder = Path(root) / kind / identity / "shards"
+        self.kind = kind
         self.entries, self.buffer = entries, {}
         self.index = self._read_index()
         self._open: dict[str, object] = {}
@@ -66,10 +67,11 @@ class ShardedCache:
     def _write_shard(self) -> None:
         if not self.buffer:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         shard = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-        save_safetensors({f"{key}/{name}": t for key, entry in self.buffer.items() for name, t in entry.items()},
-                         self.folder / shard)
+        with cache_write_errors(self.folder, self.kind, tensor_bytes(self.buffer)):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_safetensors({f"{key}/{name}": t for key, entry in self.buffer.items() for name, t in entry.items()},
+                             self.folder / shard)
         self.index.update(dict.fromkeys(self.buffer, shard))
         self.buffer = {}
 
@@ -83,7 +85,7 @@ class ShardedCache:
         if not self.index:
             return
         merged = {**self._read_index(), **self.index}
-        tmp = self.folder / f".index.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(merged), encoding="utf-8")
-        os.replace(tmp, self.folder / "index.json")
+        text = json.dumps(merged)
+        with cache_write_errors(self.folder, self.kind, len(text)):
+            write_text(self.folder / "index.json", text)
         self.index = merged

@@ -200,6 +200,9 @@ class NvmeAdamW(OffloadAdamW):
     def save_state_files(self, folder: Path) -> None:
         self._file.save(Path(folder) / STATE_FILE)
 
+    def state_file_bytes(self) -> int:
+        return self._file.size
+
     def load_state_files(self, folder: Path) -> None:
         self._file.load(Path(folder) / STATE_FILE)
         self._stream_buckets(lambda bucket, state: self._publish(bucket, state.chunk(3)[0]))

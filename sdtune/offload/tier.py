@@ -115,6 +115,10 @@ class Tier:
     def save_files(self, folder: Path) -> None:
         """Write the state this tier keeps outside `state_dict` (the nvme tier's file) into `folder`."""
 
+    def file_bytes(self) -> int:
+        """Bytes `save_files` writes (a checkpoint checks the disk's free space against them first)."""
+        return 0
+
     def load_files(self, folder: Path) -> None:
         """Read back what `save_files` wrote into `folder`."""
 
@@ -233,6 +237,9 @@ class NvmeTier(HostAdamW):
 
     def save_files(self, folder):
         self.optimizer.save_state_files(folder)
+
+    def file_bytes(self) -> int:
+        return self.optimizer.state_file_bytes()
 
     def load_files(self, folder):
         self.optimizer.load_state_files(folder)

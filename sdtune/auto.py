@@ -67,6 +67,7 @@ class Pick:
     extra: tuple[str, ...]
     estimate: Any | None  # sdtune.estimate.Estimate of the pick; None on a machine without CUDA
     reason: str           # one paragraph for the user: the plan, its estimate, the card, what was rejected
+    warning: str = ""     # a surprise the user must not miss (the toy model), said after the reason
 
     @property
     def label(self) -> str:
@@ -106,11 +107,16 @@ def preset_family(name: str) -> str:
     return family_of(load_config(name)[0].model.pretrained)
 
 
+def _last_set(overrides: Sequence[str], key: str) -> Any | None:
+    """The value the last of `overrides` (`--set` items) gives `key` ("section.name"), or None."""
+    section, name = key.split(".", 1)
+    named = [parse_set(item)[section][name] for item in overrides if item.split("=", 1)[0].strip() == key]
+    return named[-1] if named else None
+
+
 def run_method(overrides: Sequence[str] = ()) -> str:
     """`train.method` as the last of `overrides` sets it, else "full" (the default)."""
-    named = [parse_set(item)["train"]["method"] for item in overrides
-             if item.split("=", 1)[0].strip() == "train.method"]
-    return named[-1] if named else "full"
+    return _last_set(overrides, "train.method") or "full"
 
 
 def model_family(overrides: Sequence[str] = (), model: str | None = None) -> str:
@@ -118,9 +124,7 @@ def model_family(overrides: Sequence[str] = (), model: str | None = None) -> str
     "sd" (the SD presets' default model)."""
     from sdtune.meta import family_of
 
-    named = [parse_set(item)["model"]["pretrained"] for item in overrides if item.split("=", 1)[0].strip()
-             == "model.pretrained"]
-    return family_of(model or (named[-1] if named else ""))
+    return family_of(model or _last_set(overrides, "model.pretrained") or "")
 
 
 def cost(mem: MemoryConfig) -> int:
@@ -188,7 +192,7 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
     id). Raises SdtuneError when no plan fits, naming the smallest estimate and the card."""
     gpu = detect_gpu()
     if gpu is None:
-        return Pick("cpu", (), None, "no CUDA GPU: the cpu preset")
+        return Pick("cpu", (), None, "no CUDA GPU: the cpu preset", _toy_model_warning(overrides, model))
     budget, ram = SAFETY * gpu.total_memory, host_ram()
     card = f"{gpu.name} ({gpu.total_memory / GIB:.1f} GiB; plans may use {SAFETY:.0%}: {budget / GIB:.1f} GiB)"
     from sdtune.estimate import estimate
@@ -211,6 +215,16 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
     raise SdtuneError(f"no memory plan fits {card}: the smallest, {smallest.label}, needs "
                       f"{est.total / GIB:.2f} GiB at {cfg.data.resolution} px, batch {cfg.train.batch_size}; "
                       "try a smaller --set data.resolution or a card with more memory")
+
+
+def _toy_model_warning(overrides: Sequence[str], model: str | None) -> str:
+    """Said when no model is named and the cpu preset's own, the bundled toy model, is what will train."""
+    if model or _last_set(overrides, "model.pretrained"):
+        return ""
+    cfg, _ = load_config("cpu")
+    return (f"no --model given: --preset auto trains the cpu preset's model, {cfg.model.pretrained}, the "
+            f"{cfg.data.resolution}-px toy model bundled with sdtune (coloured shapes, not Stable Diffusion); "
+            "pass --model for your own, and a CUDA GPU for Stable Diffusion sizes")
 
 
 def _reason(cand: Candidate, est, card: str, rejected: list) -> str:

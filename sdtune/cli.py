@@ -49,6 +49,14 @@ def user_errors(command):
     return wrapper
 
 
+def _say(line: str) -> None:
+    """One line of a run's log; a warning's label in yellow, so that it stands out of the run's chatter."""
+    if line.startswith("warning:"):
+        console.print(f"[bold yellow]warning:[/]{escape(line.removeprefix('warning:'))}")
+    else:
+        console.print(escape(line))
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -87,7 +95,7 @@ def train(
     request = TrainRequest(preset=preset, data=data, out=out, model=model, max_steps=max_steps, sets=tuple(set_),
                            resume=resume, overwrite=overwrite, on_oom=on_oom.value)
     try:
-        result = run_training(request, log=lambda line: console.print(escape(line)),
+        result = run_training(request, log=_say,
                               progress=lambda total: ProgressSink(console, total), status=console.status)
     except Stopped as exc:
         from sdtune.distributed import launched_rank

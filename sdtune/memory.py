@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sdtune.config import MemoryConfig
+from sdtune.config import MemoryConfig, PresetInfo
 from sdtune.errors import SdtuneError
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -115,14 +115,25 @@ def resolve_attention(requested: str, device: str, log: Callable[[str], None] | 
     return "xformers"
 
 
-def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None) -> Plan:
-    """The plan of `mem` on this machine; `log` gets a line for each choice "auto" could not make as asked."""
+def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None,
+                 preset: PresetInfo | None = None) -> Plan:
+    """The plan of `mem` on this machine; `log` gets a line for each choice "auto" could not make as asked.
+
+    Without CUDA, `memory.device=auto` falls back to the CPU only for a plan that names no card: a GPU
+    preset (`preset.vram_gib` above 0) on the CPU would run some 100 times slower without a word, so it is
+    refused, as `memory.device=cuda` is, with why CUDA is missing and how to ask for the CPU."""
     import torch
 
     has_cuda = torch.cuda.is_available()
-    if mem.device == "cuda" and not has_cuda:
-        raise SdtuneError("memory.device=cuda but no CUDA GPU is visible; use --preset cpu or fix the driver")
-    device = "cuda" if mem.device == "cuda" or (mem.device == "auto" and has_cuda) else "cpu"
+    if not has_cuda and mem.device != "cpu":
+        if mem.device == "cuda" or (preset is not None and preset.vram_gib > 0):
+            asked = ("memory.device=cuda" if mem.device == "cuda"
+                     else f"--preset {preset.name} is a GPU plan ({preset.card}, {preset.vram_gib:g} GB)")
+            raise SdtuneError(f"{asked} but CUDA was not found: {no_cuda_reason()}; to train on the CPU on "
+                              "purpose, use --preset cpu or --set memory.device=cpu")
+        if log:
+            log("memory.device=auto: no CUDA GPU, training on the CPU")
+    device = "cuda" if has_cuda and mem.device != "cpu" else "cpu"
     if mem.precision == "bf16" and device == "cuda" and not _native_bf16():
         raise SdtuneError(f"memory.precision=bf16 but {torch.cuda.get_device_name()} has no bf16; "
                           "use --set memory.precision=fp16 (or the rtx2070 preset)")
@@ -132,6 +143,18 @@ def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None) ->
 
         check_offload_dir(mem.offload_dir)  # before any model is loaded; free space is checked once sizes are known
     return make_plan(mem, device, attention)
+
+
+def no_cuda_reason() -> str:
+    """Why `torch.cuda.is_available()` is False, in the words of the fix: a CPU-only torch, or a driver."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build (torch.version.cuda is None); install a "
+                "CUDA build of torch (pytorch.org/get-started)")
+    return (f"this torch is built for CUDA {torch.version.cuda} but torch.cuda.is_available() is False: no "
+            "NVIDIA driver is loaded, it is too old for that CUDA, or CUDA_VISIBLE_DEVICES hides the GPU "
+            "(`nvidia-smi` tells)")
 
 
 def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:

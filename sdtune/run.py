@@ -82,6 +82,8 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
         with (status or _quiet)("--preset auto: estimating the memory plans"):
             pick = pick_plan(request.overrides)
         log(pick.reason)
+        if pick.warning:
+            log(f"warning: {pick.warning}")
         preset, plan_sets = pick.preset, list(pick.extra)
     fallbacks: list[str] = []  # the --set items of the smaller plans that --on-oom fallback moved to
     cfg, info = load_config(preset, [*plan_sets, *request.overrides])

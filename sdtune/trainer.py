@@ -137,7 +137,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     from sdtune.scratch import load_for_training
 
     world = world or World()
-    plan = resolve_plan(cfg.memory, log)
+    plan = resolve_plan(cfg.memory, log, info)
     plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
     world.start(plan.device)
     with world.main_first():  # the other ranks then find every image in the scan cache

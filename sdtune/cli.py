@@ -96,7 +96,8 @@ def train(
                            resume=resume, overwrite=overwrite, on_oom=on_oom.value)
     try:
         result = run_training(request, log=_say,
-                              progress=lambda total: ProgressSink(console, total), status=console.status)
+                              progress=lambda total, per_epoch: ProgressSink(console, total, per_epoch),
+                              status=console.status)
     except Stopped as exc:
         from sdtune.distributed import launched_rank
 
@@ -123,6 +124,7 @@ def train(
 def sample(
     ckpt: str = typer.Option(..., help="A diffusers pipeline folder, e.g. the --out of `sdtune train`."),
     prompt: str = typer.Option(..., help="What to draw."),
+    negative_prompt: str = typer.Option("", help="What to steer away from (e.g. \"blurry, low quality\")."),
     num_images: int = typer.Option(4, min=1, help="How many images (image i uses seed + i)."),
     steps: int = typer.Option(30, min=1, help="Denoising steps."),
     seed: int = typer.Option(0, help="Seed of the first image."),
@@ -141,7 +143,8 @@ def sample(
 
     with console.status(f"sampling {num_images} image(s), {steps} steps"):
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
-                            width=width, guidance=guidance, out_dir=str(out), vae=vae, lora_scale=lora_scale)
+                            width=width, guidance=guidance, out_dir=str(out), vae=vae, lora_scale=lora_scale,
+                            negative_prompt=negative_prompt)
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for path in result.images:

@@ -120,6 +120,8 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     max_steps: int = doc("optimizer steps to train", 1000, resume=FREE)
+    max_epochs: int = doc("train this many epochs instead (passes over the images, repeats counted; overrides "
+                          "max_steps, as kohya's max_train_epochs does); 0: max_steps decides", 0, resume=FREE)
     batch_size: int = doc("images per forward pass", 1)
     gradient_accumulation_steps: int = doc("forward/backward passes summed into one optimizer step", 1)
     learning_rate: float = doc("peak learning rate", 1e-5)
@@ -167,8 +169,13 @@ class TrainConfig:
         _require(self.text_encoder_lr >= 0, f"train.text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
         for name in ("ema_every", "lr_num_cycles"):
             _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
-        _require(self.lr_warmup_steps <= self.max_steps,
-                 f"train.lr_warmup_steps ({self.lr_warmup_steps}) exceeds train.max_steps ({self.max_steps})")
+        _require(self.max_epochs >= 0, f"train.max_epochs must be 0 or more, got {self.max_epochs}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up the schedule runs: lr_warmup_steps, cut to max_steps (a preset's 100-step warm-up
+        and --max-steps 10 warm up over the 10 steps, as a run shorter than its warm-up should)."""
+        return min(self.lr_warmup_steps, self.max_steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,25 +254,42 @@ class MemoryConfig:
 @dataclass(frozen=True, kw_only=True)
 class OutputConfig:
     checkpoint_every: int = doc("save a resumable checkpoint every N steps; 0 saves only at the end", 500, resume=FREE)
-    keep_checkpoints: int = doc("how many of the newest checkpoints to keep", 2, resume=FREE)
+    keep_checkpoints: int = doc("how many of the newest resume checkpoints to keep; 0 writes none (a stopped run "
+                                "then cannot be resumed)", 2, resume=FREE)
+    keep_final_state: bool = doc("keep the resume checkpoints after the run finishes (to train on with --resume "
+                                 "and more steps); false deletes them once the model is written", False, resume=FREE)
     sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0, resume=FREE)
     sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", (), resume=FREE)
     sample_steps: int = doc("denoising steps for validation samples", 20, resume=FREE)
     sample_ema: bool = doc("with train.ema_decay: draw the validation grids with the EMA weights", True,
                            resume=FREE)
+    sample_negative_prompt: str = doc("negative prompt of the validation grids (what to steer away from); empty: "
+                                      "none", "", resume=FREE)
+    sample_at_start: bool = doc("also draw the validation grid before step 1 (step 0: the base model), to compare",
+                                False, resume=FREE)
+    save_every: int = doc("write a model file a client loads (the single file, or a LoRA run's kohya LoRA) to "
+                          "OUT/saves/step-NNNNNN.safetensors every N steps; 0 turns it off", 0, resume=FREE)
+    save_every_epochs: int = doc("the same every N epochs (passes over the images, repeats counted); 0 turns it "
+                                 "off", 0, resume=FREE)
     validate_every: int = doc("validation loss (data.validation_dir or validation_split: fixed timesteps and "
                               "noise) every N steps; 0 turns it off", 0, resume=FREE)
-    single_file: bool = doc("also write model.safetensors (fp16, original layout) when A1111/ComfyUI can read it",
+    single_file: bool = doc("also write model.safetensors (original layout) when A1111/ComfyUI can read it",
                             True, resume=FREE)
+    save_precision: Literal["fp16", "bf16", "fp32"] = doc(
+        "precision of the written model: the diffusers folder's trained weights and model.safetensors (fp16 and "
+        "bf16 take half of fp32's disk)", "fp16", resume=FREE)
     tensorboard: bool = doc("also write TensorBoard event files to OUT/logs/ (needs sdtune[tensorboard])", False,
                             resume=FREE)
 
     def __post_init__(self):
-        for name in ("checkpoint_every", "sample_every", "validate_every"):
+        for name in ("checkpoint_every", "sample_every", "validate_every", "save_every", "save_every_epochs"):
             _require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.keep_checkpoints >= 1, f"output.keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        _require(self.keep_checkpoints >= 0, f"output.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         _require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
         _require(not (self.sample_every and not self.sample_prompts),
                  "output.sample_every is set but output.sample_prompts is empty: add prompts or set sample_every=0")
+        _require(not (self.sample_at_start and not self.sample_prompts),
+                 "output.sample_at_start is set but output.sample_prompts is empty: add prompts or set "
+                 "sample_at_start=false")
 
 

@@ -48,6 +48,8 @@ class StepRecord:
     images_per_second: float
     peak_memory_bytes: int
     skipped_steps: int  # NaN/Inf or fp16-overflow steps so far
+    epoch: int = 0  # the epoch (1-based) of the step: a pass over the images, repeats counted
+    average_loss: float | None = None  # kohya's avr_loss: the mean loss of the last epoch's steps
     validation_loss: float | None = None  # after steps that evaluate it (output.validate_every)
     ema_validation_loss: float | None = None  # ... and of the EMA weights, with train.ema_decay
 
@@ -187,6 +189,8 @@ class TensorBoardSink:
     def log(self, record: StepRecord) -> None:
         scalars = {
             "train/loss": record.loss,
+            "train/average_loss": record.average_loss,
+            "train/epoch": record.epoch,
             "train/learning_rate": record.learning_rate,
             "train/grad_norm": record.grad_norm,
             "train/seconds_per_step": record.seconds_per_step,
@@ -212,19 +216,23 @@ class TensorBoardSink:
 
 
 class ProgressSink:
-    """The progress bar on `console`: `step N/M`, a bar, loss, lr, s/step, peak memory, time remaining.
-    It appears with the first record (after the data and model checks), starting at that record's step,
-    so a resumed run starts at its checkpoint; with no records it never shows."""
+    """The progress bar on `console`: `step N/M`, `epoch E/T` (given `steps_per_epoch`), a bar, the step's
+    loss and its moving average (kohya's avr_loss), lr, s/step, peak memory, time remaining. It appears
+    with the first record (after the data and model checks), starting at that record's step, so a resumed
+    run starts at its checkpoint; with no records it never shows."""
 
-    def __init__(self, console: Console, total_steps: int):
+    def __init__(self, console: Console, total_steps: int, steps_per_epoch: int = 0):
         self.console, self.total_steps = console, total_steps
+        self.epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 0
         self._bar = self._task = None
         self._validation = ""  # the last validation loss, shown until the next
 
     def log(self, record: StepRecord) -> None:
         if record.validation_loss is not None:
             self._validation = f"  val {record.validation_loss:.4f}"
-        stats = (f"loss {record.loss:.4f}{self._validation}  lr {record.learning_rate:.2e}  "
+        epoch = f"epoch {record.epoch}/{self.epochs}  " if self.epochs else ""
+        average = f" (avg {record.average_loss:.4f})" if record.average_loss is not None else ""
+        stats = (f"{epoch}loss {record.loss:.4f}{average}{self._validation}  lr {record.learning_rate:.2e}  "
                  f"{record.seconds_per_step:.3f} s/step  peak {record.peak_memory_bytes / 2**30:.2f} GiB")
         if self._bar is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -65,8 +65,8 @@ class Stopped(Exception):
 
 def train(request: TrainRequest, *, log: Log = print, progress: Callable | None = None,
           status: Callable[[str], AbstractContextManager] | None = None) -> dict:
-    """Train as `request` says; returns the summary. `progress(total_steps)` makes the progress-bar sink;
-    `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
+    """Train as `request` says; returns the summary. `progress(total_steps, steps_per_epoch)` makes the
+    progress-bar sink; `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
     Raises SdtuneError on bad input or when no plan fits, `Stopped` after SIGINT/SIGTERM."""
     from sdtune.distributed import World
     from sdtune.replan import OutOfMemory
@@ -168,12 +168,13 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
             if world.main:
                 (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
             world.barrier()  # no rank writes a checkpoint before --overwrite has cleared the old ones
-            if run.step >= cfg.train.max_steps:
-                log(f"nothing left to train: the checkpoint is at step {run.step} of {cfg.train.max_steps}")
+            steps = run.cfg.train.max_steps  # train.max_epochs has made it the epochs' steps
+            if run.step >= steps:
+                log(f"nothing left to train: the checkpoint is at step {run.step} of {steps}")
             if not world.main:
                 trainer.loop(run)
                 return _export(run, info, log)
-            sink = progress(cfg.train.max_steps) if progress else None
+            sink = progress(steps, run.steps_per_epoch) if progress else None
             with MetricsLogger.for_run(out, cfg.output, resume_step=run.step, progress=sink) as metrics:
                 trainer.loop(run, metrics)
             return _export(run, info, log)
@@ -266,7 +267,8 @@ def summary(run) -> dict:
     return {
         "method": run.cfg.train.method,
         "model_family": run.components.family.name, "pipeline_class": run.components.family.pipeline_class,
-        "steps": run.step, "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
+        "steps": run.step, "epoch": run.epoch, "steps_per_epoch": run.steps_per_epoch,
+        "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
         "seconds": round(run.seconds, 3), "seconds_per_step": round(run.seconds_per_step or 0.0, 4),
         "peak_memory_bytes": peak_bytes(plan),
         "peak_memory_kind": "cuda_max_reserved" if plan.device == "cuda" else "process_max_rss",

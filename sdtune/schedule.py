@@ -8,7 +8,8 @@ sdtune's own: `constant` with `lr_warmup_steps > 0` warms up too, i.e. it is `co
 `constant` ignores the warm-up steps). After the warm-up, with progress p running 0 -> 1 over the remaining
 steps up to `max_steps`: constant 1; linear 1 - p; cosine half a cosine to 0; cosine_with_restarts
 `lr_num_cycles` such half-cosines, each restarting at 1; polynomial (1 - p) ** lr_power from the group's lr down
-to 1e-7 (an absolute lr, as in diffusers, so its factor depends on each param group's own lr).
+to 1e-7 (an absolute lr, as in diffusers, so its factor depends on each param group's own lr). A warm-up longer
+than the run is cut to the run (`TrainConfig.warmup_steps`; the trainer says so).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ POLYNOMIAL_LR_END = 1e-7  # diffusers' default lr_end, where the polynomial deca
 
 def _progress(step: int, train: TrainConfig) -> float:
     """Fraction of the after-warm-up steps done: 0 at the end of the warm-up, 1 at max_steps."""
-    return (step - train.lr_warmup_steps) / max(1, train.max_steps - train.lr_warmup_steps)
+    return (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
 
 
 def _polynomial(step: int, train: TrainConfig, base_lr: float) -> float:
@@ -47,7 +48,7 @@ SHAPES = {
     "constant": lambda step, train, base_lr: 1.0,
     "constant_with_warmup": lambda step, train, base_lr: 1.0,
     "linear": lambda step, train, base_lr: max(
-        0.0, (train.max_steps - step) / max(1, train.max_steps - train.lr_warmup_steps)),
+        0.0, (train.max_steps - step) / max(1, train.max_steps - train.warmup_steps)),
     "cosine": lambda step, train, base_lr: max(0.0, 0.5 * (1.0 + math.cos(math.pi * _progress(step, train)))),
     "cosine_with_restarts": _cosine_with_restarts,
     "polynomial": _polynomial,
@@ -57,8 +58,8 @@ SHAPES = {
 def lr_factor(step: int, train: TrainConfig, base_lr: float | None = None) -> float:
     """Multiplier of a param group's initial lr `base_lr` (default `train.learning_rate`) at optimizer step
     `step`: the linear warm-up, then `train.lr_scheduler`'s curve. Only polynomial depends on `base_lr`."""
-    if step < train.lr_warmup_steps:
-        return step / max(1, train.lr_warmup_steps)
+    if step < train.warmup_steps:
+        return step / max(1, train.warmup_steps)
     return SHAPES[train.lr_scheduler](step, train, train.learning_rate if base_lr is None else base_lr)
 
 

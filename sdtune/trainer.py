@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdtune import checkpoint, loss
+from sdtune import checkpoint, loss, saves
 from sdtune.config import Config, PresetInfo
 from sdtune.config_toml import to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
@@ -69,10 +69,16 @@ class Run:
     skipped_steps: int = 0
     seconds: float = 0.0
     step_times: list[float] = field(default_factory=list)  # this process's steps, for seconds per step
+    steps_per_epoch: int = 1  # optimizer steps of one pass over the images (repeats counted), rounded up
 
     @property
     def tier(self):
         return self.placement.tier
+
+    @property
+    def epoch(self) -> int:
+        """The epoch (1-based) the last step finished belongs to; 0 before the first step."""
+        return math.ceil(self.step / self.steps_per_epoch)
 
     @property
     def optimizer(self):
@@ -115,6 +121,25 @@ def _scan(data_dir: str, cfg: Config, log: Callable[[str], None]):
     return scan
 
 
+def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) -> tuple[Config, int]:
+    """`cfg` with train.max_steps from train.max_epochs (kohya's count: epochs x the epoch's micro-batches
+    over the accumulation, rounded up), and the steps an epoch takes. A warm-up longer than the run is
+    cut to it (`TrainConfig.warmup_steps`): said here."""
+    import dataclasses
+
+    train = cfg.train
+    per_epoch = math.ceil(stream.batches_per_epoch / train.gradient_accumulation_steps)
+    if train.max_epochs:
+        steps = train.max_epochs * per_epoch
+        log(f"train.max_epochs={train.max_epochs}: {steps:,} steps ({per_epoch:,} an epoch); it overrides "
+            f"train.max_steps={train.max_steps}, as kohya's max_train_epochs overrides max_train_steps")
+        train = dataclasses.replace(train, max_steps=steps)
+    if train.lr_warmup_steps > train.max_steps:
+        log(f"note: train.lr_warmup_steps={train.lr_warmup_steps} is longer than the run: the learning rate "
+            f"warms up over its {train.max_steps:,} step{'s' if train.max_steps > 1 else ''} instead")
+    return dataclasses.replace(cfg, train=train), per_epoch
+
+
 def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> None:
     """A line when the plan trains well below the model's native size (an SD-card plan on SDXL, 512 px)."""
     native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -144,10 +169,13 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
         scan = _scan(data_dir, cfg, log)
         examples, held_out = validation_set(cfg, scan.examples, log)
     components = load_for_training(cfg.model, cfg.train.seed, log)
+    if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
+        log(components.origin)
     _check_resolution(components, cfg, log)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
     stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed, warn=log)
+    cfg, steps_per_epoch = _run_length(cfg, stream, log)
     text_grad = cfg.lora.text_encoder or cfg.train.text_encoder_lr > 0  # the text encoder(s) train
     features = Features(components, cfg.data, plan, log, text_grad=text_grad)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
@@ -155,7 +183,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
-              ema=make_ema(placement, cfg.train), validation=held_out)
+              ema=make_ema(placement, cfg.train), validation=held_out, steps_per_epoch=steps_per_epoch)
     sources = [(stream, examples)] + ([(held_out.stream, held_out.examples)] if held_out else [])
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.dreambooth import class_config, class_images
@@ -261,23 +289,32 @@ def evaluation_mode(run: Run):
 
 
 def _sample(run: Run, metrics) -> Path:
-    """The validation grid of `output.sample_prompts` at this step: a PNG in OUT/samples/, and an image
-    for the metrics sinks."""
+    """The validation grid of `output.sample_prompts` at this step, each image below its prompt: a PNG in
+    OUT/samples/, each image beside it in a folder of the step's name, every PNG with A1111's `parameters`;
+    and an image for the metrics sinks."""
     from sdtune.models import assemble_pipeline
-    from sdtune.sample import generate, make_grid
+    from sdtune.sample import GUIDANCE, generate, make_grid, parameters, save_png
 
-    out = run.cfg.output
+    out, seed = run.cfg.output, run.cfg.train.seed
+    prompts = list(out.sample_prompts)
     averaged = run.ema.applied() if run.ema is not None and out.sample_ema else nullcontext()
     with evaluation_mode(run), averaged:
-        prompts = list(out.sample_prompts)
-        images = generate(assemble_pipeline(run.components), prompts, [run.cfg.train.seed] * len(prompts),
-                          steps=out.sample_steps)
+        pipe = assemble_pipeline(run.components)
+        images = generate(pipe, prompts, [seed] * len(prompts), steps=out.sample_steps, guidance=GUIDANCE,
+                          negative_prompt=out.sample_negative_prompt)
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
     if not run.world.main:  # every rank draws (FSDP gathers weights collectively), rank 0 writes
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images)
-    grid.save(path)
+    path.with_suffix("").mkdir(parents=True, exist_ok=True)
+    base = Path(run.cfg.model.pretrained).name or run.cfg.model.pretrained
+    texts = [parameters(prompt, negative=out.sample_negative_prompt, steps=out.sample_steps, guidance=GUIDANCE,
+                        seed=seed, size=image.size, sampler=type(pipe.scheduler).__name__,
+                        model=run.out_dir.resolve().name, extra={"Training step": run.step, "Base model": base})
+             for prompt, image in zip(prompts, images, strict=True)]
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+        save_png(image, path.with_suffix("") / f"{i:02d}.png", text)
+    grid = make_grid(images, labels=prompts)
+    save_png(grid, path, texts[0])  # as A1111 labels its grids: with the first image's parameters
     metrics.image("validation/samples", run.step, grid)
     return path
 
@@ -304,7 +341,15 @@ def _record(run: Run, step_loss: float, learning_rate: float, validation: dict) 
     images = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation_steps
     return StepRecord(step=run.step, loss=step_loss, learning_rate=learning_rate, grad_norm=run.tier.grad_norm,
                       seconds_per_step=seconds, images_per_second=images / seconds if seconds else 0.0,
-                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps, **validation)
+                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps, epoch=run.epoch,
+                      average_loss=average_loss(run.losses, run.steps_per_epoch), **validation)
+
+
+def average_loss(losses: list[float], window: int) -> float | None:
+    """kohya's avr_loss: the mean of the last `window` (an epoch's) step losses, of all of them during the
+    first epoch; steps skipped for a NaN/Inf loss are left out. None before a finite loss."""
+    finite = [value for value in losses[-window:] if math.isfinite(value)]
+    return math.fsum(finite) / len(finite) if finite else None
 
 
 def loop(run: Run, metrics=None) -> None:
@@ -315,6 +360,9 @@ def loop(run: Run, metrics=None) -> None:
     cfg, metrics = run.cfg, metrics or _NoMetrics()
     accumulation, bad_in_a_row = cfg.train.gradient_accumulation_steps, 0
     reset_peak(run.plan)
+    saving = saves.check(run)
+    if cfg.output.sample_at_start and run.step == 0:  # the base model's grid, to compare the others with
+        run.log(f"samples: {_sample(run, metrics)}")
     with StopOnSignal(run.log) as stop:
         while run.step < cfg.train.max_steps:
             started = time.perf_counter()
@@ -344,6 +392,8 @@ def loop(run: Run, metrics=None) -> None:
                 raise Interrupted(stop.signum or signal.SIGTERM, run.step, _save(run))
             if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
                 run.log(f"samples: {_sample(run, metrics)}")
+            if saving and saves.due(run):
+                run.log(f"saved {saves.write(run)}")
             every = cfg.output.checkpoint_every
             if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
                 _save(run)

@@ -64,9 +64,15 @@ def test_bad_overrides_name_the_key(item, words):
         assert word in str(err.value)
 
 
+@pytest.mark.parametrize("preset", preset_names())
+def test_max_steps_1_is_accepted_by_every_preset_with_the_warmup_cut_to_it(preset):
+    """kohya's habit: `--max-steps 1` to try a setup; the GPU presets' 100-step warm-up once refused it."""
+    cfg, _ = load_config(preset, ["train.max_steps=1"])
+    assert cfg.train.warmup_steps == min(1, cfg.train.lr_warmup_steps)
+    assert load_config("cpu", ["train.max_steps=10", "train.lr_warmup_steps=20"])[0].train.warmup_steps == 10
+
+
 def test_contradictions_name_both_keys():
-    with pytest.raises(SdtuneError, match="train.lr_warmup_steps.*train.max_steps"):
-        load_config("cpu", ["train.max_steps=10", "train.lr_warmup_steps=20"])
     with pytest.raises(SdtuneError, match="output.sample_every.*output.sample_prompts"):
         load_config("cpu", ["output.sample_every=5"])
 

@@ -1,6 +1,7 @@
 """sdtune.metrics: metrics.jsonl (and its truncation on resume), TensorBoard read back by tensorboard's own
 reader, rank 0 alone writing, the one-line error without tensorboard, and the progress bar."""
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -19,13 +20,14 @@ from sdtune.metrics import TENSORBOARD_MISSING, JsonlSink, MetricsLogger, Progre
 torch.set_num_threads(1)
 
 TAGS = ["train/loss", "train/learning_rate", "train/grad_norm", "train/seconds_per_step",
-        "train/images_per_second", "train/peak_memory_gib", "train/skipped_steps"]
+        "train/images_per_second", "train/peak_memory_gib", "train/skipped_steps", "train/average_loss",
+        "train/epoch"]
 
 
 def record(step: int, loss: float | None = None, grad_norm: float | None = 0.5) -> StepRecord:
     return StepRecord(step=step, loss=1.0 / step if loss is None else loss, learning_rate=1e-4 * step,
                       grad_norm=grad_norm, seconds_per_step=0.25, images_per_second=4.0,
-                      peak_memory_bytes=3 << 30, skipped_steps=step // 2)
+                      peak_memory_bytes=3 << 30, skipped_steps=step // 2, epoch=(step + 1) // 2, average_loss=0.75)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -155,6 +157,13 @@ def test_progress_bar_shows_the_record():
     out = console.file.getvalue()
     assert "loss 0.1235" in out and "8/10" in out
     assert "lr 8.00e-04" in out and "0.250 s/step" in out and "peak 3.00 GiB" in out
+
+
+def test_progress_bar_shows_the_epoch_and_the_moving_average_loss():
+    console = Console(file=io.StringIO(), force_terminal=False, width=200)
+    with MetricsLogger([ProgressSink(console, total_steps=10, steps_per_epoch=4)]) as metrics:
+        metrics.log(dataclasses.replace(record(7, loss=0.5), epoch=2, average_loss=0.3125))
+    assert "epoch 2/3  loss 0.5000 (avg 0.3125)" in console.file.getvalue()
 
 
 def test_progress_bar_of_a_resumed_run_starts_at_its_first_record():

@@ -141,7 +141,7 @@ def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: i
             "output.checkpoint_every=0", "output.single_file=false",
         ])
         torch.manual_seed(seed)
-        summary = attempt(cfg, info, data, work / "run", log=log, progress=lambda total: _EveryHundred(log, total))
+        summary = attempt(cfg, info, data, work / "run", log=log, progress=lambda total, _: _EveryHundred(log, total))
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(work / "run", out, ignore=shutil.ignore_patterns(
             "checkpoints", "summary.json", "config.toml", "metrics.jsonl", "logs"))

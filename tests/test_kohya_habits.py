@@ -1,0 +1,56 @@
+"""What a user coming from kohya's sd-scripts does without thinking, and what it does here (issue 26, items 7
+and 8): `--max-steps 1` under a long warm-up, `train.max_epochs` with repeat folders, the moving-average
+loss, an output folder inside the data folder, very large photos, multi-line caption files, captions
+longer than the text encoder reads."""
+
+import json
+import math
+
+import pytest
+from helpers import assert_resume_is_bitwise, runner
+
+from sdtune.cli import app
+from sdtune.toy.testing import make_image_folder
+
+
+@pytest.fixture
+def repeats(tmp_path):
+    """2 images at the top and 3 in a kohya `3_` folder: 2 + 3 x 3 = 11 images an epoch, one 64 px bucket."""
+    root = make_image_folder(tmp_path / "data", count=2)
+    make_image_folder(root / "3_shapes", count=3, seed=1)
+    return root
+
+
+def _run(model, data, out, *extra):
+    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(data), "--model", str(model),
+                                 "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    return result.output, json.loads((out / "summary.json").read_text())
+
+
+def test_a_warmup_longer_than_the_run_is_cut_to_it_with_a_note(tiny_sd1, images, tmp_path):
+    output, summary = _run(tiny_sd1, images, tmp_path / "out", "--max-steps", "2",
+                           "--set", "train.lr_warmup_steps=100")
+    assert summary["steps"] == 2
+    assert "train.lr_warmup_steps=100 is longer than the run: the learning rate warms up over its 2 steps" in output
+    rates = [json.loads(line)["learning_rate"] for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert rates == pytest.approx([0.0, 0.5e-4])  # 0, then half of the cpu preset's 1e-4: over 2 steps, not 100
+
+
+def test_max_epochs_counts_repeats_and_overrides_max_steps(tiny_sd1, repeats, tmp_path):
+    output, summary = _run(tiny_sd1, repeats, tmp_path / "out", "--max-steps", "50", "--set", "train.max_epochs=2")
+    per_epoch = math.ceil((2 + 3 * 3) / 2)  # batch 2 (the cpu preset), one bucket
+    assert (summary["steps"], summary["epoch"], summary["steps_per_epoch"]) == (2 * per_epoch, 2, per_epoch)
+    assert f"train.max_epochs=2: {2 * per_epoch} steps ({per_epoch} an epoch); it overrides train.max_steps=50" \
+        in output
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert [row["epoch"] for row in rows] == [1] * per_epoch + [2] * per_epoch
+    for i, row in enumerate(rows):  # kohya's avr_loss: the mean of the last epoch's step losses
+        window = summary["losses"][max(0, i + 1 - per_epoch):i + 1]
+        assert row["average_loss"] == pytest.approx(sum(window) / len(window))
+
+
+def test_a_run_by_epochs_resumes_exactly(tiny_sd1, repeats, tmp_path):
+    # batch 4: 3 steps an epoch, 6 in all; the run is cut after step 2 and resumed from its checkpoint
+    assert_resume_is_bitwise(tiny_sd1, repeats, tmp_path, "--set", "train.max_epochs=2", "--set", "train.batch_size=4",
+                             "--set", "output.checkpoint_every=2", last=6, resume_from=2)

@@ -18,7 +18,7 @@ from typing import Any
 from sdtune import archs
 from sdtune.errors import SdtuneError
 from sdtune.libraries import quiet_libraries
-from sdtune.models import check_pipeline_class, classify_source, resolve_source, single_file_family
+from sdtune.models import check_pipeline_class, classify_source, inspect_single_file, resolve_source
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first; SDXL both, their outputs concatenated
 
@@ -52,7 +52,7 @@ def meta_model(source: str) -> MetaModel:
         folder = Path(resolve_source(source))
         check_pipeline_class(folder / "model_index.json")
         return _meta_from(folder, source)
-    return _meta_from(archs.arch_dir(_single_file_arch(Path(source))), source)
+    return _meta_from(archs.arch_dir(inspect_single_file(Path(source)).arch), source)
 
 
 def family_of(source: str) -> str:
@@ -68,7 +68,7 @@ def family_of(source: str) -> str:
     if kind == "folder":
         return check_pipeline_class(Path(resolve_source(source)) / "model_index.json").name
     if kind == "single_file":
-        return single_file_family(Path(source))
+        return inspect_single_file(Path(source)).family
     return "sd"
 
 
@@ -92,19 +92,3 @@ def _meta_from(folder: Path, label: str) -> MetaModel:
     return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
                      tuple(built[part] for part in TEXT_ENCODERS if part in built), prediction,
                      family_for_class(index.get("_class_name", "StableDiffusionPipeline"), str(folder)))
-
-
-def _single_file_arch(path: Path) -> str:
-    """sd15, sd21 or sdxl, from the shapes in a single-file checkpoint's header."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):
-            return "sdxl"
-        probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-        if probe in keys:
-            context = f.get_slice(probe).get_shape()[1]
-            if context in (768, 1024):
-                return "sd15" if context == 768 else "sd21"
-    raise SdtuneError(f"{path} is not a Stable Diffusion 1.x, 2.x or XL checkpoint sdtune recognises")

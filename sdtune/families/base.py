@@ -20,6 +20,7 @@ class Components:
     scheduler: Any            # the pipeline's own (sampling) scheduler; training derives a DDPM one from its config
     family: Any               # a `sdtune.families.Family`
     options: dict = field(default_factory=dict)  # pipeline settings the family keeps (force_zeros_for_empty_prompt)
+    origin: str = ""          # one line: what was loaded from where (a single file's configs and tokenizers)
 
     @property
     def text_encoder(self):

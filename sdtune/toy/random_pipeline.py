@@ -3,13 +3,14 @@
 
     build_random_pipeline("sd15", "rand-sd15")  # a diffusers folder with random fp32 weights (~4 GB)
 
-Its tokenizer is sdtune's tiny CLIP tokenizer (the real vocabulary is a download) unless `tokenizer_from`
-names a folder that holds a real one.
+    random_single_file("sd15", "sd15.safetensors")   # the same as one original-layout file, as model sites share
+
+The tokenizers are CLIP's real ones (`sdtune.families.clip_tokenizer`) unless `tokenizer_from` names a folder
+that holds another.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,10 @@ from sdtune.errors import SdtuneError
 def _tokenizer(tokenizer_from: str | Path | None, text_config: dict) -> Any:
     from transformers import CLIPTokenizer
 
-    from sdtune.toy.testing import write_tiny_tokenizer
+    from sdtune.families.clip_tokenizer import CLIP_L_PAD, OPEN_CLIP_PAD, clip_tokenizer
 
     if tokenizer_from is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = write_tiny_tokenizer(tmp, max_length=text_config["max_position_embeddings"])
+        tokenizer = clip_tokenizer(CLIP_L_PAD if text_config.get("hidden_act") == "quick_gelu" else OPEN_CLIP_PAD)
     else:
         folder = Path(tokenizer_from)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)
@@ -71,3 +71,36 @@ def build_random_pipeline(name: str, folder: str | Path, *, seed: int = 0,
     pipeline = getattr(diffusers, index["_class_name"])(**modules)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str = "float16",
+                       prediction_type: str = "epsilon") -> Path:
+    """Write a single-file checkpoint of architecture `name` in the original layout, as model sites share
+    them, with random weights: every tensor drawn from N(0, 0.02) (seconds, where diffusers' own
+    initialisation of SD1.5 takes a minute on 2 cores), in `dtype`; `prediction_type` v_prediction adds
+    the `v_pred` key. Meaningless images; the same keys, shapes and loading path as a real checkpoint."""
+    import torch
+
+    from sdtune.single_file import write_single_file
+
+    index = archs.read_json(archs.arch_dir(name) / "model_index.json")
+    built = {}
+    generator = torch.Generator().manual_seed(seed)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if isinstance(index.get(part), list) and index[part][0]:
+            module = archs.build_model(name, part, "meta").to_empty(device="cpu")
+            with torch.no_grad():
+                for tensor in module.parameters():
+                    tensor.normal_(0.0, 0.02, generator=generator)
+                for key, buffer in module.named_buffers():  # to_empty left them uninitialised
+                    if key.endswith("position_ids"):
+                        buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+                    elif buffer.is_floating_point():
+                        buffer.zero_()
+            built[part] = module
+    encoders = [built[part] for part in ("text_encoder", "text_encoder_2") if part in built]
+    written = write_single_file(path, unet=built["unet"], vae=built["vae"], text_encoders=encoders,
+                                prediction_type=prediction_type, dtype=getattr(torch, dtype))
+    if written.path is None:
+        raise SdtuneError(f"could not write {name} as a single file: {written.reason}")
+    return written.path

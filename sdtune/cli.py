@@ -117,12 +117,28 @@ def train(
                       f"`sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` bakes it in")
     else:
         console.print(f"diffusers pipeline written to {out}/ ({result['pipeline_class']}.from_pretrained('{out}'))")
+    console.print(escape(_disk_line(out, result["disk"])))
+
+
+def _disk_line(out: Path, disk: dict) -> str:
+    """What a finished run leaves on the disk, and whether its resume checkpoints were kept."""
+    from sdtune.files import size_text
+
+    held = f"{out}/ holds {size_text(disk['output_bytes'])}"
+    if disk["checkpoints_kept"]:
+        return (f"{held}, of which {size_text(disk['checkpoint_bytes'])} are resume checkpoints (kept: "
+                "output.keep_final_state=true; --resume with more steps trains on)")
+    if disk["checkpoint_bytes"]:
+        return (f"{held}; its resume checkpoints ({size_text(disk['checkpoint_bytes'])}) were deleted "
+                "(output.keep_final_state=true keeps them)")
+    return f"{held}; no resume checkpoints were kept"
 
 
 @app.command()
 @user_errors
 def sample(
-    ckpt: str = typer.Option(..., help="A diffusers pipeline folder, e.g. the --out of `sdtune train`."),
+    ckpt: str = typer.Option(..., help="A finished `sdtune train` --out folder (a full model or a LoRA), a diffusers "
+                                       "folder or a single-file .safetensors checkpoint."),
     prompt: str = typer.Option(..., help="What to draw."),
     negative_prompt: str = typer.Option("", help="What to steer away from (e.g. \"blurry, low quality\")."),
     num_images: int = typer.Option(4, min=1, help="How many images (image i uses seed + i)."),
@@ -160,6 +176,8 @@ def merge(
     lora_scale: float = typer.Option(1.0, help="How strongly the LoRA is merged in (1: as trained)."),
     base: str | None = typer.Option(None, help="Merge into this base model instead of the one the LoRA was "
                                                "trained on (a diffusers folder, .safetensors file or hub id)."),
+    config: str = typer.Option("", help="For a single-file --base: its configs, a bundled architecture (sd15, "
+                                        "sd21, sdxl) or a diffusers folder (default: detected from the file)."),
     overwrite: bool = typer.Option(False, help="Write into an --out folder that is not empty."),
 ):
     """Merge a trained LoRA into its base model and write the result in both of sdtune's export formats:
@@ -167,7 +185,7 @@ def merge(
     from sdtune.lora.merge import merge as run_merge
 
     with console.status(f"merging {ckpt} into its base model"):
-        result = run_merge(ckpt, out, scale=lora_scale, base=base, overwrite=overwrite)
+        result = run_merge(ckpt, out, scale=lora_scale, base=base, config=config, overwrite=overwrite)
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     console.print(f"merged model written to {out}/ ({result.pipeline_class}.from_pretrained('{out}'))"
@@ -349,6 +367,8 @@ def _print_report(out: Console, rep, folder: Path, data) -> None:
         out.print(f"[yellow]skipped[/] {escape(str(where))} ({skip.kind}): {escape(skip.detail)}")
     for warning in rep.warnings:
         out.print(f"[yellow]warning[/] {escape(warning)}")
+    for note in rep.notes:
+        out.print(f"note: {escape(note)}")
     if rep.summary:
         out.print(rep.summary)
     elif rep.usable:

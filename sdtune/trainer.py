@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdtune import checkpoint, loss, saves
-from sdtune.config import Config, PresetInfo
+from sdtune.config import Config, PresetInfo, load_config, preset_names
 from sdtune.config_toml import to_toml
 from sdtune.data import BatchStream, ImageFailed, scan_folder
 from sdtune.data.features import Features
@@ -106,9 +106,12 @@ class Run:
         self.close()
 
 
-def _scan(data_dir: str, cfg: Config, log: Callable[[str], None]):
-    """The training images, with every skipped file, the counts and the scan's warnings logged."""
-    scan = scan_folder(data_dir, cfg.data)
+def _scan(data_dir: str, cfg: Config, out_dir: str, log: Callable[[str], None]):
+    """The training images, with every skipped file, the counts and the scan's warnings and notes logged.
+    The output, class and validation folders are never training images, wherever they are."""
+    scan = scan_folder(data_dir, cfg.data, exclude=(out_dir, cfg.data.class_dir, cfg.data.validation_dir))
+    for note in scan.notes:
+        log(f"note: {note}")
     for skip in scan.skipped:
         log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
     counted = sum(e.repeats for e in scan.examples)
@@ -141,12 +144,15 @@ def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) ->
 
 
 def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> None:
-    """A line when the plan trains well below the model's native size (an SD-card plan on SDXL, 512 px)."""
+    """A line when the plan trains well below the model's native size (an SD-card plan on SDXL, 512 px),
+    naming the shipped presets made for that size that train as this run does (train.method)."""
     native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
     if cfg.data.resolution < 0.75 * native:
+        fitting = [name for name in preset_names() if (own := load_config(name)[0]).data.resolution == native
+                   and own.train.method == cfg.train.method]
+        fix = f"use a preset made for {native} px ({', '.join(fitting)}) or " if fitting else ""
         log(f"warning: the model was trained at {native} px and data.resolution is {cfg.data.resolution}: it "
-            f"would learn to draw at the smaller size; use a preset made for it (sdxl-* for SDXL) or "
-            f"--set data.resolution={native}")
+            f"would learn to draw at the smaller size; {fix}--set data.resolution={native}")
 
 
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
@@ -166,7 +172,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
     world.start(plan.device)
     with world.main_first():  # the other ranks then find every image in the scan cache
-        scan = _scan(data_dir, cfg, log)
+        scan = _scan(data_dir, cfg, out_dir, log)
         examples, held_out = validation_set(cfg, scan.examples, log)
     components = load_for_training(cfg.model, cfg.train.seed, log)
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder

@@ -54,3 +54,16 @@ def test_a_run_by_epochs_resumes_exactly(tiny_sd1, repeats, tmp_path):
     # batch 4: 3 steps an epoch, 6 in all; the run is cut after step 2 and resumed from its checkpoint
     assert_resume_is_bitwise(tiny_sd1, repeats, tmp_path, "--set", "train.max_epochs=2", "--set", "train.batch_size=4",
                              "--set", "output.checkpoint_every=2", last=6, resume_from=2)
+
+
+def test_an_output_folder_inside_the_data_folder_is_never_training_data(tiny_sd1, tmp_path):
+    data = make_image_folder(tmp_path / "data", count=3)
+    first, _ = _run(tiny_sd1, data, data / "out", "--max-steps", "1", "--set", "output.sample_every=1",
+                    "--set", "output.sample_prompts=['a red circle']", "--set", "output.sample_steps=1")
+    assert "3 images from" in first and (data / "out" / "samples" / "step-000001.png").is_file()
+    second, _ = _run(tiny_sd1, data, data / "2_again", "--max-steps", "1")  # a kohya repeat folder's name, too
+    assert "3 images from" in second  # not the first run's sample grid, nor anything in its own --out
+    assert "note: not searched for training images: out/ (an sdtune output folder: config.toml beside " in second
+    check = runner.invoke(app, ["data", "check", str(data), "--preset", "cpu"])
+    assert "3 images in" in check.output and "3 usable" in check.output, check.output
+    assert "note: not searched for training images: 2_again/" in check.output

@@ -23,6 +23,7 @@ class Report:
     empty_captions: int                            # usable images whose caption is empty
     skipped: list[Skip]
     warnings: list[str]                            # Scan.warnings: files used that may not read as meant
+    notes: list[str]                               # Scan.notes: folders not searched (output folders)
     summary: str                                   # Scan.summary(): "" when nothing was skipped
 
 
@@ -41,4 +42,4 @@ def report(scan: Scan, cfg: DataConfig) -> Report:
         buckets=[(b, images[b], repeats[b]) for b in buckets if images[b]],
         captions=sorted(sources.items(), key=lambda kv: (-kv[1], kv[0])),
         empty_captions=sum(1 for e in scan.examples if not e.caption), skipped=list(scan.skipped),
-        warnings=list(scan.warnings), summary=scan.summary())
+        warnings=list(scan.warnings), notes=list(scan.notes), summary=scan.summary())

@@ -5,9 +5,13 @@ case), skipping hidden files and folders (names starting with "."). Each image g
 (`sdtune.data.captions` says from where), its repeats (kohya's `N_name` folders: the nearest such folder
 above the image gives N) and its size as seen, after EXIF orientation (`sdtune.data.verify` checks it).
 Every file that training could not use is reported once as a `Skip` and left out, so nothing fails at
-step 400. What is used but worth a look (captions read as Windows-1252) is in `Scan.warnings`.
+step 400. What is used but worth a look (captions read as Windows-1252) is in `Scan.warnings`. Folders
+that are not training data are never searched, each said once in `Scan.notes`: the `exclude` folders
+(the run's `--out`, the class and validation images) and any sdtune output folder (a config.toml beside
+summary.json, metrics.jsonl, checkpoints/ or the run's lock), whose sample grids would otherwise become
+training images of the next run.
 
-    scan = scan_folder("images", DataConfig())
+    scan = scan_folder("images", DataConfig(), exclude=["images/out"])
     print(scan.summary())     # "12 of 1,040 images skipped: 7 corrupt, 5 too small"
 """
 
@@ -25,8 +29,10 @@ from sdtune.config import DataConfig
 from sdtune.data import captions
 from sdtune.data.verify import ImageProblem, check_image
 from sdtune.errors import SdtuneError
+from sdtune.lock import LOCK_NAME
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints", LOCK_NAME)  # beside config.toml: a run's --out
 REPEAT_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)
 
 
@@ -51,6 +57,7 @@ class Scan:
     examples: list[Example]
     skipped: list[Skip]
     warnings: tuple[str, ...] = ()  # one line each, for files that are used but may not read as meant
+    notes: tuple[str, ...] = ()     # one line each, for folders left out on purpose (output folders)
 
     def summary(self) -> str:
         """ "12 of 1,040 images skipped: 7 corrupt, 5 too small", or "" when nothing was skipped."""
@@ -62,10 +69,10 @@ class Scan:
                 + ", ".join(f"{n:,} {kind}" for kind, n in kinds))
 
 
-def scan_folder(root: str | Path, cfg: DataConfig) -> Scan:
-    """Every usable image under `root` with its caption, and every skipped file with the reason; an error
-    when `root` is missing or holds no usable image."""
-    scan = scan_all(root, cfg)
+def scan_folder(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
+    """Every usable image under `root` (but not under the `exclude` folders) with its caption, and every
+    skipped file with the reason; an error when `root` is missing or holds no usable image."""
+    scan = scan_all(root, cfg, exclude)
     if not scan.examples:
         raise SdtuneError(no_usable_images(Path(root), scan))
     return scan
@@ -76,20 +83,21 @@ def no_usable_images(root: Path, scan: Scan) -> str:
     return f"no usable images in {root} ({found}); add images or fix --data"
 
 
-def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
+def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
     """`scan_folder` without the error for an empty result (for `sdtune data check`, which reports first)."""
     root = Path(root)
     if not root.is_dir():
         raise SdtuneError(f"data folder {root} does not exist or is not a folder; pass --data DIR with your images")
-    images, metadata, unlisted = [], {}, []
-    for folder, names in _walk(root, unlisted):
+    images, metadata, unlisted, notes = [], {}, [], []
+    excluded = {os.path.realpath(folder) for folder in exclude if folder}
+    for folder, names in _walk(root, unlisted, lambda folder: _not_data(folder, excluded, root, notes)):
         metadata[folder] = captions.read_metadata(folder, names)
         lower = {}
         for name in names:
             lower.setdefault(name.lower(), name)
         images += [(folder / name, lower) for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     images.sort(key=lambda item: item[0].relative_to(root).parts)
-    sizes, notes = _check_all([path for path, _ in images], cfg, root)
+    sizes, problems = _check_all([path for path, _ in images], cfg, root)
     examples, legacy = [], []
     skipped = [Skip(Path(err.filename), "unreadable", f"a folder that cannot be listed ({err.strerror}): its images "
                                                      "are left out") for err in unlisted]
@@ -103,7 +111,20 @@ def scan_all(root: str | Path, cfg: DataConfig) -> Scan:
             skipped.append(Skip(path, "bad caption", str(exc)))
             continue
         examples.append(Example(path, caption, size, _repeat_folder(path, root)[0], source))
-    return Scan(examples, skipped, (*notes, *((_legacy_warning(legacy, root),) if legacy else ())))
+    return Scan(examples, skipped, (*problems, *((_legacy_warning(legacy, root),) if legacy else ())), tuple(notes))
+
+
+def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) -> bool:
+    """True for a folder below `root` that is an `exclude` folder or an sdtune output folder; said in `notes`."""
+    if os.path.realpath(folder) in excluded:
+        why = "the run's output, class or validation folder"
+    elif (folder / "config.toml").is_file() and any((folder / name).exists() for name in OUTPUT_MARKERS):
+        why = "an sdtune output folder: config.toml beside " + ", ".join(
+            name for name in OUTPUT_MARKERS if (folder / name).exists())
+    else:
+        return False
+    notes.append(f"not searched for training images: {folder.relative_to(root)}/ ({why})")
+    return True
 
 
 def _legacy_warning(paths: list[Path], root: Path) -> str:
@@ -114,10 +135,10 @@ def _legacy_warning(paths: list[Path], root: Path) -> str:
             "written in another encoding its letters are wrong; save caption files as UTF-8 to be sure")
 
 
-def _walk(root: Path, unlisted: list[OSError]):
+def _walk(root: Path, unlisted: list[OSError], skip=lambda folder: False):
     """(folder, sorted file names) for `root` and every folder below it, parents first, in name order;
-    hidden entries skipped; linked folders followed once (a link back up the tree is not a loop). Folders
-    that cannot be listed are added to `unlisted`."""
+    hidden entries and the folders `skip(folder)` is true for skipped; linked folders followed once (a link
+    back up the tree is not a loop). Folders that cannot be listed are added to `unlisted`."""
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, onerror=unlisted.append, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -125,7 +146,7 @@ def _walk(root: Path, unlisted: list[OSError]):
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not skip(Path(dirpath) / d))
         yield Path(dirpath), sorted(f for f in filenames if not f.startswith("."))
 
 

@@ -23,7 +23,7 @@ from sdtune.data.cache import cache_root
 from sdtune.data.verify import ImageProblem
 from sdtune.files import write_text
 
-VERSION = 1
+VERSION = 2  # 2: a problem names the size as seen (EXIF orientation), not as stored
 
 
 class CheckedImages:
@@ -41,7 +41,7 @@ class CheckedImages:
 
     @classmethod
     def for_folder(cls, root: Path, cfg) -> CheckedImages:
-        check = f"{cfg.check_images}:{cfg.smallest_side}"
+        check = f"{cfg.check_images}:{cfg.smallest_side}:{cfg.max_pixels}"
         if not cfg.scan_cache:
             return cls(None, check)
         digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]

@@ -20,6 +20,9 @@ from sdtune.data.images import SWAPS_SIDES, orientation, oriented_size, to_rgb
 SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
+TOO_LARGE_FIX = "raise data.max_pixels (0: no limit) for a photo you trust, or downscale it"
+
+
 class ImageProblem(Exception):
     """Why an image file is skipped: `kind` (a short class, see `sdtune.data.scan.Skip`) and `detail` (one line)."""
 
@@ -37,13 +40,14 @@ def check_image(path: Path, smallest_side: int, decode: bool = True) -> tuple[in
             raise ImageProblem("empty", "0 bytes")
         if not decode:
             with Image.open(path) as im:
-                _check_size(*im.size, smallest_side)
-                return oriented_size(im)
+                size = oriented_size(im)
+                _check_size(*size, smallest_side)
+                return size
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
             w, h = im.size
-            _check_size(w, h, smallest_side)
+            _check_size(*oriented_size(im), smallest_side)  # a problem names the size as seen, as buckets use it
             if im.format in ("JPEG", "MPO"):
                 im.draft(None, (max(1, w // 8), max(1, h // 8)))
             to_rgb(im)
@@ -57,8 +61,8 @@ def check_image(path: Path, smallest_side: int, decode: bool = True) -> tuple[in
 def _classify(exc: Exception, path: Path) -> ImageProblem:
     """The problem an exception from opening, verifying or decoding `path` stands for."""
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return ImageProblem("too large", f"over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-                                         "(Pillow's guard against malicious files): downscale it")
+        return ImageProblem("too large", f"over data.max_pixels={Image.MAX_IMAGE_PIXELS:,} (Pillow's guard "
+                                         f"against decompression bombs): {TOO_LARGE_FIX}")
     if isinstance(exc, PermissionError):
         return ImageProblem("unreadable", "permission denied: make the file readable")
     if isinstance(exc, FileNotFoundError):
@@ -73,10 +77,10 @@ def _classify(exc: Exception, path: Path) -> ImageProblem:
 
 
 def _check_size(w: int, h: int, smallest_side: int) -> None:
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = Image.MAX_IMAGE_PIXELS  # data.max_pixels, set by the scan
     if limit and w * h > limit:
-        raise ImageProblem("too large", f"{w}x{h} is over the decompression-bomb limit of {limit:,} pixels "
-                                        "(Pillow's guard against malicious files): downscale it")
+        raise ImageProblem("too large", f"{w}x{h} is {w * h:,} pixels, over data.max_pixels={limit:,} (Pillow's "
+                                        f"guard against decompression bombs): {TOO_LARGE_FIX}")
     if min(w, h) < smallest_side:
         raise ImageProblem("too small", f"{w}x{h}: shorter side under {smallest_side} px "
                                         "(data.min_side; 0 means data.resolution / 2)")

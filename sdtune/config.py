@@ -171,7 +171,8 @@ def apply_layers(cfg: Config, layers: list[tuple[dict, str]]) -> Config:
 
 
 def parse_set(item: str) -> dict:
-    """`section.key=value` into {section: {key: value}}; value is TOML, or a bare string."""
+    """`section.key=value` into {section: {key: value}}; value is TOML, or a bare string; a list key given
+    one value (`output.sample_prompts=a photo of sks dog`) gets a one-item list."""
     path, sep, text = item.partition("=")
     section, dot, key = path.strip().partition(".")
     _require(sep == "=" and dot == "." and section and key,
@@ -181,8 +182,11 @@ def parse_set(item: str) -> dict:
     except tomllib.TOMLDecodeError:
         value = text
     kind = typing.get_type_hints(Config).get(section)
-    if kind is not None and typing.get_type_hints(kind).get(key) is str and not isinstance(value, str):
+    hint = typing.get_type_hints(kind).get(key) if kind is not None else None
+    if hint is str and not isinstance(value, str):
         value = text  # a path like 123 or a word like true stays text
+    elif typing.get_origin(hint) is tuple and not isinstance(value, list):
+        value = [value if isinstance(value, str) else text]  # one prompt, commas and all, is a one-item list
     return {section: {key: value}}
 
 

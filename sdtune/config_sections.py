@@ -36,7 +36,8 @@ def _require(ok: bool, message: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     pretrained: str = doc("diffusers folder, single-file .safetensors checkpoint, or hub id", "")
-    config: str = doc("diffusers folder whose configs and tokenizer a single-file checkpoint uses", "")
+    config: str = doc("a single file's configs: a bundled architecture (sd15, sd21, sdxl) or a diffusers folder; "
+                      "empty: detected from the file's keys (tokenizers the folder lacks are bundled)", "")
     init: Literal["pretrained", "random"] = doc(
         "the UNet's starting weights: the base model's, or random (pretraining from scratch; the VAE and text "
         "encoders stay the base model's)", "pretrained")
@@ -64,6 +65,9 @@ class DataConfig:
     keep_tags: int = doc("with shuffle_tags, keep the first K tags in place", 0)
     caption_dropout: float = doc("share of images trained with an empty caption (lets guidance work); 0 is off",
                                  0.0)
+    max_pixels: int = doc("largest image (width x height) the scan opens: Pillow's guard against decompression "
+                          "bombs, at the size where Pillow itself refuses by default (twice its warning's); 0: no "
+                          "limit", 178_956_970)
     cache_latents: bool = doc("encode every image once with the VAE and reuse the latents from disk", False)
     cache_text: bool = doc("embed every caption once and reuse the embeddings from disk", False)
     cache_shards: int = doc("with cache_latents: pack this many latents a file (millions of images); 0: a file "
@@ -91,8 +95,8 @@ class DataConfig:
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         _require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
         _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        _require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards) >= 0,
-                 "data.min_side, data.max_side, data.keep_tags and data.cache_shards must be >= 0")
+        _require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards, self.max_pixels) >= 0,
+                 "data.min_side, data.max_side, data.keep_tags, data.cache_shards and data.max_pixels must be >= 0")
         _require(0 <= self.validation_split < 1,
                  f"data.validation_split must be in [0, 1), got {self.validation_split}")
         _require(not (self.validation_split and self.validation_dir),

@@ -1,11 +1,11 @@
 """Write the result of a run: a diffusers pipeline folder, and the run's summary as JSON.
 
 The folder is what the model family's pipeline (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`)
-`.from_pretrained(out)` loads with no sdtune code: the trained UNet (fp32 master weights) beside the base
-model's VAE, text encoder(s), tokenizer(s) and scheduler, all in safetensors. Beside it,
-`model.safetensors` holds the same model as one fp16 file in the family's original layout (ldm for SD
-1.x/2.x, sgm for SDXL) that A1111, ComfyUI and `from_single_file` read, written only when those clients
-can read it (`sdtune.single_file_clients`).
+`.from_pretrained(out)` loads with no sdtune code: the trained UNet (in `output.save_precision`, fp16 by
+default) beside the base model's VAE, text encoder(s), tokenizer(s) and scheduler, all in safetensors.
+Beside it, `model.safetensors` holds the same model as one file (in `output.save_precision` too) in the
+family's original layout (ldm for SD 1.x/2.x, sgm for SDXL) that A1111, ComfyUI and `from_single_file`
+read, written only when those clients can read it (`sdtune.single_file_clients`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,19 @@ from pathlib import Path
 
 SUMMARY = "summary.json"
 SINGLE_FILE = "model.safetensors"
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # output.save_precision: torch's names
 
 
 def export_pipeline(components, out_dir: Path) -> Path:
-    """The diffusers pipeline folder, every file of it readable as the umask allows (safetensors writes 0600)."""
+    """The diffusers pipeline folder, every file of it readable as the umask allows (safetensors writes 0600),
+    its text encoders and tokenizers in the layout transformers 4.x and ComfyUI read too (`sdtune.client_layout`)."""
+    from sdtune.client_layout import write_client_layout
     from sdtune.files import follow_umask
     from sdtune.models import assemble_pipeline
 
     out, pipe = Path(out_dir), assemble_pipeline(components)
     pipe.save_pretrained(out, safe_serialization=True)
+    write_client_layout(pipe.components, out)
     # only what save_pretrained wrote: a part's folder each, and model_index.json
     for part in [name for name, module in pipe.components.items() if module is not None] + ["model_index.json"]:
         if (out / part).exists():
@@ -32,16 +36,19 @@ def export_pipeline(components, out_dir: Path) -> Path:
     return out
 
 
-def export_single_file(components, out_dir: Path, *, force: bool = False):
-    """`model.safetensors` in the family's original layout, fp16, when ComfyUI and AUTOMATIC1111 can read
-    it (`force`: anyway); a `sdtune.single_file.SingleFile` that says whether it was written, and why not."""
+def export_single_file(components, out_dir: Path, *, force: bool = False, name: str = SINGLE_FILE,
+                       precision: str = "fp16"):
+    """`model.safetensors` (or `name`) in the family's original layout, in `precision` (fp16, bf16, fp32),
+    when ComfyUI and AUTOMATIC1111 can read it (`force`: anyway); a `sdtune.single_file.SingleFile` that says
+    whether it was written, and why not."""
     import torch
 
     from sdtune.single_file import write_single_file
 
-    return write_single_file(Path(out_dir) / SINGLE_FILE, unet=components.unet, vae=components.vae,
+    return write_single_file(Path(out_dir) / name, unet=components.unet, vae=components.vae,
                              text_encoders=list(components.text_encoders),
-                             prediction_type=components.prediction_type, dtype=torch.float16, force=force)
+                             prediction_type=components.prediction_type, dtype=getattr(torch, DTYPES[precision]),
+                             force=force)
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -3,8 +3,10 @@
 
     sdtune sample --ckpt out/ --prompt "a red circle on the white background" --num-images 4
 
-Image i uses seed `seed + i`, so any single image can be regenerated alone. On a GPU the pipeline runs in
-fp16; SDXL's own VAE overflows there, so the pipeline decodes in fp32 (a note says so) unless `vae` names
+Image i uses seed `seed + i`, so any single image can be regenerated alone. Every PNG carries the
+`parameters` text chunk AUTOMATIC1111 writes (prompt, negative prompt, steps, sampler, CFG scale, seed, size,
+model), which its PNG Info tab reads back; the grid shows each image below its prompt. On a GPU the pipeline
+runs in fp16; SDXL's own VAE overflows there, so the pipeline decodes in fp32 (a note says so) unless `vae` names
 an fp16-safe one (its config says `force_upcast: false`, as madebyollin/sdxl-vae-fp16-fix's does).
 """
 
@@ -15,21 +17,104 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def make_grid(images: list, columns: int | None = None):
-    """Paste equally sized PIL images into one roughly square grid."""
-    from PIL import Image
+def make_grid(images: list, columns: int | None = None, labels: list[str] | None = None):
+    """Paste equally sized PIL images into one roughly square grid; with `labels`, each image below its own
+    text (wrapped to the image's width: the band may be taller than a small image)."""
+    from PIL import Image, ImageDraw
 
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    font = _label_font()
+    lines = [_wrap(label, font, w - 2 * LABEL_PAD) for label in labels] if labels else []
+    line_height = font.getbbox("Ag")[3] + 2
+    band = max(map(len, lines)) * line_height + 2 * LABEL_PAD if lines else 0
+    grid = Image.new("RGB", (columns * w, rows * (band + h)), "white")
+    draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+        x, y = (i % columns) * w, (i // columns) * (band + h)
+        for j, line in enumerate(lines[i] if lines else ()):
+            draw.text((x + LABEL_PAD, y + LABEL_PAD + j * line_height), line, fill="black", font=font)
+        grid.paste(image, (x, y + band))
     return grid
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float = 7.5,
-             height: int | None = None, width: int | None = None, batch_size: int = 1) -> list:
+LABEL_PAD = 3  # px around a label
+LABEL_SIZE = 12  # px: readable, and still a few words a line on a 64-px image
+
+
+def _label_font():
+    from PIL import ImageFont, features
+
+    return ImageFont.load_default(LABEL_SIZE) if features.check("freetype2") else ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width` px, broken at spaces (and at newlines)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in _pieces(paragraph.split(), font, width):
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
+
+
+def _pieces(words: list[str], font, width: int):
+    """Each word; one wider than `width` px alone, in pieces that fit (a character at least)."""
+    for word in words:
+        while len(word) > 1 and font.getlength(word) > width:
+            cut = next(n for n in range(len(word) - 1, 0, -1) if n == 1 or font.getlength(word[:n]) <= width)
+            yield word[:cut]
+            word = word[cut:]
+        yield word
+
+
+# diffusers' scheduler classes by the names AUTOMATIC1111 gives the same samplers
+SAMPLER_NAMES = {"EulerAncestralDiscreteScheduler": "Euler a", "EulerDiscreteScheduler": "Euler",
+                 "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
+                 "HeunDiscreteScheduler": "Heun", "DPMSolverMultistepScheduler": "DPM++ 2M",
+                 "UniPCMultistepScheduler": "UniPC",
+                 "KDPM2DiscreteScheduler": "DPM2", "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+                 "LCMScheduler": "LCM", "DDPMScheduler": "DDPM"}
+
+
+def parameters(prompt: str, *, negative: str = "", steps: int, guidance: float, seed: int, size: tuple[int, int],
+               sampler: str, model: str, extra: dict | None = None) -> str:
+    """The `parameters` text AUTOMATIC1111 writes into its PNGs (`processing.create_infotext`):
+    "PROMPT\nNegative prompt: NEG\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 0, Size: 512x512, Model:
+    NAME"; a value with a comma, colon or newline is JSON-quoted, as A1111's `quote` does."""
+    import json
+
+    values = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(sampler, sampler), "CFG scale": guidance, "Seed": seed,
+              "Size": f"{size[0]}x{size[1]}", "Model": model, **(extra or {})}
+    quoted = {k: json.dumps(str(v), ensure_ascii=False) if any(c in str(v) for c in ",:\n") else v
+              for k, v in values.items()}
+    settings = ", ".join(f"{k}: {v}" for k, v in quoted.items())
+    negative_text = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_text}\n{settings}".strip()
+
+
+def save_png(image, path: Path, text: str) -> Path:
+    """`image` as a PNG at `path` with `text` as its `parameters` chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    image.save(path, pnginfo=info)
+    return path
+
+
+GUIDANCE = 7.5  # classifier-free guidance scale of the training samples and `sdtune sample`'s default
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float = GUIDANCE,
+             height: int | None = None, width: int | None = None, batch_size: int = 1,
+             negative_prompt: str = "") -> list:
     """One image per (prompt, seed) pair, each from its own generator, so any image can be redrawn alone.
 
     `batch_size` images go through the pipeline at once: faster, and the same images."""
@@ -38,9 +123,11 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
         generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
-        images += pipe(prompts[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                       generator=generators, height=height, width=width).images
+        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                       height=height, width=width,
+                       negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None).images
     return images
 
 
@@ -53,10 +140,11 @@ class SampleResult:
 
 def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed: int = 0,
            height: int | None = None, width: int | None = None, guidance: float = 7.5,
-           out_dir: str = "samples", vae: str | None = None, lora_scale: float = 1.0) -> SampleResult:
+           out_dir: str = "samples", vae: str | None = None, lora_scale: float = 1.0,
+           negative_prompt: str = "") -> SampleResult:
     """Load the pipeline at `ckpt` (with the VAE folder `vae` instead of its own, if given) and write
-    `num_images` PNGs plus `grid.png` into `out_dir`. A LoRA run's folder is its base model with the LoRA
-    merged in at `lora_scale`."""
+    `num_images` PNGs plus `grid.png` (each image under its prompt and seed) into `out_dir`, each with its
+    A1111 `parameters`. A LoRA run's folder is its base model with the LoRA merged in at `lora_scale`."""
     import torch
 
     from sdtune.errors import SdtuneError
@@ -64,8 +152,9 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
     from sdtune.models import assemble_pipeline, classify_source, load_components
 
     lora = is_lora_folder(ckpt)
-    if not lora and classify_source(ckpt) != "folder":
-        raise SdtuneError(f"--ckpt {ckpt} must be a diffusers folder such as a finished `sdtune train --out` folder")
+    if not lora and classify_source(ckpt, "--ckpt") == "hub":
+        raise SdtuneError(f"--ckpt {ckpt} does not exist: pass a finished `sdtune train --out` folder, a diffusers "
+                          "folder or a .safetensors checkpoint")
     for name, value in (("--height", height), ("--width", width)):
         if value is not None and (value < 8 or value % 8):
             raise SdtuneError(f"{name} must be a positive multiple of 8, got {value}")
@@ -74,21 +163,24 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
     components = merged_components(ckpt, lora_scale) if lora else load_components(ckpt)
     if vae is not None:
         components.vae = _load_vae(vae)
-    notes = ()
+    notes = (components.origin,) if components.origin else ()
     if components.family.vae_dtype(components.vae, dtype) != dtype:  # the pipeline upcasts it to decode
-        notes = ("the VAE overflows in fp16 (its config says force_upcast): decoding in fp32; pass --vae with an "
+        notes += ("the VAE overflows in fp16 (its config says force_upcast): decoding in fp32; pass --vae with an "
                  "fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) to decode in fp16",)
     pipe = assemble_pipeline(components).to(device, dtype)
-    images = generate(pipe, [prompt] * num_images, [seed + i for i in range(num_images)], steps=steps,
-                      guidance=guidance, height=height, width=width)
+    seeds = [seed + i for i in range(num_images)]
+    images = generate(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance, height=height,
+                      width=width, negative_prompt=negative_prompt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(out / f"{i:03d}-seed{seed + i}.png")
-        image.save(paths[-1])
-    grid = out / "grid.png"
-    make_grid(images).save(grid)
+    model = Path(ckpt).resolve().name
+    texts = [parameters(prompt, negative=negative_prompt, steps=steps, guidance=guidance, seed=s, size=image.size,
+                        sampler=type(pipe.scheduler).__name__, model=model,
+                        extra={"LoRA scale": lora_scale} if lora else None)
+             for s, image in zip(seeds, images, strict=True)]
+    paths = [save_png(image, out / f"{i:03d}-seed{s}.png", text)
+             for i, (s, image, text) in enumerate(zip(seeds, images, texts, strict=True))]
+    grid = save_png(make_grid(images, labels=[f"{prompt}\nseed {s}" for s in seeds]), out / "grid.png", texts[0])
     return SampleResult(paths, grid, notes)
 
 

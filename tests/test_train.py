@@ -148,8 +148,9 @@ def test_checkpoints_every_n_steps_keep_the_newest_and_validation_grids(tiny_sd1
     from PIL import Image
 
     grids = sorted(p.name for p in (out / "samples").iterdir())
-    assert grids == ["step-000002.png", "step-000004.png"]
-    assert Image.open(out / "samples" / "step-000004.png").size == (128, 128)  # three prompts in a 2x2 grid
+    assert grids == ["step-000002", "step-000002.png", "step-000004", "step-000004.png"]  # each image, the grid
+    width, height = Image.open(out / "samples" / "step-000004.png").size
+    assert width == 128 and height > 128  # three prompts in a 2x2 grid, each image below its prompt
 
 
 @pytest.mark.parametrize("overrides", [

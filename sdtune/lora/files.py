@@ -24,6 +24,17 @@ from sdtune.files import follow_umask, save_safetensors
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora.safetensors"
 KOHYA_TEXT_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}
+# The fields of peft 0.17's LoraConfig.to_dict() (0.17.0 and 0.17.1 alike), the floor pyproject.toml
+# declares: diffusers builds a `LoraConfig(**fields)` from the file's metadata, and an older peft refuses a
+# field it does not know (peft 0.22 adds alora_invocation_tokens, arrow_config, peft_version, ...).
+PEFT_FLOOR_LORA_FIELDS = frozenset({
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication",
+    "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout",
+    "megatron_config", "megatron_core", "modules_to_save", "peft_type", "qalora_group_size", "r",
+    "rank_pattern", "revision", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+    "use_dora", "use_qalora", "use_rslora",
+})
 
 
 def peft_weights(module) -> dict:
@@ -42,13 +53,23 @@ def save_diffusers(modules: dict, family, out_dir: Path) -> Path:
     layers, metadata = {}, {}
     for name, module in modules.items():
         layers[f"{name}_lora_layers"] = peft_weights(module)
-        metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        metadata[f"{name}_lora_adapter_metadata"] = floor_lora_config(module.peft_config["default"])
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
         family.pipeline_type().save_lora_weights(tmp, **layers, **metadata, safe_serialization=True)
         follow_umask(Path(tmp) / DIFFUSERS_FILE)
         os.replace(Path(tmp) / DIFFUSERS_FILE, out / DIFFUSERS_FILE)
     return out / DIFFUSERS_FILE
+
+
+def floor_lora_config(config) -> dict:
+    """`config.to_dict()` with only the fields the oldest supported peft knows, plus any newer one that is not
+    at its default: a setting older peft cannot honour should fail there rather than load another adapter."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    return {key: value for key, value in config.to_dict().items()
+            if key in PEFT_FLOOR_LORA_FIELDS or (key in defaults and value != defaults[key])}
 
 
 def kohya_weights(modules: dict, family, alpha: float) -> dict:
@@ -89,8 +110,9 @@ def _text_name(path: str) -> str:
     return "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
-def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], alpha: float) -> Path:
-    path = Path(out_dir) / KOHYA_FILE
+def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], alpha: float,
+               name: str = KOHYA_FILE) -> Path:
+    path = Path(out_dir) / name
     save_safetensors(kohya_weights(modules, family, alpha), path, metadata=metadata)
     return path
 
@@ -112,7 +134,8 @@ def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str,
         "ss_learning_rate": train.learning_rate, "ss_unet_lr": train.learning_rate,
         "ss_text_encoder_lr": train.learning_rate if lora.text_encoder else 0.0,
         "ss_lr_scheduler": train.lr_scheduler, "ss_lr_warmup_steps": train.lr_warmup_steps,
-        "ss_max_train_steps": train.max_steps, "ss_steps": summary["steps"], "ss_seed": train.seed,
+        "ss_max_train_steps": train.max_steps, "ss_steps": summary["steps"], "ss_epoch": summary.get("epoch"),
+        "ss_seed": train.seed,
         "ss_batch_size_per_device": train.batch_size, "ss_gradient_accumulation_steps":
             train.gradient_accumulation_steps, "ss_optimizer": cfg.memory.optimizer,
         "ss_mixed_precision": {"fp32": "no"}.get(cfg.memory.precision, cfg.memory.precision),

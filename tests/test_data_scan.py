@@ -3,6 +3,7 @@
 Every image is generated here, a few dozen pixels wide; the whole file runs in a couple of seconds.
 """
 
+import dataclasses
 import io
 import os
 import random
@@ -159,7 +160,7 @@ def _bad_folder(tmp_path: Path) -> Path:
     (tmp_path / "cut.jpg").write_bytes(_truncated("JPEG"))
     (tmp_path / "notes.png").write_text("not an image at all")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    Image.new("RGB", (80, 80)).save(tmp_path / "bomb.png")     # over the (patched) limit
+    Image.new("RGB", (80, 80)).save(tmp_path / "bomb.png")     # over the limit (data.max_pixels=5000)
     Image.new("RGB", (200, 200)).save(tmp_path / "bomb2.png")  # over twice the limit: Pillow refuses to open it
     Image.new("RGB", (20, 64)).save(tmp_path / "tiny.png")
     _rgb(tmp_path / "garbled.png")
@@ -185,9 +186,9 @@ def _deny(monkeypatch, name):
     monkeypatch.setattr(Image, "open", open_)
 
 
-def test_each_bad_file_is_skipped_once_with_its_kind(tmp_path, monkeypatch, small_bomb_limit):
+def test_each_bad_file_is_skipped_once_with_its_kind(tmp_path, monkeypatch):
     _deny(monkeypatch, "locked.png")
-    scan = scan_folder(_bad_folder(tmp_path), CFG)
+    scan = scan_folder(_bad_folder(tmp_path), dataclasses.replace(CFG, max_pixels=5000))
     assert [e.image.name for e in scan.examples] == ["good.png"]
     kinds = {s.path.name: s.kind for s in scan.skipped}
     assert kinds == {"empty.png": "empty", "cut.png": "corrupt", "cut.jpg": "corrupt", "notes.png": "not an image",

@@ -67,3 +67,34 @@ def test_an_output_folder_inside_the_data_folder_is_never_training_data(tiny_sd1
     check = runner.invoke(app, ["data", "check", str(data), "--preset", "cpu"])
     assert "3 images in" in check.output and "3 usable" in check.output, check.output
     assert "note: not searched for training images: 2_again/" in check.output
+
+
+@pytest.fixture(scope="module")
+def camera_photo(tmp_path_factory):
+    """A 108-megapixel JPEG (12000 x 9000, a medium-format camera's size; grey, so it writes in a second)."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("photo") / "100mp.jpg"
+    Image.new("L", (12000, 9000), 90).save(path, quality=50)
+    return path.parent
+
+
+def test_a_100_megapixel_photo_is_trained_and_decoded_small(camera_photo, tmp_path):
+    """Pillow warns above 89.5 MP, and the scan refused what Pillow warns about: data.max_pixels decides now."""
+    from sdtune.config import DataConfig
+    from sdtune.data import BatchStream
+    from sdtune.data.images import open_scaled
+    from sdtune.data.scan import scan_all, scan_folder
+
+    cfg = DataConfig(resolution=512, cache_dir=str(tmp_path))
+    [example] = scan_folder(camera_photo, cfg).examples
+    assert example.size == (12000, 9000)
+    stream = BatchStream([example], cfg, batch_size=1, seed=0)
+    [item] = stream.items(0)
+    assert tuple(stream.pixels([item]).shape) == (1, 3, item.bucket[1], item.bucket[0])
+    seen, image = open_scaled(example.image, item.resized)  # what the loader decodes: 1/8 scale, not 108 MP
+    assert seen == (12000, 9000) and image.size == (1500, 1125) and min(image.size) >= 2 * min(item.resized)
+
+    lower = DataConfig(resolution=512, cache_dir=str(tmp_path), max_pixels=100_000_000)
+    [skip] = scan_all(camera_photo, lower).skipped
+    assert skip.kind == "too large" and "over data.max_pixels=100,000,000" in skip.detail

@@ -6,6 +6,12 @@ or the cache reads goes through `open_rgb`, and the scan measures sizes the same
 
     im = open_rgb("photo.jpg")          # PIL.Image, mode RGB, EXIF rotation applied
     w, h = seen_size("photo.jpg")       # the same size, from the header alone
+    (w, h), im = open_scaled("100mp.jpg", (683, 512))   # its size as seen; decoded at 1/4: 6 MP, not 100
+
+How large an image may be is `data.max_pixels` (Pillow's decompression-bomb limit, `set_pixel_limit`).
+Training needs a photo only at its bucket's size, so one of more than `LARGE_PIXELS` is decoded smaller
+where the format allows (JPEG's DCT scaling via `draft`, else `reduce` right after decoding), never below
+twice the size it is resized to: a 100-megapixel photo costs tens of MB, not a GB, in each loader thread.
 """
 
 from __future__ import annotations
@@ -21,12 +27,50 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 WHITE = (255, 255, 255, 255)
+LARGE_PIXELS = 2**25  # 33.5 MP: above this, decode smaller (a 24 MP camera photo decodes whole, as always)
+_REDUCIBLE = ("RGB", "RGBA", "L", "LA", "CMYK")  # modes Image.reduce takes
+
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Pillow's decompression-bomb limit for this process: `data.max_pixels` (0: none). Pillow reads a module
+    global, so this is set once, before any thread opens an image (the scan does it first)."""
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
 
 
 def open_rgb(path: str | Path) -> Image.Image:
     """The image at `path` (the first frame of an animation) as 8-bit RGB, EXIF orientation applied."""
     with Image.open(path) as im:
         return to_rgb(im)
+
+
+def open_scaled(path: str | Path, at_least: tuple[int, int]) -> tuple[tuple[int, int], Image.Image]:
+    """(the size as seen, the image as `open_rgb` returns it), but an image over `LARGE_PIXELS` decoded at a
+    smaller scale that keeps it at least twice `at_least` (width, height as seen) on each side."""
+    with Image.open(path) as im:
+        stored = im.size
+        if stored[0] * stored[1] <= LARGE_PIXELS:
+            image = to_rgb(im)
+            return _seen(stored, orientation(im)), image
+        im.draft(None, _stored_target(at_least, orientation(im)))  # JPEG (EXIF in its header): 1/2, 1/4 or 1/8
+        im.load()
+        turn = orientation(im)  # after decoding: a PNG's eXIf chunk may follow its pixels
+        w, h = _stored_target(at_least, turn)
+        factor = min(im.width // w, im.height // h)
+        if factor >= 2 and im.mode in _REDUCIBLE:  # what draft could not do: a box filter right after decoding
+            reduced = im.reduce(factor)
+            reduced.info = dict(im.info)
+            return _seen(stored, turn), to_rgb(reduced, turn)
+        return _seen(stored, turn), to_rgb(im, turn)
+
+
+def _stored_target(at_least: tuple[int, int], turn: int) -> tuple[int, int]:
+    """Twice `at_least` (as seen), in the stored image's orientation."""
+    w, h = 2 * at_least[0], 2 * at_least[1]
+    return (h, w) if turn in SWAPS_SIDES else (w, h)
+
+
+def _seen(stored: tuple[int, int], turn: int) -> tuple[int, int]:
+    return (stored[1], stored[0]) if turn in SWAPS_SIDES else stored
 
 
 def seen_size(path: str | Path) -> tuple[int, int]:
@@ -54,10 +98,11 @@ def oriented_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation(im) in SWAPS_SIDES else (w, h)
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """An opened image (decoded here) as a new 8-bit RGB image, upright, any transparency on white."""
+def to_rgb(im: Image.Image, turn: int | None = None) -> Image.Image:
+    """An opened image (decoded here) as a new 8-bit RGB image, upright (by `turn`, else its own EXIF
+    orientation), any transparency on white."""
     im.load()
-    method = _TRANSPOSE.get(orientation(im))
+    method = _TRANSPOSE.get(orientation(im) if turn is None else turn)
     upright = im.transpose(method) if method is not None else im
     if upright.mode in ("I", "F") or upright.mode.startswith("I;16"):
         upright = _to_8bit_gray(upright)

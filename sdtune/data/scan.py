@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sdtune.config import DataConfig
 from sdtune.data import captions
+from sdtune.data.images import set_pixel_limit
 from sdtune.data.verify import ImageProblem, check_image
 from sdtune.errors import SdtuneError
 from sdtune.lock import LOCK_NAME
@@ -97,6 +98,7 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
             lower.setdefault(name.lower(), name)
         images += [(folder / name, lower) for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
     images.sort(key=lambda item: item[0].relative_to(root).parts)
+    set_pixel_limit(cfg.max_pixels)  # before any thread opens an image
     sizes, problems = _check_all([path for path, _ in images], cfg, root)
     examples, legacy = [], []
     skipped = [Skip(Path(err.filename), "unreadable", f"a folder that cannot be listed ({err.strerror}): its images "
@@ -153,8 +155,8 @@ def _walk(root: Path, unlisted: list[OSError], skip=lambda folder: False):
 def _check_all(paths: list[Path], cfg: DataConfig, root: Path) -> tuple[list[tuple[int, int] | ImageProblem], list]:
     """`check_image` for every path not in the scan cache (`sdtune.data.scan_cache`), in threads (Pillow
     decodes without the GIL), results in order; and a warning when the cache cannot be written.
-    Pillow's decompression-bomb warning (images between 1x and 2x its limit) becomes an error here, so
-    such a file is skipped as "too large" instead of printing a warning and passing."""
+    Pillow's decompression-bomb warning (images between 1x and 2x its limit, data.max_pixels) becomes an
+    error here, so such a file is skipped as "too large" instead of printing a warning and passing."""
     from PIL import Image
 
     from sdtune.data.scan_cache import CheckedImages

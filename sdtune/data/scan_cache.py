@@ -6,7 +6,8 @@
     digests = FileDigests.for_cache(cfg)               # each file's sha256 (the latent cache's key), the same way
 
 An entry counts only while the file has the size and modification time (to the nanosecond) it had when
-it was checked, under the same check (decode or headers, smallest side); anything else is checked again.
+it was checked, under the same check (decode or headers, smallest side, data.max_pixels); anything else is
+checked again.
 The file is one JSON object, written whole (a temporary name, renamed) after each scan; a damaged one
 is ignored and rewritten; one that cannot be written (a full disk) leaves no temporary file and only costs
 the next run its checks (the callers warn). `data.scan_cache=false` keeps nothing.

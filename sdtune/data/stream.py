@@ -29,7 +29,7 @@ from pathlib import Path
 from sdtune.config import DataConfig
 from sdtune.data.buckets import Size, assign, fit, make_buckets
 from sdtune.data.captions import shuffle_tags
-from sdtune.data.images import open_rgb, seen_size
+from sdtune.data.images import open_scaled, seen_size
 from sdtune.data.scan import Example
 from sdtune.errors import SdtuneError
 
@@ -173,13 +173,13 @@ class BatchStream:
         for item in items:
             path = item.example.image
             try:
-                im = open_rgb(path)
+                seen, im = open_scaled(path, item.resized)  # a very large photo decodes smaller
             except Exception as exc:  # PIL raises many types for broken data; each means "skip this file"
                 raise self._fail(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
             expected = tuple(item.example.size)
-            if all(expected) and im.size != expected:
+            if all(expected) and seen != expected:
                 raise self._fail(path, f"changed since the scan ({expected[0]}x{expected[1]} px, "
-                                       f"now {im.width}x{im.height})")
+                                       f"now {seen[0]}x{seen[1]})")
             im = im.resize(item.resized, Image.BICUBIC).crop(item.crop)
             if item.flip:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)

@@ -294,7 +294,7 @@ def test_caption_precedence_sidecar_metadata_fixed_file_name(tmp_path):
         return {e.image.name: (e.caption, e.caption_source) for e in scan_folder(tmp_path, cfg).examples}
 
     assert captions(CFG) == {
-        "side.png": ("a red square, second line", "sidecar"), "dotcaption.png": ("from .caption", "sidecar"),
+        "side.png": ("a red square,", "sidecar"), "dotcaption.png": ("from .caption", "sidecar"),
         "UPPER.png": ("upper-case sidecar", "sidecar"), "meta.png": ("from metadata", "metadata"),
         "plain_file-name.png": ("plain file name", "file name")}
     fixed = DataConfig(resolution=64, caption="a photo of sks dog")

@@ -98,3 +98,17 @@ def test_a_100_megapixel_photo_is_trained_and_decoded_small(camera_photo, tmp_pa
     lower = DataConfig(resolution=512, cache_dir=str(tmp_path), max_pixels=100_000_000)
     [skip] = scan_all(camera_photo, lower).skipped
     assert skip.kind == "too large" and "over data.max_pixels=100,000,000" in skip.detail
+
+
+def test_a_multi_line_caption_file_is_its_first_line_as_kohya_reads_it(tmp_path):
+    """kohya's sd-scripts (library/train_util.py, read_caption) takes `lines[0].strip()` of a caption file;
+    its wildcard mode keeps the other lines as alternatives. Joining them made one long caption instead."""
+    from sdtune.config import DataConfig
+    from sdtune.data.scan import scan_folder
+
+    data = make_image_folder(tmp_path / "data", count=3)
+    (data / "img000.txt").write_text("\n  sks dog, red collar \nsks dog, on grass\na photo of sks dog\n")
+    scan = scan_folder(data, DataConfig(resolution=64, cache_dir=str(tmp_path)))
+    assert scan.examples[0].caption == "sks dog, red collar"
+    [warning] = scan.warnings
+    assert warning.startswith("1 caption file has more than one line (img000.txt): only the first is the caption")

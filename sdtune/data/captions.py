@@ -3,8 +3,9 @@
 Sources, first found wins (`caption_for`):
 
 1. "sidecar": `NAME<data.caption_extension>`, then `NAME.caption`, then `NAME.txt` beside the image
-   (kohya, OneTrainer; UTF-8, a byte-order mark is fine, else Windows-1252 with a warning; lines are
-   joined by spaces);
+   (kohya, OneTrainer; UTF-8, a byte-order mark is fine, else Windows-1252 with a warning); its first
+   line that is not blank is the caption, as kohya's sd-scripts reads it (`lines[0]`; its wildcard mode
+   keeps the others as alternatives), and the scan warns about files with more;
 2. "metadata": a `metadata.jsonl` or `metadata.csv` in the image's folder or any folder above it (the
    Hugging Face imagefolder convention of the diffusers examples: `file_name` relative to the metadata
    file's folder, caption in `text`, or `caption`); the nearest file that lists the image wins;
@@ -39,11 +40,12 @@ def clean(text: str) -> str:
     return " ".join(text.split())
 
 
-def read_caption_file(path: Path) -> tuple[str, str]:
-    """(caption, encoding) of a sidecar caption file: "utf-8" (a byte-order mark is fine), "utf-16" (with its
-    byte-order mark, as Notepad's "Unicode"), else "cp1252" (Windows-1252: what Notepad and older taggers
-    wrote on Windows; the scan says so). Only a file that is none of these, or holds NUL bytes, is a
-    `CaptionError`."""
+def read_caption_file(path: Path) -> tuple[str, str, bool]:
+    """(caption, encoding, more lines) of a sidecar caption file: its first line that is not blank; "utf-8"
+    (a byte-order mark is fine), "utf-16" (with its byte-order mark, as Notepad's "Unicode"), else "cp1252"
+    (Windows-1252: what Notepad and older taggers wrote on Windows; the scan says so); and whether other
+    lines that are not blank follow (left out, as kohya leaves them: the scan says so). Only a file that is
+    none of these encodings, or holds NUL bytes, is a `CaptionError`."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -57,7 +59,8 @@ def read_caption_file(path: Path) -> tuple[str, str]:
             continue
         if "\x00" in text:
             raise CaptionError(f"caption {path.name} holds NUL bytes, so it is not text: save it as UTF-8")
-        return clean(text), encoding.removesuffix("-sig")
+        lines = [line for line in map(clean, text.splitlines()) if line]
+        return (lines[0] if lines else ""), encoding.removesuffix("-sig"), len(lines) > 1
     tried = " or ".join({"utf-16": "UTF-16", "utf-8-sig": "UTF-8", "cp1252": "Windows-1252"}[e] for e in encodings)
     raise CaptionError(f"caption {path.name} is not {tried} text (byte 0x{data[failure.start]:02x} at offset "
                        f"{failure.start}): save it as UTF-8") from None

@@ -100,7 +100,7 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
     images.sort(key=lambda item: item[0].relative_to(root).parts)
     set_pixel_limit(cfg.max_pixels)  # before any thread opens an image
     sizes, problems = _check_all([path for path, _ in images], cfg, root)
-    examples, legacy = [], []
+    examples, legacy, multiline = [], [], []
     skipped = [Skip(Path(err.filename), "unreadable", f"a folder that cannot be listed ({err.strerror}): its images "
                                                      "are left out") for err in unlisted]
     for (path, names), size in zip(images, sizes, strict=True):
@@ -108,12 +108,14 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
             skipped.append(Skip(path, size.kind, size.detail))
             continue
         try:
-            caption, source = _caption(path, root, names, metadata, cfg, legacy)
+            caption, source = _caption(path, root, names, metadata, cfg, legacy, multiline)
         except captions.CaptionError as exc:
             skipped.append(Skip(path, "bad caption", str(exc)))
             continue
         examples.append(Example(path, caption, size, _repeat_folder(path, root)[0], source))
-    return Scan(examples, skipped, (*problems, *((_legacy_warning(legacy, root),) if legacy else ())), tuple(notes))
+    warnings = (*problems, *((_legacy_warning(legacy, root),) if legacy else ()),
+                *((_multiline_warning(multiline, root),) if multiline else ()))
+    return Scan(examples, skipped, warnings, tuple(notes))
 
 
 def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) -> bool:
@@ -129,11 +131,20 @@ def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) ->
     return True
 
 
-def _legacy_warning(paths: list[Path], root: Path) -> str:
+def _shown(paths: list[Path], root: Path) -> str:
     names = [str(p.relative_to(root)) for p in paths]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
-    return (f"{len(names):,} caption file{'s are' if len(names) > 1 else ' is'} not UTF-8 and "
-            f"{'were' if len(names) > 1 else 'was'} read as Windows-1252 ({shown}): if a caption was "
+    return ", ".join(names[:3]) + (f" and {len(names) - 3:,} more" if len(names) > 3 else "")
+
+
+def _multiline_warning(paths: list[Path], root: Path) -> str:
+    return (f"{len(paths):,} caption file{'s have' if len(paths) > 1 else ' has'} more than one line "
+            f"({_shown(paths, root)}): only the first is the caption, as kohya's sd-scripts reads it; put a "
+            "caption on one line (tags separated by commas) to train on all of it")
+
+
+def _legacy_warning(paths: list[Path], root: Path) -> str:
+    return (f"{len(paths):,} caption file{'s are' if len(paths) > 1 else ' is'} not UTF-8 and "
+            f"{'were' if len(paths) > 1 else 'was'} read as Windows-1252 ({_shown(paths, root)}): if a caption was "
             "written in another encoding its letters are wrong; save caption files as UTF-8 to be sure")
 
 
@@ -195,14 +206,16 @@ def _stat(path: Path) -> os.stat_result | None:
 
 
 def _caption(path: Path, root: Path, names: dict[str, str], metadata: dict[Path, dict[str, str]],
-             cfg: DataConfig, legacy: list[Path]) -> tuple[str, str]:
+             cfg: DataConfig, legacy: list[Path], multiline: list[Path]) -> tuple[str, str]:
     """(caption, source) by the precedence of `sdtune.data.captions`; a sidecar read as Windows-1252 is
-    added to `legacy`."""
+    added to `legacy`, one with lines after its caption to `multiline`."""
     sidecar = captions.sidecar(path, cfg.caption_extension, names)
     if sidecar is not None:
-        caption, encoding = captions.read_caption_file(sidecar)
+        caption, encoding, more = captions.read_caption_file(sidecar)
         if encoding == "cp1252":
             legacy.append(sidecar)
+        if more:
+            multiline.append(sidecar)
         return caption, "sidecar"
     for folder in _folders_up(path, root):
         entries = metadata.get(folder)

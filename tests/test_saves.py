@@ -79,8 +79,12 @@ def test_a_model_no_client_reads_writes_no_saves_and_says_so_once(tiny_sd1, imag
     assert not (out / "saves").exists()
 
 
-@pytest.mark.parametrize("extra", [(), ("--set", "memory.optimizer_offload=cpu", "--set", "train.ema_decay=0.5")],
-                         ids=["plain", "host-tier-ema"])
+STREAMED = ("--set", "memory.optimizer_offload=nvme", "--set", "memory.param_offload=cpu",
+            "--set", "memory.gradient_checkpointing=true")
+
+
+@pytest.mark.parametrize("extra", [(), ("--set", "memory.optimizer_offload=cpu", "--set", "train.ema_decay=0.5"),
+                                   STREAMED], ids=["plain", "host-tier-ema", "nvme-streamed"])
 def test_full_saves_are_single_files_from_single_file_reads(tiny_sd1, images, tmp_path, monkeypatch, extra):
     """sdtune-tiny has no client-readable sizes; with the clients' check passed (as for SD1.5's sizes), the
     save at step 2 of a 4-step run is the model.safetensors a 2-step run exports (with EMA: the average),
@@ -91,6 +95,9 @@ def test_full_saves_are_single_files_from_single_file_reads(tiny_sd1, images, tm
     from sdtune import single_file_clients
 
     monkeypatch.setattr(single_file_clients, "unreadable_reason", lambda *args, **kwargs: None)
+    if extra == STREAMED:
+        (tmp_path / "state").mkdir()
+        extra = (*extra, "--set", f"memory.offload_dir={tmp_path / 'state'}")
     out, plain, short = tmp_path / "out", tmp_path / "plain", tmp_path / "short"
     train(tiny_sd1, images, out, "--max-steps", "4", "--set", "output.save_every=2", *extra)
     train(tiny_sd1, images, plain, "--max-steps", "4", *extra)

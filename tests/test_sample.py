@@ -23,8 +23,8 @@ def test_parameters_are_written_as_automatic1111_writes_them():
     assert text == ("a photo of sks dog\nNegative prompt: blurry, low quality\n"
                     "Steps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 0, Size: 512x512, Model: out")
     # no negative prompt: no line for it; a value with a comma or colon is quoted, as A1111's quote() does
-    assert parameters("a cat", steps=2, guidance=1.0, seed=3, size=(64, 96), sampler="PNDMScheduler",
-                      model="a, b") == 'a cat\nSteps: 2, Sampler: PLMS, CFG scale: 1.0, Seed: 3, Size: 64x96, Model: "a, b"'
+    text = parameters("a cat", steps=2, guidance=1.0, seed=3, size=(64, 96), sampler="PNDMScheduler", model="a, b")
+    assert text == 'a cat\nSteps: 2, Sampler: PLMS, CFG scale: 1.0, Seed: 3, Size: 64x96, Model: "a, b"'
 
 
 def test_a_label_band_grows_the_grid_and_wraps_long_prompts_inside_each_image():

@@ -203,8 +203,9 @@ def estimate_vram(
     model: str | None = typer.Option(None, help="A diffusers folder, a .safetensors checkpoint or an architecture "
                                                 "(sd15, sd21, sdxl); default: the preset's model when it is a "
                                                 "local path, else sd15."),
-    preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, or all (every GPU preset "
-                                                 "of the model's family and of train.method)."),
+    preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, auto (the plan `train "
+                                                 "--preset auto` would pick on this machine) or all (every GPU "
+                                                 "preset of the model's family and of train.method)."),
     resolution: int | None = typer.Option(None, min=8, help="Image side in pixels; sets data.resolution "
                                                             "(default: the preset's, 512 for the GPU presets)."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass; sets train.batch_size "
@@ -212,6 +213,8 @@ def estimate_vram(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP + " --resolution and --batch-size win over --set."),
     gpus: int = typer.Option(1, min=1, help="Per-card figures for this many GPUs (processes) under the plan's "
                                             "memory.distributed: ddp (auto) or fsdp."),
+    host_ram_gib: float | None = typer.Option(None, "--host-ram", min=0.5, help="Judge host RAM against this many "
+                                              "GiB (another machine's) instead of this machine's."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON document (every figure in bytes), no table."),
 ):
     """Estimate the GPU memory of a plan before training, without a GPU and without weights.
@@ -220,29 +223,52 @@ def estimate_vram(
     The figures are the peak on the GPU during that step, by category; "peak reserved" adds the CUDA
     caching allocator's rounding and fragmentation and compares with torch.cuda.max_memory_reserved();
     "total" adds the CUDA context on top and is what the card must hold. Host RAM is what offloaded state
-    needs on the host (pinned buffers included); disk is the nvme tier's state file.
+    needs on the host (pinned buffers included); disk is the nvme tier's state file. Each plan's verdict
+    weighs both: the card, and the host RAM (this machine's, or --host-ram) of which a plan may use 90%,
+    as --preset auto allows.
     """
     import json
 
-    from sdtune.auto import SAFETY, detect_gpu, gpu_presets, model_family, run_method
+    from sdtune.auto import GIB, SAFETY, detect_gpu, gpu_presets, host_ram, model_family, pick_plan, run_method
     from sdtune.config import load_config
-    from sdtune.estimate import estimate
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
-    results = []
-    family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
-    for name in gpu_presets(family, method) if preset == "all" else [preset]:
-        cfg, info = load_config(name, overrides)
-        with console.status(f"tracing one training step under {info.name}"):
-            results.append(estimate(cfg, info, model, gpus=gpus))
+    ram = int(host_ram_gib * GIB) if host_ram_gib else host_ram()
+    pick, results = None, []
+    if preset == "auto":
+        if gpus > 1:
+            raise SdtuneError("--preset auto picks a plan for one GPU; with --gpus name a preset, or all")
+        with console.status("--preset auto: estimating the memory plans"):
+            pick = pick_plan(overrides, model, ram=ram)
+        results = [pick.estimate] if pick.estimate is not None else []  # None: no GPU, the cpu preset
+    if not results:
+        from sdtune.estimate import estimate
+
+        family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
+        names = [pick.preset] if pick else gpu_presets(family, method) if preset == "all" else [preset]
+        for name in names:
+            cfg, info = load_config(name, [*(pick.extra if pick else ()), *overrides])
+            with console.status(f"tracing one training step under {info.name}"):
+                results.append(estimate(cfg, info, model, gpus=gpus))
     gpu = detect_gpu()
     if json_:
         gpu_doc = gpu and {"name": gpu.name, "total_memory": gpu.total_memory,
                            "fits": {est.preset: est.total <= gpu.total_memory for est in results}}
-        typer.echo(json.dumps({"gpu": gpu_doc, "estimates": [est.to_dict() for est in results]}, indent=2))
+        host_doc = {"ram": ram, "from": "--host-ram" if host_ram_gib else "this machine",
+                    "budget": ram and int(SAFETY * ram), "needs": {est.preset: _host_need(est) for est in results},
+                    "fits": {est.preset: ram and _host_need(est) <= SAFETY * ram for est in results}}
+        doc = {"gpu": gpu_doc, "host": host_doc, "estimates": [est.to_dict() for est in results]}
+        if pick:
+            doc["auto"] = {"preset": pick.preset, "extra": list(pick.extra), "reason": pick.reason,
+                           "warning": pick.warning}
+        typer.echo(json.dumps(doc, indent=2))
         return
     out = Console(highlight=False, soft_wrap=True)  # soft wrap: each line of text stays one line
+    if pick:
+        out.print(escape(pick.reason))
+        if pick.warning:
+            out.print(f"[bold yellow]warning:[/] {escape(pick.warning)}")
     seconds = sum(getattr(est, "seconds", 0.0) for est in results)
     per = f" on each of {gpus} cards ({results[0].distributed})" if gpus > 1 else ""
     out.print(f"GPU memory at the peak of one training step{per}, estimated without a GPU in {seconds:.1f} s:")
@@ -254,11 +280,46 @@ def estimate_vram(
             out.print(f"note: {est.preset}: {note}")
     if gpu is None:
         out.print("no GPU detected: the verdicts above are against each preset's card")
-        return
-    verdicts = ", ".join(f"{est.preset} [green]fits[/]" if est.total <= gpu.total_memory
-                         else f"{est.preset} [red]does not fit[/]" for est in results)
-    out.print(f"GPU detected: {gpu.name}, {gpu.total_memory / 2**30:.2f} GiB: {verdicts} "
-              f"(--preset auto keeps {1 - SAFETY:.0%} of it free)")
+    else:
+        verdicts = ", ".join(f"{est.preset} [green]fits[/]" if est.total <= gpu.total_memory
+                             else f"{est.preset} [red]does not fit[/]" for est in results)
+        out.print(f"GPU detected: {gpu.name}, {gpu.total_memory / 2**30:.2f} GiB: {verdicts} "
+                  f"(--preset auto keeps {1 - SAFETY:.0%} of it free)")
+    where = "--host-ram" if host_ram_gib else "this machine's"
+    out.print(f"host RAM: {_ram_label(ram)} ({where}); a plan may use {SAFETY:.0%} of it, as --preset auto allows"
+              if ram else "host RAM: this machine's is unknown; pass --host-ram GiB to judge the plans against it")
+    for est in results:
+        out.print(_verdict(est, gpu, ram, SAFETY))
+
+
+def _host_need(est) -> int:
+    """The host RAM a plan needs; on the CPU the device's memory is host RAM too."""
+    return est.host_ram + (est.total if est.device == "cpu" else 0)
+
+
+def _ram_label(ram: int) -> str:
+    return f"{round(ram / 2**30, 1):g} GiB"
+
+
+def _verdict(est, gpu, ram: int | None, safety: float) -> str:
+    """One plan's whole verdict: "rtx3050: fits 8 GB, needs 11.2 GiB host RAM: too much for 16 GiB"."""
+    if est.device == "cpu":
+        card = "runs on the CPU"
+    elif gpu is not None:
+        card = (f"[green]fits[/] {escape(gpu.name)}" if est.total <= gpu.total_memory
+                else f"[red]does not fit[/] {escape(gpu.name)}")
+    elif est.fits is None:
+        card = f"needs {est.total / 2**30:.1f} GiB of VRAM"
+    else:
+        card = f"[green]fits {est.card_gib:g} GB[/]" if est.fits else f"[red]does not fit {est.card_gib:g} GB[/]"
+    need = _host_need(est) / 2**30
+    needs = f"needs {need:.{1 if need >= 1 else 2}f} GiB host RAM" + (
+        f" and {est.disk / 2**30:.1f} GiB of disk in memory.offload_dir" if est.disk else "")
+    if not ram:
+        return f"{est.preset}: {card}, {needs}"
+    host = (f"[green]fits {_ram_label(ram)}[/]" if _host_need(est) <= safety * ram
+            else f"[red]too much for {_ram_label(ram)}[/]")
+    return f"{est.preset}: {card}, {needs}: {host}"
 
 
 def _estimate_table(results):
@@ -293,7 +354,9 @@ def _estimate_table(results):
 @app.command()
 @user_errors
 def presets(name: str | None = typer.Argument(None, help="Show this preset fully resolved, as TOML.")):
-    """List the memory plans, or print one resolved with every key and its meaning."""
+    """List the memory plans, each with what it needs (VRAM and host RAM, estimated at the preset's own model
+    and size, a few seconds a preset), or print one resolved with every key and its meaning."""
+    from rich import box
     from rich.table import Column, Table
 
     from sdtune.config import load_config, preset_names
@@ -303,17 +366,50 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
         cfg, info = load_config(name)
         typer.echo(to_toml(cfg, info))
         return
-    table = Table(Column("preset", no_wrap=True), Column("card", no_wrap=True), "VRAM", "precision",
-                  "checkpoint", "attention", "optimizer", "offload", "batch",
-                  title="sdtune presets (`sdtune presets NAME` shows every key)")
-    for preset in preset_names():
-        cfg, info = load_config(preset)
+    from sdtune.estimate import estimate
+
+    rows = []
+    with console.status("estimating each preset's memory at its own model and size (a few seconds each)"):
+        for preset in preset_names():
+            cfg, info = load_config(preset)
+            rows.append((cfg, info, estimate(cfg, info)))
+    table = Table(Column("preset", no_wrap=True), "method", Column("card", no_wrap=True),
+                  Column("VRAM", justify="right"), Column("RAM", justify="right"), "dtype", "recompute", "offload",
+                  "batch", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), title_justify="left",
+                  title="the presets; VRAM and host RAM in GiB, estimated at each one's model and size")
+    for cfg, info, est in rows:
         m = cfg.memory
-        table.add_row(preset, info.card, f"{info.vram_gib:g} GB" if info.vram_gib else "-", m.precision,
-                      "on" if m.gradient_checkpointing else "off", m.attention, m.optimizer,
+        table.add_row(info.name, "LoRA" if cfg.train.method == "lora" else "full",
+                      f"{info.vram_gib:g} GB" if info.vram_gib else "-",
+                      "-" if est.device == "cpu" else f"{est.total / 2**30:.1f}", f"{_host_need(est) / 2**30:.1f}",
+                      m.precision, "on" if m.gradient_checkpointing else "off",
                       m.optimizer_offload + (" + weights" if m.param_offload != "none" else ""),
                       f"{cfg.train.batch_size}x{cfg.train.gradient_accumulation_steps}")
-    Console().print(table)
+    out = Console(highlight=False)
+    out.print(table)
+    for note in _same_vram_notes([est for *_, est in rows]):
+        out.print(note)
+    out.print("recompute: activation checkpointing; `sdtune presets NAME` shows every key, `sdtune estimate-vram "
+              "--preset NAME --model M` estimates your model")
+
+
+def _same_vram_notes(estimates) -> list[str]:
+    """A line for each set of GPU presets that need the same VRAM (to 0.1 GiB, as listed) but not the same
+    host RAM: the card alone does not choose between them (sdxl-8gb and sdxl-12gb)."""
+    groups: dict[float, list] = {}
+    for est in estimates:
+        if est.device != "cpu":
+            groups.setdefault(round(est.total / 2**30, 1), []).append(est)
+    notes = []
+    for vram, group in groups.items():
+        if len({round(_host_need(est) / 2**30, 1) for est in group}) < 2:
+            continue
+        names = [est.preset for est in group]
+        needs = [f"{est.preset} {_host_need(est) / 2**30:.1f} GiB"
+                 + (f" (and {est.disk / 2**30:.1f} GiB of disk)" if est.disk else "") for est in group]
+        notes.append(f"{', '.join(names[:-1])} and {names[-1]} need the same VRAM ({vram:.1f} GiB) but not the "
+                     f"same host RAM: {', '.join(needs)}")
+    return notes
 
 
 data_app = typer.Typer(help="Inspect a training folder without training.", no_args_is_help=True)
@@ -326,19 +422,29 @@ def data_check(
     folder: Path = typer.Argument(..., help="Folder of training images, as --data of `sdtune train` takes it."),
     preset: str = typer.Option("rtx3050", help="Memory plan whose [data] settings apply (resolution, buckets, "
                                                "smallest side, captions): a preset name or a .toml path."),
+    model: str | None = typer.Option(None, help="Base model whose tokenizer measures the captions (default: the "
+                                                "preset's); a hub id or a single file uses CLIP's, as SD's read."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Scan a training folder as `sdtune train` would, without training: image counts, bucket histogram,
-    caption sources and every file that would be skipped. Exits 2 when no image is usable."""
+    caption sources, captions longer than the text encoder reads, and every file that would be skipped.
+    Exits 2 when no image is usable."""
     from sdtune.config import load_config
     from sdtune.data.check import report
     from sdtune.data.scan import no_usable_images, scan_all
+    from sdtune.data.tokens import model_tokenizer
 
-    cfg, _ = load_config(preset, set_)
+    cfg, _ = load_config(preset, [*([f"model.pretrained={model}"] if model else []), *set_])
     with console.status(f"checking the images in {folder}"):
         scan = scan_all(folder, cfg.data)
+        try:
+            tokenizer = model_tokenizer(cfg.model) if scan.examples else None
+        except SdtuneError as exc:  # the folder is still worth its report
+            tokenizer, unmeasured = None, str(exc)
     out = Console(highlight=False, soft_wrap=True)
-    _print_report(out, report(scan, cfg.data), folder, cfg.data)
+    if tokenizer is None and scan.examples:
+        out.print(f"note: caption lengths not measured: {escape(unmeasured)}")
+    _print_report(out, report(scan, cfg.data, tokenizer), folder, cfg.data)
     if not scan.examples:
         raise SdtuneError(no_usable_images(folder, scan))
 
@@ -362,6 +468,10 @@ def _print_report(out: Console, rep, folder: Path, data) -> None:
     if rep.captions:
         empty = f" ({rep.empty_captions:,} empty)" if rep.empty_captions else ""
         out.print("captions: " + ", ".join(f"{n:,} {source}" for source, n in rep.captions) + empty)
+    if rep.cut is not None and rep.cut.count:
+        out.print(f"[yellow]warning[/] {escape(rep.cut.line())} (measured with {escape(rep.tokenizer)})")
+    elif rep.cut is not None:
+        out.print(f"every caption fits the {rep.cut.limit} tokens the text encoder reads ({escape(rep.tokenizer)})")
     for skip in rep.skipped:
         where = skip.path.relative_to(folder) if skip.path.is_relative_to(folder) else skip.path
         out.print(f"[yellow]skipped[/] {escape(str(where))} ({skip.kind}): {escape(skip.detail)}")

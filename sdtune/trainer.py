@@ -155,6 +155,15 @@ def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> No
             f"would learn to draw at the smaller size; {fix}--set data.resolution={native}")
 
 
+def _check_caption_lengths(examples, components, log: Callable[[str], None]) -> None:
+    """A warning when captions are longer than the text encoder reads (their tails would never train)."""
+    from sdtune.data.tokens import cut_captions, shortest
+
+    cut = cut_captions([(e.image, e.caption) for e in examples], shortest(components.tokenizers))
+    if cut.count:
+        log(f"warning: {cut.line()}")
+
+
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
             log: Callable[[str], None], world: World | None = None) -> Run:
     """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
@@ -164,9 +173,11 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 
     from diffusers import DDPMScheduler
 
+    from sdtune.models import check_source
     from sdtune.parallel import resolve_mode
     from sdtune.scratch import load_for_training
 
+    check_source(cfg.model.pretrained, cfg.model.config)  # a wrong --model is said before the data is scanned
     world = world or World()
     plan = resolve_plan(cfg.memory, log, info)
     plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
@@ -178,6 +189,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         log(components.origin)
     _check_resolution(components, cfg, log)
+    _check_caption_lengths(examples, components, log)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
     stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed, warn=log)

@@ -112,3 +112,32 @@ def test_a_multi_line_caption_file_is_its_first_line_as_kohya_reads_it(tmp_path)
     assert scan.examples[0].caption == "sks dog, red collar"
     [warning] = scan.warnings
     assert warning.startswith("1 caption file has more than one line (img000.txt): only the first is the caption")
+
+
+def _long_caption(data):
+    """img001's caption: 40 tags of 4 CLIP tokens each ("tag", "number", one per digit, ","): 191 tokens."""
+    (data / "img001.txt").write_text(", ".join(f"tag number {i}" for i in range(40)))
+
+
+def test_data_check_counts_the_captions_cut_at_the_token_limit_and_shows_one(tmp_path):
+    data = make_image_folder(tmp_path / "data", count=3)
+    _long_caption(data)
+    # rtx3050's model is a hub id: CLIP's tokenizer (bundled, offline) measures, as every SD text encoder reads
+    result = runner.invoke(app, ["data", "check", str(data), "--set", "data.resolution=64"])
+    assert result.exit_code == 0, result.output
+    assert ('1 of 3 captions are longer than the 77 tokens the text encoder reads (its start and end tokens '
+            'included): the rest is cut and never trained; e.g. img001.png (191 tokens): "... tag number 13, '
+            'tag number 14, tag number 15, tag number 16," | cut: "tag number 17, tag number 18,') in result.output
+    tiny = runner.invoke(app, ["data", "check", str(data), "--preset", "cpu"])  # sdtune-tiny reads 16 tokens
+    assert "1 of 3 captions are longer than the 16 tokens" in tiny.output and "sdtune-tiny's tokenizer" in tiny.output
+    (data / "img001.txt").write_text("a red circle")
+    result = runner.invoke(app, ["data", "check", str(data), "--set", "data.resolution=64"])
+    assert "every caption fits the 77 tokens the text encoder reads" in result.output
+
+
+def test_train_says_how_many_captions_are_cut(tiny_sd1, tmp_path):
+    data = make_image_folder(tmp_path / "data", count=3)
+    _long_caption(data)
+    output, _ = _run(tiny_sd1, data, tmp_path / "out", "--max-steps", "1")
+    [line] = [line for line in output.splitlines() if "captions are longer" in line]
+    assert line.startswith("warning: 1 of 3 captions are longer than the 77 tokens") and "e.g. img001.png (" in line

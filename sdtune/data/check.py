@@ -1,6 +1,6 @@
 """`sdtune data check`: a scan of the training folder in numbers (`report`), as the command prints it.
 
-    rep = report(scan_all("images", cfg.data), cfg.data)   # counts, buckets, caption sources, skips
+    rep = report(scan_all("images", cfg.data), cfg.data, model_tokenizer(cfg.model))  # counts, buckets, captions
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sdtune.config import DataConfig
 from sdtune.data.buckets import assign, make_buckets
 from sdtune.data.scan import Scan, Skip
+from sdtune.data.tokens import CutCaptions, cut_captions
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,13 @@ class Report:
     warnings: list[str]                            # Scan.warnings: files used that may not read as meant
     notes: list[str]                               # Scan.notes: folders not searched (output folders)
     summary: str                                   # Scan.summary(): "" when nothing was skipped
+    cut: CutCaptions | None = None                 # captions longer than the text encoder reads (a tokenizer given)
+    tokenizer: str = ""                            # which tokenizer measured them
 
 
-def report(scan: Scan, cfg: DataConfig) -> Report:
-    """What `sdtune data check` prints, computed from a scan (buckets as the batch stream assigns them)."""
+def report(scan: Scan, cfg: DataConfig, tokenizer: tuple | None = None) -> Report:
+    """What `sdtune data check` prints, computed from a scan (buckets as the batch stream assigns them);
+    with `tokenizer` ((tokenizer, its name), `sdtune.data.tokens.model_tokenizer`), the captions it cuts."""
     buckets = make_buckets(cfg)
     images, repeats = Counter(), Counter()
     for example in scan.examples:
@@ -42,4 +46,6 @@ def report(scan: Scan, cfg: DataConfig) -> Report:
         buckets=[(b, images[b], repeats[b]) for b in buckets if images[b]],
         captions=sorted(sources.items(), key=lambda kv: (-kv[1], kv[0])),
         empty_captions=sum(1 for e in scan.examples if not e.caption), skipped=list(scan.skipped),
-        warnings=list(scan.warnings), notes=list(scan.notes), summary=scan.summary())
+        warnings=list(scan.warnings), notes=list(scan.notes), summary=scan.summary(),
+        cut=cut_captions([(e.image, e.caption) for e in scan.examples], tokenizer[0]) if tokenizer else None,
+        tokenizer=tokenizer[1] if tokenizer else "")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shlex
 import shutil
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,7 @@ def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: boo
     from sdtune.lock import output_lock
 
     out, world = Path(out), world or World()
-    with output_lock(out, log=log) if world.main else nullcontext():
+    with _full_disk(out), output_lock(out, log=log) if world.main else nullcontext():
         outcome = _run(cfg, info, data, out, resume, overwrite, log, progress, world)
     if isinstance(outcome, _OutOfMemoryAt):  # the failed step's tensors are gone with its traceback by now
         from sdtune.replan import out_of_memory
@@ -142,6 +142,21 @@ def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: boo
         _free_memory()  # before the estimate, and before --on-oom fallback loads the run again
         raise out_of_memory(cfg, info, outcome.step, out)
     return outcome
+
+
+@contextmanager
+def _full_disk(out: Path):
+    """A full disk under the writes that do not say so themselves (the metrics, the samples, config.toml):
+    one line; the checkpoints, caches and export name what they needed."""
+    from sdtune.files import DISK_FULL, os_errno, write_failure
+
+    try:
+        yield
+    except Exception as exc:
+        number = os_errno(exc)
+        if isinstance(exc, SdtuneError) or number not in DISK_FULL:
+            raise
+        raise SdtuneError(write_failure(out, "", number, "free space there and continue with --resume")) from None
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,9 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
                 shutil.rmtree(checkpoint.checkpoint_root(out))
             if world.main:
                 (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
+                if cfg.output.keep_checkpoints == 0:
+                    log("output.keep_checkpoints=0: no resume checkpoints are written; a run stopped before its "
+                        "end cannot be resumed")
             world.barrier()  # no rank writes a checkpoint before --overwrite has cleared the old ones
             steps = run.cfg.train.max_steps  # train.max_epochs has made it the epochs' steps
             if run.step >= steps:
@@ -204,7 +222,9 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 def _export(run, info: PresetInfo, log: Log) -> dict:
     """The diffusers folder (and the single file) from the fp32 trained weights, or a LoRA run's two LoRA
     files; `summary.json`."""
-    from sdtune.export import SINGLE_FILE, SUMMARY, export_pipeline, export_single_file, write_json
+    import torch
+
+    from sdtune.export import DTYPES, SINGLE_FILE, export_pipeline, export_single_file
     from sdtune.lora.adapter import TEXT_ENCODER_NAMES
     from sdtune.trainer import fp32_weights
 
@@ -229,34 +249,83 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
         for name, weight in fp32_weights(run).items():
             run.components.unet.get_parameter(name).data = weight
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
-    export_pipeline(run.components, run.out_dir)
-    single = {"written": False, "reason": "output.single_file is false"}
-    if run.cfg.output.single_file:
-        written = export_single_file(run.components, run.out_dir)
-        for note in written.notes:
-            log(f"{SINGLE_FILE}: {note}")
-        if written.path is None:
-            log(f"{SINGLE_FILE} not written: {written.reason}")
-        single = {"written": written.path is not None, "reason": written.reason}
+    output = run.cfg.output
+    trained = [run.components.unet, *(run.components.text_encoders if run.cfg.train.text_encoder_lr else ())]
+    for module in trained:  # what the diffusers folder holds of them; the single file casts every part itself
+        module.to(getattr(torch, DTYPES[output.save_precision]))
+    with _writing_model(run, _model_bytes(run)):
+        export_pipeline(run.components, run.out_dir)
+        single = {"written": False, "reason": "output.single_file is false"}
+        if output.single_file:
+            written = export_single_file(run.components, run.out_dir, precision=output.save_precision)
+            for note in written.notes:
+                log(f"{SINGLE_FILE}: {note}")
+            if written.path is None:
+                log(f"{SINGLE_FILE} not written: {written.reason}")
+            single = {"written": written.path is not None, "reason": written.reason}
     result = {"preset": info.name, **summary(run), "single_file": single}
-    write_json(run.out_dir / SUMMARY, result)
+    _leave(run, result)
     return result
 
 
-def _export_lora(run, info: PresetInfo) -> dict:
+def _model_bytes(run) -> int:
+    """Bytes the export writes less those of the files it replaces: the diffusers folder (each part in its
+    dtype: the trained ones in output.save_precision by now) and the single file (every part in it)."""
+    from sdtune.export import SINGLE_FILE
+    from sdtune.files import folder_bytes, tensor_bytes
+
+    parts = [run.components.unet, run.components.vae, *run.components.text_encoders]
+    folder = sum(tensor_bytes(part.state_dict()) for part in parts)
+    itemsize = 4 if run.cfg.output.save_precision == "fp32" else 2
+    single = itemsize * sum(t.numel() for part in parts for t in part.state_dict().values())
+    replaced = sum(folder_bytes(run.out_dir / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2",
+                                                                 SINGLE_FILE))
+    return folder + (single if run.cfg.output.single_file else 0) + 2**20 - replaced
+
+
+def _writing_model(run, needed: int):
+    """Refuse to start the export without `needed` bytes free, and turn one the disk refuses all the same into
+    one line; either way the last checkpoint holds the trained weights and --resume writes the model again."""
+    from sdtune.files import check_space, disk_errors
+
+    latest = checkpoint.latest_checkpoint(run.out_dir, warn=lambda message: None)
+    fix = (f"free space there and run the same command with --resume: it writes the model from {latest}"
+           if latest else "free space there first: output.keep_checkpoints=0 keeps no checkpoint to write it from")
+    check_space(run.out_dir, needed, "the trained model", fix)
+    return disk_errors(run.out_dir, "the trained model", fix, needed)
+
+
+def _leave(run, result: dict) -> None:
+    """`summary.json`, with what the run leaves on disk (`result["disk"]`); then, unless
+    output.keep_final_state, the resume checkpoints are deleted (after the summary: a run killed in between
+    keeps them)."""
     from sdtune.export import SUMMARY, write_json
+    from sdtune.files import folder_bytes
+
+    root, keep = checkpoint.checkpoint_root(run.out_dir), run.cfg.output.keep_final_state
+    checkpoints = folder_bytes(root)
+    result["disk"] = {"output_bytes": folder_bytes(run.out_dir) - (0 if keep else checkpoints),
+                      "checkpoint_bytes": checkpoints, "checkpoints_kept": keep and checkpoints > 0}
+    write_json(run.out_dir / SUMMARY, result)
+    if not keep and root.exists():
+        shutil.rmtree(root)
+
+
+def _export_lora(run, info: PresetInfo) -> dict:
+    from sdtune.files import tensor_bytes
     from sdtune.lora.files import kohya_metadata, save_diffusers, save_kohya
 
     modules, family = run.placement.lora, run.components.family
     result = {"preset": info.name, **summary(run)}
-    with run.ema.applied() if run.ema is not None else nullcontext():  # the moving average is the LoRA
+    with (run.ema.applied() if run.ema is not None else nullcontext(),  # the moving average is the LoRA
+          _writing_model(run, 2 * tensor_bytes(run.placement.weights()) + 2**20)):  # two files, in fp32 at most
         files = [save_diffusers(modules, family, run.out_dir),
                  save_kohya(modules, family, run.out_dir, kohya_metadata(run.cfg, run.components, result,
                                                                          len(run.stream.examples)),
                             run.cfg.lora.scale_alpha)]
     run.close()
     result["lora_files"] = [path.name for path in files]
-    write_json(run.out_dir / SUMMARY, result)
+    _leave(run, result)
     return result
 
 

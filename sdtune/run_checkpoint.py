@@ -21,8 +21,11 @@ from sdtune.errors import SdtuneError
 TEXT_ENCODERS_FILE = "text_encoders.safetensors"
 
 
-def save(run) -> Path:
-    """Checkpoint `run` at its step (every rank calls it; rank 0 writes, FSDP ranks write their shards)."""
+def save(run) -> Path | None:
+    """Checkpoint `run` at its step (every rank calls it; rank 0 writes, FSDP ranks write their shards); with
+    output.keep_checkpoints=0 nothing is written (None)."""
+    if run.cfg.output.keep_checkpoints == 0:
+        return None
     state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds,
              "ema_updates": run.ema.updates if run.ema is not None else 0}
     sharded = run.placement if run.placement.sharded else None

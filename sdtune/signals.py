@@ -15,10 +15,12 @@ from pathlib import Path
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after step `step`, saved as checkpoint `saved`."""
+    """SIGINT or SIGTERM stopped the run after step `step`, saved as checkpoint `saved` (None: none is kept)."""
 
-    def __init__(self, signum: int, step: int, saved: Path):
-        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, checkpoint saved in {saved}")
+    def __init__(self, signum: int, step: int, saved: Path | None):
+        kept = (f"checkpoint saved in {saved}" if saved else
+                "no checkpoint saved (output.keep_checkpoints=0: --resume starts over)")
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, {kept}")
         self.step, self.saved = step, saved
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 

@@ -78,9 +78,8 @@ def _pieces(words: list[str], font, width: int):
 SAMPLER_NAMES = {"EulerAncestralDiscreteScheduler": "Euler a", "EulerDiscreteScheduler": "Euler",
                  "DDIMScheduler": "DDIM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
                  "HeunDiscreteScheduler": "Heun", "DPMSolverMultistepScheduler": "DPM++ 2M",
-                 "UniPCMultistepScheduler": "UniPC",
-                 "KDPM2DiscreteScheduler": "DPM2", "KDPM2AncestralDiscreteScheduler": "DPM2 a",
-                 "LCMScheduler": "LCM", "DDPMScheduler": "DDPM"}
+                 "UniPCMultistepScheduler": "UniPC", "KDPM2DiscreteScheduler": "DPM2",
+                 "KDPM2AncestralDiscreteScheduler": "DPM2 a", "LCMScheduler": "LCM", "DDPMScheduler": "DDPM"}
 
 
 def parameters(prompt: str, *, negative: str = "", steps: int, guidance: float, seed: int, size: tuple[int, int],
@@ -139,7 +138,7 @@ class SampleResult:
 
 
 def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed: int = 0,
-           height: int | None = None, width: int | None = None, guidance: float = 7.5,
+           height: int | None = None, width: int | None = None, guidance: float = GUIDANCE,
            out_dir: str = "samples", vae: str | None = None, lora_scale: float = 1.0,
            negative_prompt: str = "") -> SampleResult:
     """Load the pipeline at `ckpt` (with the VAE folder `vae` instead of its own, if given) and write
@@ -173,7 +172,8 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
                       width=width, negative_prompt=negative_prompt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = Path(ckpt).resolve().name
+    source = Path(ckpt).resolve()
+    model = source.stem if source.is_file() else source.name  # as A1111 names a checkpoint: no extension
     texts = [parameters(prompt, negative=negative_prompt, steps=steps, guidance=guidance, seed=s, size=image.size,
                         sampler=type(pipe.scheduler).__name__, model=model,
                         extra={"LoRA scale": lora_scale} if lora else None)

@@ -19,6 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from sdtune.client_layout import text_model_names
 from sdtune.files import follow_umask, save_safetensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -49,10 +50,12 @@ def save_diffusers(modules: dict, family, out_dir: Path) -> Path:
     then renamed: never half a file). The weights keep peft's names (`lora_A`/`lora_B`), which diffusers'
     loader reads as they are: its `convert_state_dict_to_diffusers` renames only the attention projections
     (to `lora.down`/`lora.up`), and a file that mixes both styles loses its attention half on loading once
-    the convolutions have adapters too."""
+    the convolutions have adapters too. A text encoder's names carry transformers 4.x's `text_model.` level
+    and the settings only the fields peft 0.17 knows, so that older diffusers, transformers and peft load
+    the file too (`sdtune.client_layout`)."""
     layers, metadata = {}, {}
     for name, module in modules.items():
-        layers[f"{name}_lora_layers"] = peft_weights(module)
+        layers[f"{name}_lora_layers"] = text_model_names(module, peft_weights(module))
         metadata[f"{name}_lora_adapter_metadata"] = floor_lora_config(module.peft_config["default"])
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:

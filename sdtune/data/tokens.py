@@ -98,7 +98,7 @@ def model_tokenizer(model) -> tuple[object, str]:
     names = sorted(p.name for p in folder.glob("tokenizer*") if p.is_dir()) if folder is not None else []
     if not names:
         return clip_tokenizer(), "CLIP's tokenizer (bundled)"
-    from transformers import AutoTokenizer
+    from transformers import CLIPTokenizer  # every SD tokenizer is one; AutoTokenizer would import torch
 
-    tokenizer = shortest([AutoTokenizer.from_pretrained(folder / name) for name in names])
+    tokenizer = shortest([CLIPTokenizer.from_pretrained(folder / name) for name in names])
     return tokenizer, f"{model.pretrained}'s tokenizer"

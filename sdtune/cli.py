@@ -297,6 +297,12 @@ def _host_need(est) -> int:
     return est.host_ram + (est.total if est.device == "cpu" else 0)
 
 
+def _gib_figure(n: int) -> str:
+    """Bytes as GiB to one decimal, or two below 1 GiB (the cpu preset's model: 0.04, not 0.0)."""
+    gib = n / 2**30
+    return f"{gib:.1f}" if gib >= 0.95 else f"{gib:.2f}"
+
+
 def _ram_label(ram: int) -> str:
     return f"{round(ram / 2**30, 1):g} GiB"
 
@@ -312,8 +318,7 @@ def _verdict(est, gpu, ram: int | None, safety: float) -> str:
         card = f"needs {est.total / 2**30:.1f} GiB of VRAM"
     else:
         card = f"[green]fits {est.card_gib:g} GB[/]" if est.fits else f"[red]does not fit {est.card_gib:g} GB[/]"
-    need = _host_need(est) / 2**30
-    needs = f"needs {need:.{1 if need >= 1 else 2}f} GiB host RAM" + (
+    needs = f"needs {_gib_figure(_host_need(est))} GiB host RAM" + (
         f" and {est.disk / 2**30:.1f} GiB of disk in memory.offload_dir" if est.disk else "")
     if not ram:
         return f"{est.preset}: {card}, {needs}"
@@ -376,12 +381,12 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
     table = Table(Column("preset", no_wrap=True), "method", Column("card", no_wrap=True),
                   Column("VRAM", justify="right"), Column("RAM", justify="right"), "dtype", "recompute", "offload",
                   "batch", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), title_justify="left",
-                  title="the presets; VRAM and host RAM in GiB, estimated at each one's model and size")
+                  title="VRAM and host RAM: GiB estimated at each preset's model and size")
     for cfg, info, est in rows:
         m = cfg.memory
         table.add_row(info.name, "LoRA" if cfg.train.method == "lora" else "full",
                       f"{info.vram_gib:g} GB" if info.vram_gib else "-",
-                      "-" if est.device == "cpu" else f"{est.total / 2**30:.1f}", f"{_host_need(est) / 2**30:.1f}",
+                      "-" if est.device == "cpu" else _gib_figure(est.total), _gib_figure(_host_need(est)),
                       m.precision, "on" if m.gradient_checkpointing else "off",
                       m.optimizer_offload + (" + weights" if m.param_offload != "none" else ""),
                       f"{cfg.train.batch_size}x{cfg.train.gradient_accumulation_steps}")
@@ -405,7 +410,7 @@ def _same_vram_notes(estimates) -> list[str]:
         if len({round(_host_need(est) / 2**30, 1) for est in group}) < 2:
             continue
         names = [est.preset for est in group]
-        needs = [f"{est.preset} {_host_need(est) / 2**30:.1f} GiB"
+        needs = [f"{est.preset} {_gib_figure(_host_need(est))} GiB"
                  + (f" (and {est.disk / 2**30:.1f} GiB of disk)" if est.disk else "") for est in group]
         notes.append(f"{', '.join(names[:-1])} and {names[-1]} need the same VRAM ({vram:.1f} GiB) but not the "
                      f"same host RAM: {', '.join(needs)}")

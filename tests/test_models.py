@@ -44,9 +44,9 @@ def test_other_pipeline_families_are_refused(tiny_sd1, tmp_path):
         load_components(str(other))
 
 
-def test_single_file_needs_its_configs(tmp_path):
+def test_an_unreadable_single_file_is_one_line(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(b"")
-    with pytest.raises(SdtuneError, match="model.config"):
+    with pytest.raises(SdtuneError, match="is not a readable .safetensors file"):
         load_components(str(tmp_path / "m.safetensors"))
 
 

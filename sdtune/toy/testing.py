@@ -60,16 +60,23 @@ def write_tiny_tokenizer(folder: str | Path, words=WORDS, max_length: int = 77):
     return tokenizer
 
 
-def tiny_components(version: int = 1, seed: int = 0) -> dict:
-    """Randomly initialised SD-architecture parts; version 2 means v-prediction and linear projections."""
+def tiny_components(version: int = 1, seed: int = 0, clip_vocab: bool = False) -> dict:
+    """Randomly initialised SD-architecture parts; version 2 means v-prediction and linear projections;
+    `clip_vocab`, CLIP's real tokenizer and a 49,408-row embedding table (a single file alone gets that
+    tokenizer) instead of the tiny vocabulary."""
     import tempfile
 
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = write_tiny_tokenizer(tmp)
+    from sdtune.families.clip_tokenizer import CLIP_L_PAD, OPEN_CLIP_PAD, clip_tokenizer
+
+    if clip_vocab:
+        tokenizer = clip_tokenizer(OPEN_CLIP_PAD if version == 2 else CLIP_L_PAD)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = write_tiny_tokenizer(tmp)
     torch.manual_seed(seed)
     sd2 = version == 2
     unet = UNet2DConditionModel(
@@ -100,11 +107,11 @@ def tiny_components(version: int = 1, seed: int = 0) -> dict:
             "scheduler": scheduler}
 
 
-def save_tiny_pipeline(folder: str | Path, version: int = 1, seed: int = 0) -> Path:
+def save_tiny_pipeline(folder: str | Path, version: int = 1, seed: int = 0, clip_vocab: bool = False) -> Path:
     """Write a tiny diffusers pipeline folder that `StableDiffusionPipeline.from_pretrained` loads."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(**tiny_components(version, seed), safety_checker=None,
+    pipe = StableDiffusionPipeline(**tiny_components(version, seed, clip_vocab), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)

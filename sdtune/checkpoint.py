@@ -77,7 +77,8 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     the disk has less free than it will take (the larger of its estimate and the previous checkpoint's
     size); a write the OS refuses all the same (a full disk) removes the half-written folder and is one
     line saying which folder, how much it needs, how much is free and that the previous checkpoint is
-    intact. Folders of earlier unfinished writes (`step-N.tmp`) are removed first. `files`: more fp32
+    intact. Folders of earlier unfinished writes (`step-N.tmp`) are removed first, and with `keep` >= 2 the
+    oldest checkpoint beyond `keep - 1` too (the disk holds `keep` at most). `files`: more fp32
     weights, {file name: weights} (the EMA's `ema.safetensors`, a trained text encoder's).
 
     Several processes (`world`) all call it: every rank's torch RNG goes into rank 0's files; with
@@ -95,6 +96,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     needed = 0
     if world.main:
         _remove_unfinished(root)
+        _prune_before(out_dir, previous, keep)
         state = {**state, "world_size": world.size}
         files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
         training = _training_state(tier, lr_schedule, scaler, rngs, optimizer=sharded is None)
@@ -123,6 +125,17 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
             shutil.rmtree(old)
     world.barrier()
     return final
+
+
+def _prune_before(out_dir: Path, previous: Path | None, keep: int) -> None:
+    """Make room before writing: of `keep` checkpoints, the oldest goes now rather than after the new one is
+    written, so that the disk holds `keep` checkpoints at most, not `keep + 1`. Only checkpoints older than
+    `previous` (the newest that verifies), so that a failed write still leaves it."""
+    if previous is None or keep < 2:
+        return
+    for old in list_checkpoints(out_dir)[:-(keep - 1)]:
+        if old.name < previous.name:
+            shutil.rmtree(old)
 
 
 def _remove_unfinished(root: Path) -> None:
@@ -205,34 +218,31 @@ def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_sch
     """Restore everything `save_checkpoint` wrote into the live objects (the weights through `restore`, or
     each rank's shards with `sharded`; each of `files`, {file name: restore}, through its own); return the
     saved `state.json`. A checkpoint resumes on the number of processes that wrote it (SdtuneError otherwise).
-    `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code."""
+    `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code.
+
+    Resuming fits where training fits: the tier reads its state into the buffers it trains with (the host
+    tier's file straight into its buckets), weights it restored that way are not read again from the
+    weights file, and each file is read only once what was read before it is in place and freed."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
     world = world or World()
-    try:
-        state = json.loads((path / STATE).read_text())
-        _check_world(path, state.get("world_size", 1), world.size)
-        weights = load_file(path / weights_file) if sharded is None else None
-        extra = {name: load_file(path / name) for name in files or {}}
-        training = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise SdtuneError(f"checkpoint {path} is unreadable (training_state.pt holds objects other than tensors and "
-                          "plain data; sdtune never unpickles code); delete it to resume from an older one") from None
-    except (OSError, RuntimeError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise SdtuneError(f"checkpoint {path} is unreadable ({first}); delete it to resume from an older one") from None
+    state = _read(path, STATE, lambda file: json.loads(file.read_text()))
+    _check_world(path, state.get("world_size", 1), world.size)
+    training = _read(path, "training_state.pt",
+                     lambda file: torch.load(file, map_location="cpu", weights_only=True))
     if sharded is None:
-        restore(weights)
-        tier.load_state_dict(training["optimizer"])
+        tier.load_state_dict(training.pop("optimizer"))
     else:
         from sdtune.parallel import SHARDED, load_sharded
 
         load_sharded(path / SHARDED, sharded.unet, tier.optimizer)
     tier.load_files(path)
+    if sharded is None:
+        restore(_read(path, weights_file, lambda file: _weights(file, tier.restored_weights())))
     for name, load in (files or {}).items():
-        load(extra[name])
+        load(_read(path, name, load_file))
     lr_schedule.load_state_dict(training["lr_schedule"])
     scaler.load_state_dict(training["scaler"])
     rng = training["rank_rng"][world.rank] if "rank_rng" in training else training["rng"]
@@ -246,3 +256,30 @@ def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_sch
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     state.pop("manifest", None)
     return state
+
+
+def _read(path: Path, name: str, reader: Callable[[Path], object]):
+    """`reader(path / name)`; a file that cannot be read is one line naming the checkpoint."""
+    try:
+        return reader(path / name)
+    except pickle.UnpicklingError:
+        raise SdtuneError(f"checkpoint {path} is unreadable ({name} holds objects other than tensors and plain "
+                          "data; sdtune never unpickles code); delete it to resume from an older one") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SdtuneError(f"checkpoint {path} is unreadable ({first}); delete it to resume from an older one") from None
+
+
+def _weights(file: Path, restored: dict) -> dict:
+    """The tensors of the safetensors `file`; one that `restored` holds already (by name, fp32, of its shape:
+    the tier's masters, which the file was written from) is taken from there instead of being read twice."""
+    import torch
+    from safetensors import safe_open
+
+    weights = {}
+    with safe_open(file, framework="pt") as f:
+        for key in f.keys():
+            kept, stored = restored.get(key), f.get_slice(key)
+            same = kept is not None and kept.dtype == torch.float32 and stored.get_dtype() == "F32"
+            weights[key] = kept if same and list(kept.shape) == stored.get_shape() else f.get_tensor(key)
+    return weights

@@ -12,9 +12,15 @@ from sdtune.config import load_config
 runner = CliRunner()
 
 
+# The tests that train through `train` read the resume checkpoints a finished run leaves and compare the
+# written UNet with fp32 computations: they keep both (the lean defaults, fp16 and no checkpoints kept,
+# are tests/test_disk.py's).
+KEEP_ALL = ("--set", "output.keep_final_state=true", "--set", "output.save_precision=fp32")
+
+
 def train(model, images, out, *extra):
     result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(model),
-                                 "--out", str(out), *extra])
+                                 "--out", str(out), *KEEP_ALL, *extra])
     assert result.exit_code == 0, result.output
     return json.loads((out / "summary.json").read_text())
 

@@ -268,3 +268,19 @@ def read_only_out(request, tmp_path, monkeypatch):
 def test_a_read_only_out_is_one_line(tiny_sd1, images, read_only_out):
     _one_error_line(_train(tiny_sd1, images, read_only_out),
                     f"cannot write to {read_only_out} (read-only file system): choose another --out")
+
+
+def test_the_disk_holds_keep_checkpoints_at_most_while_one_is_written(tiny_sd1, images, tmp_path, monkeypatch):
+    """The oldest checkpoint beyond keep - 1 goes before the next is written, not after: keep, not keep + 1."""
+    real, present = checkpoint._write_files, []
+
+    def count_then_write(folder, *args, **kwargs):
+        present.append(len(checkpoint.list_checkpoints(folder.parent.parent)))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_write_files", count_then_write)
+    result = _train(tiny_sd1, images, tmp_path / "out", "--set", "output.checkpoint_every=1",
+                    "--set", "output.keep_checkpoints=2", "--set", "output.keep_final_state=true")
+    assert result.exit_code == 0, result.output
+    assert present == [0, 1, 1, 1]  # and the one being written: 2
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "out")] == ["step-000003", "step-000004"]

@@ -184,16 +184,17 @@ def ordered(gpu: Gpu, overrides: Sequence[str], family: str = "sd") -> list[tupl
 
 
 def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
-              log: Callable[[str], None] = lambda message: None) -> Pick:
+              log: Callable[[str], None] = lambda message: None, ram: int | None = None) -> Pick:
     """The fastest plan that fits this machine's GPU, with the user's `overrides` (`--set` items, including
     model.pretrained, data.resolution, train.batch_size) on top of each candidate, chosen among the plans
     of the model's family (`model_family`). `model` is passed to the estimator (None: the config's
     model.pretrained, a bundled architecture's hub repository as that architecture, or sd15 for another hub
-    id). Raises SdtuneError when no plan fits, naming the smallest estimate and the card."""
+    id). `ram`: the host RAM in bytes to plan for (`estimate-vram --host-ram`), else this machine's.
+    Raises SdtuneError when no plan fits, naming the smallest estimate and the card."""
     gpu = detect_gpu()
     if gpu is None:
         return Pick("cpu", (), None, "no CUDA GPU: the cpu preset", _toy_model_warning(overrides, model))
-    budget, ram = SAFETY * gpu.total_memory, host_ram()
+    budget, ram = SAFETY * gpu.total_memory, ram or host_ram()
     card = f"{gpu.name} ({gpu.total_memory / GIB:.1f} GiB; plans may use {SAFETY:.0%}: {budget / GIB:.1f} GiB)"
     from sdtune.estimate import estimate
 

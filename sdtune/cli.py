@@ -441,7 +441,7 @@ def data_check(
 
     cfg, _ = load_config(preset, [*([f"model.pretrained={model}"] if model else []), *set_])
     with console.status(f"checking the images in {folder}"):
-        scan = scan_all(folder, cfg.data)
+        scan = scan_all(folder, cfg.data, exclude=(cfg.data.class_dir, cfg.data.validation_dir))  # as train does
         try:
             tokenizer = model_tokenizer(cfg.model) if scan.examples else None
         except SdtuneError as exc:  # the folder is still worth its report

@@ -26,11 +26,8 @@ def test_train_help_lists_every_option():
         assert option in output
 
 
-def test_presets_lists_and_resolves():
-    listing = runner.invoke(app, ["presets"])
-    assert listing.exit_code == 0
-    for name in ("rtx2070", "rtx3050", "rtx3080", "rtx4090", "cpu"):
-        assert name in listing.output
+def test_presets_resolves_one():
+    """The listing (which estimates every preset) is tested in test_estimate_cli, with a fake estimator."""
     shown = runner.invoke(app, ["presets", "rtx2070"])
     assert shown.exit_code == 0
     assert 'precision = "fp16"' in shown.output and "gradient_checkpointing = true" in shown.output

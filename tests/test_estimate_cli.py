@@ -230,7 +230,10 @@ def test_an_sdxl_model_gets_the_sdxl_plans(monkeypatch, fake_estimator, request,
         from safetensors.torch import save_file
 
         model = str(tmp_path / "xl.safetensors")
-        save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2)}, model)
+        save_file({key: torch.zeros(2) for key in ("model.diffusion_model.label_emb.0.0.weight",  # the base's keys
+                                                   "conditioner.embedders.0.transformer.x",
+                                                   "conditioner.embedders.1.model.x", "first_stage_model.x")},
+                  model)
     fake_gpu(monkeypatch, 24)
     pick = auto.pick_plan([f"model.pretrained={model}"])
     assert pick.preset == "sdxl-24gb"  # sdxl-16gb's plan, named by the card nearest this one
@@ -272,7 +275,8 @@ def fake_training(monkeypatch):
         seen.update(cfg=cfg, info=info)
         return {"pipeline_class": "StableDiffusionPipeline", "steps": 1, "final_loss": 0.1, "seconds_per_step": 0.1,
                 "peak_memory_bytes": GIB,
-                "peak_memory_kind": "reserved", "skipped_steps": 0}
+                "peak_memory_kind": "reserved", "skipped_steps": 0,
+                "disk": {"output_bytes": 0, "checkpoint_bytes": 0, "checkpoints_kept": False}}
 
     monkeypatch.setattr("sdtune.run.attempt", attempt)
     return seen
@@ -381,6 +385,73 @@ def test_estimate_vram_bad_input_is_one_line(fake_estimator):
         assert result.output.startswith("error:") and result.output.count("\n") == 1 and word in result.output
 
 
+def test_estimate_vram_preset_auto_shows_the_pick_and_its_estimate(fake_estimator, monkeypatch):
+    fake_gpu(monkeypatch, 8)
+    result = runner.invoke(app, ["estimate-vram", "--preset", "auto"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("--preset auto: rtx3050 on Fake RTX (8.0 GiB")
+    header = next(line for line in result.stdout.splitlines() if "┃ GiB" in line)
+    assert header.split("┃")[2].strip() == "rtx3050"  # one column: the pick, estimated once (by the pick)
+    assert [info.name for _, info, _, _ in fake_estimator].count("rtx3050") == 1
+    doc = json.loads(runner.invoke(app, ["estimate-vram", "--preset", "auto", "--json"]).stdout)
+    assert doc["auto"]["preset"] == "rtx3050" and [e["preset"] for e in doc["estimates"]] == ["rtx3050"]
+
+
+def test_estimate_vram_preset_auto_without_a_gpu_estimates_the_cpu_plan(fake_estimator, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, ["estimate-vram", "--preset", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "no CUDA GPU: the cpu preset" in result.stdout and "warning: no --model given" in result.stdout
+    ((cfg, info, model, _),) = fake_estimator
+    assert info.name == "cpu" and cfg.memory.device == "cpu" and model is None
+    refused = runner.invoke(app, ["estimate-vram", "--preset", "auto", "--gpus", "2"])
+    assert refused.exit_code == 2 and "--preset auto picks a plan for one GPU" in refused.output
+
+
+def test_estimate_vram_verdict_weighs_host_ram_too(fake_estimator):
+    """The fake's rtx3050 needs 6.5 GiB of VRAM and 14 GiB of host RAM: it fits its card, and a 16 GiB host
+    only by the 90% rule (14.4 GiB), not a 12 GiB one."""
+    small = runner.invoke(app, ["estimate-vram", "--host-ram", "12"])
+    assert small.exit_code == 0, small.output
+    assert "host RAM: 12 GiB (--host-ram); a plan may use 90% of it" in small.stdout
+    assert "rtx3050: fits 8 GB, needs 14.0 GiB host RAM: too much for 12 GiB" in small.stdout
+    assert "rtx3050: fits 8 GB, needs 14.0 GiB host RAM: fits 16 GiB" in runner.invoke(
+        app, ["estimate-vram", "--host-ram", "16"]).stdout
+    mine = runner.invoke(app, ["estimate-vram"])  # this machine's: 64 GiB (plenty_of_host_ram)
+    assert "host RAM: 64 GiB (this machine's)" in mine.stdout and "host RAM: fits 64 GiB" in mine.stdout
+    nvme = runner.invoke(app, ["estimate-vram", "--host-ram", "12", "--set", "memory.optimizer_offload=nvme",
+                               "--set", "memory.offload_dir=/tmp"])
+    assert "needs 4.0 GiB host RAM" in nvme.stdout and "fits 12 GiB" in nvme.stdout
+    doc = json.loads(runner.invoke(app, ["estimate-vram", "--preset", "all", "--host-ram", "12", "--json"]).stdout)
+    assert doc["host"]["ram"] == 12 * GIB and doc["host"]["from"] == "--host-ram"
+    assert doc["host"]["fits"] == {"rtx2070": False, "rtx3050": False, "rtx3080": False, "rtx4090": True}
+    assert doc["host"]["needs"]["rtx3050"] == 14 * GIB
+
+
+def test_presets_lists_method_and_needs_in_80_columns(fake_estimator):
+    result = runner.invoke(app, ["presets"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and load_config_or_none(line.split()[0])}
+    assert set(rows) >= {"cpu", "rtx2070", "rtx3050", "rtx3080", "rtx4090", "sdxl-8gb", "sdxl-12gb", "lora-4gb"}
+    assert rows["rtx3050"][1:6] == ["full", "8", "GB", "6.5", "14.0"] and rows["lora-4gb"][1] == "LoRA"
+    assert rows["sdxl-8gb"][4:6] == ["6.5", "4.0"] and rows["sdxl-12gb"][4:6] == ["6.5", "14.0"]
+    text = " ".join(result.stdout.split())
+    assert "sdxl-12gb, sdxl-16gb and sdxl-24gb need the same VRAM (6.5 GiB) but not the same host RAM:" in text
+    assert "sdxl-8gb 4.0 GiB" in text and "sdxl-12gb 14.0 GiB" in text
+    last_row = max(i for i, line in enumerate(lines) if line.split() and line.split()[0] in rows)
+    assert "rtx4090" not in " ".join(lines[last_row + 1:])  # 22 GiB like lora-6gb, and the same host RAM: no line
+    assert len(fake_estimator) == len(rows)  # each preset estimated once, at its own model and size
+
+
+def load_config_or_none(name):
+    try:
+        return load_config(name)
+    except SdtuneError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # estimate-vram end to end, with the real estimator
 
@@ -442,3 +513,16 @@ def test_real_estimate_bad_model_is_one_line(tmp_path):
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], result.output
 
+
+
+@needs_core
+def test_presets_say_when_equal_vram_hides_a_host_ram_difference():
+    """With the real estimator: sdxl-8gb and sdxl-12gb need the same VRAM, and 12.9 vs 35.2 GiB of host RAM
+    (sdxl-8gb keeps AdamW's state on disk)."""
+    from sdtune.cli import _same_vram_notes
+    from sdtune.estimate import estimate
+
+    estimates = [estimate(*load_config(name)) for name in ("sdxl-8gb", "sdxl-12gb")]
+    (note,) = _same_vram_notes(estimates)
+    assert note.startswith("sdxl-8gb and sdxl-12gb need the same VRAM (6.5 GiB) but not the same host RAM: "
+                           "sdxl-8gb 12.9 GiB (and 28.7 GiB of disk), sdxl-12gb 3"), note

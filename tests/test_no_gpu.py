@@ -79,7 +79,8 @@ def test_train_preset_auto_prints_the_toy_model_warning_in_yellow(no_cuda, monke
     def attempt(cfg, info, data, out, **kwargs):
         seen["model"] = cfg.model.pretrained
         return {"steps": 1, "final_loss": 0.1, "seconds_per_step": 0.1, "peak_memory_bytes": 2**30,
-                "peak_memory_kind": "process_max_rss", "skipped_steps": 0, "pipeline_class": "StableDiffusionPipeline"}
+                "peak_memory_kind": "process_max_rss", "skipped_steps": 0, "pipeline_class": "StableDiffusionPipeline",
+                "disk": {"output_bytes": 0, "checkpoint_bytes": 0, "checkpoints_kept": False}}
 
     monkeypatch.setattr("sdtune.run.attempt", attempt)
     screen = io.StringIO()

@@ -373,9 +373,11 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
         return
     from sdtune.estimate import estimate
 
-    rows = []
-    with console.status("estimating each preset's memory at its own model and size (a few seconds each)"):
-        for preset in preset_names():
+    rows, names = [], preset_names()
+    with console.status("estimating the presets' memory") as status:
+        for i, preset in enumerate(names, 1):
+            status.update(f"estimating each preset's memory at its own model and size: {preset} ({i} of "
+                          f"{len(names)}, a few seconds each)")
             cfg, info = load_config(preset)
             rows.append((cfg, info, estimate(cfg, info)))
     table = Table(Column("preset", no_wrap=True), "method", Column("card", no_wrap=True),

@@ -93,7 +93,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     rngs = world.gather(_rng_state())
     kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
     fix = f"{kept}; free space there and continue with --resume"
-    needed = 0
+    needed, refused = 0, None
     if world.main:
         _remove_unfinished(root)
         _prune_before(out_dir, previous, keep)
@@ -101,7 +101,12 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
         files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
         training = _training_state(tier, lr_schedule, scaler, rngs, optimizer=sharded is None)
         needed = max(_estimate(files, training, tier, state, config_toml), _size(previous))
-        check_space(root, needed, f"checkpoint {final.name}", fix)
+        try:
+            check_space(root, needed, f"checkpoint {final.name}", fix)
+        except SdtuneError as exc:
+            refused = exc
+    if world.any(refused is not None):  # every rank stops, none waits for rank 0 at a barrier
+        raise refused or SdtuneError(f"rank 0 refused checkpoint {final.name}: not enough disk space")
     def remove_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 

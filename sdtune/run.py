@@ -201,11 +201,19 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints; --overwrite
-    lets it write into any folder. True when a previous run's checkpoints are to be deleted (--overwrite),
-    so that none of them is taken for this run's."""
+    """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints that did not
+    finish; --overwrite lets it write into any folder. True when a previous run's checkpoints are to be
+    deleted (--overwrite), so that none of them is taken for this run's."""
+    from sdtune.export import SUMMARY
     from sdtune.lock import LOCK_NAME
 
+    # a finished run whose resume checkpoints were deleted (output.keep_final_state=false): its model is
+    # all there is, and neither a fresh run nor --resume (which would start over) may replace it unasked
+    finished = (out / SUMMARY).is_file() and not checkpoint.list_checkpoints(out)
+    if resume and finished and not overwrite:
+        raise SdtuneError(f"{out} holds a finished run whose resume checkpoints were deleted "
+                          "(output.keep_final_state=false), so there is nothing to resume; choose another --out, "
+                          "or pass --overwrite without --resume to train it again")
     if resume or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return False
     if overwrite:
@@ -213,6 +221,8 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     if checkpoint.list_checkpoints(out):
         raise SdtuneError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
                           "over (deletes its checkpoints), or choose another --out")
+    if finished:
+        raise SdtuneError(f"{out} holds a finished run; choose another --out, or pass --overwrite to replace it")
     if not (out / "config.toml").is_file():
         raise SdtuneError(f"{out} exists, is not empty and is not an sdtune output folder; choose another --out, "
                           "or pass --overwrite to write into it (files of the same names are replaced)")

@@ -284,3 +284,14 @@ def test_the_disk_holds_keep_checkpoints_at_most_while_one_is_written(tiny_sd1, 
     assert result.exit_code == 0, result.output
     assert present == [0, 1, 1, 1]  # and the one being written: 2
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "out")] == ["step-000003", "step-000004"]
+
+
+def test_a_finished_lean_run_is_not_replaced_unasked(tiny_sd1, images, tmp_path):
+    """Its checkpoints deleted, a finished run's folder is its model: a fresh run or --resume (which would
+    start over) is refused; --overwrite trains it again."""
+    out = tmp_path / "out"
+    assert _train(tiny_sd1, images, out).exit_code == 0
+    _one_error_line(_train(tiny_sd1, images, out), "holds a finished run; choose another --out, or pass --overwrite")
+    _one_error_line(_train(tiny_sd1, images, out, "--resume"), "resume checkpoints were deleted",
+                    "nothing to resume")
+    assert _train(tiny_sd1, images, out, "--overwrite").exit_code == 0

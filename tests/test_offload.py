@@ -390,3 +390,64 @@ def test_the_overlapped_step_trains_the_unet_as_plain_adamw_does(tiny_sd1, image
     assert runs["cpu"].losses == runs["none"].losses
     plain, offloaded = runs["none"].components.unet.state_dict(), trainer.fp32_weights(runs["cpu"])
     assert all(torch.equal(offloaded[name], weight) for name, weight in plain.items())
+
+
+def _resumed(model, images, out, *overrides):
+    """A run prepared with --resume from the newest checkpoint in `out`."""
+    cfg, info = load_config("cpu", [f"model.pretrained={model}", *overrides])
+    return trainer.prepare(cfg, info, str(images), str(out), resume=True, log=lambda m: None)
+
+
+def test_resuming_the_host_tier_reads_its_state_into_its_own_buffers(tiny_sd1, images, tmp_path):
+    """Resume fits where training fits: the host tier's masters and moments are read from the checkpoint's
+    state file into the buffers it trains with (not unpickled beside them), and the weights it restores
+    are those masters, not a second copy read from unet.safetensors."""
+    from sdtune import checkpoint
+
+    sets = ["train.max_steps=2", "output.checkpoint_every=2", "memory.optimizer_offload=cpu"]
+    first = prepared(tiny_sd1, images, tmp_path / "first", *sets)
+    trainer.loop(first)
+    saved = checkpoint.checkpoint_root(tmp_path / "first") / "step-000002"
+    pickled = torch.load(saved / "training_state.pt", weights_only=True)["optimizer"]
+    assert all(t.numel() == 1 for s in pickled["state"].values() for t in s.values())  # step counts only
+    run = prepared(tiny_sd1, images, tmp_path / "second", *sets)
+    opt = run.optimizer
+    buffers = [t for b in opt._buckets for t in (b.master, opt.state[b.master]["exp_avg"],
+                                                 opt.state[b.master]["exp_avg_sq"])]
+    where = [t.data_ptr() for t in buffers]
+    restored = {}
+
+    def restore(weights):
+        restored.update(weights)
+        run.placement.restore(weights)
+
+    checkpoint.load_checkpoint(saved, restore=restore, tier=run.tier, lr_schedule=run.lr_schedule, scaler=run.scaler)
+    assert [t.data_ptr() for t in buffers] == where  # filled in place
+    expected = first.optimizer.state_dict()
+    for b, master, before in zip(opt._buckets, expected["masters"], expected["state"].values(), strict=True):
+        assert torch.equal(b.master, master)
+        assert all(torch.equal(opt.state[b.master][k], before[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    masters = {b.master.untyped_storage().data_ptr() for b in opt._buckets}
+    assert restored and all(w.untyped_storage().data_ptr() in masters for w in restored.values())
+    unet = run.components.unet
+    assert all(torch.equal(unet.get_parameter(name).data, w) for name, w in restored.items())  # the working copy
+
+
+@pytest.mark.parametrize("before, after", [("none", "cpu"), ("cpu", "none")])
+def test_resume_moves_the_optimizer_state_between_the_device_and_host_tiers(tiny_sd1, images, tmp_path,
+                                                                            before, after):
+    """A checkpoint of either tier (the host tier's state in its file) resumes on the other, training on as
+    the unchanged run does (to float rounding: the state is regrouped)."""
+    sets = ["train.max_steps=4", "output.checkpoint_every=2"]
+    straight = prepared(tiny_sd1, images, tmp_path / "straight", *sets, f"memory.optimizer_offload={after}")
+    trainer.loop(straight)
+    first = prepared(tiny_sd1, images, tmp_path / "moved", "train.max_steps=2", *sets[1:],
+                     f"memory.optimizer_offload={before}")
+    trainer.loop(first)
+    moved = _resumed(tiny_sd1, images, tmp_path / "moved", *sets, f"memory.optimizer_offload={after}")
+    assert moved.step == 2
+    trainer.loop(moved)
+    assert moved.losses == pytest.approx(straight.losses, rel=1e-5)
+    a, b = trainer.fp32_weights(straight), trainer.fp32_weights(moved)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)

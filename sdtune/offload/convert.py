@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sdtune.errors import SdtuneError
+
 
 class OtherTierState:
     """Stands in for `tier` when `checkpoint.load_checkpoint` restores state that the other tier saved."""
@@ -20,10 +22,38 @@ class OtherTierState:
     def load_state_dict(self, saved: dict) -> None:
         from safetensors.torch import load_file
 
-        self.tier.load_state_dict(convert_state(saved, self.tier.state_dict(), self.unet, load_file(self.weights_file)))
+        if saved.get("state_file"):  # the host tier's checkpoint: its masters and moments are in that file
+            saved = with_state_file(saved, self.weights_file.parent / saved["state_file"], self.unet)
+        optimizer = self.tier.optimizer  # whole state dicts, masters included, in both directions
+        optimizer.load_state_dict(convert_state(saved, optimizer.state_dict(), self.unet, load_file(self.weights_file)))
 
     def load_files(self, folder: Path) -> None:
         self.tier.load_files(folder)
+
+    def restored_weights(self) -> dict:
+        return {}  # read from the weights file: the masters there were converted from it
+
+
+def with_state_file(saved: dict, path: Path, unet) -> dict:
+    """The host tier's `checkpoint_state` `saved`, made whole from its state file `path` (each bucket's
+    [master | exp_avg | exp_avg_sq], the buckets cut from `unet`'s trained parameters as the tier cuts them)."""
+    import numpy as np
+    import torch
+
+    from sdtune.offload.layout import partition
+
+    numels = [p.numel() for p in unet.parameters() if p.requires_grad]
+    lengths = [sum(numels[i] for i in r) for r in partition(numels)]
+    values = torch.from_numpy(np.fromfile(path, dtype=np.float32))
+    if len(values) != 3 * sum(lengths):
+        raise SdtuneError(f"{path} does not match this model's optimizer state (size differs)")
+    state, masters, offset = {}, [], 0
+    for index, n in enumerate(lengths):
+        master, exp_avg, exp_avg_sq = values[offset:offset + 3 * n].split(n)
+        masters.append(master)
+        state[index] = {**saved["state"][index], "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        offset += 3 * n
+    return {**saved, "state": state, "masters": masters}
 
 
 def convert_state(saved: dict, target: dict, unet, weights: dict) -> dict:

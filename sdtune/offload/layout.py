@@ -7,6 +7,7 @@ estimator's host-RAM row), and the arithmetic of one bucket's step (fused AdamW,
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ CHUNK = 2**20         # values per host pass: upcast, AdamW and cast stay within
 MASTER_BYTES = 12     # fp32 master + exp_avg + exp_avg_sq per parameter, in host RAM (cpu tier) or on disk
 ACCUMULATION_BYTES = 4  # fp32 host sum of the micro-batches' gradients, with gradient accumulation only
 SMALL_PARAM = 4096    # parameters below this many values (biases, norms: 393 of SD1.5's 686) leave together
+STATE_FILE = "optimizer_state.bin"  # a checkpoint's host or nvme tier state: [master | exp_avg | exp_avg_sq] a bucket
 
 
 @dataclass(eq=False)
@@ -108,3 +110,23 @@ class Scaling:
 
 def chunks(length: int) -> list[slice]:
     return [slice(start, min(start + CHUNK, length)) for start in range(0, length, CHUNK)]
+
+
+def read_region(fd: int, out: torch.Tensor, offset: int) -> bool:
+    """Fill `out` (contiguous, on the host) from the file `fd` at byte `offset`, straight into its memory
+    (no mmap, no copy: the page cache is not counted in this process's resident set); False when the file
+    ends first."""
+    view, done = memoryview(out.numpy()).cast("B"), 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            return False
+        done += count
+    return True
+
+
+def write_region(fd: int, data: torch.Tensor, offset: int) -> None:
+    """Write `data` (contiguous, on the host) into the file `fd` at byte `offset`, from its own memory."""
+    view, done = memoryview(data.numpy()).cast("B"), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)

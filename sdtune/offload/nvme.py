@@ -26,11 +26,10 @@ import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.offload import layout
-from sdtune.offload.layout import Bucket, partition
+from sdtune.offload.layout import STATE_FILE, Bucket, partition
 from sdtune.offload.optimizer import OffloadAdamW
 from sdtune.offload.pinned import host_empty
 
-STATE_FILE = "optimizer_state.bin"
 _FLOAT = 4
 RING = 3  # buffers: one being read, one being stepped, one being written
 
@@ -73,18 +72,12 @@ class _StateFile:
 
     def read(self, index: int, out: torch.Tensor, start: int = 0) -> None:
         """Fill `out` (contiguous fp32) from bucket `index`'s region, `start` floats in."""
-        view, done, offset = memoryview(out.numpy()).cast("B"), 0, self.offsets[index] + _FLOAT * start
-        while done < len(view):
-            count = os.preadv(self.fd, [view[done:]], offset + done)
-            if count == 0:
-                raise SdtuneError(f"{self.path} is shorter than expected: the optimizer state was truncated")
-            done += count
+        if not layout.read_region(self.fd, out, self.offsets[index] + _FLOAT * start):
+            raise SdtuneError(f"{self.path} is shorter than expected: the optimizer state was truncated")
 
     def write(self, index: int, data: torch.Tensor, start: int = 0) -> None:
-        view, done, offset = memoryview(data.numpy()).cast("B"), 0, self.offsets[index] + _FLOAT * start
         try:
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
+            layout.write_region(self.fd, data, self.offsets[index] + _FLOAT * start)
         except OSError as exc:
             raise SdtuneError(f"writing optimizer state to {self.path} failed ({exc.strerror}); "
                               "free space there or set memory.offload_dir to another disk") from None
@@ -191,6 +184,13 @@ class NvmeAdamW(OffloadAdamW):
 
     def state_dict(self) -> dict:
         return {**torch.optim.Optimizer.state_dict(self), "nvme_steps": self._steps.item()}
+
+    def checkpoint_state(self) -> dict:
+        return self.state_dict()  # the state is in the file already
+
+    def masters_by_name(self) -> dict:
+        """None in RAM: the masters are in the file (`master_weights` streams them out)."""
+        return {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)

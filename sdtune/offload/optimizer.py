@@ -29,10 +29,13 @@ overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
+from sdtune.errors import SdtuneError
 from sdtune.offload import layout
 from sdtune.offload.host_ema import HostEMA
 from sdtune.offload.layout import Bucket, Scaling, adamw_kernel, chunks, clip_factor, host_bytes, partition
@@ -62,6 +65,7 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
         self.device, self.dtype, self.host_weights, self.keeps_ema = torch.device(device), dtype, host_weights, ema
         self.step_in_backward, self.max_grad_norm = step_in_backward, max_grad_norm
         self.accumulation_steps = accumulation_steps
+        self.model = model  # names the masters (`masters_by_name`)
         cuda = self.device.type == "cuda"
         self._cast_in_place = host_weights or not cuda  # the working weights are host memory: cast straight in
         trainable = [p for p in params if p.requires_grad]
@@ -94,6 +98,7 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
         self._stepping: list[Future] = []       # overlap_step: the buckets' steps queued by step()
         self._order: list[Bucket] = []         # overlap_step: buckets in the order the last forward used them
         self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
+        self._state_file_due = False            # a checkpoint's state loaded: its file must follow
         self._task, self._in_backward, self._backwards, self._poisoned = None, False, 0, False
         if step_in_backward:  # where each bucket's gradient norm lands before the worker steps it
             for bucket in self._buckets:
@@ -374,15 +379,89 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
             torch.cuda.current_stream(self.device).wait_stream(self._upload_stream)
 
     # ------------------------------------------------------------------------------------------------
-    # checkpoints: the masters are part of the state, the device weights follow from them
+    # checkpoints: the masters are part of the state, the device weights follow from them. A checkpoint
+    # keeps the masters and moments in a file of their own, read back straight into the buckets: a pickle
+    # of them would be read whole beside the buckets, and resuming would need twice the tier's RAM.
 
     def state_dict(self) -> dict:
+        """Everything, in memory: the masters and moments are the buckets' own tensors."""
         self._settle()
         return {**super().state_dict(), "masters": [b.master for b in self._buckets]}
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint's `training_state.pt` keeps: the param groups and step counts; the masters and
+        moments go to `save_state_files`' file."""
+        self._settle()
+        full = super().state_dict()
+        return {"param_groups": full["param_groups"], "state_file": layout.STATE_FILE,
+                "state": {index: {"step": values["step"]} for index, values in full["state"].items()}}
+
+    def state_file_bytes(self) -> int:
+        return layout.MASTER_BYTES * sum(len(bucket.master) for bucket in self._buckets)
+
+    def save_state_files(self, folder: Path) -> None:
+        """Write each bucket's [master | exp_avg | exp_avg_sq] to `folder`/optimizer_state.bin (the nvme
+        tier's layout), from the buckets' own memory."""
+        self._settle()
+        fd = os.open(Path(folder) / layout.STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            for offset, tensor in self._state_regions():
+                layout.write_region(fd, tensor, offset)
+        finally:
+            os.close(fd)
+
+    def load_state_files(self, folder: Path) -> None:
+        """After `load_state_dict` of a `checkpoint_state`: read its file into the buckets, then publish the
+        masters as the working weights. Nothing to read after a whole `state_dict`."""
+        if not self._state_file_due:
+            return
+        path = Path(folder) / layout.STATE_FILE
+        if not path.is_file():
+            raise SdtuneError(f"{path} is missing: this checkpoint has no optimizer state to resume from")
+        if path.stat().st_size != self.state_file_bytes():
+            raise SdtuneError(f"{path} does not match this model's optimizer state (size differs)")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, tensor in self._state_regions():
+                layout.read_region(fd, tensor, offset)
+        finally:
+            os.close(fd)
+        self._state_file_due = False
+        for bucket in self._buckets:
+            self._publish(bucket, bucket.master)
+        self._uploaded()
+
+    def _state_regions(self):
+        """(byte offset in the state file, tensor) of each bucket's master and moments, in file order."""
+        offset = 0
+        for bucket in self._buckets:
+            state = self.state[bucket.master]
+            for tensor in (bucket.master, state["exp_avg"], state["exp_avg_sq"]):
+                yield offset, tensor
+                offset += tensor.numel() * tensor.element_size()
+
+    def masters_by_name(self) -> dict[str, torch.Tensor]:
+        """The fp32 master of each trained parameter of `model`, by its name there (views of the buckets)."""
+        if self.model is None:
+            return {}
+        self._settle()
+        masters = {}
+        for name, p in self.model.named_parameters():
+            if p in self._where:
+                bucket, offset, n = self._where[p]
+                masters[name] = bucket.master[offset:offset + n].view(p.shape)
+        return masters
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._settle()
         state_dict = dict(state_dict)
+        if state_dict.pop("state_file", None):  # a checkpoint_state: the moments stay where they are
+            moments = [{key: self.state[b.master][key] for key in ("exp_avg", "exp_avg_sq")} for b in self._buckets]
+            super().load_state_dict(state_dict)
+            for bucket, kept in zip(self._buckets, moments, strict=True):
+                self.state[bucket.master].update(kept)
+            self._state_file_due = True
+            return
         masters = state_dict.pop("masters")
         super().load_state_dict(state_dict)
         for bucket, master in zip(self._buckets, masters, strict=True):

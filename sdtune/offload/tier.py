@@ -122,6 +122,11 @@ class Tier:
     def load_files(self, folder: Path) -> None:
         """Read back what `save_files` wrote into `folder`."""
 
+    def restored_weights(self) -> dict[str, torch.Tensor]:
+        """After `load_state_dict` and `load_files`: the fp32 trained weights they restored, by parameter name
+        (the host tier's masters, which the checkpoint's weights file was written from); none here."""
+        return {}
+
     def close(self) -> None:
         """Release threads and files (the nvme tier's state file) and the hooks that step inside backward;
         the tier is not used afterwards."""
@@ -218,6 +223,23 @@ class HostAdamW(Tier):
     def master_weights(self, module):
         return self.optimizer.master_weights(module)
 
+    def state_dict(self) -> dict:
+        """The param groups and step counts; the masters and moments are `save_files`' (a checkpoint's
+        `optimizer_state.bin`), read back straight into the tier's buffers."""
+        return self.optimizer.checkpoint_state()
+
+    def save_files(self, folder):
+        self.optimizer.save_state_files(folder)
+
+    def file_bytes(self) -> int:
+        return self.optimizer.state_file_bytes()
+
+    def load_files(self, folder):
+        self.optimizer.load_state_files(folder)
+
+    def restored_weights(self):
+        return self.optimizer.masters_by_name()
+
 
 class NvmeTier(HostAdamW):
     """`NvmeAdamW`: masters and moments in a file under `memory.offload_dir`, streamed bucket by bucket
@@ -234,15 +256,6 @@ class NvmeTier(HostAdamW):
     @classmethod
     def _disk_bytes(cls, numels) -> int:
         return layout.MASTER_BYTES * sum(numels)
-
-    def save_files(self, folder):
-        self.optimizer.save_state_files(folder)
-
-    def file_bytes(self) -> int:
-        return self.optimizer.state_file_bytes()
-
-    def load_files(self, folder):
-        self.optimizer.load_state_files(folder)
 
     def close(self):
         self.optimizer.close()

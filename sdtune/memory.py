@@ -149,12 +149,14 @@ def no_cuda_reason() -> str:
     """Why `torch.cuda.is_available()` is False, in the words of the fix: a CPU-only torch, or a driver."""
     import torch
 
-    if torch.version.cuda is None:
+    hip = getattr(torch.version, "hip", None)  # a ROCm build answers through torch.cuda too
+    if torch.version.cuda is None and hip is None:
         return (f"this torch ({torch.__version__}) is a CPU-only build (torch.version.cuda is None); install a "
                 "CUDA build of torch (pytorch.org/get-started)")
-    return (f"this torch is built for CUDA {torch.version.cuda} but torch.cuda.is_available() is False: no "
-            "NVIDIA driver is loaded, it is too old for that CUDA, or CUDA_VISIBLE_DEVICES hides the GPU "
-            "(`nvidia-smi` tells)")
+    build, smi = (f"CUDA {torch.version.cuda}", "nvidia-smi") if torch.version.cuda else (f"ROCm {hip}", "rocm-smi")
+    return (f"this torch is built for {build} but torch.cuda.is_available() is False: no GPU driver is "
+            f"loaded, it is too old for that {build.split()[0]}, or CUDA_VISIBLE_DEVICES hides the GPU "
+            f"(`{smi}` tells)")
 
 
 def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:

@@ -31,7 +31,7 @@ def _one_error_line(result) -> str:
 
 @pytest.mark.parametrize(("cuda_build", "why"), [(None, "CPU-only build (torch.version.cuda is None)"),
                                                  ("12.4", "built for CUDA 12.4 but torch.cuda.is_available() "
-                                                          "is False: no NVIDIA driver")])
+                                                          "is False: no GPU driver is loaded")])
 def test_a_gpu_preset_without_cuda_is_one_line_saying_why(no_cuda, monkeypatch, cuda_build, why, tiny_sd1, images,
                                                           tmp_path):
     monkeypatch.setattr(torch.version, "cuda", cuda_build)

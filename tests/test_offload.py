@@ -310,7 +310,8 @@ def test_host_memory_that_cannot_be_had_is_one_clear_line(monkeypatch):
     refusing = types.SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: 2)  # cudaErrorMemoryAllocation
     monkeypatch.setattr(torch.cuda, "cudart", lambda: refusing)
     with pytest.raises(HostOutOfMemory, match=r"^host RAM exhausted: page-locking 0\.25 GiB failed \(cudaHostRegister "
-                                              r"returned error 2\); .*--set memory.optimizer_offload=nvme"):
+                                              r"returned error 2 \(cudaErrorMemoryAllocation\)\); "
+                                              r".*--set memory.optimizer_offload=nvme"):
         pinned.PinnedBuffer(2**27, torch.bfloat16, pin=True)
 
     def no_memory(*args, **kwargs):
@@ -451,3 +452,104 @@ def test_resume_moves_the_optimizer_state_between_the_device_and_host_tiers(tiny
     a, b = trainer.fp32_weights(straight), trainer.fp32_weights(moved)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Cudart:
+    """CUDA's host registration as the runtime does it: whole pages, each page registered once (712 for a
+    page already registered); `refuse` makes every registration fail with that code."""
+
+    def __init__(self, refuse: int = 0):
+        self.refuse, self.pages, self.ranges = refuse, set(), []
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (CUDA's name)
+        self.ranges.append((ptr, size))
+        pages = set(range(ptr // 4096, (ptr + size - 1) // 4096 + 1))
+        if self.refuse or pages & self.pages:
+            return self.refuse or 712
+        self.pages |= pages
+        return 0
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        return 0
+
+
+@pytest.fixture
+def cudart(monkeypatch):
+    """A fake CUDA runtime for `PinnedBuffer`, and a record of the pending errors it cleared."""
+    from sdtune.offload import pinned
+
+    fake = _Cudart()
+    fake.cleared = 0
+
+    def clear():
+        fake.cleared += 1
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(pinned, "clear_cuda_error", clear, raising=False)
+    monkeypatch.setattr(pinned, "PAGE", 4096, raising=False)
+    return fake
+
+
+def test_pinned_buffers_register_whole_pages_of_their_own(cudart):
+    """Small buffers side by side (the engine's small-gradient and norm buffers) each register whole pages
+    that no other buffer shares: CUDA's 712 for a page registered twice cannot happen."""
+    from sdtune.offload.pinned import PinnedBuffer
+
+    buffers = [PinnedBuffer(n, torch.bfloat16, pin=True) for n in (3, 100, 2047, 2048, 5000, 1, 77) * 8]
+    assert all(b.how == "registered" for b in buffers)
+    for (ptr, size), b in zip(cudart.ranges, buffers, strict=True):
+        assert ptr % 4096 == 0 and size % 4096 == 0 and size >= b.nbytes  # whole pages
+        assert ptr <= b.tensor.data_ptr() and b.tensor.data_ptr() + b.nbytes <= ptr + size
+        assert b.tensor.numel() == b.nbytes // 2 and b.tensor.dtype == torch.bfloat16
+    b.tensor.fill_(1.5)  # the buffer is usable memory of its own
+    assert len(cudart.pages) == sum(size // 4096 for _, size in cudart.ranges)  # no page twice
+
+
+@pytest.mark.parametrize("code", [800, 801])  # cudaErrorNotPermitted, cudaErrorNotSupported
+def test_a_refused_registration_falls_back_to_pinned_allocation(cudart, monkeypatch, code):
+    """Where the machine refuses to register host memory (some virtualised ones), the buffer comes from
+    torch's pinned allocator instead, the pending CUDA error is cleared, and `how` says which path ran."""
+    from sdtune.offload.pinned import PinnedBuffer
+
+    cudart.refuse = code
+    real_empty, pinned_sizes = torch.empty, []
+
+    def empty(*size, pin_memory=False, **kwargs):
+        if pin_memory:
+            pinned_sizes.append(size)
+        return real_empty(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    buffer = PinnedBuffer(1000, torch.float16, pin=True)
+    assert buffer.how == "pin_memory" and pinned_sizes == [(1000,)] and cudart.cleared == 1
+    assert buffer.tensor.shape == (1000,) and buffer.tensor.dtype == torch.float16
+    assert PinnedBuffer(1000, torch.float16, pin=False).how == "pageable"
+
+
+def test_the_tier_says_how_its_host_buffers_are_pinned(tiny_sd1, images, tmp_path):
+    run = prepared(tiny_sd1, images, tmp_path / "out", "memory.optimizer_offload=cpu")
+    assert run.tier.host_pinning == "pageable"  # a CPU run copies nothing over PCIe
+
+
+def test_a_cuda_error_that_is_not_host_ram_is_reported_as_itself(cudart):
+    from sdtune.errors import HostOutOfMemory
+    from sdtune.offload.pinned import PinnedBuffer
+
+    cudart.refuse = 1
+    with pytest.raises(SdtuneError, match=r"page-locking 0\.00 GiB of host memory failed: cudaHostRegister returned "
+                                          r"error 1 \(cudaErrorInvalidValue\); that is the CUDA driver") as error:
+        PinnedBuffer(1000, torch.float16, pin=True)
+    assert not isinstance(error.value, HostOutOfMemory) and cudart.cleared == 1
+
+
+def test_the_cuda_runtimes_whose_pending_error_is_cleared_are_found_in_the_process_maps():
+    from sdtune.offload.pinned import cudart_paths
+
+    maps = """7f00-7f01 r--p 00000000 08:01 1 /venv/lib/python3.11/site-packages/torch/lib/libtorch_cuda.so
+7f02-7f03 r-xp 00000000 08:01 2 /venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
+7f03-7f04 r--p 00010000 08:01 2 /venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12
+7f05-7f06 r-xp 00000000 08:01 3 /opt/torch/lib/libcudart-9335f6a2.so.11.0 (deleted)
+7f07-7f08 rw-p 00000000 00:00 0
+"""
+    assert cudart_paths(maps) == ["/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12",
+                                  "/opt/torch/lib/libcudart-9335f6a2.so.11.0"]

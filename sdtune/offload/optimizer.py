@@ -143,6 +143,13 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
                 bucket.small_host = self._small.tensor[start_small:start_small + size]
                 start_small += size
 
+    @property
+    def host_pinning(self) -> str:
+        """How its DMA buffers (staging, host weights) are page-locked: "registered" (in place, exact sizes),
+        "pin_memory" (torch's pinned allocator: this machine refused registration), or "pageable" (no CUDA)."""
+        buffers = (self._weights, self._staging, self._small)
+        return "+".join(sorted({b.how for b in buffers if b is not None and b.nbytes})) or "pageable"
+
     def _keep_master(self, index: int, values: torch.Tensor) -> torch.Tensor:
         """Where bucket `index`'s fp32 master lives: here, the host tensor itself."""
         return values

@@ -122,6 +122,11 @@ class Tier:
     def load_files(self, folder: Path) -> None:
         """Read back what `save_files` wrote into `folder`."""
 
+    @property
+    def host_pinning(self) -> str | None:
+        """How the tier's host buffers for GPU copies are page-locked (`PinnedBuffer.how`); None: it has none."""
+        return None
+
     def restored_weights(self) -> dict[str, torch.Tensor]:
         """After `load_state_dict` and `load_files`: the fp32 trained weights they restored, by parameter name
         (the host tier's masters, which the checkpoint's weights file was written from); none here."""
@@ -239,6 +244,10 @@ class HostAdamW(Tier):
 
     def restored_weights(self):
         return self.optimizer.masters_by_name()
+
+    @property
+    def host_pinning(self):
+        return self.optimizer.host_pinning
 
 
 class NvmeTier(HostAdamW):

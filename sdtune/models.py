@@ -92,7 +92,7 @@ def _family(source: str, kind: str, config: str):
         index = json.loads(Path(_hub_file(source, "model_index.json")).read_text())
     except OSError as exc:
         if not hub_online():
-            raise SdtuneError(f"'{source}' is a hub id, the Hugging Face hub cannot be reached (offline, or "
+            raise SdtuneError(f"could not fetch '{source}': the Hugging Face hub cannot be reached (offline, or "
                               "HF_HUB_OFFLINE is set) and it is not in the local cache; pass --model a local "
                               "diffusers folder or a .safetensors checkpoint (a model site's file works "
                               "alone)") from None
@@ -156,7 +156,7 @@ def inspect_single_file(path: Path) -> CheckpointFile:
     `modelspec.predict_key` metadata); an SD 2.x file without either is judged as ComfyUI judges it: v
     where the last attention block's first norm bias has a standard deviation above 0.09 (trained 768-v
     weights), else epsilon (the 512 base)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -166,7 +166,7 @@ def inspect_single_file(path: Path) -> CheckpointFile:
             v_pred = "v_pred" in keys or metadata.get("modelspec.predict_key") == "v"
             if arch == "sd21" and not v_pred and V_PRED_PROBE in keys:
                 v_pred = float(f.get_tensor(V_PRED_PROBE).float().std(unbiased=False)) > 0.09
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' SafetensorError is a RuntimeError/OSError
+    except (OSError, SafetensorError) as exc:
         raise SdtuneError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0]})") from None
     return CheckpointFile(arch, "v_prediction" if v_pred else "epsilon", dtype,
                           zero_terminal_snr=v_pred and "ztsnr" in keys)
@@ -263,6 +263,15 @@ def single_file_parts(source: str, config: str) -> tuple[Path, dict, str]:
 ARCH_NAMES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}
 
 
+def check_source(source: str, config: str = "") -> None:
+    """The one-line errors of `load_components` that need no weights read: a missing path, a file that is not
+    a whole model, configs that do not exist (before a run scans its data)."""
+    if classify_source(resolve_source(source) if source in BUNDLED else source) == "single_file":
+        inspect_single_file(Path(source))
+        if config:
+            config_dir(config)
+
+
 def load_components(source: str, config: str = "", unet=None) -> Components:
     """Load a model of any family sdtune trains from `source` (see the module docstring) in fp32 on the CPU;
     `unet`, a UNet to use instead of the source's (which is then not read: `sdtune.scratch`). Its text
@@ -284,8 +293,8 @@ def load_components(source: str, config: str = "", unet=None) -> Components:
 
 def check_text(components: Components, source: str) -> None:
     """One line before training when a tokenizer would make captions meaningless: its vocabulary does not
-    fit its text encoder's embedding table, or it maps different captions to the same ids (a tokenizer
-    without its vocabulary turns every caption into start + unknown + end)."""
+    fit its text encoder's embedding table, or it maps different captions to the same ids or to unknown
+    tokens (a tokenizer without its vocabulary turns every word of every caption into the unknown token)."""
     probes = ("a photo of a cat", "red square, blue sky")
     for n, (tokenizer, encoder) in enumerate(zip(components.tokenizers, components.text_encoders, strict=True)):
         which = "tokenizer" + (f"_{n + 1}" if n else "")
@@ -295,10 +304,12 @@ def check_text(components: Components, source: str) -> None:
                               f"table only {rows:,} rows: they are not a pair; use the tokenizer the encoder was "
                               "trained with")
         ids = [tokenizer(text).input_ids for text in probes]
-        if ids[0] == ids[1]:
-            raise SdtuneError(f"{source}: its {which} gives different captions the same tokens ({ids[0]}): its "
-                              "vocabulary is missing or broken, so every caption would train as the same text; "
-                              "use the model's own tokenizer folder")
+        words = [i for row in ids for i in row[1:-1]]  # between the start and end tokens
+        unknown = sum(i == tokenizer.unk_token_id for i in words) / max(len(words), 1)
+        if ids[0] == ids[1] or unknown > 0.5:
+            raise SdtuneError(f"{source}: its {which} gives different captions the same tokens ('{probes[0]}' is "
+                              f"{ids[0]}, {unknown:.0%} unknown): its vocabulary is missing or broken, so every "
+                              "caption would train as the same text; use the model's own tokenizer folder")
 
 
 def assemble_pipeline(components: Components):

@@ -77,8 +77,9 @@ def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str
                        prediction_type: str = "epsilon") -> Path:
     """Write a single-file checkpoint of architecture `name` in the original layout, as model sites share
     them, with random weights: every tensor drawn from N(0, 0.02) (seconds, where diffusers' own
-    initialisation of SD1.5 takes a minute on 2 cores), in `dtype`; `prediction_type` v_prediction adds
-    the `v_pred` key. Meaningless images; the same keys, shapes and loading path as a real checkpoint."""
+    initialisation of SD1.5 takes a minute on 2 cores), built and written in `dtype` (SDXL in fp16 needs
+    about 7 GB of RAM); `prediction_type` v_prediction adds the `v_pred` key. Meaningless images; the same
+    keys, shapes and loading path as a real checkpoint."""
     import torch
 
     from sdtune.single_file import write_single_file
@@ -88,7 +89,7 @@ def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str
     generator = torch.Generator().manual_seed(seed)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if isinstance(index.get(part), list) and index[part][0]:
-            module = archs.build_model(name, part, "meta").to_empty(device="cpu")
+            module = archs.build_model(name, part, "meta").to(getattr(torch, dtype)).to_empty(device="cpu")
             with torch.no_grad():
                 for tensor in module.parameters():
                     tensor.normal_(0.0, 0.02, generator=generator)

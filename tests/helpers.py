@@ -45,11 +45,14 @@ def assert_resume_is_bitwise(model, images, tmp_path, *args, last: int, resume_f
     import torch
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("--set", f"output.keep_checkpoints={last}", *args)  # step `resume_from`'s is still there to resume
     expected = train(model, images, straight, *args)
     shutil.copytree(straight, killed)
     for step in range(resume_from + 1, last + 1):
         shutil.rmtree(killed / "checkpoints" / f"step-{step:06d}", ignore_errors=True)
+    assert (killed / "checkpoints" / f"step-{resume_from:06d}").is_dir()
     shutil.rmtree(killed / "unet")
+    (killed / "summary.json").unlink()  # a killed run has not written it
     resumed = train(model, images, killed, *args, "--resume")
     assert resumed["losses"] == expected["losses"]
     a, b = final_unet(straight), final_unet(killed)

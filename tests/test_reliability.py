@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_unet, on_step, prepared, runner, train
+from helpers import KEEP_ALL, final_unet, on_step, prepared, runner, train
 from safetensors.torch import load_file
 
 from sdtune import loss, replan, trainer
@@ -279,7 +279,7 @@ def test_on_oom_fallback_continues_on_each_next_smaller_plan(tiny_sd1, images, t
                                {(3, False, "none"), (5, True, "none")})
     out = tmp_path / "out"
     result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(tiny_sd1),
-                                 "--out", str(out), "--on-oom", "fallback", *args])
+                                 "--out", str(out), "--on-oom", "fallback", *KEEP_ALL, *args])
     assert result.exit_code == 0, result.output
     assert len(raised) == 2
     message = " ".join(result.output.split())

@@ -1,10 +1,11 @@
 """Peak host RAM of a fresh run against the same run resumed, for each optimizer-offload tier.
 
-    .venv/bin/python bench/resume_memory.py [--width 0.5] [--tiers none,cpu,nvme] [--dir /tmp]
+    .venv/bin/python bench/resume_memory.py [--width 0.5] [--tiers none,cpu,nvme,cpu+ema] [--dir /tmp]
 
-A pipeline with an SD1.5-architecture UNet of `--width` times its channels (0.5: ~216 M parameters; the
+A pipeline with an SD1.5-architecture UNet of `--width` times its channels (0.5: 211 M parameters; the
 tiny text encoder and VAE, so that the UNet and its optimizer state are what counts) trains on the CPU
-with the `cpu` preset (fp32, 64 px, batch 1) and `memory.optimizer_offload` = none, cpu and nvme. Per tier,
+with the `cpu` preset (fp32, 64 px, batch 1) and `memory.optimizer_offload` = none, cpu and nvme, and cpu
+with `train.ema_decay` (the moving average in the tier's host RAM, checkpointed as `ema.safetensors`). Per tier,
 two child processes run the real trainer (`trainer.prepare` + `trainer.loop`): "fresh" trains 2 steps and
 writes its checkpoint; "resumed" loads that checkpoint (`--resume`), trains 2 more and writes its own. Each
 child's peak resident set size (`VmHWM`) is its own; the goal is resumed <= fresh + 5%, since resuming
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from _common import save_results
 
-TIERS = ("none", "cpu", "nvme")
+TIERS = ("none", "cpu", "nvme", "cpu+ema")  # +ema: with train.ema_decay, the average checkpointed too
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 GOAL = 1.05  # resumed peak / fresh peak
 
@@ -57,9 +58,12 @@ def child(tier: str, model: str, data: str, out: str, offload_dir: str, resume: 
     from sdtune.config import load_config
 
     torch.set_num_threads(1)
+    offload, _, ema = tier.partition("+")
     sets = [f"model.pretrained={model}", "train.batch_size=1", "output.checkpoint_every=2",
-            f"train.max_steps={4 if resume else 2}", f"memory.optimizer_offload={tier}"]
-    if tier == "nvme":
+            f"train.max_steps={4 if resume else 2}", f"memory.optimizer_offload={offload}"]
+    if ema:
+        sets.append("train.ema_decay=0.999")
+    if offload == "nvme":
         sets.append(f"memory.offload_dir={offload_dir}")
     cfg, info = load_config("cpu", sets)
     messages = []
@@ -89,7 +93,7 @@ def run_child(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--width", type=float, default=0.5, help="fraction of SD1.5's UNet channels")
-    parser.add_argument("--tiers", default=",".join(TIERS), help="comma-separated, from none,cpu,nvme")
+    parser.add_argument("--tiers", default=",".join(TIERS), help="comma-separated, from " + ",".join(TIERS))
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the model, runs and state file go")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,10 +120,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"SD1.5 UNet at {args.width:g} of its channels ({params / 1e6:.0f} M parameters), fp32 on the CPU, "
           f"one process per run; goal: resumed <= fresh x {GOAL}")
-    print(f"{'tier':6s} {'fresh':>10s} {'resumed':>10s} {'resumed/fresh':>14s}")
+    print(f"{'tier':8s} {'fresh':>10s} {'resumed':>10s} {'resumed/fresh':>14s}")
     for row in rows:
         verdict = "ok" if row["resumed_vs_fresh"] <= GOAL else "OVER"
-        print(f"{row['tier']:6s} {row['fresh_peak_rss_bytes'] / 2**30:6.2f} GiB "
+        print(f"{row['tier']:8s} {row['fresh_peak_rss_bytes'] / 2**30:6.2f} GiB "
               f"{row['resumed_peak_rss_bytes'] / 2**30:6.2f} GiB {row['resumed_vs_fresh']:14.3f}  {verdict}")
     save_results("resume_memory", {"params": params, "width": args.width, "rows": rows})
 

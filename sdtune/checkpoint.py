@@ -4,8 +4,10 @@ A checkpoint holds what trains, in fp32: the UNet's master weights (`unet.safete
 `train.method=lora`, only the LoRA adapters (`lora.safetensors`, the base is not copied); with
 `train.ema_decay` their moving average (`ema.safetensors`), with `train.text_encoder_lr` the text
 encoder(s) (`text_encoders.safetensors`); the optimizer, LR schedule and
-loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`; the nvme
-offload tier adds its state file, `optimizer_state.bin`), the resolved config (`config.toml`), and
+loss-scaler state plus the torch RNG (`training_state.pt`, read back with `weights_only=True`; the cpu and
+nvme offload tiers keep their masters and moments in `optimizer_state.bin`, which the cpu tier reads back
+straight into its buffers, so that resuming needs no more RAM than training), the resolved config
+(`config.toml`), and
 `state.json` (step, losses, python and numpy RNG, and a manifest of every other file's size and sha256),
 written last. It is built under a temporary name, flushed to disk (fsync) and renamed into place, so a
 killed run never leaves a half checkpoint as the newest; one damaged later (a bad disk, a copy cut

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_unet, train
+from helpers import KEEP_ALL, final_unet, train
 
 from sdtune import parallel
 from sdtune.config import load_config
@@ -37,7 +37,7 @@ def torchrun(model, images, out: Path, *extra, wait=True, logs: Path | None = No
     logs = logs or out.with_name(out.name + "-logs")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--log-dir", str(logs), "--redirects", "3", "-m", "sdtune", "train", "--preset", "cpu",
-               "--data", str(images), "--model", str(model), "--out", str(out), *extra]
+               "--data", str(images), "--model", str(model), "--out", str(out), *KEEP_ALL, *extra]
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return process

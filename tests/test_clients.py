@@ -129,7 +129,8 @@ def test_a_newer_peft_setting_in_use_is_kept():
     if "alora_invocation_tokens" not in LoraConfig().to_dict():
         pytest.skip("this peft has no field newer than 0.17's to try")
     assert "alora_invocation_tokens" not in floor_lora_config(LoraConfig(r=4))
-    assert floor_lora_config(LoraConfig(r=4, alora_invocation_tokens=[5, 6]))["alora_invocation_tokens"] == [5, 6]
+    assert floor_lora_config(LoraConfig(r=4, alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"))[
+        "alora_invocation_tokens"] == [5, 6]
 
 
 OLD_CLIENT = os.environ.get("SDTUNE_OLD_CLIENT_PYTHON")

@@ -137,7 +137,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                       batch_size=cfg.train.batch_size, device=device,
                       categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                       peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
-                      host_ram=_host_ram(parts, vae, parked, plan, footprint, cfg), disk=footprint.disk,
+                      host_ram=_host_ram(parts, vae, parked, plan, footprint, cfg, trained), disk=footprint.disk,
                       card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2), milestones=milestones)
     if gpus > 1:
         from sdtune.estimate_parallel import per_card
@@ -331,10 +331,15 @@ def _footprint(trained: list, plan, cfg: Config):
                                       ema=cfg.train.ema_decay > 0)
 
 
-def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config) -> int:
-    """Host bytes, whichever is more: the whole fp32 pipeline while it loads, or what training holds there,
+def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config, trained: list) -> int:
+    """Host bytes, whichever is most: the whole fp32 pipeline while it loads; what training holds there,
     the optimizer tier's state, the parked (cached) encoders in the working precision, and a streamed
-    LoRA's frozen UNet in the working precision."""
+    LoRA's frozen UNet in the working precision; or, resuming an optimizer that keeps its state on the GPU,
+    that state, which `training_state.pt` brings into host RAM whole before it moves to the device (AdamW's
+    8 bytes a parameter: more than loading SD1.5 takes). The host tiers read their state file straight
+    into their buffers, so resuming them needs no more than training (bench/resume_memory.py)."""
+    from sdtune.offload.tier import tier_class
+
     def numel(module) -> int:
         return sum(p.numel() for p in module.parameters())
 
@@ -343,4 +348,7 @@ def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config) -> int:
     held = sum(numel(m) * _frozen_dtype(parts.family, vae, m, plan.working_dtype).itemsize for m in parked)
     if cfg.train.method == "lora" and plan.param_offload == "cpu":
         held += sum(p.numel() for p in parts.unet.parameters() if not p.requires_grad) * plan.working_dtype.itemsize
-    return max(loading, footprint.host + held)
+    tier, resume = tier_class(plan), 0
+    if plan.device != "cpu" and not tier.host_gradients and plan.distributed != "fsdp":  # fsdp: each rank its shards
+        resume = tier.state_bytes([p.shape for p in trained]) + held
+    return max(loading, footprint.host + held, resume)

@@ -110,6 +110,22 @@ def test_sd21_and_sdxl_estimate():
     assert sdxl.host_ram == 4 * (SDXL_UNET + SDXL_TEXT + SDXL_VAE)  # the fp32 pipeline while it loads
 
 
+def test_resuming_an_optimizer_on_the_gpu_counts_its_state_in_host_ram():
+    """--resume reads `training_state.pt` whole into host RAM before the in-device AdamW state moves to the GPU:
+    8 bytes a parameter of the UNet, more than the fp32 pipeline takes while it loads. The host tiers read
+    their state file into their own buffers: their row stays what training holds."""
+    from sdtune import archs
+    from sdtune.offload.tier import HostAdamW, Tier
+
+    shapes = [p.shape for p in archs.build_model("sd15").parameters()]
+    cfg, info = load_config("rtx4090")  # AdamW on the card
+    assert estimate(cfg, info, "sd15").host_ram == Tier.state_bytes(shapes) > 8 * 859_520_964
+    cfg, info = load_config("rtx4090", ["memory.optimizer_offload=cpu"])
+    passes = cfg.train.gradient_accumulation_steps
+    assert estimate(cfg, info, "sd15").host_ram == HostAdamW.footprint(shapes, itemsize=2,
+                                                                       accumulation_steps=passes).host
+
+
 def test_sdxl_cached_encoders_wait_in_host_ram():
     """With both caches the encoders leave the GPU for host memory, in the working precision, beside the tier."""
     from sdtune import archs

@@ -553,3 +553,23 @@ def test_the_cuda_runtimes_whose_pending_error_is_cleared_are_found_in_the_proce
 """
     assert cudart_paths(maps) == ["/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12",
                                   "/opt/torch/lib/libcudart-9335f6a2.so.11.0"]
+
+
+def test_a_host_tier_checkpoint_with_its_state_in_the_pickle_still_resumes(tiny_sd1, images, tmp_path):
+    """Checkpoints written before the state file (masters and moments inside training_state.pt) load as before."""
+    from sdtune import checkpoint
+
+    sets = ["train.max_steps=2", "output.checkpoint_every=2", "memory.optimizer_offload=cpu"]
+    first = prepared(tiny_sd1, images, tmp_path / "first", *sets)
+    trainer.loop(first)
+    saved = checkpoint.checkpoint_root(tmp_path / "first") / "step-000002"
+    training = torch.load(saved / "training_state.pt", weights_only=True)
+    torch.save({**training, "optimizer": first.optimizer.state_dict()}, saved / "training_state.pt")
+    (saved / "optimizer_state.bin").unlink()
+    run = prepared(tiny_sd1, images, tmp_path / "second", *sets)
+    checkpoint.load_checkpoint(saved, restore=run.placement.restore, tier=run.tier, lr_schedule=run.lr_schedule,
+                               scaler=run.scaler)
+    expected, loaded = first.optimizer.state_dict(), run.optimizer.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(loaded["masters"], expected["masters"], strict=True))
+    assert all(torch.equal(loaded["state"][i][k], expected["state"][i][k])
+               for i in expected["state"] for k in ("exp_avg", "exp_avg_sq"))

@@ -25,9 +25,10 @@ from sdtune.files import follow_umask, save_safetensors
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora.safetensors"
 KOHYA_TEXT_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}
-# The fields of peft 0.17's LoraConfig.to_dict() (0.17.0 and 0.17.1 alike), the floor pyproject.toml
-# declares: diffusers builds a `LoraConfig(**fields)` from the file's metadata, and an older peft refuses a
-# field it does not know (peft 0.22 adds alora_invocation_tokens, arrow_config, peft_version, ...).
+# The fields of peft 0.17's LoraConfig.to_dict() (0.17.0 and 0.17.1 alike), which clients on transformers 4.x
+# with diffusers 0.35 still run (sdtune itself needs 0.21, beside transformers 5): diffusers builds a
+# `LoraConfig(**fields)` from the file's metadata, and an older peft refuses a field it does not know (peft
+# 0.22 adds alora_invocation_tokens, arrow_config, peft_version, ...).
 PEFT_FLOOR_LORA_FIELDS = frozenset({
     "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
     "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication",

@@ -23,13 +23,17 @@ class HostEMA:
 
     def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """`module.state_dict()` with every offloaded parameter replaced by its fp32 master."""
+        return {**module.state_dict(), **self._views(module, "master")}
+
+    def _views(self, module: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
+        """Each of `module`'s trained parameters' slice of its bucket's `part` ("master", "ema"), by name."""
         self._settle()
-        weights = dict(module.state_dict())
+        views = {}
         for name, p in module.named_parameters():
             if p in self._where:
                 bucket, offset, n = self._where[p]
-                weights[name] = bucket.master[offset:offset + n].view(p.shape)
-        return weights
+                views[name] = getattr(bucket, part)[offset:offset + n].view(p.shape)
+        return views
 
     def _step_settings(self) -> dict:
         """This step's learning rate and betas (the first param group) and its EMA decay."""
@@ -37,13 +41,7 @@ class HostEMA:
 
     def ema_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The moving average of each of `module`'s trained parameters, by name (views of the buckets)."""
-        self._settle()
-        weights = {}
-        for name, p in module.named_parameters():
-            if p in self._where:
-                bucket, offset, n = self._where[p]
-                weights[name] = bucket.ema[offset:offset + n].view(p.shape)
-        return weights
+        return self._views(module, "ema")
 
     @torch.no_grad()
     def load_ema(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

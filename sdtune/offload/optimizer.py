@@ -449,15 +449,7 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
 
     def masters_by_name(self) -> dict[str, torch.Tensor]:
         """The fp32 master of each trained parameter of `model`, by its name there (views of the buckets)."""
-        if self.model is None:
-            return {}
-        self._settle()
-        masters = {}
-        for name, p in self.model.named_parameters():
-            if p in self._where:
-                bucket, offset, n = self._where[p]
-                masters[name] = bucket.master[offset:offset + n].view(p.shape)
-        return masters
+        return {} if self.model is None else self._views(self.model, "master")
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._settle()

@@ -25,7 +25,7 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench
 
-# Every CPU benchmark, one after another (about 25 minutes on 2 cores): each prints its table; all of them
+# Every CPU benchmark, one after another (about 21 minutes on 2 cores): each prints its table; all of them
 # go to bench/results/bench.md, and each script's figures to bench/results/NAME.json.
 BENCHES := offload_step nvme_stream offload_tiers offload_unet resume_memory train_step lora_step estimate_speed estimate_check data_throughput large_folder distributed_step
 bench: install

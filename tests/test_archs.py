@@ -119,7 +119,8 @@ def _load_and_run(folder, prediction_type):
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     assert pipe.scheduler.config.prediction_type == prediction_type
-    assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) < pipe.text_encoder.config.vocab_size
+    assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's own
     assert pipe.unet.dtype == torch.float32
     latents = pipe("a red circle on the white background", num_inference_steps=1, height=64, width=64,
                    output_type="latent").images

@@ -140,18 +140,19 @@ def test_sdxl_cached_encoders_wait_in_host_ram():
 
 
 def test_a_single_file_checkpoint_is_estimated_by_its_architecture(tmp_path):
-    """Only the header is read: a file with SD2's cross-attention width is traced as sd21."""
+    """Only the header is read: a file with SD2's OpenCLIP text encoder is traced as sd21."""
     from safetensors.torch import save_file
 
-    probe = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    save_file({probe: torch.zeros(320, 1024, dtype=torch.float16)}, tmp_path / "model.safetensors")
+    keys = ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "first_stage_model.encoder.conv_in.weight", "cond_stage_model.model.token_embedding.weight"]
+    save_file({k: torch.zeros(2, dtype=torch.float16) for k in keys}, tmp_path / "model.safetensors")
     cfg, info = load_config("rtx3050")
     result = estimate(cfg, info, str(tmp_path / "model.safetensors"))
     assert result.categories["weights"] == 2 * 865_910_724  # sd21's UNet in bf16
     save_file({"something.else": torch.zeros(2)}, tmp_path / "other.safetensors")
     from sdtune.errors import SdtuneError
 
-    with pytest.raises(SdtuneError, match="not a Stable Diffusion 1.x, 2.x or XL checkpoint"):
+    with pytest.raises(SdtuneError, match="not a Stable Diffusion checkpoint sdtune recognises"):
         estimate(cfg, info, str(tmp_path / "other.safetensors"))
 
 
@@ -236,7 +237,10 @@ def test_the_sdxl_offloaded_plan_counts_the_tiny_unet_exactly(tiny_sdxl):
 def test_an_sdxl_single_file_is_estimated_as_the_whole_sdxl_pipeline(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    keys = ["model.diffusion_model.label_emb.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.token_embedding.weight"]
+    save_file({k: torch.zeros(2) for k in keys}, tmp_path / "xl.safetensors")
     cfg, info = load_config("rtx4090")
     result = estimate(cfg, info, str(tmp_path / "xl.safetensors"))
     assert result.categories["frozen"] == 2 * (SDXL_TEXT + SDXL_VAE)

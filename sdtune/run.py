@@ -354,7 +354,7 @@ def summary(run) -> dict:
         "skipped_steps": run.skipped_steps, "device": plan.device, "precision": plan.precision,
         "attention": plan.attention, "gradient_checkpointing": plan.gradient_checkpointing,
         "optimizer": plan.optimizer, "optimizer_offload": plan.optimizer_offload,
-        "param_offload": plan.param_offload, "batch_size": train.batch_size,
+        "param_offload": plan.param_offload, "host_pinning": run.tier.host_pinning, "batch_size": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "processes": run.world.size, "distributed": plan.distributed,
         "global_batch": train.batch_size * train.gradient_accumulation_steps * run.world.size,

@@ -529,6 +529,11 @@ def test_a_refused_registration_falls_back_to_pinned_allocation(cudart, monkeypa
 def test_the_tier_says_how_its_host_buffers_are_pinned(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "out", "memory.optimizer_offload=cpu")
     assert run.tier.host_pinning == "pageable"  # a CPU run copies nothing over PCIe
+    from helpers import train
+
+    summary = train(tiny_sd1, images, tmp_path / "run", "--max-steps", "1", "--set", "memory.optimizer_offload=cpu")
+    assert summary["host_pinning"] == "pageable"  # summary.json says which path ran
+    assert train(tiny_sd1, images, tmp_path / "plain", "--max-steps", "1")["host_pinning"] is None  # no host buffers
 
 
 def test_a_cuda_error_that_is_not_host_ram_is_reported_as_itself(cudart):

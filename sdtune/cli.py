@@ -371,15 +371,15 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
         cfg, info = load_config(name)
         typer.echo(to_toml(cfg, info))
         return
-    from sdtune.estimate import estimate
+    from sdtune.estimate import remembered
 
     rows, names = [], preset_names()
     with console.status("estimating the presets' memory") as status:
         for i, preset in enumerate(names, 1):
             status.update(f"estimating each preset's memory at its own model and size: {preset} ({i} of "
-                          f"{len(names)}, a few seconds each)")
+                          f"{len(names)}, a few seconds each the first time)")
             cfg, info = load_config(preset)
-            rows.append((cfg, info, estimate(cfg, info)))
+            rows.append((cfg, info, remembered(cfg, info)))
     table = Table(Column("preset", no_wrap=True), "method", Column("card", no_wrap=True),
                   Column("VRAM", justify="right"), Column("RAM", justify="right"), "dtype", "recompute", "offload",
                   "batch", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), title_justify="left",

@@ -79,6 +79,39 @@ class Estimate:
         return {**dataclasses.asdict(self), "notes": list(self.notes), "fits": self.fits}
 
 
+def remembered(cfg: Config, info: PresetInfo) -> Estimate:
+    """`estimate(cfg, info)`, kept in the cache folder (`~/.cache/sdtune/estimates`) under a digest of the
+    resolved plan, of every file of sdtune itself and of the libraries' versions: `sdtune presets` traces the
+    twelve plans once (about 25 s on 2 cores) and then lists them at once, until sdtune or a plan changes."""
+    import hashlib
+    import json
+    from importlib import metadata
+    from pathlib import Path
+
+    from sdtune.config_toml import to_toml
+    from sdtune.data.cache import cache_root
+    from sdtune.files import write_text
+
+    digest = hashlib.sha256(to_toml(cfg, info).encode())
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".json", ".toml"):
+            digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    digest.update(" ".join(metadata.version(name) for name in ("torch", "diffusers", "transformers")).encode())
+    path = cache_root("") / "estimates" / f"{info.name}-{digest.hexdigest()[:32]}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved.pop("fits")
+        return Estimate(**{**saved, "notes": tuple(saved["notes"])})
+    result = estimate(cfg, info)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(result.to_dict()))
+    except OSError:  # a cache that cannot be written costs the next listing its time, nothing else
+        pass
+    return result
+
+
 def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str | None = None,
              frozen_on_device: bool = True, gpus: int = 1) -> Estimate:
     """Estimate the memory of training `model` (None: the config's model, or sd15 when that is a hub id)

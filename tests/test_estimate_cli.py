@@ -84,6 +84,7 @@ def fake_estimator(monkeypatch):
 
     module = types.ModuleType("sdtune.estimate")
     module.estimate, module.Estimate = estimate, FakeEstimate
+    module.remembered = lambda cfg, info: estimate(cfg, info)  # no cache: every listing traces
     monkeypatch.setitem(sys.modules, "sdtune.estimate", module)
     return calls
 
@@ -526,3 +527,18 @@ def test_presets_say_when_equal_vram_hides_a_host_ram_difference():
     (note,) = _same_vram_notes(estimates)
     assert note.startswith("sdxl-8gb and sdxl-12gb need the same VRAM (6.5 GiB) but not the same host RAM: "
                            "sdxl-8gb 12.9 GiB (and 28.7 GiB of disk), sdxl-12gb 3"), note
+
+
+def test_a_presets_estimate_is_remembered_until_the_plan_changes(monkeypatch, tmp_path):
+    """`sdtune presets` traces each plan once; the next listing reads the figures back, the same."""
+    from sdtune import estimate as module
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg, info = load_config("lora-4gb")
+    first = module.remembered(cfg, info)
+    traced = []
+    monkeypatch.setattr(module, "estimate", lambda *args, **kwargs: traced.append(args) or first)
+    assert module.remembered(cfg, info) == first and traced == []
+    assert len(list((tmp_path / "sdtune" / "estimates").iterdir())) == 1
+    module.remembered(*load_config("lora-4gb", ["data.resolution=768"]))
+    assert len(traced) == 1  # another plan, another trace

@@ -85,20 +85,13 @@ def remembered(cfg: Config, info: PresetInfo) -> Estimate:
     twelve plans once (about 25 s on 2 cores) and then lists them at once, until sdtune or a plan changes."""
     import hashlib
     import json
-    from importlib import metadata
-    from pathlib import Path
 
     from sdtune.config_toml import to_toml
     from sdtune.data.cache import cache_root
     from sdtune.files import write_text
 
-    digest = hashlib.sha256(to_toml(cfg, info).encode())
-    package = Path(__file__).parent
-    for path in sorted(package.rglob("*")):
-        if path.suffix in (".py", ".json", ".toml"):
-            digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
-    digest.update(" ".join(metadata.version(name) for name in ("torch", "diffusers", "transformers")).encode())
-    path = cache_root("") / "estimates" / f"{info.name}-{digest.hexdigest()[:32]}.json"
+    digest = hashlib.sha256(to_toml(cfg, info).encode() + _code_digest().encode()).hexdigest()
+    path = cache_root("") / "estimates" / f"{info.name}-{digest[:32]}.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.pop("fits")
@@ -110,6 +103,21 @@ def remembered(cfg: Config, info: PresetInfo) -> Estimate:
     except OSError:  # a cache that cannot be written costs the next listing its time, nothing else
         pass
     return result
+
+
+@functools.cache
+def _code_digest() -> str:
+    """A digest of every file of sdtune itself and of the versions of the libraries an estimate traces."""
+    import hashlib
+    from importlib import metadata
+    from pathlib import Path
+
+    digest, package = hashlib.sha256(), Path(__file__).parent
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".json", ".toml"):
+            digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
+    digest.update(" ".join(metadata.version(name) for name in ("torch", "diffusers", "transformers")).encode())
+    return digest.hexdigest()
 
 
 def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str | None = None,

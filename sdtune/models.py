@@ -110,17 +110,23 @@ def _hub_file(repo: str, name: str) -> str:
 @functools.cache
 def hub_online() -> bool:
     """Whether the Hugging Face hub can be reached: False at once where HF_HUB_OFFLINE is set or its host
-    takes no connection within 3 s, where huggingface_hub would retry for about 25 s before its error. A
-    model in the local cache still loads then (`local_files_only`)."""
+    (`HF_ENDPOINT`'s, at its port) takes no connection within 3 s, where huggingface_hub would retry for about
+    25 s before its error. A model in the local cache still loads then (`local_files_only`). Behind a proxy
+    (HTTPS_PROXY, ...), which huggingface_hub goes through and a direct connection would not, the hub is
+    taken as reachable and huggingface_hub answers."""
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if getproxies():
+        return True
+    url = urlparse(constants.ENDPOINT)
     try:
-        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
     except OSError:
         return False
     return True
@@ -134,6 +140,7 @@ class CheckpointFile:
     prediction_type: str      # epsilon or v_prediction
     dtype: str                # its UNet's weights: F16, BF16 or F32, as safetensors names them
     zero_terminal_snr: bool = False  # an SDXL v-prediction file marked `ztsnr` (NoobAI-style)
+    marked: bool = False      # the prediction type is the file's own word (a `v_pred` key, modelspec metadata)
 
     @property
     def family(self) -> str:
@@ -163,13 +170,14 @@ def inspect_single_file(path: Path) -> CheckpointFile:
             keys, metadata = set(f.keys()), f.metadata() or {}
             arch = _architecture(path, keys)
             dtype = next((f.get_slice(k).get_dtype() for k in sorted(keys) if k.startswith(UNET_KEYS)), "F32")
+            marked = "v_pred" in keys or "modelspec.predict_key" in metadata
             v_pred = "v_pred" in keys or metadata.get("modelspec.predict_key") == "v"
-            if arch == "sd21" and not v_pred and V_PRED_PROBE in keys:
+            if arch == "sd21" and not marked and V_PRED_PROBE in keys:
                 v_pred = float(f.get_tensor(V_PRED_PROBE).float().std(unbiased=False)) > 0.09
     except (OSError, SafetensorError) as exc:
         raise SdtuneError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0]})") from None
     return CheckpointFile(arch, "v_prediction" if v_pred else "epsilon", dtype,
-                          zero_terminal_snr=v_pred and "ztsnr" in keys)
+                          zero_terminal_snr=v_pred and "ztsnr" in keys, marked=marked)
 
 
 def _architecture(path: Path, keys: set) -> str:
@@ -227,36 +235,48 @@ def config_dir(config: str) -> Path:
     return folder
 
 
+def single_file_configs(source: str, config: str = "") -> tuple[CheckpointFile, Path]:
+    """(what the single file `source` is, the folder of configs it loads with): `model.config`'s (a bundled
+    architecture or a diffusers folder), else the bundled configs of the file's own architecture."""
+    from sdtune import archs
+
+    checkpoint = inspect_single_file(Path(source))
+    return checkpoint, config_dir(config) if config else archs.arch_dir(checkpoint.arch)
+
+
 def single_file_parts(source: str, config: str) -> tuple[Path, dict, str]:
     """(the configs folder, the parts a single file lacks, one line saying what was used) for loading
     `source` alone: its family's bundled configs unless `config` names others, each tokenizer the folder
-    lacks from the bundled CLIP vocabulary, and the scheduler with the file's prediction type."""
+    lacks from the bundled CLIP vocabulary, and the scheduler. Its prediction type is the file's where the
+    file says it or the configs are the bundled ones (judged from the file), else the named folder's."""
     import diffusers
 
     from sdtune import archs
-    from sdtune.families.clip_tokenizer import CLIP_L_PAD, OPEN_CLIP_PAD, clip_tokenizer
+    from sdtune.families.clip_tokenizer import clip_tokenizer, pad_token
 
-    checkpoint = inspect_single_file(Path(source))
-    folder = config_dir(config) if config else archs.arch_dir(checkpoint.arch)
+    checkpoint, folder = single_file_configs(source, config)
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    parts, bundled = {}, []
+    bundled = not config or config in archs.ARCHS
+    parts, made, prediction = {}, [], checkpoint.prediction_type
     for name, (_, class_name) in ((k, v[:2]) for k, v in index.items() if isinstance(v, list) and v[0]):
         if class_name.endswith("Tokenizer") and not (folder / name).is_dir():
             encoder = json.loads((folder / name.replace("tokenizer", "text_encoder") / "config.json").read_text())
-            pad = CLIP_L_PAD if encoder.get("hidden_act") == "quick_gelu" else OPEN_CLIP_PAD
-            parts[name] = clip_tokenizer(pad)
-            bundled.append(name)
+            parts[name] = clip_tokenizer(pad_token(encoder.get("hidden_act", "")))
+            made.append(name)
         elif class_name.endswith("Scheduler"):
             cls = getattr(diffusers, class_name)
-            options = {"prediction_type": checkpoint.prediction_type}
+            settings = cls.load_config(folder / name)
+            if checkpoint.marked or bundled:
+                settings["prediction_type"] = checkpoint.prediction_type
+            prediction = settings.get("prediction_type", "epsilon")
             if checkpoint.zero_terminal_snr:
-                options.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-            parts[name] = cls.from_config(cls.load_config(folder / name), **options)
-    where = f"configs {folder.name} (bundled)" if not config or config in archs.ARCHS else f"configs {folder}"
-    tokens = f"sdtune's bundled CLIP tokenizer ({', '.join(bundled)})" if bundled else "the configs' tokenizers"
-    line = (f"{Path(source).name}: {ARCH_NAMES[checkpoint.arch]} single file ({checkpoint.dtype}, "
-            f"{checkpoint.prediction_type}{', zero terminal SNR' if checkpoint.zero_terminal_snr else ''}); "
-            f"{where}; {tokens}")
+                settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+            parts[name] = cls.from_config(settings)
+    where = f"configs {folder.name} (bundled)" if bundled else f"configs {folder}"
+    tokens = f"sdtune's bundled CLIP tokenizer ({', '.join(made)})" if made else "the configs' tokenizers"
+    said = "" if checkpoint.marked or bundled else ", the configs' prediction type"
+    line = (f"{Path(source).name}: {ARCH_NAMES[checkpoint.arch]} single file ({checkpoint.dtype}, {prediction}"
+            f"{said}{', zero terminal SNR' if checkpoint.zero_terminal_snr else ''}); {where}; {tokens}")
     return folder, parts, line
 
 
@@ -266,10 +286,8 @@ ARCH_NAMES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}
 def check_source(source: str, config: str = "") -> None:
     """The one-line errors of `load_components` that need no weights read: a missing path, a file that is not
     a whole model, configs that do not exist (before a run scans its data)."""
-    if classify_source(resolve_source(source) if source in BUNDLED else source) == "single_file":
-        inspect_single_file(Path(source))
-        if config:
-            config_dir(config)
+    if classify_source(source) == "single_file":
+        single_file_configs(source, config)
 
 
 def load_components(source: str, config: str = "", unet=None) -> Components:

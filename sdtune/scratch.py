@@ -37,9 +37,9 @@ def unet_config_dir(architecture: str, pretrained: str, config: str = "") -> Pat
     if kind == "folder":
         return Path(resolve_source(pretrained)) / "unet"
     if kind == "single_file":
-        from sdtune.models import config_dir, inspect_single_file
+        from sdtune.models import single_file_configs
 
-        return (config_dir(config) if config else archs.arch_dir(inspect_single_file(Path(pretrained)).arch)) / "unet"
+        return single_file_configs(pretrained, config)[1] / "unet"
     from sdtune.models import _hub_file
 
     return Path(_hub_file(pretrained, "unet/config.json")).parent

@@ -163,15 +163,21 @@ def single_file_alone(tmp_path_factory):
     return path, folder
 
 
-def test_a_single_file_trains_samples_and_merges_without_a_tokenizer(single_file_alone, images, tmp_path, tiny_sdxl):
+def test_a_single_file_trains_samples_and_merges_without_a_tokenizer(single_file_alone, images, tmp_path, tiny_sdxl,
+                                                                     monkeypatch):
+    """No folder named: the file's architecture picks the bundled configs (here the tiny model's, standing in
+    for sdtune/archs/sd15, whose full size the slow test below loads) and CLIP's tokenizer is built."""
+    from sdtune import archs
+
     path, configs = single_file_alone
+    shutil.copytree(configs, tmp_path / "archs" / "sd15")
+    monkeypatch.setattr(archs, "ARCH_ROOT", tmp_path / "archs")
     runner = CliRunner()
     out = tmp_path / "out"
     trained = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(path), "--set",
-                                  f"model.config={configs}", "--set", "train.method=lora", "--out", str(out),
-                                  "--max-steps", "2"])
+                                  "train.method=lora", "--out", str(out), "--max-steps", "2"])
     assert trained.exit_code == 0, trained.output
-    assert f"model.safetensors: SD 1.x single file (F32, epsilon); configs {configs}; sdtune's bundled CLIP " \
+    assert "model.safetensors: SD 1.x single file (F32, epsilon); configs sd15 (bundled); sdtune's bundled CLIP " \
            "tokenizer (tokenizer)" in trained.output
     sampled = runner.invoke(app, ["sample", "--ckpt", str(out), "--prompt", "a red circle", "--steps", "2",
                                   "--num-images", "1", "--out", str(tmp_path / "samples")])
@@ -186,6 +192,47 @@ def test_a_single_file_trains_samples_and_merges_without_a_tokenizer(single_file
     assert misfit.exit_code == 2, misfit.output
     lines = misfit.output.strip().splitlines()
     assert len(lines) == 1 and "does not fit the base model" in lines[0], misfit.output
+
+
+def test_a_named_config_folder_keeps_its_prediction_type_unless_the_file_says_its_own(single_file_alone, tmp_path):
+    from safetensors.torch import load_file
+
+    from sdtune.models import single_file_parts
+
+    path, configs = single_file_alone
+    v_configs = tmp_path / "v"
+    shutil.copytree(configs, v_configs)
+    scheduler = v_configs / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    _, parts, line = single_file_parts(str(path), str(v_configs))
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    assert "(F32, v_prediction, the configs' prediction type)" in line
+    marked = tmp_path / "marked.safetensors"
+    save_file(load_file(path), str(marked), {"modelspec.predict_key": "epsilon"})  # the file's own word wins
+    _, parts, line = single_file_parts(str(marked), str(v_configs))
+    assert parts["scheduler"].config.prediction_type == "epsilon" and "(F32, epsilon)" in line
+
+
+def test_behind_a_proxy_the_hub_is_not_probed(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from sdtune import models
+
+    def refused(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refused)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    models.hub_online.cache_clear()
+    assert models.hub_online() is False  # no proxy, no connection: offline at once
+    models.hub_online.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert models.hub_online() is True  # huggingface_hub goes through the proxy; a direct probe would not
+    models.hub_online.cache_clear()
 
 
 def test_merge_config_needs_a_base(single_file_alone, tmp_path):

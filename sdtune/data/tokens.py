@@ -85,16 +85,15 @@ def model_tokenizer(model) -> tuple[object, str]:
     model: a diffusers folder's own (sdtune-tiny's reads 16 tokens), or a single file's `model.config`
     folder's; otherwise CLIP's, bundled with sdtune: every Stable Diffusion text encoder reads 77 tokens of
     its vocabulary, so the count is the same as with the model's own."""
-    from sdtune import archs
     from sdtune.families.clip_tokenizer import clip_tokenizer
-    from sdtune.models import classify_source, resolve_source
+    from sdtune.models import classify_source, resolve_source, single_file_configs
 
     kind = classify_source(model.pretrained)
     folder = None
     if kind == "folder":
         folder = Path(resolve_source(model.pretrained))
-    elif kind == "single_file" and model.config and model.config not in archs.ARCHS:
-        folder = Path(model.config)
+    elif kind == "single_file":  # its configs' folder: the bundled ones hold no tokenizer
+        folder = single_file_configs(model.pretrained, model.config)[1]
     names = sorted(p.name for p in folder.glob("tokenizer*") if p.is_dir()) if folder is not None else []
     if not names:
         return clip_tokenizer(), "CLIP's tokenizer (bundled)"

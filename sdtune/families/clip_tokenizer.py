@@ -7,6 +7,7 @@ uses the same vocabulary of 49,408 tokens; they differ only in the token that pa
 
     tokenizer = clip_tokenizer("<|endoftext|>")   # SD 1.x, SDXL's first encoder (CLIP_L_PAD)
     tokenizer = clip_tokenizer("!")               # SD 2.x, SDXL's second encoder (OPEN_CLIP_PAD, id 0)
+    tokenizer = clip_tokenizer(pad_token(encoder.config.hidden_act))   # the one an encoder was published with
     tokenizer("a photo of a cat").input_ids       # [49406, 320, 1125, 539, 320, 2368, 49407]
 
 The vocabulary is built as OpenAI's reference tokenizer (`clip/simple_tokenizer.py`) builds it: the 256
@@ -57,8 +58,7 @@ def clip_tokenizer(pad_token: str = CLIP_L_PAD):
                          model_max_length=MAX_LENGTH)
 
 
-def bundled_tokenizers(text_encoders) -> tuple:
-    """One bundled tokenizer per text encoder, padding as that encoder's published tokenizer does: CLIP
-    ViT-L (quick_gelu) with `<|endoftext|>`, the OpenCLIP encoders (gelu) with "!"."""
-    return tuple(clip_tokenizer(CLIP_L_PAD if getattr(encoder.config, "hidden_act", "") == "quick_gelu"
-                                else OPEN_CLIP_PAD) for encoder in text_encoders)
+def pad_token(hidden_act: str) -> str:
+    """The pad token of the published tokenizer of a text encoder with activation `hidden_act`: CLIP ViT-L's
+    (quick_gelu, SD 1.x and SDXL's first) pads with `<|endoftext|>`, the OpenCLIP encoders (gelu) with "!"."""
+    return CLIP_L_PAD if hidden_act == "quick_gelu" else OPEN_CLIP_PAD

@@ -21,10 +21,10 @@ from sdtune.errors import SdtuneError
 def _tokenizer(tokenizer_from: str | Path | None, text_config: dict) -> Any:
     from transformers import CLIPTokenizer
 
-    from sdtune.families.clip_tokenizer import CLIP_L_PAD, OPEN_CLIP_PAD, clip_tokenizer
+    from sdtune.families.clip_tokenizer import clip_tokenizer, pad_token
 
     if tokenizer_from is None:
-        tokenizer = clip_tokenizer(CLIP_L_PAD if text_config.get("hidden_act") == "quick_gelu" else OPEN_CLIP_PAD)
+        tokenizer = clip_tokenizer(pad_token(text_config.get("hidden_act", "")))
     else:
         folder = Path(tokenizer_from)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder)

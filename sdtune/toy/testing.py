@@ -70,10 +70,10 @@ def tiny_components(version: int = 1, seed: int = 0, clip_vocab: bool = False) -
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdtune.families.clip_tokenizer import CLIP_L_PAD, OPEN_CLIP_PAD, clip_tokenizer
+    from sdtune.families.clip_tokenizer import clip_tokenizer, pad_token
 
     if clip_vocab:
-        tokenizer = clip_tokenizer(OPEN_CLIP_PAD if version == 2 else CLIP_L_PAD)
+        tokenizer = clip_tokenizer(pad_token("gelu" if version == 2 else "quick_gelu"))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = write_tiny_tokenizer(tmp)

@@ -12,6 +12,9 @@ straight into its buffers, so that resuming needs no more RAM than training), th
 written last. It is built under a temporary name, flushed to disk (fsync) and renamed into place, so a
 killed run never leaves a half checkpoint as the newest; one damaged later (a bad disk, a copy cut
 short) fails its manifest and the one before it is used, with a warning. The last `keep` are kept.
+
+What a run's `--out` holds besides is told here too, for every place that asks: `is_run_folder` (the
+model loader, the data scan, the --out check) and `is_finished_run`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 
 from sdtune.distributed import World
 from sdtune.errors import SdtuneError
-from sdtune.files import check_space, disk_errors, save_safetensors, sha256_file, sync, tensor_bytes
+from sdtune.files import check_space_all_ranks, disk_errors, save_safetensors, sha256_file, sync, tensor_bytes
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
@@ -43,6 +46,29 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
         return []
     done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).is_file()]
     return sorted(done, key=lambda p: p.name)
+
+
+def run_files(folder: Path) -> list[str]:
+    """What marks `folder` as an sdtune run's --out: the files beside its `config.toml` that every run writes
+    (metrics.jsonl as its loop starts, then checkpoints/ and summary.json). Empty for any other folder, also one
+    that holds a config.toml of its own (kohya's, say): the lock is no mark, as the run checking holds it."""
+    from sdtune.export import SUMMARY
+
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file():
+        return []
+    return [name for name in ("metrics.jsonl", CHECKPOINTS, SUMMARY) if (folder / name).exists()]
+
+
+def is_run_folder(folder: Path) -> bool:
+    return bool(run_files(folder))
+
+
+def is_finished_run(folder: Path) -> bool:
+    """A run that exported its model and deleted its resume checkpoints (output.keep_final_state=false)."""
+    from sdtune.export import SUMMARY
+
+    return (Path(folder) / SUMMARY).is_file() and not list_checkpoints(folder)
 
 
 def verify(path: Path) -> str | None:
@@ -95,7 +121,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     rngs = world.gather(_rng_state())
     kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
     fix = f"{kept}; free space there and continue with --resume"
-    needed, refused = 0, None
+    needed = 0
     if world.main:
         _remove_unfinished(root)
         _prune_before(out_dir, previous, keep)
@@ -103,12 +129,7 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
         files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
         training = _training_state(tier, lr_schedule, scaler, rngs, optimizer=sharded is None)
         needed = max(_estimate(files, training, tier, state, config_toml), _size(previous))
-        try:
-            check_space(root, needed, f"checkpoint {final.name}", fix)
-        except SdtuneError as exc:
-            refused = exc
-    if world.any(refused is not None):  # every rank stops, none waits for rank 0 at a barrier
-        raise refused or SdtuneError(f"rank 0 refused checkpoint {final.name}: not enough disk space")
+    check_space_all_ranks(world, root, needed, f"checkpoint {final.name}", fix)  # none waits at a barrier
     def remove_tmp() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 

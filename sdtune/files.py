@@ -142,6 +142,20 @@ def check_space(folder: Path, needed: int, what: str, fix: str) -> None:
                           f"{size_text(free)} is free; {fix}")
 
 
+def check_space_all_ranks(world, folder: Path, needed: int, what: str, fix: str) -> None:
+    """`check_space` measured by rank 0 (the one that writes; `needed` counts there) and its refusal raised
+    on every rank of `world` (a `sdtune.distributed.World`): a rank left to go on would wait forever in the
+    next collective (a barrier, FSDP's gather of the weights, the next step's all-reduce)."""
+    refused = None
+    if world.main:
+        try:
+            check_space(folder, needed, what, fix)
+        except SdtuneError as exc:
+            refused = exc
+    if world.any(refused is not None):
+        raise refused or SdtuneError(f"rank 0 refused {what}: not enough disk space in {folder}")
+
+
 @contextmanager
 def disk_errors(folder: Path, what: str, fix: str, needed: int = 0, cleanup: Callable[[], None] | None = None,
                 full_fix: str = ""):

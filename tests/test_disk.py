@@ -6,11 +6,13 @@ A real small disk is a tmpfs the test mounts (root only; skipped elsewhere); the
 read-only folder are also tested anywhere, by what the OS would report.
 """
 
+import dataclasses
 import errno
 import json
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +23,7 @@ from typer.testing import CliRunner
 
 from sdtune import checkpoint, files
 from sdtune.cli import app
+from sdtune.distributed import World
 from sdtune.errors import SdtuneError
 from sdtune.lock import output_lock
 
@@ -94,7 +97,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_resumes_once_space_is_f
     out = small_disk / "out"
     _fill_after_first_checkpoint(monkeypatch, small_disk, lambda saved: (
         256 * 2**10 if fails_in == "weights" else (saved / "unet.safetensors").stat().st_size + 256 * 2**10))
-    monkeypatch.setattr(checkpoint, "check_space", lambda *args: None, raising=False)
+    monkeypatch.setattr(checkpoint, "check_space_all_ranks", lambda *args: None)
     line = _one_error_line(_train(tiny_sd1, images, out), "disk full: checkpoint step-000004 in",
                            "checkpoints needs", "is free", "step-000002 is intact", "--resume")
     assert float(line.split(" needs ")[1].split()[0]) > 0
@@ -184,6 +187,61 @@ def test_checkpoints_and_the_export_check_free_space_first(tiny_sd1, images, tmp
                            "not enough disk space for the trained model in", "300 KiB is free",
                            "output.keep_checkpoints=0")
     assert "needs" in line and not (out / "unet").exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ThreadWorld(World):
+    """One rank of a job whose ranks are threads: `any` is the MAX over the ranks that torch.distributed's
+    all-reduce makes of it, each rank waiting for the others' flags; a rank that skips it leaves the others
+    waiting (here 10 s, under torchrun forever)."""
+
+    flags: list = dataclasses.field(default_factory=list)
+    meeting: threading.Barrier | None = None
+
+    def any(self, flag: bool) -> bool:
+        self.flags[self.rank] = flag
+        self.meeting.wait()
+        result = any(self.flags)
+        self.meeting.wait()  # every rank has read the flags before a later call writes them
+        return result
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_save_refused_for_disk_space_stops_every_rank(tmp_path, monkeypatch, method):
+    """Two ranks save at step 2 on a disk with 1 KiB free: rank 0 measures and refuses, and rank 1 raises
+    the refusal too, before it goes into a collective (FSDP's gather of the weights, or the next step's
+    all-reduce) where it would wait for rank 0 forever."""
+    from sdtune import saves
+
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 2**10)
+    gathered = []  # ranks that went into the weights' gather (a collective under FSDP)
+
+    def run_of(world):
+        part = SimpleNamespace(state_dict=lambda: {"w": torch.zeros(2**16)})
+        placement = SimpleNamespace(lora={"unet": part} if method == "lora" else None, sharded=True,
+                                    trained_params=lambda: [torch.zeros(2**16)],
+                                    weights=lambda: gathered.append(world.rank) or {})
+        return SimpleNamespace(out_dir=tmp_path, step=2, world=world, placement=placement, ema=None,
+                               components=SimpleNamespace(unet=part, vae=part, text_encoders=[part]),
+                               cfg=SimpleNamespace(output=SimpleNamespace(save_precision="fp16")))
+
+    flags, meeting, raised = [False, False], threading.Barrier(2, timeout=10), {}
+
+    def rank(r):
+        try:
+            saves.write(run_of(_ThreadWorld(rank=r, size=2, flags=flags, meeting=meeting)))
+        except Exception as exc:  # noqa: BLE001  (what each rank raised is the test's result)
+            raised[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(raised.get(r), SdtuneError) for r in (0, 1)), raised
+    assert str(raised[0]).startswith("not enough disk space for the save step-000002.safetensors in ")
+    assert str(raised[1]) == f"rank 0 refused the save step-000002.safetensors: not enough disk space in {tmp_path}"
+    assert gathered == [] and not (tmp_path / "saves").exists()
 
 
 def test_a_finished_run_keeps_no_resume_state_unless_asked(tiny_sd1, images, tmp_path):

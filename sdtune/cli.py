@@ -96,7 +96,7 @@ def train(
                            resume=resume, overwrite=overwrite, on_oom=on_oom.value)
     try:
         result = run_training(request, log=_say,
-                              progress=lambda total, per_epoch: ProgressSink(console, total, per_epoch),
+                              progress=lambda total, epochs: ProgressSink(console, total, epochs),
                               status=console.status)
     except Stopped as exc:
         from sdtune.distributed import launched_rank

@@ -216,14 +216,13 @@ class TensorBoardSink:
 
 
 class ProgressSink:
-    """The progress bar on `console`: `step N/M`, `epoch E/T` (given `steps_per_epoch`), a bar, the step's
+    """The progress bar on `console`: `step N/M`, `epoch E/T` (given `epochs`, T), a bar, the step's
     loss and its moving average (kohya's avr_loss), lr, s/step, peak memory, time remaining. It appears
     with the first record (after the data and model checks), starting at that record's step, so a resumed
     run starts at its checkpoint; with no records it never shows."""
 
-    def __init__(self, console: Console, total_steps: int, steps_per_epoch: int = 0):
-        self.console, self.total_steps = console, total_steps
-        self.epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else 0
+    def __init__(self, console: Console, total_steps: int, epochs: int = 0):
+        self.console, self.total_steps, self.epochs = console, total_steps, epochs
         self._bar = self._task = None
         self._validation = ""  # the last validation loss, shown until the next
 

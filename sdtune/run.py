@@ -65,7 +65,7 @@ class Stopped(Exception):
 
 def train(request: TrainRequest, *, log: Log = print, progress: Callable | None = None,
           status: Callable[[str], AbstractContextManager] | None = None) -> dict:
-    """Train as `request` says; returns the summary. `progress(total_steps, steps_per_epoch)` makes the
+    """Train as `request` says; returns the summary. `progress(total_steps, total_epochs)` makes the
     progress-bar sink; `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
     Raises SdtuneError on bad input or when no plan fits, `Stopped` after SIGINT/SIGTERM."""
     from sdtune.distributed import World
@@ -192,7 +192,7 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
             if not world.main:
                 trainer.loop(run)
                 return _export(run, info, log)
-            sink = progress(steps, run.steps_per_epoch) if progress else None
+            sink = progress(steps, run.epoch_at(steps)) if progress else None
             with MetricsLogger.for_run(out, cfg.output, resume_step=run.step, progress=sink) as metrics:
                 trainer.loop(run, metrics)
             return _export(run, info, log)
@@ -204,12 +204,11 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints that did not
     finish; --overwrite lets it write into any folder. True when a previous run's checkpoints are to be
     deleted (--overwrite), so that none of them is taken for this run's."""
-    from sdtune.export import SUMMARY
     from sdtune.lock import LOCK_NAME
 
     # a finished run whose resume checkpoints were deleted (output.keep_final_state=false): its model is
     # all there is, and neither a fresh run nor --resume (which would start over) may replace it unasked
-    finished = (out / SUMMARY).is_file() and not checkpoint.list_checkpoints(out)
+    finished = checkpoint.is_finished_run(out)
     if resume and finished and not overwrite:
         raise SdtuneError(f"{out} holds a finished run whose resume checkpoints were deleted "
                           "(output.keep_final_state=false), so there is nothing to resume; choose another --out, "
@@ -223,7 +222,7 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
                           "over (deletes its checkpoints), or choose another --out")
     if finished:
         raise SdtuneError(f"{out} holds a finished run; choose another --out, or pass --overwrite to replace it")
-    if not (out / "config.toml").is_file():
+    if not checkpoint.is_run_folder(out):  # a config.toml alone may be the user's own (kohya's): it is replaced
         raise SdtuneError(f"{out} exists, is not empty and is not an sdtune output folder; choose another --out, "
                           "or pass --overwrite to write into it (files of the same names are replaced)")
     return False
@@ -232,10 +231,9 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
 def _export(run, info: PresetInfo, log: Log) -> dict:
     """The diffusers folder (and the single file) from the fp32 trained weights, or a LoRA run's two LoRA
     files; `summary.json`."""
-    import torch
-
-    from sdtune.export import DTYPES, SINGLE_FILE, export_pipeline, export_single_file
+    from sdtune.export import SINGLE_FILE, export_pipeline, export_single_file
     from sdtune.lora.adapter import TEXT_ENCODER_NAMES
+    from sdtune.memory import torch_dtype
     from sdtune.trainer import fp32_weights
 
     if run.placement.sharded:  # every rank sends its shards; rank 0 exports a plain UNet of them
@@ -262,7 +260,7 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
     output = run.cfg.output
     trained = [run.components.unet, *(run.components.text_encoders if run.cfg.train.text_encoder_lr else ())]
     for module in trained:  # what the diffusers folder holds of them; the single file casts every part itself
-        module.to(getattr(torch, DTYPES[output.save_precision]))
+        module.to(torch_dtype(output.save_precision))
     with _writing_model(run, _model_bytes(run)):
         export_pipeline(run.components, run.out_dir)
         single = {"written": False, "reason": "output.single_file is false"}
@@ -281,13 +279,12 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
 def _model_bytes(run) -> int:
     """Bytes the export writes less those of the files it replaces: the diffusers folder (each part in its
     dtype: the trained ones in output.save_precision by now) and the single file (every part in it)."""
-    from sdtune.export import SINGLE_FILE
+    from sdtune.export import SINGLE_FILE, single_file_bytes
     from sdtune.files import folder_bytes, tensor_bytes
 
     parts = [run.components.unet, run.components.vae, *run.components.text_encoders]
     folder = sum(tensor_bytes(part.state_dict()) for part in parts)
-    itemsize = 4 if run.cfg.output.save_precision == "fp32" else 2
-    single = itemsize * sum(t.numel() for part in parts for t in part.state_dict().values())
+    single = single_file_bytes(run.components, run.cfg.output.save_precision)
     replaced = sum(folder_bytes(run.out_dir / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2",
                                                                  SINGLE_FILE))
     return folder + (single if run.cfg.output.single_file else 0) + 2**20 - replaced

@@ -32,34 +32,37 @@ def path_at(out_dir: Path, step: int) -> Path:
 def check(run) -> bool:
     """Whether this run writes saves: one is asked for, and a full fine-tune's model is one the clients
     read (else one line says why none will be written)."""
-    out = run.cfg.output
+    from sdtune.single_file import unreadable_reason
+
+    out, c = run.cfg.output, run.components
     if not (out.save_every or out.save_every_epochs):
         return False
-    reason = None if run.placement.lora is not None else _unreadable(run.components)
+    reason = "" if run.placement.lora is not None else unreadable_reason(c.unet, c.vae, list(c.text_encoders),
+                                                                          c.prediction_type)
     if reason:
         run.log(f"output.save_every: no saves will be written, as no model.safetensors would be: {reason}")
-    return reason is None
+    return not reason
 
 
 def due(run) -> bool:
     """Whether the step just finished is one to save at: a multiple of `output.save_every` steps, or the
-    end of every `output.save_every_epochs`-th epoch (`run.steps_per_epoch` steps each)."""
-    out, step = run.cfg.output, run.step
+    step that ends every `output.save_every_epochs`-th pass over the images (`run.passes`)."""
+    out, step, every = run.cfg.output, run.step, run.cfg.output.save_every_epochs
     return bool((out.save_every and step % out.save_every == 0)
-                or (out.save_every_epochs and step % (out.save_every_epochs * run.steps_per_epoch) == 0))
+                or (every and run.passes(step) // every > run.passes(step - 1) // every))
 
 
 def write(run) -> Path | None:
     """The save of `run.step`: its path on rank 0, None on the other ranks. A disk without room for it is
-    one line (checked first, and if the write fails all the same); nothing half-written stays."""
-    from sdtune.files import check_space, disk_errors
+    one line, on every rank (checked first); a write the disk refuses all the same is one line too; nothing
+    half-written stays."""
+    from sdtune.files import check_space_all_ranks, disk_errors
 
-    path = path_at(run.out_dir, run.step)
+    path, needed = path_at(run.out_dir, run.step), _bytes(run)
     fix = ("free space there and continue with --resume (from the newest checkpoint), or set "
            "output.save_every=0 and output.save_every_epochs=0")
-    if run.world.main:
-        check_space(run.out_dir, _bytes(run), f"the save {path.name}", fix)
-    with disk_errors(path.parent, f"the save {path.name}", fix, _bytes(run)):
+    check_space_all_ranks(run.world, run.out_dir, needed, f"the save {path.name}", fix)
+    with disk_errors(path.parent, f"the save {path.name}", fix, needed):
         if run.placement.lora is not None:
             if run.world.main:
                 _write_lora(run, path)
@@ -71,24 +74,12 @@ def write(run) -> Path | None:
 def _bytes(run) -> int:
     """About what a save writes: the LoRA's fp32 weights, or every part of the model in
     output.save_precision."""
+    from sdtune.export import single_file_bytes
     from sdtune.files import tensor_bytes
 
     if run.placement.lora is not None:
         return tensor_bytes(run.placement.trained_params())
-    c = run.components
-    itemsize = 4 if run.cfg.output.save_precision == "fp32" else 2
-    return itemsize * sum(p.numel() for part in (c.unet, c.vae, *c.text_encoders) for p in part.parameters())
-
-
-def _unreadable(components) -> str | None:
-    """Why the clients could not read this model as one file (what the export's `model.safetensors` says)."""
-    from sdtune import single_file_clients as clients
-
-    encoders = list(components.text_encoders)
-    family = clients.model_family(components.unet, encoders)
-    if family is None:
-        return f"no original single-file layout for this model ({clients.describe(components.unet, encoders)})"
-    return clients.unreadable_reason(family, components.unet, components.vae, encoders, components.prediction_type)
+    return single_file_bytes(run.components, run.cfg.output.save_precision)
 
 
 def _write_lora(run, path: Path) -> None:

@@ -69,7 +69,6 @@ class Run:
     skipped_steps: int = 0
     seconds: float = 0.0
     step_times: list[float] = field(default_factory=list)  # this process's steps, for seconds per step
-    steps_per_epoch: int = 1  # optimizer steps of one pass over the images (repeats counted), rounded up
 
     @property
     def tier(self):
@@ -77,8 +76,27 @@ class Run:
 
     @property
     def epoch(self) -> int:
-        """The epoch (1-based) the last step finished belongs to; 0 before the first step."""
-        return math.ceil(self.step / self.steps_per_epoch)
+        """The epoch (1-based) of the last step finished (`epoch_at`); 0 before the first step."""
+        return self.epoch_at(self.step)
+
+    def epoch_at(self, step: int) -> int:
+        """The epoch of step `step`: the pass over the images (repeats counted) its first micro-batch is in.
+        The batch stream runs on from one pass into the next, so with accumulation a step can end one pass
+        and begin the next: it belongs to the pass it ends (when the accumulation is at most a pass)."""
+        return (step - 1) * self._accumulation // self.stream.batches_per_epoch + 1 if step > 0 else 0
+
+    def passes(self, step: int) -> int:
+        """Whole passes over the images after `step` steps."""
+        return step * self._accumulation // self.stream.batches_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int | float:
+        """Optimizer steps of one pass: the epoch's micro-batches over the accumulation (2.5 for 5 and 2)."""
+        return steps_per_epoch(self.stream.batches_per_epoch, self._accumulation)
+
+    @property
+    def _accumulation(self) -> int:
+        return self.cfg.train.gradient_accumulation_steps
 
     @property
     def optimizer(self):
@@ -124,23 +142,31 @@ def _scan(data_dir: str, cfg: Config, out_dir: str, log: Callable[[str], None]):
     return scan
 
 
-def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) -> tuple[Config, int]:
-    """`cfg` with train.max_steps from train.max_epochs (kohya's count: epochs x the epoch's micro-batches
-    over the accumulation, rounded up), and the steps an epoch takes. A warm-up longer than the run is
-    cut to it (`TrainConfig.warmup_steps`): said here."""
+def steps_per_epoch(batches: int, accumulation: int) -> int | float:
+    """Optimizer steps of one pass of `batches` micro-batches: a whole number where accumulation divides it."""
+    return batches // accumulation if batches % accumulation == 0 else round(batches / accumulation, 4)
+
+
+def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) -> Config:
+    """`cfg` with train.max_steps from train.max_epochs: the steps whose micro-batches cover that many
+    passes, rounded up (the last step may take up to accumulation - 1 batches of the next pass). A warm-up
+    longer than the run is cut to it (`TrainConfig.warmup_steps`): said here."""
     import dataclasses
 
     train = cfg.train
-    per_epoch = math.ceil(stream.batches_per_epoch / train.gradient_accumulation_steps)
+    batches, accumulation = stream.batches_per_epoch, train.gradient_accumulation_steps
     if train.max_epochs:
-        steps = train.max_epochs * per_epoch
-        log(f"train.max_epochs={train.max_epochs}: {steps:,} steps ({per_epoch:,} an epoch); it overrides "
-            f"train.max_steps={train.max_steps}, as kohya's max_train_epochs overrides max_train_steps")
+        steps = math.ceil(train.max_epochs * batches / accumulation)
+        per_epoch = steps_per_epoch(batches, accumulation)
+        within = (f"; {batches:,} batches an epoch, {accumulation} a step: a step can end one epoch and begin "
+                  "the next") if isinstance(per_epoch, float) else ""
+        log(f"train.max_epochs={train.max_epochs}: {steps:,} steps ({per_epoch:,} an epoch{within}); it "
+            f"overrides train.max_steps={train.max_steps}, as kohya's max_train_epochs overrides max_train_steps")
         train = dataclasses.replace(train, max_steps=steps)
     if train.lr_warmup_steps > train.max_steps:
         log(f"note: train.lr_warmup_steps={train.lr_warmup_steps} is longer than the run: the learning rate "
             f"warms up over its {train.max_steps:,} step{'s' if train.max_steps > 1 else ''} instead")
-    return dataclasses.replace(cfg, train=train), per_epoch
+    return dataclasses.replace(cfg, train=train)
 
 
 def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> None:
@@ -193,7 +219,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
     stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed, warn=log)
-    cfg, steps_per_epoch = _run_length(cfg, stream, log)
+    cfg = _run_length(cfg, stream, log)
     text_grad = cfg.lora.text_encoder or cfg.train.text_encoder_lr > 0  # the text encoder(s) train
     features = Features(components, cfg.data, plan, log, text_grad=text_grad)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
@@ -201,7 +227,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
-              ema=make_ema(placement, cfg.train), validation=held_out, steps_per_epoch=steps_per_epoch)
+              ema=make_ema(placement, cfg.train), validation=held_out)
     sources = [(stream, examples)] + ([(held_out.stream, held_out.examples)] if held_out else [])
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.dreambooth import class_config, class_images
@@ -360,7 +386,7 @@ def _record(run: Run, step_loss: float, learning_rate: float, validation: dict) 
     return StepRecord(step=run.step, loss=step_loss, learning_rate=learning_rate, grad_norm=run.tier.grad_norm,
                       seconds_per_step=seconds, images_per_second=images / seconds if seconds else 0.0,
                       peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps, epoch=run.epoch,
-                      average_loss=average_loss(run.losses, run.steps_per_epoch), **validation)
+                      average_loss=average_loss(run.losses, math.ceil(run.steps_per_epoch)), **validation)
 
 
 def average_loss(losses: list[float], window: int) -> float | None:

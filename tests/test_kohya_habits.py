@@ -50,6 +50,31 @@ def test_max_epochs_counts_repeats_and_overrides_max_steps(tiny_sd1, repeats, tm
         assert row["average_loss"] == pytest.approx(sum(window) / len(window))
 
 
+def test_epochs_are_real_passes_when_the_accumulation_does_not_divide_them(tiny_sd1, tmp_path):
+    """5 images, batch 1, 2 micro-batches a step: an epoch is 2.5 steps. 3 epochs are 8 steps (16
+    micro-batches: every image 3 times, and one of a fourth pass), not 3 x ceil(2.5) = 9 (3.6 passes); each
+    step says the pass it ends, and the saves of every epoch come after the steps that end passes 1, 2, 3
+    (micro-batches 5, 10, 15: steps 3, 5 and 8)."""
+    from safetensors import safe_open
+
+    data = make_image_folder(tmp_path / "data", count=5)
+    out = tmp_path / "out"
+    output, summary = _run(tiny_sd1, data, out, "--set", "train.max_epochs=3", "--set", "train.batch_size=1",
+                           "--set", "train.gradient_accumulation_steps=2", "--set", "output.save_every_epochs=1",
+                           "--set", "train.method=lora", "--set", "lora.rank=4")
+    assert "train.max_epochs=3: 8 steps (2.5 an epoch; 5 batches an epoch, 2 a step" in output
+    assert (summary["steps"], summary["epoch"], summary["steps_per_epoch"]) == (8, 3, 2.5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [row["epoch"] for row in rows] == [1, 1, 1, 2, 2, 3, 3, 3]
+    saved = sorted(p.name for p in (out / "saves").iterdir())
+    assert saved == ["step-000003.safetensors", "step-000005.safetensors", "step-000008.safetensors"]
+    epochs = []
+    for name in saved:
+        with safe_open(str(out / "saves" / name), "pt") as f:
+            epochs.append(f.metadata()["ss_epoch"])
+    assert epochs == ["1", "2", "3"]
+
+
 def test_a_run_by_epochs_resumes_exactly(tiny_sd1, repeats, tmp_path):
     # batch 4: 3 steps an epoch, 6 in all; the run is cut after step 2 and resumed from its checkpoint
     assert_resume_is_bitwise(tiny_sd1, repeats, tmp_path, "--set", "train.max_epochs=2", "--set", "train.batch_size=4",

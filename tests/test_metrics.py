@@ -161,7 +161,7 @@ def test_progress_bar_shows_the_record():
 
 def test_progress_bar_shows_the_epoch_and_the_moving_average_loss():
     console = Console(file=io.StringIO(), force_terminal=False, width=200)
-    with MetricsLogger([ProgressSink(console, total_steps=10, steps_per_epoch=4)]) as metrics:
+    with MetricsLogger([ProgressSink(console, total_steps=10, epochs=3)]) as metrics:
         metrics.log(dataclasses.replace(record(7, loss=0.5), epoch=2, average_loss=0.3125))
     assert "epoch 2/3  loss 0.5000 (avg 0.3125)" in console.file.getvalue()
 

@@ -185,6 +185,8 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
                 if cfg.output.keep_checkpoints == 0:
                     log("output.keep_checkpoints=0: no resume checkpoints are written; a run stopped before its "
                         "end cannot be resumed")
+            if cfg.output.keep_checkpoints == 0:  # nothing could write the model after the run: look now
+                _check_export_space(run)
             world.barrier()  # no rank writes a checkpoint before --overwrite has cleared the old ones
             steps = run.cfg.train.max_steps  # train.max_epochs has made it the epochs' steps
             if run.step >= steps:
@@ -258,8 +260,7 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
             run.components.unet.get_parameter(name).data = weight
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
     output = run.cfg.output
-    trained = [run.components.unet, *(run.components.text_encoders if run.cfg.train.text_encoder_lr else ())]
-    for module in trained:  # what the diffusers folder holds of them; the single file casts every part itself
+    for module in _trained(run):  # what the diffusers folder holds of them; the single file casts each part itself
         module.to(torch_dtype(output.save_precision))
     with _writing_model(run, _model_bytes(run)):
         export_pipeline(run.components, run.out_dir)
@@ -276,14 +277,44 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
     return result
 
 
+def _trained(run) -> list:
+    """The full fine-tune's trained modules, which the diffusers folder holds in output.save_precision."""
+    return [run.components.unet, *(run.components.text_encoders if run.cfg.train.text_encoder_lr else ())]
+
+
+def _check_export_space(run) -> None:
+    """With output.keep_checkpoints=0 no checkpoint could write the model once the export finds the disk
+    too full, and every step would be lost: its free space is checked before the first step (every rank
+    stops)."""
+    from sdtune.files import check_space_all_ranks
+
+    check_space_all_ranks(run.world, run.out_dir, _export_bytes(run) if run.world.main else 0, "the trained model",
+                          "output.keep_checkpoints=0 keeps no checkpoint to write it from after the run: free "
+                          "space there first, choose another --out, or set output.keep_checkpoints=1")
+
+
+def _export_bytes(run) -> int:
+    """Bytes the export needs free: a LoRA run's two files (in fp32 at most), or `_model_bytes`."""
+    from sdtune.files import tensor_bytes
+
+    if run.placement.lora is not None:
+        return 2 * tensor_bytes(run.placement.weights()) + 2**20
+    return _model_bytes(run)
+
+
 def _model_bytes(run) -> int:
     """Bytes the export writes less those of the files it replaces: the diffusers folder (each part in its
-    dtype: the trained ones in output.save_precision by now) and the single file (every part in it)."""
+    dtype, the trained ones in output.save_precision, cast or not yet) and the single file (every part in
+    it)."""
     from sdtune.export import SINGLE_FILE, single_file_bytes
     from sdtune.files import folder_bytes, tensor_bytes
+    from sdtune.memory import torch_dtype
 
-    parts = [run.components.unet, run.components.vae, *run.components.text_encoders]
-    folder = sum(tensor_bytes(part.state_dict()) for part in parts)
+    parts, trained = [run.components.unet, run.components.vae, *run.components.text_encoders], _trained(run)
+    saved = torch_dtype(run.cfg.output.save_precision).itemsize
+    folder = sum(tensor_bytes(part.state_dict()) for part in parts if not any(part is t for t in trained))
+    folder += sum((saved if t.is_floating_point() else t.element_size()) * t.numel()
+                  for part in trained for t in part.state_dict().values())
     single = single_file_bytes(run.components, run.cfg.output.save_precision)
     replaced = sum(folder_bytes(run.out_dir / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2",
                                                                  SINGLE_FILE))
@@ -319,13 +350,12 @@ def _leave(run, result: dict) -> None:
 
 
 def _export_lora(run, info: PresetInfo) -> dict:
-    from sdtune.files import tensor_bytes
     from sdtune.lora.files import kohya_metadata, save_diffusers, save_kohya
 
     modules, family = run.placement.lora, run.components.family
     result = {"preset": info.name, **summary(run)}
     with (run.ema.applied() if run.ema is not None else nullcontext(),  # the moving average is the LoRA
-          _writing_model(run, 2 * tensor_bytes(run.placement.weights()) + 2**20)):  # two files, in fp32 at most
+          _writing_model(run, _export_bytes(run))):
         files = [save_diffusers(modules, family, run.out_dir),
                  save_kohya(modules, family, run.out_dir, kohya_metadata(run.cfg, run.components, result,
                                                                          len(run.stream.examples)),

@@ -189,6 +189,31 @@ def test_checkpoints_and_the_export_check_free_space_first(tiny_sd1, images, tmp
     assert "needs" in line and not (out / "unet").exists()
 
 
+def test_keep_checkpoints_0_on_a_disk_too_small_for_the_model_is_refused_before_step_1(tiny_sd1, images, tmp_path,
+                                                                                     monkeypatch):
+    """With no checkpoint, a model the disk cannot take at the end would lose every step: the export's
+    need is checked before step 1, and it is what the export itself then checks (the trained UNet counted
+    in output.save_precision before it is cast to it)."""
+    real, checked = files.check_space, []
+
+    def recording(folder, needed, what, fix):
+        checked.append((what, needed))
+        return real(folder, needed, what, fix)
+
+    monkeypatch.setattr(files, "check_space", recording)
+    result = _train(tiny_sd1, images, tmp_path / "fits", "--set", "output.keep_checkpoints=0")
+    assert result.exit_code == 0, result.output
+    assert [what for what, _ in checked] == ["the trained model"] * 2
+    assert checked[0][1] == checked[1][1]  # before step 1 and at the export: the same bytes
+
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 300 * 2**10)
+    out = tmp_path / "small"
+    line = _one_error_line(_train(tiny_sd1, images, out, "--set", "output.keep_checkpoints=0"),
+                           "not enough disk space for the trained model in", "300 KiB is free",
+                           f"it needs {files.size_text(checked[0][1])}", "output.keep_checkpoints=0 keeps no")
+    assert "step" not in line and not (out / "metrics.jsonl").exists()  # refused before the first step
+
+
 @dataclasses.dataclass(frozen=True)
 class _ThreadWorld(World):
     """One rank of a job whose ranks are threads: `any` is the MAX over the ranks that torch.distributed's

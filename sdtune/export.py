@@ -16,7 +16,6 @@ from pathlib import Path
 
 SUMMARY = "summary.json"
 SINGLE_FILE = "model.safetensors"
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # output.save_precision: torch's names
 
 
 def export_pipeline(components, out_dir: Path) -> Path:
@@ -41,14 +40,20 @@ def export_single_file(components, out_dir: Path, *, force: bool = False, name: 
     """`model.safetensors` (or `name`) in the family's original layout, in `precision` (fp16, bf16, fp32),
     when ComfyUI and AUTOMATIC1111 can read it (`force`: anyway); a `sdtune.single_file.SingleFile` that says
     whether it was written, and why not."""
-    import torch
-
+    from sdtune.memory import torch_dtype
     from sdtune.single_file import write_single_file
 
     return write_single_file(Path(out_dir) / name, unet=components.unet, vae=components.vae,
                              text_encoders=list(components.text_encoders),
-                             prediction_type=components.prediction_type, dtype=getattr(torch, DTYPES[precision]),
-                             force=force)
+                             prediction_type=components.prediction_type, dtype=torch_dtype(precision), force=force)
+
+
+def single_file_bytes(components, precision: str) -> int:
+    """About what `export_single_file` writes in `precision`: every tensor of every part at that size."""
+    from sdtune.memory import torch_dtype
+
+    parts = (components.unet, components.vae, *components.text_encoders)
+    return torch_dtype(precision).itemsize * sum(t.numel() for part in parts for t in part.state_dict().values())
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -22,6 +22,14 @@ from sdtune.errors import SdtuneError
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def torch_dtype(precision: str):
+    """torch's dtype of a precision as the config names it ("fp32", "bf16", "fp16": memory.precision,
+    output.save_precision)."""
+    import torch
+
+    return getattr(torch, _DTYPES[precision])
+
+
 @dataclass(frozen=True)
 class Plan:
     device: str                      # "cuda" or "cpu"
@@ -38,9 +46,7 @@ class Plan:
 
     @property
     def working_dtype(self):
-        import torch
-
-        return getattr(torch, _DTYPES[self.precision])
+        return torch_dtype(self.precision)
 
     @property
     def loss_scaling(self) -> bool:

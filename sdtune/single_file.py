@@ -215,6 +215,17 @@ class SingleFile:
     notes: tuple[str, ...] = ()
 
 
+def unreadable_reason(unet, vae, text_encoders: list, prediction_type: str) -> str:
+    """One line saying why ComfyUI / AUTOMATIC1111 could not read this model as one file ("" when they can):
+    no original layout fits it, or one does and its sizes or prediction type are not the published ones."""
+    from sdtune import single_file_clients as clients
+
+    family = clients.model_family(unet, text_encoders)
+    if family is None:
+        return f"no original single-file layout for this model ({clients.describe(unet, text_encoders)})"
+    return clients.unreadable_reason(family, unet, vae, text_encoders, prediction_type) or ""
+
+
 def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: str, dtype=None,
                       force: bool = False) -> SingleFile:
     """Write the model as one original-layout file where ComfyUI and AUTOMATIC1111 can read it.
@@ -227,11 +238,8 @@ def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: 
     from sdtune import single_file_clients as clients
 
     family = clients.model_family(unet, text_encoders)
-    if family is None:
-        return SingleFile(None, "no original single-file layout for this model "
-                                f"({clients.describe(unet, text_encoders)})")
-    reason = clients.unreadable_reason(family, unet, vae, text_encoders, prediction_type)
-    if reason and not force:
+    reason = unreadable_reason(unet, vae, text_encoders, prediction_type)
+    if family is None or (reason and not force):  # without a layout not even `force` can write it
         return SingleFile(None, reason)
     weights = LAYOUTS[family](unet, vae, text_encoders)
     v_pred = prediction_type == "v_prediction"

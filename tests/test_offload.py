@@ -108,7 +108,8 @@ def test_nvme_offload_dir_is_checked_before_step_one(tiny_sd1, images, tmp_path,
         with pytest.raises(SdtuneError, match="is not writable"):
             prepared(tiny_sd1, images, tmp_path / "o3", *_offload("nvme", locked))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
-    with pytest.raises(SdtuneError, match=r"has 0.0 GiB free but the optimizer state needs"):
+    with pytest.raises(SdtuneError, match=r"not enough disk space for the optimizer state \(memory.offload_dir\) in "
+                                          r".*state: it needs .* and 1 KiB is free; free space there or set "):
         prepared(tiny_sd1, images, tmp_path / "o4", *_offload("nvme", tmp_path / "state"))
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
+from sdtune.files import check_space
 from sdtune.offload import layout
 from sdtune.offload.layout import STATE_FILE, Bucket, partition
 from sdtune.offload.optimizer import OffloadAdamW
@@ -56,11 +57,8 @@ class _StateFile:
     """One file of fp32 regions, `3 * length` floats for each bucket, in a private temporary folder."""
 
     def __init__(self, parent: Path, lengths: list[int]):
-        needed = 3 * _FLOAT * sum(lengths)
-        free = shutil.disk_usage(parent).free
-        if free < needed:
-            raise SdtuneError(f"memory.offload_dir {parent} has {free / 2**30:.1f} GiB free but the optimizer state "
-                              f"needs {needed / 2**30:.1f} GiB; free space or choose another disk")
+        check_space(parent, 3 * _FLOAT * sum(lengths), "the optimizer state (memory.offload_dir)",
+                    "free space there or set memory.offload_dir to another disk")
         self.folder = Path(tempfile.mkdtemp(prefix="sdtune-offload-", dir=parent))
         self.path = self.folder / STATE_FILE
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -44,13 +44,15 @@ def resolve_source(source: str) -> str:
 def classify_source(source: str, option: str = "--model") -> str:
     """'folder', 'single_file' or 'hub' — or a one-line error that says what `source` (given as `option`)
     should be."""
+    from sdtune.checkpoint import is_run_folder
+
     if not source:
         raise SdtuneError(f"no base model: pass {option} (a diffusers folder, a .safetensors file or a hub id)")
     path = Path(resolve_source(source)).expanduser()
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return "folder"
-        if (path / "config.toml").is_file():  # an sdtune --out folder whose export has not happened yet
+        if is_run_folder(path):  # an sdtune --out folder whose export has not happened yet
             raise SdtuneError(f"{option} {source} is an sdtune run folder without an exported model (the run was "
                               "stopped or is still training): finish it with `sdtune train ... --resume`")
         raise SdtuneError(f"{option} {source} is a folder but not a diffusers pipeline (no model_index.json); "

@@ -341,6 +341,19 @@ def test_the_next_smaller_plan_pulls_one_more_lever_in_auto_order(preset, overri
         assert smaller.memory == fallback.memory and smaller.memory.precision == cfg.memory.precision
 
 
+def test_out_with_a_config_toml_of_its_own_is_not_taken_for_a_run(tiny_sd1, images, tmp_path):
+    """A kohya project folder as --out: its config.toml is the user's, not an sdtune run's, so the run is
+    refused (as the data scan and --model judge it) instead of writing over it."""
+    kohya = tmp_path / "kohya"
+    kohya.mkdir()
+    (kohya / "config.toml").write_text("[general]\nshuffle_caption = true\n")
+    result = runner.invoke(app, ["train", "--preset", "cpu", "--data", str(images), "--model", str(tiny_sd1),
+                                 "--out", str(kohya), "--max-steps", "1"])
+    assert result.exit_code == 2 and "is not an sdtune output folder" in result.output, result.output
+    assert sorted(p.name for p in kohya.iterdir()) == ["config.toml"]
+    assert (kohya / "config.toml").read_text() == "[general]\nshuffle_caption = true\n"
+
+
 def test_out_refuses_a_foreign_or_used_folder_unless_overwrite(tiny_sd1, images, tmp_path):
     foreign = tmp_path / "photos"
     foreign.mkdir()

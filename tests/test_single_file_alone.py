@@ -242,10 +242,13 @@ def test_merge_config_needs_a_base(single_file_alone, tmp_path):
 
 
 def test_a_ckpt_that_is_neither_a_run_nor_a_model_is_one_line(tmp_path):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.toml").write_text("")  # a run stopped before its export
+    for folder, files in (("run", ("config.toml", "metrics.jsonl")), ("kohya", ("config.toml",))):
+        (tmp_path / folder).mkdir()  # a run stopped before its export; a folder with a config.toml of its own
+        for name in files:
+            (tmp_path / folder / name).write_text("")
     (tmp_path / "notes.txt").write_text("")
     for ckpt, expected in ((tmp_path / "run", "run folder without an exported model"),
+                           (tmp_path / "kohya", "not a diffusers pipeline"),
                            (tmp_path / "notes.txt", "neither a diffusers folder nor a .safetensors"),
                            (tmp_path / "missing", "does not exist"), (tmp_path, "not a diffusers pipeline")):
         result = CliRunner().invoke(app, ["sample", "--ckpt", str(ckpt), "--prompt", "x"])

@@ -7,9 +7,9 @@ above the image gives N) and its size as seen, after EXIF orientation (`sdtune.d
 Every file that training could not use is reported once as a `Skip` and left out, so nothing fails at
 step 400. What is used but worth a look (captions read as Windows-1252) is in `Scan.warnings`. Folders
 that are not training data are never searched, each said once in `Scan.notes`: the `exclude` folders
-(the run's `--out`, the class and validation images) and any sdtune output folder (a config.toml beside
-summary.json, metrics.jsonl, checkpoints/ or the run's lock), whose sample grids would otherwise become
-training images of the next run.
+(the run's `--out`, the class and validation images) and any sdtune output folder
+(`sdtune.checkpoint.is_run_folder`), whose sample grids would otherwise become training images of the next
+run.
 
     scan = scan_folder("images", DataConfig(), exclude=["images/out"])
     print(scan.summary())     # "12 of 1,040 images skipped: 7 corrupt, 5 too small"
@@ -25,15 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.checkpoint import is_run_folder, run_files
 from sdtune.config import DataConfig
 from sdtune.data import captions
 from sdtune.data.images import set_pixel_limit
 from sdtune.data.verify import ImageProblem, check_image
 from sdtune.errors import SdtuneError
-from sdtune.lock import LOCK_NAME
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-OUTPUT_MARKERS = ("summary.json", "metrics.jsonl", "checkpoints", LOCK_NAME)  # beside config.toml: a run's --out
 REPEAT_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)
 
 
@@ -122,9 +121,8 @@ def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) ->
     """True for a folder below `root` that is an `exclude` folder or an sdtune output folder; said in `notes`."""
     if os.path.realpath(folder) in excluded:
         why = "the run's output, class or validation folder"
-    elif (folder / "config.toml").is_file() and any((folder / name).exists() for name in OUTPUT_MARKERS):
-        why = "an sdtune output folder: config.toml beside " + ", ".join(
-            name for name in OUTPUT_MARKERS if (folder / name).exists())
+    elif is_run_folder(folder):
+        why = "an sdtune output folder: config.toml beside " + ", ".join(run_files(folder))
     else:
         return False
     notes.append(f"not searched for training images: {folder.relative_to(root)}/ ({why})")

@@ -33,6 +33,7 @@ from sdtune.files import check_space_all_ranks, disk_errors, save_safetensors, s
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+SUMMARY = "summary.json"  # a finished run's summary, beside its exported model (`sdtune.run`)
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -52,8 +53,6 @@ def run_files(folder: Path) -> list[str]:
     """What marks `folder` as an sdtune run's --out: the files beside its `config.toml` that every run writes
     (metrics.jsonl as its loop starts, then checkpoints/ and summary.json). Empty for any other folder, also one
     that holds a config.toml of its own (kohya's, say): the lock is no mark, as the run checking holds it."""
-    from sdtune.export import SUMMARY
-
     folder = Path(folder)
     if not (folder / "config.toml").is_file():
         return []
@@ -66,8 +65,6 @@ def is_run_folder(folder: Path) -> bool:
 
 def is_finished_run(folder: Path) -> bool:
     """A run that exported its model and deleted its resume checkpoints (output.keep_final_state=false)."""
-    from sdtune.export import SUMMARY
-
     return (Path(folder) / SUMMARY).is_file() and not list_checkpoints(folder)
 
 

@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-SUMMARY = "summary.json"
 SINGLE_FILE = "model.safetensors"
 
 

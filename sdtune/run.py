@@ -337,7 +337,8 @@ def _leave(run, result: dict) -> None:
     """`summary.json`, with what the run leaves on disk (`result["disk"]`); then, unless
     output.keep_final_state, the resume checkpoints are deleted (after the summary: a run killed in between
     keeps them)."""
-    from sdtune.export import SUMMARY, write_json
+    from sdtune.checkpoint import SUMMARY
+    from sdtune.export import write_json
     from sdtune.files import folder_bytes
 
     root, keep = checkpoint.checkpoint_root(run.out_dir), run.cfg.output.keep_final_state

@@ -79,3 +79,15 @@ class on_step:  # noqa: N801 (used like a function)
 def prepared(model, images, out, *overrides):
     cfg, info = load_config("cpu", [f"model.pretrained={model}", *overrides])
     return trainer.prepare(cfg, info, str(images), str(out), resume=False, log=lambda m: None)
+
+
+def fused_unet(model, folder, weight_name):
+    """The base UNet's weights with the LoRA file `folder/weight_name` fused in by diffusers' own loader."""
+    from sdtune.models import assemble_pipeline, load_components
+
+    components = load_components(str(model))
+    pipe = assemble_pipeline(components)
+    pipe.load_lora_weights(str(folder), weight_name=weight_name)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return components.unet.state_dict()

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import prepared, runner, train
+from helpers import fused_unet, prepared, runner, train
 from safetensors.torch import load_file
 
 from sdtune import trainer
@@ -16,17 +16,6 @@ LORA = ("--set", "train.method=lora", "--set", "lora.rank=4", "--set", "lora.alp
         "train.learning_rate=1e-3", "--set", "output.checkpoint_every=2")
 
 
-def _fused_unet(model, out, weight_name):
-    from sdtune.models import assemble_pipeline, load_components
-
-    components = load_components(str(model))
-    pipe = assemble_pipeline(components)
-    pipe.load_lora_weights(str(out), weight_name=weight_name)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    return components.unet.state_dict()
-
-
 def test_lora_files_load_in_diffusers_and_agree(tiny_sd1, images, tmp_path):
     from sdtune.models import load_components
 
@@ -34,8 +23,8 @@ def test_lora_files_load_in_diffusers_and_agree(tiny_sd1, images, tmp_path):
     summary = train(tiny_sd1, images, out, "--max-steps", "4", *LORA)
     assert summary["method"] == "lora" and not (out / "unet").exists()
     base = load_components(str(tiny_sd1)).unet.state_dict()
-    from_diffusers = _fused_unet(tiny_sd1, out, "pytorch_lora_weights.safetensors")
-    from_kohya = _fused_unet(tiny_sd1, out, "lora.safetensors")
+    from_diffusers = fused_unet(tiny_sd1, out, "pytorch_lora_weights.safetensors")
+    from_kohya = fused_unet(tiny_sd1, out, "lora.safetensors")
     changed = [k for k in base if not torch.equal(base[k], from_diffusers[k])]
     assert changed and all(".to_" in k for k in changed)
     assert all(torch.allclose(from_diffusers[k], from_kohya[k], rtol=0, atol=1e-6) for k in base)

@@ -3,7 +3,7 @@ from the resume state; a LoRA run's in kohya's layout, a full fine-tune's as the
 
 import pytest
 import torch
-from helpers import final_unet, runner, train
+from helpers import final_unet, fused_unet, runner, train
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -11,18 +11,6 @@ from sdtune.cli import app
 
 LORA = ("--set", "train.method=lora", "--set", "lora.rank=4", "--set", "lora.alpha=8",
         "--set", "train.learning_rate=1e-3")
-
-
-def _fused_unet(model, folder, weight_name):
-    """The base UNet with the LoRA file `folder/weight_name` fused in by diffusers' own loader."""
-    from sdtune.models import assemble_pipeline, load_components
-
-    components = load_components(str(model))
-    pipe = assemble_pipeline(components)
-    pipe.load_lora_weights(str(folder), weight_name=weight_name)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
-    return components.unet.state_dict()
 
 
 def _metadata(path) -> dict:
@@ -53,8 +41,8 @@ def test_lora_saves_are_kohya_files_that_diffusers_loads_and_each_is_that_steps_
     from sdtune.models import load_components
 
     plain = load_components(str(tiny_sd1)).unet.state_dict()
-    at_2 = _fused_unet(tiny_sd1, saves, "step-000002.safetensors")
-    at_4 = _fused_unet(tiny_sd1, saves, "step-000004.safetensors")
+    at_2 = fused_unet(tiny_sd1, saves, "step-000002.safetensors")
+    at_4 = fused_unet(tiny_sd1, saves, "step-000004.safetensors")
     changed = [k for k in plain if not torch.equal(plain[k], at_2[k])]
     assert changed and all(".to_" in k for k in changed)
     assert any(not torch.equal(at_2[k], at_4[k]) for k in changed)

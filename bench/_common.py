@@ -1,12 +1,16 @@
-"""What the benchmark scripts share: a summary of repeated timings and where results are written."""
+"""What the benchmark scripts share: a summary of repeated timings and where results are written. Importing it
+puts the tests' support folder (tiny models, image folders: tests/support/testing.py) on the path, so each
+bench imports `_common` before `support`."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def summarize(seconds: list[float]) -> dict:
@@ -15,7 +19,7 @@ def summarize(seconds: list[float]) -> dict:
 
 def trainer_step_times(cfg, info, data: Path, out: Path) -> list[float]:
     """Seconds of each step of the real trainer on `cfg`, the first (warm-up) step left out."""
-    from sdtune import trainer
+    from sdtune.train import loop as trainer
 
     with trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda message: None) as run:
         trainer.loop(run)
@@ -29,8 +33,7 @@ def step_bench_setup(batch_size: int):
     import tempfile
 
     import torch
-
-    from sdtune.toy.testing import make_image_folder
+    from support.testing import make_image_folder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)

@@ -24,8 +24,8 @@ from _common import save_results
 from sdtune.config import load_config
 from sdtune.data import BatchStream, scan_folder
 from sdtune.data.features import Features
-from sdtune.memory import make_plan
-from sdtune.models import load_components
+from sdtune.family.load import load_components
+from sdtune.plan import make_plan
 
 
 def write_images(folder: Path, count: int) -> Path:

@@ -20,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 from _common import save_results
-
-from sdtune.toy.testing import make_image_folder
+from support.testing import make_image_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

@@ -16,10 +16,10 @@ import time
 import torch
 from _common import save_results
 
-from sdtune import archs
 from sdtune.config import load_config
 from sdtune.estimate import estimate
-from sdtune.memtrack import MemoryTracker
+from sdtune.estimate.memtrack import MemoryTracker
+from sdtune.family import archs
 
 GIB = 2**30
 

@@ -56,6 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny models of the tests support
 GIB, MIB = 2**30, 2**20
 CONTEXT_GIB = 0.5  # what a real card loses to the CUDA context, outside torch's allocator
 STAT_KEYS = ("num_alloc_retries", "num_ooms", "allocated_bytes.all.peak", "inactive_split_bytes.all.peak")
@@ -163,7 +164,7 @@ def _failure_status(exc: BaseException) -> str:
     import torch
 
     from sdtune.errors import HostOutOfMemory
-    from sdtune.replan import OutOfMemory  # what run.attempt makes of torch.cuda.OutOfMemoryError
+    from sdtune.estimate.fallback import OutOfMemory  # what run.attempt makes of torch.cuda.OutOfMemoryError
 
     gpu = isinstance(exc, (torch.cuda.OutOfMemoryError, OutOfMemory))  # not torch.OutOfMemoryError: torch>=2.5
     return "host OOM" if isinstance(exc, HostOutOfMemory) else "OOM" if gpu else "error"
@@ -199,7 +200,8 @@ def _cap(device: str, vram_gib: float) -> float | None:
 
 def _skip_saves() -> None:
     """Make the end-of-run checkpoint and pipeline export no-ops: disk writes, not training."""
-    from sdtune import export, trainer
+    from sdtune import export
+    from sdtune.train import loop as trainer
 
     trainer._save = lambda run: None
     export.export_pipeline = lambda components, out_dir: Path(out_dir)
@@ -253,9 +255,9 @@ def plan_child(spec: dict) -> None:
     try:
         import torch
 
-        from sdtune import trainer
         from sdtune.config import load_config
         from sdtune.run import attempt
+        from sdtune.train import loop as trainer
 
         cfg, info = load_config(spec["preset"], spec["overrides"])
         save(cap_gib=_cap(device, info.vram_gib) if spec["capped"] else None, message="")
@@ -305,8 +307,8 @@ def _fine_grained() -> None:
 def _preflight_case(name: str, overrides: list[str], data: str, folder: Path) -> dict:
     import torch
 
-    from sdtune import trainer
     from sdtune.config import load_config
+    from sdtune.train import loop as trainer
 
     cfg, info = load_config("rtx3050", overrides)
     with trainer.prepare(cfg, info, data, str(folder / "out"), resume=False, log=print) as run:  # closes the tier
@@ -635,7 +637,7 @@ def prepare_model(args, work: Path, tiny: Path, family: str = "sd") -> Path:
     if args.model and family == "sd":
         return Path(args.model)
     if args.arch == "tiny":
-        from sdtune.toy.testing import save_tiny_sdxl_pipeline
+        from support.testing import save_tiny_sdxl_pipeline
 
         return tiny if family == "sd" else save_tiny_sdxl_pipeline(work / "tiny-sdxl")
     import gc
@@ -654,7 +656,7 @@ def prepare_model(args, work: Path, tiny: Path, family: str = "sd") -> Path:
 
 def _family_model(args, work: Path, tiny: Path, family: str) -> tuple[Path | None, Path | str]:
     """(model, images) for a family's plans, or (None, why not) when the model cannot be built."""
-    from sdtune.toy.testing import make_image_folder
+    from support.testing import make_image_folder
 
     try:
         started = time.time()
@@ -735,7 +737,7 @@ def main(argv=None) -> None:
     started = time.time()
     deadline = started + args.budget
     work = Path(tempfile.mkdtemp(prefix="sdtune-gpu-check-", dir=args.workdir))
-    from sdtune.toy.testing import make_image_folder, save_tiny_pipeline
+    from support.testing import make_image_folder, save_tiny_pipeline
 
     tiny = save_tiny_pipeline(work / "tiny")
     pending = start_preflight(args, work, tiny, make_image_folder(work / "images-64", size=64)) if (

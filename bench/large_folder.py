@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from _common import save_results
 
-from sdtune import trainer
 from sdtune.config import load_config
+from sdtune.train import loop as trainer
 
 
 def write_folder(folder: Path, count: int) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 from _common import save_results, step_bench_setup, trainer_step_times
+from support.testing import make_image_folder
 
 from sdtune.config import load_config
-from sdtune.toy.testing import make_image_folder
 
 COMMON = ["model.pretrained=sdtune-tiny", "memory.device=cpu", "memory.attention=sdpa", "data.resolution=64",
           "train.lr_warmup_steps=0", "train.learning_rate=1e-4"]
@@ -51,7 +51,7 @@ def baseline_step(data: Path, steps: int, batch: int) -> float:
     from peft import LoraConfig
 
     from sdtune.data import BatchStream, scan_folder
-    from sdtune.models import load_components
+    from sdtune.family.load import load_components
 
     c = load_components("sdtune-tiny")
     cfg, _ = load_config("cpu", ["data.resolution=64"])

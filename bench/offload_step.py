@@ -57,7 +57,7 @@ def main() -> None:
     offload = OffloadAdamW(offload_params, device="cpu", dtype=torch.float32, lr=1e-4)
     ema_params = [torch.nn.Parameter(p.detach().clone()) for p in plain_params]
     with_ema = OffloadAdamW(ema_params, device="cpu", dtype=torch.float32, lr=1e-4, ema=True)
-    with_ema.ema_decay = 0.999  # what `sdtune.ema.HostEMA` sets before a due step
+    with_ema.ema_decay = 0.999  # what `sdtune.train.ema.HostEMA` sets before a due step
 
     averages = [bucket.master.clone() for bucket in offload._buckets]
 

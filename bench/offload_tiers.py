@@ -10,7 +10,7 @@ own; "added" is the peak minus the RSS of the process before the model is built 
 children run with glibc's mmap threshold fixed at 1 MiB (`MALLOC` below), the same for every tier. On the
 CPU the "device" weights are host memory too, so every tier also holds a 4-byte working copy of each
 parameter; what differs is where the 16 bytes of master, gradient and moments go: all in RAM (none, cpu)
-or 12 of them in the state file (nvme). `tests/test_offload.py` runs this at a small size.
+or 12 of them in the state file (nvme). `tests/e2e/test_offload.py` runs this at a small size.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/offload_unet.py [--steps 12] [--batch-size 4]
 
-The real trainer (`sdtune.trainer.prepare` + `loop`) trains the bundled `sdtune-tiny` model at 64 px with
+The real trainer (`sdtune.train.loop.prepare` + `loop`) trains the bundled `sdtune-tiny` model at 64 px with
 the `cpu` preset plus gradient checkpointing (parameter streaming requires it, so every mode has it) and
 each of: no offload, `optimizer_offload` cpu and nvme, and each of those with `param_offload=cpu`. The
 modes run one after another in this process on the same data; s/step is the median over all steps but
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from _common import save_results, summarize, trainer_step_times
+from support.testing import make_image_folder
 
 from sdtune.config import load_config
-from sdtune.toy.testing import make_image_folder
 
 MODES = {
     "no offload": [],

@@ -36,9 +36,9 @@ def build_model(folder: Path, width: float) -> int:
     returns the UNet's parameter count."""
     import torch
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from support.testing import tiny_components
 
-    from sdtune import archs
-    from sdtune.toy.testing import tiny_components
+    from sdtune.family import archs
 
     parts = tiny_components()
     config = archs.unet_config("sd15")
@@ -54,8 +54,8 @@ def build_model(folder: Path, width: float) -> int:
 def child(tier: str, model: str, data: str, out: str, offload_dir: str, resume: bool) -> dict:
     import torch
 
-    from sdtune import trainer
     from sdtune.config import load_config
+    from sdtune.train import loop as trainer
 
     torch.set_num_threads(1)
     offload, _, ema = tier.partition("+")
@@ -101,7 +101,7 @@ def main() -> None:
         tier, model, data, out, offload_dir, resume = args.child
         print(json.dumps(child(tier, model, data, out, offload_dir, resume == "resume")))
         return
-    from sdtune.toy.testing import make_image_folder
+    from support.testing import make_image_folder
 
     work = Path(tempfile.mkdtemp(prefix="resume-memory-", dir=args.dir))
     try:

@@ -76,8 +76,9 @@ def main() -> None:
     if args.child:
         return child(json.loads(args.child))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from support.testing import make_image_folder
+
     from sdtune.toy.random_pipeline import build_random_pipeline
-    from sdtune.toy.testing import make_image_folder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sdtune-sdxl-bench-"))
     model = work / "sdxl-random"

@@ -13,7 +13,7 @@ from _common import save_results
 from rich.console import Console
 from rich.table import Table
 
-from sdtune.models import assemble_pipeline, load_components
+from sdtune.family.load import assemble_pipeline, load_components
 from sdtune.toy import shapes, tiny
 from sdtune.toy.evaluate import score_model
 

@@ -45,7 +45,7 @@ def baseline_step(precision: str, data: Path, steps: int, batch: int) -> float:
     from diffusers import DDPMScheduler
 
     from sdtune.data import BatchStream, scan_folder
-    from sdtune.models import load_components
+    from sdtune.family.load import load_components
 
     c = load_components("sdtune-tiny")
     cfg, _ = load_config("cpu", ["data.resolution=64"])

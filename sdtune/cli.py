@@ -40,7 +40,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except SdtuneError as exc:
-            from sdtune.distributed import launched_rank
+            from sdtune.util.world import launched_rank
 
             where = "" if launched_rank() is None else f"rank {launched_rank()}: "
             console.print(f"[bold red]error:[/] {where}{escape(str(exc))}")
@@ -88,9 +88,9 @@ def train(
 
     Ctrl+C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint, prints the command that
     resumes the run and exits with 130 or 143."""
-    from sdtune.metrics import ProgressSink
     from sdtune.run import Stopped, TrainRequest
     from sdtune.run import train as run_training
+    from sdtune.train.metrics import ProgressSink
 
     request = TrainRequest(preset=preset, data=data, out=out, model=model, max_steps=max_steps, sets=tuple(set_),
                            resume=resume, overwrite=overwrite, on_oom=on_oom.value)
@@ -99,12 +99,12 @@ def train(
                               progress=lambda total, epochs: ProgressSink(console, total, epochs),
                               status=console.status)
     except Stopped as exc:
-        from sdtune.distributed import launched_rank
+        from sdtune.util.world import launched_rank
 
         if not launched_rank():  # rank 0 (or the one process) says how to resume
             console.print(f"[yellow]{escape(str(exc))}[/]")
         raise typer.Exit(exc.exit_code) from None
-    from sdtune.distributed import launched_rank
+    from sdtune.util.world import launched_rank
 
     if launched_rank():  # ranks other than 0 stay quiet: rank 0 reports the run
         return
@@ -122,7 +122,7 @@ def train(
 
 def _disk_line(out: Path, disk: dict) -> str:
     """What a finished run leaves on the disk, and whether its resume checkpoints were kept."""
-    from sdtune.files import size_text
+    from sdtune.util.files import size_text
 
     held = f"{out}/ holds {size_text(disk['output_bytes'])}"
     if disk["checkpoints_kept"]:
@@ -229,8 +229,8 @@ def estimate_vram(
     """
     import json
 
-    from sdtune.auto import GIB, SAFETY, detect_gpu, gpu_presets, host_ram, model_family, pick_plan, run_method
     from sdtune.config import load_config
+    from sdtune.estimate.auto import GIB, SAFETY, detect_gpu, gpu_presets, host_ram, model_family, pick_plan, run_method
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
@@ -365,7 +365,7 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
     from rich.table import Column, Table
 
     from sdtune.config import load_config, preset_names
-    from sdtune.config_toml import to_toml
+    from sdtune.config.toml import to_toml
 
     if name:
         cfg, info = load_config(name)

@@ -7,7 +7,7 @@ resume, the out-of-memory fallback, the metrics sinks, the export and the summar
 with `on_oom="fallback"`, again on each next smaller plan after the GPU runs out of memory, continuing
 from the newest checkpoint. `attempt` is one try on one plan: prepare, loop, export, summary; it turns
 torch's out-of-memory error into `replan.OutOfMemory`, which names the next smaller plan. The loop below
-it (`sdtune.trainer`) knows nothing of plans other than its own.
+it (`sdtune.train.loop`) knows nothing of plans other than its own.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtune import checkpoint
 from sdtune.config import Config, PresetInfo, load_config
 from sdtune.errors import SdtuneError
+from sdtune.train import store as checkpoint
+from sdtune.util import run_folder
 
 Log = Callable[[str], None]
 
@@ -68,16 +69,16 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
     """Train as `request` says; returns the summary. `progress(total_steps, total_epochs)` makes the
     progress-bar sink; `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
     Raises SdtuneError on bad input or when no plan fits, `Stopped` after SIGINT/SIGTERM."""
-    from sdtune.distributed import World
-    from sdtune.replan import OutOfMemory
-    from sdtune.signals import Interrupted
+    from sdtune.estimate.fallback import OutOfMemory
+    from sdtune.train.signals import Interrupted
+    from sdtune.util.world import World
 
     world = World.from_env()
     if not world.main:  # rank 0 speaks for the run; the others only fail aloud (their errors name the rank)
         log, progress, status = _silent, None, None
     preset, plan_sets = request.preset, []
     if preset == "auto":
-        from sdtune.auto import pick_plan
+        from sdtune.estimate.auto import pick_plan
 
         with (status or _quiet)("--preset auto: estimating the memory plans"):
             pick = pick_plan(request.overrides)
@@ -117,7 +118,7 @@ def _quiet(text: str) -> AbstractContextManager:
 
 
 def _fall_back(exc, preset: str, overrides: list[str], log: Log) -> tuple[Config, PresetInfo]:
-    from sdtune.replan import describe
+    from sdtune.estimate.fallback import describe
 
     cfg, info = load_config(preset, overrides)
     sets = " ".join(f"--set {item}" for item in exc.fallback.overrides)
@@ -130,14 +131,14 @@ def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: boo
     """One run on one plan, with `out` locked: prepare (resuming on `resume`), loop, export, summary.
     Raises `replan.OutOfMemory` when the GPU runs out of memory, `signals.Interrupted` after a signal.
     Under a launcher (`world`) rank 0 alone locks, checks and writes `out`."""
-    from sdtune.distributed import World
-    from sdtune.lock import output_lock
+    from sdtune.train.lock import output_lock
+    from sdtune.util.world import World
 
     out, world = Path(out), world or World()
     with _full_disk(out), output_lock(out, log=log) if world.main else nullcontext():
         outcome = _run(cfg, info, data, out, resume, overwrite, log, progress, world)
     if isinstance(outcome, _OutOfMemoryAt):  # the failed step's tensors are gone with its traceback by now
-        from sdtune.replan import out_of_memory
+        from sdtune.estimate.fallback import out_of_memory
 
         _free_memory()  # before the estimate, and before --on-oom fallback loads the run again
         raise out_of_memory(cfg, info, outcome.step, out)
@@ -148,7 +149,7 @@ def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: boo
 def _full_disk(out: Path):
     """A full disk under the writes that do not say so themselves (the metrics, the samples, config.toml):
     one line; the checkpoints, caches and export name what they needed."""
-    from sdtune.files import DISK_FULL, os_errno, write_failure
+    from sdtune.util.files import DISK_FULL, os_errno, write_failure
 
     try:
         yield
@@ -168,8 +169,8 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
          progress: Callable | None, world) -> dict | _OutOfMemoryAt:
     import torch
 
-    from sdtune import trainer
-    from sdtune.metrics import MetricsLogger, check_sinks
+    from sdtune.train import loop as trainer
+    from sdtune.train.metrics import MetricsLogger, check_sinks
 
     check_sinks(tensorboard=cfg.output.tensorboard)
     clear = _check_out_dir(out, resume, overwrite) if world.main else False
@@ -178,8 +179,8 @@ def _run(cfg: Config, info: PresetInfo, data: Path, out: Path, resume: bool, ove
         run = trainer.prepare(cfg, info, str(data), str(out), resume, log, world=world)
         with run:
             if clear:  # only now, with the data and the model checked
-                log(f"--overwrite: deleting the previous run's checkpoints in {checkpoint.checkpoint_root(out)}")
-                shutil.rmtree(checkpoint.checkpoint_root(out))
+                log(f"--overwrite: deleting the previous run's checkpoints in {run_folder.checkpoint_root(out)}")
+                shutil.rmtree(run_folder.checkpoint_root(out))
             if world.main:
                 (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
                 if cfg.output.keep_checkpoints == 0:
@@ -206,11 +207,11 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """A fresh run's --out must be new, empty or an sdtune output folder without checkpoints that did not
     finish; --overwrite lets it write into any folder. True when a previous run's checkpoints are to be
     deleted (--overwrite), so that none of them is taken for this run's."""
-    from sdtune.lock import LOCK_NAME
+    from sdtune.train.lock import LOCK_NAME
 
     # a finished run whose resume checkpoints were deleted (output.keep_final_state=false): its model is
     # all there is, and neither a fresh run nor --resume (which would start over) may replace it unasked
-    finished = checkpoint.is_finished_run(out)
+    finished = run_folder.is_finished_run(out)
     if resume and finished and not overwrite:
         raise SdtuneError(f"{out} holds a finished run whose resume checkpoints were deleted "
                           "(output.keep_final_state=false), so there is nothing to resume; choose another --out, "
@@ -218,13 +219,13 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     if resume or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return False
     if overwrite:
-        return checkpoint.checkpoint_root(out).exists()
-    if checkpoint.list_checkpoints(out):
+        return run_folder.checkpoint_root(out).exists()
+    if run_folder.list_checkpoints(out):
         raise SdtuneError(f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
                           "over (deletes its checkpoints), or choose another --out")
     if finished:
         raise SdtuneError(f"{out} holds a finished run; choose another --out, or pass --overwrite to replace it")
-    if not checkpoint.is_run_folder(out):  # a config.toml alone may be the user's own (kohya's): it is replaced
+    if not run_folder.is_run_folder(out):  # a config.toml alone may be the user's own (kohya's): it is replaced
         raise SdtuneError(f"{out} exists, is not empty and is not an sdtune output folder; choose another --out, "
                           "or pass --overwrite to write into it (files of the same names are replaced)")
     return False
@@ -235,11 +236,11 @@ def _export(run, info: PresetInfo, log: Log) -> dict:
     files; `summary.json`."""
     from sdtune.export import SINGLE_FILE, export_pipeline, export_single_file
     from sdtune.lora.adapter import TEXT_ENCODER_NAMES
-    from sdtune.memory import torch_dtype
-    from sdtune.trainer import fp32_weights
+    from sdtune.plan import torch_dtype
+    from sdtune.train.loop import fp32_weights
 
     if run.placement.sharded:  # every rank sends its shards; rank 0 exports a plain UNet of them
-        from sdtune.parallel import unsharded_copy
+        from sdtune.train.parallel import unsharded_copy
 
         weights = fp32_weights(run)
         if run.world.main:
@@ -286,7 +287,7 @@ def _check_export_space(run) -> None:
     """With output.keep_checkpoints=0 no checkpoint could write the model once the export finds the disk
     too full, and every step would be lost: its free space is checked before the first step (every rank
     stops)."""
-    from sdtune.files import check_space_all_ranks
+    from sdtune.util.files import check_space_all_ranks
 
     check_space_all_ranks(run.world, run.out_dir, _export_bytes(run) if run.world.main else 0, "the trained model",
                           "output.keep_checkpoints=0 keeps no checkpoint to write it from after the run: free "
@@ -295,7 +296,7 @@ def _check_export_space(run) -> None:
 
 def _export_bytes(run) -> int:
     """Bytes the export needs free: a LoRA run's two files (in fp32 at most), or `_model_bytes`."""
-    from sdtune.files import tensor_bytes
+    from sdtune.util.files import tensor_bytes
 
     if run.placement.lora is not None:
         return 2 * tensor_bytes(run.placement.weights()) + 2**20
@@ -307,8 +308,8 @@ def _model_bytes(run) -> int:
     dtype, the trained ones in output.save_precision, cast or not yet) and the single file (every part in
     it)."""
     from sdtune.export import SINGLE_FILE, single_file_bytes
-    from sdtune.files import folder_bytes, tensor_bytes
-    from sdtune.memory import torch_dtype
+    from sdtune.plan import torch_dtype
+    from sdtune.util.files import folder_bytes, tensor_bytes
 
     parts, trained = [run.components.unet, run.components.vae, *run.components.text_encoders], _trained(run)
     saved = torch_dtype(run.cfg.output.save_precision).itemsize
@@ -324,7 +325,7 @@ def _model_bytes(run) -> int:
 def _writing_model(run, needed: int):
     """Refuse to start the export without `needed` bytes free, and turn one the disk refuses all the same into
     one line; either way the last checkpoint holds the trained weights and --resume writes the model again."""
-    from sdtune.files import check_space, disk_errors
+    from sdtune.util.files import check_space, disk_errors
 
     latest = checkpoint.latest_checkpoint(run.out_dir, warn=lambda message: None)
     fix = (f"free space there and run the same command with --resume: it writes the model from {latest}"
@@ -337,11 +338,11 @@ def _leave(run, result: dict) -> None:
     """`summary.json`, with what the run leaves on disk (`result["disk"]`); then, unless
     output.keep_final_state, the resume checkpoints are deleted (after the summary: a run killed in between
     keeps them)."""
-    from sdtune.checkpoint import SUMMARY
     from sdtune.export import write_json
-    from sdtune.files import folder_bytes
+    from sdtune.util.files import folder_bytes
+    from sdtune.util.run_folder import SUMMARY
 
-    root, keep = checkpoint.checkpoint_root(run.out_dir), run.cfg.output.keep_final_state
+    root, keep = run_folder.checkpoint_root(run.out_dir), run.cfg.output.keep_final_state
     checkpoints = folder_bytes(root)
     result["disk"] = {"output_bytes": folder_bytes(run.out_dir) - (0 if keep else checkpoints),
                       "checkpoint_bytes": checkpoints, "checkpoints_kept": keep and checkpoints > 0}
@@ -351,7 +352,7 @@ def _leave(run, result: dict) -> None:
 
 
 def _export_lora(run, info: PresetInfo) -> dict:
-    from sdtune.lora.files import kohya_metadata, save_diffusers, save_kohya
+    from sdtune.export.lora_files import kohya_metadata, save_diffusers, save_kohya
 
     modules, family = run.placement.lora, run.components.family
     result = {"preset": info.name, **summary(run)}
@@ -368,7 +369,7 @@ def _export_lora(run, info: PresetInfo) -> dict:
 
 
 def summary(run) -> dict:
-    from sdtune.memory import peak_bytes
+    from sdtune.plan import peak_bytes
 
     plan, train = run.plan, run.cfg.train
     return {

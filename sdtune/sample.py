@@ -147,8 +147,8 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
     import torch
 
     from sdtune.errors import SdtuneError
+    from sdtune.family.load import assemble_pipeline, classify_source, load_components
     from sdtune.lora.apply import is_lora_folder, merged_components
-    from sdtune.models import assemble_pipeline, classify_source, load_components
 
     lora = is_lora_folder(ckpt)
     if not lora and classify_source(ckpt, "--ckpt") == "hub":

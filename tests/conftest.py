@@ -13,8 +13,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from sdtune.toy.testing import make_image_folder, save_tiny_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
+from support.testing import make_image_folder, save_tiny_pipeline, save_tiny_sdxl_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from sdtune.files import disk_errors, save_safetensors, tensor_bytes
+from sdtune.util.files import disk_errors, save_safetensors, tensor_bytes
 
 
 def cache_root(cache_dir: str) -> Path:

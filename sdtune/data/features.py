@@ -3,7 +3,7 @@
     features = Features(components, cfg.data, plan, log, text_grad=False)
     features.prepare([(stream, examples)])   # with caches: encode what is missing, then free the encoders
     latents = features.latents(stream, items, generator)
-    cond = features.text(captions)           # a sdtune.families.Conditioning: hidden states (+ pooled)
+    cond = features.text(captions)           # a sdtune.family.Conditioning: hidden states (+ pooled)
 
 Without caches both are encoded for every micro-batch by the frozen VAE and text encoder on the device.
 With `data.cache_latents`, every image is encoded once before step 1 (both flips when `data.random_flip`)
@@ -43,8 +43,8 @@ class Features:
     def prepare(self, sources, world=None) -> None:
         """Fill the caches for every (stream, examples) of `sources` (the instance images, and the class
         images of prior preservation), then park the encoders whose outputs are all cached. Under a
-        launcher (`world`, a `sdtune.distributed.World`) each rank encodes its share of what is missing."""
-        from sdtune.distributed import World
+        launcher (`world`, a `sdtune.util.world.World`) each rank encodes its share of what is missing."""
+        from sdtune.util.world import World
 
         world, root = world or World(), cache_root(self.data.cache_dir)
         if self.data.cache_latents:
@@ -185,7 +185,7 @@ class Features:
         """The micro-batch's `Conditioning` on the device in the working precision: encoded now, or cached."""
         import torch
 
-        from sdtune.families import Conditioning
+        from sdtune.family import Conditioning
 
         if self.text_cache is None:
             return self.c.family.encode(self.c, captions, grad=self.text_grad)

@@ -8,7 +8,7 @@ Every file that training could not use is reported once as a `Skip` and left out
 step 400. What is used but worth a look (captions read as Windows-1252) is in `Scan.warnings`. Folders
 that are not training data are never searched, each said once in `Scan.notes`: the `exclude` folders
 (the run's `--out`, the class and validation images) and any sdtune output folder
-(`sdtune.checkpoint.is_run_folder`), whose sample grids would otherwise become training images of the next
+(`sdtune.util.run_folder.is_run_folder`), whose sample grids would otherwise become training images of the next
 run.
 
     scan = scan_folder("images", DataConfig(), exclude=["images/out"])
@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdtune.checkpoint import is_run_folder, run_files
 from sdtune.config import DataConfig
 from sdtune.data import captions
 from sdtune.data.images import set_pixel_limit
 from sdtune.data.verify import ImageProblem, check_image
 from sdtune.errors import SdtuneError
+from sdtune.util.run_folder import is_run_folder, run_files
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 REPEAT_FOLDER = re.compile(r"(\d+)_(.*)", re.DOTALL)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sdtune.data.cache import cache_root
 from sdtune.data.verify import ImageProblem
-from sdtune.files import write_text
+from sdtune.util.files import write_text
 
 VERSION = 2  # 2: a problem names the size as seen (EXIF orientation), not as stored
 
@@ -98,7 +98,7 @@ class FileDigests:
         return cls(cache_root(cfg.cache_dir) / "scan" / "digests.json" if cfg.scan_cache else None)
 
     def of(self, file: Path) -> str:
-        from sdtune.files import sha256_file
+        from sdtune.util.files import sha256_file
 
         stat = file.stat()
         entry = self.known.get(str(file))

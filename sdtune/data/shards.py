@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from sdtune.data.cache import cache_write_errors
-from sdtune.files import save_safetensors, tensor_bytes, write_text
+from sdtune.util.files import save_safetensors, tensor_bytes, write_text
 
 
 class ShardedCache:

@@ -85,8 +85,8 @@ def model_tokenizer(model) -> tuple[object, str]:
     model: a diffusers folder's own (sdtune-tiny's reads 16 tokens), or a single file's `model.config`
     folder's; otherwise CLIP's, bundled with sdtune: every Stable Diffusion text encoder reads 77 tokens of
     its vocabulary, so the count is the same as with the model's own."""
-    from sdtune.families.clip_tokenizer import clip_tokenizer
-    from sdtune.models import classify_source, resolve_source, single_file_configs
+    from sdtune.family.clip_tokenizer import clip_tokenizer
+    from sdtune.family.load import classify_source, resolve_source, single_file_configs
 
     kind = classify_source(model.pretrained)
     folder = None

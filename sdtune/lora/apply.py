@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.lora.files import DIFFUSERS_FILE
+from sdtune.export.lora_files import DIFFUSERS_FILE
 
 
 def is_lora_folder(folder: str | Path) -> bool:
@@ -23,7 +23,7 @@ def is_lora_folder(folder: str | Path) -> bool:
 
 def base_of(folder: str | Path) -> tuple[str, str]:
     """(model.pretrained, model.config) of the run that trained the LoRA in `folder`."""
-    from sdtune.config_toml import from_toml
+    from sdtune.config.toml import from_toml
 
     path = Path(folder) / "config.toml"
     if not path.is_file():
@@ -36,7 +36,7 @@ def base_of(folder: str | Path) -> tuple[str, str]:
 def merged_components(folder: str | Path, scale: float = 1.0, base: str | None = None, config: str = ""):
     """The base model's components (`base`, with the configs `config` for a single file, or the one the run
     trained on) with the LoRA of `folder` merged in at `scale`."""
-    from sdtune.models import assemble_pipeline, load_components
+    from sdtune.family.load import assemble_pipeline, load_components
 
     pretrained, config = base_of(folder) if base is None else (base, config)
     components = load_components(pretrained, config)

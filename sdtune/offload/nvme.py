@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import SdtuneError
-from sdtune.files import check_space
 from sdtune.offload import layout
 from sdtune.offload.layout import STATE_FILE, Bucket, partition
 from sdtune.offload.optimizer import OffloadAdamW
 from sdtune.offload.pinned import host_empty
+from sdtune.util.files import check_space
 
 _FLOAT = 4
 RING = 3  # buffers: one being read, one being stepped, one being written

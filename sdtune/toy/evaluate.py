@@ -30,7 +30,7 @@ class Report:
 def score_model(model, specs: list[shapes.Spec], seeds=SEEDS, steps: int = STEPS,
                 guidance: float = GUIDANCE) -> Report:
     """`model` is a folder/bundled name or an already built pipeline; one image per (spec, seed)."""
-    from sdtune.models import assemble_pipeline, load_components
+    from sdtune.family.load import assemble_pipeline, load_components
     from sdtune.sample import generate, make_grid
 
     pipe = assemble_pipeline(load_components(model)) if isinstance(model, str) else model

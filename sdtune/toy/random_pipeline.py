@@ -5,7 +5,7 @@
 
     random_single_file("sd15", "sd15.safetensors")   # the same as one original-layout file, as model sites share
 
-The tokenizers are CLIP's real ones (`sdtune.families.clip_tokenizer`) unless `tokenizer_from` names a folder
+The tokenizers are CLIP's real ones (`sdtune.family.clip_tokenizer`) unless `tokenizer_from` names a folder
 that holds another.
 """
 
@@ -14,14 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sdtune import archs
 from sdtune.errors import SdtuneError
+from sdtune.family import archs
 
 
 def _tokenizer(tokenizer_from: str | Path | None, text_config: dict) -> Any:
     from transformers import CLIPTokenizer
 
-    from sdtune.families.clip_tokenizer import clip_tokenizer, pad_token
+    from sdtune.family.clip_tokenizer import clip_tokenizer, pad_token
 
     if tokenizer_from is None:
         tokenizer = clip_tokenizer(pad_token(text_config.get("hidden_act", "")))
@@ -44,7 +44,7 @@ def build_random_pipeline(name: str, folder: str | Path, *, seed: int = 0,
     import diffusers
     import torch
 
-    from sdtune.libraries import quiet_libraries
+    from sdtune.util.libraries import quiet_libraries
 
     if not (archs.arch_dir(name) / "model_index.json").is_file():
         raise SdtuneError(f"{name} ships only its UNet config (for counting and estimates), not a pipeline; "
@@ -82,7 +82,7 @@ def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str
     keys, shapes and loading path as a real checkpoint."""
     import torch
 
-    from sdtune.single_file import write_single_file
+    from sdtune.export.single_file import write_single_file
 
     index = archs.read_json(archs.arch_dir(name) / "model_index.json")
     built = {}

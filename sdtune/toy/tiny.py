@@ -36,7 +36,7 @@ def architecture(seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdtune.toy.testing import write_tiny_tokenizer
+    from sdtune.toy.tokenizer import write_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = write_tiny_tokenizer(tmp, words=shapes.WORDS, max_length=MAX_TOKENS)

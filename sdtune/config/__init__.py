@@ -1,0 +1,231 @@
+"""Run configuration: frozen dataclasses, preset overlays, `--set` overrides, validation, TOML dump.
+
+A preset (`sdtune/presets/NAME.toml`, or any path to a `.toml` file) overlays the defaults of the
+sections (`sdtune.config.sections`: `[model] [data] [train] [lora] [memory] [output]`), plus a `[preset]`
+table that describes the card it is for. `--set section.key=value` overrides are applied last. Every
+field's docstring (its `doc` metadata) is both the schema's help and the comment written beside the key in
+`config.toml`.
+
+    cfg, info = load_config("rtx3050", ["train.max_steps=100"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+
+from sdtune.config.sections import (
+    FIXED,
+    FREE,
+    NEUTRAL,
+    DataConfig,
+    LoraConfig,
+    MemoryConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    _require,
+    doc,
+)
+from sdtune.errors import SdtuneError
+
+__all__ = ["FIXED", "FREE", "NEUTRAL", "SECTIONS", "Config", "DataConfig", "LoraConfig", "MemoryConfig",
+           "ModelConfig", "OutputConfig", "PresetInfo", "TrainConfig", "apply_layers", "doc", "load_config",
+           "parse_set", "preset_names", "preset_path", "read_preset"]
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SECTIONS = ("model", "data", "train", "lora", "memory", "output")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        if self.train.method == "lora":
+            memory = self.memory
+            _require(memory.optimizer_offload == "none",
+                     f"train.method=lora trains a few MB of weights: memory.optimizer_offload="
+                     f"{memory.optimizer_offload} would move their AdamW state off the GPU to save nothing; "
+                     "set memory.optimizer_offload=none")
+        else:  # a full fine-tune streams the working copies of masters that a host tier keeps
+            _require(self.memory.param_offload == "none" or self.memory.optimizer_offload != "none",
+                     f"memory.param_offload={self.memory.param_offload} keeps weights off the GPU; it needs "
+                     "memory.optimizer_offload=cpu or nvme (else the fp32 weights and AdamW state stay on the GPU)")
+        _require(not (self.lora.text_encoder and self.train.method != "lora"),
+                 "lora.text_encoder=true needs train.method=lora")
+        _require(not (self.lora.text_encoder and self.data.cache_text),
+                 "lora.text_encoder=true trains the text encoder, whose outputs then change every step; "
+                 "data.cache_text cannot serve it: set data.cache_text=false")
+
+        self._check_training_options()
+
+    def _check_training_options(self) -> None:
+        train, memory = self.train, self.memory
+        _require(not (self.output.validate_every and not (self.data.validation_dir or self.data.validation_split)),
+                 "output.validate_every is set but there is no validation set: set data.validation_dir or "
+                 "data.validation_split")
+        if train.text_encoder_lr:
+            _require(train.method == "full", "train.text_encoder_lr trains the whole text encoder; with "
+                     "train.method=lora use lora.text_encoder=true instead")
+            _require(not self.data.cache_text, "train.text_encoder_lr trains the text encoder, whose outputs then "
+                     "change every step; data.cache_text cannot serve it: set data.cache_text=false")
+            _require(not memory.fused_backward, "train.text_encoder_lr trains a second parameter group; "
+                     "memory.fused_backward=true steps one weight at a time: set one of them off")
+            _require(memory.optimizer_offload == "none", f"train.text_encoder_lr steps the text encoder on the "
+                     f"device; memory.optimizer_offload={memory.optimizer_offload} offloads only the UNet: set "
+                     "memory.optimizer_offload=none or train.text_encoder_lr=0")
+        if memory.fused_backward:
+            for key, value, ok in (("train.max_grad_norm", train.max_grad_norm, not train.max_grad_norm),
+                                   ("train.gradient_accumulation_steps", train.gradient_accumulation_steps,
+                                    train.gradient_accumulation_steps == 1),
+                                   ("data.class_dir", self.data.class_dir, not self.prior_preservation)):
+                _require(ok, f"memory.fused_backward=true steps each weight during backward, before the whole "
+                         f"gradient exists; {key}={value} needs it all: set {key} off or fused_backward=false")
+
+    @property
+    def prior_preservation(self) -> bool:
+        """DreamBooth prior preservation: each batch pairs instance images with class images."""
+        return bool(self.data.class_dir)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PresetInfo:
+    """The `[preset]` table: what the plan is for. Shown by `sdtune presets`, not used by training."""
+
+    name: str
+    card: str = ""
+    vram_gib: float = 0.0
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Type checking of raw TOML values against the dataclass fields
+
+
+def _coerce(value, kind, where: str):
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        _require(value in choices, f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+                 f"{where} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    _require(ok, f"{where} must be {_TYPE_WORDS[kind]}, got {value!r}")
+    return value
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _section_type(name: str, source: str) -> type:
+    if name not in SECTIONS:
+        close = difflib.get_close_matches(name, SECTIONS, n=1)
+        hint = f"; did you mean [{close[0]}]?" if close else f"; sections are {', '.join(SECTIONS)}"
+        raise SdtuneError(f"unknown section [{name}] in {source}{hint}")
+    return typing.get_type_hints(Config)[name]
+
+
+def _checked_values(name: str, values, source: str) -> dict:
+    """`values` of section `name` with every key known and every value of the field's type."""
+    _require(isinstance(values, dict), f"[{name}] in {source} must be a table of keys")
+    kind = _section_type(name, source)
+    hints, names = typing.get_type_hints(kind), [f.name for f in dataclasses.fields(kind)]
+    checked = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{name}.{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise SdtuneError(f"unknown key '{name}.{key}' in {source}{hint}")
+        checked[key] = _coerce(value, hints[key], f"{name}.{key} in {source}")
+    return checked
+
+
+def apply_layers(cfg: Config, layers: list[tuple[dict, str]]) -> Config:
+    """Overlay TOML-shaped dicts ({section: {key: value}}, each with its source for error messages) on
+    `cfg`. Keys and types are checked layer by layer; cross-key rules once, on the final values, so the
+    order of `--set` items never matters."""
+    changes: dict[str, dict] = {}
+    for data, source in layers:
+        for name, values in data.items():
+            changes.setdefault(name, {}).update(_checked_values(name, values, source))
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in changes.items()})
+
+
+def parse_set(item: str) -> dict:
+    """`section.key=value` into {section: {key: value}}; value is TOML, or a bare string; a list key given
+    one value (`output.sample_prompts=a photo of sks dog`) gets a one-item list."""
+    path, sep, text = item.partition("=")
+    section, dot, key = path.strip().partition(".")
+    _require(sep == "=" and dot == "." and section and key,
+             f"--set '{item}' is not of the form section.key=value (for example train.max_steps=100)")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    kind = typing.get_type_hints(Config).get(section)
+    hint = typing.get_type_hints(kind).get(key) if kind is not None else None
+    if hint is str and not isinstance(value, str):
+        value = text  # a path like 123 or a word like true stays text
+    elif typing.get_origin(hint) is tuple and not isinstance(value, list):
+        value = [value if isinstance(value, str) else text]  # one prompt, commas and all, is a one-item list
+    return {section: {key: value}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def preset_names() -> list[str]:
+    """The shipped presets, numbers in their numeric order (sdxl-8gb before sdxl-12gb)."""
+    return sorted((p.stem for p in PRESET_DIR.glob("*.toml")),
+                  key=lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)])
+
+
+def preset_path(name: str) -> Path:
+    if name.endswith(".toml"):
+        path = Path(name)
+        _require(path.is_file(), f"preset file {name} does not exist")
+        return path
+    path = PRESET_DIR / f"{name}.toml"
+    _require(path.is_file(), f"unknown preset '{name}'; choose one of {', '.join(preset_names())} "
+                             "or pass a path to a .toml file")
+    return path
+
+
+def read_preset(name: str) -> tuple[dict, PresetInfo]:
+    path = preset_path(name)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SdtuneError(f"{path} is not valid TOML: {exc}") from None
+    meta = data.pop("preset", {})
+    allowed = {f.name for f in dataclasses.fields(PresetInfo)} - {"name"}
+    for key in meta:
+        _require(key in allowed, f"unknown key 'preset.{key}' in {path.name}; known: {', '.join(sorted(allowed))}")
+    return data, PresetInfo(name=path.stem, **meta)
+
+
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, PresetInfo]:
+    """Defaults, then the preset, then each `--set`: the resolved, validated config."""
+    data, info = read_preset(preset)
+    layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
+    return apply_layers(Config(), layers), info

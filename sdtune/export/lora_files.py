@@ -1,0 +1,155 @@
+"""The two files a LoRA run writes into its output folder, both fp32 safetensors:
+
+- `pytorch_lora_weights.safetensors`, diffusers' own format, written by the pipeline class's
+  `save_lora_weights` with the adapters' peft settings in its metadata (so alpha round-trips):
+  `pipe.load_lora_weights(out)` reads it with no sdtune code;
+- `lora.safetensors`, the kohya / AUTOMATIC1111 format that ComfyUI's LoRA loader, AUTOMATIC1111 and
+  diffusers' kohya conversion read: a module `M` becomes `lora_unet_<M>` (`lora_te_`, `lora_te1_`,
+  `lora_te2_` for text encoders) with `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`. UNet
+  names are as kohya's sd-scripts write them: diffusers' module names for SD 1.x/2.x (it trains those
+  on a diffusers-layout UNet), the original SGM names (input_blocks.4.1...) for SDXL. The training
+  settings go into its metadata as kohya's `ss_*` keys, which AUTOMATIC1111's LoRA tab shows, plus the
+  `modelspec.*` keys of the Stability model-spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from sdtune.export.client_layout import text_model_names
+from sdtune.util.files import follow_umask, save_safetensors
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "lora.safetensors"
+KOHYA_TEXT_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}
+# The fields of peft 0.17's LoraConfig.to_dict() (0.17.0 and 0.17.1 alike), which clients on transformers 4.x
+# with diffusers 0.35 still run (sdtune itself needs 0.21, beside transformers 5): diffusers builds a
+# `LoraConfig(**fields)` from the file's metadata, and an older peft refuses a field it does not know (peft
+# 0.22 adds alora_invocation_tokens, arrow_config, peft_version, ...).
+PEFT_FLOOR_LORA_FIELDS = frozenset({
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layer_replication",
+    "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout",
+    "megatron_config", "megatron_core", "modules_to_save", "peft_type", "qalora_group_size", "r",
+    "rank_pattern", "revision", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+    "use_dora", "use_qalora", "use_rslora",
+})
+
+
+def peft_weights(module) -> dict:
+    """`module`'s adapter weights as peft names them (`<module>.lora_A.weight`), fp32 on the CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+
+
+def save_diffusers(modules: dict, family, out_dir: Path) -> Path:
+    """`pytorch_lora_weights.safetensors` in `out_dir`, by diffusers' own writer (into a temporary folder,
+    then renamed: never half a file). The weights keep peft's names (`lora_A`/`lora_B`), which diffusers'
+    loader reads as they are: its `convert_state_dict_to_diffusers` renames only the attention projections
+    (to `lora.down`/`lora.up`), and a file that mixes both styles loses its attention half on loading once
+    the convolutions have adapters too. A text encoder's names carry transformers 4.x's `text_model.` level
+    and the settings only the fields peft 0.17 knows, so that older diffusers, transformers and peft load
+    the file too (`sdtune.export.client_layout`)."""
+    layers, metadata = {}, {}
+    for name, module in modules.items():
+        layers[f"{name}_lora_layers"] = text_model_names(module, peft_weights(module))
+        metadata[f"{name}_lora_adapter_metadata"] = floor_lora_config(module.peft_config["default"])
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
+        family.pipeline_type().save_lora_weights(tmp, **layers, **metadata, safe_serialization=True)
+        follow_umask(Path(tmp) / DIFFUSERS_FILE)
+        os.replace(Path(tmp) / DIFFUSERS_FILE, out / DIFFUSERS_FILE)
+    return out / DIFFUSERS_FILE
+
+
+def floor_lora_config(config) -> dict:
+    """`config.to_dict()` with only the fields the oldest supported peft knows, plus any newer one that is not
+    at its default: a setting older peft cannot honour should fail there rather than load another adapter."""
+    from peft import LoraConfig
+
+    defaults = LoraConfig().to_dict()
+    return {key: value for key, value in config.to_dict().items()
+            if key in PEFT_FLOOR_LORA_FIELDS or (key in defaults and value != defaults[key])}
+
+
+def kohya_weights(modules: dict, family, alpha: float) -> dict:
+    """The adapters under kohya's names: `<lora name>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    import torch
+
+    encoders = [name for name in modules if name != "unet"]
+    prefixes = KOHYA_TEXT_PREFIXES[2 if family.name == "sdxl" else 1]
+    out = {}
+    for name, module in modules.items():
+        weights = peft_weights(module)
+        paths = sorted({key.rsplit(".lora_", 1)[0] for key in weights})
+        if name == "unet":
+            names = _unet_names(paths, module.config, sgm=family.name == "sdxl")
+        else:
+            prefix = prefixes[encoders.index(name) if family.name == "sdxl" else 0]
+            names = {path: prefix + _text_name(path) for path in paths}
+        for path in paths:
+            out[f"{names[path]}.lora_down.weight"] = weights[f"{path}.lora_A.weight"]
+            out[f"{names[path]}.lora_up.weight"] = weights[f"{path}.lora_B.weight"]
+            out[f"{names[path]}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def _unet_names(paths: list[str], config, sgm: bool) -> dict:
+    """diffusers UNet module path -> kohya LoRA name (SGM-layout names for SDXL, as kohya writes them)."""
+    if not sgm:
+        return {path: "lora_unet_" + path.replace(".", "_") for path in paths}
+    from sdtune.export.single_file import UNET_PREFIX, unet_to_ldm
+
+    renamed = unet_to_ldm({f"{path}.weight": path for path in paths}, config)
+    return {path: "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
+            for key, path in renamed.items()}
+
+
+def _text_name(path: str) -> str:
+    """A CLIP module path (with or without transformers' `text_model.` level) as kohya spells it."""
+    return "text_model_" + path.removeprefix("text_model.").replace(".", "_")
+
+
+def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], alpha: float,
+               name: str = KOHYA_FILE) -> Path:
+    path = Path(out_dir) / name
+    save_safetensors(kohya_weights(modules, family, alpha), path, metadata=metadata)
+    return path
+
+
+def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str, str]:
+    """Training settings as kohya's train_network.py records them (`ss_*`), plus the model-spec keys."""
+    family, unet = components.family, components.unet
+    sdxl, v2 = family.name == "sdxl", unet.config.cross_attention_dim == 1024
+    base = "sdxl_base_v1-0" if sdxl else ("sd_v2" if v2 else "sd_v1")
+    architecture = "stable-diffusion-xl-v1-base/lora" if sdxl else (
+        "stable-diffusion-v2-512/lora" if v2 else "stable-diffusion-v1/lora")
+    lora, train = cfg.lora, cfg.train
+    args = {"conv_dim": lora.rank, "conv_alpha": lora.scale_alpha} if lora.target == "attention+conv" else {}
+    values = {
+        "ss_network_module": "networks.lora", "ss_network_dim": lora.rank, "ss_network_alpha": lora.scale_alpha,
+        "ss_network_dropout": lora.dropout, "ss_network_args": json.dumps(args) if args else None,
+        "ss_network_train_unet_only": not lora.text_encoder, "ss_base_model_version": base, "ss_v2": v2,
+        "ss_sd_model_name": Path(cfg.model.pretrained).name or cfg.model.pretrained,
+        "ss_learning_rate": train.learning_rate, "ss_unet_lr": train.learning_rate,
+        "ss_text_encoder_lr": train.learning_rate if lora.text_encoder else 0.0,
+        "ss_lr_scheduler": train.lr_scheduler, "ss_lr_warmup_steps": train.lr_warmup_steps,
+        "ss_max_train_steps": train.max_steps, "ss_steps": summary["steps"], "ss_epoch": summary.get("epoch"),
+        "ss_seed": train.seed,
+        "ss_batch_size_per_device": train.batch_size, "ss_gradient_accumulation_steps":
+            train.gradient_accumulation_steps, "ss_optimizer": cfg.memory.optimizer,
+        "ss_mixed_precision": {"fp32": "no"}.get(cfg.memory.precision, cfg.memory.precision),
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})", "ss_num_train_images": num_images,
+        "ss_min_snr_gamma": train.snr_gamma or None, "ss_noise_offset": train.noise_offset or None,
+        "ss_prior_loss_weight": train.prior_loss_weight if cfg.prior_preservation else None,
+        "ss_training_comment": "trained with sdtune", "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture, "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
+        if sdxl else "diffusers", "modelspec.title": "sdtune LoRA",
+        "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
+        "modelspec.prediction_type": components.prediction_type,
+    }
+    return {key: str(value) for key, value in values.items() if value is not None}

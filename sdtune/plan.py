@@ -1,0 +1,200 @@
+"""The resolved memory plan: compute device, precision, activation checkpointing, attention backend, tiers.
+
+`resolve_plan` turns the `[memory]` config into concrete choices for this machine (and fails with one
+line when the machine cannot do what was asked); `make_plan` does it without asking the machine (the
+estimator plans for a GPU it may not have); `resolve_attention`, the attention part, is shared by both.
+`sdtune.train.placement` puts the model where the plan says; `autocast` and `peak_bytes` serve the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import resource
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sdtune.config import MemoryConfig, PresetInfo
+from sdtune.errors import SdtuneError
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(precision: str):
+    """torch's dtype of a precision as the config names it ("fp32", "bf16", "fp16": memory.precision,
+    output.save_precision)."""
+    import torch
+
+    return getattr(torch, _DTYPES[precision])
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str                      # "cuda" or "cpu"
+    precision: str                   # "fp32", "bf16" or "fp16"
+    gradient_checkpointing: bool
+    attention: str                   # "sdpa" or "xformers"
+    optimizer: str = "adamw"         # "adamw", "adamw8bit", "adafactor", "prodigy" or "lion"
+    fused_backward: bool = False     # each parameter stepped during backward (sdtune.optim.in_device.InBackward)
+    optimizer_offload: str = "none"  # "none", "cpu" or "nvme"
+    offload_dir: str = ""            # folder of the nvme tier's state file
+    param_offload: str = "none"      # "none" or "cpu": working weights streamed from host RAM
+    param_prefetch_blocks: int = 2   # with param_offload: UNet blocks copied to the device ahead of use
+    distributed: str = "none"        # "none", "ddp" or "fsdp": how several processes share the work
+
+    @property
+    def working_dtype(self):
+        return torch_dtype(self.precision)
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.precision == "fp16"
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere or newer); torch's own check also accepts slow emulation on older cards."""
+    import torch
+
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def _xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+_PROBE_DEVICE = "cuda"  # tests point it at the CPU, where a fake xformers runs
+
+
+@functools.cache
+def _xformers_fails() -> str | None:
+    """Why xformers cannot train here (its error's first line), or None when one tiny attention call runs
+    forward and backward on the GPU. A wheel built for another torch or CUDA often imports (with a
+    warning) and fails only at its first call: here, not deep inside diffusers at step 1."""
+    try:
+        import torch
+        import xformers.ops
+
+        # [batch, tokens, heads, head dim]; 40 is SD 1.x's head dim
+        q = torch.randn(1, 8, 1, 40, device=_PROBE_DEVICE, dtype=torch.float16, requires_grad=True)
+        xformers.ops.memory_efficient_attention(q, q, q).float().sum().backward()
+        q.grad.float().sum().item()  # waits for the kernels, so a launch failure surfaces here
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return None
+
+
+def resolve_attention(requested: str, device: str, log: Callable[[str], None] | None = None) -> str:
+    """`memory.attention` as the backend this machine runs: "sdpa" or "xformers".
+
+    "auto" takes xformers only where it runs (a probe on the visible GPU, once per process), else SDPA,
+    with one `log` line when an installed xformers fails. An explicit "xformers" that cannot run is one
+    SdtuneError. Planning for a GPU this machine lacks (the estimator on device "cuda"), the probe cannot
+    run: "auto" means SDPA there and an explicit "xformers" is taken at its word."""
+    import torch
+
+    if requested == "sdpa":
+        return "sdpa"
+    on_gpu = device == "cuda" and torch.cuda.is_available()
+    fix = f"reinstall xformers built for this torch ({torch.__version__})"
+    if requested == "auto":
+        if not on_gpu or not _xformers_installed():
+            return "sdpa"
+        why = _xformers_fails()
+        if why and log:
+            log(f"attention: xformers not used, SDPA instead ({why}); {fix}, "
+                "or set memory.attention=sdpa to silence this")
+        return "sdpa" if why else "xformers"
+    if device == "cuda" and not on_gpu:
+        return "xformers"
+    if not _xformers_installed():
+        raise SdtuneError("memory.attention=xformers but xformers is not installed; "
+                          "pip install 'sdtune[xformers]' or set memory.attention=sdpa")
+    if device != "cuda":
+        raise SdtuneError("memory.attention=xformers needs a CUDA GPU; set memory.attention=sdpa on the CPU")
+    why = _xformers_fails()
+    if why:
+        raise SdtuneError(f"memory.attention=xformers but xformers fails on this GPU ({why}); "
+                          f"{fix}, or set memory.attention=sdpa")
+    return "xformers"
+
+
+def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None,
+                 preset: PresetInfo | None = None) -> Plan:
+    """The plan of `mem` on this machine; `log` gets a line for each choice "auto" could not make as asked.
+
+    Without CUDA, `memory.device=auto` falls back to the CPU only for a plan that names no card: a GPU
+    preset (`preset.vram_gib` above 0) on the CPU would run some 100 times slower without a word, so it is
+    refused, as `memory.device=cuda` is, with why CUDA is missing and how to ask for the CPU."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and mem.device != "cpu":
+        if mem.device == "cuda" or (preset is not None and preset.vram_gib > 0):
+            asked = ("memory.device=cuda" if mem.device == "cuda"
+                     else f"--preset {preset.name} is a GPU plan ({preset.card}, {preset.vram_gib:g} GB)")
+            raise SdtuneError(f"{asked} but CUDA was not found: {no_cuda_reason()}; to train on the CPU on "
+                              "purpose, use --preset cpu or --set memory.device=cpu")
+        if log:
+            log("memory.device=auto: no CUDA GPU, training on the CPU")
+    device = "cuda" if has_cuda and mem.device != "cpu" else "cpu"
+    if mem.precision == "bf16" and device == "cuda" and not _native_bf16():
+        raise SdtuneError(f"memory.precision=bf16 but {torch.cuda.get_device_name()} has no bf16; "
+                          "use --set memory.precision=fp16 (or the rtx2070 preset)")
+    attention = resolve_attention(mem.attention, device, log)
+    if mem.optimizer_offload == "nvme":
+        from sdtune.offload.nvme import check_offload_dir
+
+        check_offload_dir(mem.offload_dir)  # before any model is loaded; free space is checked once sizes are known
+    return make_plan(mem, device, attention)
+
+
+def no_cuda_reason() -> str:
+    """Why `torch.cuda.is_available()` is False, in the words of the fix: a CPU-only torch, or a driver."""
+    import torch
+
+    hip = getattr(torch.version, "hip", None)  # a ROCm build answers through torch.cuda too
+    if torch.version.cuda is None and hip is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build (torch.version.cuda is None); install a "
+                "CUDA build of torch (pytorch.org/get-started)")
+    build, smi = (f"CUDA {torch.version.cuda}", "nvidia-smi") if torch.version.cuda else (f"ROCm {hip}", "rocm-smi")
+    return (f"this torch is built for {build} but torch.cuda.is_available() is False: no GPU driver is "
+            f"loaded, it is too old for that {build.split()[0]}, or CUDA_VISIBLE_DEVICES hides the GPU "
+            f"(`{smi}` tells)")
+
+
+def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:
+    """The plan of `mem` on `device` without asking the machine anything (the estimator plans for a GPU
+    it does not have); `resolve_plan` checks the machine first."""
+    return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
+                attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload,
+                offload_dir=mem.offload_dir, param_offload=mem.param_offload,
+                param_prefetch_blocks=mem.param_prefetch_blocks, fused_backward=mem.fused_backward)
+
+
+def autocast(plan: Plan):
+    """The mixed-precision context of a forward pass; a no-op in fp32."""
+    import torch
+
+    if plan.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=plan.device, dtype=plan.working_dtype)
+
+
+def reset_peak(plan: Plan) -> None:
+    import torch
+
+    if plan.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_bytes(plan: Plan) -> int:
+    """Peak GPU memory reserved by torch on CUDA; on the CPU, the process's peak resident set size."""
+    import torch
+
+    if plan.device == "cuda":
+        return torch.cuda.max_memory_reserved()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

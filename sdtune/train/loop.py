@@ -1,0 +1,440 @@
+"""The training loop: one explicit loop that accumulates, scales, clips, steps, logs, samples and saves.
+
+    run = prepare(cfg, info, "images/", "out/", resume=False, log=print)
+    loop(run, metrics)            # metrics: a sdtune.train.metrics.MetricsLogger, one record a step
+
+`prepare` checks the data and the plan before any model is loaded, places the model for the plan
+(`sdtune.train.placement`) and restores the newest checkpoint on `resume`. Each micro-batch's images, noise and
+timesteps are a function of (seed, micro-batch index): a resumed run continues exactly.
+
+What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, save a checkpoint and raise
+`Interrupted`; a step whose loss (or, without fp16 loss scaling, gradient norm) is NaN/Inf is skipped, and
+`train.max_bad_steps` of them in a row stop the run. Running out of GPU memory raises torch's own
+`OutOfMemoryError`: what to do about it is the run's business (`sdtune.run`), not the loop's.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdtune.config import Config, PresetInfo, load_config, preset_names
+from sdtune.config.toml import to_toml
+from sdtune.data import BatchStream, ImageFailed, scan_folder
+from sdtune.data.features import Features
+from sdtune.errors import SdtuneError
+from sdtune.optim.schedule import make_lr_schedule, step_schedule
+from sdtune.plan import Plan, autocast, peak_bytes, reset_peak, resolve_plan
+from sdtune.train import objective, saves
+from sdtune.train import store as checkpoint
+from sdtune.train.checkpoint import restore as _restore
+from sdtune.train.checkpoint import save as _save
+from sdtune.train.ema import make_ema
+from sdtune.train.metrics import StepRecord
+from sdtune.train.placement import Placement, place
+from sdtune.train.signals import Interrupted, StopOnSignal
+from sdtune.train.validation import validation_set
+from sdtune.util.world import World
+
+__all__ = ["Interrupted", "Run", "evaluation_mode", "fp32_weights", "loop", "prepare"]
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `prepare`."""
+
+    cfg: Config
+    plan: Plan
+    components: Any
+    stream: BatchStream
+    placement: Placement
+    lr_schedule: Any
+    scaler: Any
+    alphas_cumprod: Any
+    out_dir: Path
+    config_toml: str
+    log: Callable[[str], None]
+    features: Any = None  # latents and text embeddings, encoded or from the caches
+    class_stream: BatchStream | None = None  # prior preservation: the class images' batches
+    ema: Any = None  # train.ema_decay: the moving average of the trained weights (sdtune.train.ema)
+    validation: Any = None  # data.validation_dir or validation_split: the held-out set (sdtune.train.validation)
+    world: World = field(default_factory=World)  # this process among the launched ones
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+    seconds: float = 0.0
+    step_times: list[float] = field(default_factory=list)  # this process's steps, for seconds per step
+
+    @property
+    def tier(self):
+        return self.placement.tier
+
+    @property
+    def epoch(self) -> int:
+        """The epoch (1-based) of the last step finished (`epoch_at`); 0 before the first step."""
+        return self.epoch_at(self.step)
+
+    def epoch_at(self, step: int) -> int:
+        """The epoch of step `step`: the pass over the images (repeats counted) its first micro-batch is in.
+        The batch stream runs on from one pass into the next, so with accumulation a step can end one pass
+        and begin the next: it belongs to the pass it ends (when the accumulation is at most a pass)."""
+        return (step - 1) * self._accumulation // self.stream.batches_per_epoch + 1 if step > 0 else 0
+
+    def passes(self, step: int) -> int:
+        """Whole passes over the images after `step` steps."""
+        return step * self._accumulation // self.stream.batches_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int | float:
+        """Optimizer steps of one pass: the epoch's micro-batches over the accumulation (2.5 for 5 and 2)."""
+        return steps_per_epoch(self.stream.batches_per_epoch, self._accumulation)
+
+    @property
+    def _accumulation(self) -> int:
+        return self.cfg.train.gradient_accumulation_steps
+
+    @property
+    def optimizer(self):
+        return self.placement.tier.optimizer
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """Mean seconds per step without the first step this process ran, which pays for warm-up
+        (allocator, kernels, caches); a run resumed with nothing left to do reports its whole mean."""
+        times = self.step_times
+        if len(times) > 1:
+            return sum(times[1:]) / (len(times) - 1)
+        if times:
+            return times[0]
+        return self.seconds / self.step if self.step else None
+
+    def close(self) -> None:
+        """Release the optimizer tier's threads and files (the nvme tier's state file)."""
+        self.placement.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _scan(data_dir: str, cfg: Config, out_dir: str, log: Callable[[str], None]):
+    """The training images, with every skipped file, the counts and the scan's warnings and notes logged.
+    The output, class and validation folders are never training images, wherever they are."""
+    scan = scan_folder(data_dir, cfg.data, exclude=(out_dir, cfg.data.class_dir, cfg.data.validation_dir))
+    for note in scan.notes:
+        log(f"note: {note}")
+    for skip in scan.skipped:
+        log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
+    counted = sum(e.repeats for e in scan.examples)
+    log(f"{len(scan.examples):,} images from {data_dir}"
+        + (f", {counted:,} with repeats" if counted != len(scan.examples) else ""))
+    if scan.skipped:
+        log(scan.summary())
+    for warning in scan.warnings:
+        log(f"warning: {warning}")
+    return scan
+
+
+def steps_per_epoch(batches: int, accumulation: int) -> int | float:
+    """Optimizer steps of one pass of `batches` micro-batches: a whole number where accumulation divides it."""
+    return batches // accumulation if batches % accumulation == 0 else round(batches / accumulation, 4)
+
+
+def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) -> Config:
+    """`cfg` with train.max_steps from train.max_epochs: the steps whose micro-batches cover that many
+    passes, rounded up (the last step may take up to accumulation - 1 batches of the next pass). A warm-up
+    longer than the run is cut to it (`TrainConfig.warmup_steps`): said here."""
+    import dataclasses
+
+    train = cfg.train
+    batches, accumulation = stream.batches_per_epoch, train.gradient_accumulation_steps
+    if train.max_epochs:
+        steps = math.ceil(train.max_epochs * batches / accumulation)
+        per_epoch = steps_per_epoch(batches, accumulation)
+        within = (f"; {batches:,} batches an epoch, {accumulation} a step: a step can end one epoch and begin "
+                  "the next") if isinstance(per_epoch, float) else ""
+        log(f"train.max_epochs={train.max_epochs}: {steps:,} steps ({per_epoch:,} an epoch{within}); it "
+            f"overrides train.max_steps={train.max_steps}, as kohya's max_train_epochs overrides max_train_steps")
+        train = dataclasses.replace(train, max_steps=steps)
+    if train.lr_warmup_steps > train.max_steps:
+        log(f"note: train.lr_warmup_steps={train.lr_warmup_steps} is longer than the run: the learning rate "
+            f"warms up over its {train.max_steps:,} step{'s' if train.max_steps > 1 else ''} instead")
+    return dataclasses.replace(cfg, train=train)
+
+
+def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> None:
+    """A line when the plan trains well below the model's native size (an SD-card plan on SDXL, 512 px),
+    naming the shipped presets made for that size that train as this run does (train.method)."""
+    native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
+    if cfg.data.resolution < 0.75 * native:
+        fitting = [name for name in preset_names() if (own := load_config(name)[0]).data.resolution == native
+                   and own.train.method == cfg.train.method]
+        fix = f"use a preset made for {native} px ({', '.join(fitting)}) or " if fitting else ""
+        log(f"warning: the model was trained at {native} px and data.resolution is {cfg.data.resolution}: it "
+            f"would learn to draw at the smaller size; {fix}--set data.resolution={native}")
+
+
+def _check_caption_lengths(examples, components, log: Callable[[str], None]) -> None:
+    """A warning when captions are longer than the text encoder reads (their tails would never train)."""
+    from sdtune.data.tokens import cut_captions, shortest
+
+    cut = cut_captions([(e.image, e.caption) for e in examples], shortest(components.tokenizers))
+    if cut.count:
+        log(f"warning: {cut.line()}")
+
+
+def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
+            log: Callable[[str], None], world: World | None = None) -> Run:
+    """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
+    preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`.
+    Under a launcher (`world`), every rank does all of it; rank 0 fills the caches first."""
+    import dataclasses
+
+    from diffusers import DDPMScheduler
+
+    from sdtune.family.load import check_source
+    from sdtune.family.scratch import load_for_training
+    from sdtune.train.parallel import resolve_mode
+
+    check_source(cfg.model.pretrained, cfg.model.config)  # a wrong --model is said before the data is scanned
+    world = world or World()
+    plan = resolve_plan(cfg.memory, log, info)
+    plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
+    world.start(plan.device)
+    with world.main_first():  # the other ranks then find every image in the scan cache
+        scan = _scan(data_dir, cfg, out_dir, log)
+        examples, held_out = validation_set(cfg, scan.examples, log)
+    components = load_for_training(cfg.model, cfg.train.seed, log)
+    if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
+        log(components.origin)
+    _check_resolution(components, cfg, log)
+    _check_caption_lengths(examples, components, log)
+    placement = place(components, plan, cfg)
+    global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
+    stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed, warn=log)
+    cfg = _run_length(cfg, stream, log)
+    text_grad = cfg.lora.text_encoder or cfg.train.text_encoder_lr > 0  # the text encoder(s) train
+    features = Features(components, cfg.data, plan, log, text_grad=text_grad)
+    run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
+              log=log, features=features, stream=stream, placement=placement, world=world,
+              lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
+              scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
+              alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
+              ema=make_ema(placement, cfg.train), validation=held_out)
+    sources = [(stream, examples)] + ([(held_out.stream, held_out.examples)] if held_out else [])
+    if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
+        from sdtune.train.dreambooth import class_config, class_images
+
+        examples = class_images(cfg, components, plan, log, sample_context=lambda: evaluation_mode(run), world=world)
+        run.class_stream = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
+        sources.append((run.class_stream, examples))
+    features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders
+    if resume:
+        _restore(run)
+    return run
+
+
+CLASS_SEED = 2**40  # the class half of micro-batch k draws its noise from seed * 1_000_003 + k + CLASS_SEED
+
+
+def _micro_step(run: Run, index: int, last: bool = True) -> float:
+    """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss:
+    with prior preservation, instance loss + train.prior_loss_weight x class loss, one backward each.
+    The loss is read after backward is queued (the host does not wait for the GPU in between), except
+    where gradients reach the weights during backward (`step_in_backward`): a NaN/Inf loss skips it.
+    Under DDP only the `last` micro-batch's last backward averages the gradients over the ranks."""
+    train = run.cfg.train
+    halves = [(run.stream, 0, 1.0)]
+    if run.class_stream is not None:
+        halves.append((run.class_stream, CLASS_SEED, train.prior_loss_weight))
+    total = 0.0
+    for stream, salt, weight in halves:
+        value = _loss(run, stream, index, train.seed * 1_000_003 + index + salt)
+        if run.tier.step_in_backward and not math.isfinite(value.item()):
+            return value.item()
+        try:
+            scaled = value / train.gradient_accumulation_steps  # the instance half: as without prior preservation
+            with run.placement.no_sync(last and stream is halves[-1][0]):
+                run.scaler.scale(scaled if weight == 1.0 else scaled * weight).backward()
+        except BaseException:
+            run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
+            raise
+        total += weight * value.item()
+    return total
+
+
+def _loss(run: Run, stream: BatchStream, index: int, seed: int):
+    """The diffusion loss of this rank's share of batch `index` of `stream`, its noise and timesteps drawn
+    from `seed` for the whole global batch (`sdtune.util.world`)."""
+    import torch
+
+    c, plan, train, world = run.components, run.plan, run.cfg.train, run.world
+    while True:
+        every = stream.items(index)
+        items, rows = world.share(every), world.slice(len(every))
+        generator = torch.Generator(plan.device).manual_seed(seed)
+        if run.features.latent_cache is None:  # the next micro-batch's images decode while this one trains
+            stream.prefetch(world.share(stream.items(index + 1)))
+        try:
+            latents = run.features.latents(stream, items, generator, rows=(len(every), rows))
+            break
+        except ImageFailed:
+            continue  # reported once by the stream, which now substitutes another image of the bucket
+    cond = run.features.text([item.caption for item in items])
+    added = c.family.added_cond(cond, items, latents.device, plan.working_dtype)
+    shape = (len(every), *latents.shape[1:])
+    noise = objective.sample_noise(shape, generator, train.noise_offset, latents.device, latents.dtype)[rows]
+    timesteps = objective.sample_timesteps(len(every), len(run.alphas_cumprod), generator, latents.device)[rows]
+    return objective.batch_loss(run.placement.model, latents, noise, timesteps, cond.hidden, added,
+                                alphas_cumprod=run.alphas_cumprod, prediction_type=c.prediction_type,
+                                snr_gamma=train.snr_gamma, forward=lambda: autocast(plan))
+
+
+def _optimizer_step(run: Run, finite_loss: bool = True) -> bool:
+    """Step the tier (it unscales, clips and checks), or skip the step after a NaN/Inf loss; drop the
+    gradients and step the LR schedule either way. False when the step was skipped."""
+    stepped = finite_loss and run.tier.step(run.scaler, run.cfg.train.max_grad_norm)
+    if not finite_loss:
+        run.tier.grad_norm = None
+    run.tier.zero_grad()  # the offload tiers: the next backward replaces them
+    step_schedule(run.lr_schedule, stepped)
+    return stepped
+
+
+def fp32_weights(run: Run) -> dict:
+    """What trains, in fp32, wherever the tier keeps it: the UNet's weights, or the LoRA adapters'."""
+    return run.placement.weights()
+
+
+@contextmanager
+def evaluation_mode(run: Run):
+    """The model ready to draw images: the trained modules in eval mode (no LoRA dropout), autocast, the
+    parked encoders on the device; back to training afterwards."""
+    trained = [run.components.unet, *(run.placement.lora or {}).values(), *(run.placement.text_encoders or {}).values()]
+    for module in trained:
+        module.eval()
+    try:
+        with autocast(run.plan), run.features.on_device():
+            yield
+    finally:
+        for module in trained:
+            module.train()
+
+
+def _sample(run: Run, metrics) -> Path:
+    """The validation grid of `output.sample_prompts` at this step, each image below its prompt: a PNG in
+    OUT/samples/, each image beside it in a folder of the step's name, every PNG with A1111's `parameters`;
+    and an image for the metrics sinks."""
+    from sdtune.family.load import assemble_pipeline
+    from sdtune.sample import GUIDANCE, generate, make_grid, parameters, save_png
+
+    out, seed = run.cfg.output, run.cfg.train.seed
+    prompts = list(out.sample_prompts)
+    averaged = run.ema.applied() if run.ema is not None and out.sample_ema else nullcontext()
+    with evaluation_mode(run), averaged:
+        pipe = assemble_pipeline(run.components)
+        images = generate(pipe, prompts, [seed] * len(prompts), steps=out.sample_steps, guidance=GUIDANCE,
+                          negative_prompt=out.sample_negative_prompt)
+    path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
+    if not run.world.main:  # every rank draws (FSDP gathers weights collectively), rank 0 writes
+        return path
+    path.with_suffix("").mkdir(parents=True, exist_ok=True)
+    base = Path(run.cfg.model.pretrained).name or run.cfg.model.pretrained
+    texts = [parameters(prompt, negative=out.sample_negative_prompt, steps=out.sample_steps, guidance=GUIDANCE,
+                        seed=seed, size=image.size, sampler=type(pipe.scheduler).__name__,
+                        model=run.out_dir.resolve().name, extra={"Training step": run.step, "Base model": base})
+             for prompt, image in zip(prompts, images, strict=True)]
+    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
+        save_png(image, path.with_suffix("") / f"{i:02d}.png", text)
+    grid = make_grid(images, labels=prompts)
+    save_png(grid, path, texts[0])  # as A1111 labels its grids: with the first image's parameters
+    metrics.image("validation/samples", run.step, grid)
+    return path
+
+
+def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
+    latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
+    kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
+    return SdtuneError(f"{count} steps in a row had a NaN/Inf loss or gradient, the last at step {run.step}; "
+                       f"stopped ({kept}; skipped steps never change the weights). Try a lower "
+                       "train.learning_rate, or memory.precision=bf16 or fp32 instead of fp16, in a new run; "
+                       "train.max_bad_steps=0 never stops")
+
+
+class _NoMetrics:
+    def log(self, record: StepRecord) -> None:
+        pass
+
+    def image(self, tag: str, step: int, image) -> None:
+        pass
+
+
+def _record(run: Run, step_loss: float, learning_rate: float, validation: dict) -> StepRecord:
+    seconds = run.seconds_per_step or 0.0
+    images = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation_steps
+    return StepRecord(step=run.step, loss=step_loss, learning_rate=learning_rate, grad_norm=run.tier.grad_norm,
+                      seconds_per_step=seconds, images_per_second=images / seconds if seconds else 0.0,
+                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps, epoch=run.epoch,
+                      average_loss=average_loss(run.losses, math.ceil(run.steps_per_epoch)), **validation)
+
+
+def average_loss(losses: list[float], window: int) -> float | None:
+    """kohya's avr_loss: the mean of the last `window` (an epoch's) step losses, of all of them during the
+    first epoch; steps skipped for a NaN/Inf loss are left out. None before a finite loss."""
+    finite = [value for value in losses[-window:] if math.isfinite(value)]
+    return math.fsum(finite) / len(finite) if finite else None
+
+
+def loop(run: Run, metrics=None) -> None:
+    """Train from `run.step` to `train.max_steps`, sending `metrics` (a `sdtune.train.metrics.MetricsLogger`, or
+    anything with its `log` and `image`) one `StepRecord` after each step and the validation grids.
+    Raises `Interrupted` after SIGINT/SIGTERM (a checkpoint saved) and SdtuneError after
+    `train.max_bad_steps` NaN/Inf steps in a row."""
+    cfg, metrics = run.cfg, metrics or _NoMetrics()
+    accumulation, bad_in_a_row = cfg.train.gradient_accumulation_steps, 0
+    reset_peak(run.plan)
+    saving = saves.check(run)
+    if cfg.output.sample_at_start and run.step == 0:  # the base model's grid, to compare the others with
+        run.log(f"samples: {_sample(run, metrics)}")
+    with StopOnSignal(run.log) as stop:
+        while run.step < cfg.train.max_steps:
+            started = time.perf_counter()
+            first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
+            if run.ema is not None:
+                run.ema.before_step(run.step + 1)
+            step_loss = sum(_micro_step(run, first + i, last=i == accumulation - 1)
+                            for i in range(accumulation)) / accumulation
+            step_loss = run.world.mean(step_loss)  # the global batch's: every rank decides alike
+            finite = math.isfinite(step_loss)
+            stepped = _optimizer_step(run, finite)
+            if run.ema is not None:
+                run.ema.after_step(stepped)
+            run.skipped_steps += not stepped
+            bad = not finite or not (stepped or run.scaler.is_enabled())  # fp16 overflow: the scaler's business
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            run.step += 1
+            run.losses.append(step_loss)
+            run.step_times.append(time.perf_counter() - started)
+            run.seconds += run.step_times[-1]
+            due = cfg.output.validate_every and run.step % cfg.output.validate_every == 0
+            validation = run.validation.evaluate(run, evaluation_mode(run)) if due else {}
+            metrics.log(_record(run, step_loss, learning_rate, validation))
+            if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
+                raise _too_many_bad_steps(run, bad_in_a_row)
+            if run.world.any(bool(stop.signum)):  # a signal that reached one rank stops all of them here
+                raise Interrupted(stop.signum or signal.SIGTERM, run.step, _save(run))
+            if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
+                run.log(f"samples: {_sample(run, metrics)}")
+            if saving and saves.due(run):
+                run.log(f"saved {saves.write(run)}")
+            every = cfg.output.checkpoint_every
+            if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
+                _save(run)

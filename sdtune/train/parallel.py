@@ -1,0 +1,178 @@
+"""How a run spreads over several processes (`memory.distributed`): the rules, DDP, FSDP2, sharded state.
+
+    mode = resolve_mode(cfg, world)     # "none", "ddp" or "fsdp": what this launch runs
+    model = wrap_ddp(unet, plan)        # ddp: every rank holds the whole model, gradients are averaged
+    shard(unet, plan)                   # fsdp: weights, gradients and AdamW state split over the ranks
+
+- **ddp** (`torch.nn.parallel.DistributedDataParallel`): for plans that fit each card. Every lever of a
+  single card combines with it except sdtune's own offload tiers: `memory.optimizer_offload=cpu|nvme`
+  and `memory.param_offload=cpu` take each gradient in backward as it is produced, before DDP has
+  averaged it over the ranks.
+- **fsdp** (`torch.distributed.fsdp.fully_shard`, FSDP2, the ZeRO-3 equivalent): each UNet block is one
+  unit whose fp32 weights, gradients and AdamW state are split over the ranks and gathered for its
+  forward and backward only (`shard_units`). `memory.precision=bf16` is FSDP2's mixed-precision policy (bf16 compute,
+  fp32 gradient reduction); `memory.optimizer_offload=cpu` is its `CPUOffloadPolicy` (the shards and the
+  AdamW step in host RAM). Refused with it: fp16 (loss scaling over shards), any `memory.optimizer` but
+  adamw (8-bit blocks, Adafactor's factored moment, Prodigy's step size would be taken per shard),
+  `memory.optimizer_offload=nvme`, `memory.param_offload` (FSDP2 already gathers one block at a time)
+  and `train.method=lora` (a LoRA's few MB train replicated: use ddp).
+- A LoRA's text-encoder adapters (`lora.text_encoder`) are not under DDP: refused with several processes,
+  and so is `memory.fused_backward` (it steps each weight before its gradient is averaged).
+
+Refusals are one SdtuneError naming both keys; explicit `ddp`/`fsdp` are checked in a single process
+too, so a config that starts on one card starts under torchrun. `auto` (the default) is ddp when the
+launcher started several processes, and nothing otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdtune.config import Config
+from sdtune.errors import SdtuneError
+from sdtune.util.world import World
+
+
+def _refusals(cfg: Config, mode: str, key: str) -> list[str]:
+    mem, why = cfg.memory, f"{key}={mode}"
+    rules = []
+    if mode == "ddp":
+        if mem.optimizer_offload != "none":
+            rules.append(f"{why} averages gradients after backward, but memory.optimizer_offload="
+                         f"{mem.optimizer_offload} takes each one during backward; use memory.distributed=fsdp "
+                         "with memory.optimizer_offload=cpu (FSDP2's CPU offload), or optimizer_offload=none")
+        if mem.param_offload != "none":
+            rules.append(f"{why} cannot average the gradients of weights streamed by memory.param_offload="
+                         f"{mem.param_offload}; use memory.distributed=fsdp (it gathers one block at a time)")
+    if mode == "fsdp":
+        rules += [message for ok, message in (
+            (cfg.train.method != "lora", f"{why} shards a full fine-tune; train.method=lora trains a few MB: "
+                                         "use memory.distributed=ddp"),
+            (mem.precision != "fp16", f"{why} needs memory.precision=bf16 or fp32 (fp16 loss scaling over shards "
+                                      "is not supported)"),
+            (mem.optimizer == "adamw", f"{why} steps torch AdamW on each rank's shards; memory.optimizer="
+                                       f"{mem.optimizer} would take its statistics per shard: set "
+                                       "memory.optimizer=adamw, or use memory.distributed=ddp"),
+            (mem.optimizer_offload != "nvme", f"{why} with memory.optimizer_offload=nvme is not supported; use "
+                                              "memory.optimizer_offload=cpu (FSDP2's CPU offload)"),
+            (mem.param_offload == "none", f"{why} already gathers one block's weights at a time; set "
+                                          "memory.param_offload=none"),
+            (not cfg.train.ema_decay, f"{why} shards the weights; train.ema_decay keeps a whole copy of them: "
+                                      "use memory.distributed=ddp, or train.ema_decay=0"),
+        ) if not ok]
+    if mem.fused_backward:
+        rules.append(f"{why} averages gradients after backward; memory.fused_backward=true steps each weight "
+                     "during it, before they are averaged: set memory.fused_backward=false")
+    if cfg.lora.text_encoder or cfg.train.text_encoder_lr:
+        train = cfg.train
+        key = "lora.text_encoder=true" if cfg.lora.text_encoder else f"train.text_encoder_lr={train.text_encoder_lr}"
+        rules.append(f"{why} averages the UNet's gradients only; {key} is not supported with several processes")
+    return rules
+
+
+def resolve_mode(cfg: Config, world: World) -> str:
+    """What `memory.distributed` means for this launch: "none", "ddp" or "fsdp"; SdtuneError when the plan
+    cannot run that way."""
+    requested = cfg.memory.distributed
+    mode = "ddp" if requested == "auto" else requested
+    if world.several and mode == "none":
+        raise SdtuneError(f"the launcher started {world.size} processes but memory.distributed=none; set "
+                          "memory.distributed=ddp or fsdp, or start one process")
+    if mode != "none" and (world.several or requested != "auto"):
+        rules = _refusals(cfg, mode, "memory.distributed" + (" (auto)" if requested == "auto" else ""))
+        if rules:
+            raise SdtuneError(rules[0])
+    return mode if world.several else "none"
+
+
+def wrap_ddp(unet, device: str):
+    """The UNet under DDP: the module the loss calls (the UNet itself stays the one saved and sampled)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [torch.cuda.current_device()] if device == "cuda" else None
+    return DistributedDataParallel(unet, device_ids=ids, gradient_as_bucket_view=True)
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+
+
+UNIT_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock")  # SDXL's innermost attention holds 10 of the latter
+
+
+def shard_units(unet) -> list:
+    """FSDP2's units, innermost first: every ResNet block and transformer layer, then each down, mid and up
+    block (its samplers and projections); the root (the rest) is one more. A unit's weights are gathered
+    only while it runs, so the largest unit sets what gathering costs."""
+    blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    layers = [m for block in blocks for m in block.modules() if type(m).__name__ in UNIT_CLASSES]
+    return [*layers, *blocks]
+
+
+def shard(unet, plan) -> None:
+    """Split the fp32 UNet over the ranks in place, block by block, under the plan's precision and offload."""
+    import torch
+
+    fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fully_shard()
+    options = {}
+    if plan.precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if plan.optimizer_offload == "cpu":
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=plan.device == "cuda")
+    for unit in shard_units(unet):
+        fully_shard(unit, **options)
+    fully_shard(unet, **options)
+
+
+def is_sharded(module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_weights(unet) -> dict:
+    """The whole fp32 UNet state, gathered to host RAM on rank 0 (empty elsewhere); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def unsharded_copy(unet, weights: dict):
+    """A plain (unsharded) module of `unet`'s class and config holding `weights`: what rank 0 exports."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    kind = next(c for c in type(unet).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
+    plain = kind.from_config(unet.config)
+    plain.load_state_dict(weights)
+    return plain
+
+
+SHARDED = "sharded"  # the checkpoint's subfolder of torch.distributed.checkpoint files
+
+
+def save_sharded(folder: Path, unet, optimizer) -> None:
+    """Every rank writes its shards of the weights and AdamW state into `folder` (a collective call;
+    torch.distributed.checkpoint writes its `.metadata` once every rank's files are done)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(unet, optimizer)
+    dcp.save({"model": model, "optimizer": optim}, checkpoint_id=str(folder))
+
+
+def load_sharded(folder: Path, unet, optimizer) -> None:
+    """Read `save_sharded`'s files back into the sharded UNet and its optimizer (every rank, its shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, optim = get_state_dict(unet, optimizer)
+    state = {"model": model, "optimizer": optim}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(unet, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

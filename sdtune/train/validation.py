@@ -1,0 +1,117 @@
+"""Validation loss: the diffusion loss on held-out images at fixed timesteps with fixed noise, so that two
+steps of a run, and two runs, are compared on exactly the same problem.
+
+    examples, held_out = validation_set(cfg, scan.examples, log)   # data.validation_dir or validation_split
+    losses = held_out.evaluate(run, evaluation_mode(run))   # {"validation_loss": ..., "ema_validation_loss": ...}
+
+Every held-out image is center-cropped to its bucket, not flipped, with its own caption (no dropout or tag
+shuffling), and evaluated at each of `TIMESTEP_FRACTIONS` of the noise schedule. The VAE's sample, the noise
+and the order are drawn from seeds of their own, the same at every evaluation: only the weights change.
+The loss is plain MSE against the model's target (no min-SNR weighting). Every rank of a launched run
+evaluates the whole set (FSDP's forward is collective); the figures are the same on each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable
+
+from sdtune.config import Config
+from sdtune.data import BatchStream, ImageFailed, Item, fit, scan_folder
+from sdtune.errors import SdtuneError
+from sdtune.train import objective
+
+TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where in the noise schedule each image is evaluated
+SEED = 2**41  # the validation draws' seeds: SEED + batch index, apart from the training's
+
+
+def hold_out(examples: list, share: float, seed: int) -> tuple[list, list]:
+    """(training, held out): a `share` of `examples` (at least one) drawn with `seed`, both in scan order."""
+    count = max(1, round(share * len(examples)))
+    if count >= len(examples):
+        raise SdtuneError(f"data.validation_split={share} holds out {count} of {len(examples)} images and "
+                          "leaves none to train on: lower it, or name a data.validation_dir")
+    held = set(random.Random(seed).sample(range(len(examples)), count))
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def validation_set(cfg: Config, examples: list, log: Callable[[str], None]) -> tuple[list, Validation | None]:
+    """The training examples and the validation set of `cfg` (None without one)."""
+    data = cfg.data
+    if data.validation_split:
+        examples, held = hold_out(examples, data.validation_split, cfg.train.seed)
+        log(f"{len(held):,} images held out for the validation loss (data.validation_split={data.validation_split})")
+    elif data.validation_dir:
+        scan = scan_folder(data.validation_dir, data)
+        for skip in scan.skipped:
+            log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
+        held = scan.examples
+        log(f"{len(held):,} validation images from {data.validation_dir}")
+    else:
+        return examples, None
+    return examples, Validation(held, cfg, log)
+
+
+class Validation:
+    """The held-out images and the fixed problem they pose: their batches, then `evaluate`."""
+
+    def __init__(self, examples: list, cfg: Config, log: Callable[[str], None]):
+        fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
+                                    center_crop=True, loader_threads=0)
+        self.examples, self.batch_size = examples, cfg.train.batch_size
+        self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed, warn=log)
+
+    def batches(self) -> list[list[Item]]:
+        """The set in fixed batches of one bucket each; an image that failed to load is left out."""
+        stream, batches = self.stream, []
+        for bucket in sorted(stream.members):
+            usable = [i for i in stream.members[bucket] if stream.examples[i].image not in stream.failed]
+            items = []
+            for i in usable:
+                resized, crop = fit(stream.sizes[i], bucket, True, random.Random(0))  # center: no draw used
+                items.append(Item(stream.examples[i], bucket, resized, crop, False, stream.examples[i].caption))
+            batches += [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
+        return batches
+
+    def evaluate(self, run, mode) -> dict[str, float]:
+        """The validation loss of the trained weights, and of their moving average with `train.ema_decay`,
+        inside `mode` (the trainer's evaluation mode: eval, autocast, the encoders on the device)."""
+        with mode:
+            losses = {"validation_loss": self._loss(run)}
+            if run.ema is not None:
+                with run.ema.applied():
+                    losses["ema_validation_loss"] = self._loss(run)
+        return losses
+
+    def _loss(self, run) -> float:
+        import torch
+
+        while True:
+            try:
+                with torch.no_grad():
+                    total = [self._batch_loss(run, b, items) for b, items in enumerate(self.batches())]
+                break
+            except ImageFailed:  # reported once by the stream; the set goes on without that image
+                continue
+        if not total:
+            raise SdtuneError("every validation image became unusable during the run (deleted, broken or "
+                              "replaced): restore them, then continue with --resume")
+        return sum(value * n for value, n in total) / sum(n for _, n in total)
+
+    def _batch_loss(self, run, index: int, items: list[Item]) -> tuple[float, int]:
+        """(mean loss, images) of one batch over every fixed timestep."""
+        import torch
+
+        c, plan, alphas = run.components, run.plan, run.alphas_cumprod
+        generator = torch.Generator(plan.device).manual_seed(SEED + index)
+        latents = run.features.latents(self.stream, items, generator)
+        cond = run.features.text([item.caption for item in items])
+        added = c.family.added_cond(cond, items, latents.device, plan.working_dtype)
+        values = []
+        for fraction in TIMESTEP_FRACTIONS:
+            noise = objective.sample_noise(latents.shape, generator, 0.0, latents.device, latents.dtype)
+            timesteps = torch.full((len(items),), int(fraction * len(alphas)), device=latents.device)
+            values.append(objective.batch_loss(run.placement.unet, latents, noise, timesteps, cond.hidden, added,
+                                               alphas_cumprod=alphas, prediction_type=c.prediction_type).item())
+        return sum(values) / len(values), len(items)

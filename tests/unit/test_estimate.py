@@ -1,0 +1,281 @@
+"""The VRAM estimator: its trace agrees with a measured CPU step, and each shipped plan fits its card."""
+
+import pytest
+import torch
+
+from sdtune.config import load_config
+from sdtune.estimate import estimate
+from sdtune.estimate.memtrack import MemoryTracker
+
+GIB = 2**30
+
+
+def _measured_cpu_step(model_dir, batch: int, side: int) -> dict:
+    """One real fp32 training step of a tiny UNet (any family, with its conditioning) on the CPU, measured
+    with the estimator's tracker."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from sdtune.family.load import load_components
+
+    c = load_components(str(model_dir))
+    unet = c.unet.train()
+    unet.set_attn_processor(AttnProcessor2_0())
+    cond = c.family.encode(c, [""] * batch)
+    extra = None if cond.pooled is None else {"text_embeds": cond.pooled, "time_ids": torch.zeros(batch, 6)}
+    latents, target = torch.randn(batch, 4, side, side), torch.randn(batch, 4, side, side)
+    tracker = MemoryTracker("cpu")
+    tracker.add(unet.parameters(), "weights")
+    for p in unet.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
+    with tracker:
+        tracker.phase = "activations"
+        prediction = unet(latents, torch.full((batch,), 10), cond.hidden, added_cond_kwargs=extra).sample
+        forward_end = dict(tracker.current)
+        tracker.phase = "temporaries"
+        (prediction.float() - target).square().mean().backward()
+        del prediction
+        backward_end = dict(tracker.current)
+        tracker.phase = "optimizer_state"
+        optimizer = torch.optim.AdamW(unet.parameters(), fused=True)
+        optimizer.step()
+    return {"forward_end": forward_end, "backward_end": backward_end, "state": tracker.bytes_of("optimizer_state"),
+            "params": sum(p.numel() for p in unet.parameters())}
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_the_trace_matches_a_measured_cpu_step(tiny_sd1, checkpointing):
+    cfg, info = load_config("cpu", ["data.resolution=64", "train.batch_size=2",
+                                    f"memory.gradient_checkpointing={checkpointing}"])
+    if checkpointing == "true":  # the measured step has none: only the estimate's activations shrink
+        full = estimate(load_config("cpu", ["data.resolution=64", "train.batch_size=2"])[0], info, str(tiny_sd1),
+                        device="cpu")
+    guess = estimate(cfg, info, str(tiny_sd1), device="cpu")
+    real = _measured_cpu_step(tiny_sd1, batch=2, side=8)
+    assert guess.milestones["forward_end"]["weights"] == real["forward_end"]["weights"] == 4 * real["params"]
+    assert guess.milestones["backward_end"]["gradients"] == real["backward_end"]["gradients"] == 4 * real["params"]
+    assert guess.categories["optimizer_state"] == real["state"]
+    activations = guess.milestones["forward_end"]["activations"]
+    if checkpointing == "false":
+        assert activations == pytest.approx(real["forward_end"]["activations"], rel=0.05)
+    else:
+        assert activations < 0.5 * full.milestones["forward_end"]["activations"]
+    assert guess.categories["cuda_context"] == guess.categories["allocator_overhead"] == 0  # a CPU run
+
+
+@pytest.mark.parametrize("preset", ["rtx2070", "rtx3050", "rtx3080", "rtx4090"])
+def test_each_gpu_preset_fits_its_card_with_sd15_at_512(preset):
+    cfg, info = load_config(preset)
+    result = estimate(cfg, info, "sd15")
+    assert (result.resolution, result.batch_size) == (512, cfg.train.batch_size)
+    assert result.fits, f"{preset}: {result.total / GIB:.2f} GiB on a {info.vram_gib} GB card"
+    if cfg.memory.optimizer_offload == "cpu":  # the host-RAM goal: a 16 GB desktop, no NVMe
+        assert result.host_ram <= 12 * GIB, f"{preset}: {result.host_ram / GIB:.2f} GiB of host RAM"
+    if info.vram_gib == 8:
+        assert result.total <= 6 * GIB
+    assert result.categories["frozen"] > 0 and result.categories["weights"] > 0
+    assert result.total == result.peak_reserved + result.categories["cuda_context"]
+
+
+def test_offload_tiers_move_what_they_promise_off_the_gpu():
+    def run(*sets):
+        cfg, info = load_config("rtx3050", list(sets))
+        return estimate(cfg, info, "sd15")
+
+    plain = run("memory.optimizer_offload=none")
+    offloaded = run()
+    streamed = run("memory.param_offload=cpu")
+    nvme = run("memory.optimizer_offload=nvme", "memory.offload_dir=/tmp")
+    params = 859_520_964
+    assert plain.categories["optimizer_state"] > 8 * params and plain.categories["weights"] == 4 * params
+    assert offloaded.categories["optimizer_state"] == 0 and offloaded.categories["weights"] == 2 * params
+    assert offloaded.milestones["backward_end"]["gradients"] == 0  # each gradient left as it was made
+    # weights streamed: a pool of 3 buffers of the largest block (119 MiB) instead of all 1.6 GiB
+    assert streamed.milestones["forward_end"]["weights"] < 0.25 * offloaded.categories["weights"]
+    assert streamed.total < offloaded.total < plain.total
+    assert 14 * params < offloaded.host_ram < 14.01 * params  # fp32 master and moments, bf16 staging
+    assert nvme.host_ram < offloaded.host_ram / 2
+    assert nvme.disk == 12 * params and offloaded.disk == 0
+
+
+SDXL_UNET, SDXL_TEXT, SDXL_VAE = 2_567_463_684, 123_060_480 + 694_659_840, 83_653_863
+
+
+def test_sd21_and_sdxl_estimate():
+    cfg, info = load_config("rtx4090", ["memory.gradient_checkpointing=true", "memory.optimizer=adamw8bit"])
+    sd21 = estimate(cfg, info, "sd21")
+    assert sd21.categories["weights"] == 4 * 865_910_724
+    sdxl = estimate(cfg, info, "sdxl")
+    assert sdxl.categories["weights"] == 4 * SDXL_UNET and not sdxl.notes
+    assert sdxl.categories["frozen"] == 2 * (SDXL_TEXT + SDXL_VAE)  # both text encoders and the VAE, in bf16
+    assert sdxl.host_ram == 4 * (SDXL_UNET + SDXL_TEXT + SDXL_VAE)  # the fp32 pipeline while it loads
+
+
+def test_resuming_an_optimizer_on_the_gpu_counts_its_state_in_host_ram():
+    """--resume reads `training_state.pt` whole into host RAM before the in-device AdamW state moves to the GPU:
+    8 bytes a parameter of the UNet, more than the fp32 pipeline takes while it loads. The host tiers read
+    their state file into their own buffers: their row stays what training holds."""
+    from sdtune.family import archs
+    from sdtune.optim.tier import HostAdamW, Tier
+
+    shapes = [p.shape for p in archs.build_model("sd15").parameters()]
+    cfg, info = load_config("rtx4090")  # AdamW on the card
+    assert estimate(cfg, info, "sd15").host_ram == Tier.state_bytes(shapes) > 8 * 859_520_964
+    cfg, info = load_config("rtx4090", ["memory.optimizer_offload=cpu"])
+    passes = cfg.train.gradient_accumulation_steps
+    assert estimate(cfg, info, "sd15").host_ram == HostAdamW.footprint(shapes, itemsize=2,
+                                                                       accumulation_steps=passes).host
+
+
+def test_sdxl_cached_encoders_wait_in_host_ram():
+    """With both caches the encoders leave the GPU for host memory, in the working precision, beside the tier."""
+    from sdtune.family import archs
+    from sdtune.optim.tier import HostAdamW
+
+    cfg, info = load_config("rtx3050", ["data.cache_latents=true", "data.cache_text=true", "data.resolution=1024",
+                                        "train.batch_size=1"])
+    result = estimate(cfg, info, "sdxl")
+    shapes = [p.shape for p in archs.build_model("sdxl").parameters()]
+    assert result.categories["frozen"] == 0 and result.categories["weights"] == 2 * SDXL_UNET
+    assert result.host_ram == HostAdamW.footprint(shapes, itemsize=2).host + 2 * (SDXL_TEXT + SDXL_VAE)
+
+
+def test_a_single_file_checkpoint_is_estimated_by_its_architecture(tmp_path):
+    """Only the header is read: a file with SD2's OpenCLIP text encoder is traced as sd21."""
+    from safetensors.torch import save_file
+
+    keys = ["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            "first_stage_model.encoder.conv_in.weight", "cond_stage_model.model.token_embedding.weight"]
+    save_file({k: torch.zeros(2, dtype=torch.float16) for k in keys}, tmp_path / "model.safetensors")
+    cfg, info = load_config("rtx3050")
+    result = estimate(cfg, info, str(tmp_path / "model.safetensors"))
+    assert result.categories["weights"] == 2 * 865_910_724  # sd21's UNet in bf16
+    save_file({"something.else": torch.zeros(2)}, tmp_path / "other.safetensors")
+    from sdtune.errors import SdtuneError
+
+    with pytest.raises(SdtuneError, match="not a Stable Diffusion checkpoint sdtune recognises"):
+        estimate(cfg, info, str(tmp_path / "other.safetensors"))
+
+
+def test_cached_latents_and_text_take_the_encoders_off_the_gpu():
+    cfg, info = load_config("rtx3050", ["data.cache_latents=true", "data.cache_text=true"])
+    assert estimate(cfg, info, "sd15").categories["frozen"] == 0
+    cfg, info = load_config("rtx3050", ["data.cache_text=true"])
+    assert estimate(cfg, info, "sd15").categories["frozen"] == 2 * 83_653_863  # the VAE alone, in bf16
+
+
+def test_the_estimate_follows_the_engines_bucket_size_and_ring_depth(monkeypatch):
+    """Host RAM comes from the tiers' own byte model: change the engine's bucket size or the nvme ring's
+    depth and the estimate moves by what the tier would allocate more."""
+    from sdtune.family import archs
+    from sdtune.offload import layout, nvme
+
+    cfg, info = load_config("rtx3050", ["memory.optimizer_offload=nvme", "memory.offload_dir=/tmp"])
+    numels = [p.numel() for p in archs.build_model("sd15").parameters()]
+
+    def largest() -> int:
+        return max(sum(numels[i] for i in r) for r in layout.partition(numels))
+
+    before, bucket = estimate(cfg, info, "sd15").host_ram, largest()
+    monkeypatch.setattr(nvme, "RING", nvme.RING + 2)
+    deeper = estimate(cfg, info, "sd15").host_ram
+    assert deeper - before == 2 * layout.MASTER_BYTES * bucket  # two more ring buffers of the largest bucket
+    monkeypatch.setattr(layout, "BUCKET_MB", 4 * layout.BUCKET_MB)
+    assert largest() > bucket
+    bigger = estimate(cfg, info, "sd15").host_ram  # each ring buffer holds one bucket's state (both > CHUNK)
+    assert bigger - deeper == nvme.RING * layout.MASTER_BYTES * (largest() - bucket)
+
+
+def test_the_host_tiers_byte_model_is_what_they_allocate(tiny_sd1):
+    """`HostAdamW.footprint` counts every host tensor `OffloadAdamW` holds: masters, moments, staging."""
+    from sdtune.family.load import load_components
+    from sdtune.offload import OffloadAdamW
+    from sdtune.optim.tier import HostAdamW
+
+    unet = load_components(str(tiny_sd1)).unet
+    shapes = [p.shape for p in unet.parameters()]
+    opt = OffloadAdamW(unet.parameters(), device="cpu", dtype=torch.bfloat16, lr=1e-4)
+    held = [b.master for b in opt._buckets] + [t for s in opt.state.values() for t in s.values() if t.dim()]
+    held += [opt._staging.tensor, opt._small.tensor, opt._scratch]
+    allocated = sum(t.numel() * t.element_size() for t in held)
+    assert HostAdamW.footprint(shapes, itemsize=2).host == allocated
+
+
+def test_the_sdxl_trace_matches_a_measured_cpu_step(tiny_sdxl):
+    """Weights, gradients and AdamW state of the tiny SDXL UNet are the bytes the real tensors take; its
+    two text encoders and the VAE are all counted as frozen."""
+    from sdtune.family.meta import meta_model
+
+    cfg, info = load_config("cpu", ["data.resolution=64", "train.batch_size=2"])
+    guess = estimate(cfg, info, str(tiny_sdxl), device="cpu")
+    real = _measured_cpu_step(tiny_sdxl, batch=2, side=8)
+    assert guess.milestones["forward_end"]["weights"] == real["forward_end"]["weights"] == 4 * real["params"]
+    assert guess.milestones["backward_end"]["gradients"] == real["backward_end"]["gradients"] == 4 * real["params"]
+    assert guess.categories["optimizer_state"] == real["state"]
+    assert guess.milestones["forward_end"]["activations"] == pytest.approx(real["forward_end"]["activations"],
+                                                                           rel=0.05)
+    parts = meta_model(str(tiny_sdxl))
+    assert len(parts.text_encoders) == 2
+    assert guess.categories["frozen"] == 4 * sum(p.numel() for m in parts.frozen for p in m.parameters())
+
+
+def test_the_sdxl_offloaded_plan_counts_the_tiny_unet_exactly(tiny_sdxl):
+    """bf16 working weights on the device, no gradients left there, the host tier's bytes by its own model."""
+    from diffusers import UNet2DConditionModel
+
+    from sdtune.optim.tier import HostAdamW
+
+    cfg, info = load_config("rtx3050", ["data.resolution=64", "train.batch_size=1", "data.cache_latents=true",
+                                        "data.cache_text=true"])
+    guess = estimate(cfg, info, str(tiny_sdxl))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    shapes = [p.shape for p in unet.parameters()]
+    assert guess.categories["weights"] == sum(p.to(torch.bfloat16).nbytes for p in unet.parameters())
+    assert guess.milestones["backward_end"]["gradients"] == 0 and guess.categories["optimizer_state"] == 0
+    assert guess.host_ram >= HostAdamW.footprint(shapes, itemsize=2).host
+
+
+def test_an_sdxl_single_file_is_estimated_as_the_whole_sdxl_pipeline(tmp_path):
+    from safetensors.torch import save_file
+
+    keys = ["model.diffusion_model.label_emb.0.0.weight", "first_stage_model.encoder.conv_in.weight",
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+            "conditioner.embedders.1.model.token_embedding.weight"]
+    save_file({k: torch.zeros(2) for k in keys}, tmp_path / "xl.safetensors")
+    cfg, info = load_config("rtx4090")
+    result = estimate(cfg, info, str(tmp_path / "xl.safetensors"))
+    assert result.categories["frozen"] == 2 * (SDXL_TEXT + SDXL_VAE)
+
+
+@pytest.mark.parametrize("preset", ["sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"])
+def test_each_sdxl_preset_fits_its_card_at_1024(preset):
+    """By the estimator, within the share of the card `--preset auto` allows; sdxl-8gb with AdamW in at most
+    8 GiB of VRAM and 24 GiB of host RAM (its state on disk)."""
+    from sdtune.estimate.auto import SAFETY, preset_family
+
+    cfg, info = load_config(preset)
+    assert preset_family(preset) == "sdxl" and cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (cfg.data.resolution, cfg.train.batch_size, cfg.memory.optimizer) == (1024, 1, "adamw")
+    assert cfg.data.cache_latents and cfg.data.cache_text
+    result = estimate(cfg, info)
+    assert result.model == "sdxl" and result.categories["frozen"] == 0
+    assert result.total <= SAFETY * info.vram_gib * GIB, f"{preset}: {result.total / GIB:.2f} GiB"
+    if preset == "sdxl-8gb":
+        assert result.total <= 8 * GIB and result.host_ram <= 24 * GIB
+        assert result.disk == 12 * SDXL_UNET
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sdxl"])
+def test_the_frozen_parts_are_counted_in_the_precision_the_trainer_keeps_them(fixture, request):
+    """Under fp16 the SD VAE runs in fp16 and SDXL's in fp32 (it overflows; `Family.vae_dtype`), as
+    `sdtune.train.placement` casts them: the estimate's frozen bytes are what the placed modules hold."""
+    from sdtune.family.load import load_components
+    from sdtune.plan import make_plan
+    from sdtune.train.placement import place
+
+    model = str(request.getfixturevalue(fixture))
+    cfg, info = load_config("rtx2070", [f"model.pretrained={model}", "memory.device=cpu", "data.resolution=64",
+                                        "train.batch_size=1", "memory.optimizer_offload=none"])
+    components = load_components(model)
+    place(components, make_plan(cfg.memory, "cpu", "sdpa"), cfg).close()
+    held = sum(p.numel() * p.element_size() for m in components.frozen for p in m.parameters())
+    assert estimate(cfg, info, model, device="cpu").categories["frozen"] == held

@@ -22,8 +22,16 @@ and cast the new weight into the staging buffer, from which an upload stream (no
 copies the bucket back to the device. Without clipping, loss scaling and accumulation
 (`step_in_backward`), each bucket is stepped and sent back as soon as its gradients are in, on the worker
 thread while backward goes on (a parameter's weight is not read by backward again once its gradient is
-complete). With them, the host step overlaps the next forward instead (`overlap_step`, overlap.py). fp16
+complete). With them, the host step overlaps the next forward instead (`overlap_step`: a `StepQueue`, overlap.py). fp16
 overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
+
+The tier also answers for its fp32 weights by name: the masters (`master_weights`, what a checkpoint and the
+export take) and, built with `ema=True` (`train.ema_decay` with a host tier), their moving average. Each
+bucket keeps the average in host RAM (`Bucket.ema`, 4 bytes a parameter), updated chunk by chunk in the pass
+that steps AdamW, right after a chunk of the master changed and while it is still in the CPU's caches: the
+average costs no VRAM and no pass of its own. `ema_decay` is the decay of the update made with the next step
+(None: no update), read with the step's settings (`_step_settings`), so that a queued step or one run inside
+backward uses its own.
 """
 
 from __future__ import annotations
@@ -31,20 +39,20 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from sdtune.errors import SdtuneError
 from sdtune.offload import layout
-from sdtune.offload.host_ema import HostEMA
 from sdtune.offload.layout import Bucket, Scaling, adamw_kernel, chunks, clip_factor, host_bytes, partition
-from sdtune.offload.overlap import OverlapStep
+from sdtune.offload.overlap import StepQueue
 from sdtune.offload.pinned import PinnedBuffer, host_empty
 from sdtune.offload.streams import blocking_event, side_stream, synchronous
 
 
-class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
+class OffloadAdamW(torch.optim.AdamW):
     """AdamW over host fp32 masters of `params`, which it moves to `device` in `dtype`.
 
     `params` must arrive in fp32 (on any device): they become the masters exactly. With `host_weights`
@@ -53,10 +61,11 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
     step; `accumulation_steps` backward passes make one step. `step_in_backward` is only exact without
     clipping, loss scaling and accumulation: the caller decides. `model` (which owns `params`) lets the
     step overlap the next forward (`overlap_step`: default on CUDA, off with host weights or when stepping
-    in backward). `ema` keeps a moving average of the masters (`HostEMA`). After `step()`,
+    in backward). `ema` keeps a moving average of the masters (`ema_weights`). After `step()`,
     `last_grad_norm` is the unscaled gradient norm and `skipped` says whether an inf/NaN gradient made it skip."""
 
     host_bytes = staticmethod(host_bytes)  # what it allocates, for the estimator
+    ema_decay: float | None = None  # the decay of the moving average's next update (`sdtune.train.ema` sets it)
 
     def __init__(self, params, *, device, dtype, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, bucket_mb: int | None = None, host_weights: bool = False,
@@ -90,13 +99,11 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
         self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
         overlap = (cuda and not synchronous()) if overlap_step is None else overlap_step
         self.overlap_step = overlap and model is not None and not host_weights and not step_in_backward
-        if self.overlap_step:
-            self._gate(model)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="sdtune-offload") if (
             cuda or self.overlap_step) else None
+        self._queue = StepQueue(model, self._buckets, self._where, self._worker, self._step_bucket,
+                                self._upload_stream, self._uploaded, self.device) if self.overlap_step else None
         self._futures: list[Future] = []
-        self._stepping: list[Future] = []       # overlap_step: the buckets' steps queued by step()
-        self._order: list[Bucket] = []         # overlap_step: buckets in the order the last forward used them
         self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
         self._state_file_due = False            # a checkpoint's state loaded: its file must follow
         self._task, self._in_backward, self._backwards, self._poisoned = None, False, 0, False
@@ -331,11 +338,26 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
                     if bucket.grad is not None:
                         bucket.grad.zero_()
             scaling = Scaling(scale, clip_factor(self.last_grad_norm, self.max_grad_norm))
-            if self.overlap_step:
-                self._step_later(scaling)
+            if self._queue is not None:
+                self._queue.queue(scaling, self._step_settings())
             else:
                 self._step_all(scaling)
                 self._uploaded()
+
+    def _settle(self) -> None:
+        """Every step queued by `step()` is done (`StepQueue.settle`): before backward, checkpoints, or anything
+        else that reads the masters, the state or the staging."""
+        if self._queue is not None:
+            self._queue.settle()
+
+    def _step_settings(self) -> dict:
+        """This step's learning rate and betas (the first param group) and its EMA decay."""
+        return {**self.param_groups[0], "ema_decay": self.ema_decay}
+
+    def _step_all(self, scaling: Scaling) -> None:
+        for bucket in self._buckets:
+            if not bucket.stepped:
+                self._step_bucket(bucket, scaling)
 
     def _step_bucket(self, bucket: Bucket, scaling: Scaling, group: dict | None = None) -> None:
         state = self.state[bucket.master]
@@ -467,3 +489,45 @@ class OffloadAdamW(HostEMA, OverlapStep, torch.optim.AdamW):
             bucket.master.copy_(master)
             self._publish(bucket, bucket.master)
         self._uploaded()
+
+    # ------------------------------------------------------------------------------------------------
+    # the fp32 weights by name: the masters, and their moving average (`ema=True`)
+
+    def master_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """`module.state_dict()` with every offloaded parameter replaced by its fp32 master."""
+        return {**module.state_dict(), **self._views(module, "master")}
+
+    def ema_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The moving average of each of `module`'s trained parameters, by name (views of the buckets)."""
+        return self._views(module, "ema")
+
+    def _views(self, module: torch.nn.Module, part: str) -> dict[str, torch.Tensor]:
+        """Each of `module`'s trained parameters' slice of its bucket's `part` ("master", "ema"), by name."""
+        self._settle()
+        views = {}
+        for name, p in module.named_parameters():
+            if p in self._where:
+                bucket, offset, n = self._where[p]
+                views[name] = getattr(bucket, part)[offset:offset + n].view(p.shape)
+        return views
+
+    @torch.no_grad()
+    def load_ema(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Copy `weights` (as `ema_weights` names them) into the buckets' averages."""
+        for name, view in self.ema_weights(module).items():
+            view.copy_(weights[name])
+
+    @contextmanager
+    @torch.no_grad()
+    def ema_applied(self):
+        """The working weights hold the moving average (cast), then exactly their own values again."""
+        self._settle()
+        self._drain_streams()
+        kept = [bucket.device_flat.to("cpu", copy=True) for bucket in self._buckets]
+        try:
+            for bucket in self._buckets:
+                bucket.device_flat.copy_(bucket.ema)
+            yield
+        finally:
+            for bucket, own in zip(self._buckets, kept, strict=True):
+                bucket.device_flat.copy_(own)

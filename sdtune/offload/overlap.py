@@ -1,14 +1,19 @@
 """The host step overlapping the next forward (`OffloadAdamW.overlap_step`, the default on CUDA).
 
-`step()` returns once the gradient norm is known; a worker thread steps the buckets in the order the last
-forward used them, and each block of the model (cut as weight streaming cuts it) waits, before it runs,
-only for the buckets holding its weights: a host event set by the worker, then the compute stream waits
-on that bucket's upload. Backward, checkpoints and the masters wait for every queued step (`_settle`).
+`step()` returns once the gradient norm is known; the tier's worker thread steps the buckets in the order the
+last forward used them, and each block of the model (cut as weight streaming cuts it) waits, before it runs,
+only for the buckets holding its weights: a host event set by the worker, then the compute stream waits on
+that bucket's upload. Backward, checkpoints and the masters wait for every queued step (`StepQueue.settle`).
+
+`StepQueue` is composed into the tier, not mixed in: it is handed what it works on (the buckets, the worker,
+the step of one bucket, the upload stream) and owns only the queued steps and the forward's order.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -18,15 +23,26 @@ from sdtune.offload.streams import blocking_event
 GATE_BYTES = 128 * 2**20  # blocks of the model (as weight streaming cuts them) that wait for their buckets
 
 
-class OverlapStep:
-    """Mixed into `OffloadAdamW`: the gates, the queued steps, and waiting for them."""
+class StepQueue:
+    """The buckets' steps queued by `OffloadAdamW.step()` on its worker, and the gates that make each block of
+    `model` wait for its own. `step_bucket(bucket, scaling, group)` steps one bucket and queues its upload on
+    `upload_stream`; `uploaded()` makes the compute stream wait for the queued uploads."""
 
-    def _gate(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, buckets: list[Bucket], where: dict, worker: ThreadPoolExecutor,
+                 step_bucket: Callable[[Bucket, Scaling, dict], None], upload_stream, uploaded: Callable[[], None],
+                 device: torch.device):
+        self.buckets, self.worker, self.step_bucket = buckets, worker, step_bucket
+        self.upload_stream, self.uploaded, self.device = upload_stream, uploaded, device
+        self.stepping: list[Future] = []  # the buckets' steps queued by the last step()
+        self.order: list[Bucket] = []     # buckets in the order the last forward used them
+        self._gate(model, where)
+
+    def _gate(self, model: torch.nn.Module, where: dict) -> None:
         """Before each block of `model` runs, its buckets must have been stepped and uploaded."""
         from sdtune.offload.params import plan_units
 
         for module, params in plan_units(model, GATE_BYTES):
-            buckets = list(dict.fromkeys(self._where[p][0] for p in params if p in self._where))
+            buckets = list(dict.fromkeys(where[p][0] for p in params if p in where))
             if buckets:
                 module.register_forward_pre_hook(lambda module, args, buckets=buckets: self._await(buckets))
 
@@ -36,43 +52,38 @@ class OverlapStep:
             if ready is not None:
                 ready.wait()
                 bucket.ready = None
-                self._order.append(bucket)
+                self.order.append(bucket)
                 if bucket.uploaded is not None:
                     torch.cuda.current_stream(self.device).wait_event(bucket.uploaded)
 
-    def _settle(self) -> None:
-        """Every step queued by `step()` is done and the compute stream waits for its uploads (before
-        backward, checkpoints, or anything else that reads the masters, the state or the staging)."""
-        stepping, self._stepping = self._stepping, []
+    def settle(self) -> None:
+        """Every queued step is done and the compute stream waits for its uploads (before backward,
+        checkpoints, or anything else that reads the masters, the state or the staging)."""
+        stepping, self.stepping = self.stepping, []
         if not stepping:
             return
         errors = [future.exception() for future in stepping]
-        for bucket in self._buckets:
+        for bucket in self.buckets:
             bucket.ready = None
-        self._uploaded()
+        self.uploaded()
         for error in errors:
             if error is not None:
                 raise error
 
-    def _step_later(self, scaling: Scaling) -> None:
+    def queue(self, scaling: Scaling, group: dict) -> None:
         """Queue each bucket's step on the worker, in the order the last forward used them; the next
-        forward's blocks wait for theirs. The learning rate (and the EMA decay) is read now: the schedule
-        changes it next."""
-        group, order, self._order = self._step_settings(), self._order, []
-        for bucket in list(dict.fromkeys([*order, *self._buckets])):
+        forward's blocks wait for theirs. `group` (the learning rate, the EMA decay) is this step's: the
+        schedule changes it next."""
+        order, self.order = self.order, []
+        for bucket in list(dict.fromkeys([*order, *self.buckets])):
             bucket.ready, bucket.uploaded = threading.Event(), None
-            self._stepping.append(self._worker.submit(self._step_queued, bucket, scaling, group))
+            self.stepping.append(self.worker.submit(self._step_queued, bucket, scaling, group))
 
     def _step_queued(self, bucket: Bucket, scaling: Scaling, group: dict) -> None:
         try:
-            self._step_bucket(bucket, scaling, group)
-            if self._upload_stream is not None:
+            self.step_bucket(bucket, scaling, group)
+            if self.upload_stream is not None:
                 bucket.uploaded = blocking_event()
-                bucket.uploaded.record(self._upload_stream)
-        finally:  # on an error too: the forward goes on, and the error is raised by the next _settle
+                bucket.uploaded.record(self.upload_stream)
+        finally:  # on an error too: the forward goes on, and the error is raised by the next settle
             bucket.ready.set()
-
-    def _step_all(self, scaling: Scaling) -> None:
-        for bucket in self._buckets:
-            if not bucket.stepped:
-                self._step_bucket(bucket, scaling)

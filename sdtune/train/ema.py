@@ -1,6 +1,6 @@
 """Exponential moving average of the trained weights (`train.ema_decay`), kept where the tier keeps the fp32
 masters: beside them on the device (4 bytes a parameter of VRAM), or in host RAM with an offload tier, which
-updates it in the host pass of its step (`sdtune.offload.host_ema`).
+updates it in the host pass of its step (`sdtune.offload.optimizer`).
 
     ema = make_ema(placement, cfg.train)   # None when train.ema_decay is 0
     ema.before_step(step)                  # before the backward of optimizer step `step` (1, 2, ...)

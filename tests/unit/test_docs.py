@@ -45,7 +45,8 @@ def test_cli_reference_lists_every_command_and_option():
 
 
 def markdown_files():
-    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    pages = ["README.md", "CONTRIBUTING.md", "bench/README.md", "examples/README.md"]
+    return [ROOT / page for page in pages] + sorted((ROOT / "docs").rglob("*.md"))
 
 
 def anchors(page: Path) -> set[str]:

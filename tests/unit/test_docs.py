@@ -1,6 +1,6 @@
 """The docs stay true to the code: the generated references (docs/reference/config.md, cli.md) are what
 docs/generate.py writes today, they name every config key and command-line option, and every link in
-README.md and docs/ points at a file that exists."""
+the READMEs, CONTRIBUTING.md and docs/ points at a file (and heading) that exists."""
 
 import dataclasses
 import importlib.util

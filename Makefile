@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo tiny-model gpu-wheels bench
+.PHONY: install test lint demo tiny-model gpu-wheels bench docs
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench
+
+# The generated references, docs/reference/config.md and cli.md, from the config dataclasses and the Typer app
+# (tests/unit/test_docs.py fails when they are stale).
+docs: install
+	$(PY) docs/generate.py
 
 # Every CPU benchmark, one after another (about 21 minutes on 2 cores): each prints its table; all of them
 # go to bench/results/bench.md, and each script's figures to bench/results/NAME.json.

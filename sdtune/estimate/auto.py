@@ -34,8 +34,8 @@ from typing import Any
 
 from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, parse_set, preset_names, read_preset
 from sdtune.errors import SdtuneError
+from sdtune.util.files import GIB
 
-GIB = 2**30
 # A plan may use at most this share of the card's memory. The estimate models one process alone on the
 # card; the desktop, a browser or a second process hold memory too, and the estimate itself may be a few
 # percent off the measured peak. 10% of an 8 GB card is 0.8 GiB.

@@ -83,6 +83,7 @@ def fake_estimator(monkeypatch):
                             card_gib=info.vram_gib)
 
     module = types.ModuleType("sdtune.estimate")
+    module.__path__ = importlib.import_module("sdtune.estimate").__path__  # its submodules (fallback) still import
     module.estimate, module.Estimate = estimate, FakeEstimate
     module.remembered = lambda cfg, info: estimate(cfg, info)  # no cache: every listing traces
     monkeypatch.setitem(sys.modules, "sdtune.estimate", module)

@@ -26,7 +26,8 @@ from sdtune.family import archs
 from sdtune.family.base import Components, Conditioning, Family
 
 __all__ = ["Components", "Conditioning", "Detected", "Family", "architecture_of", "assumed_architecture",
-           "detect", "families", "family_for_class", "family_named", "family_of_arch"]
+           "detect", "families", "family_for_class", "family_named", "family_of_arch",
+           "source_kind"]
 
 
 def families() -> dict[str, Family]:
@@ -70,15 +71,12 @@ def detect(source: str) -> Detected:
     its keys (`sdtune.family.load.inspect_single_file`). A hub id of no bundled architecture, or no source,
     is assumed to be `archs.DEFAULT_ARCH` (a name is no architecture: a repository called "...xl..." may
     hold anything), and `assumed` says so."""
-    from sdtune.family.load import check_pipeline_class, classify_source, inspect_single_file, resolve_source
+    from sdtune.family.load import check_pipeline_class, inspect_single_file, resolve_source
 
     arch = source if source in archs.ARCHS else archs.HUB_IDS.get(source)
     if arch or not source:
         return _of(arch or archs.DEFAULT_ARCH, assumed=not source)
-    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
-        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
-                          "a diffusers folder or a .safetensors file")
-    kind = classify_source(source)
+    kind = source_kind(source)
     if kind == "single_file":
         return _of(inspect_single_file(Path(source)).arch)
     if kind == "folder":
@@ -86,6 +84,17 @@ def detect(source: str) -> Detected:
         family = check_pipeline_class(folder / "model_index.json").name
         return Detected(_folder_arch(folder, family), family)
     return _of(archs.DEFAULT_ARCH, assumed=True)
+
+
+def source_kind(source: str) -> str:
+    """'folder', 'single_file' or 'hub' (`sdtune.family.load.classify_source`), where a bare word that is
+    no file is taken for a mistyped architecture rather than a hub id."""
+    from sdtune.family.load import classify_source, resolve_source
+
+    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
+        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
+                          "a diffusers folder or a .safetensors file")
+    return classify_source(source)
 
 
 def _of(arch: str, assumed: bool = False) -> Detected:

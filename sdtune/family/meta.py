@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.errors import SdtuneError
-from sdtune.family import archs
-from sdtune.family.load import check_pipeline_class, classify_source, inspect_single_file, resolve_source
+from sdtune.family import archs, source_kind
+from sdtune.family.load import check_pipeline_class, inspect_single_file, resolve_source
 from sdtune.util.libraries import quiet_libraries
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first; SDXL both, their outputs concatenated
@@ -44,7 +44,7 @@ def meta_model(source: str) -> MetaModel:
     or a single-file checkpoint whose architecture is read from its tensor shapes (no weights are read)."""
     if source in archs.ARCHS:
         return _meta_from(archs.arch_dir(source), source)
-    kind = _kind(source)
+    kind = source_kind(source)
     if kind == "hub":
         raise SdtuneError(f"{source} is a hub id; estimate a local folder or file, or an architecture "
                           f"({', '.join(archs.ARCHS)})")
@@ -53,13 +53,6 @@ def meta_model(source: str) -> MetaModel:
         check_pipeline_class(folder / "model_index.json")
         return _meta_from(folder, source)
     return _meta_from(archs.arch_dir(inspect_single_file(Path(source)).arch), source)
-
-
-def _kind(source: str) -> str:
-    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
-        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
-                          "a diffusers folder or a .safetensors file")
-    return classify_source(source)
 
 
 def _meta_from(folder: Path, label: str) -> MetaModel:

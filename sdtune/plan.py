@@ -1,8 +1,10 @@
 """The resolved memory plan: compute device, precision, activation checkpointing, attention backend, tiers.
 
-`resolve_plan` turns the `[memory]` config into concrete choices for this machine (and fails with one
-line when the machine cannot do what was asked); `make_plan` does it without asking the machine (the
-estimator plans for a GPU it may not have); `resolve_attention`, the attention part, is shared by both.
+`resolve_plan` turns the config into concrete choices for this machine and launch (and fails with one
+line when the machine cannot do what was asked); `make_plan` does it without asking the machine and
+`plan_for_gpus` for a launch of N cards (the estimator plans for GPUs it may not have);
+`resolve_attention` and `resolve_mode` (`memory.distributed` for a world of processes) serve both.
+A `Plan` composes the `[memory]` section it was made from and reads its keys through.
 `sdtune.train.placement` puts the model where the plan says; `autocast` and `peak_bytes` serve the loop.
 """
 
@@ -16,8 +18,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sdtune.config import MemoryConfig, PresetInfo
+from sdtune.config import Config, MemoryConfig, PresetInfo
+from sdtune.config.rules import distributed_refusals
 from sdtune.errors import SdtuneError
+from sdtune.util.world import World
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -30,19 +34,30 @@ def torch_dtype(precision: str):
     return getattr(torch, _DTYPES[precision])
 
 
+def _memory_key(name: str) -> property:
+    """A read-only view of `memory.NAME`: the plan takes these keys as the config gives them."""
+    return property(lambda plan: getattr(plan.memory, name), doc=f"memory.{name}, as configured")
+
+
 @dataclass(frozen=True)
 class Plan:
-    device: str                      # "cuda" or "cpu"
-    precision: str                   # "fp32", "bf16" or "fp16"
-    gradient_checkpointing: bool
-    attention: str                   # "sdpa" or "xformers"
-    optimizer: str = "adamw"         # "adamw", "adamw8bit", "adafactor", "prodigy" or "lion"
-    fused_backward: bool = False     # each parameter stepped during backward (sdtune.optim.in_device.InBackward)
-    optimizer_offload: str = "none"  # "none", "cpu" or "nvme"
-    offload_dir: str = ""            # folder of the nvme tier's state file
-    param_offload: str = "none"      # "none" or "cpu": working weights streamed from host RAM
-    param_prefetch_blocks: int = 2   # with param_offload: UNet blocks copied to the device ahead of use
-    distributed: str = "none"        # "none", "ddp" or "fsdp": how several processes share the work
+    """The `[memory]` keys (`memory`) plus the three this machine and launch resolve: `device` ("cuda" or
+    "cpu"; `memory.device` may say auto), `attention` ("sdpa" or "xformers") and `distributed` ("none",
+    "ddp" or "fsdp"). Every other memory key reads through (`plan.precision` is `plan.memory.precision`)."""
+
+    memory: MemoryConfig
+    device: str
+    attention: str
+    distributed: str = "none"
+
+    precision = _memory_key("precision")                            # "fp32", "bf16" or "fp16"
+    gradient_checkpointing = _memory_key("gradient_checkpointing")
+    optimizer = _memory_key("optimizer")                            # "adamw", "adamw8bit", ...
+    fused_backward = _memory_key("fused_backward")                  # each weight stepped during backward
+    optimizer_offload = _memory_key("optimizer_offload")            # "none", "cpu" or "nvme"
+    offload_dir = _memory_key("offload_dir")                        # folder of the nvme tier's state file
+    param_offload = _memory_key("param_offload")                    # "none" or "cpu": weights streamed
+    param_prefetch_blocks = _memory_key("param_prefetch_blocks")    # blocks copied ahead of use
 
     @property
     def working_dtype(self):
@@ -121,15 +136,18 @@ def resolve_attention(requested: str, device: str, log: Callable[[str], None] | 
     return "xformers"
 
 
-def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None,
-                 preset: PresetInfo | None = None) -> Plan:
-    """The plan of `mem` on this machine; `log` gets a line for each choice "auto" could not make as asked.
+def resolve_plan(config: Config | MemoryConfig, log: Callable[[str], None] | None = None,
+                 preset: PresetInfo | None = None, world: World | None = None) -> Plan:
+    """The plan of `config` on this machine and launch; `log` gets a line for each choice "auto" could not
+    make as asked. Given a whole `Config`, `distributed` is resolved too (`resolve_mode` under `world`,
+    by default the launcher's); a `[memory]` section alone plans one process.
 
     Without CUDA, `memory.device=auto` falls back to the CPU only for a plan that names no card: a GPU
     preset (`preset.vram_gib` above 0) on the CPU would run some 100 times slower without a word, so it is
     refused, as `memory.device=cuda` is, with why CUDA is missing and how to ask for the CPU."""
     import torch
 
+    mem = config.memory if isinstance(config, Config) else config
     has_cuda = torch.cuda.is_available()
     if not has_cuda and mem.device != "cpu":
         if mem.device == "cuda" or (preset is not None and preset.vram_gib > 0):
@@ -148,7 +166,10 @@ def resolve_plan(mem: MemoryConfig, log: Callable[[str], None] | None = None,
         from sdtune.offload.nvme import check_offload_dir
 
         check_offload_dir(mem.offload_dir)  # before any model is loaded; free space is checked once sizes are known
-    return make_plan(mem, device, attention)
+    distributed = "none"
+    if isinstance(config, Config):
+        distributed = resolve_mode(config, World.from_env() if world is None else world)
+    return make_plan(mem, device, attention, distributed)
 
 
 def no_cuda_reason() -> str:
@@ -165,13 +186,33 @@ def no_cuda_reason() -> str:
             f"(`{smi}` tells)")
 
 
-def make_plan(mem: MemoryConfig, device: str, attention: str) -> Plan:
+def make_plan(mem: MemoryConfig, device: str, attention: str, distributed: str = "none") -> Plan:
     """The plan of `mem` on `device` without asking the machine anything (the estimator plans for a GPU
     it does not have); `resolve_plan` checks the machine first."""
-    return Plan(device=device, precision=mem.precision, gradient_checkpointing=mem.gradient_checkpointing,
-                attention=attention, optimizer=mem.optimizer, optimizer_offload=mem.optimizer_offload,
-                offload_dir=mem.offload_dir, param_offload=mem.param_offload,
-                param_prefetch_blocks=mem.param_prefetch_blocks, fused_backward=mem.fused_backward)
+    return Plan(memory=mem, device=device, attention=attention, distributed=distributed)
+
+
+def resolve_mode(cfg: Config, world: World) -> str:
+    """What `memory.distributed` means for this launch: "none", "ddp" or "fsdp"; SdtuneError when the plan
+    cannot run that way (the static rules: `sdtune.config.rules.distributed_refusals`)."""
+    requested = cfg.memory.distributed
+    mode = "ddp" if requested == "auto" else requested
+    if world.several and mode == "none":
+        raise SdtuneError(f"the launcher started {world.size} processes but memory.distributed=none; set "
+                          "memory.distributed=ddp or fsdp, or start one process")
+    if mode != "none" and (world.several or requested != "auto"):
+        rules = distributed_refusals(cfg, mode, "memory.distributed" + (" (auto)" if requested == "auto" else ""))
+        if rules:
+            raise SdtuneError(rules[0])
+    return mode if world.several else "none"
+
+
+def plan_for_gpus(cfg: Config, device: str, gpus: int = 1) -> Plan:
+    """The plan the estimator sizes: `cfg` on `device` over `gpus` cards of a launch it does not run (the
+    attention is what "auto" would take there; `distributed` is resolved as `gpus` processes would)."""
+    attention = resolve_attention(cfg.memory.attention, device)
+    distributed = resolve_mode(cfg, World(size=gpus)) if gpus > 1 else "none"  # one card: nothing to refuse
+    return make_plan(cfg.memory, device, attention, distributed)
 
 
 def autocast(plan: Plan):

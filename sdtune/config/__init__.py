@@ -21,6 +21,7 @@ from typing import Literal
 
 import tomllib
 
+from sdtune.config.rules import SECTIONS, check
 from sdtune.config.sections import (
     FIXED,
     FREE,
@@ -41,7 +42,6 @@ __all__ = ["FIXED", "FREE", "NEUTRAL", "SECTIONS", "Config", "DataConfig", "Lora
            "parse_set", "preset_names", "preset_path", "read_preset"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
-SECTIONS = ("model", "data", "train", "lora", "memory", "output")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,46 +54,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self):
-        if self.train.method == "lora":
-            memory = self.memory
-            _require(memory.optimizer_offload == "none",
-                     f"train.method=lora trains a few MB of weights: memory.optimizer_offload="
-                     f"{memory.optimizer_offload} would move their AdamW state off the GPU to save nothing; "
-                     "set memory.optimizer_offload=none")
-        else:  # a full fine-tune streams the working copies of masters that a host tier keeps
-            _require(self.memory.param_offload == "none" or self.memory.optimizer_offload != "none",
-                     f"memory.param_offload={self.memory.param_offload} keeps weights off the GPU; it needs "
-                     "memory.optimizer_offload=cpu or nvme (else the fp32 weights and AdamW state stay on the GPU)")
-        _require(not (self.lora.text_encoder and self.train.method != "lora"),
-                 "lora.text_encoder=true needs train.method=lora")
-        _require(not (self.lora.text_encoder and self.data.cache_text),
-                 "lora.text_encoder=true trains the text encoder, whose outputs then change every step; "
-                 "data.cache_text cannot serve it: set data.cache_text=false")
-
-        self._check_training_options()
-
-    def _check_training_options(self) -> None:
-        train, memory = self.train, self.memory
-        _require(not (self.output.validate_every and not (self.data.validation_dir or self.data.validation_split)),
-                 "output.validate_every is set but there is no validation set: set data.validation_dir or "
-                 "data.validation_split")
-        if train.text_encoder_lr:
-            _require(train.method == "full", "train.text_encoder_lr trains the whole text encoder; with "
-                     "train.method=lora use lora.text_encoder=true instead")
-            _require(not self.data.cache_text, "train.text_encoder_lr trains the text encoder, whose outputs then "
-                     "change every step; data.cache_text cannot serve it: set data.cache_text=false")
-            _require(not memory.fused_backward, "train.text_encoder_lr trains a second parameter group; "
-                     "memory.fused_backward=true steps one weight at a time: set one of them off")
-            _require(memory.optimizer_offload == "none", f"train.text_encoder_lr steps the text encoder on the "
-                     f"device; memory.optimizer_offload={memory.optimizer_offload} offloads only the UNet: set "
-                     "memory.optimizer_offload=none or train.text_encoder_lr=0")
-        if memory.fused_backward:
-            for key, value, ok in (("train.max_grad_norm", train.max_grad_norm, not train.max_grad_norm),
-                                   ("train.gradient_accumulation_steps", train.gradient_accumulation_steps,
-                                    train.gradient_accumulation_steps == 1),
-                                   ("data.class_dir", self.data.class_dir, not self.prior_preservation)):
-                _require(ok, f"memory.fused_backward=true steps each weight during backward, before the whole "
-                         f"gradient exists; {key}={value} needs it all: set {key} off or fused_backward=false")
+        check(self)  # the rules that tie keys of two sections (sdtune.config.rules)
 
     @property
     def prior_preservation(self) -> bool:

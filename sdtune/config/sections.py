@@ -1,7 +1,8 @@
 """The sections of a run's configuration: one frozen dataclass each, `[model] [data] [train] [lora] [memory]
 [output]`. Each field's `doc` metadata is its help and the comment written beside the key in `config.toml`;
-its `resume` metadata says what `--resume` may change. Rules that tie keys of two sections live on
-`sdtune.config.Config`.
+its `resume` metadata says what `--resume` may change. A section checks its keys' own ranges; the rules
+that tie two keys are the table of `sdtune.config.rules` (those inside one section are checked when it is
+built, `check_section`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sdtune.config.rules import check_section
 from sdtune.errors import SdtuneError
 
 # What `--resume` may change of a key, declared beside it (`doc(..., resume=...)`): FIXED, the default
@@ -45,8 +47,7 @@ class ModelConfig:
                             "folder with its config.json; empty: the base model's", "")
 
     def __post_init__(self):
-        _require(not (self.architecture and self.init != "random"), "model.architecture is set but model.init "
-                 "is pretrained: set model.init=random to train it from scratch, or clear model.architecture")
+        check_section("model", self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,18 +100,9 @@ class DataConfig:
                  "data.min_side, data.max_side, data.keep_tags, data.cache_shards and data.max_pixels must be >= 0")
         _require(0 <= self.validation_split < 1,
                  f"data.validation_split must be in [0, 1), got {self.validation_split}")
-        _require(not (self.validation_split and self.validation_dir),
-                 "data.validation_dir and data.validation_split are both set: hold out a share or name a folder")
         _require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
-        _require(not (self.cache_latents and not self.center_crop),
-                 "data.cache_latents stores one crop per image; it cannot serve data.center_crop=false "
-                 "(a random crop each time): set one of them the other way")
         _require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
-        _require(not (self.class_prompt and not self.class_dir),
-                 "data.class_prompt is set but data.class_dir is empty: name the folder of the class images")
-        _require(not (self.cache_text and self.shuffle_tags),
-                 "data.cache_text stores one embedding per caption; data.shuffle_tags makes a new caption each "
-                 "time: set one of them the other way")
+        check_section("data", self)
 
     @property
     def smallest_side(self) -> int:
@@ -174,6 +166,7 @@ class TrainConfig:
         for name in ("ema_every", "lr_num_cycles"):
             _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
         _require(self.max_epochs >= 0, f"train.max_epochs must be 0 or more, got {self.max_epochs}")
+        check_section("train", self)
 
     @property
     def warmup_steps(self) -> int:
@@ -197,6 +190,7 @@ class LoraConfig:
         _require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")
         _require(self.alpha >= 0, f"lora.alpha must be >= 0, got {self.alpha}")
         _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        check_section("lora", self)
 
     @property
     def scale_alpha(self) -> float:
@@ -237,22 +231,9 @@ class MemoryConfig:
                                      resume=NEUTRAL)
 
     def __post_init__(self):
-        _require(self.optimizer_offload == "none" or self.optimizer == "adamw",
-                 f"memory.optimizer_offload={self.optimizer_offload} steps AdamW on the host; "
-                 f"memory.optimizer={self.optimizer} cannot be offloaded (set memory.optimizer=adamw)")
-        _require(not (self.fused_backward and self.optimizer == "prodigy"),
-                 "memory.fused_backward=true steps each weight alone; memory.optimizer=prodigy estimates its step "
-                 "size from every weight at once: set one of them the other way")
-        _require(not (self.fused_backward and self.precision == "fp16"),
-                 "memory.fused_backward=true steps weights before fp16 overflow could be checked; use "
-                 "memory.precision=bf16 (or fp32) with it")
-        _require(self.optimizer_offload != "nvme" or self.offload_dir,
-                 "memory.optimizer_offload=nvme needs memory.offload_dir (a folder on a fast local disk)")
         _require(self.param_prefetch_blocks >= 0,
                  f"memory.param_prefetch_blocks must be 0 or more, got {self.param_prefetch_blocks}")
-        _require(self.param_offload == "none" or self.gradient_checkpointing,
-                 f"memory.param_offload={self.param_offload} streams weights into the recomputation of backward; "
-                 "it needs memory.gradient_checkpointing=true")
+        check_section("memory", self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,10 +271,6 @@ class OutputConfig:
             _require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
         _require(self.keep_checkpoints >= 0, f"output.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         _require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
-        _require(not (self.sample_every and not self.sample_prompts),
-                 "output.sample_every is set but output.sample_prompts is empty: add prompts or set sample_every=0")
-        _require(not (self.sample_at_start and not self.sample_prompts),
-                 "output.sample_at_start is set but output.sample_prompts is empty: add prompts or set "
-                 "sample_at_start=false")
+        check_section("output", self)
 
 

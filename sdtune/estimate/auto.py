@@ -18,10 +18,11 @@ the user can name, so a plan with it (`sdxl-8gb`) is a candidate only when the u
 `memory.offload_dir`: when host RAM is what no plan fits, the error says to ask for it with `--set`.
 
 The family is the model's: `model.pretrained` from the user's overrides (or the `model` argument), read
-by `sdtune.family.meta.family_of` (a diffusers folder by its pipeline class, a single file by its keys, an
+by `sdtune.family.detect` (a diffusers folder by its pipeline class, a single file by its keys, an
 architecture name, the hub repository of a bundled architecture). SDXL models get the `sdxl-*` plans, all
 others the SD ones; so does a hub id that is not a bundled architecture's (a name is no architecture: a
-repository called "...xl..." may hold anything), and so does no model at all (the SD presets' own).
+repository called "...xl..." may hold anything), and so does no model at all (the SD presets' own); the
+reason line then says which architecture was assumed.
 A preset's family is its own `model.pretrained`'s.
 """
 
@@ -34,8 +35,8 @@ from typing import Any
 
 from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, parse_set, preset_names, read_preset
 from sdtune.errors import SdtuneError
+from sdtune.util.files import GIB
 
-GIB = 2**30
 # A plan may use at most this share of the card's memory. The estimate models one process alone on the
 # card; the desktop, a browser or a second process hold memory too, and the estimate itself may be a few
 # percent off the measured peak. 10% of an 8 GB card is 0.8 GiB.
@@ -102,9 +103,9 @@ def gpu_presets(family: str = "sd", method: str = "full") -> list[str]:
 
 def preset_family(name: str) -> str:
     """"sdxl" or "sd": the family of the model the preset names (its `model.pretrained`)."""
-    from sdtune.family.meta import family_of
+    from sdtune.family import detect
 
-    return family_of(load_config(name)[0].model.pretrained)
+    return detect(load_config(name)[0].model.pretrained).family
 
 
 def _last_set(overrides: Sequence[str], key: str) -> Any | None:
@@ -121,10 +122,10 @@ def run_method(overrides: Sequence[str] = ()) -> str:
 
 def model_family(overrides: Sequence[str] = (), model: str | None = None) -> str:
     """The family of the model a run trains: `model`, else the last `model.pretrained` of `overrides`, else
-    "sd" (the SD presets' default model)."""
-    from sdtune.family.meta import family_of
+    "sd" (the SD presets' default model); `sdtune.family.detect` reads it."""
+    from sdtune.family import detect
 
-    return family_of(model or _last_set(overrides, "model.pretrained") or "")
+    return detect(model or _last_set(overrides, "model.pretrained") or "").family
 
 
 def cost(mem: MemoryConfig) -> int:
@@ -203,7 +204,7 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
         log(f"auto: estimating {cand.label}")
         est = estimate(cfg, info, model, device="cuda")
         if est.total <= budget and (ram is None or est.host_ram <= SAFETY * ram):
-            return Pick(cand.preset, cand.extra, est, _reason(cand, est, card, rejected))
+            return Pick(cand.preset, cand.extra, est, _reason(cand, est, card, rejected) + _assumed(cfg, model))
         rejected.append((cand, est))
     on_card = [row for row in rejected if row[1].total <= budget]
     if on_card:  # the card would do; host RAM is what is short
@@ -226,6 +227,20 @@ def _toy_model_warning(overrides: Sequence[str], model: str | None) -> str:
     return (f"no --model given: --preset auto trains the cpu preset's model, {cfg.model.pretrained}, the "
             f"{cfg.data.resolution}-px toy model bundled with sdtune (coloured shapes, not Stable Diffusion); "
             "pass --model for your own, and a CUDA GPU for Stable Diffusion sizes")
+
+
+def _assumed(cfg: Config, model: str | None) -> str:
+    """Where the estimate could not read the model's architecture (no model, or a hub id of no bundled
+    architecture's repository), which one it assumed and why; "" where it read it."""
+    from sdtune.family import archs, assumed_architecture
+
+    source = cfg.model.pretrained
+    arch, assumed = (model, False) if model else assumed_architecture(source)
+    if not assumed:
+        return ""
+    what = f"{source} is a hub id of no bundled architecture" if source else "no model is named"
+    return (f"; estimated as {arch} ({archs.TITLES[arch]}) because {what}: pass the model as a local folder "
+            "or .safetensors file to estimate its own architecture")
 
 
 def _reason(cand: Candidate, est, card: str, rejected: list) -> str:

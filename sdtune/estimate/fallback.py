@@ -22,8 +22,8 @@ from pathlib import Path
 
 from sdtune.config import Config, MemoryConfig, PresetInfo
 from sdtune.errors import SdtuneError
+from sdtune.util.files import GIB
 
-GIB = 2**30
 LEVERS = ("gradient_checkpointing", "optimizer_offload", "param_offload")  # what a smaller plan may pull
 
 

@@ -9,17 +9,20 @@ build the family's *published* network (A1111 from a fixed YAML, ComfyUI with fi
 every GroupNorm has 32 groups, and copy the weights in. A model with other sizes either fails to load or,
 worse, loads into the wrong shapes. So a file is written only for a model with the published sizes.
 
-    from sdtune.export.clients import model_family, unreadable_reason
-    family = model_family(unet, [text_encoder])            # "sd1", "sd2", "sdxl" or None
-    unreadable_reason(family, unet, vae, [text_encoder])   # None, or one line: why the clients cannot read it
+    from sdtune.export.clients import unreadable_reason
+    from sdtune.family import architecture_of
+    arch = architecture_of(unet, [text_encoder])           # "sd15", "sd21", "sdxl" or None
+    unreadable_reason(arch, unet, vae, [text_encoder])     # None, or one line: why the clients cannot read it
+
+The tables here are keyed by architecture, the bundled names (`sdtune.family.archs`).
 """
 
 from __future__ import annotations
 
 from functools import cache
 
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-ARCH_OF = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}  # sdtune/archs/<name>: the published configs
+from sdtune.family.archs import TITLES
+
 GROUPS = 32  # ldm / sgm `normalization()` and `Normalize()` hard-code GroupNorm(32, channels)
 
 UNET_FIELDS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "down_block_types",
@@ -40,30 +43,21 @@ OPENCLIP_H = {**CLIP_L, "hidden_act": "gelu", "hidden_size": 1024, "num_hidden_l
               "num_attention_heads": 16, "intermediate_size": 4096}
 OPENCLIP_BIGG = {**CLIP_L, "hidden_act": "gelu", "hidden_size": 1280, "num_hidden_layers": 32,
                  "num_attention_heads": 20, "intermediate_size": 5120}
-TEXT_ENCODERS = {"sd1": (CLIP_L,), "sd2": (OPENCLIP_H,), "sdxl": (CLIP_L, OPENCLIP_BIGG)}
+TEXT_ENCODERS = {"sd15": (CLIP_L,), "sd21": (OPENCLIP_H,), "sdxl": (CLIP_L, OPENCLIP_BIGG)}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 V_PRED_KEY = "v_pred"  # an empty tensor; ComfyUI's and (since PR #16567) A1111's SDXL loaders look for it
 
 V_PRED_NOTES = {
     "sdxl": "v-prediction: wrote the empty `v_pred` tensor, which ComfyUI and AUTOMATIC1111 read for SDXL",
-    "sd2": "v-prediction: wrote the empty `v_pred` tensor as ComfyUI's own saver does, but no client reads it "
+    "sd21": "v-prediction: wrote the empty `v_pred` tensor as ComfyUI's own saver does, but no client reads it "
            "for SD 2.x: ComfyUI guesses v from the weights and AUTOMATIC1111 from a test run of the UNet; "
            "if one samples noise, choose v-prediction there by hand",
-    "sd1": "v-prediction: no client reads a v-prediction marker in an SD 1.x file (the empty `v_pred` tensor "
+    "sd15": "v-prediction: no client reads a v-prediction marker in an SD 1.x file (the empty `v_pred` tensor "
            "is written anyway); choose it by hand: ComfyUI's ModelSamplingDiscrete node set to v_prediction, "
            "AUTOMATIC1111 a v1-inference.yaml with parameterization: \"v\" named like the file",
 }
 SD2_LAYER_NOTE = ("SD 2.x text encoder: the file has the 23 OpenCLIP-H layers diffusers keeps, not the 24th, "
                   "which SD 2 never reads (ComfyUI may log resblocks.23 as missing)")
-
-
-def model_family(unet, text_encoders: list) -> str | None:
-    """"sdxl" (text_time conditioning, two encoders), "sd1" (one quick_gelu CLIP), "sd2" (one gelu OpenCLIP)."""
-    if unet.config.get("addition_embed_type") == "text_time":
-        return "sdxl" if len(text_encoders) == 2 else None
-    if len(text_encoders) != 1:
-        return None
-    return {"quick_gelu": "sd1", "gelu": "sd2"}.get(getattr(text_encoders[0].config, "hidden_act", None))
 
 
 def describe(unet, text_encoders: list) -> str:
@@ -93,7 +87,7 @@ def unet_signature(config) -> dict:
 
 
 @cache
-def _published(family: str, part: str) -> tuple:
+def _published(arch: str, part: str) -> tuple:
     """The init arguments of a bundled published config, defaults filled in as an instance would have them."""
     import inspect
 
@@ -101,18 +95,18 @@ def _published(family: str, part: str) -> tuple:
 
     from sdtune.family.archs import arch_dir
 
-    arch = "sd15" if part == "vae" else ARCH_OF[family]  # SDXL's VAE has SD's architecture (other scale)
+    folder = arch_dir("sd15" if part == "vae" else arch) / part  # SDXL's VAE has SD's architecture (other scale)
     cls = getattr(diffusers, "AutoencoderKL" if part == "vae" else "UNet2DConditionModel")
-    init, _, _ = cls.extract_init_dict(cls.load_config(arch_dir(arch) / part))
+    init, _, _ = cls.extract_init_dict(cls.load_config(folder))
     defaults = {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()
                 if parameter.default is not inspect.Parameter.empty}
     return tuple({**defaults, **init}.items())
 
 
-def _first_difference(what: str, got: dict, published: dict, family: str) -> str | None:
+def _first_difference(what: str, got: dict, published: dict, arch: str) -> str | None:
     for name, value in published.items():
         if got.get(name) != value:
-            return (f"the {what}'s {name} is {got.get(name)!r}, not {FAMILY_NAMES[family]}'s published "
+            return (f"the {what}'s {name} is {got.get(name)!r}, not {TITLES[arch]}'s published "
                     f"{value!r}; ComfyUI and AUTOMATIC1111 detect the family from tensor shapes and build "
                     f"its published sizes")
     return None
@@ -134,36 +128,36 @@ def _group_reason(unet, vae) -> str | None:
     return None
 
 
-def _text_reason(family: str, text_encoders: list) -> str | None:
-    for index, (encoder, published) in enumerate(zip(text_encoders, TEXT_ENCODERS[family], strict=True)):
+def _text_reason(arch: str, text_encoders: list) -> str | None:
+    for index, (encoder, published) in enumerate(zip(text_encoders, TEXT_ENCODERS[arch], strict=True)):
         got = {name: getattr(encoder.config, name, None) for name in TEXT_FIELDS}
         name = "text encoder" if len(text_encoders) == 1 else f"text encoder {index + 1}"
-        reason = _first_difference(name, got, published, family)
+        reason = _first_difference(name, got, published, arch)
         if reason:
             return reason
     return None
 
 
-def unreadable_reason(family: str, unet, vae, text_encoders: list, prediction_type: str = "epsilon") -> str | None:
+def unreadable_reason(arch: str, unet, vae, text_encoders: list, prediction_type: str = "epsilon") -> str | None:
     """One line saying why ComfyUI / AUTOMATIC1111 could not read this model from a single file, or None."""
     if prediction_type not in PREDICTION_TYPES:
         return (f"prediction type {prediction_type!r} has no marker ComfyUI or AUTOMATIC1111 read; "
                 f"they would sample it as epsilon")
-    unet_published = unet_signature(dict(_published(family, "unet")))
-    vae_published = {name: _frozen(value) for name, value in _published(family, "vae") if name in VAE_FIELDS}
+    unet_published = unet_signature(dict(_published(arch, "unet")))
+    vae_published = {name: _frozen(value) for name, value in _published(arch, "vae") if name in VAE_FIELDS}
     vae_got = {name: _frozen(vae.config.get(name)) for name in VAE_FIELDS}
     return (_group_reason(unet, vae)
-            or _first_difference("UNet", unet_signature(unet.config), unet_published, family)
-            or _first_difference("VAE", vae_got, vae_published, family)
-            or _text_reason(family, text_encoders))
+            or _first_difference("UNet", unet_signature(unet.config), unet_published, arch)
+            or _first_difference("VAE", vae_got, vae_published, arch)
+            or _text_reason(arch, text_encoders))
 
 
-def prediction_notes(family: str, prediction_type: str) -> tuple[str, ...]:
+def prediction_notes(arch: str, prediction_type: str) -> tuple[str, ...]:
     """Lines to log about the v-prediction marker (none for an epsilon model)."""
-    return (V_PRED_NOTES[family],) if prediction_type == "v_prediction" else ()
+    return (V_PRED_NOTES[arch],) if prediction_type == "v_prediction" else ()
 
 
-def layout_notes(family: str, text_encoders: list) -> tuple[str, ...]:
+def layout_notes(arch: str, text_encoders: list) -> tuple[str, ...]:
     """Lines to log about what the file leaves out: SD 2.x's unused last OpenCLIP layer."""
-    layers = getattr(text_encoders[0].config, "num_hidden_layers", None) if family == "sd2" else None
+    layers = getattr(text_encoders[0].config, "num_hidden_layers", None) if arch == "sd21" else None
     return (SD2_LAYER_NOTE,) if layers == OPENCLIP_H["num_hidden_layers"] else ()

@@ -24,7 +24,6 @@ from sdtune.util.files import follow_umask, save_safetensors
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora.safetensors"
-KOHYA_TEXT_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}
 # The fields of peft 0.17's LoraConfig.to_dict() (0.17.0 and 0.17.1 alike), which clients on transformers 4.x
 # with diffusers 0.35 still run (sdtune itself needs 0.21, beside transformers 5): diffusers builds a
 # `LoraConfig(**fields)` from the file's metadata, and an older peft refuses a field it does not know (peft
@@ -81,21 +80,26 @@ def kohya_weights(modules: dict, family, alpha: float) -> dict:
     import torch
 
     encoders = [name for name in modules if name != "unet"]
-    prefixes = KOHYA_TEXT_PREFIXES[2 if family.name == "sdxl" else 1]
     out = {}
     for name, module in modules.items():
         weights = peft_weights(module)
         paths = sorted({key.rsplit(".lora_", 1)[0] for key in weights})
         if name == "unet":
-            names = _unet_names(paths, module.config, sgm=family.name == "sdxl")
-        else:
-            prefix = prefixes[encoders.index(name) if family.name == "sdxl" else 0]
+            names = _unet_names(paths, module.config, sgm=family.kohya_sgm_names)
+        else:  # the family's prefix of the encoder's place: lora_te_ (SD), lora_te1_ and lora_te2_ (SDXL)
+            prefix = family.kohya_text_prefixes[_encoder_index(name, encoders, family)]
             names = {path: prefix + _text_name(path) for path in paths}
         for path in paths:
             out[f"{names[path]}.lora_down.weight"] = weights[f"{path}.lora_A.weight"]
             out[f"{names[path]}.lora_up.weight"] = weights[f"{path}.lora_B.weight"]
             out[f"{names[path]}.alpha"] = torch.tensor(float(alpha))
     return out
+
+
+def _encoder_index(name: str, trained: list[str], family) -> int:
+    """Which of the family's text encoders `name` is: its place among those trained (SDXL: both or
+    neither), the first where the family has one."""
+    return trained.index(name) if len(family.kohya_text_prefixes) > 1 else 0
 
 
 def _unet_names(paths: list[str], config, sgm: bool) -> dict:
@@ -124,10 +128,9 @@ def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], a
 def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str, str]:
     """Training settings as kohya's train_network.py records them (`ss_*`), plus the model-spec keys."""
     family, unet = components.family, components.unet
-    sdxl, v2 = family.name == "sdxl", unet.config.cross_attention_dim == 1024
-    base = "sdxl_base_v1-0" if sdxl else ("sd_v2" if v2 else "sd_v1")
-    architecture = "stable-diffusion-xl-v1-base/lora" if sdxl else (
-        "stable-diffusion-v2-512/lora" if v2 else "stable-diffusion-v1/lora")
+    v2 = unet.config.cross_attention_dim == 1024  # SD 2.x's OpenCLIP-H width (a toy model is v1's kind)
+    specs = family.kohya_model_spec  # architecture -> (kohya's base version, the model-spec's architecture)
+    base, architecture = specs.get("sd21" if v2 else "sd15") or next(iter(specs.values()))
     lora, train = cfg.lora, cfg.train
     args = {"conv_dim": lora.rank, "conv_alpha": lora.scale_alpha} if lora.target == "attention+conv" else {}
     values = {
@@ -147,8 +150,8 @@ def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str,
         "ss_min_snr_gamma": train.snr_gamma or None, "ss_noise_offset": train.noise_offset or None,
         "ss_prior_loss_weight": train.prior_loss_weight if cfg.prior_preservation else None,
         "ss_training_comment": "trained with sdtune", "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture, "modelspec.implementation": "https://github.com/Stability-AI/generative-models"
-        if sdxl else "diffusers", "modelspec.title": "sdtune LoRA",
+        "modelspec.architecture": architecture, "modelspec.implementation": family.model_spec_implementation,
+        "modelspec.title": "sdtune LoRA",
         "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
         "modelspec.prediction_type": components.prediction_type,
     }

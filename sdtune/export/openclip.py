@@ -21,9 +21,6 @@ A key outside this table raises `ValueError`; only `position_ids`, a buffer Open
 
 from __future__ import annotations
 
-SD2_PREFIX = "cond_stage_model.model."
-SDXL_G_PREFIX = "conditioner.embedders.1.model."
-
 TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
        "embeddings.position_embedding.weight": "positional_embedding",
        "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}

@@ -31,8 +31,6 @@ from pathlib import Path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -131,8 +129,9 @@ def vae_to_ldm(state_dict: dict, config) -> dict:
     return out
 
 
-def text_encoder_to_ldm(state_dict: dict, config=None, prefix: str = CLIP_PREFIX) -> dict:
-    """SD1's (or SDXL's first) `CLIPTextModel` state dict -> `<prefix>text_model.*` keys.
+def text_encoder_to_ldm(state_dict: dict, config=None, prefix: str = "") -> dict:
+    """SD1's (or SDXL's first) `CLIPTextModel` state dict -> `<prefix>text_model.*` keys (by default SD1's
+    prefix, as `Family.single_file_text` gives it).
 
     Accepts keys with or without `text_model.` (transformers >= 5.6 dropped it) and adds the
     `position_ids` buffer SD1 files carry. Raises `ValueError` for other encoders: a projection head
@@ -140,8 +139,11 @@ def text_encoder_to_ldm(state_dict: dict, config=None, prefix: str = CLIP_PREFIX
     uses `gelu` and the OpenCLIP layout, `sdtune.export.openclip`)."""
     import torch
 
+    from sdtune.family.sd import StableDiffusion
+
     if config is not None and getattr(config, "hidden_act", "quick_gelu") != "quick_gelu":
         raise ValueError(f"only the SD1 CLIP text encoder (quick_gelu) converts; got {config.hidden_act}")
+    prefix = prefix or StableDiffusion.single_file_text["sd15"][0]
     out = {}
     for key, value in state_dict.items():
         name = key if key.startswith("text_model.") else "text_model." + key
@@ -175,35 +177,33 @@ def save_single_file(weights: dict, path, dtype=None, metadata: dict | None = No
 
 def pipeline_to_single_file(unet, vae, text_encoder, path, dtype=None) -> Path:
     """Write an SD 1.x model as one LDM-layout `.safetensors` (atomically), readable or not, and return its path."""
-    return save_single_file(sd1_weights(unet, vae, [text_encoder]), path, dtype)
+    return save_single_file(arch_weights("sd15", unet, vae, [text_encoder]), path, dtype)
 
 
 def _unet_and_vae(unet, vae) -> dict:
     return {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
 
 
-def sd1_weights(unet, vae, text_encoders: list) -> dict:
-    (clip,) = text_encoders
-    return {**_unet_and_vae(unet, vae), **text_encoder_to_ldm(clip.state_dict(), clip.config)}
+def arch_weights(arch: str, unet, vae, text_encoders: list) -> dict:
+    """The whole model of architecture `arch` (sd15, sd21, sdxl) under its original keys: the UNet, the VAE,
+    and each text encoder under the prefix its family gives (`Family.single_file_text`)."""
+    from sdtune.family import family_of_arch
+
+    prefixes = family_of_arch(arch).single_file_text[arch]
+    weights = _unet_and_vae(unet, vae)
+    for encoder, prefix in zip(text_encoders, prefixes, strict=True):
+        weights.update(_text_weights(encoder, prefix))
+    return weights
 
 
-def sd2_weights(unet, vae, text_encoders: list) -> dict:
-    from sdtune.export.openclip import SD2_PREFIX, text_model_to_open_clip
+def _text_weights(encoder, prefix: str) -> dict:
+    """One text encoder under `prefix`: ldm/sgm's FrozenCLIPEmbedder (`...transformer.`) keeps transformers'
+    CLIP layout; FrozenOpenCLIPEmbedder (`...model.`) has OpenCLIP's (`sdtune.export.openclip`)."""
+    if prefix.endswith(".transformer."):
+        return text_encoder_to_ldm(encoder.state_dict(), encoder.config, prefix=prefix)
+    from sdtune.export.openclip import text_model_to_open_clip
 
-    (open_clip,) = text_encoders
-    return {**_unet_and_vae(unet, vae), **text_model_to_open_clip(open_clip.state_dict(), SD2_PREFIX)}
-
-
-def sdxl_weights(unet, vae, text_encoders: list) -> dict:
-    from sdtune.export.openclip import SDXL_G_PREFIX, text_model_to_open_clip
-
-    clip_l, clip_g = text_encoders
-    return {**_unet_and_vae(unet, vae),
-            **text_encoder_to_ldm(clip_l.state_dict(), clip_l.config, prefix=SDXL_CLIP_L_PREFIX),
-            **text_model_to_open_clip(clip_g.state_dict(), SDXL_G_PREFIX)}
-
-
-LAYOUTS = {"sd1": sd1_weights, "sd2": sd2_weights, "sdxl": sdxl_weights}
+    return text_model_to_open_clip(encoder.state_dict(), prefix)
 
 
 @dataclass(frozen=True)
@@ -219,11 +219,12 @@ def unreadable_reason(unet, vae, text_encoders: list, prediction_type: str) -> s
     """One line saying why ComfyUI / AUTOMATIC1111 could not read this model as one file ("" when they can):
     no original layout fits it, or one does and its sizes or prediction type are not the published ones."""
     from sdtune.export import clients
+    from sdtune.family import architecture_of
 
-    family = clients.model_family(unet, text_encoders)
-    if family is None:
+    arch = architecture_of(unet, text_encoders)
+    if arch is None:
         return f"no original single-file layout for this model ({clients.describe(unet, text_encoders)})"
-    return clients.unreadable_reason(family, unet, vae, text_encoders, prediction_type) or ""
+    return clients.unreadable_reason(arch, unet, vae, text_encoders, prediction_type) or ""
 
 
 def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: str, dtype=None,
@@ -236,16 +237,17 @@ def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: 
     import torch
 
     from sdtune.export import clients
+    from sdtune.family import architecture_of
 
-    family = clients.model_family(unet, text_encoders)
+    arch = architecture_of(unet, text_encoders)
     reason = unreadable_reason(unet, vae, text_encoders, prediction_type)
-    if family is None or (reason and not force):  # without a layout not even `force` can write it
+    if arch is None or (reason and not force):  # without a layout not even `force` can write it
         return SingleFile(None, reason)
-    weights = LAYOUTS[family](unet, vae, text_encoders)
+    weights = arch_weights(arch, unet, vae, text_encoders)
     v_pred = prediction_type == "v_prediction"
     if v_pred:
         weights[clients.V_PRED_KEY] = torch.zeros(0)
     metadata = {"modelspec.predict_key": "v" if v_pred else "epsilon"}  # what ComfyUI's saver writes
-    notes = clients.prediction_notes(family, prediction_type) + clients.layout_notes(family, text_encoders)
+    notes = clients.prediction_notes(arch, prediction_type) + clients.layout_notes(arch, text_encoders)
     notes += (f"written although clients cannot read it: {reason}",) if reason else ()
     return SingleFile(save_single_file(weights, path, dtype, metadata), "", notes)

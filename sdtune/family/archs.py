@@ -33,6 +33,13 @@ HUB_IDS = {  # the hub repositories whose published configs these are: same arch
 }
 
 
+# One vocabulary: an architecture is a bundled name (above); its family is the `sdtune.family.Family` that
+# loads, encodes and exports it ("sd" for SD 1.x and 2.x, "sdxl"). Every module says these words.
+FAMILY_OF = {"sd15": "sd", "sd21": "sd", "sdxl": "sdxl"}
+TITLES = {"sd15": "SD 1.x", "sd21": "SD 2.x", "sdxl": "SDXL"}  # as users and the clients' docs name them
+DEFAULT_ARCH = "sd15"  # what is estimated for no model, or for a hub id that is no bundled architecture
+
+
 def arch_dir(name: str) -> Path:
     """The folder of configs of architecture `name`."""
     if name not in ARCHS:

@@ -146,12 +146,12 @@ class CheckpointFile:
 
     @property
     def family(self) -> str:
-        return "sdxl" if self.arch == "sdxl" else "sd"
+        from sdtune.family.archs import FAMILY_OF
+
+        return FAMILY_OF[self.arch]
 
 
 UNET_KEYS, VAE_KEYS = "model.diffusion_model.", "first_stage_model."
-TEXT_KEYS = {"sd15": ("cond_stage_model.transformer.",), "sd21": ("cond_stage_model.model.",),
-             "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")}
 V_PRED_PROBE = UNET_KEYS + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
@@ -191,7 +191,7 @@ def _architecture(path: Path, keys: set) -> str:
     if what:
         raise SdtuneError(f"{path} is {what}, not a whole model: --model takes a Stable Diffusion checkpoint "
                           "(UNet, VAE and text encoders in one file), a diffusers folder or a hub id")
-    arch = next((name for name, prefixes in TEXT_KEYS.items() if all(has(p) for p in prefixes)), None)
+    arch = next((name for name, prefixes in _text_keys().items() if all(has(p) for p in prefixes)), None)
     if has(UNET_KEYS + "label_emb.") and arch != "sdxl":
         refiner = has("conditioner.embedders.0.model.")
         raise SdtuneError(f"{path} is {'an SDXL refiner' if refiner else 'an SDXL UNet without its text encoders'}; "
@@ -202,6 +202,14 @@ def _architecture(path: Path, keys: set) -> str:
     if not has(VAE_KEYS):
         raise SdtuneError(f"{path} has no VAE (no {VAE_KEYS} keys); pass a checkpoint with its VAE baked in")
     return arch
+
+
+def _text_keys() -> dict[str, tuple[str, ...]]:
+    """Architecture -> where its text encoders' keys start in a single file, as each family names them."""
+    from sdtune.family import families
+
+    return {arch: prefixes for family in families().values()
+            for arch, prefixes in family.single_file_text.items()}
 
 
 def _not_a_checkpoint(keys: set, has) -> str:

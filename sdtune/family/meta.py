@@ -3,9 +3,9 @@
     parts = meta_model("sdxl")              # a bundled architecture name (sd15, sd21, sdxl)
     parts = meta_model("path/to/folder")    # a diffusers folder, read from its configs
     parts = meta_model("model.safetensors") # a single file: its architecture from its tensor shapes
-    family_of("stabilityai/stable-diffusion-xl-base-1.0")   # "sdxl"; "sd" for SD 1.x / 2.x
 
-`sdtune.estimate` counts and traces these; nothing here reads a weight.
+`sdtune.estimate` counts and traces these; nothing here reads a weight. What a source is (its architecture
+and family) is `sdtune.family.detect`'s.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sdtune.errors import SdtuneError
-from sdtune.family import archs
-from sdtune.family.load import check_pipeline_class, classify_source, inspect_single_file, resolve_source
+from sdtune.family import archs, source_kind
+from sdtune.family.load import check_pipeline_class, inspect_single_file, resolve_source
 from sdtune.util.libraries import quiet_libraries
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first; SDXL both, their outputs concatenated
@@ -44,7 +44,7 @@ def meta_model(source: str) -> MetaModel:
     or a single-file checkpoint whose architecture is read from its tensor shapes (no weights are read)."""
     if source in archs.ARCHS:
         return _meta_from(archs.arch_dir(source), source)
-    kind = _kind(source)
+    kind = source_kind(source)
     if kind == "hub":
         raise SdtuneError(f"{source} is a hub id; estimate a local folder or file, or an architecture "
                           f"({', '.join(archs.ARCHS)})")
@@ -53,30 +53,6 @@ def meta_model(source: str) -> MetaModel:
         check_pipeline_class(folder / "model_index.json")
         return _meta_from(folder, source)
     return _meta_from(archs.arch_dir(inspect_single_file(Path(source)).arch), source)
-
-
-def family_of(source: str) -> str:
-    """"sdxl" or "sd" (SD 1.x / 2.x): a diffusers folder by its model_index.json's `_class_name`, a single file
-    by its keys, an architecture by its name, a hub id only when it is the repository a bundled architecture's
-    configs come from (`archs.HUB_IDS`); any other hub id, or no model, is "sd", the default presets' family."""
-    if not source:
-        return "sd"
-    arch = source if source in archs.ARCHS else archs.HUB_IDS.get(source)
-    if arch:
-        return "sdxl" if arch == "sdxl" else "sd"
-    kind = _kind(source)
-    if kind == "folder":
-        return check_pipeline_class(Path(resolve_source(source)) / "model_index.json").name
-    if kind == "single_file":
-        return inspect_single_file(Path(source)).family
-    return "sd"
-
-
-def _kind(source: str) -> str:
-    if not Path(resolve_source(source)).expanduser().exists() and "/" not in source:
-        raise SdtuneError(f"unknown model {source}: pass an architecture ({', '.join(archs.ARCHS)}), "
-                          "a diffusers folder or a .safetensors file")
-    return classify_source(source)
 
 
 def _meta_from(folder: Path, label: str) -> MetaModel:

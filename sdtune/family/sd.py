@@ -38,3 +38,16 @@ def tokenize(tokenizer, captions: list[str], device):
     """Token ids padded to the tokenizer's full length (77), as the pipelines encode prompts."""
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
+
+
+# What the single-file clients (ComfyUI, AUTOMATIC1111: ldm's layout) and kohya call this family's parts;
+# `sdtune.family.load` tells a file's architecture by these and `sdtune.export` writes them.
+StableDiffusion.single_file_text = {  # architecture -> where each text encoder's keys start in one file
+    "sd15": ("cond_stage_model.transformer.",),  # ldm's FrozenCLIPEmbedder: OpenAI CLIP-L, transformers' layout
+    "sd21": ("cond_stage_model.model.",),        # ldm's FrozenOpenCLIPEmbedder: OpenCLIP-H, its own layout
+}
+StableDiffusion.kohya_text_prefixes = ("lora_te_",)  # a kohya LoRA's text-encoder module names
+StableDiffusion.kohya_sgm_names = False  # kohya names an SD UNet's LoRA modules as diffusers does
+StableDiffusion.kohya_model_spec = {  # architecture -> (ss_base_model_version, modelspec.architecture)
+    "sd15": ("sd_v1", "stable-diffusion-v1/lora"), "sd21": ("sd_v2", "stable-diffusion-v2-512/lora")}
+StableDiffusion.model_spec_implementation = "diffusers"

@@ -76,3 +76,15 @@ def time_ids(item) -> list[int]:
         left = item.resized[0] - right
     bucket_w, bucket_h = item.bucket
     return [height, width, top, left, bucket_h, bucket_w]
+
+
+# What the single-file clients (ComfyUI, AUTOMATIC1111: sgm's layout) and kohya call this family's parts;
+# `sdtune.family.load` tells a file's architecture by these and `sdtune.export` writes them.
+StableDiffusionXL.single_file_text = {  # architecture -> where each text encoder's keys start in one file
+    "sdxl": ("conditioner.embedders.0.transformer.",  # CLIP-L, transformers' layout
+             "conditioner.embedders.1.model."),       # OpenCLIP-bigG, OpenCLIP's own layout
+}
+StableDiffusionXL.kohya_text_prefixes = ("lora_te1_", "lora_te2_")  # a kohya LoRA's text-encoder module names
+StableDiffusionXL.kohya_sgm_names = True  # kohya names an SDXL UNet's LoRA modules by sgm's (input_blocks.4.1...)
+StableDiffusionXL.kohya_model_spec = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
+StableDiffusionXL.model_spec_implementation = "https://github.com/Stability-AI/generative-models"

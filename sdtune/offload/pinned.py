@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from sdtune.errors import HostOutOfMemory, SdtuneError
+from sdtune.util.files import GIB
 
-GIB = 2**30
 PAGE = mmap.PAGESIZE
 _REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context
 _OUT_OF_MEMORY = 2      # cudaErrorMemoryAllocation

@@ -4,7 +4,7 @@
     optimizer = InBackward(params, lambda group: build("adafactor", group, cfg.train))   # memory.fused_backward
 
 - `adamw`: torch's AdamW (fused kernel; foreach where the fused one is missing).
-- `adamw8bit`: bitsandbytes' AdamW8bit.
+- `adamw8bit`: bitsandbytes' AdamW8bit (the `sdtune[adamw8bit]` extra).
 - `adafactor`: transformers' Adafactor with the settings of kohya's SDXL recipe (`scale_parameter=False,
   relative_step=False, warmup_init=False`: the LR schedule sets the rate), no first moment (`beta1=None`),
   its factored second moment.
@@ -54,9 +54,7 @@ def build(name: str, params, train: TrainConfig) -> torch.optim.Optimizer:
         return import_optimizer_package(name).Lion(params, lr=lr, betas=betas, weight_decay=decay)
     kwargs = dict(lr=lr, betas=betas, eps=train.adam_epsilon, weight_decay=decay)
     if name == "adamw8bit":
-        from sdtune.util.libraries import import_bitsandbytes
-
-        return import_bitsandbytes().optim.AdamW8bit(params, **kwargs)
+        return import_optimizer_package(name).optim.AdamW8bit(params, **kwargs)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError):  # fused needs a recent torch for the CPU; foreach works everywhere

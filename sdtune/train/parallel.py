@@ -19,7 +19,8 @@
 - A LoRA's text-encoder adapters (`lora.text_encoder`) are not under DDP: refused with several processes,
   and so is `memory.fused_backward` (it steps each weight before its gradient is averaged).
 
-Refusals are one SdtuneError naming both keys; explicit `ddp`/`fsdp` are checked in a single process
+Refusals are one SdtuneError naming both keys (the rules: `sdtune.config.rules`, applied by
+`sdtune.plan.resolve_mode`, which `resolve_plan` calls); explicit `ddp`/`fsdp` are checked in a single process
 too, so a config that starts on one card starts under torchrun. `auto` (the default) is ddp when the
 launcher started several processes, and nothing otherwise.
 """
@@ -28,61 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdtune.config import Config
-from sdtune.errors import SdtuneError
-from sdtune.util.world import World
-
-
-def _refusals(cfg: Config, mode: str, key: str) -> list[str]:
-    mem, why = cfg.memory, f"{key}={mode}"
-    rules = []
-    if mode == "ddp":
-        if mem.optimizer_offload != "none":
-            rules.append(f"{why} averages gradients after backward, but memory.optimizer_offload="
-                         f"{mem.optimizer_offload} takes each one during backward; use memory.distributed=fsdp "
-                         "with memory.optimizer_offload=cpu (FSDP2's CPU offload), or optimizer_offload=none")
-        if mem.param_offload != "none":
-            rules.append(f"{why} cannot average the gradients of weights streamed by memory.param_offload="
-                         f"{mem.param_offload}; use memory.distributed=fsdp (it gathers one block at a time)")
-    if mode == "fsdp":
-        rules += [message for ok, message in (
-            (cfg.train.method != "lora", f"{why} shards a full fine-tune; train.method=lora trains a few MB: "
-                                         "use memory.distributed=ddp"),
-            (mem.precision != "fp16", f"{why} needs memory.precision=bf16 or fp32 (fp16 loss scaling over shards "
-                                      "is not supported)"),
-            (mem.optimizer == "adamw", f"{why} steps torch AdamW on each rank's shards; memory.optimizer="
-                                       f"{mem.optimizer} would take its statistics per shard: set "
-                                       "memory.optimizer=adamw, or use memory.distributed=ddp"),
-            (mem.optimizer_offload != "nvme", f"{why} with memory.optimizer_offload=nvme is not supported; use "
-                                              "memory.optimizer_offload=cpu (FSDP2's CPU offload)"),
-            (mem.param_offload == "none", f"{why} already gathers one block's weights at a time; set "
-                                          "memory.param_offload=none"),
-            (not cfg.train.ema_decay, f"{why} shards the weights; train.ema_decay keeps a whole copy of them: "
-                                      "use memory.distributed=ddp, or train.ema_decay=0"),
-        ) if not ok]
-    if mem.fused_backward:
-        rules.append(f"{why} averages gradients after backward; memory.fused_backward=true steps each weight "
-                     "during it, before they are averaged: set memory.fused_backward=false")
-    if cfg.lora.text_encoder or cfg.train.text_encoder_lr:
-        train = cfg.train
-        key = "lora.text_encoder=true" if cfg.lora.text_encoder else f"train.text_encoder_lr={train.text_encoder_lr}"
-        rules.append(f"{why} averages the UNet's gradients only; {key} is not supported with several processes")
-    return rules
-
-
-def resolve_mode(cfg: Config, world: World) -> str:
-    """What `memory.distributed` means for this launch: "none", "ddp" or "fsdp"; SdtuneError when the plan
-    cannot run that way."""
-    requested = cfg.memory.distributed
-    mode = "ddp" if requested == "auto" else requested
-    if world.several and mode == "none":
-        raise SdtuneError(f"the launcher started {world.size} processes but memory.distributed=none; set "
-                          "memory.distributed=ddp or fsdp, or start one process")
-    if mode != "none" and (world.several or requested != "auto"):
-        rules = _refusals(cfg, mode, "memory.distributed" + (" (auto)" if requested == "auto" else ""))
-        if rules:
-            raise SdtuneError(rules[0])
-    return mode if world.several else "none"
+from sdtune.plan import resolve_mode as resolve_mode  # the plan decides the mode; named here for its callers
 
 
 def wrap_ddp(unet, device: str):

@@ -125,9 +125,13 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+GIB = 2**30  # bytes in a GiB: every figure sdtune prints about memory or disk is in binary units
+MIB = 2**20
+
+
 def size_text(n: int) -> str:
     """'3.21 GiB', '12.0 MiB', '512 KiB': bytes as a person reads them."""
-    for unit, scale, digits in (("GiB", 2**30, 2), ("MiB", 2**20, 1)):
+    for unit, scale, digits in (("GiB", GIB, 2), ("MiB", MIB, 1)):
         if n >= scale:
             return f"{n / scale:.{digits}f} {unit}"
     return f"{math.ceil(n / 2**10)} KiB"

@@ -1,6 +1,7 @@
 """Several processes, one per GPU: who this process is, and the few collective calls a run makes.
 
     world = World.from_env()          # torchrun / accelerate launch set RANK, WORLD_SIZE, LOCAL_RANK
+    rank = current_rank()             # the one source of "which process am I" (metrics, the CLI's lines)
     world.start(device="cuda")        # the process group: NCCL on GPUs, gloo on the CPU
     mine = world.share(items)         # this rank's slice of a global micro-batch
     loss = world.mean(loss)           # the same figure on every rank
@@ -18,6 +19,7 @@ process of batch 2 sees.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,7 +39,8 @@ class World:
         env = os.environ if env is None else env
         if "WORLD_SIZE" not in env:
             return cls()
-        return cls(rank=int(env.get("RANK", 0)), size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)))
+        return cls(rank=int(env.get("RANK", 0)), size=int(env["WORLD_SIZE"]),
+                   local_rank=int(env.get("LOCAL_RANK", 0)))
 
     @property
     def main(self) -> bool:
@@ -156,5 +159,14 @@ class World:
 def launched_rank(env=None) -> int | None:
     """This process's rank when a launcher started several, else None; without importing torch (the CLI's
     error lines)."""
-    env = os.environ if env is None else env
-    return int(env.get("RANK", 0)) if int(env.get("WORLD_SIZE", 1)) > 1 else None
+    world = World.from_env(env)
+    return world.rank if world.several else None
+
+
+def current_rank() -> int:
+    """This process's rank: torch.distributed's once a process group runs (it is the truth then), else the
+    launcher's (`World.from_env`), without importing torch (metrics may be written before it is)."""
+    torch = sys.modules.get("torch")  # not imported yet: then torch.distributed cannot be initialised either
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return World.from_env().rank

@@ -261,7 +261,7 @@ def test_a_ckpt_that_is_neither_a_run_nor_a_model_is_one_line(tmp_path):
 def test_a_full_size_sd15_file_loads_alone_with_the_bundled_configs(tmp_path):
     """A model-site SD1.5 checkpoint (fp16, random weights, 2.1 GB) with no folder and no network: every tensor
     loads where diffusers' converter puts it, and the prompt is tokenized as CLIP's."""
-    from sdtune.export.single_file import sd1_weights
+    from sdtune.export.single_file import arch_weights
     from sdtune.family.load import assemble_pipeline
     from sdtune.sample import generate
     from sdtune.toy.random_pipeline import random_single_file
@@ -273,7 +273,7 @@ def test_a_full_size_sd15_file_loads_alone_with_the_bundled_configs(tmp_path):
     assert model.tokenizer("a photo of a cat").input_ids == REFERENCE["a photo of a cat"]
     from safetensors import safe_open
 
-    weights = sd1_weights(model.unet, model.vae, list(model.text_encoders))
+    weights = arch_weights("sd15", model.unet, model.vae, list(model.text_encoders))
     with safe_open(str(path), "pt") as f:
         assert set(f.keys()) == set(weights)
         assert all(torch.equal(f.get_tensor(k).float(), weights[k]) for k in f.keys())

@@ -96,3 +96,20 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.max_steps = 3
+
+
+def test_a_plan_reads_its_memory_keys_through_and_resolves_the_launch():
+    from sdtune.plan import make_plan, plan_for_gpus, resolve_plan
+    from sdtune.util.world import World
+
+    cfg, _ = load_config("cpu", ["memory.precision=bf16", "memory.gradient_checkpointing=true"])
+    plan = make_plan(cfg.memory, "cpu", "sdpa")
+    assert plan.memory is cfg.memory and (plan.precision, plan.gradient_checkpointing) == ("bf16", True)
+    assert (plan.optimizer, plan.param_offload, plan.distributed, plan.loss_scaling) == ("adamw", "none", "none", False)
+    assert resolve_plan(cfg, world=World(size=2)).distributed == "ddp"
+    assert resolve_plan(cfg, world=World()).distributed == resolve_plan(cfg.memory).distributed == "none"
+    assert plan_for_gpus(cfg, "cuda", gpus=2).distributed == "ddp"
+    fsdp, _ = load_config("cpu", ["memory.distributed=fsdp", "train.method=lora"])
+    assert plan_for_gpus(fsdp, "cuda").distributed == "none"  # one card: a launch rule has nothing to refuse
+    with pytest.raises(SdtuneError, match="memory.distributed=fsdp.*train.method=lora"):
+        plan_for_gpus(fsdp, "cuda", gpus=2)

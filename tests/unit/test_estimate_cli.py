@@ -83,6 +83,7 @@ def fake_estimator(monkeypatch):
                             card_gib=info.vram_gib)
 
     module = types.ModuleType("sdtune.estimate")
+    module.__path__ = importlib.import_module("sdtune.estimate").__path__  # its submodules (fallback) still import
     module.estimate, module.Estimate = estimate, FakeEstimate
     module.remembered = lambda cfg, info: estimate(cfg, info)  # no cache: every listing traces
     monkeypatch.setitem(sys.modules, "sdtune.estimate", module)
@@ -542,3 +543,27 @@ def test_a_presets_estimate_is_remembered_until_the_plan_changes(monkeypatch, tm
     assert len(list((tmp_path / "sdtune" / "estimates").iterdir())) == 1
     module.remembered(*load_config("lora-4gb", ["data.resolution=768"]))
     assert len(traced) == 1  # another plan, another trace
+
+
+def test_an_unknown_hub_id_is_estimated_as_sd15_and_the_reason_says_so(monkeypatch, fake_estimator):
+    fake_gpu(monkeypatch, 80)
+    pick = auto.pick_plan(["model.pretrained=someone/my-sdxl-finetune"])
+    assert pick.preset == "rtx4090"  # an SD plan: the name of a repository is no architecture
+    assert ("estimated as sd15 (SD 1.x) because someone/my-sdxl-finetune is a hub id of no bundled "
+            "architecture") in pick.reason and "\n" not in pick.reason
+    assert "estimated as" not in auto.pick_plan().reason  # a preset's own model: a bundled architecture's hub id
+
+
+def test_one_detector_reads_every_kind_of_source(tiny_sd1):
+    from sdtune.family import Detected, assumed_architecture, detect
+
+    assert detect("stabilityai/stable-diffusion-xl-base-1.0") == Detected("sdxl", "sdxl")
+    assert detect("sd21") == Detected("sd21", "sd")
+    assert detect("someone/my-sdxl-finetune") == Detected("sd15", "sd", assumed=True)
+    assert detect("") == Detected("sd15", "sd", assumed=True)
+    assert detect(str(tiny_sd1)) == Detected(None, "sd")  # a folder of other sizes: its family only
+    assert assumed_architecture("someone/x") == ("sd15", True)
+    assert assumed_architecture("stable-diffusion-v1-5/stable-diffusion-v1-5") == ("sd15", False)
+    assert assumed_architecture(str(tiny_sd1)) == (str(tiny_sd1), False)
+    with pytest.raises(SdtuneError, match="unknown model nonsense"):
+        detect("nonsense")

@@ -1,5 +1,5 @@
 """Third-party noise stays out of sdtune's output: loading a model does not import bitsandbytes (whose import
-logs "Failed to load CPU gemm_4bit_forward from kernels-community"), and `import_bitsandbytes` is silent."""
+logs "Failed to load CPU gemm_4bit_forward from kernels-community"), and importing it for adamw8bit is silent."""
 
 import logging
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.errors import SdtuneError
-from sdtune.util.libraries import import_bitsandbytes
+from sdtune.util.libraries import import_optimizer_package
 
 ROOT = Path(__file__).resolve().parents[2]
 NOISE = ("kernels-community", "gemm_4bit")
@@ -35,15 +35,15 @@ def test_sdtune_sample_prints_no_bitsandbytes_noise(tiny_sd1, tmp_path):
 
 
 def test_import_bitsandbytes_prints_nothing():
-    result = _python("from sdtune.util.libraries import import_bitsandbytes\n"
-                     "print(import_bitsandbytes().__name__, import_bitsandbytes().optim.AdamW8bit.__name__)")
+    result = _python("from sdtune.util.libraries import import_optimizer_package as load\n"
+                     "print(load('adamw8bit').__name__, load('adamw8bit').optim.AdamW8bit.__name__)")
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("bitsandbytes AdamW8bit\n", "")
 
 
 def test_import_bitsandbytes_returns_the_module_quietly_here_too(capfd):
     level = logging.getLogger("bitsandbytes").level  # ERROR once `quiet_libraries` has run in this process
-    assert import_bitsandbytes().__name__ == "bitsandbytes"
+    assert import_optimizer_package("adamw8bit").__name__ == "bitsandbytes"
     assert capfd.readouterr() == ("", "")
     assert logging.getLogger("bitsandbytes").level == level  # restored
 
@@ -51,7 +51,16 @@ def test_import_bitsandbytes_returns_the_module_quietly_here_too(capfd):
 def test_a_missing_bitsandbytes_is_one_line_with_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what importing an absent package raises
     with pytest.raises(SdtuneError) as missing:
-        import_bitsandbytes()
+        import_optimizer_package("adamw8bit")
     message = str(missing.value)
     assert message.startswith("memory.optimizer=adamw8bit needs bitsandbytes (") and "\n" not in message
-    assert message.endswith("; pip install bitsandbytes or set memory.optimizer=adamw")
+    assert message.endswith("; pip install 'sdtune[adamw8bit]' (or bitsandbytes), or set memory.optimizer=adamw")
+
+
+def test_bitsandbytes_is_the_adamw8bit_extra_not_a_core_dependency():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("bitsandbytes")]
+    assert project["optional-dependencies"]["adamw8bit"] == ["bitsandbytes>=0.43"]
+    assert "bitsandbytes>=0.43" in project["optional-dependencies"]["dev"]  # make install, CI: the tests use it

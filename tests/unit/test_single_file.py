@@ -272,35 +272,38 @@ def _published(arch: str):
                            CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, projection_dim=1280))]
 
 
-@pytest.mark.parametrize("arch, family", [("sd15", "sd1"), ("sd21", "sd2"), ("sdxl", "sdxl")])
-def test_published_sizes_are_readable(arch, family):
-    from sdtune.export.clients import model_family, unreadable_reason
+@pytest.mark.parametrize("arch", ["sd15", "sd21", "sdxl"])
+def test_published_sizes_are_readable(arch):
+    from sdtune.export.clients import unreadable_reason
+    from sdtune.family import architecture_of
 
     unet, vae, encoders = _published(arch)
-    assert model_family(unet, encoders) == family
-    assert unreadable_reason(family, unet, vae, encoders, "v_prediction") is None
+    assert architecture_of(unet, encoders) == arch
+    assert unreadable_reason(arch, unet, vae, encoders, "v_prediction") is None
 
 
 def test_other_sizes_groups_and_prediction_types_are_not_readable():
     from diffusers import UNet2DConditionModel
 
-    from sdtune.export.clients import model_family, unreadable_reason
-    from sdtune.family import archs
+    from sdtune.export.clients import unreadable_reason
+    from sdtune.family import architecture_of, archs
 
     unet, vae, encoders = _published("sd15")
     with torch.device("meta"):
         wide = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": 1024})
-    reason = unreadable_reason("sd1", wide, vae, encoders)
+    reason = unreadable_reason("sd15", wide, vae, encoders)
     assert "cross_attention_dim is 1024, not SD 1.x's published 768" in reason
-    assert "sample it as epsilon" in unreadable_reason("sd1", unet, vae, encoders, "sample")
+    assert "sample it as epsilon" in unreadable_reason("sd15", unet, vae, encoders, "sample")
 
-    tiny = archs.ARCH_ROOT.parent / "assets" / "sdtune-tiny"  # sdtune's bundled tiny model
+    from sdtune.family.load import BUNDLED
+
+    tiny = BUNDLED["sdtune-tiny"]  # sdtune's bundled tiny model
     tiny_unet = archs.build_part(tiny / "unet", "diffusers", "UNet2DConditionModel")
     tiny_vae = archs.build_part(tiny / "vae", "diffusers", "AutoencoderKL")
     tiny_clip = archs.build_part(tiny / "text_encoder", "transformers", "CLIPTextModel")
-    assert model_family(tiny_unet, [tiny_clip]) == "sd1"
-    assert "UNet has GroupNorm with 16 groups" in unreadable_reason("sd1", tiny_unet, tiny_vae, [tiny_clip])
-    assert model_family(unet, encoders * 2) is None  # two encoders without SDXL's text_time conditioning
+    assert architecture_of(tiny_unet, [tiny_clip]) == "sd15"
+    assert "UNet has GroupNorm with 16 groups" in unreadable_reason("sd15", tiny_unet, tiny_vae, [tiny_clip])
+    assert architecture_of(unet, encoders * 2) is None  # two encoders without SDXL's text_time conditioning
 
 
 def test_unknown_family_is_a_reason_not_a_file(tiny, tmp_path):
@@ -313,10 +316,10 @@ def test_unknown_family_is_a_reason_not_a_file(tiny, tmp_path):
 
 
 def test_full_size_sdxl_file_has_the_shapes_the_clients_detect():
-    from sdtune.export.single_file import sdxl_weights
+    from sdtune.export.single_file import arch_weights
 
     unet, vae, encoders = _published("sdxl")
-    shapes = {k: tuple(v.shape) for k, v in sdxl_weights(unet, vae, encoders).items()}
+    shapes = {k: tuple(v.shape) for k, v in arch_weights("sdxl", unet, vae, encoders).items()}
     # ComfyUI: adm_in_channels, context_dim and transformer depth [0, 0, 2, 2, 10, 10] -> SDXL
     assert shapes[UNET_PREFIX + "label_emb.0.0.weight"] == (1280, 2816)
     assert shapes[UNET_PREFIX + "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"] == (640, 2048)

@@ -1,0 +1,106 @@
+"""Every cross-key rule of `sdtune.config.rules`, one by one: a config built to break it (and nothing else)
+breaks it, is refused where the rule is checked, with one line that names every key of the rule."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from sdtune.config import Config, apply_layers, parse_set
+from sdtune.config.rules import RULES, SECTIONS
+from sdtune.errors import SdtuneError
+from sdtune.plan import resolve_mode
+from sdtune.util.world import World
+
+FUSED = ["memory.fused_backward=true", "train.max_grad_norm=0"]
+# (the rule's keys, the --set items that break it alone, the distributed mode for a launch rule), in RULES' order
+EXAMPLES = [
+    (("model.init", "model.architecture"), ["model.architecture=sd15"], None),
+    (("data.validation_dir", "data.validation_split"), ["data.validation_dir=v", "data.validation_split=0.1"], None),
+    (("data.cache_latents", "data.center_crop"), ["data.cache_latents=true", "data.center_crop=false"], None),
+    (("data.class_prompt", "data.class_dir"), ["data.class_prompt=a dog"], None),
+    (("data.cache_text", "data.shuffle_tags"), ["data.cache_text=true", "data.shuffle_tags=true"], None),
+    (("memory.optimizer", "memory.optimizer_offload"), ["memory.optimizer=lion", "memory.optimizer_offload=cpu"],
+     None),
+    (("memory.fused_backward", "memory.optimizer"), [*FUSED, "memory.optimizer=prodigy"], None),
+    (("memory.fused_backward", "memory.precision"), [*FUSED, "memory.precision=fp16"], None),
+    (("memory.optimizer_offload", "memory.offload_dir"), ["memory.optimizer_offload=nvme"], None),
+    (("memory.param_offload", "memory.gradient_checkpointing"),
+     ["memory.param_offload=cpu", "memory.optimizer_offload=cpu"], None),
+    (("output.sample_every", "output.sample_prompts"), ["output.sample_every=5"], None),
+    (("output.sample_at_start", "output.sample_prompts"), ["output.sample_at_start=true"], None),
+    (("train.method", "memory.optimizer_offload"), ["train.method=lora", "memory.optimizer_offload=cpu"], None),
+    (("memory.param_offload", "memory.optimizer_offload", "train.method"),
+     ["memory.param_offload=cpu", "memory.gradient_checkpointing=true"], None),
+    (("lora.text_encoder", "train.method"), ["lora.text_encoder=true"], None),
+    (("lora.text_encoder", "data.cache_text"), ["lora.text_encoder=true", "train.method=lora", "data.cache_text=true"],
+     None),
+    (("output.validate_every", "data.validation_dir", "data.validation_split"), ["output.validate_every=5"], None),
+    (("train.text_encoder_lr", "train.method"), ["train.text_encoder_lr=1e-5", "train.method=lora"], None),
+    (("train.text_encoder_lr", "data.cache_text"), ["train.text_encoder_lr=1e-5", "data.cache_text=true"], None),
+    (("train.text_encoder_lr", "memory.fused_backward"), ["train.text_encoder_lr=1e-5", *FUSED], None),
+    (("train.text_encoder_lr", "memory.optimizer_offload"),
+     ["train.text_encoder_lr=1e-5", "memory.optimizer_offload=cpu"], None),
+    (("memory.fused_backward", "train.max_grad_norm"), ["memory.fused_backward=true"], None),
+    (("memory.fused_backward", "train.gradient_accumulation_steps"),
+     [*FUSED, "train.gradient_accumulation_steps=2"], None),
+    (("memory.fused_backward", "data.class_dir"), [*FUSED, "data.class_dir=c"], None),
+    (("memory.distributed", "memory.optimizer_offload"), ["memory.optimizer_offload=cpu"], "ddp"),
+    (("memory.distributed", "memory.param_offload"),
+     ["train.method=lora", "memory.param_offload=cpu", "memory.gradient_checkpointing=true"], "ddp"),
+    (("memory.distributed", "train.method"), ["train.method=lora"], "fsdp"),
+    (("memory.distributed", "memory.precision"), ["memory.precision=fp16"], "fsdp"),
+    (("memory.distributed", "memory.optimizer"), ["memory.optimizer=lion"], "fsdp"),
+    (("memory.distributed", "memory.optimizer_offload"), ["memory.optimizer_offload=nvme", "memory.offload_dir=o"],
+     "fsdp"),
+    (("memory.distributed", "memory.param_offload"),
+     ["memory.param_offload=cpu", "memory.gradient_checkpointing=true", "memory.optimizer_offload=cpu"], "fsdp"),
+    (("memory.distributed", "train.ema_decay"), ["train.ema_decay=0.99"], "fsdp"),
+    (("memory.distributed", "memory.fused_backward"), FUSED, "ddp"),
+    (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
+    (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
+]
+
+
+def _unchecked(items: list[str], mode: str | None) -> SimpleNamespace:
+    """The sections of Config() with `items` set, built without any check (what a rule's predicate reads)."""
+    sections = {name: {f.name: getattr(getattr(Config(), name), f.name)
+                       for f in dataclasses.fields(getattr(Config(), name))} for name in SECTIONS}
+    for item in items:
+        for name, values in parse_set(item).items():
+            sections[name].update({k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    launch = {"mode": mode, "why": f"memory.distributed={mode}"} if mode else {"mode": "none", "why": ""}
+    return SimpleNamespace(**{name: SimpleNamespace(**values) for name, values in sections.items()}, **launch)
+
+
+def test_every_rule_has_an_example():
+    assert [keys for keys, _, _ in EXAMPLES] == [rule.keys for rule in RULES]
+    assert all(rule.of_launch == (mode is not None) for rule, (_, _, mode) in zip(RULES, EXAMPLES, strict=True))
+
+
+@pytest.mark.parametrize(("rule", "example"), list(zip(RULES, EXAMPLES, strict=False)),
+                         ids=[" ".join(rule.keys) for rule in RULES])
+def test_each_rule_refuses_the_config_that_breaks_it_naming_its_keys(rule, example):
+    _, items, mode = example
+    view = _unchecked(items, mode)
+    assert [r.keys for r in RULES if r.broken(view)] == [rule.keys]  # this rule, and no other
+    message = rule.message(view)
+    assert all(key in message for key in rule.keys) and "\n" not in message, message
+    with pytest.raises(SdtuneError) as error:
+        if mode:
+            cfg = apply_layers(Config(), [(parse_set(item), item) for item in [*items, f"memory.distributed={mode}"]])
+            resolve_mode(cfg, World(size=2))
+        else:
+            apply_layers(Config(), [(parse_set(item), item) for item in items])
+    assert str(error.value) == message
+
+
+def test_a_rule_without_wording_says_its_keys_values_and_fix():
+    from sdtune.config.rules import Rule
+
+    rule = Rule(("data.cache_text", "data.shuffle_tags"), lambda c: True, "set one of them the other way")
+    view = _unchecked(["data.cache_text=true", "data.shuffle_tags=true"], None)
+    assert rule.message(view) == ("data.cache_text=true and data.shuffle_tags=true cannot be used together: "
+                                  "set one of them the other way")

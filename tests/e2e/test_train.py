@@ -1,5 +1,6 @@
 """The training recipe end to end on tiny models: `sdtune train` as a user runs it, plus equivalences."""
 
+import dataclasses
 import json
 
 import pytest
@@ -26,7 +27,7 @@ def test_recipe_losses_are_pinned(tiny_sd1, tiny_sd2, images, tmp_path):
 
 def _fixed_batch_loss(run, batches=8) -> float:
     """Mean loss over micro-batches 0..7: the same images, noise and timesteps every time it is asked."""
-    value = sum(trainer._micro_step(run, k) for k in range(batches)) / batches
+    value = sum(trainer.micro_step(run, k) for k in range(batches)) / batches
     run.optimizer.zero_grad(set_to_none=True)
     return value
 
@@ -115,7 +116,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_sd1, imag
     runs = [prepared(tiny_sd1, images, tmp_path / f"o{flag}", f"memory.gradient_checkpointing={flag}")
             for flag in ("false", "true")]
     assert runs[1].components.unet.is_gradient_checkpointing and not runs[0].components.unet.is_gradient_checkpointing
-    losses = [trainer._micro_step(run, 0) for run in runs]
+    losses = [trainer.micro_step(run, 0) for run in runs]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     grads = [dict(run.components.unet.named_parameters()) for run in runs]
     for name, param in grads[0].items():
@@ -126,10 +127,9 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", "train.max_steps=6")
     assert run.scaler.is_enabled() and run.components.vae.dtype == torch.float16
     # A scale that guarantees fp16 overflow in backward, backing off fast so later steps go through.
-    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    run = dataclasses.replace(run, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8))
     before = {k: v.clone() for k, v in run.components.unet.state_dict().items()}
-    trainer._micro_step(run, 0)
-    assert not trainer._optimizer_step(run)
+    assert not trainer.train_step(run).stepped
     assert run.scaler.get_scale() == 2.0**32
     assert all(torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
     trainer.loop(run)  # the scale backs off until steps go through

@@ -260,8 +260,8 @@ def plan_child(spec: dict) -> None:
         record = trainer._record  # called once a step, after the step: the row is saved as the run goes
 
         def saving_record(run, result, *args):
-            for phase, seconds in (result.phases or {}).items():
-                parts[f"{phase}_seconds"].append(seconds)
+            for key, seconds in result.phases.items():
+                parts[key].append(seconds)
             save(step_seconds=list(run.step_times), losses=run.losses,
                  **{key: list(values) for key, values in parts.items()}, **_memory(device, spec["others"], row))
             return record(run, result, *args)

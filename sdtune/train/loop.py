@@ -178,7 +178,7 @@ class StepResult:
     stepped: bool               # False: skipped (a NaN/Inf loss or gradient, or an fp16 overflow)
     learning_rate: float        # the rate the step used
     bad: bool                   # counts towards train.max_bad_steps (an fp16 overflow is the scaler's business)
-    phases: dict[str, float] | None = None  # with SDTUNE_PROFILE=1: seconds per phase (`Phases`)
+    phases: dict[str, float]    # with SDTUNE_PROFILE=1: StepRecord's "<phase>_seconds" (`Phases`); else empty
 
 
 def train_step(run: Run) -> StepResult:
@@ -199,7 +199,7 @@ def train_step(run: Run) -> StepResult:
         run.ema.after_step(stepped)
     run.progress.finish_step(step_loss, stepped, time.perf_counter() - started)
     bad = not math.isfinite(step_loss) or not (stepped or run.scaler.is_enabled())
-    return StepResult(step_loss, stepped, learning_rate, bad, phases.seconds)
+    return StepResult(step_loss, stepped, learning_rate, bad, phases.fields())
 
 
 def micro_step(run: Run, index: int, last: bool = True, phases: Phases | None = None) -> float:
@@ -341,7 +341,7 @@ def _record(run: Run, result: StepResult, validation: dict) -> StepRecord:
                       grad_norm=run.tier.grad_norm, seconds_per_step=seconds,
                       images_per_second=images / seconds if seconds else 0.0, peak_memory_bytes=peak_bytes(run.plan),
                       skipped_steps=run.skipped_steps, epoch=run.epoch, average_loss=run.average_loss,
-                      phases=result.phases, **validation)
+                      **result.phases, **validation)
 
 
 def loop(run: Run, metrics=None) -> None:

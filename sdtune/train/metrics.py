@@ -52,20 +52,25 @@ class StepRecord:
     average_loss: float | None = None  # kohya's avr_loss: the mean loss of the last epoch's steps
     validation_loss: float | None = None  # after steps that evaluate it (output.validate_every)
     ema_validation_loss: float | None = None  # ... and of the EMA weights, with train.ema_decay
-    phases: dict[str, float] | None = None  # SDTUNE_PROFILE=1: seconds of each phase of the step (`Phases`)
+    # SDTUNE_PROFILE=1 (`Phases`): the step's seconds waiting for its micro-batches (images, VAE or cache),
+    # in forward and backward, and in the optimizer step (the tier's host pass included); absent otherwise
+    data_seconds: float | None = None
+    forward_backward_seconds: float | None = None
+    optimizer_seconds: float | None = None
 
     def to_dict(self) -> dict:
-        """The record as `metrics.jsonl` writes it: each phase as `<phase>_seconds`, none without profiling."""
+        """The record as `metrics.jsonl` writes it: the phase seconds only where the step was profiled."""
         fields = dataclasses.asdict(self)
-        phases = fields.pop("phases") or {}
-        return {**fields, **{f"{phase}_seconds": seconds for phase, seconds in phases.items()}}
+        return {key: value for key, value in fields.items() if key not in PHASE_FIELDS or value is not None}
 
 
+PHASE_FIELDS = ("data_seconds", "forward_backward_seconds", "optimizer_seconds")
 PROFILE_ENV = "SDTUNE_PROFILE"
 
 
 class Phases:
-    """Seconds spent in each phase of one step (data, forward_backward, optimizer), with SDTUNE_PROFILE=1.
+    """Seconds spent in each phase of one step (data, forward_backward, optimizer), with SDTUNE_PROFILE=1;
+    `fields()` are the `StepRecord` fields they fill.
 
     On, the device is synchronized at every phase boundary so that a phase's seconds are its own: CUDA runs
     asynchronously, and without the syncs the GPU's work is billed to whichever phase next waits for it.
@@ -80,6 +85,10 @@ class Phases:
     def __init__(self, device: str, on: bool = False):
         self.device, self.on = device, on
         self.seconds: dict[str, float] | None = {} if on else None
+
+    def fields(self) -> dict[str, float]:
+        """{"<phase>_seconds": seconds} for `StepRecord`; empty when off."""
+        return {f"{phase}_seconds": seconds for phase, seconds in (self.seconds or {}).items()}
 
     @classmethod
     def from_env(cls, device: str) -> Phases:
@@ -252,7 +261,7 @@ class TensorBoardSink:
             "train/skipped_steps": record.skipped_steps,
             "validation/loss": record.validation_loss,
             "validation/ema_loss": record.ema_validation_loss,
-            **{f"profile/{phase}_seconds": seconds for phase, seconds in (record.phases or {}).items()},
+            **{f"profile/{key}": getattr(record, key) for key in PHASE_FIELDS},
         }
         for tag, value in scalars.items():
             if value is not None:

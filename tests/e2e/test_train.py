@@ -46,6 +46,21 @@ def test_training_fits_a_small_dataset(version, tiny_sd1, tiny_sd2, tmp_path):
     assert _fixed_batch_loss(run) < 0.7 * before
 
 
+def test_train_step_profiles_its_phases_without_changing_the_loss(tiny_sd1, images, tmp_path, monkeypatch):
+    """The public step: its loss, whether it stepped, the progress it leaves; SDTUNE_PROFILE=1 adds each
+    phase's seconds and changes no loss (the step after it is the same too)."""
+    plain = prepared(tiny_sd1, images, tmp_path / "plain", "train.max_steps=2")
+    results = [trainer.train_step(plain) for _ in range(2)]
+    assert all(r.stepped and not r.bad and r.phases == {} for r in results)
+    assert plain.step == 2 and plain.losses == [r.loss for r in results] and plain.skipped_steps == 0
+    monkeypatch.setenv("SDTUNE_PROFILE", "1")
+    profiled = prepared(tiny_sd1, images, tmp_path / "profiled", "train.max_steps=2")
+    timed = [trainer.train_step(profiled) for _ in range(2)]
+    assert [r.loss for r in timed] == [r.loss for r in results]
+    assert all(sorted(r.phases) == ["data_seconds", "forward_backward_seconds", "optimizer_seconds"]
+               and min(r.phases.values()) > 0 for r in timed)
+
+
 def test_output_folder_loads_with_plain_diffusers_and_samples(tiny_sd1, images, tmp_path):
     from diffusers import StableDiffusionPipeline
 

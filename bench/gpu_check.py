@@ -17,8 +17,8 @@ Plans: each runs `sdtune.run.attempt` in a fresh subprocess with its own timeout
 `torch.cuda.set_per_process_memory_fraction` at the preset's `vram_gib - 0.5` GiB (the CUDA context lives
 outside torch's allocator; each row measures that memory too), set before anything touches CUDA memory.
 Ten seconds before its timeout a child dumps every thread's stack (faulthandler) into its log, whose tail
-goes into the row. Forward+backward and optimizer seconds come from wrapping `trainer._micro_step` and
-`trainer._optimizer_step` in `torch.cuda.synchronize()` calls, which adds two syncs a step to every plan.
+goes into the row. Data, forward+backward and optimizer seconds come from the loop's own phase timings
+(`SDTUNE_PROFILE=1`, which synchronizes the device at each phase's ends: a few syncs a step to every plan).
 baseline, rtx3050, rtx3050-repeat, rtx3050-params-cpu and rtx3050-nvme do the same math (bf16, clipping,
 seed 0): their first 5 losses must agree within 1e-3, and the repeat must equal rtx3050 bit for bit. Plans
 run torch's default kernels, whose attention backward is not deterministic: if only the repeat differs,
@@ -37,6 +37,7 @@ minutes, which leaves a few for start-up and a rerun of some plans with `--plans
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import faulthandler
 import importlib.metadata
@@ -219,26 +220,13 @@ def _estimate(cfg, info, device: str) -> dict:
         return {"estimate_failure": _first_line(exc)}
 
 
-def _time_parts(trainer, device: str) -> dict[str, list[float]]:
-    """Wrap the loop's forward+backward and optimizer step in syncs and record their seconds."""
-    import torch
+def _time_parts() -> dict[str, list[float]]:
+    """Each step's phase seconds, from the loop's own profiling (SDTUNE_PROFILE=1: the device synchronized
+    at each phase's ends; `sdtune.train.metrics.Phases`), filled by the record of each step."""
+    from sdtune.train.metrics import PROFILE_ENV
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    seconds: dict[str, list[float]] = {"forward_backward_seconds": [], "optimizer_seconds": []}
-
-    def timed(function, into: list[float]):
-        def wrapper(*args, **kwargs):
-            sync()
-            started = time.perf_counter()
-            result = function(*args, **kwargs)
-            sync()
-            into.append(time.perf_counter() - started)
-            return result
-        return wrapper
-
-    trainer._micro_step = timed(trainer._micro_step, seconds["forward_backward_seconds"])
-    trainer._optimizer_step = timed(trainer._optimizer_step, seconds["optimizer_seconds"])
-    return seconds
+    os.environ[PROFILE_ENV] = "1"
+    return {"data_seconds": [], "forward_backward_seconds": [], "optimizer_seconds": []}
 
 
 def plan_child(spec: dict) -> None:
@@ -267,14 +255,16 @@ def plan_child(spec: dict) -> None:
         save(**_estimate(cfg, info, device))  # first: a plan that times out still has its estimate
         if not spec["with_saves"]:
             _skip_saves()
-        parts = _time_parts(trainer, device)
+        parts = _time_parts()
 
         record = trainer._record  # called once a step, after the step: the row is saved as the run goes
 
-        def saving_record(run, *args):
+        def saving_record(run, result, *args):
+            for key, seconds in result.phases.items():
+                parts[key].append(seconds)
             save(step_seconds=list(run.step_times), losses=run.losses,
                  **{key: list(values) for key, values in parts.items()}, **_memory(device, spec["others"], row))
-            return record(run, *args)
+            return record(run, result, *args)
 
         trainer._record = saving_record
         summary = attempt(cfg, info, Path(spec["data"]), Path(spec["out"]), log=lambda line: print(line, flush=True))
@@ -313,7 +303,7 @@ def _preflight_case(name: str, overrides: list[str], data: str, folder: Path) ->
     cfg, info = load_config("rtx3050", overrides)
     with trainer.prepare(cfg, info, data, str(folder / "out"), resume=False, log=print) as run:  # closes the tier
         if name == FP16_CASE:  # start far above what fp16 holds, so steps overflow; the class the trainer chose
-            run.scaler = type(run.scaler)(run.plan.device, init_scale=2.0**24)  # (HostGradScaler for the tiers)
+            run = dataclasses.replace(run, scaler=type(run.scaler)(run.plan.device, init_scale=2.0**24))
         trainer.loop(run)
         masters = {key: value.detach().to("cpu", copy=True) for key, value in trainer.fp32_weights(run).items()}
         if run.ema is not None:  # the average, updated in the same host pass: compared like the masters

@@ -1,6 +1,7 @@
 """Training data: discovery (`scan`), one image's checks (`verify`), captions (`captions`), opening images
-(`images`), aspect-ratio buckets (`buckets`), the batch stream (`stream`), what the UNet trains on and its
-caches (`features`, `cache`), and `sdtune data check`'s report (`check`).
+(`images`), aspect-ratio buckets (`buckets`), the batch stream (`stream`), the one iterator the loop,
+validation and tests load micro-batches through (`batches`: prefetch, broken images), what the UNet trains on
+and its caches (`features`, `cache`), and `sdtune data check`'s report (`check`).
 
     scan = scan_folder("images", DataConfig())
     stream = BatchStream(scan.examples, DataConfig(), batch_size=2, seed=0)

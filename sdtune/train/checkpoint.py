@@ -2,10 +2,12 @@
 
     save(run)       # OUT/checkpoints/step-N/: the trained weights, the EMA, the text encoder(s), the state
     restore(run)    # the newest checkpoint that verifies, checked against the run's config
+    parts(run)      # the run as the checkpoint's named parts ({name: Stateful}, `sdtune.train.store`)
 
 The file format, atomicity and verification are `sdtune.train.store`'s; this module decides what of a run
 goes in: the trained fp32 weights (the placement's), `ema.safetensors` with `train.ema_decay`,
-`text_encoders.safetensors` with `train.text_encoder_lr`, and the counters of `state.json`.
+`text_encoders.safetensors` with `train.text_encoder_lr`, the tier, LR schedule and scaler, and the
+counters of `state.json` (the run's progress and the EMA's updates).
 """
 
 from __future__ import annotations
@@ -17,49 +19,72 @@ from sdtune.config.toml import from_toml, resume_conflicts
 from sdtune.errors import SdtuneError
 from sdtune.train import store as checkpoint
 from sdtune.train.ema import EMA_FILE
+from sdtune.train.state import Run
+from sdtune.train.store import COUNTERS, OPTIMIZER, Part, Stateful
 
 TEXT_ENCODERS_FILE = "text_encoders.safetensors"
 
 
-def save(run) -> Path | None:
+class _Counters:
+    """`state.json`'s counters: the run's progress and the EMA's update count (0 without one)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def state_dict(self) -> dict:
+        return {**self.run.progress.state_dict(), "ema_updates": self.run.ema.updates if self.run.ema else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run.progress.load_state_dict(state)
+        if self.run.ema is not None:
+            self.run.ema.updates = state["ema_updates"]
+
+
+def parts(run: Run, tier: Stateful | None = None) -> dict[str, Stateful]:
+    """The run's checkpoint parts by name: the trained weights (in `sharded/` instead under FSDP), the
+    EMA's and the trained text encoders' weights, the tier (or `tier`, which stands in for it), the LR
+    schedule, the scaler and the counters."""
+    placement = run.placement
+    weights = {} if placement.sharded else {placement.weights_file: Part(placement.weights, placement.restore)}
+    if run.ema is not None:
+        weights[EMA_FILE] = Part(run.ema.weights, run.ema.load)
+    if placement.text_encoders:
+        weights[TEXT_ENCODERS_FILE] = Part(placement.text_encoder_weights, placement.restore_text_encoders)
+    return {**weights, OPTIMIZER: tier or run.tier, "lr_schedule": run.lr_schedule, "scaler": run.scaler,
+            COUNTERS: _Counters(run)}
+
+
+def save(run: Run) -> Path | None:
     """Checkpoint `run` at its step (every rank calls it; rank 0 writes, FSDP ranks write their shards); with
     output.keep_checkpoints=0 nothing is written (None)."""
     if run.cfg.output.keep_checkpoints == 0:
         return None
-    state = {"losses": run.losses, "skipped_steps": run.skipped_steps, "seconds": run.seconds,
-             "ema_updates": run.ema.updates if run.ema is not None else 0}
-    sharded = run.placement if run.placement.sharded else None
-    weights = run.placement.weights() if run.world.main and sharded is None else {}
-    return checkpoint.save_checkpoint(run.out_dir, run.step, weights=weights, tier=run.tier,
-                                      lr_schedule=run.lr_schedule, scaler=run.scaler, state=state,
-                                      config_toml=run.config_toml, keep=run.cfg.output.keep_checkpoints,
-                                      weights_file=run.placement.weights_file, world=run.world, sharded=sharded,
-                                      files=_extra_files(run) if run.world.main else {})
+    return checkpoint.save_checkpoint(run.out_dir, run.step, parts=parts(run), config_toml=run.config_toml,
+                                      keep=run.cfg.output.keep_checkpoints, world=run.world, sharded=_sharded(run))
 
 
-def restore(run) -> None:
+def restore(run: Run) -> None:
     """Load the newest checkpoint of `run.out_dir` into the run, if there is one."""
     latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
     if latest is None:
         run.log(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
         return
     saved = _check_resume_config(latest, run.cfg)
-    tier = run.tier
+    tier = None
     if saved.memory.optimizer_offload != run.cfg.memory.optimizer_offload:  # the state's layout differs
         from sdtune.optim.convert import OtherTierState
 
         run.log(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
                 f"to {run.cfg.memory.optimizer_offload}")
         tier = OtherTierState(run.tier, run.components.unet, latest / run.placement.weights_file)
-    state = checkpoint.load_checkpoint(latest, restore=run.placement.restore, tier=tier, lr_schedule=run.lr_schedule,
-                                       scaler=run.scaler, weights_file=run.placement.weights_file, world=run.world,
-                                       sharded=run.placement if run.placement.sharded else None,
-                                       files=_extra_files(run, restore=True))
-    run.step, run.losses = state["step"], state["losses"]
-    run.skipped_steps, run.seconds = state["skipped_steps"], state["seconds"]
-    if run.ema is not None:
-        run.ema.updates = state["ema_updates"]
+    checkpoint.load_checkpoint(latest, parts=parts(run, tier), world=run.world, sharded=_sharded(run),
+                               trained=run.placement.weights_file)
     run.log(f"resumed from {latest} at step {run.step}")
+
+
+def _sharded(run: Run):
+    """The FSDP-wrapped UNet whose shards the checkpoint's `sharded/` holds; None when not sharded."""
+    return run.placement.unet if run.placement.sharded else None
 
 
 def _check_resume_config(latest: Path, cfg: Config) -> Config:
@@ -70,15 +95,3 @@ def _check_resume_config(latest: Path, cfg: Config) -> Config:
         raise SdtuneError(f"--resume with a different plan than {latest} ({'; '.join(changed)}); "
                           "resume with the same settings or start a new --out")
     return saved
-
-
-def _extra_files(run, restore: bool = False) -> dict:
-    """The checkpoint's files beside the trained weights: {file name: weights}, or with `restore` {file name:
-    what loads them}: the EMA's, the trained text encoder(s)'."""
-    files = {}
-    if run.ema is not None:
-        files[EMA_FILE] = run.ema.load if restore else run.ema.weights()
-    if run.placement.text_encoders:
-        files[TEXT_ENCODERS_FILE] = (run.placement.restore_text_encoders if restore
-                                     else run.placement.text_encoder_weights())
-    return files

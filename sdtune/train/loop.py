@@ -2,10 +2,13 @@
 
     run = prepare(cfg, info, "images/", "out/", resume=False, log=print)
     loop(run, metrics)            # metrics: a sdtune.train.metrics.MetricsLogger, one record a step
+    result = train_step(run)      # or one optimizer step at a time: its loss, whether it stepped, its phases
 
 `prepare` checks the data and the plan before any model is loaded, places the model for the plan
 (`sdtune.train.placement`) and restores the newest checkpoint on `resume`. Each micro-batch's images, noise and
-timesteps are a function of (seed, micro-batch index): a resumed run continues exactly.
+timesteps are a function of (seed, micro-batch index) (`micro_batch_seed`): a resumed run continues exactly.
+The micro-batches load through `sdtune.data.batches` (prefetch, broken images); the loss only computes.
+`SDTUNE_PROFILE=1` adds each step's phase seconds to its record (`sdtune.train.metrics.Phases`).
 
 What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, save a checkpoint and raise
 `Interrupted`; a step whose loss (or, without fp16 loss scaling, gradient norm) is NaN/Inf is skipped, and
@@ -15,114 +18,37 @@ What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sdtune.config import Config, PresetInfo, load_config, preset_names
 from sdtune.config.toml import to_toml
-from sdtune.data import BatchStream, ImageFailed, scan_folder
+from sdtune.data import BatchStream, scan_folder
+from sdtune.data.batches import MicroBatch, MicroBatches
 from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
 from sdtune.optim.schedule import make_lr_schedule, step_schedule
-from sdtune.plan import Plan, autocast, peak_bytes, reset_peak, resolve_plan
+from sdtune.plan import autocast, peak_bytes, reset_peak, resolve_plan
 from sdtune.train import objective, saves
 from sdtune.train import store as checkpoint
 from sdtune.train.checkpoint import restore as _restore
 from sdtune.train.checkpoint import save as _save
 from sdtune.train.ema import make_ema
-from sdtune.train.metrics import StepRecord
-from sdtune.train.placement import Placement, place
+from sdtune.train.metrics import Phases, StepRecord
+from sdtune.train.placement import place
 from sdtune.train.signals import Interrupted, StopOnSignal
+from sdtune.train.state import Progress, Run, steps_per_epoch
 from sdtune.train.validation import validation_set
 from sdtune.util.world import World
 
-__all__ = ["Interrupted", "Run", "evaluation_mode", "fp32_weights", "loop", "prepare"]
-
-
-@dataclass
-class Run:
-    """Everything the loop touches, built once by `prepare`."""
-
-    cfg: Config
-    plan: Plan
-    components: Any
-    stream: BatchStream
-    placement: Placement
-    lr_schedule: Any
-    scaler: Any
-    alphas_cumprod: Any
-    out_dir: Path
-    config_toml: str
-    log: Callable[[str], None]
-    features: Any = None  # latents and text embeddings, encoded or from the caches
-    class_stream: BatchStream | None = None  # prior preservation: the class images' batches
-    ema: Any = None  # train.ema_decay: the moving average of the trained weights (sdtune.train.ema)
-    validation: Any = None  # data.validation_dir or validation_split: the held-out set (sdtune.train.validation)
-    world: World = field(default_factory=World)  # this process among the launched ones
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-    skipped_steps: int = 0
-    seconds: float = 0.0
-    step_times: list[float] = field(default_factory=list)  # this process's steps, for seconds per step
-
-    @property
-    def tier(self):
-        return self.placement.tier
-
-    @property
-    def epoch(self) -> int:
-        """The epoch (1-based) of the last step finished (`epoch_at`); 0 before the first step."""
-        return self.epoch_at(self.step)
-
-    def epoch_at(self, step: int) -> int:
-        """The epoch of step `step`: the pass over the images (repeats counted) its first micro-batch is in.
-        The batch stream runs on from one pass into the next, so with accumulation a step can end one pass
-        and begin the next: it belongs to the pass it ends (when the accumulation is at most a pass)."""
-        return (step - 1) * self._accumulation // self.stream.batches_per_epoch + 1 if step > 0 else 0
-
-    def passes(self, step: int) -> int:
-        """Whole passes over the images after `step` steps."""
-        return step * self._accumulation // self.stream.batches_per_epoch
-
-    @property
-    def steps_per_epoch(self) -> int | float:
-        """Optimizer steps of one pass: the epoch's micro-batches over the accumulation (2.5 for 5 and 2)."""
-        return steps_per_epoch(self.stream.batches_per_epoch, self._accumulation)
-
-    @property
-    def _accumulation(self) -> int:
-        return self.cfg.train.gradient_accumulation_steps
-
-    @property
-    def optimizer(self):
-        return self.placement.tier.optimizer
-
-    @property
-    def seconds_per_step(self) -> float | None:
-        """Mean seconds per step without the first step this process ran, which pays for warm-up
-        (allocator, kernels, caches); a run resumed with nothing left to do reports its whole mean."""
-        times = self.step_times
-        if len(times) > 1:
-            return sum(times[1:]) / (len(times) - 1)
-        if times:
-            return times[0]
-        return self.seconds / self.step if self.step else None
-
-    def close(self) -> None:
-        """Release the optimizer tier's threads and files (the nvme tier's state file)."""
-        self.placement.close()
-
-    def __enter__(self) -> Run:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+__all__ = ["Interrupted", "Progress", "Run", "StepResult", "evaluation_mode", "fp32_weights", "loop", "micro_step",
+           "prepare", "steps_per_epoch", "train_step"]
 
 
 def _scan(data_dir: str, cfg: Config, out_dir: str, log: Callable[[str], None]):
@@ -143,17 +69,10 @@ def _scan(data_dir: str, cfg: Config, out_dir: str, log: Callable[[str], None]):
     return scan
 
 
-def steps_per_epoch(batches: int, accumulation: int) -> int | float:
-    """Optimizer steps of one pass of `batches` micro-batches: a whole number where accumulation divides it."""
-    return batches // accumulation if batches % accumulation == 0 else round(batches / accumulation, 4)
-
-
 def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) -> Config:
     """`cfg` with train.max_steps from train.max_epochs: the steps whose micro-batches cover that many
     passes, rounded up (the last step may take up to accumulation - 1 batches of the next pass). A warm-up
     longer than the run is cut to it (`TrainConfig.warmup_steps`): said here."""
-    import dataclasses
-
     train = cfg.train
     batches, accumulation = stream.batches_per_epoch, train.gradient_accumulation_steps
     if train.max_epochs:
@@ -196,8 +115,6 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
     preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`.
     Under a launcher (`world`), every rank does all of it; rank 0 fills the caches first."""
-    import dataclasses
-
     from diffusers import DDPMScheduler
 
     from sdtune.family.load import check_source
@@ -234,71 +151,111 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
         from sdtune.train.dreambooth import class_config, class_images
 
         examples = class_images(cfg, components, plan, log, sample_context=lambda: evaluation_mode(run), world=world)
-        run.class_stream = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
-        sources.append((run.class_stream, examples))
+        classes = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
+        run = dataclasses.replace(run, class_stream=classes)
+        sources.append((classes, examples))
     features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders
     if resume:
         _restore(run)
     return run
 
 
-CLASS_SEED = 2**40  # the class half of micro-batch k draws its noise from seed * 1_000_003 + k + CLASS_SEED
+SEED_STRIDE = 1_000_003  # a prime: the seeds of two runs' micro-batches meet only a million batches apart
+CLASS_SEED = 2**40  # added for the class half of a micro-batch (prior preservation): its own noise
 
 
-def _micro_step(run: Run, index: int, last: bool = True) -> float:
+def micro_batch_seed(seed: int, index: int, salt: int = 0) -> int:
+    """The seed of micro-batch `index`'s draws (the VAE's sample, the noise, the timesteps) in a run of
+    train.seed `seed`: a function of the two alone, so a resumed run draws what the straight one did."""
+    return seed * SEED_STRIDE + index + salt
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did (`train_step`)."""
+
+    loss: float                 # the global batch's mean loss over the micro-batches (NaN/Inf: skipped)
+    stepped: bool               # False: skipped (a NaN/Inf loss or gradient, or an fp16 overflow)
+    learning_rate: float        # the rate the step used
+    bad: bool                   # counts towards train.max_bad_steps (an fp16 overflow is the scaler's business)
+    phases: dict[str, float]    # with SDTUNE_PROFILE=1: StepRecord's "<phase>_seconds" (`Phases`); else empty
+
+
+def train_step(run: Run) -> StepResult:
+    """Optimizer step `run.step + 1`: the EMA's before and after, each micro-batch's forward and backward,
+    the loss averaged over the ranks, the tier's step (or a skip) and the LR schedule; `run.progress`
+    records it. With SDTUNE_PROFILE=1 the result carries each phase's seconds."""
+    started, phases = time.perf_counter(), Phases.from_env(run.plan.device)
+    accumulation = run.cfg.train.gradient_accumulation_steps
+    first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
+    if run.ema is not None:
+        run.ema.before_step(run.step + 1)
+    step_loss = sum(micro_step(run, first + i, last=i == accumulation - 1, phases=phases)
+                    for i in range(accumulation)) / accumulation
+    step_loss = run.world.mean(step_loss)  # the global batch's: every rank decides alike
+    with phases("optimizer"):
+        stepped = optimizer_step(run, math.isfinite(step_loss))
+    if run.ema is not None:
+        run.ema.after_step(stepped)
+    run.progress.finish_step(step_loss, stepped, time.perf_counter() - started)
+    bad = not math.isfinite(step_loss) or not (stepped or run.scaler.is_enabled())
+    return StepResult(step_loss, stepped, learning_rate, bad, phases.fields())
+
+
+def micro_step(run: Run, index: int, last: bool = True, phases: Phases | None = None) -> float:
     """Forward and backward of micro-batch `index`; returns its (unscaled, unweighted-by-accumulation) loss:
     with prior preservation, instance loss + train.prior_loss_weight x class loss, one backward each.
     The loss is read after backward is queued (the host does not wait for the GPU in between), except
     where gradients reach the weights during backward (`step_in_backward`): a NaN/Inf loss skips it.
     Under DDP only the `last` micro-batch's last backward averages the gradients over the ranks."""
-    train = run.cfg.train
+    train, phases = run.cfg.train, phases or Phases(run.plan.device)
     halves = [(run.stream, 0, 1.0)]
     if run.class_stream is not None:
         halves.append((run.class_stream, CLASS_SEED, train.prior_loss_weight))
     total = 0.0
     for stream, salt, weight in halves:
-        value = _loss(run, stream, index, train.seed * 1_000_003 + index + salt)
-        if run.tier.step_in_backward and not math.isfinite(value.item()):
-            return value.item()
-        try:
-            scaled = value / train.gradient_accumulation_steps  # the instance half: as without prior preservation
-            with run.placement.no_sync(last and stream is halves[-1][0]):
-                run.scaler.scale(scaled if weight == 1.0 else scaled * weight).backward()
-        except BaseException:
-            run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
-            raise
+        with phases("data"):
+            batch = _batches(run, stream).load(index, micro_batch_seed(train.seed, index, salt))
+        with phases("forward_backward"):
+            value = loss(run, batch)
+            if run.tier.step_in_backward and not math.isfinite(value.item()):
+                return value.item()
+            try:
+                scaled = value / train.gradient_accumulation_steps  # the instance half: as without prior preservation
+                with run.placement.no_sync(last and stream is halves[-1][0]):
+                    run.scaler.scale(scaled if weight == 1.0 else scaled * weight).backward()
+            except BaseException:
+                run.tier.zero_grad()  # nothing of a half-done backward reaches a later step
+                raise
         total += weight * value.item()
     return total
 
 
-def _loss(run: Run, stream: BatchStream, index: int, seed: int):
-    """The diffusion loss of this rank's share of batch `index` of `stream`, its noise and timesteps drawn
-    from `seed` for the whole global batch (`sdtune.util.world`)."""
-    import torch
+def _batches(run: Run, stream: BatchStream) -> MicroBatches:
+    return MicroBatches(stream, run.features, run.world, run.plan.device)
 
-    c, plan, train, world = run.components, run.plan, run.cfg.train, run.world
-    while True:
-        every = stream.items(index)
-        items, rows = world.share(every), world.slice(len(every))
-        generator = torch.Generator(plan.device).manual_seed(seed)
-        if run.features.latent_cache is None:  # the next micro-batch's images decode while this one trains
-            stream.prefetch(world.share(stream.items(index + 1)))
-        try:
-            latents = run.features.latents(stream, items, generator, rows=(len(every), rows))
-            break
-        except ImageFailed:
-            continue  # reported once by the stream, which now substitutes another image of the bucket
-    cond = run.features.text([item.caption for item in items])
-    added = c.family.added_cond(cond, items, latents.device, plan.working_dtype)
-    shape = (len(every), *latents.shape[1:])
+
+def micro_batch_loss(run: Run, stream: BatchStream, index: int, salt: int = 0):
+    """The diffusion loss of this rank's share of micro-batch `index` of `stream` (its draws seeded as
+    training seeds them, `salt` added): what `micro_step` takes the backward of."""
+    return loss(run, _batches(run, stream).load(index, micro_batch_seed(run.cfg.train.seed, index, salt)))
+
+
+def loss(run: Run, batch: MicroBatch):
+    """The diffusion loss of `batch`, its noise and timesteps drawn by its generator for the whole global
+    batch (`sdtune.util.world`), this rank's rows kept."""
+    c, plan, train, latents = run.components, run.plan, run.cfg.train, batch.latents
+    cond = run.features.text([item.caption for item in batch.items])
+    added = c.family.added_cond(cond, batch.items, latents.device, plan.working_dtype)
+    shape, generator, rows = (batch.size, *latents.shape[1:]), batch.generator, batch.rows
     noise = objective.sample_noise(shape, generator, train.noise_offset, latents.device, latents.dtype)[rows]
-    timesteps = objective.sample_timesteps(len(every), len(run.alphas_cumprod), generator, latents.device)[rows]
+    timesteps = objective.sample_timesteps(batch.size, len(run.alphas_cumprod), generator, latents.device)[rows]
     return objective.batch_loss(run.placement.model, latents, noise, timesteps, cond.hidden, added,
                                 alphas_cumprod=run.alphas_cumprod, prediction_type=c.prediction_type,
                                 snr_gamma=train.snr_gamma, forward=lambda: autocast(plan))
 
 
-def _optimizer_step(run: Run, finite_loss: bool = True) -> bool:
+def optimizer_step(run: Run, finite_loss: bool = True) -> bool:
     """Step the tier (it unscales, clips and checks), or skip the step after a NaN/Inf loss; drop the
     gradients and step the LR schedule either way. False when the step was skipped."""
     stepped = finite_loss and run.tier.step(run.scaler, run.cfg.train.max_grad_norm)
@@ -377,20 +334,14 @@ class _NoMetrics:
         pass
 
 
-def _record(run: Run, step_loss: float, learning_rate: float, validation: dict) -> StepRecord:
+def _record(run: Run, result: StepResult, validation: dict) -> StepRecord:
     seconds = run.seconds_per_step or 0.0
     images = run.cfg.train.batch_size * run.cfg.train.gradient_accumulation_steps
-    return StepRecord(step=run.step, loss=step_loss, learning_rate=learning_rate, grad_norm=run.tier.grad_norm,
-                      seconds_per_step=seconds, images_per_second=images / seconds if seconds else 0.0,
-                      peak_memory_bytes=peak_bytes(run.plan), skipped_steps=run.skipped_steps, epoch=run.epoch,
-                      average_loss=average_loss(run.losses, math.ceil(run.steps_per_epoch)), **validation)
-
-
-def average_loss(losses: list[float], window: int) -> float | None:
-    """kohya's avr_loss: the mean of the last `window` (an epoch's) step losses, of all of them during the
-    first epoch; steps skipped for a NaN/Inf loss are left out. None before a finite loss."""
-    finite = [value for value in losses[-window:] if math.isfinite(value)]
-    return math.fsum(finite) / len(finite) if finite else None
+    return StepRecord(step=run.step, loss=result.loss, learning_rate=result.learning_rate,
+                      grad_norm=run.tier.grad_norm, seconds_per_step=seconds,
+                      images_per_second=images / seconds if seconds else 0.0, peak_memory_bytes=peak_bytes(run.plan),
+                      skipped_steps=run.skipped_steps, epoch=run.epoch, average_loss=run.average_loss,
+                      **result.phases, **validation)
 
 
 def loop(run: Run, metrics=None) -> None:
@@ -398,35 +349,18 @@ def loop(run: Run, metrics=None) -> None:
     anything with its `log` and `image`) one `StepRecord` after each step and the validation grids.
     Raises `Interrupted` after SIGINT/SIGTERM (a checkpoint saved) and SdtuneError after
     `train.max_bad_steps` NaN/Inf steps in a row."""
-    cfg, metrics = run.cfg, metrics or _NoMetrics()
-    accumulation, bad_in_a_row = cfg.train.gradient_accumulation_steps, 0
+    cfg, metrics, bad_in_a_row = run.cfg, metrics or _NoMetrics(), 0
     reset_peak(run.plan)
     saving = saves.check(run)
     if cfg.output.sample_at_start and run.step == 0:  # the base model's grid, to compare the others with
         run.log(f"samples: {_sample(run, metrics)}")
     with StopOnSignal(run.log) as stop:
         while run.step < cfg.train.max_steps:
-            started = time.perf_counter()
-            first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
-            if run.ema is not None:
-                run.ema.before_step(run.step + 1)
-            step_loss = sum(_micro_step(run, first + i, last=i == accumulation - 1)
-                            for i in range(accumulation)) / accumulation
-            step_loss = run.world.mean(step_loss)  # the global batch's: every rank decides alike
-            finite = math.isfinite(step_loss)
-            stepped = _optimizer_step(run, finite)
-            if run.ema is not None:
-                run.ema.after_step(stepped)
-            run.skipped_steps += not stepped
-            bad = not finite or not (stepped or run.scaler.is_enabled())  # fp16 overflow: the scaler's business
-            bad_in_a_row = bad_in_a_row + 1 if bad else 0
-            run.step += 1
-            run.losses.append(step_loss)
-            run.step_times.append(time.perf_counter() - started)
-            run.seconds += run.step_times[-1]
+            result = train_step(run)
+            bad_in_a_row = bad_in_a_row + 1 if result.bad else 0
             due = cfg.output.validate_every and run.step % cfg.output.validate_every == 0
             validation = run.validation.evaluate(run, evaluation_mode(run)) if due else {}
-            metrics.log(_record(run, step_loss, learning_rate, validation))
+            metrics.log(_record(run, result, validation))
             if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
                 raise _too_many_bad_steps(run, bad_in_a_row)
             if run.world.any(bool(stop.signum)):  # a signal that reached one rank stops all of them here

@@ -52,9 +52,71 @@ class StepRecord:
     average_loss: float | None = None  # kohya's avr_loss: the mean loss of the last epoch's steps
     validation_loss: float | None = None  # after steps that evaluate it (output.validate_every)
     ema_validation_loss: float | None = None  # ... and of the EMA weights, with train.ema_decay
+    # SDTUNE_PROFILE=1 (`Phases`): the step's seconds waiting for its micro-batches (images, VAE or cache),
+    # in forward and backward, and in the optimizer step (the tier's host pass included); absent otherwise
+    data_seconds: float | None = None
+    forward_backward_seconds: float | None = None
+    optimizer_seconds: float | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The record as `metrics.jsonl` writes it: the phase seconds only where the step was profiled."""
+        fields = dataclasses.asdict(self)
+        return {key: value for key, value in fields.items() if key not in PHASE_FIELDS or value is not None}
+
+
+PHASE_FIELDS = ("data_seconds", "forward_backward_seconds", "optimizer_seconds")
+PROFILE_ENV = "SDTUNE_PROFILE"
+
+
+class Phases:
+    """Seconds spent in each phase of one step (data, forward_backward, optimizer), with SDTUNE_PROFILE=1;
+    `fields()` are the `StepRecord` fields they fill.
+
+    On, the device is synchronized at every phase boundary so that a phase's seconds are its own: CUDA runs
+    asynchronously, and without the syncs the GPU's work is billed to whichever phase next waits for it.
+    The syncs slow the step a little and change no loss. Off (the default), `phases(name)` is a shared null
+    context: no clock is read, no sync made, `seconds` is None.
+
+        phases = Phases.from_env("cuda")
+        with phases("data"): ...
+        phases.seconds    # {"data": 0.012, ...} or None
+    """
+
+    def __init__(self, device: str, on: bool = False):
+        self.device, self.on = device, on
+        self.seconds: dict[str, float] | None = {} if on else None
+
+    def fields(self) -> dict[str, float]:
+        """{"<phase>_seconds": seconds} for `StepRecord`; empty when off."""
+        return {f"{phase}_seconds": seconds for phase, seconds in (self.seconds or {}).items()}
+
+    @classmethod
+    def from_env(cls, device: str) -> Phases:
+        return cls(device, on=os.environ.get(PROFILE_ENV, "") not in ("", "0"))
+
+    def __call__(self, name: str) -> contextlib.AbstractContextManager:
+        return self._timed(name) if self.on else _OFF
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        import time
+
+        self._sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+
+_OFF = contextlib.nullcontext()
 
 
 class Sink(Protocol):
@@ -199,6 +261,7 @@ class TensorBoardSink:
             "train/skipped_steps": record.skipped_steps,
             "validation/loss": record.validation_loss,
             "validation/ema_loss": record.ema_validation_loss,
+            **{f"profile/{key}": getattr(record, key) for key in PHASE_FIELDS},
         }
         for tag, value in scalars.items():
             if value is not None:

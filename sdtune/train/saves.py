@@ -22,6 +22,8 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from sdtune.train.state import Run
+
 SAVES = "saves"
 
 
@@ -29,7 +31,7 @@ def path_at(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / SAVES / f"step-{step:06d}.safetensors"
 
 
-def check(run) -> bool:
+def check(run: Run) -> bool:
     """Whether this run writes saves: one is asked for, and a full fine-tune's model is one the clients
     read (else one line says why none will be written)."""
     from sdtune.export.single_file import unreadable_reason
@@ -44,7 +46,7 @@ def check(run) -> bool:
     return not reason
 
 
-def due(run) -> bool:
+def due(run: Run) -> bool:
     """Whether the step just finished is one to save at: a multiple of `output.save_every` steps, or the
     step that ends every `output.save_every_epochs`-th pass over the images (`run.passes`)."""
     out, step, every = run.cfg.output, run.step, run.cfg.output.save_every_epochs
@@ -52,7 +54,7 @@ def due(run) -> bool:
                 or (every and run.passes(step) // every > run.passes(step - 1) // every))
 
 
-def write(run) -> Path | None:
+def write(run: Run) -> Path | None:
     """The save of `run.step`: its path on rank 0, None on the other ranks. A disk without room for it is
     one line, on every rank (checked first); a write the disk refuses all the same is one line too; nothing
     half-written stays."""
@@ -71,7 +73,7 @@ def write(run) -> Path | None:
     return path if run.world.main else None
 
 
-def _bytes(run) -> int:
+def _bytes(run: Run) -> int:
     """About what a save writes: the LoRA's fp32 weights, or every part of the model in
     output.save_precision."""
     from sdtune.export import single_file_bytes
@@ -82,7 +84,7 @@ def _bytes(run) -> int:
     return single_file_bytes(run.components, run.cfg.output.save_precision)
 
 
-def _write_lora(run, path: Path) -> None:
+def _write_lora(run: Run, path: Path) -> None:
     from sdtune.export.lora_files import kohya_metadata, save_kohya
 
     metadata = kohya_metadata(run.cfg, run.components, {"steps": run.step, "epoch": run.epoch},
@@ -93,7 +95,7 @@ def _write_lora(run, path: Path) -> None:
                    name=path.name)
 
 
-def _write_model(run, path: Path) -> None:
+def _write_model(run: Run, path: Path) -> None:
     import dataclasses
 
     from sdtune.export import export_single_file
@@ -110,7 +112,7 @@ def _write_model(run, path: Path) -> None:
         export_single_file(components, path.parent, name=path.name, precision=run.cfg.output.save_precision)
 
 
-def _exported_weights(run) -> dict:
+def _exported_weights(run: Run) -> dict:
     """What the export writes where the model's modules do not hold it, as {"<pipeline part>.<name>": tensor}
     (FSDP: the UNet's gathered state dict): the EMA's average, or an offload tier's fp32 masters."""
     if run.ema is not None:

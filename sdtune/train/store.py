@@ -12,6 +12,13 @@ straight into its buffers, so that resuming needs no more RAM than training), th
 written last. It is built under a temporary name, flushed to disk (fsync) and renamed into place, so a
 killed run never leaves a half checkpoint as the newest; one damaged later (a bad disk, a copy cut
 short) fails its manifest and the one before it is used, with a warning. The last `keep` are kept.
+
+What goes in is a `{name: Stateful}` of parts, as torchtitan's checkpointer takes them; the name says
+where a part lands (the format above is fixed, so the names are too):
+
+    save_checkpoint(out, 40, parts={"unet.safetensors": weights, "optimizer": tier, "lr_schedule": schedule,
+                                    "scaler": scaler, "state": counters}, config_toml=text, keep=2)
+    load_checkpoint(latest_checkpoint(out), parts=same_names)
 """
 
 from __future__ import annotations
@@ -21,13 +28,47 @@ import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from sdtune.errors import SdtuneError
 from sdtune.util.files import check_space_all_ranks, disk_errors, save_safetensors, sha256_file, sync, tensor_bytes
 from sdtune.util.run_folder import STATE, checkpoint_root, list_checkpoints
 from sdtune.util.world import World
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdtune.optim.tier import Tier
+
+OPTIMIZER = "optimizer"  # the tier: its state in training_state.pt (or sharded/), its own files, its masters
+TRAINING = ("lr_schedule", "scaler")  # the other parts training_state.pt holds, by these names
+COUNTERS = "state"  # the counters of state.json (step, losses, ...)
+WEIGHTS_SUFFIX = ".safetensors"  # a part named like this is a file of fp32 weights
+
+
+class Stateful(Protocol):
+    """A named part of a checkpoint, as torch.distributed.checkpoint's `Stateful` (torchtitan's shape)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Part:
+    """A `Stateful` of two callables: a placement's `weights` and `restore`, say."""
+
+    save: Callable[[], dict]
+    load: Callable[[dict], None]
+
+    def state_dict(self) -> dict:
+        return self.save()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load(state)
 
 
 def verify(path: Path) -> str | None:
@@ -57,21 +98,19 @@ def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Pat
     return None
 
 
-def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedule, scaler, state: dict,
-                    config_toml: str, keep: int, weights_file: str = "unet.safetensors", world: World | None = None,
-                    sharded=None, files: dict[str, dict] | None = None) -> Path:
-    """Write checkpoint `step` whole or not at all. Refused with one line, before anything is written, when
-    the disk has less free than it will take (the larger of its estimate and the previous checkpoint's
-    size); a write the OS refuses all the same (a full disk) removes the half-written folder and is one
-    line saying which folder, how much it needs, how much is free and that the previous checkpoint is
+def save_checkpoint(out_dir: Path, step: int, *, parts: Mapping[str, Stateful], config_toml: str, keep: int,
+                    world: World | None = None, sharded: torch.nn.Module | None = None) -> Path:
+    """Write checkpoint `step` of `parts` whole or not at all. Refused with one line, before anything is
+    written, when the disk has less free than it will take (the larger of its estimate and the previous
+    checkpoint's size); a write the OS refuses all the same (a full disk) removes the half-written folder and
+    is one line saying which folder, how much it needs, how much is free and that the previous checkpoint is
     intact. Folders of earlier unfinished writes (`step-N.tmp`) are removed first, and with `keep` >= 2 the
-    oldest checkpoint beyond `keep - 1` too (the disk holds `keep` at most). `files`: more fp32
-    weights, {file name: weights} (the EMA's `ema.safetensors`, a trained text encoder's).
+    oldest checkpoint beyond `keep - 1` too (the disk holds `keep` at most).
 
     Several processes (`world`) all call it: every rank's torch RNG goes into rank 0's files; with
-    `sharded` (an FSDP placement: `unet`, `tier.optimizer`) every rank first writes its shards into
-    `sharded/` (torch.distributed.checkpoint); rank 0 then writes the rest and `state.json`, whose
-    manifest covers every rank's files, and renames the folder into place. No rank goes on before."""
+    `sharded` (an FSDP-wrapped UNet) every rank first writes its and the optimizer's shards into `sharded/`
+    (torch.distributed.checkpoint); rank 0 then writes the rest and `state.json`, whose manifest covers every
+    rank's files, and renames the folder into place. No rank goes on before."""
     world = world or World()
     root = checkpoint_root(out_dir)
     final = root / f"step-{step:06d}"
@@ -80,13 +119,13 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
     rngs = world.gather(_rng_state())
     kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
     fix = f"{kept}; free space there and continue with --resume"
-    needed = 0
+    needed, tier = 0, parts[OPTIMIZER]
     if world.main:
         _remove_unfinished(root)
         _prune_before(out_dir, previous, keep)
-        state = {**state, "world_size": world.size}
-        files = {**({weights_file: weights} if sharded is None else {}), **(files or {})}
-        training = _training_state(tier, lr_schedule, scaler, rngs, optimizer=sharded is None)
+        state = {**parts[COUNTERS].state_dict(), "world_size": world.size}
+        files = {name: part.state_dict() for name, part in parts.items() if name.endswith(WEIGHTS_SUFFIX)}
+        training = _training_state(parts, rngs, optimizer=sharded is None)
         needed = max(_estimate(files, training, tier, state, config_toml), _size(previous))
     check_space_all_ranks(world, root, needed, f"checkpoint {final.name}", fix)  # none waits at a barrier
     def remove_tmp() -> None:
@@ -99,10 +138,10 @@ def save_checkpoint(out_dir: Path, step: int, *, weights: dict, tier, lr_schedul
             from sdtune.train.parallel import SHARDED, save_sharded
 
             world.barrier()
-            save_sharded(tmp / SHARDED, sharded.unet, tier.optimizer)
+            save_sharded(tmp / SHARDED, sharded, tier.optimizer)
             world.barrier()
         if world.main:
-            _write_files(tmp, step, files, training, tier, state, config_toml)
+            _write_files(tmp, step, _Contents(files, training, tier, state, config_toml))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -165,74 +204,91 @@ def _rng_state() -> dict:
     return rng
 
 
-def _training_state(tier, lr_schedule, scaler, rngs: list, optimizer: bool = True) -> dict:
+def _training_state(parts: Mapping[str, Stateful], rngs: list, optimizer: bool = True) -> dict:
     """What `training_state.pt` holds; `optimizer` false: the AdamW state is in `sharded/` already."""
-    training = {"lr_schedule": lr_schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0]}
+    training = {name: parts[name].state_dict() for name in TRAINING} | {"rng": rngs[0]}
     if len(rngs) > 1:
         training["rank_rng"] = rngs
     if optimizer:
-        training["optimizer"] = tier.state_dict()
+        training[OPTIMIZER] = parts[OPTIMIZER].state_dict()
     return training
 
 
-def _write_files(folder: Path, step: int, files: dict[str, dict], training: dict, tier, state: dict,
-                 config_toml: str) -> None:
-    """Rank 0's files: `files` of fp32 weights, the training state, the tier's files, and `state.json` last."""
+@dataclass(frozen=True)
+class _Contents:
+    """What rank 0 writes into the folder, `state.json` last."""
+
+    files: dict[str, dict]   # {file name: fp32 weights}
+    training: dict           # training_state.pt
+    tier: Tier               # its own files (the nvme tier's state)
+    state: dict              # state.json's counters
+    config_toml: str
+
+
+def _write_files(folder: Path, step: int, contents: _Contents) -> None:
+    """Rank 0's files: the fp32 weights, the training state, the tier's files, and `state.json` last."""
     import numpy as np
     import torch
-    for name, weights in files.items():
+    for name, weights in contents.files.items():
         save_safetensors({k: v.detach().float().contiguous().cpu() for k, v in weights.items()}, folder / name)
     with open(folder / "training_state.pt", "wb") as file:  # a file object: a failed write keeps its OSError
-        torch.save(training, file)
-    tier.save_files(folder)  # optimizer state kept in files (the nvme tier)
-    (folder / "config.toml").write_text(config_toml, encoding="utf-8")
+        torch.save(contents.training, file)
+    contents.tier.save_files(folder)  # optimizer state kept in files (the nvme tier)
+    (folder / "config.toml").write_text(contents.config_toml, encoding="utf-8")
     manifest = {}
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         sync(file)
         manifest[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
     python_rng = random.getstate()
     numpy_rng = np.random.get_state()
-    payload = {**state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+    payload = {**contents.state, "step": step, "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
                "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]], "manifest": manifest}
     (folder / STATE).write_text(json.dumps(payload))  # last: its presence marks the checkpoint complete
     sync(folder / STATE)
     sync(folder)
 
 
-def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_schedule, scaler,
-                    weights_file: str = "unet.safetensors", world: World | None = None, sharded=None,
-                    files: dict[str, Callable[[dict], None]] | None = None) -> dict:
-    """Restore everything `save_checkpoint` wrote into the live objects (the weights through `restore`, or
-    each rank's shards with `sharded`; each of `files`, {file name: restore}, through its own); return the
-    saved `state.json`. A checkpoint resumes on the number of processes that wrote it (SdtuneError otherwise).
-    `training_state.pt` is read with `weights_only=True`: a tampered file cannot run code.
+def load_checkpoint(path: Path, *, parts: Mapping[str, Stateful], world: World | None = None,
+                    sharded: torch.nn.Module | None = None, trained: str = "unet.safetensors") -> dict:
+    """Restore everything `save_checkpoint` wrote into `parts` (with `sharded`, each rank's shards into it);
+    return the saved `state.json`. A checkpoint resumes on the number of processes that wrote it
+    (SdtuneError otherwise). `training_state.pt` is read with `weights_only=True`: a tampered file cannot
+    run code.
 
     Resuming fits where training fits: the tier reads its state into the buffers it trains with (the host
     tier's file straight into its buckets), weights it restored that way are not read again from the
-    weights file, and each file is read only once what was read before it is in place and freed."""
-    import numpy as np
+    `trained` weights file, and each file is read only once what was read before it is in place and freed."""
     import torch
-    from safetensors.torch import load_file
 
-    world = world or World()
+    world, tier = world or World(), parts[OPTIMIZER]
     state = _read(path, STATE, lambda file: json.loads(file.read_text()))
     _check_world(path, state.get("world_size", 1), world.size)
     training = _read(path, "training_state.pt",
                      lambda file: torch.load(file, map_location="cpu", weights_only=True))
     if sharded is None:
-        tier.load_state_dict(training.pop("optimizer"))
+        tier.load_state_dict(training.pop(OPTIMIZER))
     else:
         from sdtune.train.parallel import SHARDED, load_sharded
 
-        load_sharded(path / SHARDED, sharded.unet, tier.optimizer)
+        load_sharded(path / SHARDED, sharded, tier.optimizer)
     tier.load_files(path)
-    if sharded is None:
-        restore(_read(path, weights_file, lambda file: _weights(file, tier.restored_weights())))
-    for name, load in (files or {}).items():
-        load(_read(path, name, load_file))
-    lr_schedule.load_state_dict(training["lr_schedule"])
-    scaler.load_state_dict(training["scaler"])
-    rng = training["rank_rng"][world.rank] if "rank_rng" in training else training["rng"]
+    for name, part in parts.items():
+        if name.endswith(WEIGHTS_SUFFIX):
+            reusable = tier.restored_weights() if name == trained else {}  # the others: read whole
+            part.load_state_dict(_read(path, name, lambda file, kept=reusable: _weights(file, kept)))
+    for name in TRAINING:
+        parts[name].load_state_dict(training[name])
+    _set_rng(training["rank_rng"][world.rank] if "rank_rng" in training else training["rng"], state)
+    if COUNTERS in parts:
+        parts[COUNTERS].load_state_dict(state)
+    return state
+
+
+def _set_rng(rng: dict, state: dict) -> None:
+    """The torch, CUDA, python and numpy generators as the checkpoint left them (popped from `state`)."""
+    import numpy as np
+    import torch
+
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -242,7 +298,6 @@ def load_checkpoint(path: Path, *, restore: Callable[[dict], None], tier, lr_sch
         kind, keys, *rest = state.pop("numpy_rng")
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     state.pop("manifest", None)
-    return state
 
 
 def _read(path: Path, name: str, reader: Callable[[Path], object]):

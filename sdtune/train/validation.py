@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from sdtune.config import Config
-from sdtune.data import BatchStream, ImageFailed, Item, fit, scan_folder
+from sdtune.data import BatchStream, Item, fit, scan_folder
+from sdtune.data.batches import until_loaded
 from sdtune.errors import SdtuneError
 from sdtune.train import objective
 
@@ -74,7 +76,7 @@ class Validation:
             batches += [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
         return batches
 
-    def evaluate(self, run, mode) -> dict[str, float]:
+    def evaluate(self, run, mode: AbstractContextManager) -> dict[str, float]:
         """The validation loss of the trained weights, and of their moving average with `train.ema_decay`,
         inside `mode` (the trainer's evaluation mode: eval, autocast, the encoders on the device)."""
         with mode:
@@ -87,13 +89,11 @@ class Validation:
     def _loss(self, run) -> float:
         import torch
 
-        while True:
-            try:
-                with torch.no_grad():
-                    total = [self._batch_loss(run, b, items) for b, items in enumerate(self.batches())]
-                break
-            except ImageFailed:  # reported once by the stream; the set goes on without that image
-                continue
+        def every_batch() -> list[tuple[float, int]]:  # again without an image that failed (until_loaded)
+            with torch.no_grad():
+                return [self._batch_loss(run, b, items) for b, items in enumerate(self.batches())]
+
+        total = until_loaded(every_batch)
         if not total:
             raise SdtuneError("every validation image became unusable during the run (deleted, broken or "
                               "replaced): restore them, then continue with --resume")

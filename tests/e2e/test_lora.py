@@ -119,13 +119,13 @@ def test_prior_preservation_loss_is_instance_plus_weight_times_class(tiny_sd1, i
     assert not any(classes in item.example.image.parents for item in run.stream.items(0))
     params = [p for p in run.placement.unet.parameters() if p.requires_grad] if method == "full" else \
         list(run.placement.weights().values())
-    seed = run.cfg.train.seed * 1_000_003
-    instance = trainer._loss(run, run.stream, 0, seed)
-    prior = trainer._loss(run, run.class_stream, 0, seed + trainer.CLASS_SEED)
+    assert trainer.micro_batch_seed(run.cfg.train.seed, 0) == run.cfg.train.seed * 1_000_003
+    instance = trainer.micro_batch_loss(run, run.stream, 0)
+    prior = trainer.micro_batch_loss(run, run.class_stream, 0, salt=trainer.CLASS_SEED)
     (instance + 0.7 * prior).backward()
     expected = [p.grad.clone() for p in params]
     run.tier.zero_grad()
-    total = trainer._micro_step(run, 0)
+    total = trainer.micro_step(run, 0)
     assert total == pytest.approx(instance.item() + 0.7 * prior.item(), rel=1e-6)
     assert abs(instance.item() - prior.item()) > 1e-4  # two different batches
     for want, p in zip(expected, params, strict=True):

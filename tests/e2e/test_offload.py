@@ -1,5 +1,6 @@
 """The offload engine on the CPU: each tier trains exactly like plain AdamW, resumes, and refuses bad set-ups."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from support.helpers import final_unet, prepared, train
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
 from sdtune.optim.tier import clip_gradients
+from sdtune.train import checkpoint as run_checkpoint
 from sdtune.train import loop as trainer
 
 
@@ -127,10 +129,10 @@ def test_offload_with_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images
     run = prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", *_offload(tier, tmp_path / "state"),
                    "train.max_steps=6")
     assert next(run.components.unet.parameters()).dtype == torch.float16  # working precision on the device
-    run.scaler = run.tier.make_scaler("cpu", enabled=True, init_scale=2.0**40, backoff_factor=2.0**-8)
+    run = dataclasses.replace(run, scaler=run.tier.make_scaler("cpu", enabled=True, init_scale=2.0**40,
+                                                               backoff_factor=2.0**-8))
     before = {k: v.clone() for k, v in trainer.fp32_weights(run).items()}
-    trainer._micro_step(run, 0)
-    assert not trainer._optimizer_step(run)
+    assert not trainer.train_step(run).stepped
     assert all(torch.equal(before[k], v) for k, v in trainer.fp32_weights(run).items())
     trainer.loop(run)
     assert run.skipped_steps >= 1 and all(torch.isfinite(torch.tensor(run.losses)))
@@ -156,11 +158,11 @@ def test_nvme_tier_needs_much_less_host_memory_than_the_cpu_tier(tmp_path):
 def test_without_clipping_the_cpu_tier_steps_during_backward(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "o", "memory.optimizer_offload=cpu", "train.max_grad_norm=0")
     before = {k: v.clone() for k, v in trainer.fp32_weights(run).items()}
-    trainer._micro_step(run, 0)  # forward and backward only
+    trainer.micro_step(run, 0)  # forward and backward only
     assert all(b.stepped for b in run.optimizer._buckets)
     after_backward = {k: v.clone() for k, v in trainer.fp32_weights(run).items()}
     assert all(not torch.equal(before[k], after_backward[k]) for k in before)
-    trainer._optimizer_step(run)  # finds nothing left to do
+    trainer.optimizer_step(run)  # finds nothing left to do
     assert all(torch.equal(after_backward[k], v) for k, v in trainer.fp32_weights(run).items())
     assert not any(b.stepped for b in run.optimizer._buckets)
 
@@ -423,7 +425,8 @@ def test_resuming_the_host_tier_reads_its_state_into_its_own_buffers(tiny_sd1, i
         restored.update(weights)
         run.placement.restore(weights)
 
-    checkpoint.load_checkpoint(saved, restore=restore, tier=run.tier, lr_schedule=run.lr_schedule, scaler=run.scaler)
+    parts = {**run_checkpoint.parts(run), "unet.safetensors": checkpoint.Part(run.placement.weights, restore)}
+    checkpoint.load_checkpoint(saved, parts=parts)
     assert [t.data_ptr() for t in buffers] == where  # filled in place
     expected = first.optimizer.state_dict()
     for b, master, before in zip(opt._buckets, expected["masters"], expected["state"].values(), strict=True):
@@ -573,8 +576,7 @@ def test_a_host_tier_checkpoint_with_its_state_in_the_pickle_still_resumes(tiny_
     torch.save({**training, "optimizer": first.optimizer.state_dict()}, saved / "training_state.pt")
     (saved / "optimizer_state.bin").unlink()
     run = prepared(tiny_sd1, images, tmp_path / "second", *sets)
-    checkpoint.load_checkpoint(saved, restore=run.placement.restore, tier=run.tier, lr_schedule=run.lr_schedule,
-                               scaler=run.scaler)
+    checkpoint.load_checkpoint(saved, parts=run_checkpoint.parts(run))
     expected, loaded = first.optimizer.state_dict(), run.optimizer.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(loaded["masters"], expected["masters"], strict=True))
     assert all(torch.equal(loaded["state"][i][k], expected["state"][i][k])

@@ -1,5 +1,6 @@
 """The training recipe end to end on tiny models: `sdtune train` as a user runs it, plus equivalences."""
 
+import dataclasses
 import json
 
 import pytest
@@ -26,7 +27,7 @@ def test_recipe_losses_are_pinned(tiny_sd1, tiny_sd2, images, tmp_path):
 
 def _fixed_batch_loss(run, batches=8) -> float:
     """Mean loss over micro-batches 0..7: the same images, noise and timesteps every time it is asked."""
-    value = sum(trainer._micro_step(run, k) for k in range(batches)) / batches
+    value = sum(trainer.micro_step(run, k) for k in range(batches)) / batches
     run.optimizer.zero_grad(set_to_none=True)
     return value
 
@@ -43,6 +44,21 @@ def test_training_fits_a_small_dataset(version, tiny_sd1, tiny_sd2, tmp_path):
     before = _fixed_batch_loss(run)
     trainer.loop(run)
     assert _fixed_batch_loss(run) < 0.7 * before
+
+
+def test_train_step_profiles_its_phases_without_changing_the_loss(tiny_sd1, images, tmp_path, monkeypatch):
+    """The public step: its loss, whether it stepped, the progress it leaves; SDTUNE_PROFILE=1 adds each
+    phase's seconds and changes no loss (the step after it is the same too)."""
+    plain = prepared(tiny_sd1, images, tmp_path / "plain", "train.max_steps=2")
+    results = [trainer.train_step(plain) for _ in range(2)]
+    assert all(r.stepped and not r.bad and r.phases == {} for r in results)
+    assert plain.step == 2 and plain.losses == [r.loss for r in results] and plain.skipped_steps == 0
+    monkeypatch.setenv("SDTUNE_PROFILE", "1")
+    profiled = prepared(tiny_sd1, images, tmp_path / "profiled", "train.max_steps=2")
+    timed = [trainer.train_step(profiled) for _ in range(2)]
+    assert [r.loss for r in timed] == [r.loss for r in results]
+    assert all(sorted(r.phases) == ["data_seconds", "forward_backward_seconds", "optimizer_seconds"]
+               and min(r.phases.values()) > 0 for r in timed)
 
 
 def test_output_folder_loads_with_plain_diffusers_and_samples(tiny_sd1, images, tmp_path):
@@ -115,7 +131,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_sd1, imag
     runs = [prepared(tiny_sd1, images, tmp_path / f"o{flag}", f"memory.gradient_checkpointing={flag}")
             for flag in ("false", "true")]
     assert runs[1].components.unet.is_gradient_checkpointing and not runs[0].components.unet.is_gradient_checkpointing
-    losses = [trainer._micro_step(run, 0) for run in runs]
+    losses = [trainer.micro_step(run, 0) for run in runs]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     grads = [dict(run.components.unet.named_parameters()) for run in runs]
     for name, param in grads[0].items():
@@ -126,10 +142,9 @@ def test_fp16_loss_scaling_skips_overflowing_steps(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "o", "memory.precision=fp16", "train.max_steps=6")
     assert run.scaler.is_enabled() and run.components.vae.dtype == torch.float16
     # A scale that guarantees fp16 overflow in backward, backing off fast so later steps go through.
-    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8)
+    run = dataclasses.replace(run, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8))
     before = {k: v.clone() for k, v in run.components.unet.state_dict().items()}
-    trainer._micro_step(run, 0)
-    assert not trainer._optimizer_step(run)
+    assert not trainer.train_step(run).stepped
     assert run.scaler.get_scale() == 2.0**32
     assert all(torch.equal(before[k], v) for k, v in run.components.unet.state_dict().items())
     trainer.loop(run)  # the scale backs off until steps go through

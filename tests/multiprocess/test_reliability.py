@@ -5,6 +5,7 @@ as the test process has); the rest run in this process. Out of memory is simulat
 micro step raises `torch.OutOfMemoryError` as CUDA's allocator would.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -120,7 +121,7 @@ def test_the_stop_handler_ignores_a_second_signal_and_restores_the_previous_hand
                                                                                      monkeypatch):
     run = prepared(tiny_sd1, images, tmp_path / "out", "train.max_steps=50")
     messages = []
-    run.log = messages.append
+    run = dataclasses.replace(run, log=messages.append)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     real_save = trainer._save
 
@@ -236,15 +237,15 @@ def _cloned(weights: dict) -> dict:
 
 def _out_of_memory_at(monkeypatch, when) -> list:
     """Make the micro step raise torch.OutOfMemoryError once for each (index, plan) that `when` accepts."""
-    real, raised = trainer._micro_step, []
+    real, raised = trainer.micro_step, []
 
-    def micro_step(run, index, last=True):
+    def micro_step(run, index, last=True, phases=None):
         if when(index, run.cfg.memory) and (index, run.cfg.memory) not in raised:
             raised.append((index, run.cfg.memory))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated)")
-        return real(run, index, last)
+        return real(run, index, last, phases)
 
-    monkeypatch.setattr(trainer, "_micro_step", micro_step)
+    monkeypatch.setattr(trainer, "micro_step", micro_step)
     return raised
 
 

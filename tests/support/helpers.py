@@ -27,14 +27,13 @@ def train(model, images, out, *extra):
 
 def batch(stream, index):
     """(pixels, captions) of batch `index` as training takes it: a file that fails is replaced from its bucket."""
-    from sdtune.data import ImageFailed
+    from sdtune.data.batches import until_loaded
 
-    while True:
+    def load():
         items = stream.items(index)
-        try:
-            return stream.pixels(items), [item.caption for item in items]
-        except ImageFailed:
-            continue
+        return stream.pixels(items), [item.caption for item in items]
+
+    return until_loaded(load)
 
 
 def assert_resume_is_bitwise(model, images, tmp_path, *args, last: int, resume_from: int):

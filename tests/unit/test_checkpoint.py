@@ -10,6 +10,7 @@ import torch
 from support.helpers import final_unet, prepared, train
 
 from sdtune.errors import SdtuneError
+from sdtune.train import checkpoint as run_checkpoint
 from sdtune.train import loop as trainer
 from sdtune.train import store as checkpoint
 from sdtune.util.files import sha256_file
@@ -74,8 +75,7 @@ def test_a_checkpoint_whose_unpickling_would_run_code_is_refused(tiny_sd1, image
     (target / "state.json").write_text(json.dumps(state))
     run = prepared(tiny_sd1, images, tmp_path / "fresh", "train.max_steps=4")
     with pytest.raises(SdtuneError, match="checkpoint .*step-000002 is unreadable"):
-        checkpoint.load_checkpoint(target, restore=run.placement.restore, tier=run.tier,
-                                   lr_schedule=run.lr_schedule, scaler=run.scaler)
+        checkpoint.load_checkpoint(target, parts=run_checkpoint.parts(run))
     assert not marker.exists()
 
 

@@ -133,22 +133,11 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
 
     from sdtune.estimate import trace
     from sdtune.estimate.memtrack import MemoryTracker
-    from sdtune.family.meta import meta_model
-    from sdtune.plan import make_plan, resolve_attention
     from sdtune.train.method import method_for
 
     started = time.perf_counter()
     device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")
-    source = model or cfg.model.pretrained
-    if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
-        source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
-    parts = meta_model(source)
-    if cfg.model.init == "random" and cfg.model.architecture:  # pretraining another UNet on the base's encoders
-        from sdtune.family.scratch import check_fits, unet_config_dir
-
-        folder = unet_config_dir(cfg.model.architecture, source)
-        parts = dataclasses.replace(parts, unet=archs.build_part(folder, "diffusers", "UNet2DConditionModel"))
-        check_fits(parts, cfg.model.architecture)
+    parts = _meta_parts(cfg, model)
     parked, vae = [], parts.vae  # parked: encoders whose outputs are cached leave the GPU before step 1
     if not frozen_on_device or cfg.data.cache_latents:
         parked.append(parts.vae)
@@ -156,14 +145,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not frozen_on_device or cfg.data.cache_text:
         parked.extend(parts.text_encoders)
         parts = dataclasses.replace(parts, text_encoders=())
-    tracker = MemoryTracker("meta")
-    plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
-    if gpus > 1:
-        from sdtune.train.parallel import resolve_mode
-        from sdtune.util.world import World
-
-        plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, World(size=gpus)))
-    method = method_for(cfg)
+    tracker, plan, method = MemoryTracker("meta"), _plan(cfg, device, gpus), method_for(cfg)
     trained = trace.place(parts, plan, method, tracker)
     cond = trace.encode(parts, plan, cfg, tracker, grad=method.trains_text_encoders)
     footprint = _footprint(trained.all_params, plan, cfg)
@@ -187,6 +169,37 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
 
         result = per_card(result, cfg, parts.unet, plan, gpus)
     return result
+
+
+def _meta_parts(cfg: Config, model: str | None):
+    """`model` (None: the config's, or its architecture for a hub id) on the meta device; with
+    `model.init=random` and `model.architecture`, that UNet on the base's encoders."""
+    from sdtune.family.meta import meta_model
+
+    source = model or cfg.model.pretrained
+    if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
+        source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
+    parts = meta_model(source)
+    if cfg.model.init == "random" and cfg.model.architecture:  # pretraining another UNet on the base's encoders
+        from sdtune.family.scratch import check_fits, unet_config_dir
+
+        folder = unet_config_dir(cfg.model.architecture, source)
+        parts = dataclasses.replace(parts, unet=archs.build_part(folder, "diffusers", "UNet2DConditionModel"))
+        check_fits(parts, cfg.model.architecture)
+    return parts
+
+
+def _plan(cfg: Config, device: str, gpus: int):
+    """The plan the trainer resolves for `device`, and for `gpus` > 1 its distributed mode."""
+    from sdtune.plan import make_plan, resolve_attention
+
+    plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
+    if gpus > 1:
+        from sdtune.train.parallel import resolve_mode
+        from sdtune.util.world import World
+
+        plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, World(size=gpus)))
+    return plan
 
 
 def _is_hub_id(source: str) -> bool:
@@ -226,7 +239,7 @@ def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list) 
     loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
     working = plan.working_dtype
     held = sum(numel(m) * (parts.family.vae_dtype(m, working) if m is vae else working).itemsize for m in parked)
-    if method.adapters and plan.param_offload == "cpu":
+    if method.frozen_unet and plan.param_offload == "cpu":
         held += sum(p.numel() for p in parts.unet.parameters() if not p.requires_grad) * plan.working_dtype.itemsize
     tier, resume = tier_class(plan), 0
     if plan.device != "cpu" and not tier.host_gradients and plan.distributed != "fsdp":  # fsdp: each rank its shards

@@ -37,7 +37,7 @@ def place(parts: MetaModel, plan: Plan, method: Method, tracker: MemoryTracker) 
     from sdtune.train.placement import cast_parts
 
     trained = cast_parts(parts, plan, method, "meta", label=tracker.add)
-    if not method.adapters and (tier_class(plan).host_gradients or plan.distributed == "fsdp"):
+    if not method.frozen_unet and (tier_class(plan).host_gradients or plan.distributed == "fsdp"):
         parts.unet.to(plan.working_dtype)
         if plan.param_offload != "cpu":  # streamed weights are counted as the streamer copies them in
             tracker.add(list(parts.unet.parameters()), "weights")
@@ -98,7 +98,7 @@ def step(parts: MetaModel, plan: Plan, cfg: Config, method: Method, tracker: Mem
     # xformers is traced as SDPA: CudaSemantics gives both the memory-efficient kernels' footprint
     configure(unet, dataclasses.replace(plan, attention="sdpa"), checkpoint=_checkpoint(cuda, tracker))
     if plan.param_offload == "cpu":
-        category = "frozen" if method.adapters else "weights"
+        category = "frozen" if method.frozen_unet else "weights"
         stream(unet, method, plan, "meta", on_copy=lambda copy: tracker.relabel(copy, category))
     # each gradient leaves for the host tier, or is stepped and dropped (fused_backward), as it is made
     freed = tier_class(plan).host_gradients or plan.fused_backward

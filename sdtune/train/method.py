@@ -59,7 +59,7 @@ class Method(ABC):
 
     text_encoders: bool = False
     weights_file: ClassVar[str]  # the checkpoint file of what trains
-    adapters: ClassVar[bool]     # trains added weights on a frozen base (the UNet stays in the working precision)
+    frozen_unet: ClassVar[bool]  # the UNet is a frozen base in the working precision (a streamer moves it all)
 
     @property
     def trains_text_encoders(self) -> bool:
@@ -90,7 +90,7 @@ class FullFineTune(Method):
     encoder(s) train too, in fp32 on the device, in their own parameter group."""
 
     weights_file: ClassVar[str] = "unet.safetensors"
-    adapters: ClassVar[bool] = False
+    frozen_unet: ClassVar[bool] = False
 
     def prepare(self, components, plan, device) -> Trained:
         import torch
@@ -125,7 +125,7 @@ class Lora(Method):
     lora: LoraConfig | None = None
     seed: int = 0
     weights_file: ClassVar[str] = "lora.safetensors"
-    adapters: ClassVar[bool] = True
+    frozen_unet: ClassVar[bool] = True
 
     def prepare(self, components, plan, device) -> Trained:
         from sdtune.lora.adapter import attach, trainable

@@ -5,6 +5,10 @@ streamer and the optimizer tier together.
     placed.weights()                        # what trains, in fp32: what a checkpoint holds
     placed.close()                          # the tier's threads and files
 
+What trains, and how it is cast, is the method's (`sdtune.train.method`); `cast_parts`, `configure` and
+`stream` are the steps the estimator also runs, on meta-device parts (`sdtune.estimate.trace`), so that
+its figures are those of this placement; the tier and the host buffers are built here only.
+
 The frozen VAE and text encoder(s) go to the compute device in the working precision (SDXL's VAE stays
 fp32 under fp16, where it overflows: `Family.vae_dtype`). The trainable UNet
 is fp32: with the in-device tier it moves to the device as it is (autocast computes in half precision);
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING
 from sdtune.config import Config
 from sdtune.optim.tier import Tier, make_tier
 from sdtune.plan import Plan
-from sdtune.train.method import Method, Trained, method_for
+from sdtune.train.method import FullFineTune, Lora, Method, Trained, method_for
 
 if TYPE_CHECKING:
     import torch
@@ -62,13 +66,13 @@ class Placement:
     @property
     def lora(self) -> dict[str, torch.nn.Module] | None:
         """train.method=lora: {pipeline name: module with an adapter}; None for a full fine-tune."""
-        return self.modules if self.method.adapters else None
+        return self.modules if isinstance(self.method, Lora) else None
 
     @property
     def text_encoders(self) -> dict[str, torch.nn.Module] | None:
         """train.text_encoder_lr: {pipeline name: text encoder}, trained whole in fp32 (None otherwise; a
         LoRA's text-encoder adapters are in `lora`)."""
-        if self.method.adapters:
+        if not isinstance(self.method, FullFineTune):  # a LoRA's text-encoder adapters are in `lora`
             return None
         return {name: module for name, module in self.modules.items() if name != "unet"} or None
 
@@ -126,7 +130,7 @@ def place(components: Components, plan: Plan, cfg: Config) -> Placement:
     the VAE and text encoder(s), and build the optimizer tier (and the streamer) over what trains."""
     method = method_for(cfg)
     unet, trained = components.unet, cast_parts(components, plan, method, plan.device)
-    host_frozen = _host_frozen(unet, plan) if method.adapters and plan.param_offload == "cpu" else None
+    host_frozen = _host_frozen(unet, plan) if method.frozen_unet and plan.param_offload == "cpu" else None
     configure(unet, plan)
     params = trained.params
     if plan.distributed == "fsdp":  # before the optimizer: it steps the shards
@@ -168,7 +172,7 @@ def cast_parts(components: Components, plan: Plan, method: Method, device: str, 
         if not streamed:
             label([p for p in components.unet.parameters() if not p.requires_grad], "frozen")  # a LoRA's base
         on_host = streamed or tier_class(plan).host_gradients  # a full fine-tune's UNet, a host tier's masters
-        label([p for p in trained.params if method.adapters or not on_host], "weights")
+        label([p for p in trained.params if method.frozen_unet or not on_host], "weights")
         label(trained.text_encoder_params, "weights")
     return trained
 

@@ -3,13 +3,14 @@
     cfg, info = load_config("rtx3050")
     estimate(cfg, info, "sd15").total      # bytes the card must hold; no GPU, no weights, a few seconds
 
-The real architecture is built on the meta device (shapes, no memory) and one step runs as the trainer
-runs it under the plan (the same `memory.Plan` the trainer gets, made by `memory.make_plan`): the frozen
-VAE encodes and the text encoder(s) embed a batch (no grad; SDXL's two, their contexts concatenated), the
-UNet runs forward and backward with the plan's precision, checkpointing and attention, and with its
-optimizer tier's gradient handling (`OffloadAdamW` sends each gradient to the host as it is produced) or
-parameter streaming (the real `ParamStreamer`). `memtrack.MemoryTracker` follows every storage by
-category; the peak and what made it up are the estimate. Then what the meta device cannot show is added:
+The real architecture is built on the meta device (shapes, no memory) and one step runs through the
+trainer's own code (`sdtune.estimate.trace`) under the plan the trainer gets (`sdtune.plan.make_plan`):
+the placement's casts and adapters (`sdtune.train.placement.cast_parts`, per `sdtune.train.method`), the
+VAE and the family's own text encoding of a batch, and the one objective (`sdtune.train.objective`)
+forward and backward with the plan's precision, checkpointing and attention, and with its optimizer
+tier's gradient handling (`OffloadAdamW` sends each gradient to the host as it is produced) or parameter
+streaming (the real `ParamStreamer`). `memtrack.MemoryTracker` follows every storage by category; the
+peak and what made it up are the estimate. Then what the meta device cannot show is added:
 
 - Attention runs as CUDA's flash / memory-efficient kernels (and xformers) do: they keep q, k, v, the
   output and a log-sum-exp for backward, never the L x L score matrix a CPU math kernel materialises
@@ -38,7 +39,6 @@ from dataclasses import dataclass, field
 
 from sdtune.config import Config, PresetInfo
 from sdtune.errors import SdtuneError
-from sdtune.estimate.cuda import CudaSemantics
 from sdtune.family import archs
 
 GIB = 2**30
@@ -131,12 +131,51 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     SdtuneError when the plan cannot run that way."""
     import torch
 
+    from sdtune.estimate import trace
     from sdtune.estimate.memtrack import MemoryTracker
-    from sdtune.family.meta import meta_model
-    from sdtune.plan import make_plan, resolve_attention
+    from sdtune.train.method import method_for
 
     started = time.perf_counter()
     device = device or ("cpu" if cfg.memory.device == "cpu" else "cuda")
+    parts = _meta_parts(cfg, model)
+    parked, vae = [], parts.vae  # parked: encoders whose outputs are cached leave the GPU before step 1
+    if not frozen_on_device or cfg.data.cache_latents:
+        parked.append(parts.vae)
+        parts = dataclasses.replace(parts, vae=None)
+    if not frozen_on_device or cfg.data.cache_text:
+        parked.extend(parts.text_encoders)
+        parts = dataclasses.replace(parts, text_encoders=())
+    tracker, plan, method = MemoryTracker("meta"), _plan(cfg, device, gpus), method_for(cfg)
+    trained = trace.place(parts, plan, method, tracker)
+    cond = trace.encode(parts, plan, cfg, tracker, grad=method.trains_text_encoders)
+    footprint = _footprint(trained.all_params, plan, cfg)
+    state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
+    tracker.add([state], "optimizer_state")
+    milestones = trace.step(parts, plan, cfg, method, tracker, cond, trained)
+    at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
+    allocated = sum(at_peak.values())
+    overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
+    context = CUDA_CONTEXT if device == "cuda" else 0
+    total = allocated + overhead + context
+    result = Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
+                      batch_size=cfg.train.batch_size, device=device,
+                      categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
+                      peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
+                      host_ram=_host_ram(parts, vae, parked, plan, footprint, method, trained.all_params),
+                      disk=footprint.disk, card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2),
+                      milestones=milestones)
+    if gpus > 1:
+        from sdtune.estimate.per_card import per_card
+
+        result = per_card(result, cfg, parts.unet, plan, gpus)
+    return result
+
+
+def _meta_parts(cfg: Config, model: str | None):
+    """`model` (None: the config's, or its architecture for a hub id) on the meta device; with
+    `model.init=random` and `model.architecture`, that UNet on the base's encoders."""
+    from sdtune.family.meta import meta_model
+
     source = model or cfg.model.pretrained
     if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
         source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
@@ -147,44 +186,20 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
         folder = unet_config_dir(cfg.model.architecture, source)
         parts = dataclasses.replace(parts, unet=archs.build_part(folder, "diffusers", "UNet2DConditionModel"))
         check_fits(parts, cfg.model.architecture)
-    parked, vae = [], parts.vae  # parked: encoders whose outputs are cached leave the GPU before step 1
-    if not frozen_on_device or cfg.data.cache_latents:
-        parked.append(parts.vae)
-        parts = dataclasses.replace(parts, vae=None)
-    if not frozen_on_device or cfg.data.cache_text:
-        parked.extend(parts.text_encoders)
-        parts = dataclasses.replace(parts, text_encoders=())
-    tracker = MemoryTracker("meta")
+    return parts
+
+
+def _plan(cfg: Config, device: str, gpus: int):
+    """The plan the trainer resolves for `device`, and for `gpus` > 1 its distributed mode."""
+    from sdtune.plan import make_plan, resolve_attention
+
     plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
     if gpus > 1:
         from sdtune.train.parallel import resolve_mode
         from sdtune.util.world import World
 
         plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, World(size=gpus)))
-    trained = _place(parts, vae, plan, cfg, tracker)
-    encoders_train = (cfg.train.method == "lora" and cfg.lora.text_encoder) or cfg.train.text_encoder_lr > 0
-    with torch.set_grad_enabled(encoders_train):
-        cond = _frozen_pass(parts, vae, plan, cfg, tracker)
-    footprint = _footprint(trained, plan, cfg)
-    state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
-    tracker.add([state], "optimizer_state")
-    milestones = _unet_step(parts, plan, cfg, tracker, cond, trained)
-    at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
-    allocated = sum(at_peak.values())
-    overhead = int(allocated * ALLOCATOR_SLACK) + ALLOCATOR_POOLS + CUBLAS_WORKSPACE if device == "cuda" else 0
-    context = CUDA_CONTEXT if device == "cuda" else 0
-    total = allocated + overhead + context
-    result = Estimate(model=parts.label, preset=info.name, resolution=cfg.data.resolution,
-                      batch_size=cfg.train.batch_size, device=device,
-                      categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
-                      peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
-                      host_ram=_host_ram(parts, vae, parked, plan, footprint, cfg, trained), disk=footprint.disk,
-                      card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2), milestones=milestones)
-    if gpus > 1:
-        from sdtune.estimate.per_card import per_card
-
-        result = per_card(result, cfg, parts.unet, plan, gpus)
-    return result
+    return plan
 
 
 def _is_hub_id(source: str) -> bool:
@@ -194,170 +209,6 @@ def _is_hub_id(source: str) -> bool:
         return classify_source(source) == "hub"
     except SdtuneError:
         return False
-
-
-# ----------------------------------------------------------------------------------------------------
-# the traced step
-
-
-def _place(parts, vae, plan, cfg: Config, tracker) -> list:
-    """Cast the parts as `sdtune.train.placement` does and label their weights; return what trains.
-
-    The frozen parts take the working precision (an fp16 plan keeps a VAE whose config says `force_upcast`,
-    SDXL's, in fp32). A full fine-tune trains the UNet: fp32 on the device with the in-device tier, the
-    working precision there when a host tier holds the fp32 masters. With `train.method = "lora"` the UNet
-    is frozen in the working precision too, and peft's fp32 adapters (`sdtune.lora.adapter.attach`, on the
-    UNet and with `lora.text_encoder` on the encoders) are what trains. `train.text_encoder_lr` adds the
-    encoders, in fp32."""
-    import torch
-
-    from sdtune.optim.tier import tier_class
-
-    working, unet = plan.working_dtype, parts.unet
-    for module in parts.frozen:
-        module.requires_grad_(False)
-        module.to(_frozen_dtype(parts.family, vae, module, working))
-    if cfg.train.method == "lora":
-        from sdtune.lora.adapter import attach, trainable
-
-        unet.to(working)
-        trained = [p for module in attach(unet, parts.text_encoders, cfg.lora, seed=cfg.train.seed).values()
-                   for p in trainable(module)]
-    else:
-        compute = tier_class(plan).host_gradients or plan.distributed == "fsdp"  # fsdp: sdtune.estimate.per_card
-        unet.to(working if compute else torch.float32)
-        trained = list(unet.parameters())
-        if cfg.train.text_encoder_lr:  # the encoders train too, in fp32 on the device
-            for encoder in parts.text_encoders:
-                encoder.to(torch.float32).requires_grad_(True)
-                trained += list(encoder.parameters())
-    for module in parts.frozen:
-        tracker.add([p for p in module.parameters() if not p.requires_grad], "frozen")
-    streamed = plan.param_offload == "cpu"  # what is streamed is counted as the streamer copies it in
-    if not streamed:
-        tracker.add([p for p in unet.parameters() if not p.requires_grad], "frozen")  # a LoRA's base
-    if cfg.train.method == "lora" or not streamed:  # (a LoRA streams its frozen base, not its adapters)
-        tracker.add(trained, "weights")
-    return trained
-
-
-def _frozen_pass(parts, vae, plan, cfg: Config, tracker) -> tuple:
-    """Encode one batch as the trainer does. Returns the UNet's conditioning: the text context, and SDXL's
-    `added_cond_kwargs`. With LoRA on the text encoders, what their backward needs counts as activations."""
-    import torch
-
-    dtype, batch, side = plan.working_dtype, cfg.train.batch_size, cfg.data.resolution
-    with tracker, CudaSemantics():
-        tracker.phase = "temporaries"
-        if parts.vae is not None:
-            vae_dtype = next(parts.vae.parameters()).dtype
-            with torch.no_grad():
-                parts.vae.encode(torch.empty(batch, 3, side, side, dtype=vae_dtype, device="meta"))
-        if torch.is_grad_enabled():
-            tracker.phase = "activations"
-        text, pooled = _encode_text(parts, batch, dtype)
-        extra = {}
-        if parts.unet.config.addition_embed_type == "text_time":  # SDXL: pooled caption and six size numbers
-            extra = {"added_cond_kwargs": {"text_embeds": pooled,
-                                           "time_ids": torch.empty(batch, 6, dtype=dtype, device="meta")}}
-    return text, extra
-
-
-def _frozen_dtype(family, vae, module, working):
-    """A frozen part's precision under the plan: the working one, but the VAE (`vae`) as its family says
-    (`Family.vae_dtype`: SDXL's own VAE stays fp32 under fp16, as `sdtune.train.placement` keeps it)."""
-    return family.vae_dtype(module, working) if module is vae else working
-
-
-def _encode_text(parts, batch: int, dtype) -> tuple:
-    """The text context [B, 77, cross_attention_dim] and, for SDXL, the pooled embedding: from the encoders
-    as `sdtune.family` runs them (SDXL: each one's penultimate hidden states, concatenated, and the last
-    one's projection), or as the text cache hands them over when the encoders are parked."""
-    import torch
-
-    config = parts.unet.config
-    if not parts.text_encoders:
-        pooled_width = (config.projection_class_embeddings_input_dim or 0) - 6 * (config.addition_time_embed_dim or 0)
-        pooled = torch.empty(batch, pooled_width, dtype=dtype, device="meta") if pooled_width > 0 else None
-        return torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype, device="meta"), pooled
-    if len(parts.text_encoders) == 1 and config.addition_embed_type != "text_time":
-        encoder = parts.text_encoders[0]
-        return encoder(_tokens(encoder, batch))[0], None
-    hidden, pooled = [], None
-    for encoder in parts.text_encoders:
-        out = encoder(_tokens(encoder, batch), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # CLIPTextModelWithProjection's text_embeds
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def _tokens(encoder, batch: int):
-    import torch
-
-    tokens = min(77, encoder.config.max_position_embeddings)  # the tokenizer pads to this
-    return torch.zeros(batch, tokens, dtype=torch.long, device="meta")
-
-
-def _unet_step(parts, plan, cfg: Config, tracker, cond, trained: list) -> dict[str, dict[str, int]]:
-    """The UNet, placed by `_place`, configured as `sdtune.train.placement` configures it; then forward and
-    backward, with the tier's gradient handling on what trains."""
-    import torch
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from torch.utils.checkpoint import checkpoint
-
-    from sdtune.optim.tier import tier_class
-
-    unet, working = parts.unet, plan.working_dtype
-    # each gradient leaves for the host tier, or is stepped and dropped (fused_backward), as it is made
-    freed = tier_class(plan).host_gradients or plan.fused_backward
-    unet.set_attn_processor(AttnProcessor2_0())
-    unet.train()
-    cuda = CudaSemantics(autocast=working if plan.precision != "fp32" else None)
-    if plan.gradient_checkpointing:
-        def checkpointed(function, *args, **kwargs):
-            """diffusers' checkpointing minus RNG bookkeeping the meta device lacks; the recomputation in
-            backward runs under the same CUDA semantics, and what it makes counts as activations."""
-            def recompute(*args, **kwargs):
-                if cuda.active():
-                    return function(*args, **kwargs)
-                phase, tracker.phase = tracker.phase, "activations"
-                with cuda:
-                    out = function(*args, **kwargs)
-                tracker.phase = phase
-                return out
-            return checkpoint(recompute, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-
-        unet.enable_gradient_checkpointing(checkpointed)
-    if plan.param_offload == "cpu":
-        from sdtune.offload import ParamStreamer
-
-        lora = cfg.train.method == "lora"  # a LoRA streams its frozen base only
-        ParamStreamer(unet, "meta", prefetch_blocks=plan.param_prefetch_blocks,
-                      on_copy=lambda copy: tracker.relabel(copy, "frozen" if lora else "weights"),
-                      select=(lambda p: not p.requires_grad) if lora else None)
-    for p in trained:
-        p.register_post_accumulate_grad_hook(functools.partial(_on_grad, tracker, freed))
-    text, extra = cond
-    side, batch = cfg.data.resolution // 8, cfg.train.batch_size
-    latents = torch.empty(batch, unet.config.in_channels, side, side, device="meta")
-    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    with tracker:
-        tracker.phase = "activations"
-        with cuda:
-            prediction = unet(latents, timesteps, text, **extra).sample
-        cuda.end_forward()
-        forward_end = dict(tracker.current)
-        tracker.phase = "temporaries"  # backward runs outside the mode; recomputation re-enters it
-        loss = (prediction.float() - torch.empty_like(latents)).square().mean()
-        loss.backward()
-        del loss, prediction
-    return {"forward_end": forward_end, "backward_end": dict(tracker.current)}
-
-
-def _on_grad(tracker, freed: bool, param) -> None:
-    tracker.relabel(param.grad, "gradients")
-    if freed:
-        param.grad = None  # OffloadAdamW copies it to the host, InBackward steps it: freed on the device
 
 
 def _footprint(trained: list, plan, cfg: Config):
@@ -372,7 +223,7 @@ def _footprint(trained: list, plan, cfg: Config):
                                       ema=cfg.train.ema_decay > 0)
 
 
-def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config, trained: list) -> int:
+def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list) -> int:
     """Host bytes, whichever is most: the whole fp32 pipeline while it loads; what training holds there,
     the optimizer tier's state, the parked (cached) encoders in the working precision, and a streamed
     LoRA's frozen UNet in the working precision; or, resuming an optimizer that keeps its state on the GPU,
@@ -386,8 +237,9 @@ def _host_ram(parts, vae, parked: list, plan, footprint, cfg: Config, trained: l
 
     parked = [m for m in parked if m is not None]
     loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
-    held = sum(numel(m) * _frozen_dtype(parts.family, vae, m, plan.working_dtype).itemsize for m in parked)
-    if cfg.train.method == "lora" and plan.param_offload == "cpu":
+    working = plan.working_dtype
+    held = sum(numel(m) * (parts.family.vae_dtype(m, working) if m is vae else working).itemsize for m in parked)
+    if method.frozen_unet and plan.param_offload == "cpu":
         held += sum(p.numel() for p in parts.unet.parameters() if not p.requires_grad) * plan.working_dtype.itemsize
     tier, resume = tier_class(plan), 0
     if plan.device != "cpu" and not tier.host_gradients and plan.distributed != "fsdp":  # fsdp: each rank its shards

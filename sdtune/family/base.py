@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from sdtune.errors import SdtuneError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
 class Components:
     """A pipeline taken apart for training, with the family that knows how to put it back together."""
 
-    unet: Any
-    vae: Any
-    text_encoders: tuple      # one (SD 1.x/2.x) or two (SDXL), frozen
-    tokenizers: tuple         # one per text encoder
-    scheduler: Any            # the pipeline's own (sampling) scheduler; training derives a DDPM one from its config
-    family: Any               # a `sdtune.family.Family`
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: tuple[torch.nn.Module, ...]  # one (SD 1.x/2.x) or two (SDXL), frozen
+    tokenizers: tuple[PreTrainedTokenizerBase, ...]  # one per text encoder
+    scheduler: SchedulerMixin  # the pipeline's own (sampling) scheduler; training derives a DDPM one from it
+    family: Family
     options: dict = field(default_factory=dict)  # pipeline settings the family keeps (force_zeros_for_empty_prompt)
     origin: str = ""          # one line: what was loaded from where (a single file's configs and tokenizers)
 
@@ -44,8 +49,8 @@ class Components:
 class Conditioning:
     """What the text encoders give the UNet for a batch of captions."""
 
-    hidden: Any       # [B, tokens, width]: the cross-attention context
-    pooled: Any = None  # [B, width]: SDXL's pooled embedding of the second encoder; None for SD 1.x/2.x
+    hidden: torch.Tensor       # [B, tokens, width]: the cross-attention context
+    pooled: torch.Tensor | None = None  # [B, width]: SDXL's pooled embedding of the second encoder; None for SD 1.x/2.x
 
 
 class Family(ABC):
@@ -99,6 +104,12 @@ class Family(ABC):
     def encode(self, components: Components, captions: list[str], grad: bool = False) -> Conditioning:
         """The text encoders' output for `captions`, as the family's pipeline encodes prompts; with `grad`,
         differentiable (a text-encoder LoRA trains through it)."""
+
+    @abstractmethod
+    def encode_tokens(self, encoders: tuple[torch.nn.Module, ...], tokens: list[torch.Tensor],
+                      grad: bool = False) -> Conditioning:
+        """`encode` past the tokenizers: each encoder's output for its token ids (`[B, 77]`, one tensor per
+        encoder), on any device: the meta device too, where the estimator traces it."""
 
     def added_cond(self, cond: Conditioning, items, device, dtype) -> dict | None:
         """The UNet's `added_cond_kwargs` for a micro-batch of `sdtune.data.Item`s; None where it takes none."""

@@ -26,12 +26,14 @@ class StableDiffusion(Family):
                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def encode(self, components, captions: list[str], grad: bool = False) -> Conditioning:
+        tokens = tokenize(components.tokenizer, captions, next(components.text_encoder.parameters()).device)
+        return self.encode_tokens(components.text_encoders, [tokens], grad)
+
+    def encode_tokens(self, encoders, tokens, grad: bool = False) -> Conditioning:
         import torch
 
-        tokenizer, encoder = components.tokenizer, components.text_encoder
-        tokens = tokenize(tokenizer, captions, next(encoder.parameters()).device)
         with torch.set_grad_enabled(grad):
-            return Conditioning(hidden=encoder(tokens)[0])
+            return Conditioning(hidden=encoders[0](tokens[0])[0])
 
 
 def tokenize(tokenizer, captions: list[str], device):

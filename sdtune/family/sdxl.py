@@ -47,19 +47,26 @@ class StableDiffusionXL(Family):
     def encode(self, components, captions: list[str], grad: bool = False) -> Conditioning:
         import torch
 
-        hidden, pooled = [], None
-        with torch.set_grad_enabled(grad):
-            for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
-                out = encoder(tokenize(tokenizer, captions, next(encoder.parameters()).device),
-                              output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
-                pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
-            cond = Conditioning(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
-            if components.options.get("force_zeros_for_empty_prompt", True):
+        tokens = [tokenize(tokenizer, captions, next(encoder.parameters()).device)
+                  for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True)]
+        cond = self.encode_tokens(components.text_encoders, tokens, grad)
+        if components.options.get("force_zeros_for_empty_prompt", True):
+            with torch.set_grad_enabled(grad):
                 empty = torch.tensor([not caption for caption in captions], device=cond.hidden.device)
                 cond.hidden = torch.where(empty[:, None, None], 0.0, cond.hidden)
                 cond.pooled = torch.where(empty[:, None], 0.0, cond.pooled)
         return cond
+
+    def encode_tokens(self, encoders, tokens, grad: bool = False) -> Conditioning:
+        import torch
+
+        hidden, pooled = [], None
+        with torch.set_grad_enabled(grad):
+            for encoder, ids in zip(encoders, tokens, strict=True):
+                out = encoder(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+            return Conditioning(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
 
     def added_cond(self, cond: Conditioning, items, device, dtype) -> dict:
         import torch

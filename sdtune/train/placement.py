@@ -5,6 +5,10 @@ streamer and the optimizer tier together.
     placed.weights()                        # what trains, in fp32: what a checkpoint holds
     placed.close()                          # the tier's threads and files
 
+What trains, and how it is cast, is the method's (`sdtune.train.method`); `cast_parts`, `configure` and
+`stream` are the steps the estimator also runs, on meta-device parts (`sdtune.estimate.trace`), so that
+its figures are those of this placement; the tier and the host buffers are built here only.
+
 The frozen VAE and text encoder(s) go to the compute device in the working precision (SDXL's VAE stays
 fp32 under fp16, where it overflows: `Family.vae_dtype`). The trainable UNet
 is fp32: with the in-device tier it moves to the device as it is (autocast computes in half precision);
@@ -24,29 +28,53 @@ optimizer is built over its shards, and `weights()` gathers them (every rank cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sdtune.config import Config
-from sdtune.optim.tier import Tier, make_tier, tier_class
+from sdtune.optim.tier import Tier, make_tier
 from sdtune.plan import Plan
+from sdtune.train.method import FullFineTune, Lora, Method, Trained, method_for
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdtune.family.base import Components
+    from sdtune.offload import ParamStreamer
+    from sdtune.offload.pinned import PinnedBuffer
+
+Label = Callable[[list, str], None]  # (tensors, category): the estimator's tracker counts what is placed
 
 
 @dataclass
 class Placement:
+    method: Method
     tier: Tier
-    unet: Any
-    streamer: Any = None  # ParamStreamer with param_offload=cpu
-    lora: dict | None = None  # train.method=lora: {pipeline name: module with an adapter}
-    host_frozen: Any = None   # a streamed LoRA's frozen UNet weights: the host buffer they live in
-    model: Any = None         # what the loss calls: the UNet, or the UNet under DDP
+    unet: torch.nn.Module
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # what trains, by pipeline name
+    streamer: ParamStreamer | None = None      # with param_offload=cpu
+    host_frozen: PinnedBuffer | None = None    # a streamed LoRA's frozen UNet weights: the host buffer they live in
+    model: torch.nn.Module | None = None       # what the loss calls: the UNet, or the UNet under DDP
     distributed: str = "none"  # the plan's: "none", "ddp" or "fsdp"
-    text_encoders: dict | None = None  # train.text_encoder_lr: {pipeline name: text encoder}, trained in fp32
     closed: bool = False
 
     def __post_init__(self):
         if self.model is None:
             self.model = self.unet
+
+    @property
+    def lora(self) -> dict[str, torch.nn.Module] | None:
+        """train.method=lora: {pipeline name: module with an adapter}; None for a full fine-tune."""
+        return self.modules if isinstance(self.method, Lora) else None
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module] | None:
+        """train.text_encoder_lr: {pipeline name: text encoder}, trained whole in fp32 (None otherwise; a
+        LoRA's text-encoder adapters are in `lora`)."""
+        if not isinstance(self.method, FullFineTune):  # a LoRA's text-encoder adapters are in `lora`
+            return None
+        return {name: module for name, module in self.modules.items() if name != "unet"} or None
 
     @property
     def sharded(self) -> bool:
@@ -63,25 +91,17 @@ class Placement:
     @property
     def weights_file(self) -> str:
         """The checkpoint file of what trains."""
-        return "unet.safetensors" if self.lora is None else "lora.safetensors"
+        return self.method.weights_file
 
     def weights(self) -> dict:
         """What trains, in fp32, wherever the tier keeps it: the UNet's weights, or the LoRA adapters'."""
-        if self.lora is None and self.sharded:  # gathered: every rank calls, rank 0 gets them
-            from sdtune.train.parallel import full_weights
-
-            return full_weights(self.unet)
-        if self.lora is None:
-            return self.tier.master_weights(self.unet)
-        from sdtune.lora.adapter import trained_weights
-
-        return trained_weights(self.lora)
+        return self.method.weights(self)
 
     def trained_params(self) -> dict:
         """Every trained parameter, the tensors themselves, as "<pipeline part>.<name>"."""
         from sdtune.lora.adapter import trained_weights
 
-        return trained_weights(self.lora or {"unet": self.unet, **(self.text_encoders or {})})
+        return trained_weights(self.modules)
 
     def text_encoder_weights(self) -> dict:
         """The trained text encoder(s)' fp32 weights as "<pipeline part>.<name>" (empty when they are frozen)."""
@@ -96,12 +116,7 @@ class Placement:
 
     def restore(self, weights: dict) -> None:
         """Load what `weights` returned (a checkpoint's) back into the trained modules."""
-        if self.lora is None:
-            self.unet.load_state_dict(weights)
-            return
-        from sdtune.lora.adapter import restore
-
-        restore(self.lora, weights)
+        self.method.restore(self, weights)
 
     def close(self) -> None:
         """Release the tier's threads and files; once, however often it is called."""
@@ -110,72 +125,66 @@ class Placement:
             self.tier.close()
 
 
-def place(components, plan: Plan, cfg: Config) -> Placement:
+def place(components: Components, plan: Plan, cfg: Config) -> Placement:
     """Cast and place every part as `plan` says, switch on checkpointing and the attention backend, freeze
     the VAE and text encoder(s), and build the optimizer tier (and the streamer) over what trains."""
-    import torch
-
-    unet, lora = components.unet, cfg.train.method == "lora"
-    for frozen in components.frozen:
-        frozen.requires_grad_(False)
-        frozen.eval()
-        frozen.to(plan.device, dtype=plan.working_dtype)
-    text_encoders = _trained_text_encoders(components, plan) if cfg.train.text_encoder_lr else None
-    components.vae.to(dtype=components.family.vae_dtype(components.vae, plan.working_dtype))  # SDXL's: fp32 in fp16
-    host_frozen = None
-    if lora:
-        from sdtune.lora.adapter import attach, trainable
-
-        unet.to(dtype=plan.working_dtype)
-        if plan.param_offload != "cpu":
-            unet.to(plan.device)
-        modules = attach(unet, components.text_encoders, cfg.lora, seed=cfg.train.seed)
-        if plan.param_offload == "cpu":  # the adapters go to the device, the frozen base waits on the host
-            for param in trainable(unet):
-                param.data = param.data.to(plan.device)
-            host_frozen = _host_frozen(unet, plan)
-        params = [p for module in modules.values() for p in trainable(module)]
-    else:
-        unet.to(dtype=torch.float32).requires_grad_(True)
-        if not tier_class(plan).host_gradients:
-            unet.to(plan.device)
-        modules, params = None, list(unet.parameters())
-    _configure(unet, plan)
+    method = method_for(cfg)
+    unet, trained = components.unet, cast_parts(components, plan, method, plan.device)
+    host_frozen = _host_frozen(unet, plan) if method.frozen_unet and plan.param_offload == "cpu" else None
+    configure(unet, plan)
+    params = trained.params
     if plan.distributed == "fsdp":  # before the optimizer: it steps the shards
         from sdtune.train.parallel import shard
 
         shard(unet, plan)
         params = list(unet.parameters())
     tier = make_tier(params, cfg.train, plan, model=unet, backward_passes=2 if cfg.prior_preservation else 1)
-    if text_encoders:  # their own learning rate, which the LR schedule scales as the UNet's
-        encoder_params = [p for encoder in text_encoders.values() for p in encoder.parameters()]
-        tier.optimizer.add_param_group({"params": encoder_params, "lr": cfg.train.text_encoder_lr})
+    if trained.text_encoder_params:  # their own learning rate, which the LR schedule scales as the UNet's
+        tier.optimizer.add_param_group({"params": trained.text_encoder_params, "lr": cfg.train.text_encoder_lr})
+    model = unet
     if plan.distributed == "ddp":
         from sdtune.train.parallel import wrap_ddp
 
-        return Placement(tier, unet, lora=modules, model=wrap_ddp(unet, plan.device), distributed="ddp")
-    if plan.param_offload != "cpu":
-        return Placement(tier, unet, lora=modules, distributed=plan.distributed, text_encoders=text_encoders)
+        model = wrap_ddp(unet, plan.device)
+    streamer = stream(unet, method, plan, plan.device, tier.optimizer) if plan.param_offload == "cpu" else None
+    return Placement(method, tier, unet, trained.modules, streamer, host_frozen, model, plan.distributed)
+
+
+def cast_parts(components: Components, plan: Plan, method: Method, device: str, label: Label | None = None
+               ) -> Trained:
+    """Freeze the VAE and text encoder(s) and cast them to `device` in the working precision (the VAE as
+    its family says: SDXL's stays fp32 under fp16), then cast what trains as `method` does; returns it.
+    `label(tensors, category)` hears of every weight this leaves on `device`, as "frozen" or "weights"
+    (the estimator's tracker, on meta-device parts): not the UNet's a host tier or a streamer keeps."""
+    from sdtune.optim.tier import tier_class
+
+    for frozen in components.frozen:
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(device, dtype=plan.working_dtype)
+    if components.vae is not None:
+        components.vae.to(dtype=components.family.vae_dtype(components.vae, plan.working_dtype))
+    trained = method.prepare(components, plan, device)
+    if label is not None:
+        streamed = plan.param_offload == "cpu"  # what is streamed is counted as the streamer copies it in
+        for module in components.frozen:
+            label([p for p in module.parameters() if not p.requires_grad], "frozen")
+        if not streamed:
+            label([p for p in components.unet.parameters() if not p.requires_grad], "frozen")  # a LoRA's base
+        on_host = streamed or tier_class(plan).host_gradients  # a full fine-tune's UNet, a host tier's masters
+        label([p for p in trained.params if method.frozen_unet or not on_host], "weights")
+        label(trained.text_encoder_params, "weights")
+    return trained
+
+
+def stream(unet: torch.nn.Module, method: Method, plan: Plan, device: str, optimizer=None,
+           on_copy: Callable | None = None) -> ParamStreamer:
+    """The `ParamStreamer` that brings the UNet's host weights to `device` block by block (what `method`
+    streams: a LoRA its frozen base only); `on_copy` hears of each device buffer (the estimator's)."""
     from sdtune.offload import ParamStreamer
 
-    select = (lambda p: not p.requires_grad) if lora else None  # a LoRA streams the frozen base only
-    streamer = ParamStreamer(unet, plan.device, tier.optimizer, prefetch_blocks=plan.param_prefetch_blocks,
-                             select=select)
-    return Placement(tier, unet, streamer, lora=modules, host_frozen=host_frozen)
-
-
-def _trained_text_encoders(components, plan: Plan) -> dict:
-    """`train.text_encoder_lr`: the text encoder(s) in fp32 on the device, trainable (autocast computes in the
-    working precision), by pipeline name."""
-    import torch
-
-    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
-
-    encoders = dict(zip(TEXT_ENCODER_NAMES, components.text_encoders, strict=False))
-    for encoder in encoders.values():
-        encoder.to(plan.device, dtype=torch.float32).requires_grad_(True)
-        encoder.train()
-    return encoders
+    return ParamStreamer(unet, device, optimizer, prefetch_blocks=plan.param_prefetch_blocks, on_copy=on_copy,
+                         select=method.streamed())
 
 
 def _host_frozen(unet, plan: Plan):
@@ -194,12 +203,14 @@ def _host_frozen(unet, plan: Plan):
     return buffer
 
 
-def _configure(unet, plan: Plan) -> None:
+def configure(unet, plan: Plan, checkpoint: Callable | None = None) -> None:
+    """Training mode, activation checkpointing (through `checkpoint` where given: the estimator's, without
+    the RNG bookkeeping the meta device lacks) and the plan's attention backend."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.train()
     if plan.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(checkpoint)
     if plan.attention == "xformers":
         unet.enable_xformers_memory_efficient_attention()
     else:

@@ -82,6 +82,8 @@ def fake_estimator(monkeypatch):
                             disk=0,
                             card_gib=info.vram_gib)
 
+    import sdtune.estimate.fallback  # noqa: F401  (imported by run.py under the fake: found in sys.modules)
+
     module = types.ModuleType("sdtune.estimate")
     module.__path__ = importlib.import_module("sdtune.estimate").__path__  # its submodules (fallback) still import
     module.estimate, module.Estimate = estimate, FakeEstimate

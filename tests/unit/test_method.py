@@ -1,0 +1,38 @@
+"""`sdtune.train.method`: the one answer to what trains, for every combination the config allows."""
+
+import pytest
+
+from sdtune.config import load_config
+from sdtune.errors import SdtuneError
+from sdtune.train.method import FullFineTune, Lora, method_for
+
+NO_TEXT_CACHE = "data.cache_text=false"
+
+
+@pytest.mark.parametrize("sets, kind, text_encoders, weights_file", [
+    ((), FullFineTune, False, "unet.safetensors"),
+    (("train.text_encoder_lr=1e-5", NO_TEXT_CACHE), FullFineTune, True, "unet.safetensors"),
+    (("train.method=lora",), Lora, False, "lora.safetensors"),
+    (("train.method=lora", "lora.text_encoder=true", NO_TEXT_CACHE), Lora, True, "lora.safetensors"),
+])
+def test_each_way_of_training_says_whether_the_text_encoders_train(sets, kind, text_encoders, weights_file):
+    cfg, _ = load_config("cpu", list(sets))
+    method = method_for(cfg)
+    assert type(method) is kind and method.trains_text_encoders is text_encoders
+    assert method.weights_file == weights_file
+
+
+@pytest.mark.parametrize("sets", [("train.text_encoder_lr=1e-5", "train.method=lora", NO_TEXT_CACHE),
+                                  ("lora.text_encoder=true", NO_TEXT_CACHE)])
+def test_the_config_refuses_text_encoder_training_the_method_cannot_do(sets):
+    with pytest.raises(SdtuneError):
+        load_config("cpu", list(sets))
+
+
+def test_a_lora_streams_its_frozen_base_only():
+    import torch
+
+    frozen, adapter = torch.nn.Parameter(torch.zeros(1), requires_grad=False), torch.nn.Parameter(torch.zeros(1))
+    select = Lora().streamed()
+    assert select(frozen) and not select(adapter)
+    assert FullFineTune().streamed() is None

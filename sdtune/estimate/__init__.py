@@ -38,11 +38,9 @@ import time
 from dataclasses import dataclass, field
 
 from sdtune.config import Config, PresetInfo
-from sdtune.errors import SdtuneError
-from sdtune.family import archs
+from sdtune.family import archs, assumed_architecture, assumption
+from sdtune.util.files import GIB
 
-GIB = 2**30
-DEFAULT_MODEL = "sd15"
 CUDA_CONTEXT = int(0.40 * GIB)   # driver context and kernel images: 0.3-0.45 GB on recent cards
 CUBLAS_WORKSPACE = 32 * 2**20    # cuBLAS keeps up to 32 MiB per handle and stream, from torch's allocator
 ALLOCATOR_SLACK = 0.08           # share of the peak the caching allocator reserves beyond it (rounding, splits)
@@ -133,6 +131,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
 
     from sdtune.estimate import trace
     from sdtune.estimate.memtrack import MemoryTracker
+    from sdtune.plan import plan_for_gpus
     from sdtune.train.method import method_for
 
     started = time.perf_counter()
@@ -145,7 +144,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
     if not frozen_on_device or cfg.data.cache_text:
         parked.extend(parts.text_encoders)
         parts = dataclasses.replace(parts, text_encoders=())
-    tracker, plan, method = MemoryTracker("meta"), _plan(cfg, device, gpus), method_for(cfg)
+    tracker, plan, method = MemoryTracker("meta"), plan_for_gpus(cfg, device, gpus), method_for(cfg)
     trained = trace.place(parts, plan, method, tracker)
     cond = trace.encode(parts, plan, cfg, tracker, grad=method.trains_text_encoders)
     footprint = _footprint(trained.all_params, plan, cfg)
@@ -163,7 +162,7 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                       peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
                       host_ram=_host_ram(parts, vae, parked, plan, footprint, method, trained.all_params),
                       disk=footprint.disk, card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2),
-                      milestones=milestones)
+                      milestones=milestones, notes=_assumed(cfg, model))
     if gpus > 1:
         from sdtune.estimate.per_card import per_card
 
@@ -177,8 +176,8 @@ def _meta_parts(cfg: Config, model: str | None):
     from sdtune.family.meta import meta_model
 
     source = model or cfg.model.pretrained
-    if not model and (not source or _is_hub_id(source)):  # a preset's default model: its architecture suffices
-        source = archs.HUB_IDS.get(source, DEFAULT_MODEL)
+    if not model:  # a preset's default model, a hub id: its architecture suffices (assumed where unknown)
+        source, _ = assumed_architecture(source)
     parts = meta_model(source)
     if cfg.model.init == "random" and cfg.model.architecture:  # pretraining another UNet on the base's encoders
         from sdtune.family.scratch import check_fits, unet_config_dir
@@ -189,26 +188,10 @@ def _meta_parts(cfg: Config, model: str | None):
     return parts
 
 
-def _plan(cfg: Config, device: str, gpus: int):
-    """The plan the trainer resolves for `device`, and for `gpus` > 1 its distributed mode."""
-    from sdtune.plan import make_plan, resolve_attention
-
-    plan = make_plan(cfg.memory, device, resolve_attention(cfg.memory.attention, device))
-    if gpus > 1:
-        from sdtune.train.parallel import resolve_mode
-        from sdtune.util.world import World
-
-        plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, World(size=gpus)))
-    return plan
-
-
-def _is_hub_id(source: str) -> bool:
-    from sdtune.family.load import classify_source
-
-    try:
-        return classify_source(source) == "hub"
-    except SdtuneError:
-        return False
+def _assumed(cfg: Config, model: str | None) -> tuple[str, ...]:
+    """A note where the architecture was assumed, not read (no model, or a hub id of no bundled one)."""
+    line = "" if model else assumption(cfg.model.pretrained)
+    return (line,) if line else ()
 
 
 def _footprint(trained: list, plan, cfg: Config):

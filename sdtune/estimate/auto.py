@@ -230,17 +230,11 @@ def _toy_model_warning(overrides: Sequence[str], model: str | None) -> str:
 
 
 def _assumed(cfg: Config, model: str | None) -> str:
-    """Where the estimate could not read the model's architecture (no model, or a hub id of no bundled
-    architecture's repository), which one it assumed and why; "" where it read it."""
-    from sdtune.family import archs, assumed_architecture
+    """Where the estimate could not read the model's architecture, which one it assumed and why."""
+    from sdtune.family import assumption
 
-    source = cfg.model.pretrained
-    arch, assumed = (model, False) if model else assumed_architecture(source)
-    if not assumed:
-        return ""
-    what = f"{source} is a hub id of no bundled architecture" if source else "no model is named"
-    return (f"; estimated as {arch} ({archs.TITLES[arch]}) because {what}: pass the model as a local folder "
-            "or .safetensors file to estimate its own architecture")
+    line = "" if model else assumption(cfg.model.pretrained)
+    return f"; {line}" if line else ""
 
 
 def _reason(cand: Candidate, est, card: str, rejected: list) -> str:

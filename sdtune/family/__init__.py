@@ -125,6 +125,17 @@ def assumed_architecture(source: str) -> tuple[str, bool]:
     return (archs.DEFAULT_ARCH, True) if hub else (source, False)
 
 
+def assumption(source: str) -> str:
+    """Where an estimate cannot read `source`'s architecture (no model, or a hub id of no bundled
+    architecture's repository): which one it assumed and why, in one clause; "" where it reads it."""
+    arch, assumed = assumed_architecture(source)
+    if not assumed:
+        return ""
+    what = f"{source} is a hub id of no bundled architecture" if source else "no model is named"
+    return (f"estimated as {arch} ({archs.TITLES[arch]}) because {what}: pass the model as a local folder "
+            "or .safetensors file to estimate its own architecture")
+
+
 def architecture_of(unet, text_encoders) -> str | None:
     """The architecture of built modules, by what the clients read: SDXL's text_time conditioning and two
     encoders; SD 1.x's one quick_gelu CLIP; SD 2.x's one gelu OpenCLIP. None for any other combination."""

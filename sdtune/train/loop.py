@@ -119,12 +119,10 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 
     from sdtune.family.load import check_source
     from sdtune.family.scratch import load_for_training
-    from sdtune.train.parallel import resolve_mode
 
     check_source(cfg.model.pretrained, cfg.model.config)  # a wrong --model is said before the data is scanned
     world = world or World()
-    plan = resolve_plan(cfg.memory, log, info)
-    plan = dataclasses.replace(plan, distributed=resolve_mode(cfg, world))
+    plan = resolve_plan(cfg, log, info, world)
     world.start(plan.device)
     with world.main_first():  # the other ranks then find every image in the scan cache
         scan = _scan(data_dir, cfg, out_dir, log)

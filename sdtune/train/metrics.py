@@ -19,12 +19,12 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from sdtune.errors import SdtuneError
+from sdtune.util.world import current_rank
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -136,7 +136,7 @@ class MetricsLogger:
                 progress: Sink | None = None, rank: int | None = None) -> MetricsLogger:
         """The sinks of a run in `out_dir`: `metrics.jsonl`, `logs/` when `output.tensorboard`, and `progress`.
         `resume_step` is the checkpoint's step (0 for a fresh run). Off rank 0 nothing is opened or written."""
-        if (_rank() if rank is None else rank) != 0:
+        if (current_rank() if rank is None else rank) != 0:
             return cls()
         out_dir = Path(out_dir)
         sinks: list[Sink] = []
@@ -168,14 +168,6 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _rank() -> int:
-    """This process's rank: torch.distributed's when it is initialised, else $RANK (torchrun), else 0."""
-    torch = sys.modules.get("torch")  # not imported yet: then torch.distributed cannot be initialised either
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 class JsonlSink:

@@ -117,7 +117,8 @@ def test_other_ranks_write_nothing(tmp_path, monkeypatch):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     cfg = OutputConfig(tensorboard=True)
     monkeypatch.setenv("RANK", "1")
-    for rank in (1, None):  # the argument, then $RANK
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
+    for rank in (1, None):  # the argument, then the launcher's $RANK
         with MetricsLogger.for_run(tmp_path, cfg, resume_step=0, progress=ProgressSink(Console(), 5),
                                    rank=rank) as metrics:
             metrics.log(record(1))

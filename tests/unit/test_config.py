@@ -1,8 +1,7 @@
-import dataclasses
 
 import pytest
 
-from sdtune.config import Config, load_config, parse_set, preset_names
+from sdtune.config import load_config, parse_set, preset_names
 from sdtune.config.toml import from_toml, to_toml
 from sdtune.errors import SdtuneError
 
@@ -91,8 +90,3 @@ def test_preset_file_errors_name_file_and_key(tmp_path):
     with pytest.raises(SdtuneError, match="unknown preset 'rtx9999'.*rtx3050"):
         load_config("rtx9999")
 
-
-def test_config_is_frozen():
-    cfg = Config()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.train.max_steps = 3

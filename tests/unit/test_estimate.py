@@ -185,21 +185,6 @@ def test_the_estimate_follows_the_engines_bucket_size_and_ring_depth(monkeypatch
     assert bigger - deeper == nvme.RING * layout.MASTER_BYTES * (largest() - bucket)
 
 
-def test_the_host_tiers_byte_model_is_what_they_allocate(tiny_sd1):
-    """`HostAdamW.footprint` counts every host tensor `OffloadAdamW` holds: masters, moments, staging."""
-    from sdtune.family.load import load_components
-    from sdtune.offload import OffloadAdamW
-    from sdtune.optim.tier import HostAdamW
-
-    unet = load_components(str(tiny_sd1)).unet
-    shapes = [p.shape for p in unet.parameters()]
-    opt = OffloadAdamW(unet.parameters(), device="cpu", dtype=torch.bfloat16, lr=1e-4)
-    held = [b.master for b in opt._buckets] + [t for s in opt.state.values() for t in s.values() if t.dim()]
-    held += [opt._staging.tensor, opt._small.tensor, opt._scratch]
-    allocated = sum(t.numel() * t.element_size() for t in held)
-    assert HostAdamW.footprint(shapes, itemsize=2).host == allocated
-
-
 def test_the_sdxl_trace_matches_a_measured_cpu_step(tiny_sdxl):
     """Weights, gradients and AdamW state of the tiny SDXL UNet are the bytes the real tensors take; its
     two text encoders and the VAE are all counted as frozen."""

@@ -1,8 +1,8 @@
-"""`sdtune estimate-vram` and `--preset auto`: plan picking with a fake GPU and a fake estimator, the command's
-table and JSON with a fake estimator, and the same command end to end with the real one (sdtune.estimate)."""
+"""`sdtune estimate-vram` and `--preset auto`: plan picking with a fake GPU and a fake estimator, and the
+command's table and JSON around the fake estimator (the same command with the real estimator, which traces
+each plan at full size, is tests/e2e/test_estimate_vram.py)."""
 
 import dataclasses
-import importlib
 import json
 import types
 
@@ -430,92 +430,9 @@ def load_config_or_none(name):
         return None
 
 
-# ---------------------------------------------------------------------------------------------------------
-# estimate-vram end to end, with the real estimator
-
-
-def _real_estimator():
-    try:
-        importlib.import_module("sdtune.estimate")
-    except Exception as exc:  # noqa: BLE001  (being written: any import failure means skip)
-        return f"sdtune.estimate does not import yet: {type(exc).__name__}: {exc}"
-    return None
-
-
-_CORE_MISSING = _real_estimator()
-needs_core = pytest.mark.skipif(_CORE_MISSING is not None, reason=str(_CORE_MISSING))
-
-
 def test_estimate_vram_help_says_what_the_numbers_are():
     result = runner.invoke(app, ["estimate-vram", "--help"])
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     for words in ("meta device", "max_memory_reserved", "CUDA context", "--resolution", "--batch-size", "--json"):
         assert words in text
-
-
-@needs_core
-def test_real_estimate_table_and_json():
-    result = runner.invoke(app, ["estimate-vram"])
-    assert result.exit_code == 0, result.output
-    for label in ("weights", "optimizer state", "activations", "peak reserved", "total", "host RAM"):
-        assert label in result.stdout
-    assert "fits 8 GB" in result.stdout or "does not fit 8 GB" in result.stdout
-    result = runner.invoke(app, ["estimate-vram", "--model", "sd15", "--json"])
-    assert result.exit_code == 0, result.output
-    (entry,) = json.loads(result.stdout)["estimates"]
-    assert list(entry["categories"]) == list(CATEGORIES)
-    assert entry["peak_allocated"] == sum(entry["categories"][k] for k in CATEGORIES[:6])
-    assert entry["total"] == entry["peak_reserved"] + entry["categories"]["cuda_context"]
-    assert (entry["preset"], entry["resolution"], entry["batch_size"], entry["device"]) == ("rtx3050", 512, 4, "cuda")
-    assert entry["fits"] == (entry["total"] <= 8 * GIB)
-
-
-@needs_core
-def test_real_estimate_every_gpu_preset():
-    result = runner.invoke(app, ["estimate-vram", "--preset", "all", "--json"])
-    assert result.exit_code == 0, result.output
-    estimates = json.loads(result.stdout)["estimates"]
-    assert [e["preset"] for e in estimates] == GPU_PRESETS
-    totals = {e["preset"]: e["total"] for e in estimates}
-    assert totals["rtx4090"] > totals["rtx3050"]  # nothing offloaded, nothing recomputed
-
-
-@needs_core
-def test_real_estimate_bad_model_is_one_line(tmp_path):
-    (tmp_path / "empty").mkdir()
-    for model, word in ((str(tmp_path / "missing"), "missing"), (str(tmp_path / "empty"), "model_index.json"),
-                        ("sd99", "sd99")):
-        result = runner.invoke(app, ["estimate-vram", "--model", model])
-        assert result.exit_code == 2, result.output
-        lines = [line for line in result.output.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], result.output
-
-
-
-@needs_core
-def test_presets_say_when_equal_vram_hides_a_host_ram_difference():
-    """With the real estimator: sdxl-8gb and sdxl-12gb need the same VRAM, and 12.9 vs 35.2 GiB of host RAM
-    (sdxl-8gb keeps AdamW's state on disk)."""
-    from sdtune.cli import _same_vram_notes
-    from sdtune.estimate import estimate
-
-    estimates = [estimate(*load_config(name)) for name in ("sdxl-8gb", "sdxl-12gb")]
-    (note,) = _same_vram_notes(estimates)
-    assert note.startswith("sdxl-8gb and sdxl-12gb need the same VRAM (6.5 GiB) but not the same host RAM: "
-                           "sdxl-8gb 12.9 GiB (and 28.7 GiB of disk), sdxl-12gb 3"), note
-
-
-def test_a_presets_estimate_is_remembered_until_the_plan_changes(monkeypatch, tmp_path):
-    """`sdtune presets` traces each plan once; the next listing reads the figures back, the same."""
-    from sdtune import estimate as module
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cfg, info = load_config("lora-4gb")
-    first = module.remembered(cfg, info)
-    traced = []
-    monkeypatch.setattr(module, "estimate", lambda *args, **kwargs: traced.append(args) or first)
-    assert module.remembered(cfg, info) == first and traced == []
-    assert len(list((tmp_path / "sdtune" / "estimates").iterdir())) == 1
-    module.remembered(*load_config("lora-4gb", ["data.resolution=768"]))
-    assert len(traced) == 1  # another plan, another trace

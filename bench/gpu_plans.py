@@ -150,7 +150,7 @@ def report(rows: list[dict], path: Path) -> None:
                  str(r.get("wall_seconds", "-")), r.get("message", "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(lines[-1], flush=True)
+    print("\n".join(lines if len(rows) == 1 else lines[-1:]), flush=True)  # the table, a row at a time
 
 
 def run_all(args) -> list[dict]:

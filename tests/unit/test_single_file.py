@@ -11,6 +11,7 @@ from sdtune.export.single_file import (
     unet_to_ldm,
     vae_to_ldm,
 )
+from sdtune.family.load import BUNDLED
 
 torch.set_num_threads(1)
 
@@ -294,7 +295,7 @@ def test_other_sizes_groups_and_prediction_types_are_not_readable():
     assert "cross_attention_dim is 1024, not SD 1.x's published 768" in reason
     assert "sample it as epsilon" in unreadable_reason("sd1", unet, vae, encoders, "sample")
 
-    tiny = archs.ARCH_ROOT.parent / "assets" / "sdtune-tiny"  # sdtune's bundled tiny model
+    tiny = BUNDLED["sdtune-tiny"]  # sdtune's bundled tiny model
     tiny_unet = archs.build_part(tiny / "unet", "diffusers", "UNet2DConditionModel")
     tiny_vae = archs.build_part(tiny / "vae", "diffusers", "AutoencoderKL")
     tiny_clip = archs.build_part(tiny / "text_encoder", "transformers", "CLIPTextModel")

@@ -63,11 +63,15 @@ def sdtune(args: list[str], cwd: Path, timeout: float, cap_gib: float = 0.0) -> 
                           text=True, timeout=timeout)
 
 
+def resolution(args, plan: str) -> int:
+    return 64 if args.dry_run else {"sd": 512, "sdxl": 1024}[family(plan)]
+
+
 def overrides(args, plan: str) -> list[str]:
     """The same run for every plan: few steps, no checkpoints, samples or single file; the CPU on a dry run."""
-    resolution = 64 if args.dry_run else {"sd": 512, "sdxl": 1024}[family(plan)]
-    sets = [f"data.resolution={resolution}", "train.lr_warmup_steps=0", "train.gradient_accumulation_steps=1",
-            "output.checkpoint_every=0", "output.sample_every=0", "output.single_file=false"]
+    sets = [f"data.resolution={resolution(args, plan)}", "train.lr_warmup_steps=0",
+            "train.gradient_accumulation_steps=1", "output.checkpoint_every=0", "output.sample_every=0",
+            "output.single_file=false"]
     return sets + (["memory.device=cpu"] if args.dry_run else [])
 
 
@@ -99,11 +103,13 @@ def train(args, plan: str, model: str, work: Path, timeout: float) -> dict:
     started = time.time()
     row = estimate(args, plan, model, work, timeout)
     cap = 0.0 if args.dry_run or not row.get("card_gib") else row["card_gib"] - CONTEXT_GIB
-    command = ["train", "--preset", plan, "--model", model, "--data", str(args.data), "--out", str(work / "out"),
+    data = images(Path(args.workdir) / f"images-{resolution(args, plan)}", resolution(args, plan))
+    command = ["train", "--preset", plan, "--model", model, "--data", str(data), "--out", str(work / "out"),
                "--max-steps", str(args.steps)] + [f for value in overrides(args, plan) for f in ("--set", value)]
     try:
         done = sdtune(command, work, max(1.0, timeout - (time.time() - started)), cap)
-        status = "ok" if done.returncode == 0 else "OOM" if "out of memory" in done.stderr.lower() else "error"
+        oom = any(words in done.stderr for words in ("out of GPU memory", "CUDA out of memory"))  # sdtune's, torch's
+        status = "ok" if done.returncode == 0 else "OOM" if oom else "error"
         tail = (done.stderr.strip().splitlines() or [""])[-1][:200] if done.returncode else ""
     except subprocess.TimeoutExpired as stopped:
         err = stopped.stderr.decode(errors="replace") if isinstance(stopped.stderr, bytes) else stopped.stderr
@@ -112,14 +118,18 @@ def train(args, plan: str, model: str, work: Path, timeout: float) -> dict:
     return {**row, "status": status, "message": tail, "cap_gib": cap, "wall_seconds": wall, **measured(work / "out")}
 
 
-def model_for(args, kind: str, work: Path) -> str | None:
-    """--sd-model / --sdxl-model, else on a dry run sdtune-tiny (SD only), else a random model built now."""
+def model_for(args, kind: str, work: Path) -> str | Exception | None:
+    """--sd-model / --sdxl-model, else on a dry run sdtune-tiny (SD only, None for SDXL), else a random model
+    built now (or why it could not be)."""
     given = args.sd_model if kind == "sd" else args.sdxl_model
     if given or args.dry_run:
         return given or ("sdtune-tiny" if kind == "sd" else None)
     folder = work / f"random-{kind}"
-    subprocess.run([sys.executable, "-c", BUILD, "sd15" if kind == "sd" else "sdxl", str(folder)], env=_env(),
-                   check=True, timeout=BUILD_SECONDS[kind])
+    try:
+        subprocess.run([sys.executable, "-c", BUILD, "sd15" if kind == "sd" else "sdxl", str(folder)], env=_env(),
+                       check=True, timeout=BUILD_SECONDS[kind])
+    except subprocess.SubprocessError as exc:  # its plans are rows that say so; the other family's still run
+        return exc
     return str(folder)
 
 
@@ -127,7 +137,9 @@ def images(folder: Path, side: int) -> Path:
     """Eight noise images with captions: the speed and memory of a step do not depend on what they show."""
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_dir():
+        return folder
+    folder.mkdir(parents=True)
     for i in range(8):
         Image.effect_noise((side, side), 40 + i).convert("RGB").save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(f"a photo of noise number {i}")
@@ -159,7 +171,8 @@ def run_all(args) -> list[dict]:
     for plan in args.plans:
         kind, work = family(plan), Path(args.workdir) / plan
         seconds = DRY_RUN_SECONDS if args.dry_run else SECONDS[kind]
-        needs = seconds + (0 if kind in models or args.dry_run else BUILD_SECONDS[kind])
+        given = args.dry_run or (args.sd_model if kind == "sd" else args.sdxl_model)
+        needs = seconds + (0 if kind in models or given else BUILD_SECONDS[kind])
         left = args.budget - (time.time() - started)
         if needs > left:
             rows.append({"plan": plan, "status": "not run", "message": f"needs {needs} s, {left:.0f} s left"})
@@ -167,8 +180,9 @@ def run_all(args) -> list[dict]:
             continue
         if kind not in models:
             models[kind] = model_for(args, kind, Path(args.workdir))
-        if models[kind] is None:
-            rows.append({"plan": plan, "status": "not run", "message": f"no {kind} model: --{kind}-model"})
+        if isinstance(models[kind], Exception) or models[kind] is None:
+            why = models[kind] or f"--{kind}-model"
+            rows.append({"plan": plan, "status": "not run", "message": f"no {kind} model: {why}"})
         else:
             work.mkdir(parents=True, exist_ok=True)
             rows.append({"plan": plan, **train(args, plan, models[kind], work, seconds)})
@@ -197,7 +211,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-plans-")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    args.data = images(Path(args.workdir) / "images", 64 if args.dry_run else 512)
     rows = run_all(args)
     sys.exit(0 if all(r["status"] in ("ok", "not run") for r in rows) else 1)
 

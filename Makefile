@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo tiny-model gpu-wheels bench docs
+.PHONY: install test test-fast test-gpu lint demo tiny-model bench docs
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,20 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two workers (pytest-xdist), one thread each: the tests are single-threaded, and the machine has 2 cores.
+# `make test` is everything (what CI and README run): tests/unit, e2e (CLI runs of the tiny models, the
+# estimator at full size), multiprocess (torchrun, signals) and gpu (skipped without CUDA). `make test-fast`
+# is the inner loop, tests/unit alone, under 90 s. Both print the 30 slowest, so a slow test is seen.
+PYTEST := $(PY) -m pytest -q -n 2 --dist worksteal --durations=30
 test: install
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PYTEST)
+
+test-fast: install
+	$(PYTEST) tests/unit
+
+# On a CUDA machine: the async copies against synchronous ones and the estimate against what torch reserved;
+# then every plan under its card's cap (`bench/gpu_plans.py --budget SECONDS`).
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench
@@ -45,9 +57,3 @@ demo: install
 # Pretrain sdtune-tiny from scratch (seeded; about half an hour on 2 CPU cores) into the package.
 tiny-model: install
 	$(PY) -m sdtune.toy.tiny --out sdtune/assets/sdtune-tiny
-
-# The wheels bench/gpu_check.py needs on the lent GPU machine, which has no diffusers and no network
-# (see bench/README.md): into the git-ignored .whl/, which the device tool carries.
-gpu-wheels: install
-	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		-d .whl diffusers==0.42.1

@@ -6,7 +6,8 @@ Builds a randomly initialised SD1.5 UNet on the CPU, runs one forward at 512 px,
 checkpointing, under `memtrack.MemoryTracker`, and sets what it keeps for backward beside the estimator's
 figure for the same plan (`estimate(..., device="cpu")`, traced on the meta device). The test suite
 checks the same agreement on a tiny UNet; this shows it holds at full scale. The GPU-side rules (autocast,
-flash attention, allocator) are not exercised here: `bench/gpu_check.py` checks those on a GPU.
+flash attention, allocator) are not exercised here: `pytest -m gpu tests/gpu` and `bench/gpu_plans.py`
+check those on a GPU.
 """
 
 from __future__ import annotations

@@ -269,14 +269,14 @@ def estimate_vram(
         out.print(escape(pick.reason))
         if pick.warning:
             out.print(f"[bold yellow]warning:[/] {escape(pick.warning)}")
-    seconds = sum(getattr(est, "seconds", 0.0) for est in results)
+    seconds = sum(est.seconds for est in results)
     per = f" on each of {gpus} cards ({results[0].distributed})" if gpus > 1 else ""
     out.print(f"GPU memory at the peak of one training step{per}, estimated without a GPU in {seconds:.1f} s:")
     out.print(_estimate_table(results), soft_wrap=False)  # the table wraps its cells to the terminal's width
     out.print("peak reserved compares with torch.cuda.max_memory_reserved(); total adds the CUDA context "
               "and is what the card must hold")
     for est in results:
-        for note in getattr(est, "notes", ()):
+        for note in est.notes:
             out.print(f"note: {est.preset}: {note}")
     if gpu is None:
         out.print("no GPU detected: the verdicts above are against each preset's card")

@@ -205,26 +205,6 @@ def test_the_host_byte_model_is_what_the_tier_allocates(tmp_path, tier, accumula
                                                              host_weights=host_weights, bucket_mb=1)
 
 
-def test_the_estimate_follows_the_engines_bucket_size(monkeypatch):
-    """The nvme tier's ring holds three of the largest buckets: change the engine's bucket size and the
-    estimator's host RAM changes by exactly that."""
-    from sdtune.estimate import estimate
-    from sdtune.family.meta import meta_model
-    from sdtune.offload import layout, nvme
-
-    cfg, info = load_config("rtx3050", ["memory.optimizer_offload=nvme", "memory.offload_dir=/tmp"])
-    numels = [p.numel() for p in meta_model("sd15").unet.parameters()]
-
-    def largest() -> int:
-        return max(sum(numels[i] for i in r) for r in layout.partition(numels))
-
-    before, largest_before = estimate(cfg, info, "sd15").host_ram, largest()
-    monkeypatch.setattr(layout, "BUCKET_MB", 16)
-    after = estimate(cfg, info, "sd15").host_ram
-    assert largest() < largest_before
-    assert before - after == nvme.RING * layout.MASTER_BYTES * (largest_before - largest())
-
-
 class _FailOnce(torch.autograd.Function):
     """Identity forward; the first backward raises, as an out-of-memory error halfway through would."""
 

@@ -1,8 +1,7 @@
-import dataclasses
 
 import pytest
 
-from sdtune.config import Config, load_config, parse_set, preset_names
+from sdtune.config import load_config, parse_set, preset_names
 from sdtune.config.toml import from_toml, to_toml
 from sdtune.errors import SdtuneError
 
@@ -90,12 +89,6 @@ def test_preset_file_errors_name_file_and_key(tmp_path):
         load_config(str(bad))
     with pytest.raises(SdtuneError, match="unknown preset 'rtx9999'.*rtx3050"):
         load_config("rtx9999")
-
-
-def test_config_is_frozen():
-    cfg = Config()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.train.max_steps = 3
 
 
 def test_a_plan_reads_its_memory_keys_through_and_resolves_the_launch():

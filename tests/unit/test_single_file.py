@@ -11,6 +11,7 @@ from sdtune.export.single_file import (
     unet_to_ldm,
     vae_to_ldm,
 )
+from sdtune.family.load import BUNDLED
 
 torch.set_num_threads(1)
 
@@ -294,8 +295,6 @@ def test_other_sizes_groups_and_prediction_types_are_not_readable():
     reason = unreadable_reason("sd15", wide, vae, encoders)
     assert "cross_attention_dim is 1024, not SD 1.x's published 768" in reason
     assert "sample it as epsilon" in unreadable_reason("sd15", unet, vae, encoders, "sample")
-
-    from sdtune.family.load import BUNDLED
 
     tiny = BUNDLED["sdtune-tiny"]  # sdtune's bundled tiny model
     tiny_unet = archs.build_part(tiny / "unet", "diffusers", "UNet2DConditionModel")

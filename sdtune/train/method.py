@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from sdtune.config import Config, LoraConfig
     from sdtune.family.base import Components
+    from sdtune.family.meta import MetaModel
     from sdtune.optim.tier import Tier
     from sdtune.plan import Plan
 
@@ -60,13 +61,14 @@ class Method(ABC):
     text_encoders: bool = False
     weights_file: ClassVar[str]  # the checkpoint file of what trains
     frozen_unet: ClassVar[bool]  # the UNet is a frozen base in the working precision (a streamer moves it all)
+    label: ClassVar[str]         # how `sdtune presets` names it
 
     @property
     def trains_text_encoders(self) -> bool:
         return self.text_encoders
 
     @abstractmethod
-    def prepare(self, components: Components, plan: Plan, device: str) -> Trained:
+    def prepare(self, components: Components | MetaModel, plan: Plan, device: str) -> Trained:
         """Cast the UNet (and the text encoders when they train) as this method trains them, on `device`
         where the plan keeps them there, and make trainable what trains. The frozen parts are cast already."""
 
@@ -91,6 +93,7 @@ class FullFineTune(Method):
 
     weights_file: ClassVar[str] = "unet.safetensors"
     frozen_unet: ClassVar[bool] = False
+    label: ClassVar[str] = "full"
 
     def prepare(self, components, plan, device) -> Trained:
         import torch
@@ -126,6 +129,7 @@ class Lora(Method):
     seed: int = 0
     weights_file: ClassVar[str] = "lora.safetensors"
     frozen_unet: ClassVar[bool] = True
+    label: ClassVar[str] = "LoRA"
 
     def prepare(self, components, plan, device) -> Trained:
         from sdtune.lora.adapter import attach, trainable
@@ -163,7 +167,7 @@ def method_for(cfg: Config) -> Method:
     return FullFineTune(text_encoders=cfg.train.text_encoder_lr > 0)
 
 
-def _trained_text_encoders(components: Components, device: str) -> dict:
+def _trained_text_encoders(components: Components | MetaModel, device: str) -> dict:
     """The text encoder(s) in fp32 on `device`, trainable (autocast computes in the working precision), by
     pipeline name."""
     import torch

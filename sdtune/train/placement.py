@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from sdtune.family.base import Components
+    from sdtune.family.meta import MetaModel
     from sdtune.offload import ParamStreamer
     from sdtune.offload.pinned import PinnedBuffer
 
@@ -150,8 +151,8 @@ def place(components: Components, plan: Plan, cfg: Config) -> Placement:
     return Placement(method, tier, unet, trained.modules, streamer, host_frozen, model, plan.distributed)
 
 
-def cast_parts(components: Components, plan: Plan, method: Method, device: str, label: Label | None = None
-               ) -> Trained:
+def cast_parts(components: Components | MetaModel, plan: Plan, method: Method, device: str,
+               label: Label | None = None) -> Trained:
     """Freeze the VAE and text encoder(s) and cast them to `device` in the working precision (the VAE as
     its family says: SDXL's stays fp32 under fp16), then cast what trains as `method` does; returns it.
     `label(tensors, category)` hears of every weight this leaves on `device`, as "frozen" or "weights"

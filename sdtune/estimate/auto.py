@@ -187,8 +187,7 @@ def ordered(gpu: Gpu, overrides: Sequence[str], family: str = "sd") -> list[tupl
     return result
 
 
-def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
-              ram: int | None = None) -> Pick:
+def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *, ram: int | None = None) -> Pick:
     """The fastest plan that fits this machine's GPU, with the user's `overrides` (`--set` items, including
     model.pretrained, data.resolution, train.batch_size) on top of each candidate, chosen among the plans
     of the model's family (`model_family`). `model` is passed to the estimator (None: the config's

@@ -21,7 +21,7 @@ def trainer_step_times(cfg, info, data: Path, out: Path) -> list[float]:
     """Seconds of each step of the real trainer on `cfg`, the first (warm-up) step left out."""
     from sdtune.train import loop as trainer
 
-    with trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda message: None) as run:
+    with trainer.prepare(cfg, info, str(data), str(out), resume=False) as run:
         trainer.loop(run)
     return run.step_times[1:]
 

@@ -68,7 +68,7 @@ def main() -> None:
     plan = make_plan(cfg.memory, "cpu", "sdpa")
     stream = BatchStream(scan.examples, cfg.data, 4, seed=0)
     batches = stream.batches_per_epoch
-    plain = Features(components, cfg.data, plan, log=lambda m: None)
+    plain = Features(components, cfg.data, plan)
 
     def epoch(features):
         for k in range(batches):
@@ -80,7 +80,7 @@ def main() -> None:
     cached_cfg = load_config("cpu", ["model.pretrained=sdtune-tiny", f"data.resolution={args.resolution}",
                                      "train.batch_size=4", f"data.cache_dir={tmp / 'cache'}",
                                      "data.cache_latents=true", "data.cache_text=true"])[0]
-    cached = Features(components, cached_cfg.data, plan, log=lambda m: None)
+    cached = Features(components, cached_cfg.data, plan)
     rows["first pass, filling the caches (images/s)"] = timed_images(args.images,
                                                                      lambda: cached.prepare([(stream, scan.examples)]))
     rows["cached (images/s)"] = timed_images(4 * batches, lambda: epoch(cached))

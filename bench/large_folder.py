@@ -44,7 +44,7 @@ def start(data: Path, out: Path, cache: Path, check: str) -> tuple[float, float]
                                     "output.checkpoint_every=0"])
     shutil.rmtree(out, ignore_errors=True)
     began = time.perf_counter()
-    with trainer.prepare(cfg, info, str(data), str(out), resume=False, log=lambda line: None) as run:
+    with trainer.prepare(cfg, info, str(data), str(out), resume=False) as run:
         prepared = time.perf_counter()
         trainer.loop(run)
     return prepared - began, time.perf_counter() - prepared

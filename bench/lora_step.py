@@ -55,7 +55,7 @@ def baseline_step(data: Path, steps: int, batch: int) -> float:
 
     c = load_components("sdtune-tiny")
     cfg, _ = load_config("cpu", ["data.resolution=64"])
-    stream = BatchStream(scan_folder(data, cfg.data).examples, cfg.data, batch, seed=0, warn=lambda m: None)
+    stream = BatchStream(scan_folder(data, cfg.data).examples, cfg.data, batch, seed=0)
     noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
     for module in (c.unet, c.vae, c.text_encoder):
         module.requires_grad_(False)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -66,12 +67,26 @@ def child(tier: str, model: str, data: str, out: str, offload_dir: str, resume: 
     if offload == "nvme":
         sets.append(f"memory.offload_dir={offload_dir}")
     cfg, info = load_config("cpu", sets)
-    messages = []
-    with trainer.prepare(cfg, info, data, out, resume=resume, log=messages.append) as run:
+    messages = _Lines()
+    logging.getLogger("sdtune").addHandler(messages)
+    logging.getLogger("sdtune").setLevel(logging.INFO)
+    with trainer.prepare(cfg, info, data, out, resume=resume) as run:
         trainer.loop(run)
+    messages = messages.lines
     if resume and not any(m.startswith("resumed from") for m in messages):
         raise SystemExit(f"the run did not resume: {messages}")
     return {"tier": tier, "resumed": resume, "peak_rss_bytes": _status("VmHWM"), "steps": run.step}
+
+
+class _Lines(logging.Handler):
+    """sdtune's log lines, kept to check that the run resumed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def _status(field: str) -> int:

@@ -49,7 +49,7 @@ def baseline_step(precision: str, data: Path, steps: int, batch: int) -> float:
 
     c = load_components("sdtune-tiny")
     cfg, _ = load_config("cpu", ["data.resolution=64"])
-    stream = BatchStream(scan_folder(data, cfg.data).examples, cfg.data, batch, seed=0, warn=lambda m: None)
+    stream = BatchStream(scan_folder(data, cfg.data).examples, cfg.data, batch, seed=0)
     noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
     weight_dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # the example's frozen-model dtype
     c.vae.requires_grad_(False).to(dtype=weight_dtype)

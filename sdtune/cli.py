@@ -12,6 +12,8 @@ Nothing heavy is imported here (torch, diffusers): `sdtune --help` answers at on
 from __future__ import annotations
 
 import functools
+import logging
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -33,12 +35,14 @@ SET_HELP = ("Override one config key, e.g. --set train.learning_rate=2e-5 (repea
 
 def user_errors(command):
     """Render `SdtuneError` as one red line and exit 2; anything else is a bug and keeps its traceback.
-    Under a launcher (torchrun) the line names the rank it happened on."""
+    Under a launcher (torchrun) the line names the rank it happened on. While the command runs, sdtune's
+    log lines are printed (`_log_lines`)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _log_lines():
+                return command(*args, **kwargs)
         except SdtuneError as exc:
             from sdtune.util.world import launched_rank
 
@@ -49,12 +53,45 @@ def user_errors(command):
     return wrapper
 
 
-def _say(line: str) -> None:
-    """One line of a run's log; a warning's label in yellow, so that it stands out of the run's chatter."""
-    if line.startswith("warning:"):
-        console.print(f"[bold yellow]warning:[/]{escape(line.removeprefix('warning:'))}")
-    else:
-        console.print(escape(line))
+class _ConsoleLines(logging.Handler):
+    """Each record of the "sdtune" logger as one console line: a warning's label in yellow, so that it
+    stands out of the run's chatter, and the text escaped (a path may hold [brackets])."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = escape(record.getMessage())
+            if record.levelno >= logging.WARNING:
+                console.print(f"[bold yellow]warning:[/] {text}")
+            else:
+                console.print(text)
+        except Exception:  # logging's contract: a failing handler reports and lets the program go on
+            self.handleError(record)
+
+
+def _rank_zero(record: logging.LogRecord) -> bool:
+    """Rank 0 speaks for a launched run; the other ranks only fail aloud (their errors name the rank)."""
+    from sdtune.util.world import current_rank
+
+    return current_rank() == 0
+
+
+@contextmanager
+def _log_lines():
+    """For one command: sdtune's INFO and WARNING records on the console (rank 0's), and not also through
+    the root logger; as it was afterwards (tests run many commands in one process)."""
+    logger = logging.getLogger("sdtune")
+    handler = _ConsoleLines(logging.INFO)
+    handler.addFilter(_rank_zero)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _gib(n: int) -> str:
@@ -95,8 +132,7 @@ def train(
     request = TrainRequest(preset=preset, data=data, out=out, model=model, max_steps=max_steps, sets=tuple(set_),
                            resume=resume, overwrite=overwrite, on_oom=on_oom.value)
     try:
-        result = run_training(request, log=_say,
-                              progress=lambda total, epochs: ProgressSink(console, total, epochs),
+        result = run_training(request, progress=lambda total, epochs: ProgressSink(console, total, epochs),
                               status=console.status)
     except Stopped as exc:
         from sdtune.util.world import launched_rank

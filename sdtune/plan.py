@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import resource
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from sdtune.config import Config, MemoryConfig, PresetInfo
 from sdtune.config.rules import distributed_refusals
 from sdtune.errors import SdtuneError
 from sdtune.util.world import World
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -101,11 +103,11 @@ def _xformers_fails() -> str | None:
     return None
 
 
-def resolve_attention(requested: str, device: str, log: Callable[[str], None] | None = None) -> str:
+def resolve_attention(requested: str, device: str, report: bool = False) -> str:
     """`memory.attention` as the backend this machine runs: "sdpa" or "xformers".
 
     "auto" takes xformers only where it runs (a probe on the visible GPU, once per process), else SDPA,
-    with one `log` line when an installed xformers fails. An explicit "xformers" that cannot run is one
+    with one log line (on `report`) when an installed xformers fails. An explicit "xformers" that cannot run is one
     SdtuneError. Planning for a GPU this machine lacks (the estimator on device "cuda"), the probe cannot
     run: "auto" means SDPA there and an explicit "xformers" is taken at its word."""
     import torch
@@ -118,9 +120,9 @@ def resolve_attention(requested: str, device: str, log: Callable[[str], None] | 
         if not on_gpu or not _xformers_installed():
             return "sdpa"
         why = _xformers_fails()
-        if why and log:
-            log(f"attention: xformers not used, SDPA instead ({why}); {fix}, "
-                "or set memory.attention=sdpa to silence this")
+        if why and report:
+            logger.info(f"attention: xformers not used, SDPA instead ({why}); {fix}, "
+                        "or set memory.attention=sdpa to silence this")
         return "sdpa" if why else "xformers"
     if device == "cuda" and not on_gpu:
         return "xformers"
@@ -136,9 +138,9 @@ def resolve_attention(requested: str, device: str, log: Callable[[str], None] | 
     return "xformers"
 
 
-def resolve_plan(config: Config | MemoryConfig, log: Callable[[str], None] | None = None,
+def resolve_plan(config: Config | MemoryConfig, report: bool = False,
                  preset: PresetInfo | None = None, world: World | None = None) -> Plan:
-    """The plan of `config` on this machine and launch; `log` gets a line for each choice "auto" could not
+    """The plan of `config` on this machine and launch; on `report`, a log line says each choice "auto" could not
     make as asked. Given a whole `Config`, `distributed` is resolved too (`resolve_mode` under `world`,
     by default the launcher's); a `[memory]` section alone plans one process.
 
@@ -155,13 +157,13 @@ def resolve_plan(config: Config | MemoryConfig, log: Callable[[str], None] | Non
                      else f"--preset {preset.name} is a GPU plan ({preset.card}, {preset.vram_gib:g} GB)")
             raise SdtuneError(f"{asked} but CUDA was not found: {no_cuda_reason()}; to train on the CPU on "
                               "purpose, use --preset cpu or --set memory.device=cpu")
-        if log:
-            log("memory.device=auto: no CUDA GPU, training on the CPU")
+        if report:
+            logger.info("memory.device=auto: no CUDA GPU, training on the CPU")
     device = "cuda" if has_cuda and mem.device != "cpu" else "cpu"
     if mem.precision == "bf16" and device == "cuda" and not _native_bf16():
         raise SdtuneError(f"memory.precision=bf16 but {torch.cuda.get_device_name()} has no bf16; "
                           "use --set memory.precision=fp16 (or the rtx2070 preset)")
-    attention = resolve_attention(mem.attention, device, log)
+    attention = resolve_attention(mem.attention, device, report)
     if mem.optimizer_offload == "nvme":
         from sdtune.offload.nvme import check_offload_dir
 

@@ -2,17 +2,22 @@
 resume, the out-of-memory fallback and the metrics sinks; the export and the summary are
 `sdtune.export.run_output`'s.
 
-    result = train(TrainRequest(preset="rtx3050", data=Path("images"), out=Path("out")), log=print)
+    result = train(TrainRequest(preset="rtx3050", data=Path("images"), out=Path("out")))
 
 `train` is what `sdtune train` runs. It resolves the plan, locks `--out`, and runs `attempt` once, or,
 with `on_oom="fallback"`, again on each next smaller plan after the GPU runs out of memory, continuing
 from the newest checkpoint. `attempt` is one try on one plan: prepare, loop, export, summary; it turns
 torch's out-of-memory error into `replan.OutOfMemory`, which names the next smaller plan. The loop below
 it (`sdtune.train.loop`) knows nothing of plans other than its own.
+
+What a run says (the data counts, the plan's notes, warnings, saves) goes to `logging.getLogger("sdtune")`
+at INFO and WARNING, one record a line. `sdtune train` prints it (rank 0 only); as a library it is
+silent until the caller configures logging, e.g. `logging.basicConfig(level=logging.INFO)`.
 """
 
 from __future__ import annotations
 
+import logging
 import shlex
 import shutil
 from collections.abc import Callable
@@ -29,7 +34,7 @@ from sdtune.util.world import World
 if TYPE_CHECKING:
     from sdtune.train.state import Run
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
-def train(request: TrainRequest, *, log: Log = print, progress: Callable | None = None,
+def train(request: TrainRequest, *, progress: Callable | None = None,
           status: Callable[[str], AbstractContextManager] | None = None) -> dict:
     """Train as `request` says; returns the summary. `progress(total_steps, total_epochs)` makes the
     progress-bar sink; `status(text)` shows `text` while `--preset auto` estimates (a spinner; nothing by default).
@@ -78,17 +83,17 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
     from sdtune.train.signals import Interrupted
 
     world = World.from_env()
-    if not world.main:  # rank 0 speaks for the run; the others only fail aloud (their errors name the rank)
-        log, progress, status = _silent, None, None
+    if not world.main:  # rank 0 shows the progress; the CLI's rank filter keeps the other ranks' lines back
+        progress, status = None, None
     preset, plan_sets = request.preset, []
     if preset == "auto":
         from sdtune.estimate.auto import pick_plan
 
         with (status or _quiet)("--preset auto: estimating the memory plans"):
             pick = pick_plan(request.overrides)
-        log(pick.reason)
+        logger.info(pick.reason)
         if pick.warning:
-            log(f"warning: {pick.warning}")
+            logger.warning(pick.warning)
         preset, plan_sets = pick.preset, list(pick.extra)
     fallbacks: list[str] = []  # the --set items of the smaller plans that --on-oom fallback moved to
     cfg, info = load_config(preset, [*plan_sets, *request.overrides])
@@ -97,12 +102,12 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
         while True:
             try:
                 return attempt(cfg, info, request.data, request.out, resume=resume, overwrite=request.overwrite,
-                               log=log, progress=progress, world=world)
+                               progress=progress, world=world)
             except OutOfMemory as exc:
                 if request.on_oom != "fallback" or exc.fallback is None:
                     raise
                 fallbacks += exc.fallback.overrides
-                cfg, info = _fall_back(exc, preset, [*plan_sets, *request.overrides, *fallbacks], log)
+                cfg, info = _fall_back(exc, preset, [*plan_sets, *request.overrides, *fallbacks])
                 resume = True
     except (Interrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: Ctrl+C outside the training loop
         command = request.resume_command(preset, [*plan_sets, *request.sets, *fallbacks])
@@ -113,20 +118,17 @@ def train(request: TrainRequest, *, log: Log = print, progress: Callable | None 
         world.stop()
 
 
-def _silent(line: str) -> None:
-    pass
-
-
 def _quiet(text: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def _fall_back(exc, preset: str, overrides: list[str], log: Log) -> tuple[Config, PresetInfo]:
+def _fall_back(exc, preset: str, overrides: list[str]) -> tuple[Config, PresetInfo]:
     from sdtune.estimate.fallback import describe
 
     cfg, info = load_config(preset, overrides)
     sets = " ".join(f"--set {item}" for item in exc.fallback.overrides)
-    log(f"{exc.what}; --on-oom fallback ({sets}): continuing from the newest checkpoint on {describe(cfg, info)}")
+    logger.info(f"{exc.what}; --on-oom fallback ({sets}): continuing from the newest checkpoint on "
+                f"{describe(cfg, info)}")
     return cfg, info
 
 
@@ -140,20 +142,19 @@ class _Attempt:
     out: Path
     resume: bool
     overwrite: bool
-    log: Log
     progress: Callable | None
     world: World
 
 
 def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: bool = False, overwrite: bool = False,
-            log: Log = print, progress: Callable | None = None, world: World | None = None) -> dict:
+            progress: Callable | None = None, world: World | None = None) -> dict:
     """One run on one plan, with `out` locked: prepare (resuming on `resume`), loop, export, summary.
     Raises `replan.OutOfMemory` when the GPU runs out of memory, `signals.Interrupted` after a signal.
     Under a launcher (`world`) rank 0 alone locks, checks and writes `out`."""
     from sdtune.train.lock import output_lock
 
-    request = _Attempt(cfg, info, data, Path(out), resume, overwrite, log, progress, world or World())
-    with _full_disk(request.out), output_lock(request.out, log=log) if request.world.main else nullcontext():
+    request = _Attempt(cfg, info, data, Path(out), resume, overwrite, progress, world or World())
+    with _full_disk(request.out), output_lock(request.out) if request.world.main else nullcontext():
         outcome = _run(request)
     if isinstance(outcome, _OutOfMemoryAt):  # the failed step's tensors are gone with its traceback by now
         from sdtune.estimate.fallback import out_of_memory
@@ -189,12 +190,12 @@ def _run(request: _Attempt) -> dict | _OutOfMemoryAt:
     from sdtune.train import loop as trainer
     from sdtune.train.metrics import check_sinks
 
-    cfg, out, log, world = request.cfg, request.out, request.log, request.world
+    cfg, out, world = request.cfg, request.out, request.world
     check_sinks(tensorboard=cfg.output.tensorboard)
     clear = _check_out_dir(out, request.resume, request.overwrite) if world.main else False
     run = None
     try:
-        run = trainer.prepare(cfg, request.info, str(request.data), str(out), request.resume, log, world=world)
+        run = trainer.prepare(cfg, request.info, str(request.data), str(out), request.resume, world=world)
         with run:
             _start(run, clear)
             return _train_and_export(run, request)
@@ -207,15 +208,15 @@ def _start(run: Run, clear: bool) -> None:
     export's room with output.keep_checkpoints=0, and every rank waiting for rank 0."""
     from sdtune.export.run_output import check_export_space
 
-    out, log, world, keep = run.out_dir, run.log, run.world, run.cfg.output.keep_checkpoints
+    out, world, keep = run.out_dir, run.world, run.cfg.output.keep_checkpoints
     if clear:  # only now, with the data and the model checked
-        log(f"--overwrite: deleting the previous run's checkpoints in {run_folder.checkpoint_root(out)}")
+        logger.info(f"--overwrite: deleting the previous run's checkpoints in {run_folder.checkpoint_root(out)}")
         shutil.rmtree(run_folder.checkpoint_root(out))
     if world.main:
         (out / "config.toml").write_text(run.config_toml, encoding="utf-8")
         if keep == 0:
-            log("output.keep_checkpoints=0: no resume checkpoints are written; a run stopped before its "
-                "end cannot be resumed")
+            logger.info("output.keep_checkpoints=0: no resume checkpoints are written; a run stopped before "
+                        "its end cannot be resumed")
     if keep == 0:  # nothing could write the model after the run: look now
         check_export_space(run)
     world.barrier()  # no rank writes a checkpoint before --overwrite has cleared the old ones
@@ -229,14 +230,14 @@ def _train_and_export(run: Run, request: _Attempt) -> dict:
 
     steps = run.cfg.train.max_steps  # train.max_epochs has made it the epochs' steps
     if run.step >= steps:
-        run.log(f"nothing left to train: the checkpoint is at step {run.step} of {steps}")
+        logger.info(f"nothing left to train: the checkpoint is at step {run.step} of {steps}")
     if not run.world.main:
         trainer.loop(run)
-        return export_run(run, request.info.name, request.log)
+        return export_run(run, request.info.name)
     sink = request.progress(steps, run.epoch_at(steps)) if request.progress else None
     with MetricsLogger.for_run(run.out_dir, run.cfg.output, resume_step=run.step, progress=sink) as metrics:
         trainer.loop(run, metrics)
-    return export_run(run, request.info.name, request.log)
+    return export_run(run, request.info.name)
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:

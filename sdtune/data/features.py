@@ -1,6 +1,6 @@
 """What the UNet trains on, per micro-batch: latents and text embeddings, encoded now or read from the caches.
 
-    features = Features(components, cfg.data, plan, log, text_grad=False)
+    features = Features(components, cfg.data, plan, text_grad=False)
     features.prepare([(stream, examples)])   # with caches: encode what is missing, then free the encoders
     latents = features.latents(stream, items, generator)
     cond = features.text(captions)           # a sdtune.family.Conditioning: hidden states (+ pooled)
@@ -17,8 +17,8 @@ counts the same way.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
-from collections.abc import Callable
 
 from sdtune.config import DataConfig
 from sdtune.data.cache import FeatureCache, cache_root, key_of, module_identity
@@ -26,10 +26,12 @@ from sdtune.data.scan_cache import FileDigests
 from sdtune.data.shards import ShardedCache
 from sdtune.data.stream import ImageFailed
 
+logger = logging.getLogger(__name__)
+
 
 class Features:
-    def __init__(self, components, data: DataConfig, plan, log: Callable[[str], None], text_grad: bool = False):
-        self.c, self.data, self.plan, self.log = components, data, plan, log
+    def __init__(self, components, data: DataConfig, plan, text_grad: bool = False):
+        self.c, self.data, self.plan = components, data, plan
         self.text_grad = text_grad  # the text encoders train (a LoRA on them): encode with autograd
         self.latent_cache: FeatureCache | None = None
         self.text_cache: FeatureCache | None = None
@@ -71,7 +73,7 @@ class Features:
                 for caption, entry in zip(chunk, _entries(self.c.family.encode(self.c, chunk)), strict=True):
                     self.text_cache.put(key_of(caption), entry)
             world.barrier()
-            self.log(f"text cache: {len(captions) - len(missing)} of {len(captions)} captions reused")
+            logger.info(f"text cache: {len(captions) - len(missing)} of {len(captions)} captions reused")
             for encoder in self.c.text_encoders:
                 encoder.to("cpu")
 
@@ -79,7 +81,7 @@ class Features:
         try:
             self._files.save()
         except OSError as exc:  # the cache still works; the next run reads the images' bytes again
-            self.log(f"warning: {self._files.path} cannot be written ({exc.strerror or exc})")
+            logger.warning(f"{self._files.path} cannot be written ({exc.strerror or exc})")
 
     def _text_identity(self) -> str:
         """A digest of every text encoder with its tokenizer (and the family's handling of empty captions)."""
@@ -102,7 +104,7 @@ class Features:
                     for item in same:
                         with contextlib.suppress(ImageFailed):
                             self._encode_into_cache(stream, [item])
-        self.log(f"latent cache: {len(items) - len(missing)} of {len(items)} latents reused")
+        logger.info(f"latent cache: {len(items) - len(missing)} of {len(items)} latents reused")
 
     def _encode_into_cache(self, stream, items) -> None:
         import torch

@@ -20,9 +20,9 @@ Every epoch has the same number of batches, so batch `k` is batch `k % n` of epo
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from sdtune.data.captions import shuffle_tags
 from sdtune.data.images import open_scaled, seen_size
 from sdtune.data.scan import Example
 from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,10 @@ def _seen_size(example: Example) -> Size:
 class BatchStream:
     """Single-bucket batches drawn epoch by epoch in a seeded order; batch `k` depends only on (seed, k)."""
 
-    def __init__(self, examples: list[Example], cfg: DataConfig, batch_size: int, seed: int,
-                 warn: Callable[[str], None] = print):
+    def __init__(self, examples: list[Example], cfg: DataConfig, batch_size: int, seed: int):
         if not examples:
             raise SdtuneError("no training images to draw batches from")
-        self.examples, self.cfg, self.batch_size, self.seed, self.warn = examples, cfg, batch_size, seed, warn
+        self.examples, self.cfg, self.batch_size, self.seed = examples, cfg, batch_size, seed
         self.buckets = make_buckets(cfg)
         self.sizes = [_seen_size(e) for e in examples]
         self.bucket_of = [assign(size, self.buckets) for size in self.sizes]
@@ -141,7 +142,7 @@ class BatchStream:
     def _fail(self, path: Path, reason: str) -> ImageFailed:
         if path not in self.failed:
             self.failed.add(path)
-            self.warn(f"skipping {path}: {reason}")
+            logger.info(f"skipping {path}: {reason}")
         return ImageFailed(path, reason)
 
     def prefetch(self, items: list[Item]) -> None:

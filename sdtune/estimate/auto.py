@@ -1,6 +1,6 @@
 """`--preset auto`: the fastest memory plan that the estimator says fits the detected GPU.
 
-    pick = pick_plan(["train.max_steps=100"], log=print)
+    pick = pick_plan(["train.max_steps=100"])
     cfg, info = load_config(pick.preset, [*pick.extra, "train.max_steps=100"])
 
 A plan is a shipped preset plus extra `--set` overrides (a *candidate*). The candidates are the GPU
@@ -28,14 +28,17 @@ A preset's family is its own `model.pretrained`'s.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, parse_set, preset_names, read_preset
 from sdtune.errors import SdtuneError
 from sdtune.util.files import GIB
+
+logger = logging.getLogger(__name__)
 
 # A plan may use at most this share of the card's memory. The estimate models one process alone on the
 # card; the desktop, a browser or a second process hold memory too, and the estimate itself may be a few
@@ -184,8 +187,7 @@ def ordered(gpu: Gpu, overrides: Sequence[str], family: str = "sd") -> list[tupl
     return result
 
 
-def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
-              log: Callable[[str], None] = lambda message: None, ram: int | None = None) -> Pick:
+def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *, ram: int | None = None) -> Pick:
     """The fastest plan that fits this machine's GPU, with the user's `overrides` (`--set` items, including
     model.pretrained, data.resolution, train.batch_size) on top of each candidate, chosen among the plans
     of the model's family (`model_family`). `model` is passed to the estimator (None: the config's
@@ -201,7 +203,7 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *,
 
     rejected = []
     for cand, cfg, info in ordered(gpu, overrides, model_family(overrides, model)):
-        log(f"auto: estimating {cand.label}")
+        logger.debug(f"auto: estimating {cand.label}")  # below INFO: the CLI shows a spinner instead
         est = estimate(cfg, info, model, device="cuda")
         if est.total <= budget and (ram is None or est.host_ram <= SAFETY * ram):
             return Pick(cand.preset, cand.extra, est, _reason(cand, est, card, rejected) + _assumed(cfg, model))

@@ -115,7 +115,7 @@ def out_of_memory(cfg: Config, info: PresetInfo, step: int | None, out_dir: Path
                            "(raise train.gradient_accumulation_steps to keep the effective batch) in a new run, "
                            "or close other programs that use the GPU", text, step, None)
     smaller = dataclasses.replace(cfg, memory=fallback.memory)
-    latest = latest_checkpoint(out_dir, warn=lambda message: None)
+    latest = latest_checkpoint(out_dir, report=False)
     start = f"from {latest}" if latest else "from step 0 (no checkpoint yet)"
     sets = " ".join(f"--set {item}" for item in fallback.overrides)
     return OutOfMemory(f"{text}; the next smaller plan is {describe(smaller, info)}, {estimated(smaller, info)}: "

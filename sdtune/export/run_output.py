@@ -1,6 +1,6 @@
 """What a finished run leaves: its model exported from the trained weights, and `summary.json`.
 
-    result = export_run(run, preset="rtx3050", log=print)   # the summary; the run is closed
+    result = export_run(run, preset="rtx3050")   # the summary; the run is closed
     check_export_space(run)                                  # output.keep_checkpoints=0: room first
 
 For a full fine-tune the diffusers folder (and the single file) is written from the fp32 trained weights:
@@ -12,18 +12,17 @@ checkpoints go unless output.keep_final_state. What of a `Run` each part takes i
 
 from __future__ import annotations
 
+import logging
 import shutil
-from collections.abc import Callable
 from contextlib import nullcontext
 
 from sdtune.train import store as checkpoint
 from sdtune.train.state import Run
 from sdtune.util import run_folder
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
-
-def export_run(run: Run, preset: str, log: Log) -> dict:
+def export_run(run: Run, preset: str) -> dict:
     """The diffusers folder (and the single file) from the fp32 trained weights, or a LoRA run's two LoRA
     files; `summary.json`. Returns the summary (`preset` names the preset trained); closes the run."""
     if run.placement.sharded:  # every rank sends its shards; rank 0 exports a plain UNet of them
@@ -39,7 +38,7 @@ def export_run(run: Run, preset: str, log: Log) -> dict:
         return _export_lora(run, preset)
     _take_exported_weights(run)
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
-    result = {"preset": preset, **summary(run), "single_file": _write_model(run, log)}
+    result = {"preset": preset, **summary(run), "single_file": _write_model(run)}
     _leave(run, result)
     return result
 
@@ -60,7 +59,7 @@ def _take_exported_weights(run: Run) -> None:
             run.components.unet.get_parameter(name).data = weight
 
 
-def _write_model(run: Run, log: Log) -> dict:
+def _write_model(run: Run) -> dict:
     """The diffusers folder and, with output.single_file, the single file; what became of the latter."""
     from sdtune.export import SINGLE_FILE, export_pipeline, export_single_file
     from sdtune.plan import torch_dtype
@@ -74,9 +73,9 @@ def _write_model(run: Run, log: Log) -> dict:
         if output.single_file:
             written = export_single_file(run.components, run.out_dir, precision=output.save_precision)
             for note in written.notes:
-                log(f"{SINGLE_FILE}: {note}")
+                logger.info(f"{SINGLE_FILE}: {note}")
             if written.path is None:
-                log(f"{SINGLE_FILE} not written: {written.reason}")
+                logger.info(f"{SINGLE_FILE} not written: {written.reason}")
             single = {"written": written.path is not None, "reason": written.reason}
     return single
 
@@ -130,7 +129,7 @@ def _writing_model(run: Run, needed: int):
     one line; either way the last checkpoint holds the trained weights and --resume writes the model again."""
     from sdtune.util.files import check_space, disk_errors
 
-    latest = checkpoint.latest_checkpoint(run.out_dir, warn=lambda message: None)
+    latest = checkpoint.latest_checkpoint(run.out_dir, report=False)
     fix = (f"free space there and run the same command with --resume: it writes the model from {latest}"
            if latest else "free space there first: output.keep_checkpoints=0 keeps no checkpoint to write it from")
     check_space(run.out_dir, needed, "the trained model", fix)

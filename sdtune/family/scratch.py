@@ -14,9 +14,12 @@ conditioning), which `check_fits` says in one line when it does not.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
+
+logger = logging.getLogger(__name__)
 
 
 def unet_config_dir(architecture: str, pretrained: str, config: str = "") -> Path:
@@ -79,7 +82,7 @@ def check_fits(components, architecture: str) -> None:
                               f"(its UNet {problem}); choose an architecture of the base model's family")
 
 
-def load_for_training(model, seed: int, log):
+def load_for_training(model, seed: int):
     """The components a run trains (`model`: the [model] config): the base model's, with a random UNet of
     `model.architecture` under `model.init=random`."""
     from sdtune.family.load import load_components
@@ -90,6 +93,6 @@ def load_for_training(model, seed: int, log):
     components = load_components(model.pretrained, model.config, unet=unet)
     check_fits(components, model.architecture)
     count = sum(p.numel() for p in unet.parameters())
-    log(f"model.init=random: pretraining a {count / 1e6:,.1f}M-parameter UNet "
-        f"({model.architecture or 'the architecture of ' + model.pretrained}) from random weights (train.seed)")
+    logger.info(f"model.init=random: pretraining a {count / 1e6:,.1f}M-parameter UNet "
+                f"({model.architecture or 'the architecture of ' + model.pretrained}) from random weights (train.seed)")
     return components

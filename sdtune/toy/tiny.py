@@ -18,13 +18,17 @@ three seeded stages:
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from sdtune.toy import shapes
+
+logger = logging.getLogger(__name__)
 
 ASSET = Path(__file__).parent.parent / "assets" / "sdtune-tiny"
 MAX_TOKENS = 16  # "a yellow triangle on the black background" is 9 tokens with start and end
@@ -73,7 +77,7 @@ def render_batch(count: int, rng: random.Random, specs: list[shapes.Spec]):
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def train_vae(vae, steps: int, batch: int, seed: int, log=print) -> float:
+def train_vae(vae, steps: int, batch: int, seed: int) -> float:
     """Fit the VAE to rendered shapes (MSE plus a light KL term); return the final reconstruction MSE."""
     import torch
 
@@ -90,7 +94,7 @@ def train_vae(vae, steps: int, batch: int, seed: int, log=print) -> float:
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step + 1}/{steps}: reconstruction mse {mse.item():.5f}")
+            logger.info(f"vae step {step + 1}/{steps}: reconstruction mse {mse.item():.5f}")
     vae.eval()
     return mse.item()
 
@@ -115,7 +119,7 @@ def write_dataset(folder: Path, count: int, seed: int, specs: list[shapes.Spec])
     return folder
 
 
-def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: int = 0, log=print) -> Path:
+def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: int = 0) -> Path:
     """All three stages; writes the diffusers folder `out` (without checkpoints or single file)."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -125,10 +129,10 @@ def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: i
 
     parts = architecture(seed)
     started = time.perf_counter()
-    train_vae(parts["vae"], vae_steps, batch=8, seed=seed, log=log)
+    train_vae(parts["vae"], vae_steps, batch=8, seed=seed)
     parts["vae"].register_to_config(scaling_factor=measure_scaling_factor(parts["vae"], seed + 1))
     scaling = parts["vae"].config.scaling_factor
-    log(f"vae trained in {time.perf_counter() - started:.0f} s; scaling factor {scaling:.4f}")
+    logger.info(f"vae trained in {time.perf_counter() - started:.0f} s; scaling factor {scaling:.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
@@ -141,25 +145,25 @@ def pretrain(out: Path, *, vae_steps: int, unet_steps: int, images: int, seed: i
             "output.checkpoint_every=0", "output.single_file=false",
         ])
         torch.manual_seed(seed)
-        summary = attempt(cfg, info, data, work / "run", log=log, progress=lambda total, _: _EveryHundred(log, total))
+        summary = attempt(cfg, info, data, work / "run", progress=lambda total, _: _EveryHundred(total))
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(work / "run", out, ignore=shutil.ignore_patterns(
             "checkpoints", "summary.json", "config.toml", "metrics.jsonl", "logs"))
-    log(f"sdtune-tiny written to {out} in {time.perf_counter() - started:.0f} s "
-        f"(unet {summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f})")
+    logger.info(f"sdtune-tiny written to {out} in {time.perf_counter() - started:.0f} s "
+                f"(unet {summary['seconds']:.0f} s, final loss {summary['final_loss']:.4f})")
     return out
 
 
 class _EveryHundred:
     """A metrics sink that logs one line every 100 steps (the pretraining takes an hour)."""
 
-    def __init__(self, say, total: int):
-        self.say, self.total = say, total
+    def __init__(self, total: int):
+        self.total = total
 
     def log(self, record) -> None:
         if record.step % 100 == 0:
-            self.say(f"unet step {record.step}/{self.total}: loss {record.loss:.4f}, "
-                     f"{record.seconds_per_step:.2f} s/step")
+            logger.info(f"unet step {record.step}/{self.total}: loss {record.loss:.4f}, "
+                        f"{record.seconds_per_step:.2f} s/step")
 
     def image(self, tag: str, step: int, image) -> None:
         pass
@@ -176,6 +180,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000, help="rendered training images for the UNet")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # as print() showed them
     pretrain(args.out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, images=args.images, seed=args.seed)
 
 

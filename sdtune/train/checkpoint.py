@@ -12,6 +12,7 @@ counters of `state.json` (the run's progress and the EMA's updates).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sdtune.config import Config
@@ -21,6 +22,8 @@ from sdtune.train import store as checkpoint
 from sdtune.train.ema import EMA_FILE
 from sdtune.train.state import Run
 from sdtune.train.store import COUNTERS, OPTIMIZER, Part, Stateful
+
+logger = logging.getLogger(__name__)
 
 TEXT_ENCODERS_FILE = "text_encoders.safetensors"
 
@@ -65,21 +68,21 @@ def save(run: Run) -> Path | None:
 
 def restore(run: Run) -> None:
     """Load the newest checkpoint of `run.out_dir` into the run, if there is one."""
-    latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
+    latest = checkpoint.latest_checkpoint(run.out_dir)
     if latest is None:
-        run.log(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
+        logger.info(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
         return
     saved = _check_resume_config(latest, run.cfg)
     tier = None
     if saved.memory.optimizer_offload != run.cfg.memory.optimizer_offload:  # the state's layout differs
         from sdtune.optim.convert import OtherTierState
 
-        run.log(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
-                f"to {run.cfg.memory.optimizer_offload}")
+        logger.info(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
+                    f"to {run.cfg.memory.optimizer_offload}")
         tier = OtherTierState(run.tier, run.components.unet, latest / run.placement.weights_file)
     checkpoint.load_checkpoint(latest, parts=parts(run, tier), world=run.world, sharded=_sharded(run),
                                trained=run.placement.weights_file)
-    run.log(f"resumed from {latest} at step {run.step}")
+    logger.info(f"resumed from {latest} at step {run.step}")
 
 
 def _sharded(run: Run):

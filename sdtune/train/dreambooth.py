@@ -1,6 +1,6 @@
 """DreamBooth prior preservation: the class images, generated from the base model where they are missing.
 
-    examples = class_images(cfg, components, plan, log)   # before step 1, with the base model placed
+    examples = class_images(cfg, components, plan)   # before step 1, with the base model placed
 
 `data.class_dir` should hold `data.num_class_images` images of the subject's class ("a photo of a dog").
 The missing ones are drawn by the base model from `data.class_prompt` before the first step: image `i`
@@ -17,6 +17,7 @@ instance loss + `train.prior_loss_weight` x class loss, one backward pass each.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ from sdtune.data.scan import scan_all
 from sdtune.errors import SdtuneError
 from sdtune.util.world import World
 
+logger = logging.getLogger(__name__)
+
 BATCH = 4  # class images drawn per pipeline call
 
 
@@ -34,7 +37,7 @@ def class_config(cfg: Config):
     return dataclasses.replace(cfg.data, caption=cfg.data.class_prompt)
 
 
-def class_images(cfg: Config, components, plan, log: Callable[[str], None], sample_context=None,
+def class_images(cfg: Config, components, plan, sample_context=None,
                  world: World | None = None) -> list:
     """The class images' examples, after generating the missing ones. `sample_context()` is entered around
     generation (the trainer's: autocast, the parked encoders back on the device). Under a launcher every
@@ -49,7 +52,7 @@ def class_images(cfg: Config, components, plan, log: Callable[[str], None], samp
     scan = scan_all(folder, class_config(cfg))
     world.barrier()  # every rank has seen the folder as it was before rank 0 adds to it
     for skip in scan.skipped:
-        log(f"skipped class image {skip.path} ({skip.kind}): {skip.detail}")
+        logger.info(f"skipped class image {skip.path} ({skip.kind}): {skip.detail}")
     missing = cfg.data.num_class_images - len(scan.examples)
     if missing > 0:
         if not cfg.data.class_prompt:
@@ -58,15 +61,16 @@ def class_images(cfg: Config, components, plan, log: Callable[[str], None], samp
                               "set data.class_prompt to generate the rest, or lower data.num_class_images")
         taken = {e.image.name for e in scan.examples}
         todo = [i for i in range(cfg.data.num_class_images + len(taken)) if _name(i) not in taken][:missing]
-        log(f"prior preservation: generating {len(todo)} class images of '{cfg.data.class_prompt}' into {folder}")
+        logger.info(f"prior preservation: generating {len(todo)} class images of '{cfg.data.class_prompt}' "
+                    f"into {folder}")
         with (sample_context or nullcontext)():
             _generate(components, cfg, folder, todo, write=world.main)
         world.barrier()
         scan = scan_all(folder, class_config(cfg))
     if not scan.examples:
         raise SdtuneError(f"no usable class images in {folder}")
-    log(f"prior preservation: {len(scan.examples):,} class images from {folder}, "
-        f"prior loss weight {cfg.train.prior_loss_weight:g}")
+    logger.info(f"prior preservation: {len(scan.examples):,} class images from {folder}, "
+                f"prior loss weight {cfg.train.prior_loss_weight:g}")
     return scan.examples
 
 

@@ -1,7 +1,7 @@
 """One sdtune run per output folder: a lock file in `--out`, held for the run's life.
 
     from sdtune.train.lock import output_lock
-    with output_lock(out_dir, log=print):   # SdtuneError where another run holds out_dir
+    with output_lock(out_dir):   # SdtuneError where another run holds out_dir
         ...train and write into out_dir...
 
 The lock is `fcntl.flock` on `out_dir/.sdtune.train.lock`, held on a file descriptor open for the whole run. The
@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
 from sdtune.util.files import DISK_FULL, disk_errors
+
+logger = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -45,27 +48,27 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # a fi
 
 
 @contextmanager
-def output_lock(out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Iterator[Path]:
+def output_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Create `out_dir` if needed and hold its lock file until the block ends (yields the file's path).
 
     Raises `SdtuneError` naming the process that holds it; a lock left by a dead process is taken over,
-    with one `log` line saying so. A second `output_lock` on the same folder in the same process refuses too.
+    with one log line saying so. A second `output_lock` on the same folder in the same process refuses too.
     """
     out = Path(out_dir)
     path = out / LOCK_NAME
     with disk_errors(out, "", "choose another --out", full_fix="free space there, or choose another --out"):
         out.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(path, log)
+        fd = _acquire(path)
     try:
         yield path
     finally:
         _release(path, fd)
 
 
-def _acquire(path: Path, log: Callable[[str], None]) -> int | None:
+def _acquire(path: Path) -> int | None:
     """The locked file's descriptor (None: the fallback without flock holds no descriptor)."""
     if fcntl is None:
-        return _acquire_by_existence(path, log)
+        return _acquire_by_existence(path)
     while True:
         try:
             fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
@@ -80,7 +83,7 @@ def _acquire(path: Path, log: Callable[[str], None]) -> int | None:
             if created:
                 _write_holder(fd)
             os.close(fd)
-            return None if created else _acquire_by_existence(path, log)
+            return None if created else _acquire_by_existence(path)
         if not locked:
             holder = _read_holder(path, wait=True)
             os.close(fd)
@@ -90,7 +93,7 @@ def _acquire(path: Path, log: Callable[[str], None]) -> int | None:
         os.close(fd)  # the holder removed the file between our open and flock: lock the new one
     previous = _parse(os.read(fd, 4096))
     if previous:  # left by a run that died without removing it
-        log(_take_over_message(path, previous))
+        logger.info(_take_over_message(path, previous))
     _write_holder(fd)
     return fd
 
@@ -125,7 +128,7 @@ def _release(path: Path, fd: int | None) -> None:
             os.close(fd)  # closing drops the flock
 
 
-def _acquire_by_existence(path: Path, log: Callable[[str], None]) -> None:
+def _acquire_by_existence(path: Path) -> None:
     """The fallback without flock: whoever creates the file holds the lock."""
     for _ in range(2):
         try:
@@ -134,7 +137,7 @@ def _acquire_by_existence(path: Path, log: Callable[[str], None]) -> None:
             holder = _read_holder(path, wait=True)
             if not _dead(holder):
                 raise SdtuneError(_busy_message(path, holder, stale_hint=True)) from None
-            log(_take_over_message(path, holder))
+            logger.info(_take_over_message(path, holder))
             path.unlink(missing_ok=True)
             continue
         try:

@@ -1,6 +1,6 @@
 """The training loop: one explicit loop that accumulates, scales, clips, steps, logs, samples and saves.
 
-    run = prepare(cfg, info, "images/", "out/", resume=False, log=print)
+    run = prepare(cfg, info, "images/", "out/", resume=False)  # lines: logging.getLogger("sdtune")
     loop(run, metrics)            # metrics: a sdtune.train.metrics.MetricsLogger, one record a step
     result = train_step(run)      # or one optimizer step at a time: its loss, whether it stepped, its phases
 
@@ -19,10 +19,10 @@ What can go wrong mid-run is handled here too: SIGINT/SIGTERM finish the step, s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import signal
 import time
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,26 +50,28 @@ from sdtune.util.world import World
 __all__ = ["Interrupted", "Progress", "Run", "StepResult", "evaluation_mode", "fp32_weights", "loop", "micro_step",
            "prepare", "steps_per_epoch", "train_step"]
 
+logger = logging.getLogger(__name__)
 
-def _scan(data_dir: str, cfg: Config, out_dir: str, log: Callable[[str], None]):
+
+def _scan(data_dir: str, cfg: Config, out_dir: str):
     """The training images, with every skipped file, the counts and the scan's warnings and notes logged.
     The output, class and validation folders are never training images, wherever they are."""
     scan = scan_folder(data_dir, cfg.data, exclude=(out_dir, cfg.data.class_dir, cfg.data.validation_dir))
     for note in scan.notes:
-        log(f"note: {note}")
+        logger.info(f"note: {note}")
     for skip in scan.skipped:
-        log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
+        logger.info(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
     counted = sum(e.repeats for e in scan.examples)
-    log(f"{len(scan.examples):,} images from {data_dir}"
-        + (f", {counted:,} with repeats" if counted != len(scan.examples) else ""))
+    logger.info(f"{len(scan.examples):,} images from {data_dir}"
+                + (f", {counted:,} with repeats" if counted != len(scan.examples) else ""))
     if scan.skipped:
-        log(scan.summary())
+        logger.info(scan.summary())
     for warning in scan.warnings:
-        log(f"warning: {warning}")
+        logger.warning(warning)
     return scan
 
 
-def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) -> Config:
+def _run_length(cfg: Config, stream: BatchStream) -> Config:
     """`cfg` with train.max_steps from train.max_epochs: the steps whose micro-batches cover that many
     passes, rounded up (the last step may take up to accumulation - 1 batches of the next pass). A warm-up
     longer than the run is cut to it (`TrainConfig.warmup_steps`): said here."""
@@ -80,16 +82,17 @@ def _run_length(cfg: Config, stream: BatchStream, log: Callable[[str], None]) ->
         per_epoch = steps_per_epoch(batches, accumulation)
         within = (f"; {batches:,} batches an epoch, {accumulation} a step: a step can end one epoch and begin "
                   "the next") if isinstance(per_epoch, float) else ""
-        log(f"train.max_epochs={train.max_epochs}: {steps:,} steps ({per_epoch:,} an epoch{within}); it "
-            f"overrides train.max_steps={train.max_steps}, as kohya's max_train_epochs overrides max_train_steps")
+        logger.info(f"train.max_epochs={train.max_epochs}: {steps:,} steps ({per_epoch:,} an epoch{within}); it "
+                    f"overrides train.max_steps={train.max_steps}, as kohya's max_train_epochs overrides "
+                    "max_train_steps")
         train = dataclasses.replace(train, max_steps=steps)
     if train.lr_warmup_steps > train.max_steps:
-        log(f"note: train.lr_warmup_steps={train.lr_warmup_steps} is longer than the run: the learning rate "
-            f"warms up over its {train.max_steps:,} step{'s' if train.max_steps > 1 else ''} instead")
+        logger.info(f"note: train.lr_warmup_steps={train.lr_warmup_steps} is longer than the run: the learning "
+                    f"rate warms up over its {train.max_steps:,} step{'s' if train.max_steps > 1 else ''} instead")
     return dataclasses.replace(cfg, train=train)
 
 
-def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> None:
+def _check_resolution(components, cfg: Config) -> None:
     """A line when the plan trains well below the model's native size (an SD-card plan on SDXL, 512 px),
     naming the shipped presets made for that size that train as this run does (train.method)."""
     native = components.unet.config.sample_size * 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -97,21 +100,21 @@ def _check_resolution(components, cfg: Config, log: Callable[[str], None]) -> No
         fitting = [name for name in preset_names() if (own := load_config(name)[0]).data.resolution == native
                    and own.train.method == cfg.train.method]
         fix = f"use a preset made for {native} px ({', '.join(fitting)}) or " if fitting else ""
-        log(f"warning: the model was trained at {native} px and data.resolution is {cfg.data.resolution}: it "
-            f"would learn to draw at the smaller size; {fix}--set data.resolution={native}")
+        logger.warning(f"the model was trained at {native} px and data.resolution is {cfg.data.resolution}: it "
+                       f"would learn to draw at the smaller size; {fix}--set data.resolution={native}")
 
 
-def _check_caption_lengths(examples, components, log: Callable[[str], None]) -> None:
+def _check_caption_lengths(examples, components) -> None:
     """A warning when captions are longer than the text encoder reads (their tails would never train)."""
     from sdtune.data.tokens import cut_captions, shortest
 
     cut = cut_captions([(e.image, e.caption) for e in examples], shortest(components.tokenizers))
     if cut.count:
-        log(f"warning: {cut.line()}")
+        logger.warning(cut.line())
 
 
 def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
-            log: Callable[[str], None], world: World | None = None) -> Run:
+            world: World | None = None) -> Run:
     """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
     preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`.
     Under a launcher (`world`), every rank does all of it; rank 0 fills the caches first."""
@@ -122,24 +125,24 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
 
     check_source(cfg.model.pretrained, cfg.model.config)  # a wrong --model is said before the data is scanned
     world = world or World()
-    plan = resolve_plan(cfg, log, info, world)
+    plan = resolve_plan(cfg, report=True, preset=info, world=world)
     world.start(plan.device)
     with world.main_first():  # the other ranks then find every image in the scan cache
-        scan = _scan(data_dir, cfg, out_dir, log)
-        examples, held_out = validation_set(cfg, scan.examples, log)
-    components = load_for_training(cfg.model, cfg.train.seed, log)
+        scan = _scan(data_dir, cfg, out_dir)
+        examples, held_out = validation_set(cfg, scan.examples)
+    components = load_for_training(cfg.model, cfg.train.seed)
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
-        log(components.origin)
-    _check_resolution(components, cfg, log)
-    _check_caption_lengths(examples, components, log)
+        logger.info(components.origin)
+    _check_resolution(components, cfg)
+    _check_caption_lengths(examples, components)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
-    stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed, warn=log)
-    cfg = _run_length(cfg, stream, log)
+    stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed)
+    cfg = _run_length(cfg, stream)
     text_grad = cfg.lora.text_encoder or cfg.train.text_encoder_lr > 0  # the text encoder(s) train
-    features = Features(components, cfg.data, plan, log, text_grad=text_grad)
+    features = Features(components, cfg.data, plan, text_grad=text_grad)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
-              log=log, features=features, stream=stream, placement=placement, world=world,
+              features=features, stream=stream, placement=placement, world=world,
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
@@ -148,8 +151,8 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.train.dreambooth import class_config, class_images
 
-        examples = class_images(cfg, components, plan, log, sample_context=lambda: evaluation_mode(run), world=world)
-        classes = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1, warn=log)
+        examples = class_images(cfg, components, plan, sample_context=lambda: evaluation_mode(run), world=world)
+        classes = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1)
         run = dataclasses.replace(run, class_stream=classes)
         sources.append((classes, examples))
     features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders
@@ -316,7 +319,7 @@ def _sample(run: Run, metrics) -> Path:
 
 
 def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
-    latest = checkpoint.latest_checkpoint(run.out_dir, warn=run.log)
+    latest = checkpoint.latest_checkpoint(run.out_dir)
     kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
     return SdtuneError(f"{count} steps in a row had a NaN/Inf loss or gradient, the last at step {run.step}; "
                        f"stopped ({kept}; skipped steps never change the weights). Try a lower "
@@ -351,8 +354,8 @@ def loop(run: Run, metrics=None) -> None:
     reset_peak(run.plan)
     saving = saves.check(run)
     if cfg.output.sample_at_start and run.step == 0:  # the base model's grid, to compare the others with
-        run.log(f"samples: {_sample(run, metrics)}")
-    with StopOnSignal(run.log) as stop:
+        logger.info(f"samples: {_sample(run, metrics)}")
+    with StopOnSignal() as stop:
         while run.step < cfg.train.max_steps:
             result = train_step(run)
             bad_in_a_row = bad_in_a_row + 1 if result.bad else 0
@@ -364,9 +367,9 @@ def loop(run: Run, metrics=None) -> None:
             if run.world.any(bool(stop.signum)):  # a signal that reached one rank stops all of them here
                 raise Interrupted(stop.signum or signal.SIGTERM, run.step, _save(run))
             if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
-                run.log(f"samples: {_sample(run, metrics)}")
+                logger.info(f"samples: {_sample(run, metrics)}")
             if saving and saves.due(run):
-                run.log(f"saved {saves.write(run)}")
+                logger.info(f"saved {saves.write(run)}")
             every = cfg.output.checkpoint_every
             if (every and run.step % every == 0) or run.step == cfg.train.max_steps:
                 _save(run)

@@ -19,10 +19,13 @@ With `train.ema_decay` a save holds the moving average, as the export does.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sdtune.train.state import Run
+
+logger = logging.getLogger(__name__)
 
 SAVES = "saves"
 
@@ -42,7 +45,7 @@ def check(run: Run) -> bool:
     reason = "" if run.placement.lora is not None else unreadable_reason(c.unet, c.vae, list(c.text_encoders),
                                                                           c.prediction_type)
     if reason:
-        run.log(f"output.save_every: no saves will be written, as no model.safetensors would be: {reason}")
+        logger.info(f"output.save_every: no saves will be written, as no model.safetensors would be: {reason}")
     return not reason
 
 

@@ -1,6 +1,6 @@
 """SIGINT and SIGTERM during training: finish the step, save a checkpoint, stop with `Interrupted`.
 
-    with StopOnSignal(log) as stop:
+    with StopOnSignal() as stop:
         ...one step...
         if stop.signum:
             raise Interrupted(stop.signum, step, save())
@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -30,8 +32,8 @@ class StopOnSignal:
     second signal is reported and ignored. The handlers before it come back on exit. Signals can only be
     handled in the main thread: elsewhere nothing is installed."""
 
-    def __init__(self, log: Callable[[str], None]):
-        self.log, self.signum, self.previous = log, None, {}
+    def __init__(self):
+        self.signum, self.previous = None, {}
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -47,7 +49,7 @@ class StopOnSignal:
         name = signal.Signals(signum).name
         if self.signum is None:
             self.signum = signum
-            self.log(f"{name}: finishing this step, then saving a checkpoint")
+            logger.info(f"{name}: finishing this step, then saving a checkpoint")
         else:
-            self.log(f"{name} ignored: already stopping and saving a checkpoint (a checkpoint is written whole "
-                     "or not at all, so killing the process loses at most the steps since the last one)")
+            logger.info(f"{name} ignored: already stopping and saving a checkpoint (a checkpoint is written "
+                        "whole or not at all, so killing the process loses at most the steps since the last one)")

@@ -12,7 +12,6 @@ shared, the progress too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,7 +88,6 @@ class Run:
     alphas_cumprod: torch.Tensor
     out_dir: Path
     config_toml: str
-    log: Callable[[str], None]
     features: Features  # latents and text embeddings, encoded or from the caches
     class_stream: BatchStream | None = None  # prior preservation: the class images' batches
     ema: EMA | None = None  # train.ema_decay: the moving average of the trained weights (sdtune.train.ema)

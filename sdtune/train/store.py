@@ -24,6 +24,7 @@ where a part lands (the format above is fixed, so the names are too):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -37,6 +38,8 @@ from sdtune.errors import SdtuneError
 from sdtune.util.files import check_space_all_ranks, disk_errors, save_safetensors, sha256_file, sync, tensor_bytes
 from sdtune.util.run_folder import STATE, checkpoint_root, list_checkpoints
 from sdtune.util.world import World
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -88,13 +91,15 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(out_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint that verifies; each newer one that does not is reported and passed over."""
+def latest_checkpoint(out_dir: Path, report: bool = True) -> Path | None:
+    """The newest checkpoint that verifies; each newer one that does not is passed over (and, on `report`,
+    logged as a warning)."""
     for path in reversed(list_checkpoints(out_dir)):
         problem = verify(path)
         if problem is None:
             return path
-        warn(f"warning: checkpoint {path} is damaged ({problem}); using the one before it")
+        if report:
+            logger.warning(f"checkpoint {path} is damaged ({problem}); using the one before it")
     return None
 
 
@@ -115,7 +120,7 @@ def save_checkpoint(out_dir: Path, step: int, *, parts: Mapping[str, Stateful], 
     root = checkpoint_root(out_dir)
     final = root / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    previous = latest_checkpoint(out_dir, warn=lambda message: None) if world.main else None
+    previous = latest_checkpoint(out_dir, report=False) if world.main else None
     rngs = world.gather(_rng_state())
     kept = f"{previous.name} is intact" if previous else "no earlier checkpoint exists"
     fix = f"{kept}; free space there and continue with --resume"

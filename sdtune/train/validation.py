@@ -1,7 +1,7 @@
 """Validation loss: the diffusion loss on held-out images at fixed timesteps with fixed noise, so that two
 steps of a run, and two runs, are compared on exactly the same problem.
 
-    examples, held_out = validation_set(cfg, scan.examples, log)   # data.validation_dir or validation_split
+    examples, held_out = validation_set(cfg, scan.examples)   # data.validation_dir or validation_split
     losses = held_out.evaluate(run, evaluation_mode(run))   # {"validation_loss": ..., "ema_validation_loss": ...}
 
 Every held-out image is center-cropped to its bucket, not flipped, with its own caption (no dropout or tag
@@ -14,8 +14,8 @@ evaluates the whole set (FSDP's forward is collective); the figures are the same
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from sdtune.config import Config
@@ -23,6 +23,8 @@ from sdtune.data import BatchStream, Item, fit, scan_folder
 from sdtune.data.batches import until_loaded
 from sdtune.errors import SdtuneError
 from sdtune.train import objective
+
+logger = logging.getLogger(__name__)
 
 TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where in the noise schedule each image is evaluated
 SEED = 2**41  # the validation draws' seeds: SEED + batch index, apart from the training's
@@ -38,31 +40,32 @@ def hold_out(examples: list, share: float, seed: int) -> tuple[list, list]:
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
-def validation_set(cfg: Config, examples: list, log: Callable[[str], None]) -> tuple[list, Validation | None]:
+def validation_set(cfg: Config, examples: list) -> tuple[list, Validation | None]:
     """The training examples and the validation set of `cfg` (None without one)."""
     data = cfg.data
     if data.validation_split:
         examples, held = hold_out(examples, data.validation_split, cfg.train.seed)
-        log(f"{len(held):,} images held out for the validation loss (data.validation_split={data.validation_split})")
+        logger.info(f"{len(held):,} images held out for the validation loss "
+                    f"(data.validation_split={data.validation_split})")
     elif data.validation_dir:
         scan = scan_folder(data.validation_dir, data)
         for skip in scan.skipped:
-            log(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
+            logger.info(f"skipped {skip.path} ({skip.kind}): {skip.detail}")
         held = scan.examples
-        log(f"{len(held):,} validation images from {data.validation_dir}")
+        logger.info(f"{len(held):,} validation images from {data.validation_dir}")
     else:
         return examples, None
-    return examples, Validation(held, cfg, log)
+    return examples, Validation(held, cfg)
 
 
 class Validation:
     """The held-out images and the fixed problem they pose: their batches, then `evaluate`."""
 
-    def __init__(self, examples: list, cfg: Config, log: Callable[[str], None]):
+    def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
                                     center_crop=True, loader_threads=0)
         self.examples, self.batch_size = examples, cfg.train.batch_size
-        self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed, warn=log)
+        self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 
     def batches(self) -> list[list[Item]]:
         """The set in fixed batches of one bucket each; an image that failed to load is left out."""

@@ -2,10 +2,12 @@
 silently trained on the CPU; `--preset auto` says loudly when it falls back to the bundled toy model."""
 
 import io
+import logging
 
 import pytest
 import torch
 from rich.console import Console
+from support.helpers import said
 from typer.testing import CliRunner
 
 from sdtune import cli
@@ -49,21 +51,21 @@ def test_every_gpu_preset_is_refused_without_cuda_and_runs_on_the_cpu_when_asked
     for name in auto.gpu_presets("sd") + auto.gpu_presets("sdxl") + auto.gpu_presets("sd", "lora"):
         cfg, info = load_config(name)
         with pytest.raises(SdtuneError, match="CUDA was not found"):
-            resolve_plan(cfg.memory, None, info)
+            resolve_plan(cfg.memory, preset=info)
         cfg, info = load_config(name, ["memory.device=cpu", "memory.attention=sdpa"])
-        assert resolve_plan(cfg.memory, None, info).device == "cpu"
+        assert resolve_plan(cfg.memory, preset=info).device == "cpu"
     with pytest.raises(SdtuneError, match="memory.device=cuda but CUDA was not found"):
         resolve_plan(load_config("cpu", ["memory.device=cuda"])[0].memory)
 
 
-def test_a_plan_for_no_card_falls_back_to_the_cpu_aloud(no_cuda, tmp_path):
+def test_a_plan_for_no_card_falls_back_to_the_cpu_aloud(no_cuda, tmp_path, caplog):
     """A .toml of the user's own that names no card, with memory.device=auto: the CPU, and a line says so."""
     mine = tmp_path / "mine.toml"
     mine.write_text('[memory]\ndevice = "auto"\n')
     cfg, info = load_config(str(mine))
-    lines = []
-    assert resolve_plan(cfg.memory, lines.append, info).device == "cpu"
-    assert lines == ["memory.device=auto: no CUDA GPU, training on the CPU"]
+    caplog.set_level(logging.INFO, logger="sdtune")
+    assert resolve_plan(cfg.memory, report=True, preset=info).device == "cpu"
+    assert said(caplog) == ["memory.device=auto: no CUDA GPU, training on the CPU"]
 
 
 def test_preset_auto_without_a_model_on_the_cpu_warns_of_the_toy_model(no_cuda):

@@ -379,7 +379,7 @@ def test_the_overlapped_step_trains_the_unet_as_plain_adamw_does(tiny_sd1, image
 def _resumed(model, images, out, *overrides):
     """A run prepared with --resume from the newest checkpoint in `out`."""
     cfg, info = load_config("cpu", [f"model.pretrained={model}", *overrides])
-    return trainer.prepare(cfg, info, str(images), str(out), resume=True, log=lambda m: None)
+    return trainer.prepare(cfg, info, str(images), str(out), resume=True)
 
 
 def test_resuming_the_host_tier_reads_its_state_into_its_own_buffers(tiny_sd1, images, tmp_path):

@@ -3,11 +3,12 @@ sample; captions encoded as diffusers' own pipeline encodes them; time ids from 
 crop; caches exact; resume bitwise with offload and weight streaming."""
 
 import json
+import logging
 
 import pytest
 import torch
 from PIL import Image
-from support.helpers import assert_resume_is_bitwise, final_unet, prepared, runner, train
+from support.helpers import assert_resume_is_bitwise, final_unet, prepared, runner, said, train
 
 from sdtune.cli import app
 from sdtune.config import DataConfig
@@ -109,18 +110,19 @@ def test_sdxls_vae_decodes_in_fp32_under_fp16_unless_it_is_fp16_safe(tiny_sdxl, 
     assert missing.exit_code == 2 and "is not a diffusers VAE folder" in missing.output
 
 
-def test_a_plan_well_below_the_models_native_size_says_so(tiny_sdxl, images, tmp_path):
-    lines = []
+def test_a_plan_well_below_the_models_native_size_says_so(tiny_sdxl, images, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sdtune")
     cfg_args = ["data.resolution=32", "data.min_side=32", "train.max_steps=1"]
     from sdtune.config import load_config
 
     cfg, info = load_config("cpu", [f"model.pretrained={tiny_sdxl}", *cfg_args])
-    trainer.prepare(cfg, info, str(images), str(tmp_path / "out"), resume=False, log=lines.append).close()
+    trainer.prepare(cfg, info, str(images), str(tmp_path / "out"), resume=False).close()
+    lines = said(caplog)
     assert any("trained at 64 px and data.resolution is 32" in line for line in lines)
-    lines.clear()
+    caplog.clear()
     cfg, info = load_config("cpu", [f"model.pretrained={tiny_sdxl}", "train.max_steps=1"])
-    trainer.prepare(cfg, info, str(images), str(tmp_path / "out2"), resume=False, log=lines.append).close()
-    assert not any("trained at" in line for line in lines)
+    trainer.prepare(cfg, info, str(images), str(tmp_path / "out2"), resume=False).close()
+    assert not any("trained at" in line for line in said(caplog))
 
 
 def test_an_sdxl_single_file_trains_with_its_configs(tiny_sdxl, images, tmp_path):

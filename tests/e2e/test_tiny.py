@@ -1,10 +1,12 @@
 """sdtune-tiny, the bundled pretrained model: it loads with plain diffusers, its VAE reconstructs the
 shapes world, it draws what its prompts say, and a short fine-tune teaches it a new shape."""
 
+import logging
 import random
 
 import pytest
 import torch
+from support.helpers import said
 from typer.testing import CliRunner
 
 from sdtune.cli import app
@@ -29,21 +31,21 @@ def test_shipped_folder_is_small_safetensors_and_loads_with_plain_diffusers():
     assert image.size == (64, 64)
 
 
-def test_the_pretraining_recipe_runs_end_to_end_at_toy_scale(tmp_path):
+def test_the_pretraining_recipe_runs_end_to_end_at_toy_scale(tmp_path, caplog):
     """`python -m sdtune.toy.tiny` (an hour at full scale) on 2 VAE and 2 UNet steps: a loadable folder with
     the shipped layout, and none of the run's own files."""
     from diffusers import StableDiffusionPipeline
 
     from sdtune.toy.tiny import pretrain
 
-    lines = []
-    out = pretrain(tmp_path / "tiny", vae_steps=2, unet_steps=2, images=16, log=lines.append)
+    caplog.set_level(logging.INFO, logger="sdtune")
+    out = pretrain(tmp_path / "tiny", vae_steps=2, unet_steps=2, images=16)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ASSET.iterdir())
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     shipped = StableDiffusionPipeline.from_pretrained(ASSET, local_files_only=True)
     assert {k: v for k, v in pipe.unet.config.items() if k != "_name_or_path"} == \
         {k: v for k, v in shipped.unet.config.items() if k != "_name_or_path"}
-    assert any("sdtune-tiny written to" in line for line in lines)
+    assert any("sdtune-tiny written to" in line for line in said(caplog))
 
 
 def test_vae_round_trip_error_is_small():

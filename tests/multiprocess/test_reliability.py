@@ -5,8 +5,8 @@ as the test process has); the rest run in this process. Out of memory is simulat
 micro step raises `torch.OutOfMemoryError` as CUDA's allocator would.
 """
 
-import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.helpers import KEEP_ALL, final_unet, on_step, prepared, runner, train
+from support.helpers import KEEP_ALL, final_unet, on_step, prepared, runner, said, train
 
 from sdtune.cli import app
 from sdtune.config import load_config
@@ -118,10 +118,9 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
 
 
 def test_the_stop_handler_ignores_a_second_signal_and_restores_the_previous_handlers(tiny_sd1, images, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, caplog):
     run = prepared(tiny_sd1, images, tmp_path / "out", "train.max_steps=50")
-    messages = []
-    run = dataclasses.replace(run, log=messages.append)
+    caplog.set_level(logging.INFO, logger="sdtune")  # the loop's lines, not prepare's
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     real_save = trainer._save
 
@@ -138,6 +137,7 @@ def test_the_stop_handler_ignores_a_second_signal_and_restores_the_previous_hand
         trainer.loop(run, on_step(progress))
     assert stopped.value.exit_code == 143 and stopped.value.saved.name == "step-000003"
     assert run.step == 3 and (stopped.value.saved / "state.json").is_file()
+    messages = said(caplog)
     assert messages[0] == "SIGTERM: finishing this step, then saving a checkpoint"
     assert messages[1].startswith("SIGINT ignored: already stopping and saving a checkpoint")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

@@ -1,6 +1,7 @@
 """Helpers shared by the training tests: run `sdtune train` as a user would, or prepare a run in-process."""
 
 import json
+import logging
 
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -16,6 +17,14 @@ runner = CliRunner()
 # written UNet with fp32 computations: they keep both (the lean defaults, fp16 and no checkpoints kept,
 # are tests/e2e/test_disk.py's).
 KEEP_ALL = ("--set", "output.keep_final_state=true", "--set", "output.save_precision=fp32")
+
+
+def said(caplog) -> list[str]:
+    """The lines sdtune logged in this test, as `sdtune train` shows them: "warning: " before a warning.
+    The test calls `caplog.set_level(logging.INFO, logger="sdtune")` first (the logger is quiet below WARNING
+    until then, as for any library)."""
+    return [("warning: " if r.levelno >= logging.WARNING else "") + r.getMessage()
+            for r in caplog.records if r.name == "sdtune" or r.name.startswith("sdtune.")]
 
 
 def train(model, images, out, *extra):
@@ -77,7 +86,7 @@ class on_step:  # noqa: N801 (used like a function)
 
 def prepared(model, images, out, *overrides):
     cfg, info = load_config("cpu", [f"model.pretrained={model}", *overrides])
-    return trainer.prepare(cfg, info, str(images), str(out), resume=False, log=lambda m: None)
+    return trainer.prepare(cfg, info, str(images), str(out), resume=False)
 
 
 def fused_unet(model, folder, weight_name):

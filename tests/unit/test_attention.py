@@ -6,11 +6,13 @@ runs the real probe where a GPU is visible.
 """
 
 import importlib.machinery
+import logging
 import sys
 import types
 
 import pytest
 import torch
+from support.helpers import said
 
 import sdtune.plan as memory
 from sdtune.config import MemoryConfig
@@ -56,27 +58,30 @@ def working(q, k, v):
     return q * 1
 
 
-def test_auto_falls_back_to_sdpa_with_one_line_naming_the_error(monkeypatch, gpu):
+def test_auto_falls_back_to_sdpa_with_one_line_naming_the_error(monkeypatch, gpu, caplog):
     fake_xformers(monkeypatch, broken)
-    lines = []
-    assert memory.resolve_attention("auto", "cuda", lines.append) == "sdpa"
+    caplog.set_level(logging.INFO, logger="sdtune")
+    assert memory.resolve_attention("auto", "cuda", report=True) == "sdpa"
+    lines = said(caplog)
     assert len(lines) == 1 and "\n" not in lines[0]
     assert "No operator found for `memory_efficient_attention_forward`" in lines[0]
     assert "query" not in lines[0]  # only the error's first line
     assert "reinstall xformers" in lines[0] and "memory.attention=sdpa" in lines[0]
 
 
-def test_auto_takes_xformers_when_it_runs(monkeypatch, gpu):
+def test_auto_takes_xformers_when_it_runs(monkeypatch, gpu, caplog):
     fake_xformers(monkeypatch, working)
-    lines = []
-    assert memory.resolve_attention("auto", "cuda", lines.append) == "xformers"
+    caplog.set_level(logging.INFO, logger="sdtune")
+    assert memory.resolve_attention("auto", "cuda", report=True) == "xformers"
+    lines = said(caplog)
     assert lines == []
 
 
-def test_auto_without_xformers_is_sdpa_and_says_nothing(monkeypatch, gpu):
+def test_auto_without_xformers_is_sdpa_and_says_nothing(monkeypatch, gpu, caplog):
     no_xformers(monkeypatch)
-    lines = []
-    assert memory.resolve_attention("auto", "cuda", lines.append) == "sdpa"
+    caplog.set_level(logging.INFO, logger="sdtune")
+    assert memory.resolve_attention("auto", "cuda", report=True) == "sdpa"
+    lines = said(caplog)
     assert lines == []
 
 
@@ -117,12 +122,13 @@ def test_a_failed_import_counts_as_broken_not_missing(monkeypatch, gpu):
         memory.resolve_attention("xformers", "cuda")
 
 
-def test_the_probe_runs_once_per_process(monkeypatch, gpu):
+def test_the_probe_runs_once_per_process(monkeypatch, gpu, caplog):
     calls = []
     fake_xformers(monkeypatch, lambda q, k, v: calls.append(1) or broken(q, k, v))
-    lines = []
+    caplog.set_level(logging.INFO, logger="sdtune")
     for _ in range(3):
-        assert memory.resolve_attention("auto", "cuda", lines.append) == "sdpa"
+        assert memory.resolve_attention("auto", "cuda", report=True) == "sdpa"
+    lines = said(caplog)
     assert len(calls) == 1 and len(lines) == 3
 
 
@@ -146,25 +152,28 @@ def test_planning_for_a_gpu_this_machine_lacks(monkeypatch):
     assert memory.resolve_attention("sdpa", "cuda") == "sdpa"
 
 
-def test_resolve_plan_passes_its_log_on(monkeypatch, gpu):
+def test_resolve_plan_passes_its_log_on(monkeypatch, gpu, caplog):
     fake_xformers(monkeypatch, broken)
     monkeypatch.setattr(memory, "_native_bf16", lambda: True)
-    lines = []
-    plan = memory.resolve_plan(MemoryConfig(device="cuda", attention="auto"), log=lines.append)
-    assert plan.attention == "sdpa" and len(lines) == 1
-    assert memory.resolve_plan(MemoryConfig(device="cuda", attention="auto")).attention == "sdpa"  # no log: silent
+    caplog.set_level(logging.INFO, logger="sdtune")
+    plan = memory.resolve_plan(MemoryConfig(device="cuda", attention="auto"), report=True)
+    assert plan.attention == "sdpa" and len(said(caplog)) == 1
+    caplog.clear()
+    assert memory.resolve_plan(MemoryConfig(device="cuda", attention="auto")).attention == "sdpa"  # not asked: silent
+    assert said(caplog) == []
 
 
 @pytest.mark.gpu
-def test_the_real_probe_agrees_with_a_real_call():
+def test_the_real_probe_agrees_with_a_real_call(caplog):
     """On a GPU with xformers: the probe decides, says why when it declines, and a call at SD's own sizes
     (64 tokens, 8 heads of 40) then runs forward and backward."""
     try:
         import xformers  # noqa: F401
     except ImportError:
         pytest.skip("xformers is not installed")
-    lines = []
-    choice = memory.resolve_attention("auto", "cuda", lines.append)
+    caplog.set_level(logging.INFO, logger="sdtune")
+    choice = memory.resolve_attention("auto", "cuda", report=True)
+    lines = said(caplog)
     assert choice in ("sdpa", "xformers") and len(lines) == (choice == "sdpa")
     if choice == "xformers":
         import xformers.ops

@@ -2,12 +2,13 @@
 
 import errno
 import json
+import logging
 import pickle
 import shutil
 
 import pytest
 import torch
-from support.helpers import final_unet, prepared, train
+from support.helpers import final_unet, prepared, said, train
 
 from sdtune.errors import SdtuneError
 from sdtune.train import checkpoint as run_checkpoint
@@ -18,7 +19,7 @@ from sdtune.util.files import sha256_file
 ARGS = ("--max-steps", "4", "--set", "output.checkpoint_every=2", "--set", "output.keep_checkpoints=3")
 
 
-def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tiny_sd1, images, tmp_path):
+def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tiny_sd1, images, tmp_path, caplog):
     straight = tmp_path / "straight"
     expected = train(tiny_sd1, images, straight, *ARGS)
     damaged = tmp_path / "damaged"
@@ -27,9 +28,11 @@ def test_a_damaged_newest_checkpoint_is_passed_over_with_a_warning(tiny_sd1, ima
     weights = bytearray((newest / "unet.safetensors").read_bytes())
     weights[-10] ^= 0xFF  # one flipped bit of a weight: the size is right, the checksum is not
     (newest / "unet.safetensors").write_bytes(bytes(weights))
-    messages = []
-    assert checkpoint.latest_checkpoint(damaged, warn=messages.append).name == "step-000002"
+    caplog.set_level(logging.INFO, logger="sdtune")
+    assert checkpoint.latest_checkpoint(damaged).name == "step-000002"
+    messages = said(caplog)
     assert "step-000004 is damaged (unet.safetensors does not match its checksum)" in messages[0]
+    assert messages[0].startswith("warning: ")
     (damaged / "checkpoints" / "step-000006.tmp").mkdir()  # a save that was killed half way
     shutil.rmtree(newest)
     resumed = train(tiny_sd1, images, damaged, *ARGS, "--resume")

@@ -2,11 +2,13 @@
 data.check_images=headers starts without decoding, the loader reporting and replacing a broken file."""
 
 import io
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from support.helpers import said
 
 from sdtune.config import DataConfig
 from sdtune.data import BatchStream, ImageFailed
@@ -89,14 +91,16 @@ def test_another_check_mode_is_its_own_entry(folder, tmp_path):
     assert len(scan_all(folder, _cfg(tmp_path)).skipped) == 1  # decoding finds what headers did not
 
 
-def test_headers_only_starts_without_decoding_and_the_loader_reports_and_replaces_a_broken_file(folder, tmp_path):
+def test_headers_only_starts_without_decoding_and_the_loader_reports_and_replaces_a_broken_file(folder, tmp_path,
+                                                                                                 caplog):
     cfg = _cfg(tmp_path, check_images="headers")
     scan = scan_all(folder, cfg)
     assert not scan.skipped and len(scan.examples) == 6  # the truncated JPEG's header is fine
-    reported = []
-    stream = BatchStream(scan.examples, cfg, batch_size=6, seed=0, warn=reported.append)
+    caplog.set_level(logging.INFO, logger="sdtune")
+    stream = BatchStream(scan.examples, cfg, batch_size=6, seed=0)
     with pytest.raises(ImageFailed):
         stream.pixels(stream.items(0))
+    reported = said(caplog)
     assert len(reported) == 1 and "broken.jpg" in reported[0]
     pixels = stream.pixels(stream.items(0))  # the same batch, the broken file replaced from its bucket
     assert pixels.shape[0] == 6 and "broken.jpg" not in {i.example.image.name for i in stream.items(0)}

@@ -2,6 +2,7 @@
 batches, repeats, determinism and resume), augmentation rates, and images that vanish mid-run."""
 
 import dataclasses
+import logging
 import math
 import random
 from collections import Counter
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.helpers import batch
+from support.helpers import batch, said
 
 from sdtune.config import DataConfig
 from sdtune.data import BatchStream, Example, assign, fit, make_buckets, scan_folder
@@ -229,20 +230,21 @@ def test_tags_are_shuffled_keeping_the_first_ones(tmp_path):
     assert len(set(captions)) > 5
 
 
-def test_a_vanished_or_broken_file_is_reported_once_and_replaced_from_its_bucket(mixed):
+def test_a_vanished_or_broken_file_is_reported_once_and_replaced_from_its_bucket(mixed, caplog):
     cfg = DataConfig(resolution=128)
     examples = scan_folder(mixed, cfg).examples
-    warnings = []
-    stream = BatchStream(examples, cfg, 2, seed=0, warn=warnings.append)
+    caplog.set_level(logging.INFO, logger="sdtune")
+    stream = BatchStream(examples, cfg, 2, seed=0)
     (mixed / "wide_1.png").unlink()
     (mixed / "tall_0.png").write_bytes(b"\x89PNG broken")
     for k in range(3 * stream.batches_per_epoch):
         pixels, captions = batch(stream, k)
         assert len(captions) == 2 and "wide 1" not in captions and "tall 0" not in captions
         assert pixels.shape[0] == 2
+    warnings = said(caplog)
     assert sorted(w.split(":")[0] for w in warnings) == [f"skipping {mixed / 'tall_0.png'}",
                                                           f"skipping {mixed / 'wide_1.png'}"]
-    assert batch(BatchStream(examples, cfg, 2, seed=0, warn=warnings.append), 5)[1] == batch(stream, 5)[1]
+    assert batch(BatchStream(examples, cfg, 2, seed=0), 5)[1] == batch(stream, 5)[1]
     for name in ("tall_1.png", "tall_2.png"):  # the whole bucket gone: a clear error
         (mixed / name).unlink()
     with pytest.raises(SdtuneError, match="64x128 bucket"):
@@ -250,13 +252,14 @@ def test_a_vanished_or_broken_file_is_reported_once_and_replaced_from_its_bucket
             batch(stream, k)
 
 
-def test_a_file_changed_since_the_scan_is_skipped(tmp_path):
+def test_a_file_changed_since_the_scan_is_skipped(tmp_path, caplog):
     examples = [example(write_image(tmp_path / f"{i}.png", (64, 64), seed=i), f"image {i}", (64, 64))
                 for i in range(3)]
     write_image(tmp_path / "1.png", (80, 64))  # replaced by a different picture
-    warnings = []
-    stream = BatchStream(examples, DataConfig(resolution=64), 2, seed=0, warn=warnings.append)
+    caplog.set_level(logging.INFO, logger="sdtune")
+    stream = BatchStream(examples, DataConfig(resolution=64), 2, seed=0)
     captions = [c for k in range(6) for c in batch(stream, k)[1]]
+    warnings = said(caplog)
     assert "image 1" not in captions and len(warnings) == 1 and "changed since the scan" in warnings[0]
 
 
@@ -273,14 +276,15 @@ def test_background_decoding_gives_the_pixels_the_loop_would_decode(images):
     assert not ahead._ahead  # each prefetched batch is taken once
 
 
-def test_a_file_that_breaks_before_its_background_decode_is_reported_once_and_replaced(tmp_path):
+def test_a_file_that_breaks_before_its_background_decode_is_reported_once_and_replaced(tmp_path, caplog):
     for i in range(4):
         Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
     cfg = DataConfig(resolution=64, loader_threads=2)
     scan = scan_folder(tmp_path, cfg)
-    reported = []
-    stream = BatchStream(scan.examples, cfg, batch_size=4, seed=0, warn=reported.append)
+    caplog.set_level(logging.INFO, logger="sdtune")
+    stream = BatchStream(scan.examples, cfg, batch_size=4, seed=0)
     (tmp_path / "2.png").write_bytes(b"broken")
     stream.prefetch(stream.items(0))
     pixels, _ = batch(stream, 0)  # as the loop takes it: ImageFailed, then the batch again
+    reported = said(caplog)
     assert pixels.shape[0] == 4 and len(reported) == 1 and "2.png" in reported[0]

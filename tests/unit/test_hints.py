@@ -1,10 +1,12 @@
 """What sdtune tells a user about their own choices: the low-resolution warning names presets of the model's
 size, and an EXIF-rotated photo's size is reported as it is seen (and bucketed), not as it is stored."""
 
+import logging
 import types
 
 import pytest
 from PIL import Image
+from support.helpers import said
 from typer.testing import CliRunner
 
 from sdtune.cli import app
@@ -21,22 +23,23 @@ def _model(sample_size: int):
                                  vae=types.SimpleNamespace(config=types.SimpleNamespace(block_out_channels=[0] * 4)))
 
 
-def _warning(sample_size: int, preset: str, *sets: str) -> str:
-    lines = []
-    _check_resolution(_model(sample_size), load_config(preset, list(sets))[0], lines.append)
-    (line,) = lines
+def _warning(caplog, sample_size: int, preset: str, *sets: str) -> str:
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="sdtune")
+    _check_resolution(_model(sample_size), load_config(preset, list(sets))[0])
+    (line,) = said(caplog)
     return line
 
 
-def test_the_low_resolution_warning_names_presets_made_for_the_models_size():
-    sd15 = _warning(64, "rtx3050", "data.resolution=256")  # SD1.5: 512 px
+def test_the_low_resolution_warning_names_presets_made_for_the_models_size(caplog):
+    sd15 = _warning(caplog, 64, "rtx3050", "data.resolution=256")  # SD1.5: 512 px
     assert "trained at 512 px and data.resolution is 256" in sd15
     assert "a preset made for 512 px (rtx2070, rtx3050, rtx3080, rtx4090)" in sd15 and "sdxl" not in sd15
-    lora = _warning(64, "lora-4gb", "data.resolution=256")
+    lora = _warning(caplog, 64, "lora-4gb", "data.resolution=256")
     assert "(lora-4gb, lora-6gb)" in lora and "rtx" not in lora
-    sdxl = _warning(128, "rtx3050")  # SDXL (1024 px) on an SD-card plan
+    sdxl = _warning(caplog, 128, "rtx3050")  # SDXL (1024 px) on an SD-card plan
     assert "(sdxl-8gb, sdxl-12gb, sdxl-16gb, sdxl-24gb)" in sdxl and "rtx" not in sdxl
-    sd21 = _warning(96, "rtx3050")  # SD 2.1 at 768 px: no preset is made for it
+    sd21 = _warning(caplog, 96, "rtx3050")  # SD 2.1 at 768 px: no preset is made for it
     assert sd21.endswith("would learn to draw at the smaller size; --set data.resolution=768")
 
 

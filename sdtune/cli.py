@@ -408,6 +408,7 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
         typer.echo(to_toml(cfg, info))
         return
     from sdtune.estimate import remembered
+    from sdtune.train.method import method_for
 
     rows, names = [], preset_names()
     with console.status("estimating the presets' memory") as status:
@@ -422,7 +423,7 @@ def presets(name: str | None = typer.Argument(None, help="Show this preset fully
                   title="VRAM and host RAM: GiB estimated at each preset's model and size")
     for cfg, info, est in rows:
         m = cfg.memory
-        table.add_row(info.name, "LoRA" if cfg.train.method == "lora" else "full",
+        table.add_row(info.name, method_for(cfg).label,
                       f"{info.vram_gib:g} GB" if info.vram_gib else "-",
                       "-" if est.device == "cpu" else _gib_figure(est.total), _gib_figure(_host_need(est)),
                       m.precision, "on" if m.gradient_checkpointing else "off",

@@ -26,8 +26,8 @@ peak and what made it up are the estimate. Then what the meta device cannot show
 - The CUDA caching allocator reserves more than it hands out (512-byte rounding, 2 MiB and 20 MiB
   segments, fragmentation): `ALLOCATOR_SLACK` of the peak plus `ALLOCATOR_POOLS`. cuBLAS's workspace
   comes from that allocator too. The CUDA context (`CUDA_CONTEXT`) is outside torch's reserved memory.
-These constants are a model to be checked against `torch.cuda.max_memory_reserved()` by
-`bench/gpu_check.py` on a real GPU.
+These constants are a model to be checked against `torch.cuda.max_memory_reserved()` on a real GPU
+(`pytest -m gpu tests/gpu/test_estimate_matches.py`, `bench/gpu_plans.py`).
 """
 
 from __future__ import annotations

@@ -143,6 +143,8 @@ def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candi
     """Every plan of model `family` training by `method` that `--preset auto` may try on `gpu`, before the
     user's overrides; not yet ordered. Half-precision plans run in the card's half precision: bf16 where it
     has it, else fp16."""
+    from sdtune.train.method import method_for
+
     found, half = [], "bf16" if gpu.bf16 else "fp16"
     for name in gpu_presets(family, method):
         cfg, _ = load_config(name)
@@ -151,7 +153,7 @@ def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candi
         found.append(Candidate(name, base))
         if not mem.gradient_checkpointing:
             found.append(Candidate(name, (*base, "memory.gradient_checkpointing=true")))
-        elif (mem.optimizer_offload != "none" or cfg.train.method == "lora") and mem.param_offload == "none":
+        elif (mem.optimizer_offload != "none" or method_for(cfg).frozen_unet) and mem.param_offload == "none":
             found.append(Candidate(name, (*base, "memory.param_offload=cpu")))  # a LoRA streams its frozen base
     return found
 

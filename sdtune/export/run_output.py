@@ -34,7 +34,7 @@ def export_run(run: Run, preset: str) -> dict:
     if not run.world.main:
         run.close()
         return {"preset": preset, **summary(run)}
-    if run.placement.lora is not None:
+    if run.placement.method.adapter:
         return _export_lora(run, preset)
     _take_exported_weights(run)
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
@@ -100,7 +100,7 @@ def _export_bytes(run: Run) -> int:
     """Bytes the export needs free: a LoRA run's two files (in fp32 at most), or `_model_bytes`."""
     from sdtune.util.files import tensor_bytes
 
-    if run.placement.lora is not None:
+    if run.placement.method.adapter:
         return 2 * tensor_bytes(run.placement.weights()) + 2**20
     return _model_bytes(run)
 

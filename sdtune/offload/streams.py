@@ -2,8 +2,8 @@
 
 With `SDTUNE_OFFLOAD_SYNC=1` in the environment the engine creates no side streams: every copy runs on
 the current stream and completes before the host reads it, as on the CPU. That is the reference against
-which `bench/gpu_check.py`'s pre-flight compares the asynchronous paths (equal masters, bit for bit); a
-difference is a race.
+which the GPU tests (`tests/gpu/test_async_equals_sync.py`) compare the asynchronous paths (equal masters,
+bit for bit); a difference is a race.
 """
 
 from __future__ import annotations

@@ -139,8 +139,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
     stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed)
     cfg = _run_length(cfg, stream)
-    text_grad = cfg.lora.text_encoder or cfg.train.text_encoder_lr > 0  # the text encoder(s) train
-    features = Features(components, cfg.data, plan, text_grad=text_grad)
+    features = Features(components, cfg.data, plan, text_grad=placement.method.trains_text_encoders)
     run = Run(cfg=cfg, plan=plan, components=components, out_dir=Path(out_dir), config_toml=to_toml(cfg, info),
               features=features, stream=stream, placement=placement, world=world,
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
@@ -276,7 +275,7 @@ def fp32_weights(run: Run) -> dict:
 def evaluation_mode(run: Run):
     """The model ready to draw images: the trained modules in eval mode (no LoRA dropout), autocast, the
     parked encoders on the device; back to training afterwards."""
-    trained = [run.components.unet, *(run.placement.lora or {}).values(), *(run.placement.text_encoders or {}).values()]
+    trained = {run.components.unet, *run.placement.modules.values()}  # (a LoRA's modules: the UNet with adapters)
     for module in trained:
         module.eval()
     try:

@@ -62,6 +62,7 @@ class Method(ABC):
     weights_file: ClassVar[str]  # the checkpoint file of what trains
     frozen_unet: ClassVar[bool]  # the UNet is a frozen base in the working precision (a streamer moves it all)
     label: ClassVar[str]         # how `sdtune presets` names it
+    adapter: ClassVar[bool]      # what a run exports: adapter files for its base (True) or a whole model
 
     @property
     def trains_text_encoders(self) -> bool:
@@ -94,6 +95,7 @@ class FullFineTune(Method):
     weights_file: ClassVar[str] = "unet.safetensors"
     frozen_unet: ClassVar[bool] = False
     label: ClassVar[str] = "full"
+    adapter: ClassVar[bool] = False
 
     def prepare(self, components, plan, device) -> Trained:
         import torch
@@ -130,6 +132,7 @@ class Lora(Method):
     weights_file: ClassVar[str] = "lora.safetensors"
     frozen_unet: ClassVar[bool] = True
     label: ClassVar[str] = "LoRA"
+    adapter: ClassVar[bool] = True
 
     def prepare(self, components, plan, device) -> Trained:
         from sdtune.lora.adapter import attach, trainable

@@ -42,7 +42,7 @@ def check(run: Run) -> bool:
     out, c = run.cfg.output, run.components
     if not (out.save_every or out.save_every_epochs):
         return False
-    reason = "" if run.placement.lora is not None else unreadable_reason(c.unet, c.vae, list(c.text_encoders),
+    reason = "" if run.placement.method.adapter else unreadable_reason(c.unet, c.vae, list(c.text_encoders),
                                                                           c.prediction_type)
     if reason:
         logger.info(f"output.save_every: no saves will be written, as no model.safetensors would be: {reason}")
@@ -68,7 +68,7 @@ def write(run: Run) -> Path | None:
            "output.save_every=0 and output.save_every_epochs=0")
     check_space_all_ranks(run.world, run.out_dir, needed, f"the save {path.name}", fix)
     with disk_errors(path.parent, f"the save {path.name}", fix, needed):
-        if run.placement.lora is not None:
+        if run.placement.method.adapter:
             if run.world.main:
                 _write_lora(run, path)
         else:
@@ -82,7 +82,7 @@ def _bytes(run: Run) -> int:
     from sdtune.export import single_file_bytes
     from sdtune.util.files import tensor_bytes
 
-    if run.placement.lora is not None:
+    if run.placement.method.adapter:
         return tensor_bytes(run.placement.trained_params())
     return single_file_bytes(run.components, run.cfg.output.save_precision)
 

@@ -32,8 +32,8 @@ from sdtune.config.sections import (
     ModelConfig,
     OutputConfig,
     TrainConfig,
-    _require,
     doc,
+    require,
 )
 from sdtune.errors import SdtuneError
 
@@ -80,16 +80,16 @@ def _coerce(value, kind, where: str):
     origin = typing.get_origin(kind)
     if origin is Literal:
         choices = typing.get_args(kind)
-        _require(value in choices, f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        require(value in choices, f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if origin is tuple:
-        _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+        require(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
                  f"{where} must be a list of strings, got {value!r}")
         return tuple(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    _require(ok, f"{where} must be {_TYPE_WORDS[kind]}, got {value!r}")
+    require(ok, f"{where} must be {_TYPE_WORDS[kind]}, got {value!r}")
     return value
 
 
@@ -106,7 +106,7 @@ def _section_type(name: str, source: str) -> type:
 
 def _checked_values(name: str, values, source: str) -> dict:
     """`values` of section `name` with every key known and every value of the field's type."""
-    _require(isinstance(values, dict), f"[{name}] in {source} must be a table of keys")
+    require(isinstance(values, dict), f"[{name}] in {source} must be a table of keys")
     kind = _section_type(name, source)
     hints, names = typing.get_type_hints(kind), [f.name for f in dataclasses.fields(kind)]
     checked = {}
@@ -136,7 +136,7 @@ def parse_set(item: str) -> dict:
     one value (`output.sample_prompts=a photo of sks dog`) gets a one-item list."""
     path, sep, text = item.partition("=")
     section, dot, key = path.strip().partition(".")
-    _require(sep == "=" and dot == "." and section and key,
+    require(sep == "=" and dot == "." and section and key,
              f"--set '{item}' is not of the form section.key=value (for example train.max_steps=100)")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -164,10 +164,10 @@ def preset_names() -> list[str]:
 def preset_path(name: str) -> Path:
     if name.endswith(".toml"):
         path = Path(name)
-        _require(path.is_file(), f"preset file {name} does not exist")
+        require(path.is_file(), f"preset file {name} does not exist")
         return path
     path = PRESET_DIR / f"{name}.toml"
-    _require(path.is_file(), f"unknown preset '{name}'; choose one of {', '.join(preset_names())} "
+    require(path.is_file(), f"unknown preset '{name}'; choose one of {', '.join(preset_names())} "
                              "or pass a path to a .toml file")
     return path
 
@@ -181,7 +181,7 @@ def read_preset(name: str) -> tuple[dict, PresetInfo]:
     meta = data.pop("preset", {})
     allowed = {f.name for f in dataclasses.fields(PresetInfo)} - {"name"}
     for key in meta:
-        _require(key in allowed, f"unknown key 'preset.{key}' in {path.name}; known: {', '.join(sorted(allowed))}")
+        require(key in allowed, f"unknown key 'preset.{key}' in {path.name}; known: {', '.join(sorted(allowed))}")
     return data, PresetInfo(name=path.stem, **meta)
 
 

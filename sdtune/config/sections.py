@@ -30,7 +30,7 @@ def _not_nvme(old: str, new: str) -> bool:
     return "nvme" not in (old, new)
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise SdtuneError(message)
 
@@ -92,16 +92,16 @@ class DataConfig:
                                 "model before step 1", 100)
 
     def __post_init__(self):
-        _require(self.resolution >= 8 and self.resolution % 8 == 0,
+        require(self.resolution >= 8 and self.resolution % 8 == 0,
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
-        _require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
-        _require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        _require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards, self.max_pixels) >= 0,
+        require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
+        require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards, self.max_pixels) >= 0,
                  "data.min_side, data.max_side, data.keep_tags, data.cache_shards and data.max_pixels must be >= 0")
-        _require(0 <= self.validation_split < 1,
+        require(0 <= self.validation_split < 1,
                  f"data.validation_split must be in [0, 1), got {self.validation_split}")
-        _require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
-        _require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
+        require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
+        require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
         check_section("data", self)
 
     @property
@@ -154,18 +154,18 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
-            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
-        _require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
+            require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        require(self.learning_rate > 0, f"train.learning_rate must be positive, got {self.learning_rate}")
         for name in ("lr_warmup_steps", "max_grad_norm", "snr_gamma", "noise_offset", "weight_decay", "max_bad_steps",
                      "prior_loss_weight"):
-            _require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("ema_power", "ema_inv_gamma", "lr_power"):
-            _require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
-        _require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        _require(self.text_encoder_lr >= 0, f"train.text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+            require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
+        require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        require(self.text_encoder_lr >= 0, f"train.text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
         for name in ("ema_every", "lr_num_cycles"):
-            _require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
-        _require(self.max_epochs >= 0, f"train.max_epochs must be 0 or more, got {self.max_epochs}")
+            require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        require(self.max_epochs >= 0, f"train.max_epochs must be 0 or more, got {self.max_epochs}")
         check_section("train", self)
 
     @property
@@ -187,9 +187,9 @@ class LoraConfig:
                              False)
 
     def __post_init__(self):
-        _require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")
-        _require(self.alpha >= 0, f"lora.alpha must be >= 0, got {self.alpha}")
-        _require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")
+        require(self.alpha >= 0, f"lora.alpha must be >= 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
         check_section("lora", self)
 
     @property
@@ -231,7 +231,7 @@ class MemoryConfig:
                                      resume=NEUTRAL)
 
     def __post_init__(self):
-        _require(self.param_prefetch_blocks >= 0,
+        require(self.param_prefetch_blocks >= 0,
                  f"memory.param_prefetch_blocks must be 0 or more, got {self.param_prefetch_blocks}")
         check_section("memory", self)
 
@@ -268,9 +268,9 @@ class OutputConfig:
 
     def __post_init__(self):
         for name in ("checkpoint_every", "sample_every", "validate_every", "save_every", "save_every_epochs"):
-            _require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
-        _require(self.keep_checkpoints >= 0, f"output.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
-        _require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
+            require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
+        require(self.keep_checkpoints >= 0, f"output.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
         check_section("output", self)
 
 

@@ -32,11 +32,14 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdtune.config import Config, MemoryConfig, PresetInfo, load_config, parse_set, preset_names, read_preset
 from sdtune.errors import SdtuneError
 from sdtune.util.files import GIB
+
+if TYPE_CHECKING:
+    from sdtune.estimate import Estimate
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class Pick:
 
     preset: str
     extra: tuple[str, ...]
-    estimate: Any | None  # sdtune.estimate.Estimate of the pick; None on a machine without CUDA
+    estimate: Estimate | None  # the pick's; None on a machine without CUDA
     reason: str           # one paragraph for the user: the plan, its estimate, the card, what was rejected
     warning: str = ""     # a surprise the user must not miss (the toy model), said after the reason
 

@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sdtune.errors import SdtuneError
 from sdtune.family import archs, source_kind
 from sdtune.family.load import check_pipeline_class, inspect_single_file, resolve_source
 from sdtune.util.libraries import quiet_libraries
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdtune.family.base import Family
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first; SDXL both, their outputs concatenated
 
@@ -28,11 +33,11 @@ class MetaModel:
     """A model's trainable and frozen parts on the meta device: shapes and dtypes, no weights."""
 
     label: str
-    unet: Any
-    vae: Any | None
-    text_encoders: tuple[Any, ...]  # in the pipeline's order: (CLIP-L,) for SD1; (CLIP-L, OpenCLIP-bigG) for SDXL
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoders: tuple[torch.nn.Module, ...]  # in pipeline order: (CLIP-L,) for SD1; (CLIP-L, OpenCLIP-bigG) for SDXL
     prediction_type: str
-    family: Any = None              # its `sdtune.family.Family`, which says the VAE's precision
+    family: Family | None = None    # its `sdtune.family.Family`, which says the VAE's precision
 
     @property
     def frozen(self) -> list:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -34,14 +33,14 @@ class Bucket:
     pending: set = field(default_factory=set)  # parameters still to receive their gradient in this backward
     norms: list = field(default_factory=list)  # device-side norms of its gradients in this backward
     sq_host: torch.Tensor | None = None  # their squared sum, on the host (step_in_backward's overflow check)
-    event: Any = None                  # after this bucket's gradient copies (CUDA)
+    event: torch.cuda.Event | None = None     # after this bucket's gradient copies (CUDA)
     folds: int = 0                     # micro-batches summed into `grad` since the last step
     stepped: bool = False              # already stepped in this backward (step_in_backward)
     small: list = field(default_factory=list)  # (param, offset, offset in the small buffers) of small params
     small_device: torch.Tensor | None = None  # their gradients gathered on the device, in that order
     small_host: torch.Tensor | None = None    # ... and the one copy of them on the host
     ready: threading.Event | None = None  # overlap_step: set by the worker once this bucket is stepped
-    uploaded: Any = None               # overlap_step: after its upload (CUDA)
+    uploaded: torch.cuda.Event | None = None  # overlap_step: after its upload (CUDA)
     ema: torch.Tensor | None = None    # train.ema_decay: the fp32 moving average of `master`, in host RAM
 
     def gather_small(self, dtype: torch.dtype, device: torch.device) -> None:

@@ -147,7 +147,7 @@ def train(
     console.print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, "
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
-    if result.get("method") == "lora":
+    if "lora_files" in result:  # an adapter run: what it wrote, and how to use it
         console.print(f"LoRA written to {out}/: pytorch_lora_weights.safetensors (diffusers: "
                       f"pipe.load_lora_weights('{out}')) and lora.safetensors (ComfyUI, AUTOMATIC1111); "
                       f"`sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` bakes it in")
@@ -313,7 +313,8 @@ def estimate_vram(
               "and is what the card must hold")
     for est in results:
         for note in est.notes:
-            out.print(f"note: {est.preset}: {note}")
+            if not (pick and note in pick.reason):  # --preset auto's line said it already
+                out.print(f"note: {est.preset}: {note}")
     if gpu is None:
         out.print("no GPU detected: the verdicts above are against each preset's card")
     else:

@@ -7,8 +7,8 @@ resume, the out-of-memory fallback and the metrics sinks; the export and the sum
 `train` is what `sdtune train` runs. It resolves the plan, locks `--out`, and runs `attempt` once, or,
 with `on_oom="fallback"`, again on each next smaller plan after the GPU runs out of memory, continuing
 from the newest checkpoint. `attempt` is one try on one plan: prepare, loop, export, summary; it turns
-torch's out-of-memory error into `replan.OutOfMemory`, which names the next smaller plan. The loop below
-it (`sdtune.train.loop`) knows nothing of plans other than its own.
+torch's out-of-memory error into `sdtune.estimate.fallback.OutOfMemory`, which names the next smaller
+plan. The loop below it (`sdtune.train.loop`) knows nothing of plans other than its own.
 
 What a run says (the data counts, the plan's notes, warnings, saves) goes to `logging.getLogger("sdtune")`
 at INFO and WARNING, one record a line. `sdtune train` prints it (rank 0 only); as a library it is
@@ -149,7 +149,8 @@ class _Attempt:
 def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: bool = False, overwrite: bool = False,
             progress: Callable | None = None, world: World | None = None) -> dict:
     """One run on one plan, with `out` locked: prepare (resuming on `resume`), loop, export, summary.
-    Raises `replan.OutOfMemory` when the GPU runs out of memory, `signals.Interrupted` after a signal.
+    Raises `sdtune.estimate.fallback.OutOfMemory` when the GPU runs out of memory,
+    `sdtune.train.signals.Interrupted` after a signal.
     Under a launcher (`world`) rank 0 alone locks, checks and writes `out`."""
     from sdtune.train.lock import output_lock
 
@@ -224,6 +225,7 @@ def _start(run: Run, clear: bool) -> None:
 
 def _train_and_export(run: Run, request: _Attempt) -> dict:
     """The loop, its metrics sinks on rank 0, then the export; the summary."""
+    from sdtune.export import saves
     from sdtune.export.run_output import export_run
     from sdtune.train import loop as trainer
     from sdtune.train.metrics import MetricsLogger
@@ -232,11 +234,11 @@ def _train_and_export(run: Run, request: _Attempt) -> dict:
     if run.step >= steps:
         logger.info(f"nothing left to train: the checkpoint is at step {run.step} of {steps}")
     if not run.world.main:
-        trainer.loop(run)
+        trainer.loop(run, saves=saves)
         return export_run(run, request.info.name)
     sink = request.progress(steps, run.epoch_at(steps)) if request.progress else None
     with MetricsLogger.for_run(run.out_dir, run.cfg.output, resume_step=run.step, progress=sink) as metrics:
-        trainer.loop(run, metrics)
+        trainer.loop(run, metrics, saves)
     return export_run(run, request.info.name)
 
 

@@ -19,7 +19,7 @@ peak and what made it up are the estimate. Then what the meta device cannot show
   applies CUDA autocast's rules at the function level: convolutions, linears, matmuls and attention in
   the working precision (fp32 weights cast once per forward and cached, as autocast's weight cache
   does), norms and softmax in fp32.
-- The optimizer's state is counted by its tier's byte model (`Tier.footprint` in sdtune/offload/tier.py:
+- The optimizer's state is counted by its tier's byte model (`Tier.footprint` in sdtune/optim/tier.py:
   fused AdamW 8 bytes a parameter, AdamW8bit 2 plus block scales, Adafactor its factored second moment,
   Prodigy 16, Lion 4, the host tiers' buckets and rings; the EMA's fp32 copy), not traced; the
   per-tensor steps' temporaries (two copies of the largest parameter, at most) are counted with it.
@@ -120,9 +120,10 @@ def _code_digest() -> str:
 
 def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device: str | None = None,
              frozen_on_device: bool = True, gpus: int = 1) -> Estimate:
-    """Estimate the memory of training `model` (None: the config's model, or sd15 when that is a hub id)
-    with `cfg`'s plan on `device`: "cuda", or "cpu" for a CPU run (no CUDA constants; also how the trace is
-    checked against a measured CPU step); None takes "cpu" for `memory.device=cpu` plans, else "cuda".
+    """Estimate the memory of training `model` (None: the config's model; for a hub id its architecture, the
+    default one where assumed) with `cfg`'s plan on `device`: "cuda", or "cpu" for a CPU run (no CUDA
+    constants; also how the trace is checked against a measured CPU step); None takes "cpu" for
+    `memory.device=cpu` plans, else "cuda".
     `frozen_on_device=False` leaves the VAE and text encoder(s) off the GPU, as with latents and text
     embeddings cached beforehand: parked in host RAM in the working precision, as the trainer parks them.
     `gpus` > 1: per-card figures of the plan's `memory.distributed` over that many (`sdtune.estimate.per_card`);

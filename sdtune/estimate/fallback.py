@@ -10,7 +10,7 @@ so the training itself (model, data, recipe, precision, optimizer) stays what it
 plan is the cheapest by `auto.cost` that pulls at least one lever more.
 
 A fallback resumes the run's checkpoint on the smaller plan: the levers it pulls are those `--resume` may
-change (`resume=NEUTRAL` in sdtune/config.py; the optimizer's state moves between the in-device AdamW
+change (`resume=NEUTRAL` in sdtune/config/sections.py; the optimizer's state moves between the in-device AdamW
 and the host-RAM tier by `offload.convert`), so results match the unchanged run to float rounding.
 """
 

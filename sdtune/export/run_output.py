@@ -16,7 +16,7 @@ import logging
 import shutil
 from contextlib import nullcontext
 
-from sdtune.train import store as checkpoint
+from sdtune.train import store
 from sdtune.train.state import Run
 from sdtune.util import run_folder
 
@@ -46,7 +46,7 @@ def export_run(run: Run, preset: str) -> dict:
 def _take_exported_weights(run: Run) -> None:
     """Put the weights the model is exported with into its modules: the EMA's where there is one, else the
     tier's fp32 masters where they do not live in the UNet itself."""
-    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
+    from sdtune.family.base import TEXT_ENCODER_NAMES
 
     if run.ema is not None:  # the moving average is the model; the raw weights stay in the last checkpoint
         encoders = zip(TEXT_ENCODER_NAMES, run.components.text_encoders, strict=False)
@@ -82,7 +82,7 @@ def _write_model(run: Run) -> dict:
 
 def _trained(run: Run) -> list:
     """The full fine-tune's trained modules, which the diffusers folder holds in output.save_precision."""
-    return [run.components.unet, *(run.components.text_encoders if run.cfg.train.text_encoder_lr else ())]
+    return list(run.placement.modules.values())  # the UNet, and the text encoder(s) where they train
 
 
 def check_export_space(run: Run) -> None:
@@ -129,7 +129,7 @@ def _writing_model(run: Run, needed: int):
     one line; either way the last checkpoint holds the trained weights and --resume writes the model again."""
     from sdtune.util.files import check_space, disk_errors
 
-    latest = checkpoint.latest_checkpoint(run.out_dir, report=False)
+    latest = store.latest_checkpoint(run.out_dir, report=False)
     fix = (f"free space there and run the same command with --resume: it writes the model from {latest}"
            if latest else "free space there first: output.keep_checkpoints=0 keeps no checkpoint to write it from")
     check_space(run.out_dir, needed, "the trained model", fix)

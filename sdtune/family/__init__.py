@@ -116,13 +116,14 @@ def assumed_architecture(source: str) -> tuple[str, bool]:
     reason line and `estimate-vram` say which architecture). A local source is returned as it is (False)."""
     from sdtune.family.load import classify_source
 
-    if source in archs.ARCHS or source in archs.HUB_IDS:
-        return archs.HUB_IDS.get(source, source), False
     try:
-        hub = not source or classify_source(source) == "hub"
+        local = bool(source) and source not in archs.ARCHS and classify_source(source) != "hub"
     except SdtuneError:  # a missing path: the estimator's own loader says what is wrong with it
-        hub = False
-    return (archs.DEFAULT_ARCH, True) if hub else (source, False)
+        local = True
+    if local:
+        return source, False
+    found = detect(source)  # a name, a hub id or nothing: no file is read
+    return found.arch, found.assumed
 
 
 def assumption(source: str) -> str:

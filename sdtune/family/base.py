@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from sdtune.errors import SdtuneError
 
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")  # a pipeline's text encoders, in order: SD the first
+
 if TYPE_CHECKING:
     import torch
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel

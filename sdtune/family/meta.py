@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sdtune.errors import SdtuneError
 from sdtune.family import archs, source_kind
+from sdtune.family.base import TEXT_ENCODER_NAMES
 from sdtune.family.load import check_pipeline_class, inspect_single_file, resolve_source
 from sdtune.util.libraries import quiet_libraries
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
     from sdtune.family.base import Family
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SD has the first; SDXL both, their outputs concatenated
 
 
 @dataclass
@@ -63,7 +63,7 @@ def meta_model(source: str) -> MetaModel:
 def _meta_from(folder: Path, label: str) -> MetaModel:
     quiet_libraries()
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
-    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", *TEXT_ENCODERS)
+    built = {part: archs.build_part(folder / part, *index[part][:2]) for part in ("vae", *TEXT_ENCODER_NAMES)
              if isinstance(index.get(part), list) and index[part][0]}
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
@@ -71,5 +71,5 @@ def _meta_from(folder: Path, label: str) -> MetaModel:
     from sdtune.family import family_for_class
 
     return MetaModel(label, archs.build_part(folder / "unet", "diffusers", "UNet2DConditionModel"), built.get("vae"),
-                     tuple(built[part] for part in TEXT_ENCODERS if part in built), prediction,
+                     tuple(built[part] for part in TEXT_ENCODER_NAMES if part in built), prediction,
                      family_for_class(index.get("_class_name", "StableDiffusionPipeline"), str(folder)))

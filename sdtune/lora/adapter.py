@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from sdtune.config import LoraConfig
 from sdtune.errors import SdtuneError
+from sdtune.family.base import TEXT_ENCODER_NAMES
 
 ADAPTER = "default"  # peft's adapter name, the one diffusers' loaders use
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -23,7 +24,6 @@ UNET_TARGETS = {
     "attention+conv": (*ATTENTION, "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"),
 }
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's self-attention projections
-TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
 
 def peft_config(lora: LoraConfig, targets):

@@ -53,7 +53,7 @@ def check_fits(folder: str | Path, components, base: str) -> None:
     other sizes (a LoRA of an SD 1.x model onto SDXL), where diffusers would fail with a page of sizes."""
     from safetensors import safe_open
 
-    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
+    from sdtune.family.base import TEXT_ENCODER_NAMES
 
     parts = {"unet": components.unet, **dict(zip(TEXT_ENCODER_NAMES, components.text_encoders, strict=False))}
     modules = {part: dict(module.named_modules()) for part, module in parts.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 from sdtune.config import Config
 from sdtune.config.toml import from_toml, resume_conflicts
 from sdtune.errors import SdtuneError
-from sdtune.train import store as checkpoint
+from sdtune.train import store
 from sdtune.train.ema import EMA_FILE
 from sdtune.train.state import Run
 from sdtune.train.store import COUNTERS, OPTIMIZER, Part, Stateful
@@ -62,15 +62,15 @@ def save(run: Run) -> Path | None:
     output.keep_checkpoints=0 nothing is written (None)."""
     if run.cfg.output.keep_checkpoints == 0:
         return None
-    return checkpoint.save_checkpoint(run.out_dir, run.step, parts=parts(run), config_toml=run.config_toml,
+    return store.save_checkpoint(run.out_dir, run.step, parts=parts(run), config_toml=run.config_toml,
                                       keep=run.cfg.output.keep_checkpoints, world=run.world, sharded=_sharded(run))
 
 
 def restore(run: Run) -> None:
     """Load the newest checkpoint of `run.out_dir` into the run, if there is one."""
-    latest = checkpoint.latest_checkpoint(run.out_dir)
+    latest = store.latest_checkpoint(run.out_dir)
     if latest is None:
-        logger.info(f"no checkpoint in {checkpoint.checkpoint_root(run.out_dir)}; starting from step 0")
+        logger.info(f"no checkpoint in {store.checkpoint_root(run.out_dir)}; starting from step 0")
         return
     saved = _check_resume_config(latest, run.cfg)
     tier = None
@@ -80,7 +80,7 @@ def restore(run: Run) -> None:
         logger.info(f"optimizer state: from memory.optimizer_offload={saved.memory.optimizer_offload} "
                     f"to {run.cfg.memory.optimizer_offload}")
         tier = OtherTierState(run.tier, run.components.unet, latest / run.placement.weights_file)
-    checkpoint.load_checkpoint(latest, parts=parts(run, tier), world=run.world, sharded=_sharded(run),
+    store.load_checkpoint(latest, parts=parts(run, tier), world=run.world, sharded=_sharded(run),
                                trained=run.placement.weights_file)
     logger.info(f"resumed from {latest} at step {run.step}")
 

@@ -4,7 +4,7 @@
     with output_lock(out_dir):   # SdtuneError where another run holds out_dir
         ...train and write into out_dir...
 
-The lock is `fcntl.flock` on `out_dir/.sdtune.train.lock`, held on a file descriptor open for the whole run. The
+The lock is `fcntl.flock` on `out_dir/.sdtune.lock`, held on a file descriptor open for the whole run. The
 kernel decides who holds it, so two runs started at the same moment cannot both win, and it drops the lock
 when its process dies in any way (even SIGKILL): a lock file left behind by a dead run is simply locked
 again, with one log line naming the run it takes over from. The file's contents (pid, host, start time)
@@ -43,7 +43,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-LOCK_NAME = ".sdtune.train.lock"  # in the output folder; whatever checks that `--out` is empty must ignore it
+LOCK_NAME = ".sdtune.lock"  # in the output folder; whatever checks that `--out` is empty must ignore it
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # a filesystem without flock
 
 

@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from sdtune.config import Config, PresetInfo, load_config, preset_names
 from sdtune.config.toml import to_toml
@@ -35,8 +36,7 @@ from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
 from sdtune.optim.schedule import make_lr_schedule, step_schedule
 from sdtune.plan import autocast, peak_bytes, reset_peak, resolve_plan
-from sdtune.train import objective, saves
-from sdtune.train import store as checkpoint
+from sdtune.train import objective, store
 from sdtune.train.checkpoint import restore as _restore
 from sdtune.train.checkpoint import save as _save
 from sdtune.train.ema import make_ema
@@ -318,7 +318,7 @@ def _sample(run: Run, metrics) -> Path:
 
 
 def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
-    latest = checkpoint.latest_checkpoint(run.out_dir)
+    latest = store.latest_checkpoint(run.out_dir)
     kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
     return SdtuneError(f"{count} steps in a row had a NaN/Inf loss or gradient, the last at step {run.step}; "
                        f"stopped ({kept}; skipped steps never change the weights). Try a lower "
@@ -344,14 +344,26 @@ def _record(run: Run, result: StepResult, validation: dict) -> StepRecord:
                       **result.phases, **validation)
 
 
-def loop(run: Run, metrics=None) -> None:
+class Saves(Protocol):
+    """What writes the model a client loads during the run (`sdtune.export.saves`, handed over by the run:
+    the loop never imports export)."""
+
+    def check(self, run: Run) -> bool: ...
+
+    def due(self, run: Run) -> bool: ...
+
+    def write(self, run: Run) -> Path: ...
+
+
+def loop(run: Run, metrics=None, saves: Saves | None = None) -> None:
     """Train from `run.step` to `train.max_steps`, sending `metrics` (a `sdtune.train.metrics.MetricsLogger`, or
-    anything with its `log` and `image`) one `StepRecord` after each step and the validation grids.
+    anything with its `log` and `image`) one `StepRecord` after each step and the validation grids; with
+    `saves`, the intermediate saves it asks for (`output.save_every`).
     Raises `Interrupted` after SIGINT/SIGTERM (a checkpoint saved) and SdtuneError after
     `train.max_bad_steps` NaN/Inf steps in a row."""
     cfg, metrics, bad_in_a_row = run.cfg, metrics or _NoMetrics(), 0
     reset_peak(run.plan)
-    saving = saves.check(run)
+    saving = saves is not None and saves.check(run)
     if cfg.output.sample_at_start and run.step == 0:  # the base model's grid, to compare the others with
         logger.info(f"samples: {_sample(run, metrics)}")
     with StopOnSignal() as stop:

@@ -175,7 +175,7 @@ def _trained_text_encoders(components: Components | MetaModel, device: str) -> d
     pipeline name."""
     import torch
 
-    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
+    from sdtune.family.base import TEXT_ENCODER_NAMES
 
     encoders = dict(zip(TEXT_ENCODER_NAMES, components.text_encoders, strict=False))
     for encoder in encoders.values():

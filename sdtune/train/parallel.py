@@ -1,6 +1,6 @@
 """How a run spreads over several processes (`memory.distributed`): the rules, DDP, FSDP2, sharded state.
 
-    mode = resolve_mode(cfg, world)     # "none", "ddp" or "fsdp": what this launch runs
+    plan.distributed                    # "none", "ddp" or "fsdp": what this launch runs (sdtune.plan)
     model = wrap_ddp(unet, plan)        # ddp: every rank holds the whole model, gradients are averaged
     shard(unet, plan)                   # fsdp: weights, gradients and AdamW state split over the ranks
 
@@ -28,8 +28,6 @@ launcher started several processes, and nothing otherwise.
 from __future__ import annotations
 
 from pathlib import Path
-
-from sdtune.plan import resolve_mode as resolve_mode  # the plan decides the mode; named here for its callers
 
 
 def wrap_ddp(unet, device: str):

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from sdtune.config import Config
 from sdtune.optim.tier import Tier, make_tier
 from sdtune.plan import Plan
-from sdtune.train.method import FullFineTune, Lora, Method, Trained, method_for
+from sdtune.train.method import Method, Trained, method_for
 
 if TYPE_CHECKING:
     import torch
@@ -66,14 +66,14 @@ class Placement:
 
     @property
     def lora(self) -> dict[str, torch.nn.Module] | None:
-        """train.method=lora: {pipeline name: module with an adapter}; None for a full fine-tune."""
-        return self.modules if isinstance(self.method, Lora) else None
+        """An adapter method's {pipeline name: module with an adapter}; None for a full fine-tune."""
+        return self.modules if self.method.adapter else None
 
     @property
     def text_encoders(self) -> dict[str, torch.nn.Module] | None:
         """train.text_encoder_lr: {pipeline name: text encoder}, trained whole in fp32 (None otherwise; a
         LoRA's text-encoder adapters are in `lora`)."""
-        if not isinstance(self.method, FullFineTune):  # a LoRA's text-encoder adapters are in `lora`
+        if self.method.adapter:  # a LoRA's text-encoder adapters are in `lora`
             return None
         return {name: module for name, module in self.modules.items() if name != "unet"} or None
 

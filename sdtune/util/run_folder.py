@@ -9,7 +9,7 @@ from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
-SUMMARY = "summary.json"  # a finished run's summary, beside its exported model (`sdtune.run`)
+SUMMARY = "summary.json"  # a finished run's summary, beside its exported model (`sdtune.export.run_output`)
 
 
 def checkpoint_root(out_dir: Path) -> Path:

@@ -237,7 +237,8 @@ def test_a_save_refused_for_disk_space_stops_every_rank(tmp_path, monkeypatch, m
     """Two ranks save at step 2 on a disk with 1 KiB free: rank 0 measures and refuses, and rank 1 raises
     the refusal too, before it goes into a collective (FSDP's gather of the weights, or the next step's
     all-reduce) where it would wait for rank 0 forever."""
-    from sdtune.train import saves
+    from sdtune.export import saves
+    from sdtune.train.method import FullFineTune, Lora
 
     monkeypatch.setattr(files, "free_bytes", lambda folder: 2**10)
     gathered = []  # ranks that went into the weights' gather (a collective under FSDP)
@@ -245,6 +246,7 @@ def test_a_save_refused_for_disk_space_stops_every_rank(tmp_path, monkeypatch, m
     def run_of(world):
         part = SimpleNamespace(state_dict=lambda: {"w": torch.zeros(2**16)})
         placement = SimpleNamespace(lora={"unet": part} if method == "lora" else None, sharded=True,
+                                    method=Lora() if method == "lora" else FullFineTune(),
                                     trained_params=lambda: [torch.zeros(2**16)],
                                     weights=lambda: gathered.append(world.rank) or {})
         return SimpleNamespace(out_dir=tmp_path, step=2, world=world, placement=placement, ema=None,

@@ -92,7 +92,7 @@ def test_plans_an_optimizer_cannot_run_are_one_line_naming_both_keys(sets, keys)
      ("memory.distributed=ddp", "memory.fused_backward")),
 ])
 def test_several_processes_refuse_what_they_cannot_split(sets, keys):
-    from sdtune.train.parallel import resolve_mode
+    from sdtune.plan import resolve_mode
     from sdtune.util.world import World
 
     cfg, _ = load_config("cpu", sets)

@@ -20,7 +20,7 @@ from support.helpers import KEEP_ALL, final_unet, train
 
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
-from sdtune.train import parallel
+from sdtune.plan import resolve_mode
 from sdtune.util.world import World
 
 # AdamW's first steps move every weight by about +-lr whatever its gradient's size, so a gradient of ~0
@@ -214,25 +214,25 @@ def test_a_refused_plan_is_one_line_naming_both_keys_and_the_rank(tiny_sd1, imag
 def test_refused_combinations_name_both_keys_in_one_process_too(sets, keys):
     cfg, _ = load_config("cpu", sets)
     with pytest.raises(SdtuneError) as refused:
-        parallel.resolve_mode(cfg, World())
+        resolve_mode(cfg, World())
     message = str(refused.value)
     assert sets[0] in message and keys in message and "\n" not in message
 
 
 def test_what_each_setting_runs():
     two = World(rank=1, size=2, local_rank=1)
-    assert parallel.resolve_mode(load_config("cpu", [])[0], World()) == "none"
-    assert parallel.resolve_mode(load_config("cpu", [])[0], two) == "ddp"
-    assert parallel.resolve_mode(load_config("cpu", ["memory.distributed=fsdp",
+    assert resolve_mode(load_config("cpu", [])[0], World()) == "none"
+    assert resolve_mode(load_config("cpu", [])[0], two) == "ddp"
+    assert resolve_mode(load_config("cpu", ["memory.distributed=fsdp",
                                                      "memory.optimizer_offload=cpu"])[0], two) == "fsdp"
-    assert parallel.resolve_mode(load_config("cpu", ["memory.distributed=fsdp"])[0], World()) == "none"
+    assert resolve_mode(load_config("cpu", ["memory.distributed=fsdp"])[0], World()) == "none"
     # a preset with sdtune's own offload runs as it is in one process, and is refused under torchrun
     offloaded = load_config("cpu", ["memory.optimizer_offload=cpu"])[0]
-    assert parallel.resolve_mode(offloaded, World()) == "none"
+    assert resolve_mode(offloaded, World()) == "none"
     with pytest.raises(SdtuneError, match="memory.optimizer_offload=cpu"):
-        parallel.resolve_mode(offloaded, two)
+        resolve_mode(offloaded, two)
     with pytest.raises(SdtuneError, match="started 2 processes but memory.distributed=none"):
-        parallel.resolve_mode(load_config("cpu", ["memory.distributed=none"])[0], two)
+        resolve_mode(load_config("cpu", ["memory.distributed=none"])[0], two)
 
 
 def test_each_rank_takes_its_equal_share_of_a_global_batch():

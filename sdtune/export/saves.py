@@ -10,7 +10,8 @@ reads, and which `output.keep_checkpoints` prunes; saves are never deleted):
 - a LoRA run: the file the export writes as `lora.safetensors` (kohya's layout with each module's alpha and
   the `ss_*` / `modelspec.*` metadata: AUTOMATIC1111, ComfyUI, diffusers' `load_lora_weights`).
 
-With `train.ema_decay` a save holds the moving average, as the export does.
+With `train.ema_decay` a save holds the moving average, as the export does. The run hands this module to
+the loop (`sdtune.train.loop.loop(run, metrics, saves=...)`, its `Saves`), which asks it at each step:
 
     saving = saves.check(run)            # at the loop's start: False when off, or unreadable (said once)
     if saving and saves.due(run):
@@ -130,7 +131,7 @@ def _exported_weights(run: Run) -> dict:
 @contextmanager
 def _holding(components, weights: dict):
     """The modules' parameters hold `weights` (no copy), then their own tensors again: training goes on."""
-    from sdtune.lora.adapter import TEXT_ENCODER_NAMES
+    from sdtune.family.base import TEXT_ENCODER_NAMES
 
     parts = {"unet": components.unet, **dict(zip(TEXT_ENCODER_NAMES, components.text_encoders, strict=False))}
     params = {f"{part}.{name}": p for part, module in parts.items() for name, p in module.named_parameters()}

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +105,7 @@ class OffloadAdamW(torch.optim.AdamW):
         self._queue = StepQueue(model, self._buckets, self._where, self._worker, self._step_bucket,
                                 self._upload_stream, self._uploaded, self.device) if self.overlap_step else None
         self._futures: list[Future] = []
+        self._waited = 0.0  # seconds the training thread waited for the worker (`host_wait_seconds`)
         self._host_sq = 0.0                     # squared norm of the summed gradients (accumulation)
         self._state_file_due = False            # a checkpoint's state loaded: its file must follow
         self._task, self._in_backward, self._backwards, self._poisoned = None, False, 0, False
@@ -280,7 +282,9 @@ class OffloadAdamW(torch.optim.AdamW):
     def _wait(self) -> None:
         """Every queued worker task is done (all of them, even when one raised; then that error is raised)."""
         futures, self._futures = self._futures, []
+        started = time.perf_counter()
         errors = [future.exception() for future in futures]
+        self._waited += time.perf_counter() - started
         for error in errors:
             if error is not None:
                 raise error
@@ -349,6 +353,13 @@ class OffloadAdamW(torch.optim.AdamW):
         else that reads the masters, the state or the staging."""
         if self._queue is not None:
             self._queue.settle()
+
+    @property
+    def host_wait_seconds(self) -> float:
+        """Seconds the training thread has waited for the worker so far: the gradients' host handling at the
+        end of a backward, the queued steps before the next backward or a checkpoint, and each block of the
+        forward waiting for its buckets (`overlap_step`). Clock reads only: no device sync."""
+        return self._waited + (self._queue.waited if self._queue is not None else 0.0)
 
     def _step_settings(self) -> dict:
         """This step's learning rate and betas (the first param group) and its EMA decay."""

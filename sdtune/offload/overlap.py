@@ -12,6 +12,7 @@ the step of one bucket, the upload stream) and owns only the queued steps and th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -35,6 +36,7 @@ class StepQueue:
         self.upload_stream, self.uploaded, self.device = upload_stream, uploaded, device
         self.stepping: list[Future] = []  # the buckets' steps queued by the last step()
         self.order: list[Bucket] = []     # buckets in the order the last forward used them
+        self.waited = 0.0                 # seconds the training thread waited for queued steps
         self._gate(model, where)
 
     def _gate(self, model: torch.nn.Module, where: dict) -> None:
@@ -50,7 +52,9 @@ class StepQueue:
         for bucket in buckets:
             ready = bucket.ready
             if ready is not None:
+                started = time.perf_counter()
                 ready.wait()
+                self.waited += time.perf_counter() - started
                 bucket.ready = None
                 self.order.append(bucket)
                 if bucket.uploaded is not None:
@@ -62,7 +66,9 @@ class StepQueue:
         stepping, self.stepping = self.stepping, []
         if not stepping:
             return
+        started = time.perf_counter()
         errors = [future.exception() for future in stepping]
+        self.waited += time.perf_counter() - started
         for bucket in self.buckets:
             bucket.ready = None
         self.uploaded()

@@ -127,6 +127,12 @@ class Tier:
         """How the tier's host buffers for GPU copies are page-locked (`PinnedBuffer.how`); None: it has none."""
         return None
 
+    @property
+    def host_wait_seconds(self) -> float:
+        """Seconds the training thread has waited so far for the tier's host work (its worker's gradient
+        copies and steps): a profiled step's `host_wait_seconds` (`sdtune.train.metrics.Phases`); none here."""
+        return 0.0
+
     def restored_weights(self) -> dict[str, torch.Tensor]:
         """After `load_state_dict` and `load_files`: the fp32 trained weights they restored, by parameter name
         (the host tier's masters, which the checkpoint's weights file was written from); none here."""
@@ -248,6 +254,10 @@ class HostAdamW(Tier):
     @property
     def host_pinning(self):
         return self.optimizer.host_pinning
+
+    @property
+    def host_wait_seconds(self) -> float:
+        return self.optimizer.host_wait_seconds
 
 
 class NvmeTier(HostAdamW):

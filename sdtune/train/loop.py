@@ -186,6 +186,7 @@ def train_step(run: Run) -> StepResult:
     the loss averaged over the ranks, the tier's step (or a skip) and the LR schedule; `run.progress`
     records it. With SDTUNE_PROFILE=1 the result carries each phase's seconds."""
     started, phases = time.perf_counter(), Phases.from_env(run.plan.device)
+    waited = run.tier.host_wait_seconds  # the tier's clock, read anyway: a float, no sync
     accumulation = run.cfg.train.gradient_accumulation_steps
     first, learning_rate = run.step * accumulation, run.optimizer.param_groups[0]["lr"]
     if run.ema is not None:
@@ -197,6 +198,7 @@ def train_step(run: Run) -> StepResult:
         stepped = optimizer_step(run, math.isfinite(step_loss))
     if run.ema is not None:
         run.ema.after_step(stepped)
+    phases.add("host_wait", run.tier.host_wait_seconds - waited)  # inside forward_backward and optimizer
     run.progress.finish_step(step_loss, stepped, time.perf_counter() - started)
     bad = not math.isfinite(step_loss) or not (stepped or run.scaler.is_enabled())
     return StepResult(step_loss, stepped, learning_rate, bad, phases.fields())

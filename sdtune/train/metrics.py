@@ -53,10 +53,12 @@ class StepRecord:
     validation_loss: float | None = None  # after steps that evaluate it (output.validate_every)
     ema_validation_loss: float | None = None  # ... and of the EMA weights, with train.ema_decay
     # SDTUNE_PROFILE=1 (`Phases`): the step's seconds waiting for its micro-batches (images, VAE or cache),
-    # in forward and backward, and in the optimizer step (the tier's host pass included); absent otherwise
+    # in forward and backward, and in the optimizer step (the tier's host pass included); of those, the
+    # seconds the host waited for an offload tier's worker (host_wait); absent otherwise
     data_seconds: float | None = None
     forward_backward_seconds: float | None = None
     optimizer_seconds: float | None = None
+    host_wait_seconds: float | None = None
 
     def to_dict(self) -> dict:
         """The record as `metrics.jsonl` writes it: the phase seconds only where the step was profiled."""
@@ -64,12 +66,13 @@ class StepRecord:
         return {key: value for key, value in fields.items() if key not in PHASE_FIELDS or value is not None}
 
 
-PHASE_FIELDS = ("data_seconds", "forward_backward_seconds", "optimizer_seconds")
+PHASE_FIELDS = ("data_seconds", "forward_backward_seconds", "optimizer_seconds", "host_wait_seconds")
 PROFILE_ENV = "SDTUNE_PROFILE"
 
 
 class Phases:
-    """Seconds spent in each phase of one step (data, forward_backward, optimizer), with SDTUNE_PROFILE=1;
+    """Seconds spent in each phase of one step (data, forward_backward, optimizer; host_wait, the part of
+    those the host waited for an offload tier's worker), with SDTUNE_PROFILE=1;
     `fields()` are the `StepRecord` fields they fill.
 
     On, the device is synchronized at every phase boundary so that a phase's seconds are its own: CUDA runs
@@ -85,6 +88,11 @@ class Phases:
     def __init__(self, device: str, on: bool = False):
         self.device, self.on = device, on
         self.seconds: dict[str, float] | None = {} if on else None
+
+    def add(self, name: str, seconds: float) -> None:
+        """Seconds of `name` measured elsewhere (the offload tier's waits); ignored when off."""
+        if self.on:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def fields(self) -> dict[str, float]:
         """{"<phase>_seconds": seconds} for `StepRecord`; empty when off."""

@@ -57,8 +57,13 @@ def test_train_step_profiles_its_phases_without_changing_the_loss(tiny_sd1, imag
     profiled = prepared(tiny_sd1, images, tmp_path / "profiled", "train.max_steps=2")
     timed = [trainer.train_step(profiled) for _ in range(2)]
     assert [r.loss for r in timed] == [r.loss for r in results]
-    assert all(sorted(r.phases) == ["data_seconds", "forward_backward_seconds", "optimizer_seconds"]
-               and min(r.phases.values()) > 0 for r in timed)
+    timings = ("data_seconds", "forward_backward_seconds", "optimizer_seconds")
+    assert all(sorted(r.phases) == sorted([*timings, "host_wait_seconds"]) for r in timed)
+    assert all(min(r.phases[key] for key in timings) > 0 for r in timed)
+    assert all(r.phases["host_wait_seconds"] == 0.0 for r in timed)  # the in-device tier has no worker to wait for
+    offloaded = prepared(tiny_sd1, images, tmp_path / "offloaded", "train.max_steps=1", "memory.optimizer_offload=cpu")
+    phases = trainer.train_step(offloaded).phases  # the host tier's waits: part of forward+backward and the step
+    assert 0 <= phases["host_wait_seconds"] <= phases["forward_backward_seconds"] + phases["optimizer_seconds"]
 
 
 def test_output_folder_loads_with_plain_diffusers_and_samples(tiny_sd1, images, tmp_path):

@@ -245,11 +245,13 @@ def test_tensorboard_asked_for_and_missing_stops_the_run_before_it_loads_anythin
 
 def test_phase_seconds_are_written_only_for_a_profiled_step(tmp_path):
     """SDTUNE_PROFILE=1's phase seconds are keys of metrics.jsonl; without it the record has none of them."""
-    profiled = dataclasses.replace(record(1), data_seconds=0.01, forward_backward_seconds=0.2, optimizer_seconds=0.1)
+    profiled = dataclasses.replace(record(1), data_seconds=0.01, forward_backward_seconds=0.2, optimizer_seconds=0.1,
+                                   host_wait_seconds=0.05)
     with MetricsLogger.for_run(tmp_path, OutputConfig(), resume_step=0) as metrics:
         metrics.log(record(1))
         metrics.log(dataclasses.replace(profiled, step=2))
     plain, timed = read_jsonl(tmp_path / "metrics.jsonl")
     assert "data_seconds" not in plain and StepRecord(**plain) == record(1)
     assert (timed["data_seconds"], timed["forward_backward_seconds"], timed["optimizer_seconds"]) == (0.01, 0.2, 0.1)
+    assert timed["host_wait_seconds"] == 0.05
     assert StepRecord(**timed) == dataclasses.replace(profiled, step=2)

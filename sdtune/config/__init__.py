@@ -1,6 +1,6 @@
 """Run configuration: frozen dataclasses, preset overlays, `--set` overrides, validation, TOML dump.
 
-A preset (`sdtune/presets/NAME.toml`, or any path to a `.toml` file) overlays the defaults of the
+A preset (`sdtune/config/presets/NAME.toml`, or any path to a `.toml` file) overlays the defaults of the
 sections (`sdtune.config.sections`: `[model] [data] [train] [lora] [memory] [output]`), plus a `[preset]`
 table that describes the card it is for. `--set section.key=value` overrides are applied last. Every
 field's docstring (its `doc` metadata) is both the schema's help and the comment written beside the key in

@@ -5,7 +5,7 @@ steps change (`Progress`, which checkpoints).
     run.progress.step           # Progress: step, losses, skipped steps, seconds (run.step reads it too)
     run.progress.state_dict()   # the counters of a checkpoint's state.json
 
-A test that needs another scaler or log takes `dataclasses.replace(run, scaler=...)`: the parts stay
+A test that needs another scaler takes `dataclasses.replace(run, scaler=...)`: the parts stay
 shared, the progress too.
 """
 

@@ -189,4 +189,9 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tup
     """Defaults, then the preset, then each `--set`: the resolved, validated config."""
     data, info = read_preset(preset)
     layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
-    return apply_layers(Config(), layers), info
+    cfg = apply_layers(Config(), layers)
+    if cfg.lora.init_from:  # rank, alpha, target and text_encoder follow the file
+        from sdtune.lora.init_from import file_layer
+
+        cfg = apply_layers(cfg, [file_layer(cfg.lora, layers)])
+    return cfg, info

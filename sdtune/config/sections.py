@@ -185,6 +185,9 @@ class LoraConfig:
         "projection convolutions (LoCon)", "attention")
     text_encoder: bool = doc("also train a LoRA on the text encoder(s)' attention projections (no text cache)",
                              False)
+    init_from: str = doc("continue from this LoRA: a kohya or diffusers .safetensors file or a LoRA run's folder; "
+                         "rank, alpha, target and text_encoder follow the file, the optimizer starts fresh", "",
+                         resume=FREE)
 
     def __post_init__(self):
         require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")

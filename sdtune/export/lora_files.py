@@ -79,20 +79,27 @@ def kohya_weights(modules: dict, family, alpha: float) -> dict:
     """The adapters under kohya's names: `<lora name>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
     import torch
 
-    encoders = [name for name in modules if name != "unet"]
     out = {}
-    for name, module in modules.items():
-        weights = peft_weights(module)
-        paths = sorted({key.rsplit(".lora_", 1)[0] for key in weights})
-        if name == "unet":
-            names = _unet_names(paths, module.config, sgm=family.kohya_sgm_names)
-        else:  # the family's prefix of the encoder's place: lora_te_ (SD), lora_te1_ and lora_te2_ (SDXL)
-            prefix = family.kohya_text_prefixes[_encoder_index(name, encoders, family)]
-            names = {path: prefix + _text_name(path) for path in paths}
-        for path in paths:
+    for name, names in kohya_names(modules, family).items():
+        weights = peft_weights(modules[name])
+        for path in sorted(names):
             out[f"{names[path]}.lora_down.weight"] = weights[f"{path}.lora_A.weight"]
             out[f"{names[path]}.lora_up.weight"] = weights[f"{path}.lora_B.weight"]
             out[f"{names[path]}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def kohya_names(modules: dict, family) -> dict[str, dict[str, str]]:
+    """{pipeline name: {adapted module path (peft's): its kohya LoRA name}} of `modules`."""
+    encoders = [name for name in modules if name != "unet"]
+    out = {}
+    for name, module in modules.items():
+        paths = sorted({key.rsplit(".lora_", 1)[0] for key in peft_weights(module)})
+        if name == "unet":
+            out[name] = _unet_names(paths, module.config, sgm=family.kohya_sgm_names)
+        else:  # the family's prefix of the encoder's place: lora_te_ (SD), lora_te1_ and lora_te2_ (SDXL)
+            prefix = family.kohya_text_prefixes[_encoder_index(name, encoders, family)]
+            out[name] = {path: prefix + _text_name(path) for path in paths}
     return out
 
 

@@ -75,3 +75,55 @@ def restore(modules: dict, weights: dict) -> None:
     with torch.no_grad():
         for key, param in live.items():
             param.copy_(weights[key])
+
+
+def load_file(modules: dict, family, path: str) -> str:
+    """Copy the adapters of the LoRA file `path` (`lora.init_from`, whose rank, alpha and target the config
+    follows already) into `modules`' adapters: every adapter this run trains must be in the file and every
+    adapter of the file in this run, at this run's sizes, else one line. What was loaded, for the log."""
+    import torch
+    from safetensors.torch import load_file as read
+
+    from sdtune.lora.init_from import adapter_shape
+
+    shape = adapter_shape(path)
+    tensors = {_canonical(key): value for key, value in read(str(shape.path)).items() if not key.endswith(".alpha")}
+    live = trained_weights(modules)
+    wanted = _file_keys(modules, family, shape.kohya)
+    missing, extra = sorted(set(wanted.values()) - set(tensors)), sorted(set(tensors) - set(wanted.values()))
+    misfit = [key for key, name in wanted.items() if name in tensors and tensors[name].shape != live[key].shape]
+    if missing or extra or misfit:
+        example = (f"{misfit[0]} is {list(live[misfit[0]].shape)} here, {list(tensors[wanted[misfit[0]]].shape)} "
+                   "in the file" if misfit else (extra or missing)[0])
+        raise SdtuneError(f"the LoRA in {shape.path} does not fit this model ({len(extra)} of its weights have no "
+                          f"layer here, {len(missing)} adapters this run trains are not in it, {len(misfit)} differ "
+                          f"in size; e.g. {example}): it was trained on another architecture or target; pass the "
+                          "base model it was trained on")
+    with torch.no_grad():
+        for key, param in live.items():
+            param.copy_(tensors[wanted[key]])
+    return f"{shape.path} (rank {shape.rank}, alpha {shape.alpha:g}, {len(live) // 2} adapters)"
+
+
+def _file_keys(modules: dict, family, kohya: bool) -> dict[str, str]:
+    """{`trained_weights` key: the key a kohya (or a diffusers, `_canonical`) file holds the weight under}."""
+    from sdtune.export.lora_files import kohya_names
+
+    names = kohya_names(modules, family) if kohya else {}
+    out = {}
+    for key in trained_weights(modules):
+        part, _, rest = key.partition(".")
+        path, _, which = rest.rpartition(".lora_")  # which: "A.default.weight" or "B.default.weight"
+        if kohya:
+            out[key] = f"{names[part][path]}.lora_{'down' if which[0] == 'A' else 'up'}.weight"
+        else:
+            out[key] = _canonical(f"{part}.{path}.lora_{which[0]}.weight")
+    return out
+
+
+def _canonical(key: str) -> str:
+    """A diffusers file's key in one spelling: peft's `lora_A`/`lora_B` (not diffusers' `lora.down`/`lora.up`),
+    a text encoder's modules without transformers 4's `text_model.` level."""
+    part, _, rest = key.partition(".")
+    rest = rest.removeprefix("text_model.").replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+    return f"{part}.{rest}"

@@ -15,6 +15,7 @@ and writes, `streamed` what a parameter streamer may move (a frozen base only, w
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,6 +143,12 @@ class Lora(Method):
         if plan.param_offload != "cpu":
             unet.to(device)
         modules = attach(unet, components.text_encoders, self.lora, seed=self.seed)
+        if self.lora.init_from and not next(iter(trainable(unet))).is_meta:  # the estimate's parts hold no values
+            from sdtune.lora.adapter import load_file
+
+            loaded = load_file(modules, components.family, self.lora.init_from)
+            logging.getLogger(__name__).info(f"lora.init_from: the adapters start from {loaded}; the optimizer "
+                                             "state starts fresh and the step at 0")
         if plan.param_offload == "cpu":  # the adapters go to the device, the frozen base waits on the host
             for param in trainable(unet):
                 param.data = param.data.to(device)

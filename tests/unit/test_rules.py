@@ -35,6 +35,7 @@ EXAMPLES = [
     (("memory.param_offload", "memory.optimizer_offload", "train.method"),
      ["memory.param_offload=cpu", "memory.gradient_checkpointing=true"], None),
     (("lora.text_encoder", "train.method"), ["lora.text_encoder=true"], None),
+    (("lora.init_from", "train.method"), ["lora.init_from=old/lora.safetensors"], None),
     (("lora.text_encoder", "data.cache_text"), ["lora.text_encoder=true", "train.method=lora", "data.cache_text=true"],
      None),
     (("output.validate_every", "data.validation_dir", "data.validation_split"), ["output.validate_every=5"], None),

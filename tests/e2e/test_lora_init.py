@@ -1,0 +1,93 @@
+"""`lora.init_from`: a LoRA run continues from a LoRA file (sdtune's kohya or diffusers file, another tool's),
+on the tiny SD 1.x and SDXL models."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support.helpers import prepared, train
+
+from sdtune.config import load_config
+from sdtune.errors import SdtuneError
+from sdtune.export.lora_files import peft_weights
+
+LORA = ("--set", "train.method=lora", "--set", "train.learning_rate=1e-3")
+FIRST = (*LORA, "--set", "lora.rank=4", "--set", "lora.alpha=8")
+
+
+def _live(run) -> dict:
+    """The run's adapters as a diffusers file names them."""
+    return {f"{part}.{key}": value for part, module in run.placement.lora.items()
+            for key, value in peft_weights(module).items()}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sdxl"])
+def test_continues_from_its_own_files(fixture, images, tmp_path, request):
+    model = request.getfixturevalue(fixture)
+    first = tmp_path / "first"
+    train(model, images, first, "--max-steps", "2", *FIRST)
+    saved = load_file(first / "pytorch_lora_weights.safetensors")
+    losses = {}
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        source = first / name
+        run = prepared(model, images, tmp_path / f"look-{name}", "train.method=lora", f"lora.init_from={source}")
+        assert (run.cfg.lora.rank, run.cfg.lora.scale_alpha) == (4, 8.0)  # the preset's 16 / 16 follow the file
+        live = _live(run)
+        assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+        out = tmp_path / f"second-{name}"
+        summary = train(model, images, out, "--max-steps", "2", *LORA, "--set", f"lora.init_from={source}")
+        losses[name] = summary["losses"]
+        trained = load_file(out / "pytorch_lora_weights.safetensors")
+        assert any(not torch.equal(trained[k], saved[k]) for k in saved)  # it trains on from the file's weights
+    assert losses["lora.safetensors"] == losses["pytorch_lora_weights.safetensors"]  # the same start, either file
+
+
+def test_a_folder_and_a_contradicting_set(tiny_sd1, images, tmp_path):
+    first = tmp_path / "first"
+    train(tiny_sd1, images, first, "--max-steps", "1", *FIRST)
+    cfg, _ = load_config("cpu", ["train.method=lora", f"lora.init_from={first}"])
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.target, cfg.lora.text_encoder) == (4, 8.0, "attention", False)
+    with pytest.raises(SdtuneError, match=r"^lora.rank=8 but .*pytorch_lora_weights.safetensors holds rank 4 "
+                                          r"adapters: drop --set lora.rank"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={first}", "lora.rank=8"])
+    with pytest.raises(SdtuneError, match="lora.init_from continues a LoRA; it needs train.method=lora"):
+        load_config("cpu", [f"lora.init_from={first}"])
+    with pytest.raises(SdtuneError, match="does not exist"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'nothing.safetensors'}"])
+
+
+def test_a_file_of_another_architecture_is_one_line(tiny_sd1, tiny_sdxl, images, tmp_path):
+    first = tmp_path / "first"
+    train(tiny_sd1, images, first, "--max-steps", "1", *FIRST)
+    with pytest.raises(SdtuneError, match=r"^the LoRA in .* does not fit this model \(.*\): it was trained on "
+                                          "another architecture"):
+        prepared(tiny_sdxl, images, tmp_path / "xl", "train.method=lora", f"lora.init_from={first}/lora.safetensors")
+
+
+def test_another_tools_kohya_file_and_mixed_ranks(tiny_sd1, images, tmp_path):
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sdtune.family.load import load_components
+
+    unet = load_components(str(tiny_sd1)).unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    for name, param in unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    peft = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = convert_state_dict_to_kohya(peft)
+    save_file(kohya, tmp_path / "theirs.safetensors")
+    run = prepared(tiny_sd1, images, tmp_path / "out", "train.method=lora",
+                   f"lora.init_from={tmp_path / 'theirs.safetensors'}")
+    assert (run.cfg.lora.rank, run.cfg.lora.scale_alpha) == (2, 2.0)
+    live = _live(run)
+    assert live.keys() == peft.keys() and all(torch.equal(live[k], peft[k]) for k in peft)
+    mixed = dict(kohya)
+    first_down = next(k for k in mixed if k.endswith(".lora_down.weight"))
+    stem = first_down.removesuffix(".lora_down.weight")
+    mixed[first_down], mixed[f"{stem}.lora_up.weight"] = torch.zeros(3, 32), torch.zeros(32, 3)
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(SdtuneError, match=r"holds adapters of ranks \[2, 3\] .*sdtune trains one rank"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'mixed.safetensors'}"])

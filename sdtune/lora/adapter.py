@@ -3,6 +3,7 @@
     modules = attach(components.unet, components.text_encoders, cfg.lora, seed=cfg.train.seed)
     weights = trained_weights(modules)       # {"unet.<param>": tensor, ...}: what a checkpoint holds
     restore(modules, weights)
+    load_file(modules, family, "old/lora.safetensors")   # lora.init_from: start from a LoRA file's weights
 
 `modules` maps the pipeline's attribute names ("unet", and with `lora.text_encoder` "text_encoder",
 "text_encoder_2") to the modules that carry an adapter. The adapters' A matrices are drawn from `seed`

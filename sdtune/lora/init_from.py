@@ -85,7 +85,8 @@ def adapter_shape(path: str | Path) -> AdapterShape:
         raise SdtuneError(f"lora.init_from={path} holds no LoRA adapters (no lora_down / lora_A weights: a LoHa, "
                           "LoKr or full model?); pass a plain LoRA file")
     ranks = sorted({shape[0] for shape in downs.values()})
-    alphas = sorted({_scalar(path, tensors[f"{name}.alpha"], start) for name in downs if f"{name}.alpha" in tensors}
+    alphas = sorted({_scalar(path, tensors[f"{name}.alpha"], start) if f"{name}.alpha" in tensors
+                     else float(shape[0]) for name, shape in downs.items()}  # kohya: no alpha is alpha = rank
                     if kohya else _peft_alphas(metadata, ranks[0]))
     if len(ranks) > 1 or len(alphas) > 1:
         what = f"ranks {ranks}" if len(ranks) > 1 else f"alphas {alphas}"
@@ -93,7 +94,7 @@ def adapter_shape(path: str | Path) -> AdapterShape:
                           "rank and alpha for every module; pick a file with one rank and alpha")
     unet = [name for name in downs if not name.startswith(TEXT_PREFIXES)]
     attention = all(name.endswith(ATTENTION_ENDS) for name in unet)
-    return AdapterShape(path, kohya, ranks[0], alphas[0] if alphas else float(ranks[0]),
+    return AdapterShape(path, kohya, ranks[0], alphas[0],
                         "attention" if attention else "attention+conv", len(unet) < len(downs))
 
 

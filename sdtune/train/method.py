@@ -125,8 +125,9 @@ class FullFineTune(Method):
 @dataclass(frozen=True)
 class Lora(Method):
     """The UNet is frozen in the working precision and fp32 LoRA adapters (`sdtune.lora.adapter`) train
-    on it, and with `lora.text_encoder` on the text encoder(s)' attention. A parameter streamer moves the
-    frozen base only; the adapters stay on the device."""
+    on it, and with `lora.text_encoder` on the text encoder(s)' attention; with `lora.init_from` they start
+    from that file's weights. A parameter streamer moves the frozen base only; the adapters stay on the
+    device."""
 
     lora: LoraConfig | None = None
     seed: int = 0
@@ -148,7 +149,8 @@ class Lora(Method):
 
             loaded = load_file(modules, components.family, self.lora.init_from)
             logging.getLogger(__name__).info(f"lora.init_from: the adapters start from {loaded}; the optimizer "
-                                             "state starts fresh and the step at 0")
+                                             "state starts fresh and the step at 0 (with --resume the "
+                                             "checkpoint's replace them)")
         if plan.param_offload == "cpu":  # the adapters go to the device, the frozen base waits on the host
             for param in trainable(unet):
                 param.data = param.data.to(device)

@@ -1,17 +1,21 @@
 """`lora.init_from`: a LoRA run continues from a LoRA file (sdtune's kohya or diffusers file, another tool's),
 on the tiny SD 1.x and SDXL models."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support.helpers import prepared, train
+from support.helpers import prepared, said, train
 
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
 from sdtune.export.lora_files import peft_weights
+from sdtune.train.loop import evaluation_mode
 
 LORA = ("--set", "train.method=lora", "--set", "train.learning_rate=1e-3")
 FIRST = (*LORA, "--set", "lora.rank=4", "--set", "lora.alpha=8")
+HELD_OUT = ("data.validation_split=0.34", "output.validate_every=2")
 
 
 def _live(run) -> dict:
@@ -24,15 +28,20 @@ def _live(run) -> dict:
 def test_continues_from_its_own_files(fixture, images, tmp_path, request):
     model = request.getfixturevalue(fixture)
     first = tmp_path / "first"
-    train(model, images, first, "--max-steps", "2", *FIRST)
+    train(model, images, first, "--max-steps", "2", *FIRST, *(f"--set={s}" for s in HELD_OUT))
     saved = load_file(first / "pytorch_lora_weights.safetensors")
+    rows = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    held_out_loss = rows[-1]["validation_loss"]  # at the weights the files hold, on fixed noise and timesteps
     losses = {}
     for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
         source = first / name
-        run = prepared(model, images, tmp_path / f"look-{name}", "train.method=lora", f"lora.init_from={source}")
+        run = prepared(model, images, tmp_path / f"look-{name}", "train.method=lora", f"lora.init_from={source}",
+                       *HELD_OUT)
         assert (run.cfg.lora.rank, run.cfg.lora.scale_alpha) == (4, 8.0)  # the preset's 16 / 16 follow the file
         live = _live(run)
         assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+        loss = run.validation.evaluate(run, evaluation_mode(run))["validation_loss"]
+        assert loss == pytest.approx(held_out_loss, rel=1e-5)  # the second run starts where the first ended
         out = tmp_path / f"second-{name}"
         summary = train(model, images, out, "--max-steps", "2", *LORA, "--set", f"lora.init_from={source}")
         losses[name] = summary["losses"]
@@ -91,3 +100,38 @@ def test_another_tools_kohya_file_and_mixed_ranks(tiny_sd1, images, tmp_path):
     save_file(mixed, tmp_path / "mixed.safetensors")
     with pytest.raises(SdtuneError, match=r"holds adapters of ranks \[2, 3\] .*sdtune trains one rank"):
         load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'mixed.safetensors'}"])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sdxl"])
+def test_text_encoders_and_convolutions_follow_the_file(fixture, images, tmp_path, request):
+    model = request.getfixturevalue(fixture)
+    first = tmp_path / "first"
+    train(model, images, first, "--max-steps", "1", *FIRST, "--set", "lora.text_encoder=true",
+          "--set", "lora.target=attention+conv")
+    saved = {k.replace("text_model.", ""): v for k, v in load_file(first / "pytorch_lora_weights.safetensors").items()}
+    run = prepared(model, images, tmp_path / "look", "train.method=lora", f"lora.init_from={first}/lora.safetensors")
+    assert (run.cfg.lora.target, run.cfg.lora.text_encoder) == ("attention+conv", True)
+    live = {k.replace("text_model.", ""): v for k, v in _live(run).items()}  # transformers 4 and 5 spellings
+    assert any(k.startswith("text_encoder") for k in live) and any(".conv1." in k for k in live)
+    assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
+    with pytest.raises(SdtuneError, match="lora.text_encoder=False but .* holds text-encoder adapters"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={first}", "lora.text_encoder=false"])
+
+
+def test_resume_keeps_the_checkpoint_and_says_the_optimizer_starts_fresh(tiny_sd1, images, tmp_path, caplog):
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="sdtune")
+    first = tmp_path / "first"
+    train(tiny_sd1, images, first, "--max-steps", "1", *FIRST)
+    sets = ("--max-steps", "4", *LORA, "--set", f"lora.init_from={first}", "--set", "output.keep_checkpoints=4",
+            "--set", "output.checkpoint_every=2")
+    prepared(tiny_sd1, images, tmp_path / "look", "train.method=lora", f"lora.init_from={first}")
+    assert any("the optimizer state starts fresh and the step at 0" in line for line in said(caplog))
+    straight = train(tiny_sd1, images, tmp_path / "straight", *sets)
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "straight", killed)
+    shutil.rmtree(killed / "checkpoints" / "step-000004")
+    (killed / "summary.json").unlink()
+    assert train(tiny_sd1, images, killed, *sets, "--resume")["losses"] == straight["losses"]

@@ -81,14 +81,17 @@ def restore(modules: dict, weights: dict) -> None:
 def load_file(modules: dict, family, path: str) -> str:
     """Copy the adapters of the LoRA file `path` (`lora.init_from`, whose rank, alpha and target the config
     follows already) into `modules`' adapters: every adapter this run trains must be in the file and every
-    adapter of the file in this run, at this run's sizes, else one line. What was loaded, for the log."""
+    adapter of the file in this run, at this run's sizes, else one line. What was loaded, for the log. A
+    one-encoder model's `lora_te1_` (diffusers' `convert_state_dict_to_kohya` writes it) is kohya's `lora_te_`."""
     import torch
     from safetensors.torch import load_file as read
 
     from sdtune.lora.init_from import adapter_shape
 
     shape = adapter_shape(path)
-    tensors = {_canonical(key): value for key, value in read(str(shape.path)).items() if not key.endswith(".alpha")}
+    one_encoder = family.kohya_text_prefixes[0] if len(family.kohya_text_prefixes) == 1 else "lora_te1_"
+    tensors = {_canonical(key.replace("lora_te1_", one_encoder, 1) if key.startswith("lora_te1_") else key): value
+               for key, value in read(str(shape.path)).items() if not key.endswith(".alpha")}
     live = trained_weights(modules)
     wanted = _file_keys(modules, family, shape.kohya)
     missing, extra = sorted(set(wanted.values()) - set(tensors)), sorted(set(tensors) - set(wanted.values()))

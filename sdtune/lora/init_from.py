@@ -71,6 +71,9 @@ def _scalar(path: Path, entry: dict, start: int) -> float:
     kinds = {"F32": "<f", "F64": "<d", "F16": "<e", "I64": "<q", "I32": "<i"}
     if entry["dtype"] == "BF16":
         return struct.unpack("<f", b"\0\0" + raw[:2])[0]
+    if entry["dtype"] not in kinds or len(raw) < struct.calcsize(kinds[entry["dtype"]]):
+        raise SdtuneError(f"lora.init_from={path} has an alpha of {entry['dtype']} {entry['shape']}, not one number; "
+                          "pass a kohya or diffusers LoRA file")
     return float(struct.unpack(kinds[entry["dtype"]], raw[:struct.calcsize(kinds[entry["dtype"]])])[0])
 
 
@@ -79,7 +82,7 @@ def adapter_shape(path: str | Path) -> AdapterShape:
     path = lora_file(path)
     tensors, metadata, start = _header(path)
     kohya = any(".lora_down." in key for key in tensors)
-    downs = {key.split(".lora_")[0]: entry["shape"] for key, entry in tensors.items()
+    downs = {key.split(".lora_")[0].split(".lora.")[0]: entry["shape"] for key, entry in tensors.items()
              if ".lora_down." in key or ".lora_A." in key or ".lora.down." in key}
     if not downs:
         raise SdtuneError(f"lora.init_from={path} holds no LoRA adapters (no lora_down / lora_A weights: a LoHa, "
@@ -90,8 +93,9 @@ def adapter_shape(path: str | Path) -> AdapterShape:
                     if kohya else _peft_alphas(metadata, ranks[0]))
     if len(ranks) > 1 or len(alphas) > 1:
         what = f"ranks {ranks}" if len(ranks) > 1 else f"alphas {alphas}"
-        raise SdtuneError(f"lora.init_from={path} holds adapters of {what} (per-block dims): sdtune trains one "
-                          "rank and alpha for every module; pick a file with one rank and alpha")
+        raise SdtuneError(f"lora.init_from={path} holds adapters of {what} (kohya's per-block dims, or a "
+                          "conv_dim apart from the network_dim): sdtune trains one rank and alpha for every module; "
+                          "pick a file with one rank and alpha")
     unet = [name for name in downs if not name.startswith(TEXT_PREFIXES)]
     attention = all(name.endswith(ATTENTION_ENDS) for name in unet)
     return AdapterShape(path, kohya, ranks[0], alphas[0],
@@ -113,13 +117,13 @@ def file_layer(lora, layers: list[tuple[dict, str]]) -> tuple[dict, str]:
     """The config layer that sets `[lora]` rank, alpha, target and text_encoder to what `lora.init_from` holds.
     A `--set` of one of them (a layer whose source is "--set ...") that says otherwise is one error."""
     shape = adapter_shape(lora.init_from)
-    values = {key: getattr(shape, key) for key in FOLLOWED}
-    for data, source in layers:
-        for key, value in data.get("lora", {}).items():
-            if key in FOLLOWED and source.startswith("--set") and _differs(key, value, shape):
-                raise SdtuneError(f"lora.{key}={value} but {shape.path} holds {_holds(key, shape)}: drop "
-                                  f"--set lora.{key} (it follows lora.init_from) or pick another file")
-    return {"lora": values}, f"lora.init_from={shape.path}"
+    given = {key: value for data, source in layers if source.startswith("--set")
+             for key, value in data.get("lora", {}).items() if key in FOLLOWED}  # the last --set of each
+    for key, value in given.items():
+        if _differs(key, value, shape):
+            raise SdtuneError(f"lora.{key}={value} but {shape.path} holds {_holds(key, shape)}: drop "
+                              f"--set lora.{key} (it follows lora.init_from) or pick another file")
+    return {"lora": {key: getattr(shape, key) for key in FOLLOWED}}, f"lora.init_from={shape.path}"
 
 
 def _differs(key: str, value, shape: AdapterShape) -> bool:

@@ -58,6 +58,7 @@ def test_a_folder_and_a_contradicting_set(tiny_sd1, images, tmp_path):
     with pytest.raises(SdtuneError, match=r"^lora.rank=8 but .*pytorch_lora_weights.safetensors holds rank 4 "
                                           r"adapters: drop --set lora.rank"):
         load_config("cpu", ["train.method=lora", f"lora.init_from={first}", "lora.rank=8"])
+    assert load_config("cpu", ["train.method=lora", f"lora.init_from={first}", "lora.rank=8", "lora.rank=4"])
     with pytest.raises(SdtuneError, match="lora.init_from continues a LoRA; it needs train.method=lora"):
         load_config("cpu", [f"lora.init_from={first}"])
     with pytest.raises(SdtuneError, match="does not exist"):
@@ -79,20 +80,30 @@ def test_another_tools_kohya_file_and_mixed_ranks(tiny_sd1, images, tmp_path):
 
     from sdtune.family.load import load_components
 
-    unet = load_components(str(tiny_sd1)).unet
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights="gaussian"))
-    for name, param in unet.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.01)
-    peft = {f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    kohya = convert_state_dict_to_kohya(peft)
+    components = load_components(str(tiny_sd1))
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0"], "text_encoder": ["q_proj", "k_proj", "v_proj", "out_proj"]}
+    peft = {}
+    for part, module in (("unet", components.unet), ("text_encoder", components.text_encoders[0])):
+        module.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets[part], init_lora_weights="gaussian"))
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.01)
+        level = "text_model." if part == "text_encoder" else ""  # as transformers 4 names it, and kohya
+        peft |= {f"{part}.{level}{k.removeprefix('text_model.')}": v.contiguous()
+                 for k, v in get_peft_model_state_dict(module).items()}
+    kohya = convert_state_dict_to_kohya(peft)  # its text encoder is lora_te1_, which sdtune reads as lora_te_
+    peft = {k.replace("text_model.", ""): v for k, v in peft.items()}
     save_file(kohya, tmp_path / "theirs.safetensors")
     run = prepared(tiny_sd1, images, tmp_path / "out", "train.method=lora",
                    f"lora.init_from={tmp_path / 'theirs.safetensors'}")
-    assert (run.cfg.lora.rank, run.cfg.lora.scale_alpha) == (2, 2.0)
-    live = _live(run)
+    assert (run.cfg.lora.rank, run.cfg.lora.scale_alpha, run.cfg.lora.text_encoder) == (2, 2.0, True)
+    live = {k.replace("text_model.", ""): v for k, v in _live(run).items()}
     assert live.keys() == peft.keys() and all(torch.equal(live[k], peft[k]) for k in peft)
+    halves = {k: v.to(torch.bfloat16 if k.endswith(".alpha") else v.dtype) * (2 if k.endswith(".alpha") else 1)
+              for k, v in kohya.items()}  # bf16 alphas of 4: scale 2
+    save_file(halves, tmp_path / "bf16.safetensors")
+    cfg, _ = load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'bf16.safetensors'}"])
+    assert (cfg.lora.rank, cfg.lora.alpha) == (2, 4.0)
     mixed = dict(kohya)
     first_down = next(k for k in mixed if k.endswith(".lora_down.weight"))
     stem = first_down.removesuffix(".lora_down.weight")

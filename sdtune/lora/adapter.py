@@ -99,10 +99,11 @@ def load_file(modules: dict, family, path: str) -> str:
     if missing or extra or misfit:
         example = (f"{misfit[0]} is {list(live[misfit[0]].shape)} here, {list(tensors[wanted[misfit[0]]].shape)} "
                    "in the file" if misfit else (extra or missing)[0])
-        raise SdtuneError(f"the LoRA in {shape.path} does not fit this model ({len(extra)} of its weights have no "
-                          f"layer here, {len(missing)} adapters this run trains are not in it, {len(misfit)} differ "
-                          f"in size; e.g. {example}): it was trained on another architecture or target; pass the "
-                          "base model it was trained on")
+        raise SdtuneError(f"the LoRA in {shape.path} does not fit this model ({len(extra)} of its weights are on "
+                          f"layers this run does not adapt, {len(missing)} adapters this run trains are not in it, "
+                          f"{len(misfit)} differ in size; e.g. {example}): it was trained on another architecture, or "
+                          "on layers outside lora.target's (kohya's feed-forward and MLP layers); pass the base model "
+                          "it was trained on, or a file of attention (+conv) adapters")
     with torch.no_grad():
         for key, param in live.items():
             param.copy_(tensors[wanted[key]])

@@ -191,7 +191,7 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tup
     layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
     cfg = apply_layers(Config(), layers)
     if cfg.lora.init_from:  # rank, alpha, target and text_encoder follow the file
-        from sdtune.lora.init_from import file_layer
+        from sdtune.config.lora_file import file_layer
 
         cfg = apply_layers(cfg, [file_layer(cfg.lora, layers)])
     return cfg, info

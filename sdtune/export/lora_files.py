@@ -21,9 +21,8 @@ from pathlib import Path
 
 from sdtune.export.client_layout import text_model_names
 from sdtune.util.files import follow_umask, save_safetensors
+from sdtune.util.run_folder import DIFFUSERS_FILE, KOHYA_FILE  # noqa: F401  (the names a LoRA run writes)
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "lora.safetensors"
 # The fields of peft 0.17's LoraConfig.to_dict() (0.17.0 and 0.17.1 alike), which clients on transformers 4.x
 # with diffusers 0.35 still run (sdtune itself needs 0.21, beside transformers 5): diffusers builds a
 # `LoraConfig(**fields)` from the file's metadata, and an older peft refuses a field it does not know (peft

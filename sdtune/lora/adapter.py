@@ -86,7 +86,7 @@ def load_file(modules: dict, family, path: str) -> str:
     import torch
     from safetensors.torch import load_file as read
 
-    from sdtune.lora.init_from import adapter_shape
+    from sdtune.config.lora_file import adapter_shape
 
     shape = adapter_shape(path)
     one_encoder = family.kohya_text_prefixes[0] if len(family.kohya_text_prefixes) == 1 else "lora_te1_"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's adapters for diffusers' load_lora_weights
+KOHYA_FILE = "lora.safetensors"  # ... and in kohya's layout, for ComfyUI and AUTOMATIC1111
 SUMMARY = "summary.json"  # a finished run's summary, beside its exported model (`sdtune.export.run_output`)
 
 

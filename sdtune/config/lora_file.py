@@ -1,5 +1,6 @@
 """`lora.init_from`: what a LoRA file holds, read from its safetensors header alone (no torch, no model), so
-that the config's `[lora]` keys follow the file before anything loads.
+that the config's `[lora]` keys follow the file before anything loads (hence here, in the config, below
+every stage: `load_config` applies it).
 
     shape = adapter_shape("old/lora.safetensors")    # AdapterShape(rank=16, alpha=16.0, target="attention", ...)
     layer = file_layer(cfg.lora, layers)             # the config layer that makes rank, alpha, target follow it
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.export.lora_files import DIFFUSERS_FILE, KOHYA_FILE
+from sdtune.util.run_folder import DIFFUSERS_FILE, KOHYA_FILE
 
 ATTENTION_ENDS = ("to_q", "to_k", "to_v", "to_out_0", "to_out.0")  # the "attention" target's module names
 TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")

@@ -15,8 +15,9 @@ LoKr), read back twice:
   comfy/weight_adapter/{lora,loha,lokr,base}.py). Keys it reads, keys it leaves ("lora key not loaded"), and
   the largest error of the weight it builds against the trained model's own weight, relative to the largest
   change training made (0 = the file means in ComfyUI what it meant in training). For DoRA also that error
-  had ComfyUI normalised the patched weight on the output axis as on the input one, and for peft's DoRA the
-  file after `fix_peft_dora` (the mapping diffusers' converter lacks).
+  had ComfyUI normalised the patched weight on the output axis as on the input one, for peft's DoRA the
+  file after `fix_peft_dora` (the mapping diffusers' converter lacks), and for output-axis DoRA the file
+  after `rescale_for_comfy` (magnitudes rescaled to undo ComfyUI's norm of the original weight).
 - diffusers: `StableDiffusionPipeline.load_lora_weights` on the same file, and for peft on peft's own names
   (`unet.M.lora_A.weight`, `unet.M.hada_w1_a`, ...): refused (the error), or loaded and the same relative
   error of the weight it then applies.
@@ -171,6 +172,19 @@ def fix_peft_dora(kohya: dict) -> dict:
     return out
 
 
+def rescale_for_comfy(kohya: dict, base_unet) -> dict:
+    """An output-axis DoRA file that ComfyUI reads as trained: ComfyUI divides by the original row norm
+    ||W||, so store m * ||W|| / ||W + s * up @ down|| (readers following lycoris' formula then get it wrong)."""
+    out, keys = dict(kohya), comfy_key_map([n for n, _ in base_unet.named_modules()])
+    for key in [k for k in kohya if k.endswith(".dora_scale")]:
+        x = key[:-len(".dora_scale")]
+        weight = base_unet.get_submodule(keys[x]).weight.detach()
+        up, down = kohya[f"{x}.lora_up.weight"], kohya[f"{x}.lora_down.weight"]
+        patched = weight + kohya[f"{x}.alpha"].item() / down.shape[0] * (up @ down)
+        out[key] = kohya[key] * weight.norm(dim=1, keepdim=True) / patched.norm(dim=1, keepdim=True)
+    return out
+
+
 def export_lycoris(net) -> dict:
     from safetensors.torch import load_file
 
@@ -315,6 +329,9 @@ def run_row(name: str, steps: int, warmup: int, rank: int) -> dict:
         extra["diffusers_peft_names"] = diffusers_read(native, base, names, reference)
     if dora and library == "peft":
         extra["comfyui_fixed_mapping"] = comfy_read(fix_peft_dora(sd), base, names, reference)
+    if dora == "out":  # ComfyUI's output-axis norm compensated in the file
+        fixed = fix_peft_dora(sd) if library == "peft" else sd
+        extra["comfyui_rescaled"] = comfy_read(rescale_for_comfy(fixed, base), base, names, reference)
     return {**extra, "row": name, "library": library, "algorithm": algo, "dora": dora, "rank": rank, "alpha": alpha,
             "targets": len(names), "trainable_params": count, "train_state_bytes": count * 4 * 4,
             "s_per_step": statistics.median(times), "peak_rss_mib": peak, "rss_before_adapter_mib": before,
@@ -349,12 +366,15 @@ def table(rows: list[dict]) -> str:
 
 def dora_table(rows: list[dict]) -> str:
     lines = ["| DoRA row | ComfyUI error, file as written | ... normalising the patched weight on both axes | "
-             "peft file after fix_peft_dora |", "| --- | --- | --- | --- |"]
+             "peft file after fix_peft_dora | ComfyUI error, file after rescale_for_comfy |",
+             "| --- | --- | --- | --- | --- |"]
     for r in (r for r in rows if r["dora"]):
         fixed = r.get("comfyui_fixed_mapping")
         after = f"{fmt_error(fixed['rel_error'])} ({fmt_error(fixed['rel_error_norm_of_patched'])})" if fixed else "-"
+        rescaled = r.get("comfyui_rescaled")
         lines.append(f"| {r['row']} | {fmt_error(r['comfyui']['rel_error'])} | "
-                     f"{fmt_error(r['comfyui']['rel_error_norm_of_patched'])} | {after} |")
+                     f"{fmt_error(r['comfyui']['rel_error_norm_of_patched'])} | {after} | "
+                     f"{fmt_error(rescaled['rel_error']) if rescaled else '-'} |")
     return "\n".join(lines)
 
 

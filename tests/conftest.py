@@ -4,11 +4,14 @@ Every test runs offline on one CPU thread (a tiny UNet step takes ~0.04 s with o
 machine and seconds with two).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="sdtune-test-cache-")  # the default caches (scan, latents)
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)  # not one folder left per session
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402

@@ -164,6 +164,7 @@ def _export_lora(run: Run, preset: str) -> dict:
                            kohya_metadata(run.cfg, run.components, result, len(run.stream.examples)), run.cfg.lora)
     run.close()
     result["lora_files"] = [path.name for path in files]
+    result["adapter"] = run.placement.method.label
     _leave(run, result)
     return result
 

@@ -2,15 +2,18 @@
 that the config's `[lora]` keys follow the file before anything loads (hence here, in the config, below
 every stage: `load_config` applies it).
 
-    shape = adapter_shape("old/lora.safetensors")    # AdapterShape(rank=16, alpha=16.0, target="attention", ...)
+    shape = adapter_shape("old/lora.safetensors")    # AdapterShape(algo="loha", rank=16, alpha=16.0, ...)
     layer = file_layer(cfg.lora, layers)             # the config layer that makes rank, alpha, target follow it
 
 A file is kohya's layout (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, with
 `lora_te_`, `lora_te1_`, `lora_te2_` for text encoders: sdtune's own `lora.safetensors`, sd-scripts', most
-model sites') or diffusers/peft's (`unet.<module>.lora_A.weight` / `lora_B`, alpha in its
-`lora_adapter_metadata`), or a folder holding one of them (an sdtune LoRA run's output). One rank and one
-alpha for every module: a file whose modules differ (kohya's block dims) is refused with one line, as sdtune
-trains one rank. The weights themselves go into the adapters in `sdtune.lora.adapter.load_file`.
+model sites'; LyCORIS' `.hada_*` for LoHa, `.lokr_*` for LoKr, `.dora_scale` for DoRA) or diffusers/peft's
+(`unet.<module>.lora_A.weight` / `lora_B` / `lora_magnitude_vector`, alpha in its `lora_adapter_metadata`),
+or a folder holding one of them (an sdtune adapter run's output). One rank and one alpha for the attention
+and text-encoder modules and one for the convolutions (`lora.conv_rank`, `lora.conv_alpha`): a file whose
+modules differ otherwise (kohya's block dims) is refused with one line. A LoKr whose factors are all full
+shows no rank (its `ss_network_dim` metadata does, where there is one). The weights themselves go into the
+adapters in `sdtune.lora.adapter.load_file`.
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ def load_file(modules: dict, family, path: str) -> str:
         for where, (_, params) in live.items():
             for param, value in params.items():
                 value.copy_(found[where][param])
-    return (f"{shape.path} ({shape.label}, rank {shape.rank}, alpha {shape.alpha:g}, "
-            f"{len(live)} adapted modules)")
+    sizes = f"rank {shape.rank}, alpha {shape.alpha:g}, " if shape.rank and shape.alpha else ""
+    return f"{shape.path} ({shape.label}, {sizes}{len(live)} adapted modules)"
 
 
 def _live_modules(modules: dict) -> dict[tuple[str, str], tuple]:

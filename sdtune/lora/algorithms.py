@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdtune.errors import SdtuneError
+
 ADAPTER = "default"  # peft's adapter name, the one diffusers' loaders use
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONV = ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut")  # what target=attention+conv adds (LoCon)
@@ -55,6 +57,7 @@ ALGORITHMS = {
                       "lycoris.kohya", False),
 }
 PARAMS = sorted({p for a in ALGORITHMS.values() for p in a.params}, key=len, reverse=True)  # longest first
+KOHYA_KEYS = frozenset({"alpha", *(KOHYA_LORA.get(p, p) for p in PARAMS)})  # what a file's module may hold
 
 
 def algorithm_of(lora) -> Algorithm:
@@ -133,6 +136,10 @@ def from_kohya(layer, tensors: dict, base_weight, comfyui_dora: bool) -> dict:
         out["lokr_w1"] = tensors["lokr_w1"] / (alpha / rank)
     if "dora_scale" in tensors:
         weight = base_weight().float()
+        if tensors["dora_scale"].shape[0] != weight.shape[0]:
+            raise SdtuneError(f"a dora_scale of shape {list(tensors['dora_scale'].shape)} normalises each input "
+                              "column (lycoris' wd_on_output=false), which peft cannot train; pass an output-axis "
+                              "DoRA file")
         magnitude = tensors["dora_scale"].float().reshape(weight.shape[0], *[1] * (weight.dim() - 1))
         if comfyui_dora:
             patched = weight + alpha / rank * _lora_delta(out, weight)

@@ -7,7 +7,7 @@ tests/e2e/test_lora.py's."""
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from support.helpers import prepared, runner, train
 
 from sdtune.cli import app
@@ -154,6 +154,12 @@ def test_a_loha_file_into_a_lora_run_and_dora_with_lycoris_are_one_line(tiny_sd1
     with pytest.raises(SdtuneError, match=r"^lora.dora=true and lora.algo=lokr cannot be used together: .*"
                                           r"lycoris-lora has it"):
         load_config("cpu", ["train.method=lora", "lora.algo=lokr", "lora.dora=true"])
+    tucker = load_file(first / "lora.safetensors")
+    conv = next(k for k in tucker if "conv1.hada_w1_a" in k).removesuffix(".hada_w1_a")
+    tucker[f"{conv}.hada_t1"] = torch.zeros(2, 2, 3, 3)  # LyCORIS' Tucker core: not what peft trains
+    save_file(tucker, tmp_path / "tucker.safetensors")
+    with pytest.raises(SdtuneError, match=r"^lora.init_from=.* holds hada_t1 weights .*sdtune does not train"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'tucker.safetensors'}"])
 
 
 def test_sdxl_loha_with_both_text_encoders_merges_and_samples(tiny_sdxl, images, tmp_path):

@@ -90,7 +90,7 @@ def kohya_weights(modules: dict, family) -> dict:
             per_module.setdefault(path, {})[param] = value
         for path in sorted(names):
             layer = modules[name].get_submodule(path)
-            tensors = to_kohya(layer, per_module[path], lambda layer=layer: layer.get_base_layer().weight.detach())
+            tensors = to_kohya(layer, per_module[path], lambda layer=layer: layer.get_base_layer().weight)
             out |= {f"{names[path]}.{suffix}": value.detach().float().cpu().contiguous()
                     for suffix, value in tensors.items()}
     return out

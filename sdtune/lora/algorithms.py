@@ -120,7 +120,7 @@ def to_kohya(layer, weights: dict, base_weight) -> dict:
     else:
         out["alpha"] = torch.tensor(alpha)
     if "lora_magnitude_vector" in weights:
-        weight = base_weight().float()
+        weight = base_weight().detach().float().cpu()  # beside the file's tensors
         ratio = _row_norm(weight) / _row_norm(weight + alpha / rank * _lora_delta(weights, weight))
         out["dora_scale"] = _rows(weights["lora_magnitude_vector"], weight) * ratio
     return out
@@ -135,7 +135,7 @@ def from_kohya(layer, tensors: dict, base_weight, comfyui_dora: bool) -> dict:
     if _full_lokr(tensors):
         out["lokr_w1"] = tensors["lokr_w1"] / (alpha / rank)
     if "dora_scale" in tensors:
-        weight = base_weight().float()
+        weight = base_weight().detach().float().cpu()  # beside the file's tensors
         if tensors["dora_scale"].shape[0] != weight.shape[0]:
             raise SdtuneError(f"a dora_scale of shape {list(tensors['dora_scale'].shape)} normalises each input "
                               "column (lycoris' wd_on_output=false), which peft cannot train; pass an output-axis "

@@ -151,6 +151,9 @@ def train(
         console.print(f"LoRA written to {out}/: pytorch_lora_weights.safetensors (diffusers: "
                       f"pipe.load_lora_weights('{out}')) and lora.safetensors (ComfyUI, AUTOMATIC1111); "
                       f"`sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` bakes it in")
+    elif "embedding_file" in result:  # a textual inversion: its file, and how to use it
+        console.print(f"embedding written to {out}/{result['embedding_file']} (AUTOMATIC1111, ComfyUI: its embeddings "
+                      f"folder; diffusers: pipe.load_textual_inversion); `sdtune sample --ckpt {out}` draws with it")
     else:
         console.print(f"diffusers pipeline written to {out}/ ({result['pipeline_class']}.from_pretrained('{out}'))")
     console.print(escape(_disk_line(out, result["disk"])))
@@ -173,8 +176,8 @@ def _disk_line(out: Path, disk: dict) -> str:
 @app.command()
 @user_errors
 def sample(
-    ckpt: str = typer.Option(..., help="A finished `sdtune train` --out folder (a full model or a LoRA), a diffusers "
-                                       "folder or a single-file .safetensors checkpoint."),
+    ckpt: str = typer.Option(..., help="A finished `sdtune train` --out folder (a full model, a LoRA or an "
+                                       "embedding), a diffusers folder or a single-file .safetensors checkpoint."),
     prompt: str = typer.Option(..., help="What to draw."),
     negative_prompt: str = typer.Option("", help="What to steer away from (e.g. \"blurry, low quality\")."),
     num_images: int = typer.Option(4, min=1, help="How many images (image i uses seed + i)."),
@@ -188,15 +191,22 @@ def sample(
                                               "(e.g. an fp16-safe SDXL VAE)."),
     lora_scale: float = typer.Option(1.0, help="For a LoRA run's --ckpt: how strongly the LoRA applies "
                                                "(0: the base model, 1: as trained)."),
+    embedding: list[str] = typer.Option([], help="A textual-inversion .safetensors file to load too (A1111/ComfyUI "
+                                                 "layout, e.g. a run's embedding.safetensors); repeatable. Write its "
+                                                 "word in --prompt."),
+    embedding_token: list[str] = typer.Option([], help="The word of the i-th --embedding in prompts (default: the "
+                                                       "one in the file's metadata, else the file's name)."),
 ):
     """Generate images with a trained (or any diffusers) Stable Diffusion 1.x, 2.x or SDXL pipeline, or
-    with a LoRA run's folder: its base model plus the LoRA."""
+    with a LoRA run's folder (its base model plus the LoRA) or a textual-inversion run's (its base model
+    with its embedding)."""
     from sdtune.sample import sample as run_sample
 
     with console.status(f"sampling {num_images} image(s), {steps} steps"):
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
                             width=width, guidance=guidance, out_dir=str(out), vae=vae, lora_scale=lora_scale,
-                            negative_prompt=negative_prompt)
+                            negative_prompt=negative_prompt, embeddings=tuple(embedding),
+                            embedding_tokens=tuple(embedding_token))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for path in result.images:

@@ -91,7 +91,11 @@ LORA_WITH_PRIOR = ("--set", "train.method=lora", "--set", "lora.rank=4", "--set"
                    "--set", "data.num_class_images=2")
 
 
-@pytest.mark.parametrize("method", ["full", "lora+prior"])
+EMBEDDING = ("--set", "train.method=embedding", "--set", "embedding.token=<sks>", "--set", "embedding.vectors=2",
+             "--set", "train.learning_rate=1e-2")
+
+
+@pytest.mark.parametrize("method", ["full", "lora+prior", "embedding"])
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, images, tmp_path, spawn, method):
     seed = 7
     rng = random.Random(seed)
@@ -101,6 +105,11 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
     if method == "lora+prior":  # a LoRA with DreamBooth's class images (the user's: none is generated)
         shutil.copytree(images, tmp_path / "class")
         args += (*LORA_WITH_PRIOR, "--set", f"data.class_dir={tmp_path / 'class'}")
+    if method == "embedding":  # textual inversion: captions that name the new word
+        images = shutil.copytree(images, tmp_path / "token")
+        for caption in images.glob("*.txt"):
+            caption.write_text(caption.read_text().replace("a ", "a <sks> ", 1))
+        args += EMBEDDING
     killed = tmp_path / "killed"
     process = spawn(tiny_sd1, images, killed, *args)
     expected = train(tiny_sd1, images, tmp_path / "straight", *args)  # while the other process starts
@@ -112,7 +121,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
     assert not (killed / "summary.json").exists(), where
     resumed = train(tiny_sd1, images, killed, *args, "--resume")
     assert resumed["losses"] == expected["losses"], where
-    final = final_unet if method == "full" else lambda out: load_file(out / "pytorch_lora_weights.safetensors")
+    final = {"full": final_unet, "lora+prior": lambda out: load_file(out / "pytorch_lora_weights.safetensors"),
+             "embedding": lambda out: load_file(out / "embedding.safetensors")}[method]
     a, b = final(tmp_path / "straight"), final(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), f"{where}: the final weights differ"
 

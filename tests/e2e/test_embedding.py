@@ -34,6 +34,20 @@ def token_images(images, tmp_path_factory):
     return folder
 
 
+def test_a_multi_vector_word_is_spelled_out_as_diffusers_spells_it():
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    from sdtune.family.clip_tokenizer import clip_tokenizer, spelled_out
+
+    tokenizer = clip_tokenizer()
+    assert spelled_out(tokenizer, "a <sks> dog") == "a <sks> dog"  # a tokenizer without one: unchanged
+    tokenizer.add_tokens(["<sks>", "<sks>_1", "<sks>_2", "<one>"])
+    for caption in ("a <sks> dog", "<sks>, <one> and <sks>", "a dog"):
+        expected = TextualInversionLoaderMixin._maybe_convert_prompt(None, caption, tokenizer)
+        assert spelled_out(tokenizer, caption) == expected
+    assert spelled_out(tokenizer, "a <sks> dog") == "a <sks> <sks>_1 <sks>_2 dog"
+
+
 def _fresh(model):
     from sdtune.family.load import load_components
 

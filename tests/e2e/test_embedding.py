@@ -88,6 +88,9 @@ def test_only_the_new_vectors_train_and_the_file_loads_in_diffusers(fixture, tok
     assert all(v.dtype == torch.float32 and v.shape[0] == 2 and not torch.equal(v, start[n])
                for n, v in vectors.items())
     ours = run.components.family.encode(run.components, [CAPTION]).hidden
+    during = assemble_pipeline(run.components).encode_prompt(CAPTION, device="cpu", num_images_per_prompt=1,
+                                                             do_classifier_free_guidance=False)[0]
+    assert torch.equal(during, ours)  # the samples during training draw with the vectors being trained
     export_run(run, "cpu")
 
     path = tmp_path / "out" / "embedding.safetensors"
@@ -120,6 +123,17 @@ def test_only_the_new_vectors_train_and_the_file_loads_in_diffusers(fixture, tok
     theirs = encoded(CAPTION)
     assert not torch.equal(theirs, before)
     assert torch.allclose(theirs, ours, atol=1e-6)  # training read the caption as the pipeline reads the prompt
+
+
+def test_with_ema_the_file_holds_the_moving_average(tiny_sd1, token_images, tmp_path):
+    from sdtune.export.run_output import export_run
+
+    run = prepared(tiny_sd1, token_images, tmp_path / "out", *EMBEDDING, "train.max_steps=2", "train.ema_decay=0.5")
+    trainer.loop(run)
+    [average] = run.ema.weights().values()  # the one trained parameter: the vectors of the one text encoder
+    assert not torch.equal(average, run.placement.weights()["text_encoder"])
+    export_run(run, "cpu")
+    assert torch.equal(load_file(tmp_path / "out" / "embedding.safetensors")["emb_params"], average.cpu())
 
 
 def test_a_word_the_tokenizer_knows_and_the_rules_are_one_line(tiny_sd1, token_images, tmp_path):

@@ -251,7 +251,8 @@ def estimate_vram(
                                                 "local path, else sd15."),
     preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, auto (the plan `train "
                                                  "--preset auto` would pick on this machine) or all (every GPU "
-                                                 "preset of the model's family and of train.method)."),
+                                                 "preset of the model's family and of train.method; a "
+                                                 "textual inversion's: the LoRA ones, without the text cache)."),
     resolution: int | None = typer.Option(None, min=8, help="Image side in pixels; sets data.resolution "
                                                             "(default: the preset's, 512 for the GPU presets)."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass; sets train.batch_size "
@@ -276,7 +277,16 @@ def estimate_vram(
     import json
 
     from sdtune.config import load_config
-    from sdtune.estimate.auto import GIB, SAFETY, detect_gpu, gpu_presets, host_ram, model_family, pick_plan, run_method
+    from sdtune.estimate.auto import (
+        GIB,
+        SAFETY,
+        detect_gpu,
+        host_ram,
+        method_presets,
+        model_family,
+        pick_plan,
+        run_method,
+    )
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
@@ -292,9 +302,10 @@ def estimate_vram(
         from sdtune.estimate import estimate
 
         family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
-        names = [pick.preset] if pick else gpu_presets(family, method) if preset == "all" else [preset]
-        for name in names:
-            cfg, info = load_config(name, [*(pick.extra if pick else ()), *overrides])
+        names, needs = method_presets(family, method) if preset == "all" else ([preset], ())
+        extra = pick.extra if pick else needs  # "all" of a textual inversion: the LoRA plans without the text cache
+        for name in [pick.preset] if pick else names:
+            cfg, info = load_config(name, [*extra, *overrides])
             with console.status(f"tracing one training step under {info.name}"):
                 results.append(estimate(cfg, info, model, gpus=gpus))
     gpu = detect_gpu()

@@ -148,6 +148,13 @@ def cost(mem: MemoryConfig) -> int:
 PLANS_OF = {"embedding": ("lora", ("data.cache_text=false",))}
 
 
+def method_presets(family: str = "sd", method: str = "full") -> tuple[list[str], tuple[str, ...]]:
+    """(the GPU presets a run of `method` trains on, the overrides each needs for it): its own presets, or
+    those of the method whose plans it borrows (`PLANS_OF`)."""
+    borrowed, needs = PLANS_OF.get(method, (method, ()))
+    return gpu_presets(family, borrowed), needs
+
+
 def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candidate]:
     """Every plan of model `family` training by `method` that `--preset auto` may try on `gpu`, before the
     user's overrides; not yet ordered. Half-precision plans run in the card's half precision: bf16 where it
@@ -155,8 +162,8 @@ def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candi
     from sdtune.train.method import method_for
 
     found, half = [], "bf16" if gpu.bf16 else "fp16"
-    method, needs = PLANS_OF.get(method, (method, ()))
-    for name in gpu_presets(family, method):
+    names, needs = method_presets(family, method)
+    for name in names:
         cfg, _ = load_config(name)
         mem = cfg.memory
         base = (*needs, *((f"memory.precision={half}",) if mem.precision in ("bf16", "fp16") and mem.precision != half

@@ -260,3 +260,8 @@ def test_auto_and_the_presets_train_an_embedding_on_the_lora_plans():
     result = estimate(cfg, info)
     assert result.total <= auto.SAFETY * info.vram_gib * gib and result.categories["optimizer_state"] < 2**20
     assert replan.next_smaller(cfg, info).overrides == ("memory.param_offload=cpu",)
+    result = runner.invoke(app, ["estimate-vram", "--preset", "all", "--json", *(a for o in overrides for a in
+                                                                                 ("--set", o))])
+    assert result.exit_code == 0, result.output
+    estimates = json.loads(result.output)["estimates"]
+    assert [e["preset"] for e in estimates] == ["lora-4gb", "lora-6gb"]

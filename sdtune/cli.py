@@ -277,16 +277,7 @@ def estimate_vram(
     import json
 
     from sdtune.config import load_config
-    from sdtune.estimate.auto import (
-        GIB,
-        SAFETY,
-        detect_gpu,
-        host_ram,
-        method_presets,
-        model_family,
-        pick_plan,
-        run_method,
-    )
+    from sdtune.estimate.auto import GIB, SAFETY, detect_gpu, host_ram, model_family, pick_plan, run_method
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
@@ -300,6 +291,7 @@ def estimate_vram(
         results = [pick.estimate] if pick.estimate is not None else []  # None: no GPU, the cpu preset
     if not results:
         from sdtune.estimate import estimate
+        from sdtune.estimate.auto import method_presets
 
         family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
         names, needs = method_presets(family, method) if preset == "all" else ([preset], ())

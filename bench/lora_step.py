@@ -8,7 +8,8 @@ thread, fp32. The baseline is written here as diffusers' `train_text_to_image_lo
 LoRA on the UNet's attention (`unet.add_adapter`), AdamW over the adapters, the VAE and text encoder run
 every step, gradient clipping. sdtune runs its real trainer (`trainer.prepare` + `loop`) with
 `train.method=lora` (rank 16, attention), and for reference the same run as a full fine-tune, with
-`attention+conv` targets, and with DreamBooth prior preservation (two forward/backward passes a step).
+`attention+conv` targets, with DreamBooth prior preservation (two forward/backward passes a step), and a
+textual inversion (`train.method=embedding`: the frozen text encoder runs backward too).
 s/step is the mean over a run's steps after the first; the table gives the median over the repeats and the
 ratio baseline / sdtune (above 1 is faster), and the size of one checkpoint.
 """
@@ -33,6 +34,8 @@ PLANS = {  # row: extra overrides
     "sdtune LoRA, attention+conv": [*LORA, "lora.target=attention+conv"],
     "sdtune LoRA + prior preservation": [*LORA, "data.class_dir={class_dir}", "data.num_class_images=8"],
     "sdtune full fine-tune": [],
+    # textual inversion: the text encoder runs forward and backward every step (the captions need not name the word)
+    "sdtune textual inversion (2 vectors)": ["train.method=embedding", "embedding.token=<sks>", "embedding.vectors=2"],
 }
 
 
@@ -104,7 +107,9 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for name, row in rows.items():
         ratio = f"{row['speed_vs_baseline']:.2f}x" if "speed_vs_baseline" in row else "1.00x"
-        size = f"{row['checkpoint_bytes'] / 2**20:.1f} MiB" if "checkpoint_bytes" in row else "-"
+        size = "-" if "checkpoint_bytes" not in row else (f"{row['checkpoint_bytes'] / 2**20:.1f} MiB"
+                                                          if row["checkpoint_bytes"] >= 2**20
+                                                          else f"{row['checkpoint_bytes'] / 2**10:.0f} KiB")
         print(f"| {name} | {row['s_per_step']:.3f} | {ratio} | {size} |")
     save_results("lora_step", rows)
 

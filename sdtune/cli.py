@@ -153,6 +153,9 @@ def train(
         console.print(f"{result['adapter']} written to {out}/: {diffusers}lora.safetensors (ComfyUI, "
                       f"AUTOMATIC1111); `sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` "
                       "bakes it in")
+    elif "embedding_file" in result:  # a textual inversion: its file, and how to use it
+        console.print(f"embedding written to {out}/{result['embedding_file']} (AUTOMATIC1111, ComfyUI: its embeddings "
+                      f"folder; diffusers: pipe.load_textual_inversion); `sdtune sample --ckpt {out}` draws with it")
     else:
         console.print(f"diffusers pipeline written to {out}/ ({result['pipeline_class']}.from_pretrained('{out}'))")
     console.print(escape(_disk_line(out, result["disk"])))
@@ -175,8 +178,8 @@ def _disk_line(out: Path, disk: dict) -> str:
 @app.command()
 @user_errors
 def sample(
-    ckpt: str = typer.Option(..., help="A finished `sdtune train` --out folder (a full model or a LoRA), a diffusers "
-                                       "folder or a single-file .safetensors checkpoint."),
+    ckpt: str = typer.Option(..., help="A finished `sdtune train` --out folder (a full model, a LoRA or an "
+                                       "embedding), a diffusers folder or a single-file .safetensors checkpoint."),
     prompt: str = typer.Option(..., help="What to draw."),
     negative_prompt: str = typer.Option("", help="What to steer away from (e.g. \"blurry, low quality\")."),
     num_images: int = typer.Option(4, min=1, help="How many images (image i uses seed + i)."),
@@ -190,15 +193,22 @@ def sample(
                                               "(e.g. an fp16-safe SDXL VAE)."),
     lora_scale: float = typer.Option(1.0, help="For a LoRA run's --ckpt: how strongly the LoRA applies "
                                                "(0: the base model, 1: as trained)."),
+    embedding: list[str] = typer.Option([], help="A textual-inversion .safetensors file to load too (A1111/ComfyUI "
+                                                 "layout, e.g. a run's embedding.safetensors); repeatable. Write its "
+                                                 "word in --prompt."),
+    embedding_token: list[str] = typer.Option([], help="The word of the i-th --embedding in prompts (default: the "
+                                                       "one in the file's metadata, else the file's name)."),
 ):
     """Generate images with a trained (or any diffusers) Stable Diffusion 1.x, 2.x or SDXL pipeline, or
-    with a LoRA run's folder: its base model plus the LoRA."""
+    with a LoRA run's folder (its base model plus the LoRA) or a textual-inversion run's (its base model
+    with its embedding)."""
     from sdtune.sample import sample as run_sample
 
     with console.status(f"sampling {num_images} image(s), {steps} steps"):
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
                             width=width, guidance=guidance, out_dir=str(out), vae=vae, lora_scale=lora_scale,
-                            negative_prompt=negative_prompt)
+                            negative_prompt=negative_prompt, embeddings=tuple(embedding),
+                            embedding_tokens=tuple(embedding_token))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for path in result.images:
@@ -243,7 +253,8 @@ def estimate_vram(
                                                 "local path, else sd15."),
     preset: str = typer.Option("rtx3050", help="Memory plan: a preset name, a .toml path, auto (the plan `train "
                                                  "--preset auto` would pick on this machine) or all (every GPU "
-                                                 "preset of the model's family and of train.method)."),
+                                                 "preset of the model's family and of train.method; a "
+                                                 "textual inversion's: the LoRA ones, without the text cache)."),
     resolution: int | None = typer.Option(None, min=8, help="Image side in pixels; sets data.resolution "
                                                             "(default: the preset's, 512 for the GPU presets)."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass; sets train.batch_size "
@@ -268,7 +279,7 @@ def estimate_vram(
     import json
 
     from sdtune.config import load_config
-    from sdtune.estimate.auto import GIB, SAFETY, detect_gpu, gpu_presets, host_ram, model_family, pick_plan, run_method
+    from sdtune.estimate.auto import GIB, SAFETY, detect_gpu, host_ram, model_family, pick_plan, run_method
 
     overrides = [*set_, *([f"data.resolution={resolution}"] if resolution else []),
                  *([f"train.batch_size={batch_size}"] if batch_size else [])]
@@ -282,11 +293,13 @@ def estimate_vram(
         results = [pick.estimate] if pick.estimate is not None else []  # None: no GPU, the cpu preset
     if not results:
         from sdtune.estimate import estimate
+        from sdtune.estimate.auto import method_presets
 
         family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
-        names = [pick.preset] if pick else gpu_presets(family, method) if preset == "all" else [preset]
-        for name in names:
-            cfg, info = load_config(name, [*(pick.extra if pick else ()), *overrides])
+        names, needs = method_presets(family, method) if preset == "all" else ([preset], ())
+        extra = pick.extra if pick else needs  # "all" of a textual inversion: the LoRA plans without the text cache
+        for name in [pick.preset] if pick else names:
+            cfg, info = load_config(name, [*extra, *overrides])
             with console.status(f"tracing one training step under {info.name}"):
                 results.append(estimate(cfg, info, model, gpus=gpus))
     gpu = detect_gpu()

@@ -140,33 +140,36 @@ class SampleResult:
 def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed: int = 0,
            height: int | None = None, width: int | None = None, guidance: float = GUIDANCE,
            out_dir: str = "samples", vae: str | None = None, lora_scale: float = 1.0,
-           negative_prompt: str = "") -> SampleResult:
+           negative_prompt: str = "", embeddings: tuple[str, ...] = (),
+           embedding_tokens: tuple[str, ...] = ()) -> SampleResult:
     """Load the pipeline at `ckpt` (with the VAE folder `vae` instead of its own, if given) and write
     `num_images` PNGs plus `grid.png` (each image under its prompt and seed) into `out_dir`, each with its
-    A1111 `parameters`. A LoRA run's folder is its base model with the LoRA merged in at `lora_scale`."""
+    A1111 `parameters`. A LoRA run's folder is its base model with the LoRA merged in at `lora_scale`; a
+    textual inversion's, its base model with its embedding. `embeddings`: textual-inversion files loaded
+    too (each word `embedding_tokens[i]`, else the file's own)."""
     import torch
 
     from sdtune.errors import SdtuneError
-    from sdtune.family.load import assemble_pipeline, classify_source, load_components
-    from sdtune.lora.apply import is_lora_folder, merged_components
+    from sdtune.export.embedding_file import load_embeddings
+    from sdtune.family.load import assemble_pipeline
+    from sdtune.lora.apply import is_lora_folder
 
-    lora = is_lora_folder(ckpt)
-    if not lora and classify_source(ckpt, "--ckpt") == "hub":
-        raise SdtuneError(f"--ckpt {ckpt} does not exist: pass a finished `sdtune train --out` folder, a diffusers "
-                          "folder or a .safetensors checkpoint")
     for name, value in (("--height", height), ("--width", width)):
         if value is not None and (value < 8 or value % 8):
             raise SdtuneError(f"{name} must be a positive multiple of 8, got {value}")
+    lora = is_lora_folder(ckpt)
+    components, embeddings, embedding_tokens = _model(ckpt, lora, lora_scale, embeddings, embedding_tokens)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    components = merged_components(ckpt, lora_scale) if lora else load_components(ckpt)
     if vae is not None:
         components.vae = _load_vae(vae)
     notes = (components.origin,) if components.origin else ()
     if components.family.vae_dtype(components.vae, dtype) != dtype:  # the pipeline upcasts it to decode
         notes += ("the VAE overflows in fp16 (its config says force_upcast): decoding in fp32; pass --vae with an "
                  "fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) to decode in fp16",)
-    pipe = assemble_pipeline(components).to(device, dtype)
+    pipe = assemble_pipeline(components)
+    load_embeddings(pipe, components.family, embeddings, embedding_tokens)
+    pipe = pipe.to(device, dtype)
     seeds = [seed + i for i in range(num_images)]
     images = generate(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance, height=height,
                       width=width, negative_prompt=negative_prompt)
@@ -182,6 +185,23 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
              for i, (s, image, text) in enumerate(zip(seeds, images, texts, strict=True))]
     grid = save_png(make_grid(images, labels=[f"{prompt}\nseed {s}" for s in seeds]), out / "grid.png", texts[0])
     return SampleResult(paths, grid, notes)
+
+
+def _model(ckpt: str, lora: bool, lora_scale: float, embeddings: tuple, tokens: tuple) -> tuple:
+    """(the components `ckpt` names, the embedding files to load onto them, their words): a LoRA run's base
+    with the LoRA merged in, a textual inversion's base with its own embedding first, or the model itself."""
+    from sdtune.errors import SdtuneError
+    from sdtune.export.embedding_file import EMBEDDING_FILE, is_embedding_folder
+    from sdtune.family.load import classify_source, load_components
+    from sdtune.lora.apply import base_of, merged_components
+
+    if is_embedding_folder(ckpt):
+        pretrained, config = base_of(ckpt)
+        return load_components(pretrained, config), [str(Path(ckpt) / EMBEDDING_FILE), *embeddings], ["", *tokens]
+    if not lora and classify_source(ckpt, "--ckpt") == "hub":
+        raise SdtuneError(f"--ckpt {ckpt} does not exist: pass a finished `sdtune train --out` folder, a diffusers "
+                          "folder or a .safetensors checkpoint")
+    return (merged_components(ckpt, lora_scale) if lora else load_components(ckpt)), list(embeddings), list(tokens)
 
 
 def _load_vae(folder: str):

@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, preset overlays, `--set` overrides, validation, TOML dump.
 
 A preset (`sdtune/config/presets/NAME.toml`, or any path to a `.toml` file) overlays the defaults of the
-sections (`sdtune.config.sections`: `[model] [data] [train] [lora] [memory] [output]`), plus a `[preset]`
+sections (`sdtune.config.sections`: `[model] [data] [train] [lora] [embedding] [memory] [output]`), plus a `[preset]`
 table that describes the card it is for. `--set section.key=value` overrides are applied last. Every
 field's docstring (its `doc` metadata) is both the schema's help and the comment written beside the key in
 `config.toml`.
@@ -27,6 +27,7 @@ from sdtune.config.sections import (
     FREE,
     NEUTRAL,
     DataConfig,
+    EmbeddingConfig,
     LoraConfig,
     MemoryConfig,
     ModelConfig,
@@ -37,9 +38,9 @@ from sdtune.config.sections import (
 )
 from sdtune.errors import SdtuneError
 
-__all__ = ["FIXED", "FREE", "NEUTRAL", "SECTIONS", "Config", "DataConfig", "LoraConfig", "MemoryConfig",
-           "ModelConfig", "OutputConfig", "PresetInfo", "TrainConfig", "apply_layers", "doc", "load_config",
-           "parse_set", "preset_names", "preset_path", "read_preset"]
+__all__ = ["FIXED", "FREE", "NEUTRAL", "SECTIONS", "Config", "DataConfig", "EmbeddingConfig", "LoraConfig",
+           "MemoryConfig", "ModelConfig", "OutputConfig", "PresetInfo", "TrainConfig", "apply_layers", "doc",
+           "load_config", "parse_set", "preset_names", "preset_path", "read_preset"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -50,6 +51,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 

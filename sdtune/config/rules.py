@@ -139,7 +139,7 @@ RULES: tuple[Rule, ...] = (
          "train.method=lora trains a few MB of weights: memory.optimizer_offload={memory.optimizer_offload} "
          "would move their AdamW state off the GPU to save nothing; {fix}"),
     Rule(("memory.param_offload", "memory.optimizer_offload", "train.method"),  # full: masters stream from a tier
-         lambda c: c.train.method != "lora" and c.memory.param_offload != "none"
+         lambda c: c.train.method == "full" and c.memory.param_offload != "none"
          and c.memory.optimizer_offload == "none",
          "memory.optimizer_offload=cpu or nvme",
          "memory.param_offload={memory.param_offload} keeps weights off the GPU; it needs {fix} (else the fp32 "
@@ -157,12 +157,36 @@ RULES: tuple[Rule, ...] = (
          "set data.cache_text=false",
          "lora.text_encoder=true trains the text encoder, whose outputs then change every step; "
          "data.cache_text cannot serve it: {fix}"),
+    # train.method=embedding (textual inversion): the new token's vectors train through the text encoders
+    Rule(("train.method", "embedding.token"),
+         lambda c: c.train.method == "embedding" and not c.embedding.token,
+         "name the new word captions use, e.g. --set embedding.token='<sks>'",
+         "train.method=embedding trains a new word's embedding; embedding.token is empty: {fix}"),
+    Rule(("embedding.token", "train.method"),
+         lambda c: bool(c.embedding.token) and c.train.method != "embedding",
+         "train.method=embedding",
+         "embedding.token names the word textual inversion trains; it needs {fix}"),
+    Rule(("train.method", "data.cache_text"),
+         lambda c: c.train.method == "embedding" and c.data.cache_text,
+         "set data.cache_text=false",
+         "train.method=embedding trains the new token's vectors, so the text encoders' outputs change every "
+         "step; data.cache_text cannot serve it: {fix}"),
+    Rule(("train.method", "memory.optimizer_offload"),
+         lambda c: c.train.method == "embedding" and c.memory.optimizer_offload != "none",
+         "set memory.optimizer_offload=none",
+         "train.method=embedding trains a few KB of weights: memory.optimizer_offload="
+         "{memory.optimizer_offload} would move their AdamW state off the GPU to save nothing; {fix}"),
+    Rule(("train.text_encoder_lr", "train.method"),
+         lambda c: bool(c.train.text_encoder_lr) and c.train.method == "embedding",
+         "set train.text_encoder_lr=0",
+         "train.text_encoder_lr trains the whole text encoder; train.method=embedding trains only the new "
+         "token's vectors: {fix}"),
     Rule(("output.validate_every", "data.validation_dir", "data.validation_split"),
          lambda c: bool(c.output.validate_every and not (c.data.validation_dir or c.data.validation_split)),
          "set data.validation_dir or data.validation_split",
          "output.validate_every is set but there is no validation set: {fix}"),
     Rule(("train.text_encoder_lr", "train.method"),
-         lambda c: bool(c.train.text_encoder_lr) and c.train.method != "full",
+         lambda c: bool(c.train.text_encoder_lr) and c.train.method == "lora",
          "with train.method=lora use lora.text_encoder=true instead",
          "train.text_encoder_lr trains the whole text encoder; {fix}"),
     Rule(("train.text_encoder_lr", "data.cache_text"),
@@ -240,6 +264,11 @@ RULES: tuple[Rule, ...] = (
          "start one process",
          "{why} averages the UNet's gradients only; lora.text_encoder=true is not supported with several "
          "processes", of_launch=True),
+    Rule(("memory.distributed", "train.method"),
+         lambda c: c.mode != "none" and c.train.method == "embedding",
+         "start one process",
+         "{why} averages the UNet's gradients only; train.method=embedding trains the text encoders' new "
+         "token rows and is not supported with several processes", of_launch=True),
     Rule(("memory.distributed", "train.text_encoder_lr"),
          lambda c: c.mode != "none" and bool(c.train.text_encoder_lr),
          "start one process",
@@ -247,7 +276,7 @@ RULES: tuple[Rule, ...] = (
          "supported with several processes", of_launch=True),
 )
 
-SECTIONS = ("model", "data", "train", "lora", "memory", "output")
+SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")
 
 
 def _view(sections: dict, **launch) -> SimpleNamespace:

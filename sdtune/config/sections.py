@@ -1,5 +1,5 @@
-"""The sections of a run's configuration: one frozen dataclass each, `[model] [data] [train] [lora] [memory]
-[output]`. Each field's `doc` metadata is its help and the comment written beside the key in `config.toml`;
+"""The sections of a run's configuration: one frozen dataclass each, `[model] [data] [train] [lora] [embedding]
+[memory] [output]`. Each field's `doc` metadata is its help and the comment written beside the key in `config.toml`;
 its `resume` metadata says what `--resume` may change. A section checks its keys' own ranges; the rules
 that tie two keys are the table of `sdtune.config.rules` (those inside one section are checked when it is
 built, `check_section`).
@@ -148,8 +148,9 @@ class TrainConfig:
     ema_every: int = doc("update the EMA every N optimizer steps", 1)
     text_encoder_lr: float = doc("also train the text encoder(s), in fp32, at this learning rate; 0 keeps them "
                                  "frozen", 0.0)
-    method: Literal["full", "lora"] = doc("what trains: the full UNet, or a LoRA ([lora]) over the frozen model",
-                                          "full")
+    method: Literal["full", "lora", "embedding"] = doc(
+        "what trains: the full UNet, a LoRA ([lora]) over the frozen model, or a new word's embedding ([embedding]: "
+        "textual inversion)", "full")
     prior_loss_weight: float = doc("with data.class_dir: loss = instance loss + this x class (prior) loss", 1.0)
 
     def __post_init__(self):
@@ -225,6 +226,25 @@ class LoraConfig:
         if self.conv_alpha:
             return self.conv_alpha
         return float(self.conv_rank) if self.conv_rank else self.scale_alpha
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingConfig:
+    token: str = doc("train.method=embedding: the new word captions and prompts name the concept by, e.g. '<sks>' "
+                     "(one the tokenizer does not know)", "")
+    init_text: str = doc("the new vectors start as this text's token embeddings (e.g. 'dog'), repeated or cut to "
+                         "vectors; empty: the mean of every token's embedding", "")
+    vectors: int = doc("embedding vectors the token stands for (1-75): more learn more, and leave fewer of a "
+                       "prompt's 75 tokens", 1)
+
+    def __post_init__(self):
+        require(1 <= self.vectors <= 75,
+                f"embedding.vectors must be 1-75 (a prompt holds 75 tokens), got {self.vectors}")
+        require(not any(c.isspace() for c in self.token),
+                f"embedding.token must be one word, got {self.token!r}: e.g. '<sks>'")
+        require(self.token == self.token.lower(), f"embedding.token={self.token!r}: CLIP's tokenizer lower-cases "
+                f"every prompt; use {self.token.lower()!r}")
+        check_section("embedding", self)
 
 
 @dataclass(frozen=True, kw_only=True)

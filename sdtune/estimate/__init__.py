@@ -147,10 +147,10 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
         parts = dataclasses.replace(parts, text_encoders=())
     tracker, plan, method = MemoryTracker("meta"), plan_for_gpus(cfg, device, gpus), method_for(cfg)
     trained = trace.place(parts, plan, method, tracker)
-    cond = trace.encode(parts, plan, cfg, tracker, grad=method.trains_text_encoders)
     footprint = _footprint(trained.all_params, plan, cfg)
-    state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # kept alive through the step
+    state = torch.empty(footprint.device, dtype=torch.uint8, device="meta")  # from step 2 on: through the encoding too
     tracker.add([state], "optimizer_state")
+    cond = trace.encode(parts, plan, cfg, tracker, grad=method.trains_text_encoders)
     milestones = trace.step(parts, plan, cfg, method, tracker, cond, trained)
     at_peak = {name: max(0, tracker.at_peak.get(name, 0)) for name in CATEGORIES}
     allocated = sum(at_peak.values())

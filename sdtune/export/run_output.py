@@ -5,7 +5,8 @@
 
 For a full fine-tune the diffusers folder (and the single file) is written from the fp32 trained weights:
 the EMA's with train.ema_decay, the tier's masters with an offload tier, every rank's shards under FSDP
-(gathered to rank 0); a LoRA run writes its two LoRA files instead. Then `summary.json`, and the resume
+(gathered to rank 0); a LoRA run writes its two LoRA files instead, a textual inversion its
+`embedding.safetensors`. Then `summary.json`, and the resume
 checkpoints go unless output.keep_final_state. What of a `Run` each part takes is decided here, not in
 `sdtune.run`, which only orchestrates.
 """
@@ -34,8 +35,8 @@ def export_run(run: Run, preset: str) -> dict:
     if not run.world.main:
         run.close()
         return {"preset": preset, **summary(run)}
-    if run.placement.method.adapter:
-        return _export_lora(run, preset)
+    if run.placement.method.adapter:  # what an adapter's run writes, by its file: a LoRA's two, or an embedding
+        return ADAPTER_EXPORTS.get(run.placement.weights_file, _export_lora)(run, preset)
     _take_exported_weights(run)
     run.close()  # the nvme tier's state file: its copy is in the last checkpoint
     result = {"preset": preset, **summary(run), "single_file": _write_model(run)}
@@ -167,6 +168,24 @@ def _export_lora(run: Run, preset: str) -> dict:
     result["adapter"] = run.placement.method.label
     _leave(run, result)
     return result
+
+
+def _export_embedding(run: Run, preset: str) -> dict:
+    """A textual inversion's `embedding.safetensors` (`sdtune.export.embedding_file`)."""
+    from sdtune.export.embedding_file import embedding_metadata, save_embedding
+
+    result = {"preset": preset, **summary(run)}
+    with (run.ema.applied() if run.ema is not None else nullcontext(),  # the moving average is the embedding
+          _writing_model(run, _export_bytes(run))):
+        path = save_embedding(run.placement.modules, run.components.family, run.out_dir,
+                              embedding_metadata(run.cfg, run.components, run.step))
+    run.close()
+    result["embedding_file"] = path.name
+    _leave(run, result)
+    return result
+
+
+ADAPTER_EXPORTS = {"embedding.safetensors": _export_embedding}  # weights_file -> writer; other adapters: a LoRA
 
 
 def summary(run: Run) -> dict:

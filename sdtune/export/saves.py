@@ -8,7 +8,8 @@ reads, and which `output.keep_checkpoints` prunes; saves are never deleted):
   read the model; when they cannot (other sizes than the published ones, such as sdtune-tiny), one line at
   the start says so and no save is written;
 - a LoRA run: the file the export writes as `lora.safetensors` (kohya's layout with each module's alpha and
-  the `ss_*` / `modelspec.*` metadata: AUTOMATIC1111, ComfyUI, diffusers' `load_lora_weights`).
+  the `ss_*` / `modelspec.*` metadata: AUTOMATIC1111, ComfyUI, diffusers' `load_lora_weights`);
+- a textual inversion: the file the export writes as `embedding.safetensors` (`sdtune.export.embedding_file`).
 
 With `train.ema_decay` a save holds the moving average, as the export does. The run hands this module to
 the loop (`sdtune.train.loop.loop(run, metrics, saves=...)`, its `Saves`), which asks it at each step:
@@ -71,7 +72,7 @@ def write(run: Run) -> Path | None:
     with disk_errors(path.parent, f"the save {path.name}", fix, needed):
         if run.placement.method.adapter:
             if run.world.main:
-                _write_lora(run, path)
+                ADAPTER_SAVES.get(run.placement.weights_file, _write_lora)(run, path)
         else:
             _write_model(run, path)
     return path if run.world.main else None
@@ -96,6 +97,18 @@ def _write_lora(run: Run, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with run.ema.applied() if run.ema is not None else nullcontext():  # the moving average is the LoRA
         save_kohya(run.placement.lora, run.components.family, path.parent, metadata, name=path.name)
+
+
+def _write_embedding(run: Run, path: Path) -> None:
+    from sdtune.export.embedding_file import embedding_metadata, save_embedding
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with run.ema.applied() if run.ema is not None else nullcontext():  # the moving average is the embedding
+        save_embedding(run.placement.modules, run.components.family, path.parent,
+                       embedding_metadata(run.cfg, run.components, run.step), name=path.name)
+
+
+ADAPTER_SAVES = {"embedding.safetensors": _write_embedding}  # weights_file -> writer; other adapters: a LoRA
 
 
 def _write_model(run: Run, path: Path) -> None:

@@ -9,6 +9,7 @@ uses the same vocabulary of 49,408 tokens; they differ only in the token that pa
     tokenizer = clip_tokenizer("!")               # SD 2.x, SDXL's second encoder (OPEN_CLIP_PAD, id 0)
     tokenizer = clip_tokenizer(pad_token(encoder.config.hidden_act))   # the one an encoder was published with
     tokenizer("a photo of a cat").input_ids       # [49406, 320, 1125, 539, 320, 2368, 49407]
+    spelled_out(tokenizer, "a photo of <sks> dog")  # "a photo of <sks> <sks>_1 dog": a 2-vector embedding's tokens
 
 The vocabulary is built as OpenAI's reference tokenizer (`clip/simple_tokenizer.py`) builds it: the 256
 byte symbols, the same with the end-of-word mark `</w>`, one token per merge in order, then
@@ -62,3 +63,20 @@ def pad_token(hidden_act: str) -> str:
     """The pad token of the published tokenizer of a text encoder with activation `hidden_act`: CLIP ViT-L's
     (quick_gelu, SD 1.x and SDXL's first) pads with `<|endoftext|>`, the OpenCLIP encoders (gelu) with "!"."""
     return CLIP_L_PAD if hidden_act == "quick_gelu" else OPEN_CLIP_PAD
+
+
+def spelled_out(tokenizer, caption: str) -> str:
+    """`caption` with each word a tokenizer was taught for a multi-vector textual inversion (`<sks>`, with
+    `<sks>_1`, `<sks>_2`, ... beside it) written as all of its tokens (`<sks> <sks>_1 <sks>_2`), exactly as
+    diffusers' pipelines rewrite a prompt for a loaded embedding (`TextualInversionLoaderMixin.maybe_convert_prompt`):
+    training captions and sample prompts then read the same tokens."""
+    added = tokenizer.added_tokens_encoder
+    if not any(f"{token}_1" in added for token in added):  # nothing to spell out: most runs
+        return caption
+    for token in set(tokenizer.tokenize(caption)):
+        if token in added and f"{token}_1" in added:
+            count = 1
+            while f"{token}_{count}" in added:
+                count += 1
+            caption = caption.replace(token, " ".join([token, *(f"{token}_{i}" for i in range(1, count))]))
+    return caption

@@ -38,6 +38,7 @@ class MetaModel:
     text_encoders: tuple[torch.nn.Module, ...]  # in pipeline order: (CLIP-L,) for SD1; (CLIP-L, OpenCLIP-bigG) for SDXL
     prediction_type: str
     family: Family | None = None    # its `sdtune.family.Family`, which says the VAE's precision
+    tokenizers: tuple = ()          # none: nothing here is tokenized (a textual inversion's word gets no id)
 
     @property
     def frozen(self) -> list:

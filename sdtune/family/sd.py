@@ -37,7 +37,11 @@ class StableDiffusion(Family):
 
 
 def tokenize(tokenizer, captions: list[str], device):
-    """Token ids padded to the tokenizer's full length (77), as the pipelines encode prompts."""
+    """Token ids padded to the tokenizer's full length (77), as the pipelines encode prompts (a multi-vector
+    embedding's word spelled out as its tokens, `spelled_out`)."""
+    from sdtune.family.clip_tokenizer import spelled_out
+
+    captions = [spelled_out(tokenizer, caption) for caption in captions]
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
@@ -53,3 +57,4 @@ StableDiffusion.kohya_sgm_names = False  # kohya names an SD UNet's LoRA modules
 StableDiffusion.kohya_model_spec = {  # architecture -> (ss_base_model_version, modelspec.architecture)
     "sd15": ("sd_v1", "stable-diffusion-v1/lora"), "sd21": ("sd_v2", "stable-diffusion-v2-512/lora")}
 StableDiffusion.model_spec_implementation = "diffusers"
+StableDiffusion.embedding_keys = ("emb_params",)  # a textual inversion file's vectors (A1111, ComfyUI), per encoder

@@ -95,3 +95,4 @@ StableDiffusionXL.kohya_text_prefixes = ("lora_te1_", "lora_te2_")  # a kohya Lo
 StableDiffusionXL.kohya_sgm_names = True  # kohya names an SDXL UNet's LoRA modules by sgm's (input_blocks.4.1...)
 StableDiffusionXL.kohya_model_spec = {"sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora")}
 StableDiffusionXL.model_spec_implementation = "https://github.com/Stability-AI/generative-models"
+StableDiffusionXL.embedding_keys = ("clip_l", "clip_g")  # a textual inversion file's vectors, per encoder

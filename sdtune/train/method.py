@@ -2,10 +2,10 @@
 says what trains, how the UNet and encoders are cast for it, which file a checkpoint keeps it in, and
 how its weights are read and put back.
 
-    method = method_for(cfg)        # FullFineTune(text_encoders=False), Lora(text_encoders=True), ...
+    method = method_for(cfg)        # FullFineTune(text_encoders=False), Lora(text_encoders=True), Embedding()
     trained = method.prepare(components, plan, device)   # cast, unfreeze, attach: what trains
     method.trains_text_encoders     # the one answer to "do the text encoders train"
-    method.weights_file             # "unet.safetensors" / "lora.safetensors"
+    method.weights_file             # "unet.safetensors" / "lora.safetensors" / "embedding.safetensors"
 
 The trainer (`sdtune.train.placement.place`) and the estimator (on meta-device parts) both call
 `prepare`, so the estimate counts what training holds. A new way of training (textual inversion, a LyCORIS
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from sdtune.config import Config, LoraConfig
+    from sdtune.config import Config, EmbeddingConfig, LoraConfig
     from sdtune.family.base import Components
     from sdtune.family.meta import MetaModel
     from sdtune.optim.tier import Tier
@@ -199,6 +199,42 @@ class LoKr(Lora):
 ADAPTERS = {"lora": Lora, "loha": LoHa, "lokr": LoKr}  # lora.algo -> its method (DoRA: lora.dora)
 
 
+@dataclass(frozen=True)
+class Embedding(Method):
+    """Textual inversion: only a new word's vectors (`embedding.token`, `sdtune.train.embedding`) train, fp32,
+    in each text encoder (both for SDXL); the UNet, the VAE and the rest of the text encoders stay frozen in the
+    working precision, and the text encoders run with grad every step. A parameter streamer may move the whole
+    UNet."""
+
+    embedding: EmbeddingConfig | None = None
+    text_encoders: bool = True  # the encoders run with grad, though only the new vectors train
+    weights_file: ClassVar[str] = "embedding.safetensors"
+    frozen_unet: ClassVar[bool] = True
+    label: ClassVar[str] = "embedding"
+    adapter: ClassVar[bool] = True
+
+    def prepare(self, components, plan, device) -> Trained:
+        from sdtune.train.embedding import add_token, vectors
+
+        unet = components.unet
+        unet.requires_grad_(False)
+        unet.to(dtype=plan.working_dtype)
+        if plan.param_offload != "cpu":
+            unet.to(device)
+        modules = add_token(components, self.embedding, device)
+        return Trained(modules, list(vectors(modules).values()))
+
+    def weights(self, placement) -> dict:
+        from sdtune.train.embedding import vectors
+
+        return vectors(placement.modules)
+
+    def restore(self, placement, weights: dict) -> None:
+        from sdtune.train.embedding import load_vectors
+
+        load_vectors(placement.modules, weights)
+
+
 def method_for(cfg: Config) -> Method:
     """The way `cfg` trains. The text encoders train with `train.text_encoder_lr` > 0 (a full fine-tune's
     whole encoders) or `lora.text_encoder` (a LoRA's adapters on them); the config refuses each with the
@@ -206,6 +242,8 @@ def method_for(cfg: Config) -> Method:
     if cfg.train.method == "lora":
         kind = DoRA if cfg.lora.dora else ADAPTERS[cfg.lora.algo]
         return kind(text_encoders=cfg.lora.text_encoder, lora=cfg.lora, seed=cfg.train.seed)
+    if cfg.train.method == "embedding":
+        return Embedding(embedding=cfg.embedding)
     return FullFineTune(text_encoders=cfg.train.text_encoder_lr > 0)
 
 

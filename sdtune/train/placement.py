@@ -19,7 +19,9 @@ to bring to the device block by block (built after the tier, which owns those ho
 With `train.method = "lora"` the whole UNet is frozen like the rest, in the working precision on the
 device, and only the fp32 LoRA adapters (`sdtune.lora.adapter`) train, with the in-device tier (the
 config refuses optimizer offload for LoRA). With `param_offload=cpu` the frozen UNet stays in one host
-buffer and `ParamStreamer` streams only it; the adapters stay on the device.
+buffer and `ParamStreamer` streams only it; the adapters stay on the device. A textual inversion
+(`train.method = "embedding"`) places the UNet as a LoRA does and leaves the text encoders frozen on the
+device; only its new word's fp32 vectors train (`sdtune.train.embedding`).
 
 Several processes (`plan.distributed`, `sdtune.train.parallel`): with `ddp` the loss calls the UNet under
 DistributedDataParallel (`Placement.model`); with `fsdp` the fp32 UNet is sharded in place before the

@@ -4,7 +4,7 @@ import pytest
 
 from sdtune.config import load_config
 from sdtune.errors import SdtuneError
-from sdtune.train.method import FullFineTune, Lora, method_for
+from sdtune.train.method import Embedding, FullFineTune, Lora, method_for
 
 NO_TEXT_CACHE = "data.cache_text=false"
 
@@ -14,6 +14,7 @@ NO_TEXT_CACHE = "data.cache_text=false"
     (("train.text_encoder_lr=1e-5", NO_TEXT_CACHE), FullFineTune, True, "unet.safetensors"),
     (("train.method=lora",), Lora, False, "lora.safetensors"),
     (("train.method=lora", "lora.text_encoder=true", NO_TEXT_CACHE), Lora, True, "lora.safetensors"),
+    (("train.method=embedding", "embedding.token=<sks>"), Embedding, True, "embedding.safetensors"),  # with grad
 ])
 def test_each_way_of_training_says_whether_the_text_encoders_train(sets, kind, text_encoders, weights_file):
     cfg, _ = load_config("cpu", list(sets))
@@ -36,3 +37,4 @@ def test_a_lora_streams_its_frozen_base_only():
     select = Lora().streamed()
     assert select(frozen) and not select(adapter)
     assert FullFineTune().streamed() is None
+    assert Embedding().streamed() is None and Embedding.frozen_unet  # its UNet is all frozen: all of it streams

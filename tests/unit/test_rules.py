@@ -15,6 +15,7 @@ from sdtune.plan import resolve_mode
 from sdtune.util.world import World
 
 FUSED = ["memory.fused_backward=true", "train.max_grad_norm=0"]
+EMBEDDING = ["train.method=embedding", "embedding.token=<sks>"]
 # (the rule's keys, the --set items that break it alone, the distributed mode for a launch rule), in RULES' order
 EXAMPLES = [
     (("model.init", "model.architecture"), ["model.architecture=sd15"], None),
@@ -43,6 +44,11 @@ EXAMPLES = [
     (("lora.init_from", "train.method"), ["lora.init_from=old/lora.safetensors"], None),
     (("lora.text_encoder", "data.cache_text"), ["lora.text_encoder=true", "train.method=lora", "data.cache_text=true"],
      None),
+    (("train.method", "embedding.token"), ["train.method=embedding"], None),
+    (("embedding.token", "train.method"), ["embedding.token=<sks>"], None),
+    (("train.method", "data.cache_text"), [*EMBEDDING, "data.cache_text=true"], None),
+    (("train.method", "memory.optimizer_offload"), [*EMBEDDING, "memory.optimizer_offload=cpu"], None),
+    (("train.text_encoder_lr", "train.method"), [*EMBEDDING, "train.text_encoder_lr=1e-5"], None),
     (("output.validate_every", "data.validation_dir", "data.validation_split"), ["output.validate_every=5"], None),
     (("train.text_encoder_lr", "train.method"), ["train.text_encoder_lr=1e-5", "train.method=lora"], None),
     (("train.text_encoder_lr", "data.cache_text"), ["train.text_encoder_lr=1e-5", "data.cache_text=true"], None),
@@ -66,6 +72,7 @@ EXAMPLES = [
     (("memory.distributed", "train.ema_decay"), ["train.ema_decay=0.99"], "fsdp"),
     (("memory.distributed", "memory.fused_backward"), FUSED, "ddp"),
     (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
+    (("memory.distributed", "train.method"), EMBEDDING, "ddp"),
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
 ]
 

@@ -296,8 +296,8 @@ def estimate_vram(
         from sdtune.estimate.auto import method_presets
 
         family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
-        names, needs = method_presets(family, method) if preset == "all" else ([preset], ())
-        extra = pick.extra if pick else needs  # "all" of a textual inversion: the LoRA plans without the text cache
+        names = method_presets(family, method) if preset == "all" else [preset]
+        extra = pick.extra if pick else ()
         for name in [pick.preset] if pick else names:
             cfg, info = load_config(name, [*extra, *overrides])
             with console.status(f"tracing one training step under {info.name}"):

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import tomllib
@@ -187,11 +190,44 @@ def read_preset(name: str) -> tuple[dict, PresetInfo]:
     return data, PresetInfo(name=path.stem, **meta)
 
 
+def _method_layer(layers: list[tuple[dict, str]], preset: str) -> list[tuple[dict, str]]:
+    """The layer in which the preset's levers that the run's method cannot use give way to it (`GIVE_WAY`),
+    each said once; none where the plan serves the method as it is."""
+    from sdtune.config.rules import GIVE_WAY
+
+    defaults = Config()
+    sections = {name: {f.name: getattr(getattr(defaults, name), f.name)
+                       for f in dataclasses.fields(getattr(defaults, name))} for name in SECTIONS}
+    given = set()
+    for data, source in layers:
+        for name, values in data.items():
+            sections.setdefault(name, {}).update(values)
+            given |= {f"{name}.{key}" for key in values} if source.startswith("--set") else set()
+    view = SimpleNamespace(**{name: SimpleNamespace(**values) for name, values in sections.items()})
+    out: dict[str, dict] = {}
+    for rule in GIVE_WAY:
+        name, _, key = rule.key.partition(".")
+        if rule.key not in given and sections[name][key] != rule.value and rule.needs(view):
+            out.setdefault(name, {})[key] = rule.value
+            _say_once(f"{rule.key}={_shown(rule.value)} for this run, not {_shown(sections[name][key])} as the preset "
+                      f"{preset} plans: {rule.why}")
+    return [(out, "the method's needs")] if out else []
+
+
+def _shown(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    logging.getLogger(__name__).info(line)
+
+
 def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, PresetInfo]:
     """Defaults, then the preset, then each `--set`: the resolved, validated config."""
     data, info = read_preset(preset)
     layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
-    cfg = apply_layers(Config(), layers)
+    cfg = apply_layers(Config(), layers + _method_layer(layers, preset))
     if cfg.lora.init_from:  # rank, alpha, target and text_encoder follow the file
         from sdtune.config.lora_file import file_layer
 

@@ -279,6 +279,26 @@ RULES: tuple[Rule, ...] = (
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")
 
 
+@dataclass(frozen=True)
+class GivesWay:
+    """A preset's lever that the run's method cannot use: `key` becomes `value` where `needs` holds, unless a
+    `--set` gave it (which its rule above then refuses, naming both keys). `load_config` applies these."""
+
+    key: str                       # "section.key" of the lever
+    value: object                  # what the method needs it to be
+    needs: Callable[..., bool]     # of a view with the sections as the preset and --set resolve them
+    why: str                       # the reason, for the one line that says so
+
+
+# A method trains in any preset's memory plan: what a plan sets that the method cannot serve gives way to it.
+GIVE_WAY: tuple[GivesWay, ...] = (
+    GivesWay("data.cache_text", False, lambda c: c.train.method == "embedding" or c.lora.text_encoder,
+             "the text encoders run every step"),
+    GivesWay("memory.optimizer_offload", "none", lambda c: c.train.method == "embedding",
+             "a textual inversion's few KB of AdamW state stay on the GPU"),
+)
+
+
 def _view(sections: dict, **launch) -> SimpleNamespace:
     """What a rule's predicate and text read: the sections by name (and the launch's `mode`, `why`)."""
     return SimpleNamespace(**sections, **launch)

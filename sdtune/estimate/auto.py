@@ -5,8 +5,9 @@
 
 A plan is a shipped preset plus extra `--set` overrides (a *candidate*). The candidates are the GPU
 presets (those whose `[preset]` names a card) of the model's family that train as the run does
-(`train.method`: full fine-tunes get the full presets, LoRA runs the `lora-*` ones, and so do textual inversions,
-without the text cache: `PLANS_OF`), each also with one
+(`train.method`: full fine-tunes get the full presets, LoRA runs the `lora-*` ones, and so do textual
+inversions, `PLANS_OF`; what a plan sets that the method cannot use gives way to it when the config
+loads, `sdtune.config.rules.GIVE_WAY`), each also with one
 lever more: checkpointing turned on where it is off, or weight streaming (`memory.param_offload=cpu`)
 where the optimizer is offloaded or a LoRA's base is frozen. Half-precision plans run in the card's half
 precision: fp16 on a card without native bf16 (compute capability below 8.0), bf16 on one with it (the
@@ -143,16 +144,14 @@ def cost(mem: MemoryConfig) -> int:
             + int(mem.optimizer_offload == "nvme") + int(mem.param_offload != "none"))
 
 
-# A method without presets of its own trains on another's plans, with these overrides: a textual inversion on
-# the LoRA plans (a frozen UNet), its text encoders on the GPU (they run every step: no text cache).
-PLANS_OF = {"embedding": ("lora", ("data.cache_text=false",))}
+# A method without presets of its own trains on another's plans: a textual inversion on the LoRA plans (a
+# frozen UNet); the text cache they plan gives way to it (the text encoders run every step).
+PLANS_OF = {"embedding": "lora"}
 
 
-def method_presets(family: str = "sd", method: str = "full") -> tuple[list[str], tuple[str, ...]]:
-    """(the GPU presets a run of `method` trains on, the overrides each needs for it): its own presets, or
-    those of the method whose plans it borrows (`PLANS_OF`)."""
-    borrowed, needs = PLANS_OF.get(method, (method, ()))
-    return gpu_presets(family, borrowed), needs
+def method_presets(family: str = "sd", method: str = "full") -> list[str]:
+    """The GPU presets a run of `method` trains on: its own, or those of the method whose plans it borrows."""
+    return gpu_presets(family, PLANS_OF.get(method, method))
 
 
 def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candidate]:
@@ -162,12 +161,10 @@ def candidates(gpu: Gpu, family: str = "sd", method: str = "full") -> list[Candi
     from sdtune.train.method import method_for
 
     found, half = [], "bf16" if gpu.bf16 else "fp16"
-    names, needs = method_presets(family, method)
-    for name in names:
+    for name in method_presets(family, method):
         cfg, _ = load_config(name)
         mem = cfg.memory
-        base = (*needs, *((f"memory.precision={half}",) if mem.precision in ("bf16", "fp16") and mem.precision != half
-                          else ()))
+        base = (f"memory.precision={half}",) if mem.precision in ("bf16", "fp16") and mem.precision != half else ()
         found.append(Candidate(name, base))
         if not mem.gradient_checkpointing:
             found.append(Candidate(name, (*base, "memory.gradient_checkpointing=true")))

@@ -143,7 +143,7 @@ def test_a_word_the_tokenizer_knows_and_the_rules_are_one_line(tiny_sd1, token_i
                                           "is empty"):
         load_config("cpu", ["train.method=embedding"])
     with pytest.raises(SdtuneError, match="data.cache_text cannot serve it: set data.cache_text=false"):
-        load_config("lora-4gb", ["train.method=embedding", "embedding.token=<sks>"])
+        load_config("lora-4gb", ["train.method=embedding", "embedding.token=<sks>", "data.cache_text=true"])
     for bad, text in (("embedding.vectors=76", "must be 1-75"), ("embedding.token=<SKS>", "use '<sks>'"),
                       ("embedding.token=a b", "must be one word")):
         with pytest.raises(SdtuneError, match=text):
@@ -252,11 +252,11 @@ def test_auto_and_the_presets_train_an_embedding_on_the_lora_plans():
 
     gib, overrides = 2**30, ["train.method=embedding", "embedding.token=<sks>"]
     labels = [c.label for c, _, _ in auto.ordered(auto.Gpu("Ampere", 6 * gib, bf16=True), overrides)]
-    assert labels[:2] == ["lora-6gb + data.cache_text=false + memory.precision=bf16",
-                          "lora-4gb + data.cache_text=false + memory.precision=bf16"]
+    assert labels[:2] == ["lora-6gb + memory.precision=bf16", "lora-4gb + memory.precision=bf16"]
     assert [c.label for c, _, _ in auto.ordered(auto.Gpu("XL", 8 * gib, bf16=True), overrides, "sdxl")][0] == (
-        "sdxl-lora-8gb + data.cache_text=false")
-    cfg, info = load_config("lora-4gb", ["data.cache_text=false", *overrides])
+        "sdxl-lora-8gb")
+    cfg, info = load_config("lora-4gb", overrides)  # its text cache gives way to the method
+    assert not cfg.data.cache_text
     result = estimate(cfg, info)
     assert result.total <= auto.SAFETY * info.vram_gib * gib and result.categories["optimizer_state"] < 2**20
     assert replan.next_smaller(cfg, info).overrides == ("memory.param_offload=cpu",)

@@ -117,3 +117,29 @@ def test_a_rule_without_wording_says_its_keys_values_and_fix():
     view = _unchecked(["data.cache_text=true", "data.shuffle_tags=true"], None)
     assert rule.message(view) == ("data.cache_text=true and data.shuffle_tags=true cannot be used together: "
                                   "set one of them the other way")
+
+
+@pytest.mark.parametrize("preset, sets, key, planned, needed", [
+    ("lora-4gb", ["train.method=embedding", "embedding.token=<sks>"], "data.cache_text", True, False),
+    ("sdxl-lora-8gb", ["train.method=lora", "lora.text_encoder=true"], "data.cache_text", True, False),
+    ("rtx3050", ["train.method=embedding", "embedding.token=<sks>"], "memory.optimizer_offload", "cpu", "none"),
+])
+def test_a_presets_lever_the_method_cannot_use_gives_way_said_once_and_a_set_of_it_is_refused(
+        preset, sets, key, planned, needed, caplog):
+    import logging
+
+    from sdtune.config import _say_once, load_config, read_preset
+    from sdtune.config.rules import GIVE_WAY
+
+    _say_once.cache_clear()
+    section, _, name = key.partition(".")
+    assert read_preset(preset)[0][section][name] == planned  # what the preset plans
+    caplog.set_level(logging.INFO, logger="sdtune.config")
+    for _ in range(2):
+        cfg, _ = load_config(preset, sets)
+        assert getattr(getattr(cfg, section), name) == needed
+    assert sum(f"{key}=" in r.getMessage() and preset in r.getMessage() for r in caplog.records) == 1
+    assert any(rule.key == key for rule in GIVE_WAY)
+    with pytest.raises(SdtuneError, match=key.replace(".", r"\.")):
+        load_config(preset, [*sets, f"{key}={str(planned).lower()}"])
+    assert getattr(getattr(load_config(preset)[0], section), name) == planned  # a run the plan serves keeps it

@@ -150,9 +150,9 @@ def train(
     if "lora_files" in result:  # an adapter run: what it wrote, and how to use it
         diffusers = (f"pytorch_lora_weights.safetensors (diffusers: pipe.load_lora_weights('{out}')) and "
                      if "pytorch_lora_weights.safetensors" in result["lora_files"] else "")
-        console.print(f"{result['adapter']} written to {out}/: {diffusers}lora.safetensors (ComfyUI, "
-                      f"AUTOMATIC1111); `sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` "
-                      "bakes it in")
+        console.print(f"{result['adapter']} written to {out}/: {diffusers}lora.safetensors "
+                      f"({result['lora_clients']}); `sdtune sample --ckpt {out}` draws with it, "
+                      f"`sdtune merge --ckpt {out}` bakes it in")
     elif "embedding_file" in result:  # a textual inversion: its file, and how to use it
         console.print(f"embedding written to {out}/{result['embedding_file']} (AUTOMATIC1111, ComfyUI: its embeddings "
                       f"folder; diffusers: pipe.load_textual_inversion); `sdtune sample --ckpt {out}` draws with it")

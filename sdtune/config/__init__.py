@@ -228,8 +228,9 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tup
     data, info = read_preset(preset)
     layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
     cfg = apply_layers(Config(), layers + _method_layer(layers, preset))
-    if cfg.lora.init_from:  # rank, alpha, target and text_encoder follow the file
+    if cfg.lora.init_from:  # rank, alpha, target and text_encoder follow the file, and the plan gives way to them
         from sdtune.config.lora_file import file_layer
 
-        cfg = apply_layers(cfg, [file_layer(cfg.lora, layers)])
+        layers = [*layers, file_layer(cfg.lora, layers)]
+        cfg = apply_layers(Config(), layers + _method_layer(layers, preset))
     return cfg, info

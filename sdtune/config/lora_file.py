@@ -122,7 +122,8 @@ def adapter_shape(path: str | Path) -> AdapterShape:
                   else _peft_alphas(metadata, ranks[0] if ranks else 0, conv))
         _one(path, ranks, alphas)
         groups[conv] = (ranks[0] if ranks else None, alphas[0] if alphas else None, bool(names))
-    rank = groups[False][0] or groups[True][0] or _number(metadata.get("ss_network_dim"), int)
+    # a LoKr whose attention factors are all full tells its rank in the metadata only (not the convolutions')
+    rank = groups[False][0] or _number(metadata.get("ss_network_dim"), int) or groups[True][0]
     alpha = groups[False][1] or _number(metadata.get("ss_network_alpha"), float) or (float(rank) if rank else None)
     conv_rank, conv_alpha, has_conv = groups[True]
     conv_rank = conv_rank if has_conv and conv_rank and conv_rank != rank else 0

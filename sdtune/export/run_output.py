@@ -156,6 +156,7 @@ def _leave(run: Run, result: dict) -> None:
 
 def _export_lora(run: Run, preset: str) -> dict:
     from sdtune.export.lora_files import kohya_metadata, save_files
+    from sdtune.lora.algorithms import algorithm_of
 
     modules, family = run.placement.lora, run.components.family
     result = {"preset": preset, **summary(run)}
@@ -166,6 +167,7 @@ def _export_lora(run: Run, preset: str) -> dict:
     run.close()
     result["lora_files"] = [path.name for path in files]
     result["adapter"] = run.placement.method.label
+    result["lora_clients"] = algorithm_of(run.cfg.lora).clients
     _leave(run, result)
     return result
 

@@ -87,8 +87,9 @@ def load_file(modules: dict, family, path: str) -> str:
     misfit = [(where, param) for where in set(live) & set(found) for param in live[where][1]
               if param not in found[where] or found[where][param].shape != live[where][1][param].shape]
     if missing or extra or misfit:
-        example = (f"{'.'.join(misfit[0])} is {list(live[misfit[0][0]][1][misfit[0][1]].shape)} here, "
-                   f"{list(getattr(found[misfit[0][0]].get(misfit[0][1]), 'shape', []))} in the file"
+        (where, param) = misfit[0] if misfit else (None, None)
+        example = (f"{'.'.join((*where, param))} is {list(live[where][1][param].shape)} here, "
+                   f"{list(getattr(found[where].get(param), 'shape', []))} in the file"
                    if misfit else ".".join((extra or missing)[0]))
         raise SdtuneError(f"the LoRA in {shape.path} does not fit this model ({len(extra)} of its modules are "
                           f"layers this run does not adapt, {len(missing)} adapters this run trains are not in it, "

@@ -45,12 +45,14 @@ class Algorithm:
     params: tuple[str, ...]   # peft's parameters of one adapted module (their kohya names: `kohya_name`)
     network_module: str       # kohya's ss_network_module: the code that reads the file in sd-scripts
     diffusers: bool           # diffusers' load_lora_weights reads peft's names of it (pytorch_lora_weights)
+    clients: str = "ComfyUI, AUTOMATIC1111"  # who reads its lora.safetensors as trained
 
 
 ALGORITHMS = {
     "lora": Algorithm("lora", "LoRA", ("lora_A", "lora_B"), "networks.lora", True),
+    # AUTOMATIC1111 normalises a dora_scale per input column, so peft's per-row magnitudes draw wrong there
     "dora": Algorithm("lora", "DoRA", ("lora_A", "lora_B", "lora_magnitude_vector"), "lycoris.kohya",
-                      True),
+                      True, "ComfyUI; not AUTOMATIC1111, which reads DoRA per input column"),
     "loha": Algorithm("loha", "LoHa", ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
                       "lycoris.kohya", False),
     "lokr": Algorithm("lokr", "LoKr", ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),

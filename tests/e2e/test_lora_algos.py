@@ -177,6 +177,10 @@ def test_a_loha_file_into_a_lora_run_and_dora_with_lycoris_are_one_line(tiny_sd1
     with pytest.raises(SdtuneError, match=r"^lora.dora=true and lora.algo=lokr cannot be used together: .*"
                                           r"lycoris-lora has it"):
         load_config("cpu", ["train.method=lora", "lora.algo=lokr", "lora.dora=true"])
+    full = tmp_path / "lokr-conv"  # every attention factor full: the rank is in the metadata, not the convolutions'
+    train(tiny_sd1, images, full, "--max-steps", "1", *BASE, "--set", "lora.algo=lokr", *CONV)
+    cfg, _ = load_config("cpu", ["train.method=lora", f"lora.init_from={full}"])
+    assert (cfg.lora.algo, cfg.lora.rank, cfg.lora.conv_rank) == ("lokr", 4, 2)
     tucker = load_file(first / "lora.safetensors")
     conv = next(k for k in tucker if "conv1.hada_w1_a" in k).removesuffix(".hada_w1_a")
     tucker[f"{conv}.hada_t1"] = torch.zeros(2, 2, 3, 3)  # LyCORIS' Tucker core: not what peft trains

@@ -127,6 +127,18 @@ def test_text_encoders_and_convolutions_follow_the_file(fixture, images, tmp_pat
     assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
     with pytest.raises(SdtuneError, match="lora.text_encoder=False but .* holds text-encoder adapters"):
         load_config("cpu", ["train.method=lora", f"lora.init_from={first}", "lora.text_encoder=false"])
+    lora_plan = "sdxl-lora-8gb" if fixture == "tiny_sdxl" else "lora-6gb"  # it caches the text: that gives way
+    cfg, _ = load_config(lora_plan, ["train.method=lora", f"lora.init_from={first}"])
+    assert (cfg.lora.text_encoder, cfg.data.cache_text) == (True, False)
+    misfit = load_file(first / "lora.safetensors")
+    key = next(k for k in misfit if k.endswith("to_k.lora_down.weight") and k.startswith("lora_unet"))
+    misfit[key] = misfit[key][:, :-8].contiguous()  # one adapter of other sizes: one line, never a traceback
+    save_file(misfit, tmp_path / "misfit.safetensors")
+    with pytest.raises(SdtuneError, match=r"^the LoRA in .*misfit.safetensors does not fit this model \(.*1 differ "
+                                          r"in size; e.g. unet\..*to_k\.lora_A is \[4, \d+\] here, "
+                                          r"\[4, \d+\] in the file"):
+        prepared(model, images, tmp_path / "misfit", "train.method=lora",
+                 f"lora.init_from={tmp_path / 'misfit.safetensors'}")
 
 
 @pytest.mark.parametrize("algo", ["lora", "lokr"])

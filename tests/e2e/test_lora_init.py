@@ -151,27 +151,38 @@ def test_resume_keeps_the_checkpoint_and_says_the_optimizer_starts_fresh(algo, t
 
 
 LYCORIS_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut")
+LYCORIS_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _lycoris_network(components, folder, algo, dim, alpha, **args):
-    """lycoris-lora's network on the UNet's attention+conv layers, as sd-scripts creates it (`--network_module
-    lycoris.kohya --network_args algo=... preset=<a toml of those layers>`); (the network, the preset's path)."""
+def _lycoris_network(components, folder, algo, dim, alpha, text_encoder=False, **args):
+    """lycoris-lora's network on the UNet's attention+conv layers (and the text encoder's attention), as
+    sd-scripts creates it (`--network_module lycoris.kohya --network_args algo=... preset=<a toml of those
+    layers>`); (the network, the preset's path)."""
     from lycoris.kohya import create_network
 
     preset = folder / "preset.toml"
-    names = json.dumps([f"*.{target}" for target in LYCORIS_TARGETS])
-    preset.write_text("enable_conv = true\nuse_fnmatch = true\nunet_target_module = []\n"
-                      f"text_encoder_target_module = []\ntext_encoder_target_name = []\nunet_target_name = {names}\n")
+    unet, text = ([f"*.{target}" for target in targets] for targets in (LYCORIS_TARGETS, LYCORIS_TEXT_TARGETS))
+    preset.write_text("enable_conv = true\nuse_fnmatch = true\nunet_target_module = []\ntext_encoder_target_module"
+                      f" = []\nunet_target_name = {json.dumps(unet)}\n"
+                      f"text_encoder_target_name = {json.dumps(text if text_encoder else [])}\n")
     network = create_network(1.0, dim, alpha, components.vae, components.text_encoders[0], components.unet, algo=algo,
                              preset=str(preset), **args)
-    network.apply_to(components.text_encoders[0], components.unet, apply_text_encoder=False, apply_unet=True)
+    network.apply_to(components.text_encoders[0], components.unet, apply_text_encoder=text_encoder, apply_unet=True)
     return network, preset
 
 
-@pytest.mark.parametrize(("algo", "dim", "alpha"), [("loha", 4, 2), ("lokr", 4, 2), ("lokr", 2, 1)])
-def test_lycoris_own_kohya_file(algo, dim, alpha, tiny_sd1, images, tmp_path):
+def _plain(name: str) -> str:
+    """A kohya name without CLIP's `text_model_` level: sdtune writes it, lycoris as the live model names it
+    (transformers 5: without)."""
+    return name.replace("lora_te_text_model_", "lora_te_")
+
+
+@pytest.mark.parametrize(("algo", "dim", "alpha", "text_encoder"),
+                         [("loha", 4, 2, True), ("lokr", 4, 2, False), ("lokr", 2, 1, False)])
+def test_lycoris_own_kohya_file(algo, dim, alpha, text_encoder, tiny_sd1, images, tmp_path):
     """A LoHa / LoKr that lycoris-lora builds and writes as kohya's sd-scripts drives it (`create_network`, a
-    preset of sdtune's attention+conv layers, `save_weights` with sd-scripts' metadata) continues in sdtune:
+    preset of sdtune's attention+conv layers, the LoHa's text encoder too, `save_weights` with sd-scripts'
+    metadata) continues in sdtune:
     the run's adapters change each layer as lycoris' own forward does, and train on. The LoKr of rank 4 has
     both factors full in 83 of its 91 modules on the tiny model (no rank there, alpha written as 4: scale 1) and
     lokr_w2 decomposed in 8 (alpha 2); at rank 2 every module has lokr_w2 decomposed."""
@@ -182,7 +193,7 @@ def test_lycoris_own_kohya_file(algo, dim, alpha, tiny_sd1, images, tmp_path):
     from sdtune.family.load import load_components
 
     components = load_components(str(tiny_sd1))
-    network, preset = _lycoris_network(components, tmp_path, algo, dim, alpha)
+    network, preset = _lycoris_network(components, tmp_path, algo, dim, alpha, text_encoder)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
         for param in network.parameters():
@@ -197,15 +208,15 @@ def test_lycoris_own_kohya_file(algo, dim, alpha, tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "look", "train.method=lora", f"lora.init_from={theirs}")
     lora = run.cfg.lora
     assert (lora.algo, lora.rank, lora.scale_alpha, lora.target, lora.text_encoder) == (
-        algo, dim, float(alpha), "attention+conv", False)
-    unet = run.placement.lora["unet"]
-    names = kohya_names(run.placement.lora, run.components.family)["unet"]
-    lycoris = {module.lora_name: module for module in network.unet_loras}
-    assert sorted(names.values()) == sorted(lycoris) and len(names) == 91
+        algo, dim, float(alpha), "attention+conv", text_encoder)
+    spelled = kohya_names(run.placement.lora, run.components.family)
+    names = {(part, path): _plain(name) for part, paths in spelled.items() for path, name in paths.items()}
+    lycoris = {_plain(module.lora_name): module for module in network.unet_loras + network.text_encoder_loras}
+    assert sorted(names.values()) == sorted(lycoris) and len(names) == 91 + 8 * text_encoder  # 2 CLIP layers
     worst = 0.0
     with torch.no_grad():
-        for path, name in names.items():
-            theirs_module, layer = lycoris[name], unet.get_submodule(path)
+        for (part, path), name in names.items():
+            theirs_module, layer = lycoris[name], run.placement.lora[part].get_submodule(path)
             base = layer.get_base_layer()
             linear = isinstance(base, torch.nn.Linear)
             x = torch.randn(2, base.in_features) if linear else torch.randn(1, base.in_channels, 8, 8)
@@ -218,7 +229,7 @@ def test_lycoris_own_kohya_file(algo, dim, alpha, tiny_sd1, images, tmp_path):
     out = tmp_path / "trained"
     summary = train(tiny_sd1, images, out, "--max-steps", "2", *LORA, "--set", f"lora.init_from={theirs}")
     assert all(math.isfinite(loss) for loss in summary["losses"])
-    start, trained = load_file(theirs), load_file(out / "lora.safetensors")
+    start, trained = ({_plain(k): v for k, v in load_file(path).items()} for path in (theirs, out / "lora.safetensors"))
     factors = [key for key in trained if not key.endswith(".alpha")]
     assert factors and set(factors) <= set(start)
     assert any(not torch.allclose(trained[key], start[key]) for key in factors)

@@ -123,18 +123,16 @@ def _same(path: str) -> str:
 
 def _kohya_modules(modules: dict, family, shape) -> dict[tuple[str, str], dict]:
     """A kohya/LyCORIS file's adapters as `_live_modules` keys them, in this run's parameters (`from_kohya`);
-    a module of another model or layer under ("?", its kohya name). A one-encoder model's `lora_te1_`
-    (diffusers' `convert_state_dict_to_kohya` writes it) is kohya's `lora_te_`."""
+    a module of another model or layer under ("?", its kohya name). Text-encoder names as `_kohya_text_key`
+    reads them."""
     from safetensors.torch import load_file as read
 
     from sdtune.export.lora_files import kohya_names
     from sdtune.lora.algorithms import DORA_FOR_COMFYUI
 
-    one_encoder = family.kohya_text_prefixes[0] if len(family.kohya_text_prefixes) == 1 else "lora_te1_"
     grouped: dict[str, dict] = {}
     for key, value in read(str(shape.path)).items():
-        key = key.replace("lora_te1_", one_encoder, 1) if key.startswith("lora_te1_") else key
-        name, _, suffix = key.partition(".")
+        name, _, suffix = _kohya_text_key(key, family).partition(".")
         grouped.setdefault(name, {})[suffix] = value
     where = {name: (part, path) for part, names in kohya_names(modules, family).items() for path, name in names.items()}
     out = {}
@@ -148,6 +146,19 @@ def _kohya_modules(modules: dict, family, shape) -> dict[tuple[str, str], dict]:
         out[part, _same(path)] = from_kohya(layer, tensors, lambda layer=layer: layer.get_base_layer().weight,
                                             comfyui_dora)
     return out
+
+
+def _kohya_text_key(key: str, family) -> str:
+    """A kohya key as `kohya_names` spells it: a one-encoder model's `lora_te1_` (diffusers'
+    `convert_state_dict_to_kohya` writes it) is kohya's `lora_te_`, and a text-encoder module without CLIP's
+    `text_model_` level (lycoris under transformers 5, which names the live model's modules) gets it."""
+    prefix = next((p for p in ("lora_te_", "lora_te1_", "lora_te2_") if key.startswith(p)), None)
+    if prefix is None:
+        return key
+    rest = key[len(prefix):]
+    if prefix == "lora_te1_" and len(family.kohya_text_prefixes) == 1:
+        prefix = family.kohya_text_prefixes[0]
+    return prefix + ("" if rest.startswith("text_model_") else "text_model_") + rest
 
 
 def _diffusers_modules(path) -> dict[tuple[str, str], dict]:

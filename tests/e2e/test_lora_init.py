@@ -2,6 +2,7 @@
 on the tiny SD 1.x and SDXL models."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -159,3 +160,99 @@ def test_resume_keeps_the_checkpoint_and_says_the_optimizer_starts_fresh(algo, t
     shutil.rmtree(killed / "checkpoints" / "step-000004")
     (killed / "summary.json").unlink()
     assert train(tiny_sd1, images, killed, *sets, "--resume")["losses"] == straight["losses"]
+
+
+LYCORIS_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut")
+LYCORIS_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _lycoris_network(components, folder, algo, dim, alpha, text_encoder=False, **args):
+    """lycoris-lora's network on the UNet's attention+conv layers (and the text encoder's attention), as
+    sd-scripts creates it (`--network_module lycoris.kohya --network_args algo=... preset=<a toml of those
+    layers>`); (the network, the preset's path)."""
+    from lycoris.kohya import create_network
+
+    preset = folder / "preset.toml"
+    unet, text = ([f"*.{target}" for target in targets] for targets in (LYCORIS_TARGETS, LYCORIS_TEXT_TARGETS))
+    preset.write_text("enable_conv = true\nuse_fnmatch = true\nunet_target_module = []\ntext_encoder_target_module"
+                      f" = []\nunet_target_name = {json.dumps(unet)}\n"
+                      f"text_encoder_target_name = {json.dumps(text if text_encoder else [])}\n")
+    network = create_network(1.0, dim, alpha, components.vae, components.text_encoders[0], components.unet, algo=algo,
+                             preset=str(preset), **args)
+    network.apply_to(components.text_encoders[0], components.unet, apply_text_encoder=text_encoder, apply_unet=True)
+    return network, preset
+
+
+def _plain(name: str) -> str:
+    """A kohya name without CLIP's `text_model_` level: sdtune writes it, lycoris as the live model names it
+    (transformers 5: without)."""
+    return name.replace("lora_te_text_model_", "lora_te_")
+
+
+@pytest.mark.parametrize(("algo", "dim", "alpha", "text_encoder"),
+                         [("loha", 4, 2, True), ("lokr", 4, 2, False), ("lokr", 2, 1, False)])
+def test_lycoris_own_kohya_file(algo, dim, alpha, text_encoder, tiny_sd1, images, tmp_path):
+    """A LoHa / LoKr that lycoris-lora builds and writes as kohya's sd-scripts drives it (`create_network`, a
+    preset of sdtune's attention+conv layers, the LoHa's text encoder too, `save_weights` with sd-scripts'
+    metadata) continues in sdtune:
+    the run's adapters change each layer as lycoris' own forward does, and train on. The LoKr of rank 4 has
+    both factors full in 83 of its 91 modules on the tiny model (no rank there, alpha written as 4: scale 1) and
+    lokr_w2 decomposed in 8 (alpha 2); at rank 2 every module has lokr_w2 decomposed."""
+    pytest.importorskip("lycoris")
+    import torch.nn.functional as F
+
+    from sdtune.export.lora_files import kohya_names
+    from sdtune.family.load import load_components
+
+    components = load_components(str(tiny_sd1))
+    network, preset = _lycoris_network(components, tmp_path, algo, dim, alpha, text_encoder)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for param in network.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    theirs = tmp_path / "theirs.safetensors"
+    network.save_weights(str(theirs), torch.float32, {
+        "ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
+        "ss_network_args": json.dumps({"algo": algo, "preset": str(preset)})})
+
+    alphas = {value.item() for key, value in load_file(theirs).items() if key.endswith(".alpha")}
+    assert alphas == ({2.0, 4.0} if (algo, dim) == ("lokr", 4) else {float(alpha)})  # full LoKr: alpha = rank
+    run = prepared(tiny_sd1, images, tmp_path / "look", "train.method=lora", f"lora.init_from={theirs}")
+    lora = run.cfg.lora
+    assert (lora.algo, lora.rank, lora.scale_alpha, lora.target, lora.text_encoder) == (
+        algo, dim, float(alpha), "attention+conv", text_encoder)
+    spelled = kohya_names(run.placement.lora, run.components.family)
+    names = {(part, path): _plain(name) for part, paths in spelled.items() for path, name in paths.items()}
+    lycoris = {_plain(module.lora_name): module for module in network.unet_loras + network.text_encoder_loras}
+    assert sorted(names.values()) == sorted(lycoris) and len(names) == 91 + 8 * text_encoder  # 2 CLIP layers
+    worst = 0.0
+    with torch.no_grad():
+        for (part, path), name in names.items():
+            theirs_module, layer = lycoris[name], run.placement.lora[part].get_submodule(path)
+            base = layer.get_base_layer()
+            linear = isinstance(base, torch.nn.Linear)
+            x = torch.randn(2, base.in_features) if linear else torch.randn(1, base.in_channels, 8, 8)
+            change = theirs_module(x) - theirs_module.org_forward(x)  # what lycoris' network adds to the layer
+            delta = layer.get_delta_weight("default")  # what the run adds to the weight at step 0
+            ours = F.linear(x, delta) if linear else base._conv_forward(x, delta, None)
+            worst = max(worst, ((ours - change).norm() / change.norm()).item())
+    assert worst < 1e-5, worst
+
+    out = tmp_path / "trained"
+    summary = train(tiny_sd1, images, out, "--max-steps", "2", *LORA, "--set", f"lora.init_from={theirs}")
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    start, trained = ({_plain(k): v for k, v in load_file(path).items()} for path in (theirs, out / "lora.safetensors"))
+    factors = [key for key in trained if not key.endswith(".alpha")]
+    assert factors and set(factors) <= set(start)
+    assert any(not torch.allclose(trained[key], start[key]) for key in factors)
+
+
+def test_lycoris_tucker_file_is_one_line(tiny_sd1, tmp_path):
+    pytest.importorskip("lycoris")
+    from sdtune.family.load import load_components
+
+    network, _ = _lycoris_network(load_components(str(tiny_sd1)), tmp_path, "loha", 4, 2, use_tucker=True)
+    network.save_weights(str(tmp_path / "tucker.safetensors"), torch.float32, {})
+    with pytest.raises(SdtuneError, match=r"^lora.init_from=.* holds hada_t1 weights \(LyCORIS' Tucker .*\), which "
+                                          "sdtune does not train; pass a LoRA, LoHa or LoKr file without them$"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'tucker.safetensors'}"])

@@ -148,9 +148,11 @@ def train(
                   f"{result['seconds_per_step']:.3f} s/step, peak {_gib(result['peak_memory_bytes'])} "
                   f"({result['peak_memory_kind']}), {result['skipped_steps']} skipped steps")
     if "lora_files" in result:  # an adapter run: what it wrote, and how to use it
-        console.print(f"LoRA written to {out}/: pytorch_lora_weights.safetensors (diffusers: "
-                      f"pipe.load_lora_weights('{out}')) and lora.safetensors (ComfyUI, AUTOMATIC1111); "
-                      f"`sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` bakes it in")
+        diffusers = (f"pytorch_lora_weights.safetensors (diffusers: pipe.load_lora_weights('{out}')) and "
+                     if "pytorch_lora_weights.safetensors" in result["lora_files"] else "")
+        console.print(f"{result['adapter']} written to {out}/: {diffusers}lora.safetensors (ComfyUI, "
+                      f"AUTOMATIC1111); `sdtune sample --ckpt {out}` draws with it, `sdtune merge --ckpt {out}` "
+                      "bakes it in")
     else:
         console.print(f"diffusers pipeline written to {out}/ ({result['pipeline_class']}.from_pretrained('{out}'))")
     console.print(escape(_disk_line(out, result["disk"])))

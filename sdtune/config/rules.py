@@ -106,6 +106,23 @@ RULES: tuple[Rule, ...] = (
          "memory.gradient_checkpointing=true",
          "memory.param_offload={memory.param_offload} streams weights into the recomputation of backward; "
          "it needs {fix}"),
+    # [lora]
+    Rule(("lora.dora", "lora.algo"),
+         lambda c: c.lora.dora and c.lora.algo != "lora",
+         "set lora.dora=false, or lora.algo=lora (peft has DoRA for LoRA only; lycoris-lora has it for "
+         "LoHa/LoKr too)"),
+    Rule(("lora.factor", "lora.algo"),
+         lambda c: c.lora.factor != -1 and c.lora.algo != "lokr",
+         "lora.factor splits LoKr's weights; set lora.algo=lokr or leave lora.factor at -1"),
+    Rule(("lora.conv_rank", "lora.target"),
+         lambda c: bool(c.lora.conv_rank) and c.lora.target != "attention+conv",
+         "set lora.target=attention+conv (the convolutions get adapters only then), or lora.conv_rank=0"),
+    Rule(("lora.conv_alpha", "lora.target"),
+         lambda c: bool(c.lora.conv_alpha) and c.lora.target != "attention+conv",
+         "set lora.target=attention+conv (the convolutions get adapters only then), or lora.conv_alpha=0"),
+    Rule(("lora.dropout", "lora.algo"),
+         lambda c: bool(c.lora.dropout) and c.lora.algo != "lora",
+         "lora.dropout is LoRA's input dropout, which peft's LoHa and LoKr lack: set it to 0"),
     # [output]
     Rule(("output.sample_every", "output.sample_prompts"),
          lambda c: bool(c.output.sample_every and not c.output.sample_prompts),

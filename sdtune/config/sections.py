@@ -185,6 +185,17 @@ class LoraConfig:
         "projection convolutions (LoCon)", "attention")
     text_encoder: bool = doc("also train a LoRA on the text encoder(s)' attention projections (no text cache)",
                              False)
+    algo: Literal["lora", "loha", "lokr"] = doc(
+        "the adapter: LoRA (up @ down), LyCORIS' LoHa (Hadamard product of two low-rank pairs, ~2x LoRA's "
+        "parameters) or LoKr (Kronecker product; lora.factor sets its split); diffusers loads only lora", "lora")
+    dora: bool = doc("DoRA: also train a magnitude per output row of each weight (weight-decomposed LoRA; "
+                     "algo=lora only)", False)
+    factor: int = doc("LoKr's Kronecker factor: the size of its small factor; -1 splits each weight as evenly as "
+                      "its shape allows", -1)
+    conv_rank: int = doc("with target=attention+conv: the rank of the layers it adds (ResNet convolutions, "
+                         "proj_in/proj_out); 0: lora.rank", 0)
+    conv_alpha: float = doc("with target=attention+conv: the alpha of the layers it adds; 0: conv_rank's value "
+                            "(as alpha 0 is rank)", 0.0)
     init_from: str = doc("continue from this LoRA: a kohya or diffusers .safetensors file or a LoRA run's folder; "
                          "rank, alpha, target and text_encoder follow the file, the optimizer starts fresh", "",
                          resume=FREE)
@@ -193,12 +204,27 @@ class LoraConfig:
         require(self.rank >= 1, f"lora.rank must be at least 1, got {self.rank}")
         require(self.alpha >= 0, f"lora.alpha must be >= 0, got {self.alpha}")
         require(0 <= self.dropout < 1, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        require(self.factor == -1 or self.factor >= 1, f"lora.factor must be -1 or at least 1, got {self.factor}")
+        require(self.conv_rank >= 0 and self.conv_alpha >= 0,
+                f"lora.conv_rank and lora.conv_alpha must be >= 0, got {self.conv_rank} and {self.conv_alpha}")
         check_section("lora", self)
 
     @property
     def scale_alpha(self) -> float:
         """The alpha the layers use: `alpha`, or the rank when it is 0."""
         return self.alpha or float(self.rank)
+
+    @property
+    def conv_scale_rank(self) -> int:
+        """The rank of the layers attention+conv adds: `conv_rank`, or `rank` when it is 0."""
+        return self.conv_rank or self.rank
+
+    @property
+    def conv_scale_alpha(self) -> float:
+        """Their alpha: `conv_alpha`; 0: `alpha` when conv_rank is 0 too, else conv_rank (scale 1)."""
+        if self.conv_alpha:
+            return self.conv_alpha
+        return float(self.conv_rank) if self.conv_rank else self.scale_alpha
 
 
 @dataclass(frozen=True, kw_only=True)

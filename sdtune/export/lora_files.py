@@ -1,11 +1,13 @@
-"""The two files a LoRA run writes into its output folder, both fp32 safetensors:
+"""The files an adapter run writes into its output folder, both fp32 safetensors:
 
 - `pytorch_lora_weights.safetensors`, diffusers' own format, written by the pipeline class's
   `save_lora_weights` with the adapters' peft settings in its metadata (so alpha round-trips):
-  `pipe.load_lora_weights(out)` reads it with no sdtune code;
-- `lora.safetensors`, the kohya / AUTOMATIC1111 format that ComfyUI's LoRA loader, AUTOMATIC1111 and
-  diffusers' kohya conversion read: a module `M` becomes `lora_unet_<M>` (`lora_te_`, `lora_te1_`,
-  `lora_te2_` for text encoders) with `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`. UNet
+  `pipe.load_lora_weights(out)` reads it with no sdtune code. LoRA and DoRA only: diffusers loads no
+  LoHa or LoKr of SD 1.x/2.x/SDXL (docs/design/adapters.md), so those runs write the kohya file alone;
+- `lora.safetensors`, the kohya / LyCORIS layout that ComfyUI's LoRA loader, AUTOMATIC1111 and
+  diffusers' kohya conversion (LoRA) read: a module `M` becomes `lora_unet_<M>` (`lora_te_`, `lora_te1_`,
+  `lora_te2_` for text encoders) with `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha`, or
+  LyCORIS' `.hada_*` (LoHa), `.lokr_*` (LoKr), `.dora_scale` (DoRA): `sdtune.lora.algorithms`. UNet
   names are as kohya's sd-scripts write them: diffusers' module names for SD 1.x/2.x (it trains those
   on a diffusers-layout UNet), the original SGM names (input_blocks.4.1...) for SDXL. The training
   settings go into its metadata as kohya's `ss_*` keys, which AUTOMATIC1111's LoRA tab shows, plus the
@@ -74,26 +76,34 @@ def floor_lora_config(config) -> dict:
             if key in PEFT_FLOOR_LORA_FIELDS or (key in defaults and value != defaults[key])}
 
 
-def kohya_weights(modules: dict, family, alpha: float) -> dict:
-    """The adapters under kohya's names: `<lora name>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
-    import torch
+def kohya_weights(modules: dict, family) -> dict:
+    """The adapters under kohya's names: `<lora name>.lora_down.weight`, `.lora_up.weight`, `.alpha` for a LoRA,
+    LyCORIS' `.hada_w1_a`... for LoHa, `.lokr_w1`... for LoKr, `.dora_scale` with DoRA (`sdtune.lora.algorithms`
+    converts each module: LoKr's and DoRA's scale conventions differ between peft and the clients)."""
+    from sdtune.lora.algorithms import split_key, to_kohya
 
     out = {}
     for name, names in kohya_names(modules, family).items():
-        weights = peft_weights(modules[name])
+        per_module: dict[str, dict] = {}
+        for key, value in peft_weights(modules[name]).items():
+            path, param = split_key(key)
+            per_module.setdefault(path, {})[param] = value
         for path in sorted(names):
-            out[f"{names[path]}.lora_down.weight"] = weights[f"{path}.lora_A.weight"]
-            out[f"{names[path]}.lora_up.weight"] = weights[f"{path}.lora_B.weight"]
-            out[f"{names[path]}.alpha"] = torch.tensor(float(alpha))
+            layer = modules[name].get_submodule(path)
+            tensors = to_kohya(layer, per_module[path], lambda layer=layer: layer.get_base_layer().weight.detach())
+            out |= {f"{names[path]}.{suffix}": value.detach().float().cpu().contiguous()
+                    for suffix, value in tensors.items()}
     return out
 
 
 def kohya_names(modules: dict, family) -> dict[str, dict[str, str]]:
     """{pipeline name: {adapted module path (peft's): its kohya LoRA name}} of `modules`."""
+    from sdtune.lora.algorithms import split_key
+
     encoders = [name for name in modules if name != "unet"]
     out = {}
     for name, module in modules.items():
-        paths = sorted({key.rsplit(".lora_", 1)[0] for key in peft_weights(module)})
+        paths = sorted({split_key(key)[0] for key in peft_weights(module)})
         if name == "unet":
             out[name] = _unet_names(paths, module.config, sgm=family.kohya_sgm_names)
         else:  # the family's prefix of the encoder's place: lora_te_ (SD), lora_te1_ and lora_te2_ (SDXL)
@@ -124,11 +134,33 @@ def _text_name(path: str) -> str:
     return "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
-def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], alpha: float,
-               name: str = KOHYA_FILE) -> Path:
+def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], name: str = KOHYA_FILE) -> Path:
     path = Path(out_dir) / name
-    save_safetensors(kohya_weights(modules, family, alpha), path, metadata=metadata)
+    save_safetensors(kohya_weights(modules, family), path, metadata=metadata)
     return path
+
+
+def save_files(modules: dict, family, out_dir: Path, metadata: dict[str, str], lora) -> list[Path]:
+    """What an adapter run writes: `pytorch_lora_weights.safetensors` where diffusers loads the algorithm
+    (LoRA, DoRA), and `lora.safetensors` always."""
+    from sdtune.lora.algorithms import algorithm_of
+
+    diffusers = [save_diffusers(modules, family, out_dir)] if algorithm_of(lora).diffusers else []
+    return [*diffusers, save_kohya(modules, family, out_dir, metadata)]
+
+
+def _network_args(lora) -> dict:
+    """kohya's `ss_network_args` as LyCORIS' kohya module takes them (`--network_args algo=loha ...`)."""
+    from sdtune.lora.algorithms import algorithm_of
+
+    args = {"algo": lora.algo} if algorithm_of(lora).network_module == "lycoris.kohya" else {}
+    if lora.target == "attention+conv":
+        args |= {"conv_dim": lora.conv_scale_rank, "conv_alpha": lora.conv_scale_alpha}
+    if lora.algo == "lokr":
+        args["factor"] = lora.factor
+    if lora.dora:
+        args["dora_wd"] = True
+    return args
 
 
 def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str, str]:
@@ -137,10 +169,13 @@ def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str,
     v2 = unet.config.cross_attention_dim == 1024  # SD 2.x's OpenCLIP-H width (a toy model is v1's kind)
     specs = family.kohya_model_spec  # architecture -> (kohya's base version, the model-spec's architecture)
     base, architecture = specs.get("sd21" if v2 else "sd15") or next(iter(specs.values()))
-    lora, train = cfg.lora, cfg.train
-    args = {"conv_dim": lora.rank, "conv_alpha": lora.scale_alpha} if lora.target == "attention+conv" else {}
+    from sdtune.lora.algorithms import DORA_FOR_COMFYUI, algorithm_of
+
+    lora, train, algorithm = cfg.lora, cfg.train, algorithm_of(cfg.lora)
+    args = _network_args(lora)
     values = {
-        "ss_network_module": "networks.lora", "ss_network_dim": lora.rank, "ss_network_alpha": lora.scale_alpha,
+        "ss_network_module": algorithm.network_module, "ss_network_dim": lora.rank,
+        "ss_network_alpha": lora.scale_alpha,
         "ss_network_dropout": lora.dropout, "ss_network_args": json.dumps(args) if args else None,
         "ss_network_train_unet_only": not lora.text_encoder, "ss_base_model_version": base, "ss_v2": v2,
         "ss_sd_model_name": Path(cfg.model.pretrained).name or cfg.model.pretrained,
@@ -157,7 +192,7 @@ def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str,
         "ss_prior_loss_weight": train.prior_loss_weight if cfg.prior_preservation else None,
         "ss_training_comment": "trained with sdtune", "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture, "modelspec.implementation": family.model_spec_implementation,
-        "modelspec.title": "sdtune LoRA",
+        "modelspec.title": f"sdtune {algorithm.label}", DORA_FOR_COMFYUI: "comfyui" if lora.dora else None,
         "modelspec.resolution": f"{cfg.data.resolution}x{cfg.data.resolution}",
         "modelspec.prediction_type": components.prediction_type,
     }

@@ -154,18 +154,17 @@ def _leave(run: Run, result: dict) -> None:
 
 
 def _export_lora(run: Run, preset: str) -> dict:
-    from sdtune.export.lora_files import kohya_metadata, save_diffusers, save_kohya
+    from sdtune.export.lora_files import kohya_metadata, save_files
 
     modules, family = run.placement.lora, run.components.family
     result = {"preset": preset, **summary(run)}
     with (run.ema.applied() if run.ema is not None else nullcontext(),  # the moving average is the LoRA
           _writing_model(run, _export_bytes(run))):
-        files = [save_diffusers(modules, family, run.out_dir),
-                 save_kohya(modules, family, run.out_dir, kohya_metadata(run.cfg, run.components, result,
-                                                                         len(run.stream.examples)),
-                            run.cfg.lora.scale_alpha)]
+        files = save_files(modules, family, run.out_dir,
+                           kohya_metadata(run.cfg, run.components, result, len(run.stream.examples)), run.cfg.lora)
     run.close()
     result["lora_files"] = [path.name for path in files]
+    result["adapter"] = run.placement.method.label
     _leave(run, result)
     return result
 

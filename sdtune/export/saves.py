@@ -95,8 +95,7 @@ def _write_lora(run: Run, path: Path) -> None:
                               len(run.stream.examples))
     path.parent.mkdir(parents=True, exist_ok=True)
     with run.ema.applied() if run.ema is not None else nullcontext():  # the moving average is the LoRA
-        save_kohya(run.placement.lora, run.components.family, path.parent, metadata, run.cfg.lora.scale_alpha,
-                   name=path.name)
+        save_kohya(run.placement.lora, run.components.family, path.parent, metadata, name=path.name)
 
 
 def _write_model(run: Run, path: Path) -> None:

@@ -1,7 +1,9 @@
-"""LoRA (`train.method = "lora"`): peft adapters on the frozen model, and the files they are shared as.
+"""Adapters (`train.method = "lora"`): peft's LoRA, LoHa, LoKr and DoRA on the frozen model, and the files they
+are shared as.
 
-- `adapter`: attach the adapters (`[lora]` keys), read and restore what trains;
-- `files`: `pytorch_lora_weights.safetensors` (diffusers) and `lora.safetensors` (kohya / AUTOMATIC1111);
-- `init_from`: what a LoRA file holds (`lora.init_from`), so the `[lora]` keys follow it;
-- `apply`: a base pipeline with a trained LoRA loaded (sampling) or merged into its weights (`sdtune merge`).
+- `algorithms`: the per-algorithm table (peft config, file key names, scale conventions);
+- `adapter`: attach the adapters (`[lora]` keys), read and restore what trains, `load_file` (`lora.init_from`);
+- `apply`: a base model with a trained adapter merged into its weights (`sdtune sample`, `sdtune merge`);
+- `merge`: `sdtune merge`.
+The files are written by `sdtune.export.lora_files`; what a file holds is read by `sdtune.config.lora_file`.
 """

@@ -1,13 +1,14 @@
-"""LoRA adapters through peft, the layers diffusers' own `load_lora_weights` injects: no home-made layer.
+"""The adapters (LoRA, LoHa, LoKr, DoRA: `sdtune.lora.algorithms`) through peft, the layers diffusers' own
+`load_lora_weights` injects: no home-made layer.
 
     modules = attach(components.unet, components.text_encoders, cfg.lora, seed=cfg.train.seed)
     weights = trained_weights(modules)       # {"unet.<param>": tensor, ...}: what a checkpoint holds
     restore(modules, weights)
-    load_file(modules, family, "old/lora.safetensors")   # lora.init_from: start from a LoRA file's weights
+    load_file(modules, family, "old/lora.safetensors")   # lora.init_from: start from a file's weights
 
 `modules` maps the pipeline's attribute names ("unet", and with `lora.text_encoder` "text_encoder",
-"text_encoder_2") to the modules that carry an adapter. The adapters' A matrices are drawn from `seed`
-(B starts at zero, so step 0 is the base model); their weights are fp32 whatever the base's precision, so
+"text_encoder_2") to the modules that carry an adapter. The adapters' random halves are drawn from `seed`
+(the other half starts at zero, so step 0 is the base model); their weights are fp32 whatever the base's precision, so
 the optimizer steps fp32 values while the frozen base runs in the working precision.
 """
 
@@ -16,27 +17,20 @@ from __future__ import annotations
 from sdtune.config import LoraConfig
 from sdtune.errors import SdtuneError
 from sdtune.family.base import TEXT_ENCODER_NAMES
+from sdtune.lora.algorithms import ATTENTION, CONV, from_kohya, peft_config, split_key
 
-ADAPTER = "default"  # peft's adapter name, the one diffusers' loaders use
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_TARGETS = {
     "attention": ATTENTION,
     # LoCon: the ResNet convolutions (3x3 and the 1x1 shortcut) and the transformers' in/out projections too
-    "attention+conv": (*ATTENTION, "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut"),
+    "attention+conv": (*ATTENTION, *CONV),
 }
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's self-attention projections
 
 
-def peft_config(lora: LoraConfig, targets):
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
-                          init_lora_weights="gaussian", target_modules=list(targets))
-
-
 def attach(unet, text_encoders, lora: LoraConfig, *, seed: int) -> dict:
-    """Freeze `unet` (and the text encoders) and add a LoRA to the UNet's `lora.target` layers, and with
-    `lora.text_encoder` to each text encoder's attention; the pipeline names of the modules that train."""
+    """Freeze `unet` (and the text encoders) and add `lora.algo`'s adapter to the UNet's `lora.target` layers,
+    and with `lora.text_encoder` to each text encoder's attention; the pipeline names of the modules that
+    train."""
     import torch
 
     modules = {"unet": unet}
@@ -79,50 +73,90 @@ def restore(modules: dict, weights: dict) -> None:
 
 
 def load_file(modules: dict, family, path: str) -> str:
-    """Copy the adapters of the LoRA file `path` (`lora.init_from`, whose rank, alpha and target the config
-    follows already) into `modules`' adapters: every adapter this run trains must be in the file and every
-    adapter of the file in this run, at this run's sizes, else one line. What was loaded, for the log. A
-    one-encoder model's `lora_te1_` (diffusers' `convert_state_dict_to_kohya` writes it) is kohya's `lora_te_`."""
+    """Copy the adapters of the file `path` (`lora.init_from`, whose algorithm, ranks, alphas and target the
+    config follows already) into `modules`' adapters: every adapter this run trains must be in the file and
+    every adapter of the file in this run, at this run's sizes, else one line. What was loaded, for the log."""
     import torch
-    from safetensors.torch import load_file as read
 
     from sdtune.config.lora_file import adapter_shape
 
     shape = adapter_shape(path)
-    one_encoder = family.kohya_text_prefixes[0] if len(family.kohya_text_prefixes) == 1 else "lora_te1_"
-    tensors = {_canonical(key.replace("lora_te1_", one_encoder, 1) if key.startswith("lora_te1_") else key): value
-               for key, value in read(str(shape.path)).items() if not key.endswith(".alpha")}
-    live = trained_weights(modules)
-    wanted = _file_keys(modules, family, shape.kohya)
-    missing, extra = sorted(set(wanted.values()) - set(tensors)), sorted(set(tensors) - set(wanted.values()))
-    misfit = [key for key, name in wanted.items() if name in tensors and tensors[name].shape != live[key].shape]
+    live = _live_modules(modules)
+    found = _kohya_modules(modules, family, shape) if shape.kohya else _diffusers_modules(shape.path)
+    missing, extra = sorted(set(live) - set(found)), sorted(set(found) - set(live))
+    misfit = [(where, param) for where in set(live) & set(found) for param in live[where][1]
+              if param not in found[where] or found[where][param].shape != live[where][1][param].shape]
     if missing or extra or misfit:
-        example = (f"{misfit[0]} is {list(live[misfit[0]].shape)} here, {list(tensors[wanted[misfit[0]]].shape)} "
-                   "in the file" if misfit else (extra or missing)[0])
-        raise SdtuneError(f"the LoRA in {shape.path} does not fit this model ({len(extra)} of its weights are on "
+        example = (f"{'.'.join(misfit[0])} is {list(live[misfit[0][0]][1][misfit[0][1]].shape)} here, "
+                   f"{list(getattr(found[misfit[0][0]].get(misfit[0][1]), 'shape', []))} in the file"
+                   if misfit else ".".join((extra or missing)[0]))
+        raise SdtuneError(f"the LoRA in {shape.path} does not fit this model ({len(extra)} of its modules are "
                           f"layers this run does not adapt, {len(missing)} adapters this run trains are not in it, "
                           f"{len(misfit)} differ in size; e.g. {example}): it was trained on another architecture, or "
                           "on layers outside lora.target's (kohya's feed-forward and MLP layers); pass the base model "
                           "it was trained on, or a file of attention (+conv) adapters")
     with torch.no_grad():
-        for key, param in live.items():
-            param.copy_(tensors[wanted[key]])
-    return f"{shape.path} (rank {shape.rank}, alpha {shape.alpha:g}, {len(live) // 2} adapters)"
+        for where, (_, params) in live.items():
+            for param, value in params.items():
+                value.copy_(found[where][param])
+    return (f"{shape.path} ({shape.label}, rank {shape.rank}, alpha {shape.alpha:g}, "
+            f"{len(live)} adapted modules)")
 
 
-def _file_keys(modules: dict, family, kohya: bool) -> dict[str, str]:
-    """{`trained_weights` key: the key a kohya (or a diffusers, `_canonical`) file holds the weight under}."""
-    from sdtune.export.lora_files import kohya_names
-
-    names = kohya_names(modules, family) if kohya else {}
+def _live_modules(modules: dict) -> dict[tuple[str, str], tuple]:
+    """{(pipeline name, module path): (its peft layer, {parameter: the trained tensor})}."""
     out = {}
-    for key in trained_weights(modules):
+    for key, value in trained_weights(modules).items():
         part, _, rest = key.partition(".")
-        path, _, which = rest.rpartition(".lora_")  # which: "A.default.weight" or "B.default.weight"
-        if kohya:
-            out[key] = f"{names[part][path]}.lora_{'down' if which[0] == 'A' else 'up'}.weight"
-        else:
-            out[key] = _canonical(f"{part}.{path}.lora_{which[0]}.weight")
+        path, param = split_key(rest)
+        if (part, _same(path)) not in out:
+            out[part, _same(path)] = (modules[part].get_submodule(path), {})
+        out[part, _same(path)][1][param] = value
+    return out
+
+
+def _same(path: str) -> str:
+    """A module path in one spelling: a text encoder's without transformers 4's `text_model.` level."""
+    return path.removeprefix("text_model.")
+
+
+def _kohya_modules(modules: dict, family, shape) -> dict[tuple[str, str], dict]:
+    """A kohya/LyCORIS file's adapters as `_live_modules` keys them, in this run's parameters (`from_kohya`);
+    a module of another model or layer under ("?", its kohya name). A one-encoder model's `lora_te1_`
+    (diffusers' `convert_state_dict_to_kohya` writes it) is kohya's `lora_te_`."""
+    from safetensors.torch import load_file as read
+
+    from sdtune.export.lora_files import kohya_names
+    from sdtune.lora.algorithms import DORA_FOR_COMFYUI
+
+    one_encoder = family.kohya_text_prefixes[0] if len(family.kohya_text_prefixes) == 1 else "lora_te1_"
+    grouped: dict[str, dict] = {}
+    for key, value in read(str(shape.path)).items():
+        key = key.replace("lora_te1_", one_encoder, 1) if key.startswith("lora_te1_") else key
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = value
+    where = {name: (part, path) for part, names in kohya_names(modules, family).items() for path, name in names.items()}
+    out = {}
+    for name, tensors in grouped.items():
+        if name not in where:
+            out["?", name] = tensors
+            continue
+        part, path = where[name]
+        layer = modules[part].get_submodule(path)
+        out[part, _same(path)] = from_kohya(layer, tensors, lambda layer=layer: layer.get_base_layer().weight,
+                                      shape.metadata.get(DORA_FOR_COMFYUI) == "comfyui")
+    return out
+
+
+def _diffusers_modules(path) -> dict[tuple[str, str], dict]:
+    """A diffusers/peft file's adapters as `_live_modules` keys them (`_canonical` spelling)."""
+    from safetensors.torch import load_file as read
+
+    out: dict[tuple[str, str], dict] = {}
+    for key, value in read(str(path)).items():
+        part, _, rest = _canonical(key).partition(".")
+        module, param = split_key(rest)
+        out.setdefault((part, module), {})[param] = value
     return out
 
 

@@ -1,12 +1,17 @@
-"""A trained LoRA on its base model, through diffusers' own loader: for `sdtune sample` and `sdtune merge`.
+"""A trained adapter on its base model, through sdtune's own loading path: for `sdtune sample` and `sdtune merge`.
 
     if is_lora_folder("out"):
-        components = merged_components("out", scale=0.8)   # the base with the LoRA merged into its weights
+        components = merged_components("out", scale=0.8)   # the base with the adapter merged into its weights
 
-A LoRA run's folder holds `pytorch_lora_weights.safetensors` and the `config.toml` that names its base
-(`model.pretrained`, and `model.config` for a single file). The base is loaded as training loaded it,
-the file goes through `pipe.load_lora_weights` and `fuse_lora(lora_scale=scale)`, and the adapters are
-unloaded: what is left is a plain model whose weights are base + scale x the LoRA's update.
+An adapter run's folder holds `lora.safetensors` (and for LoRA and DoRA `pytorch_lora_weights.safetensors`)
+and the `config.toml` that names its base (`model.pretrained`, and `model.config` for a single file). The
+base is loaded as training loaded it, peft adapters of the file's algorithm are attached as training
+attached them (`sdtune.lora.adapter.attach`, settings read from the file as `lora.init_from` reads them),
+the file is loaded into them (`load_file`), merged at `scale` (peft's `scale_layer` and `merge`, what
+diffusers' `fuse_lora(lora_scale=)` calls) and the adapters removed: what is left is a plain model whose
+weights are the base with the update applied at `scale`. One path for every algorithm: diffusers'
+`load_lora_weights` loads no LoHa or LoKr of SD, and the diffusers file, where there is one, is read here
+with its exact DoRA magnitudes.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.export.lora_files import DIFFUSERS_FILE
+from sdtune.export.lora_files import DIFFUSERS_FILE, KOHYA_FILE
+
+FULL_LOKR_RANK = 1 << 20  # a LoKr file's rank when no factor is decomposed and no metadata tells it: any rank
+                          # this large leaves every factor full, which is all such a file's shapes say
 
 
 def is_lora_folder(folder: str | Path) -> bool:
-    return (Path(folder) / DIFFUSERS_FILE).is_file() and not (Path(folder) / "model_index.json").is_file()
+    folder = Path(folder)
+    return (any((folder / name).is_file() for name in (DIFFUSERS_FILE, KOHYA_FILE))
+            and not (folder / "model_index.json").is_file())
 
 
 def base_of(folder: str | Path) -> tuple[str, str]:
@@ -27,25 +37,51 @@ def base_of(folder: str | Path) -> tuple[str, str]:
 
     path = Path(folder) / "config.toml"
     if not path.is_file():
-        raise SdtuneError(f"{folder} has {DIFFUSERS_FILE} but no config.toml naming its base model; "
-                          "load the file into its base with diffusers' load_lora_weights")
+        raise SdtuneError(f"{folder} has an adapter file but no config.toml naming its base model; pass --base, "
+                          "or load the file into its base with diffusers' load_lora_weights (LoRA, DoRA)")
     cfg = from_toml(path.read_text(encoding="utf-8"), str(path))
     return cfg.model.pretrained, cfg.model.config
 
 
 def merged_components(folder: str | Path, scale: float = 1.0, base: str | None = None, config: str = ""):
     """The base model's components (`base`, with the configs `config` for a single file, or the one the run
-    trained on) with the LoRA of `folder` merged in at `scale`."""
-    from sdtune.family.load import assemble_pipeline, load_components
+    trained on) with the adapter of `folder` merged in at `scale`."""
+    from sdtune.family.load import load_components
 
     pretrained, config = base_of(folder) if base is None else (base, config)
     components = load_components(pretrained, config)
-    check_fits(folder, components, pretrained)
-    pipe = assemble_pipeline(components)
-    pipe.load_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, adapter_name="sdtune")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["sdtune"])
-    pipe.unload_lora_weights()
+    if (Path(folder) / DIFFUSERS_FILE).is_file():
+        check_fits(folder, components, pretrained)
+    fuse(components, folder, scale)
     return components
+
+
+def fuse(components, path: str | Path, scale: float) -> None:
+    """Merge the adapter file (or folder) `path` into `components`' weights at `scale`, in place."""
+    import torch
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from sdtune.config import LoraConfig
+    from sdtune.config.lora_file import adapter_shape
+    from sdtune.lora.adapter import attach, load_file
+
+    shape = adapter_shape(path)
+    lora = LoraConfig(rank=shape.rank or FULL_LOKR_RANK, alpha=shape.alpha or 0.0, algo=shape.algo,
+                      dora=shape.dora, factor=shape.factor, target=shape.target, text_encoder=shape.text_encoder,
+                      conv_rank=shape.conv_rank, conv_alpha=shape.conv_alpha)
+    modules = attach(components.unet, components.text_encoders, lora, seed=0)
+    load_file(modules, components.family, str(shape.path))
+    with torch.no_grad():
+        for module in modules.values():
+            for layer in module.modules():
+                if isinstance(layer, BaseTunerLayer):
+                    layer.scale_layer(scale)
+                    layer.merge()
+            recurse_remove_peft_layers(module)
+            if hasattr(module, "peft_config"):
+                del module.peft_config
+            module._hf_peft_config_loaded = False
 
 
 def check_fits(folder: str | Path, components, base: str) -> None:

@@ -27,8 +27,8 @@ def merge(ckpt: Path, out: Path, *, scale: float = 1.0, base: str | None = None,
 
     ckpt, out = Path(ckpt), Path(out)
     if not is_lora_folder(ckpt):
-        raise SdtuneError(f"--ckpt {ckpt} is not a LoRA run's folder (no pytorch_lora_weights.safetensors, or it is "
-                          "a full model already); pass the --out of `sdtune train --set train.method=lora`")
+        raise SdtuneError(f"--ckpt {ckpt} is not a LoRA run's folder (no lora.safetensors, or it is a full "
+                          "model already); pass the --out of `sdtune train --set train.method=lora`")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SdtuneError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if config and base is None:

@@ -170,12 +170,42 @@ class Lora(Method):
         return lambda p: not p.requires_grad
 
 
+@dataclass(frozen=True)
+class DoRA(Lora):
+    """A LoRA with DoRA (`lora.dora`): peft's weight-decomposed LoRA, a trained magnitude per output row beside
+    up @ down. Its own class for its label and its kohya file (`dora_scale`, rescaled for ComfyUI at export);
+    everything else is the LoRA's, the algorithm's details in `sdtune.lora.algorithms`."""
+
+    label: ClassVar[str] = "DoRA"
+
+
+@dataclass(frozen=True)
+class LoHa(Lora):
+    """LyCORIS' LoHa (`lora.algo = "loha"`) through peft: the update is the Hadamard product of two low-rank
+    pairs (~2x LoRA's parameters at a rank). Trained, checkpointed and exported as a LoRA is; its file is the
+    kohya/LyCORIS one alone (diffusers loads no LoHa)."""
+
+    label: ClassVar[str] = "LoHa"
+
+
+@dataclass(frozen=True)
+class LoKr(Lora):
+    """LyCORIS' LoKr (`lora.algo = "lokr"`) through peft: the update is a Kronecker product, split by
+    `lora.factor`; as LoHa, a kohya/LyCORIS file alone."""
+
+    label: ClassVar[str] = "LoKr"
+
+
+ADAPTERS = {"lora": Lora, "loha": LoHa, "lokr": LoKr}  # lora.algo -> its method (DoRA: lora.dora)
+
+
 def method_for(cfg: Config) -> Method:
     """The way `cfg` trains. The text encoders train with `train.text_encoder_lr` > 0 (a full fine-tune's
     whole encoders) or `lora.text_encoder` (a LoRA's adapters on them); the config refuses each with the
     other method."""
     if cfg.train.method == "lora":
-        return Lora(text_encoders=cfg.lora.text_encoder, lora=cfg.lora, seed=cfg.train.seed)
+        kind = DoRA if cfg.lora.dora else ADAPTERS[cfg.lora.algo]
+        return kind(text_encoders=cfg.lora.text_encoder, lora=cfg.lora, seed=cfg.train.seed)
     return FullFineTune(text_encoders=cfg.train.text_encoder_lr > 0)
 
 

@@ -40,7 +40,8 @@ def _draw(pipe):
 @pytest.mark.parametrize("fixture, extra", [
     ("tiny_sd1", ()), ("tiny_sd2", ()),
     ("tiny_sd1", ("--set", "lora.target=attention+conv", "--set", "lora.text_encoder=true")),
-], ids=["sd1", "sd2", "sd1-conv-text-encoder"])
+    ("tiny_sd1", ("--set", "lora.dora=true", "--set", "lora.target=attention+conv", "--set", "lora.conv_rank=2")),
+], ids=["sd1", "sd2", "sd1-conv-text-encoder", "sd1-dora-conv"])
 def test_each_lora_file_in_plain_diffusers_draws_what_sdtune_merge_draws(fixture, extra, images, tmp_path, request):
     """`load_lora_weights` of either file into the plain base pipeline (unfused: peft's layers at run time)
     gives the images of the merged model `sdtune merge` writes, to float precision; and not the base's.
@@ -57,7 +58,8 @@ def test_each_lora_file_in_plain_diffusers_draws_what_sdtune_merge_draws(fixture
     expected = _draw(StableDiffusionPipeline.from_pretrained(merged))
     base = StableDiffusionPipeline.from_pretrained(tiny)
     assert np.abs(_draw(base) - expected).max() > 1e-3  # the LoRA changes the pictures
-    for weight_name in ("pytorch_lora_weights.safetensors", "lora.safetensors"):
+    dora = "lora.dora=true" in extra  # diffusers drops a kohya file's dora_scale: its peft-named file only
+    for weight_name in ("pytorch_lora_weights.safetensors",) + (() if dora else ("lora.safetensors",)):
         pipe = StableDiffusionPipeline.from_pretrained(tiny)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # peft: "... additional target modules ..."

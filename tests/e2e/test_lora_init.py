@@ -129,13 +129,14 @@ def test_text_encoders_and_convolutions_follow_the_file(fixture, images, tmp_pat
         load_config("cpu", ["train.method=lora", f"lora.init_from={first}", "lora.text_encoder=false"])
 
 
-def test_resume_keeps_the_checkpoint_and_says_the_optimizer_starts_fresh(tiny_sd1, images, tmp_path, caplog):
+@pytest.mark.parametrize("algo", ["lora", "lokr"])
+def test_resume_keeps_the_checkpoint_and_says_the_optimizer_starts_fresh(algo, tiny_sd1, images, tmp_path, caplog):
     import logging
     import shutil
 
     caplog.set_level(logging.INFO, logger="sdtune")
     first = tmp_path / "first"
-    train(tiny_sd1, images, first, "--max-steps", "1", *FIRST)
+    train(tiny_sd1, images, first, "--max-steps", "1", *FIRST, "--set", f"lora.algo={algo}")
     sets = ("--max-steps", "4", *LORA, "--set", f"lora.init_from={first}", "--set", "output.keep_checkpoints=4",
             "--set", "output.checkpoint_every=2")
     prepared(tiny_sd1, images, tmp_path / "look", "train.method=lora", f"lora.init_from={first}")

@@ -91,7 +91,11 @@ LORA_WITH_PRIOR = ("--set", "train.method=lora", "--set", "lora.rank=4", "--set"
                    "--set", "data.num_class_images=2")
 
 
-@pytest.mark.parametrize("method", ["full", "lora+prior"])
+LYCORIS = {"loha": ("--set", "lora.algo=loha", "--set", "lora.target=attention+conv"),
+           "lokr": ("--set", "lora.algo=lokr", "--set", "lora.rank=2", "--set", "lora.factor=4")}
+
+
+@pytest.mark.parametrize("method", ["full", "lora+prior", "loha", "lokr"])
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, images, tmp_path, spawn, method):
     seed = 7
     rng = random.Random(seed)
@@ -101,6 +105,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
     if method == "lora+prior":  # a LoRA with DreamBooth's class images (the user's: none is generated)
         shutil.copytree(images, tmp_path / "class")
         args += (*LORA_WITH_PRIOR, "--set", f"data.class_dir={tmp_path / 'class'}")
+    if method in LYCORIS:  # LyCORIS' adapters through peft: their checkpoints resume as a LoRA's do
+        args += ("--set", "train.method=lora", "--set", "train.learning_rate=1e-3", *LYCORIS[method])
     killed = tmp_path / "killed"
     process = spawn(tiny_sd1, images, killed, *args)
     expected = train(tiny_sd1, images, tmp_path / "straight", *args)  # while the other process starts
@@ -112,7 +118,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
     assert not (killed / "summary.json").exists(), where
     resumed = train(tiny_sd1, images, killed, *args, "--resume")
     assert resumed["losses"] == expected["losses"], where
-    final = final_unet if method == "full" else lambda out: load_file(out / "pytorch_lora_weights.safetensors")
+    final = final_unet if method == "full" else lambda out: load_file(out / "lora.safetensors")
     a, b = final(tmp_path / "straight"), final(killed)
     assert all(torch.equal(a[k], b[k]) for k in a), f"{where}: the final weights differ"
 

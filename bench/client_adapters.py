@@ -36,10 +36,15 @@ from pathlib import Path
 from _common import save_results
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ("train.method=lora", "train.learning_rate=0.1", "lora.text_encoder=true")
-ROWS = {  # row: its --set keys beyond COMMON (LoCon is LoRA on the convolutions too)
+COMMON = ("train.method=lora", "train.learning_rate=0.1", "lora.text_encoder=true", "lora.rank=8", "lora.alpha=4",
+          "lora.target=attention+conv")  # alpha != rank: a file whose scale is read wrong shows
+ROWS = {  # row: its --set keys beyond COMMON (LoCon is LoRA with target=attention+conv)
     "lora": ("lora.target=attention",),
-    "locon": ("lora.target=attention+conv",),
+    "locon": ("lora.conv_rank=4", "lora.conv_alpha=8"),
+    "loha": ("lora.algo=loha",),
+    "lokr": ("lora.algo=lokr",),
+    "lokr-r16": ("lora.algo=lokr", "lora.rank=16"),  # rank >= half a factor: layers with neither factor decomposed
+    "dora": ("lora.dora=true",),
 }
 ARCH_SETS = {  # what keeps each architecture's training step in this machine's RAM
     "sd15": (),
@@ -87,7 +92,7 @@ def comfy_check(args, base: Path, runs: dict, work: Path) -> tuple[list[dict], d
 
 
 def print_row(arch: str, result: dict) -> None:
-    parts = "; ".join(f"{name} {p['patched']} patched ({p['equal_in_fp16']} equal in fp16), "
+    parts = "; ".join(f"{name} {p['patched']} patched ({p['equal_in_fp16']} equal in fp16, <= {p['fp16_steps']} ulp), "
                       f"{p['merge_only']['count']} merge-only, error {p['relative_error']:.2g} "
                       f"(fp16 floor {p['fp16_floor']:.2g})" for name, p in result["parts"].items())
     print(f"{result['name']:<8} {arch:<5} keys {result['file_keys']:>5}  not loaded {result['not_loaded']:>3}  "

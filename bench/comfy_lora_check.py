@@ -11,7 +11,8 @@ patches in for each key is `comfy.lora.calculate_weight` on the patcher's patche
 `ModelPatcher.patch_weight_to_device` applies, in fp32); it is compared with `sdtune merge`'s
 model.safetensors read through the same loader, key by key over the whole UNet and text encoder(s) (an
 unpatched key must equal the base). Per model part (unet, clip_l, clip_g): keys patched, keys the merge
-changed that ComfyUI left alone, the largest change the adapter made, the largest |ComfyUI - merge| over it
+changed that ComfyUI left alone, patched keys equal to the merged ones once rounded to fp16 and the most fp16
+steps (ulps) any weight is apart, the largest change the adapter made, the largest |ComfyUI - merge| over it
 (the relative error), and over it the error that rounding the exact result to the files' fp16 alone makes
 (the floor the relative error can be compared with). One JSON line per NAME on stdout.
 
@@ -93,6 +94,12 @@ def part(key: str) -> str:
     return "unet" if kind == "unet" else name.split(".", 1)[0]  # clip_l, clip_g
 
 
+def fp16_steps(a, b) -> int:
+    """How many fp16 steps (units in the last place) apart two fp16 tensors are at most."""
+    spacing = torch.exp2(torch.floor(torch.log2(b.float().abs().clamp_min(2**-14))) - 10)
+    return round(((a.float() - b.float()).abs() / spacing).max().item())
+
+
 def measure(row: dict, key: str, before, merged, patches: dict) -> None:
     """Add one key to its part's row: the weight ComfyUI patches in (the base where it patches nothing)
     against the merged file's."""
@@ -100,6 +107,7 @@ def measure(row: dict, key: str, before, merged, patches: dict) -> None:
         after = comfy.lora.calculate_weight(patches[key], before.float().clone(), key.split("/", 1)[1])
         row["patched"] += 1
         row["equal_in_fp16"] += int(torch.equal(after.half(), merged.half()))
+        row["fp16_steps"] = max(row["fp16_steps"], fp16_steps(after.half(), merged.half()))
         row["change"] = max(row["change"], (after - before.float()).abs().max().item())
         row["rounding"] = max(row["rounding"], (after.half().float() - after).abs().max().item())
     else:
@@ -113,8 +121,8 @@ def compare(base: dict, patches: dict, view: Path) -> dict:
     parts: dict[str, dict] = {}
     with safe_open(str(view), framework="pt") as merged_file:
         for key, before in base.items():
-            row = parts.setdefault(part(key), {"patched": 0, "equal_in_fp16": 0, "merge_only": [], "change": 0.0,
-                                               "diff": 0.0, "rounding": 0.0})
+            row = parts.setdefault(part(key), {"patched": 0, "equal_in_fp16": 0, "fp16_steps": 0, "merge_only": [],
+                                               "change": 0.0, "diff": 0.0, "rounding": 0.0})
             measure(row, key, before, merged_file.get_tensor(key).float(), patches)
     for row in parts.values():
         change = row["change"] or float("nan")

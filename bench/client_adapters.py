@@ -8,17 +8,20 @@ ComfyUI patches in equal `sdtune merge`'s, on full-size SD1.5 and SDXL architect
 
 Per architecture: a random-weight single file of the full-size model (`sdtune.toy.random_pipeline`, fp16, as
 model sites share them); per row (an algorithm and its `--set`s, `ROWS`) one `sdtune train` step at 64 px on
-two images through the real command line, then `sdtune merge` of the run; then bench/comfy_lora_check.py in
-the ComfyUI environment (no sdtune code there) loads the base with ComfyUI's Load Checkpoint code, each run's
-lora.safetensors with its LoraLoader code, and compares the patched weights with each merged model.safetensors
-read through the same loader. The learning rate is 0.1 so that one step changes the weights by far more than
-fp16 rounds them (the files are fp16). Prints one row per file: keys in the file, keys ComfyUI reported not
-loaded, and per model part the keys patched, the keys only the merge changed, and the largest |ComfyUI - merge|
+two images through the real command line, `sdtune merge` of the run, then bench/comfy_lora_check.py in the
+ComfyUI environment (no sdtune code there): the base through ComfyUI's Load Checkpoint code, the run's
+lora.safetensors through its LoraLoader code, the patched weights against the merged model.safetensors read
+through the same loader. The learning rate is 0.1 so that one step changes the weights by far more than fp16
+rounds them (the files are fp16). Prints one line per file: keys in the file, keys ComfyUI reported not
+loaded, and per model part the keys patched, how many of them equal the merged ones in fp16 and how many fp16
+steps (ulps) apart any weight is at most, the keys only the merge changed, and the largest |ComfyUI - merge|
 relative to the largest change the adapter made beside the fp16 floor of that measure. Also the wall time and
-peak RSS of each command. Results to bench/results/client_adapters.json; the work folder (GBs: SDXL's base,
-runs and merged models) is deleted unless --keep.
+peak RSS of each command. Results to bench/results/client_adapters.json. Each row's run and merged model are
+deleted before the next, the base after the last, the work folder at the end, unless --keep.
 
-SDXL needs about 14 GB of RAM for its training step (bf16 autocast over a bf16 frozen base); run it alone.
+Measured on the 2-core development VM (docs/benchmarks.md): SD1.5 ~2.5 min a row, SDXL ~6; SDXL's training
+step and merge use ~12 GB of RAM besides the mapped model file (peak RSS 18 GB with it), its ComfyUI check
+~7 GB; disk ~21 GB at most (SDXL's base, a merged model and ComfyUI's view of it: 7 GB each). Run it alone.
 """
 
 from __future__ import annotations
@@ -79,16 +82,13 @@ def train_and_merge(arch: str, base: Path, images: Path, work: Path, row: str) -
     return {"lora": run / "lora.safetensors", "merged": merged / "model.safetensors", "costs": costs}
 
 
-def comfy_check(args, base: Path, runs: dict, work: Path) -> tuple[list[dict], dict]:
+def comfy_check(args, base: Path, row: str, run: dict, work: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{args.comfyui}:{args.comfy_env / 'stubs'}")
-    checks = [f"{row}={r['lora']},{r['merged']}" for row, r in runs.items()]
-    log = work / f"comfy-{base.stem}.log"
+    log = work / f"{base.stem}-{row}-comfy.log"
     cost = timed([str(args.comfy_env / "venv" / "bin" / "python"), str(REPO / "bench" / "comfy_lora_check.py"),
-                  str(base), *checks], log, env)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    print(f"{base.name}: ComfyUI built {lines[0]['base_keys']} weights from the file; it also built (and left "
-          f"uninitialised) {', '.join(lines[0]['not_in_file']) or 'none'}, not compared")
-    return lines[1:], cost
+                  str(base), f"{row}={run['lora']},{run['merged']}"], log, env)
+    built, result = (json.loads(line) for line in log.read_text().splitlines() if line.startswith("{"))
+    return result | {"built": built, "costs": run["costs"] | {"comfy": cost}}
 
 
 def print_row(arch: str, result: dict) -> None:
@@ -102,21 +102,28 @@ def print_row(arch: str, result: dict) -> None:
 
 
 def bench_arch(args, arch: str, work: Path, images: Path) -> list[dict]:
+    """Each row in turn (train, merge, ComfyUI), its GBs of files deleted before the next (SDXL's merged model
+    and ComfyUI's view of it are 7 GB each)."""
     from sdtune.toy.random_pipeline import random_single_file
 
     started = time.perf_counter()
     base = random_single_file(arch, work / f"base-{arch}.safetensors", dtype="float16")
-    runs = {row: train_and_merge(arch, base, images, work, row) for row in args.rows}
-    results, comfy_cost = comfy_check(args, base, runs, work)
-    for result in results:
-        result |= {"arch": arch, "costs": runs[result["name"]]["costs"] | {"comfy_all_rows": comfy_cost}}
-        print_row(arch, result)
-    print(f"{arch}: {time.perf_counter() - started:.0f} s; peak RSS train "
-          f"{max(r['costs']['train']['peak_rss_gib'] for r in runs.values())} GiB, merge "
-          f"{max(r['costs']['merge']['peak_rss_gib'] for r in runs.values())} GiB, ComfyUI "
-          f"{comfy_cost['peak_rss_gib']} GiB ({comfy_cost['seconds']} s)", flush=True)
-    for path in work.glob(f"*{arch}*"):  # GBs each
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    results = []
+    for row in args.rows:
+        results.append(comfy_check(args, base, row, train_and_merge(arch, base, images, work, row), work))
+        results[-1]["arch"] = arch
+        if len(results) == 1:
+            print(f"{base.name}: ComfyUI built {results[0]['built']['base_keys']} weights from the file; it also "
+                  f"built (and left uninitialised) {', '.join(results[0]['built']['not_in_file']) or 'none'}, "
+                  "not compared")
+        print_row(arch, results[-1])
+        for path in [] if args.keep else (work / f"{arch}-{row}", work / f"{arch}-{row}-merged"):
+            shutil.rmtree(path)
+    peaks = {step: max(r["costs"][step]["peak_rss_gib"] for r in results) for step in ("train", "merge", "comfy")}
+    print(f"{arch}: {time.perf_counter() - started:.0f} s; peak RSS (mapped model files included) of train "
+          f"{peaks['train']} GiB, merge {peaks['merge']} GiB, ComfyUI {peaks['comfy']} GiB", flush=True)
+    if not args.keep:
+        base.unlink()
     return results
 
 

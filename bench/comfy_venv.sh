@@ -5,7 +5,9 @@
 #   COMFYUI_SOURCE a checkout of github.com/Comfy-Org/ComfyUI (measured at a125cd84)
 # ComfyUI's requirements are installed minus torchvision (its wheels need another torch than this machine's
 # CPU torch 2.13.0); the model loaders import torchvision at module level but never call it for SD models,
-# so an empty package stands in. Run ComfyUI code with --cpu and PYTHONPATH=COMFYUI_SOURCE:DIR/stubs.
+# so an empty package stands in. pip resolves torchaudio to a release built for another torch (2.11.1 beside
+# 2.13.0): ComfyUI then logs "torchaudio missing" (its audio models only). Run ComfyUI code with --cpu and
+# PYTHONPATH=COMFYUI_SOURCE:DIR/stubs.
 set -euo pipefail
 dir=$1 src=$2
 python3 -m venv "$dir/venv"

@@ -209,7 +209,7 @@ def sample(
 @app.command()
 @user_errors
 def merge(
-    ckpt: Path = typer.Option(..., help="A LoRA run's --out folder (pytorch_lora_weights.safetensors, config.toml)."),
+    ckpt: Path = typer.Option(..., help="An adapter run's --out folder (lora.safetensors, config.toml)."),
     out: Path = typer.Option(..., help="Folder for the merged model: a diffusers pipeline and model.safetensors."),
     lora_scale: float = typer.Option(1.0, help="How strongly the LoRA is merged in (1: as trained)."),
     base: str | None = typer.Option(None, help="Merge into this base model instead of the one the LoRA was "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
+from sdtune.lora.algorithms import KOHYA_KEYS
 from sdtune.util.run_folder import DIFFUSERS_FILE, KOHYA_FILE
 
 ATTENTION_ENDS = ("to_q", "to_k", "to_v", "to_out_0", "to_out.0")  # the "attention" target's module names
@@ -32,6 +33,7 @@ FOLLOWED = ("rank", "alpha", "target", "text_encoder", "algo", "dora", "factor",
 RANK_OF = {"lora_down.weight": "lora", "lora_A.weight": "lora", "hada_w1_b": "loha",  # the factor whose first
            "lokr_w2_b": "lokr", "lokr_w1_b": "lokr"}                                   # size is the rank
 DORA_KEYS = ("dora_scale", "lora_magnitude_vector")
+PEFT_KEYS = frozenset({"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"})  # a diffusers file's
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ def adapter_shape(path: str | Path) -> AdapterShape:
     if not modules:
         raise SdtuneError(f"lora.init_from={path} holds no adapters (no lora_down / lora_A, hada_ or lokr_ "
                           "weights: a full model?); pass a LoRA, LoHa or LoKr file")
+    unknown = sorted({k for keys in modules.values() for k in keys} - KOHYA_KEYS - PEFT_KEYS)
+    if unknown:
+        raise SdtuneError(f"lora.init_from={path} holds {unknown[0]} weights (LyCORIS' Tucker or another extra), "
+                          "which sdtune does not train; pass a LoRA, LoHa or LoKr file without them")
     algos = sorted({_algo(keys) for keys in modules.values()})
     if len(algos) > 1:
         raise SdtuneError(f"lora.init_from={path} mixes adapters of {algos}; sdtune trains one lora.algo at a time")

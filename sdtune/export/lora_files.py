@@ -90,7 +90,7 @@ def kohya_weights(modules: dict, family) -> dict:
             per_module.setdefault(path, {})[param] = value
         for path in sorted(names):
             layer = modules[name].get_submodule(path)
-            tensors = to_kohya(layer, per_module[path], lambda layer=layer: layer.get_base_layer().weight.detach())
+            tensors = to_kohya(layer, per_module[path], lambda layer=layer: layer.get_base_layer().weight)
             out |= {f"{names[path]}.{suffix}": value.detach().float().cpu().contiguous()
                     for suffix, value in tensors.items()}
     return out
@@ -165,12 +165,12 @@ def _network_args(lora) -> dict:
 
 def kohya_metadata(cfg, components, summary: dict, num_images: int) -> dict[str, str]:
     """Training settings as kohya's train_network.py records them (`ss_*`), plus the model-spec keys."""
+    from sdtune.lora.algorithms import DORA_FOR_COMFYUI, algorithm_of
+
     family, unet = components.family, components.unet
     v2 = unet.config.cross_attention_dim == 1024  # SD 2.x's OpenCLIP-H width (a toy model is v1's kind)
     specs = family.kohya_model_spec  # architecture -> (kohya's base version, the model-spec's architecture)
     base, architecture = specs.get("sd21" if v2 else "sd15") or next(iter(specs.values()))
-    from sdtune.lora.algorithms import DORA_FOR_COMFYUI, algorithm_of
-
     lora, train, algorithm = cfg.lora, cfg.train, algorithm_of(cfg.lora)
     args = _network_args(lora)
     values = {

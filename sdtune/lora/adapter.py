@@ -7,9 +7,9 @@
     load_file(modules, family, "old/lora.safetensors")   # lora.init_from: start from a file's weights
 
 `modules` maps the pipeline's attribute names ("unet", and with `lora.text_encoder` "text_encoder",
-"text_encoder_2") to the modules that carry an adapter. The adapters' random halves are drawn from `seed`
-(the other half starts at zero, so step 0 is the base model); their weights are fp32 whatever the base's precision, so
-the optimizer steps fp32 values while the frozen base runs in the working precision.
+"text_encoder_2") to the modules that carry an adapter. The adapters' random factors are drawn from
+`seed` (one factor starts at zero, so step 0 is the base model); their weights are fp32 whatever the base's
+precision, so the optimizer steps fp32 values while the frozen base runs in the working precision.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def load_file(modules: dict, family, path: str) -> str:
         for where, (_, params) in live.items():
             for param, value in params.items():
                 value.copy_(found[where][param])
-    return (f"{shape.path} ({shape.label}, rank {shape.rank}, alpha {shape.alpha:g}, "
-            f"{len(live)} adapted modules)")
+    sizes = f"rank {shape.rank}, alpha {shape.alpha:g}, " if shape.rank and shape.alpha else ""
+    return f"{shape.path} ({shape.label}, {sizes}{len(live)} adapted modules)"
 
 
 def _live_modules(modules: dict) -> dict[tuple[str, str], tuple]:
@@ -143,8 +143,9 @@ def _kohya_modules(modules: dict, family, shape) -> dict[tuple[str, str], dict]:
             continue
         part, path = where[name]
         layer = modules[part].get_submodule(path)
+        comfyui_dora = shape.metadata.get(DORA_FOR_COMFYUI) == "comfyui"
         out[part, _same(path)] = from_kohya(layer, tensors, lambda layer=layer: layer.get_base_layer().weight,
-                                      shape.metadata.get(DORA_FOR_COMFYUI) == "comfyui")
+                                            comfyui_dora)
     return out
 
 
@@ -155,7 +156,10 @@ def _diffusers_modules(path) -> dict[tuple[str, str], dict]:
     out: dict[tuple[str, str], dict] = {}
     for key, value in read(str(path)).items():
         part, _, rest = _canonical(key).partition(".")
-        module, param = split_key(rest)
+        try:
+            module, param = split_key(rest)
+        except ValueError:  # not an adapter's weight (the header's reader counts only those)
+            continue
         out.setdefault((part, module), {})[param] = value
     return out
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdtune.errors import SdtuneError
+
 ADAPTER = "default"  # peft's adapter name, the one diffusers' loaders use
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONV = ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut")  # what target=attention+conv adds (LoCon)
@@ -55,6 +57,7 @@ ALGORITHMS = {
                       "lycoris.kohya", False),
 }
 PARAMS = sorted({p for a in ALGORITHMS.values() for p in a.params}, key=len, reverse=True)  # longest first
+KOHYA_KEYS = frozenset({"alpha", *(KOHYA_LORA.get(p, p) for p in PARAMS)})  # what a file's module may hold
 
 
 def algorithm_of(lora) -> Algorithm:
@@ -117,7 +120,7 @@ def to_kohya(layer, weights: dict, base_weight) -> dict:
     else:
         out["alpha"] = torch.tensor(alpha)
     if "lora_magnitude_vector" in weights:
-        weight = base_weight().float()
+        weight = base_weight().detach().float().cpu()  # beside the file's tensors
         ratio = _row_norm(weight) / _row_norm(weight + alpha / rank * _lora_delta(weights, weight))
         out["dora_scale"] = _rows(weights["lora_magnitude_vector"], weight) * ratio
     return out
@@ -132,7 +135,11 @@ def from_kohya(layer, tensors: dict, base_weight, comfyui_dora: bool) -> dict:
     if _full_lokr(tensors):
         out["lokr_w1"] = tensors["lokr_w1"] / (alpha / rank)
     if "dora_scale" in tensors:
-        weight = base_weight().float()
+        weight = base_weight().detach().float().cpu()  # beside the file's tensors
+        if tensors["dora_scale"].shape[0] != weight.shape[0]:
+            raise SdtuneError(f"a dora_scale of shape {list(tensors['dora_scale'].shape)} normalises each input "
+                              "column (lycoris' wd_on_output=false), which peft cannot train; pass an output-axis "
+                              "DoRA file")
         magnitude = tensors["dora_scale"].float().reshape(weight.shape[0], *[1] * (weight.dim() - 1))
         if comfyui_dora:
             patched = weight + alpha / rank * _lora_delta(out, weight)

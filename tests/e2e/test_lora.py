@@ -70,7 +70,8 @@ def test_each_lora_file_in_plain_diffusers_draws_what_sdtune_merge_draws(fixture
 @pytest.mark.parametrize("extra", [
     (), ("--set", "lora.text_encoder=true", "--set", "lora.target=attention+conv"),
     ("--set", "memory.param_offload=cpu", "--set", "memory.gradient_checkpointing=true"),
-], ids=["attention", "conv+text-encoder", "streamed-base"])
+    ("--set", "lora.dora=true", "--set", "lora.text_encoder=true", "--set", "lora.target=attention+conv"),
+], ids=["attention", "conv+text-encoder", "streamed-base", "dora-conv-text-encoder"])
 def test_lora_resume_is_bitwise(tiny_sd1, images, tmp_path, extra):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     expected = train(tiny_sd1, images, straight, "--max-steps", "4", *LORA, *extra)

@@ -7,7 +7,7 @@ tests/e2e/test_lora.py's."""
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from support.helpers import prepared, runner, train
 
 from sdtune.cli import app
@@ -99,8 +99,8 @@ def test_the_file_holds_the_clients_keys_and_merge_applies_it_as_comfyui_does(fi
         weight = wanted[key].weight.detach()
         if name in KEYS:
             assert set(tensors) == KEYS[name], key
-        else:
-            assert set(tensors) <= {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}, key
+        else:  # no alpha where both factors are full: ComfyUI applies those at scale 1 (alpha / r folded in)
+            assert set(tensors) in ({"lokr_w1", "lokr_w2"}, {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}), key
         if name == "loha":
             rank = 2 if key.endswith(tuple(c.replace(".", "_") for c in CONV_NAMES)) else 4
             assert tensors["hada_w1_a"].shape == (weight.shape[0], rank), key
@@ -113,8 +113,31 @@ def test_the_file_holds_the_clients_keys_and_merge_applies_it_as_comfyui_does(fi
         changed += scale > 1e-4
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * max(1.0, weight.abs().max().item()), msg=key)
     assert changed > len(modules) // 2  # the training moved the weights the merge changes
+    if name == "dora":
+        _check_dora_at_half_strength(out, base, tmp_path / "half")
     if algo == "lokr-decomposed":
         assert any("lokr_w2_a" in t for t in modules.values())
+
+
+def _check_dora_at_half_strength(out, base, merged):
+    """`sdtune merge --lora-scale 0.5` of a DoRA run: m x (W + 0.5 s up @ down) / its row norms, from the
+    diffusers file's peft tensors (peft's and diffusers' meaning of a scale; ComfyUI's strength differs)."""
+    from diffusers import UNet2DConditionModel
+
+    result = runner.invoke(app, ["merge", "--ckpt", str(out), "--out", str(merged), "--lora-scale", "0.5"])
+    assert result.exit_code == 0, result.output
+    after = dict(UNet2DConditionModel.from_pretrained(merged, subfolder="unet").named_modules())
+    peft = load_file(out / "pytorch_lora_weights.safetensors")
+    stems = {k.removesuffix(".lora_A.weight").removeprefix("unet.") for k in peft if k.endswith(".lora_A.weight")}
+    for stem in stems:
+        weight = base.get_submodule(stem).weight.detach()
+        down, up = peft[f"unet.{stem}.lora_A.weight"], peft[f"unet.{stem}.lora_B.weight"]
+        scale = (1 / 2) if stem.endswith(CONV_NAMES) else (8 / 4)  # conv_alpha / conv_rank, alpha / rank
+        patched = weight + 0.5 * scale * (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+        rows = (-1, *[1] * (weight.dim() - 1))
+        magnitude = peft[f"unet.{stem}.lora_magnitude_vector"].reshape(rows)
+        want = magnitude * patched / patched.flatten(1).norm(dim=1).reshape(rows)
+        torch.testing.assert_close(after[stem].weight.detach(), want, rtol=0, atol=1e-5, msg=stem)
 
 
 @pytest.mark.parametrize("algo", ["loha-conv", "lokr", "dora-conv"])
@@ -154,6 +177,12 @@ def test_a_loha_file_into_a_lora_run_and_dora_with_lycoris_are_one_line(tiny_sd1
     with pytest.raises(SdtuneError, match=r"^lora.dora=true and lora.algo=lokr cannot be used together: .*"
                                           r"lycoris-lora has it"):
         load_config("cpu", ["train.method=lora", "lora.algo=lokr", "lora.dora=true"])
+    tucker = load_file(first / "lora.safetensors")
+    conv = next(k for k in tucker if "conv1.hada_w1_a" in k).removesuffix(".hada_w1_a")
+    tucker[f"{conv}.hada_t1"] = torch.zeros(2, 2, 3, 3)  # LyCORIS' Tucker core: not what peft trains
+    save_file(tucker, tmp_path / "tucker.safetensors")
+    with pytest.raises(SdtuneError, match=r"^lora.init_from=.* holds hada_t1 weights .*sdtune does not train"):
+        load_config("cpu", ["train.method=lora", f"lora.init_from={tmp_path / 'tucker.safetensors'}"])
 
 
 def test_sdxl_loha_with_both_text_encoders_merges_and_samples(tiny_sdxl, images, tmp_path):

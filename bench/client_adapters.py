@@ -19,9 +19,9 @@ relative to the largest change the adapter made beside the fp16 floor of that me
 peak RSS of each command. Results to bench/results/client_adapters.json. Each row's run and merged model are
 deleted before the next, the base after the last, the work folder at the end, unless --keep.
 
-Measured on the 2-core development VM (docs/benchmarks.md): SD1.5 ~2.5 min a row, SDXL ~6; SDXL's training
-step and merge use ~12 GB of RAM besides the mapped model file (peak RSS 18 GB with it), its ComfyUI check
-~7 GB; disk ~21 GB at most (SDXL's base, a merged model and ComfyUI's view of it: 7 GB each). Run it alone.
+Measured on the 2-core development VM (docs/benchmarks.md): SD1.5 7.6 min for the six rows, SDXL 22 min; peak
+RSS, the mapped 7 GB model file included, of SDXL's training step 18.6 GiB, its merge 22 GiB, its ComfyUI check
+13 GiB; disk ~21 GB at most (SDXL's base, a merged model and ComfyUI's view of it: 7 GB each). Run it alone.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ relative to the largest change the adapter made beside the fp16 floor of that me
 peak RSS of each command. Results to bench/results/client_adapters.json. Each row's run and merged model are
 deleted before the next, the base after the last, the work folder at the end, unless --keep.
 
+Exits 1 when a file has keys ComfyUI did not load or a weight more than one fp16 step from the merge's.
+
 Measured on the 2-core development VM (docs/benchmarks.md): SD1.5 7.6 min for the six rows, SDXL 22 min; peak
 RSS, the mapped 7 GB model file included, of SDXL's training step 18.6 GiB, its merge 22 GiB, its ComfyUI check
 13 GiB; disk ~21 GB at most (SDXL's base, a merged model and ComfyUI's view of it: 7 GB each). Run it alone.
@@ -149,6 +151,11 @@ def main() -> None:
     print("results:", save_results("client_adapters", results))
     if not args.keep:
         shutil.rmtree(work)
+    failed = [f"{r['name']} {r['arch']}" for r in results if r["not_loaded"] or any(
+        p["merge_only"]["count"] or p["fp16_steps"] > 1 for p in r["parts"].values())]
+    print(f"failed (keys not loaded, or weights more than one fp16 step from the merge's): {', '.join(failed)}"
+          if failed else "every file loads whole in ComfyUI and patches the merged weights (within one fp16 step)")
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

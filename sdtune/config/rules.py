@@ -294,8 +294,8 @@ class GivesWay:
 GIVE_WAY: tuple[GivesWay, ...] = (
     GivesWay("data.cache_text", False, lambda c: c.train.method == "embedding" or c.lora.text_encoder,
              "the text encoders run every step"),
-    GivesWay("memory.optimizer_offload", "none", lambda c: c.train.method == "embedding",
-             "a textual inversion's few KB of AdamW state stay on the GPU"),
+    GivesWay("memory.optimizer_offload", "none", lambda c: c.train.method in ("lora", "embedding"),
+             "an adapter's few MB of AdamW state stay on the GPU"),
 )
 
 

@@ -123,6 +123,7 @@ def test_a_rule_without_wording_says_its_keys_values_and_fix():
     ("lora-4gb", ["train.method=embedding", "embedding.token=<sks>"], "data.cache_text", True, False),
     ("sdxl-lora-8gb", ["train.method=lora", "lora.text_encoder=true"], "data.cache_text", True, False),
     ("rtx3050", ["train.method=embedding", "embedding.token=<sks>"], "memory.optimizer_offload", "cpu", "none"),
+    ("sdxl-8gb", ["train.method=lora", "lora.algo=lokr"], "memory.optimizer_offload", "nvme", "none"),
 ])
 def test_a_presets_lever_the_method_cannot_use_gives_way_said_once_and_a_set_of_it_is_refused(
         preset, sets, key, planned, needed, caplog):

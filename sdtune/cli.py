@@ -154,8 +154,9 @@ def train(
                       f"({result['lora_clients']}); `sdtune sample --ckpt {out}` draws with it, "
                       f"`sdtune merge --ckpt {out}` bakes it in")
     elif "embedding_file" in result:  # a textual inversion: its file, and how to use it
-        console.print(f"embedding written to {out}/{result['embedding_file']} (AUTOMATIC1111, ComfyUI: its embeddings "
-                      f"folder; diffusers: pipe.load_textual_inversion); `sdtune sample --ckpt {out}` draws with it")
+        console.print(f"embedding written to {out}/{result['embedding_file']} (AUTOMATIC1111, ComfyUI: copy it into "
+                      "their embeddings folder named as the word prompts will use, e.g. my-dog.safetensors; diffusers: "
+                      f"pipe.load_textual_inversion); `sdtune sample --ckpt {out}` draws with it")
     else:
         console.print(f"diffusers pipeline written to {out}/ ({result['pipeline_class']}.from_pretrained('{out}'))")
     console.print(escape(_disk_line(out, result["disk"])))

@@ -91,13 +91,14 @@ LORA_WITH_PRIOR = ("--set", "train.method=lora", "--set", "lora.rank=4", "--set"
                    "--set", "data.num_class_images=2")
 
 
-LYCORIS = {"loha": ("--set", "lora.algo=loha", "--set", "lora.target=attention+conv"),
-           "lokr": ("--set", "lora.algo=lokr", "--set", "lora.rank=2", "--set", "lora.factor=4")}
+ADAPTERS = {"loha": ("--set", "lora.algo=loha", "--set", "lora.target=attention+conv"),
+            "lokr": ("--set", "lora.algo=lokr", "--set", "lora.rank=2", "--set", "lora.factor=4"),
+            "dora": ("--set", "lora.dora=true", "--set", "lora.text_encoder=true")}
 EMBEDDING = ("--set", "train.method=embedding", "--set", "embedding.token=<sks>", "--set", "embedding.vectors=2",
              "--set", "train.learning_rate=1e-2")
 
 
-@pytest.mark.parametrize("method", ["full", "lora+prior", "loha", "lokr", "embedding"])
+@pytest.mark.parametrize("method", ["full", "lora+prior", "loha", "lokr", "dora", "embedding"])
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, images, tmp_path, spawn, method):
     seed = 7
     rng = random.Random(seed)
@@ -107,8 +108,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights(tiny_sd1, ima
     if method == "lora+prior":  # a LoRA with DreamBooth's class images (the user's: none is generated)
         shutil.copytree(images, tmp_path / "class")
         args += (*LORA_WITH_PRIOR, "--set", f"data.class_dir={tmp_path / 'class'}")
-    if method in LYCORIS:  # LyCORIS' adapters through peft: their checkpoints resume as a LoRA's do
-        args += ("--set", "train.method=lora", "--set", "train.learning_rate=1e-3", *LYCORIS[method])
+    if method in ADAPTERS:  # LyCORIS' adapters and DoRA through peft: their checkpoints resume as a LoRA's do
+        args += ("--set", "train.method=lora", "--set", "train.learning_rate=1e-3", *ADAPTERS[method])
     if method == "embedding":  # textual inversion: captions that name the new word
         images = shutil.copytree(images, tmp_path / "token")
         for caption in images.glob("*.txt"):

@@ -231,7 +231,7 @@ def merge(
 ):
     """Merge a trained LoRA into its base model and write the result in both of sdtune's export formats:
     a diffusers pipeline folder and, when ComfyUI/AUTOMATIC1111 can read it, model.safetensors."""
-    from sdtune.lora.merge import merge as run_merge
+    from sdtune.merge import merge as run_merge
 
     with console.status(f"merging {ckpt} into its base model"):
         result = run_merge(ckpt, out, scale=lora_scale, base=base, config=config, overwrite=overwrite)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.lora.algorithms import KOHYA_KEYS
 from sdtune.util.run_folder import DIFFUSERS_FILE, KOHYA_FILE
 
 ATTENTION_ENDS = ("to_q", "to_k", "to_v", "to_out_0", "to_out.0")  # the "attention" target's module names
@@ -33,6 +32,11 @@ FOLLOWED = ("rank", "alpha", "target", "text_encoder", "algo", "dora", "factor",
 RANK_OF = {"lora_down.weight": "lora", "lora_A.weight": "lora", "hada_w1_b": "loha",  # the factor whose first
            "lokr_w2_b": "lokr", "lokr_w1_b": "lokr"}                                   # size is the rank
 DORA_KEYS = ("dora_scale", "lora_magnitude_vector")
+# What one module of a kohya/LyCORIS file may hold, for every algorithm sdtune trains: LoRA (and DoRA's
+# dora_scale), LoHa, LoKr; the names `sdtune.lora.algorithms` maps peft's parameters onto (a unit test ties them)
+KOHYA_KEYS = frozenset({"alpha", "lora_down.weight", "lora_up.weight", "dora_scale", "hada_w1_a", "hada_w1_b",
+                        "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+                        "lokr_w2_b"})
 PEFT_KEYS = frozenset({"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"})  # a diffusers file's
 
 

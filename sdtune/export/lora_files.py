@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from sdtune.export.client_layout import text_model_names
+from sdtune.lora.kohya_names import kohya_names, peft_weights
 from sdtune.util.files import follow_umask, save_safetensors
 from sdtune.util.run_folder import DIFFUSERS_FILE, KOHYA_FILE  # noqa: F401  (the names a LoRA run writes)
 
@@ -37,13 +38,6 @@ PEFT_FLOOR_LORA_FIELDS = frozenset({
     "rank_pattern", "revision", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
     "use_dora", "use_qalora", "use_rslora",
 })
-
-
-def peft_weights(module) -> dict:
-    """`module`'s adapter weights as peft names them (`<module>.lora_A.weight`), fp32 on the CPU."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
 
 def save_diffusers(modules: dict, family, out_dir: Path) -> Path:
@@ -94,44 +88,6 @@ def kohya_weights(modules: dict, family) -> dict:
             out |= {f"{names[path]}.{suffix}": value.detach().float().cpu().contiguous()
                     for suffix, value in tensors.items()}
     return out
-
-
-def kohya_names(modules: dict, family) -> dict[str, dict[str, str]]:
-    """{pipeline name: {adapted module path (peft's): its kohya LoRA name}} of `modules`."""
-    from sdtune.lora.algorithms import split_key
-
-    encoders = [name for name in modules if name != "unet"]
-    out = {}
-    for name, module in modules.items():
-        paths = sorted({split_key(key)[0] for key in peft_weights(module)})
-        if name == "unet":
-            out[name] = _unet_names(paths, module.config, sgm=family.kohya_sgm_names)
-        else:  # the family's prefix of the encoder's place: lora_te_ (SD), lora_te1_ and lora_te2_ (SDXL)
-            prefix = family.kohya_text_prefixes[_encoder_index(name, encoders, family)]
-            out[name] = {path: prefix + _text_name(path) for path in paths}
-    return out
-
-
-def _encoder_index(name: str, trained: list[str], family) -> int:
-    """Which of the family's text encoders `name` is: its place among those trained (SDXL: both or
-    neither), the first where the family has one."""
-    return trained.index(name) if len(family.kohya_text_prefixes) > 1 else 0
-
-
-def _unet_names(paths: list[str], config, sgm: bool) -> dict:
-    """diffusers UNet module path -> kohya LoRA name (SGM-layout names for SDXL, as kohya writes them)."""
-    if not sgm:
-        return {path: "lora_unet_" + path.replace(".", "_") for path in paths}
-    from sdtune.export.single_file import UNET_PREFIX, unet_to_ldm
-
-    renamed = unet_to_ldm({f"{path}.weight": path for path in paths}, config)
-    return {path: "lora_unet_" + key[len(UNET_PREFIX):-len(".weight")].replace(".", "_")
-            for key, path in renamed.items()}
-
-
-def _text_name(path: str) -> str:
-    """A CLIP module path (with or without transformers' `text_model.` level) as kohya spells it."""
-    return "text_model_" + path.removeprefix("text_model.").replace(".", "_")
 
 
 def save_kohya(modules: dict, family, out_dir: Path, metadata: dict[str, str], name: str = KOHYA_FILE) -> Path:

@@ -127,8 +127,8 @@ def _kohya_modules(modules: dict, family, shape) -> dict[tuple[str, str], dict]:
     reads them."""
     from safetensors.torch import load_file as read
 
-    from sdtune.export.lora_files import kohya_names
     from sdtune.lora.algorithms import DORA_FOR_COMFYUI
+    from sdtune.lora.kohya_names import kohya_names
 
     grouped: dict[str, dict] = {}
     for key, value in read(str(shape.path)).items():

@@ -59,7 +59,6 @@ ALGORITHMS = {
                       "lycoris.kohya", False),
 }
 PARAMS = sorted({p for a in ALGORITHMS.values() for p in a.params}, key=len, reverse=True)  # longest first
-KOHYA_KEYS = frozenset({"alpha", *(KOHYA_LORA.get(p, p) for p in PARAMS)})  # what a file's module may hold
 
 
 def algorithm_of(lora) -> Algorithm:

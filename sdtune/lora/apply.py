@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdtune.errors import SdtuneError
-from sdtune.export.lora_files import DIFFUSERS_FILE, KOHYA_FILE
+from sdtune.util.run_folder import DIFFUSERS_FILE, KOHYA_FILE
 
 FULL_LOKR_RANK = 1 << 20  # a LoKr file's rank when no factor is decomposed and no metadata tells it: any rank
                           # this large leaves every factor full, which is all such a file's shapes say

@@ -38,3 +38,12 @@ def test_a_lora_streams_its_frozen_base_only():
     assert select(frozen) and not select(adapter)
     assert FullFineTune().streamed() is None
     assert Embedding().streamed() is None and Embedding.frozen_unet  # its UNet is all frozen: all of it streams
+
+
+def test_the_header_reader_knows_every_file_key_the_algorithms_write():
+    """config/lora_file.py reads a file's header below the stages, so it lists the kohya keys itself: they must
+    be exactly those `sdtune.lora.algorithms` writes for its peft parameters, and alpha."""
+    from sdtune.config.lora_file import KOHYA_KEYS
+    from sdtune.lora.algorithms import PARAMS, kohya_name
+
+    assert KOHYA_KEYS == {"alpha", *(kohya_name(param) for param in PARAMS)}

@@ -80,6 +80,16 @@ def file_name_caption(image: Path) -> str:
     return clean(image.stem.replace("_", " ").replace("-", " "))
 
 
+def render(caption: str, cfg, rng: random.Random) -> str:
+    """The caption an image trains with this time, from its scanned `caption` and the caption keys of `cfg`
+    (a `DataConfig`: the data section, or a subset's): dropped to "" with probability `caption_dropout`,
+    else its tags shuffled (`shuffle_tags`, `keep_tags`). Every draw comes from `rng`."""
+    caption = "" if rng.random() < cfg.caption_dropout else caption
+    if caption and cfg.shuffle_tags:
+        caption = shuffle_tags(caption, cfg.keep_tags, rng)
+    return caption
+
+
 def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
     """The caption's comma-separated tags in a random order drawn from `rng`, the first `keep` in place.
     Tags are re-joined with ", "; a caption without commas comes back unchanged (but stripped)."""

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdtune.config import DataConfig
+from sdtune.data import captions
 from sdtune.data.buckets import Size, assign, fit, make_buckets
-from sdtune.data.captions import shuffle_tags
 from sdtune.data.images import open_scaled, seen_size
 from sdtune.data.scan import Example
 from sdtune.errors import SdtuneError
@@ -133,9 +133,7 @@ class BatchStream:
             rng = random.Random(self.seed * 1_000_003 + index * self.batch_size + slot)
             resized, crop = fit(self.sizes[i], bucket, self.cfg.center_crop, rng)
             flip = self.cfg.random_flip and rng.random() < 0.5
-            caption = "" if rng.random() < self.cfg.caption_dropout else self.examples[i].caption
-            if caption and self.cfg.shuffle_tags:
-                caption = shuffle_tags(caption, self.cfg.keep_tags, rng)
+            caption = captions.render(self.examples[i].caption, self.cfg, rng)
             items.append(Item(self.examples[i], bucket, resized, crop, flip, caption))
         return items
 

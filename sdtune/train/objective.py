@@ -64,23 +64,30 @@ def min_snr_weights(timesteps, alphas_cumprod, gamma: float, prediction_type: st
     return clipped / (s + 1) if prediction_type == "v_prediction" else clipped / s
 
 
-def diffusion_loss(prediction, target_, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error in fp32, per sample, then weighted and averaged over the batch."""
-    per_sample = (prediction.float() - target_.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))
+def diffusion_loss(prediction, target_, weights: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error in fp32, times `mask` (`[B, 1, h, w]` on the latent grid: masked loss, as kohya's
+    `apply_masked_loss` multiplies it in, without renormalising), averaged per sample, then weighted and
+    averaged over the batch."""
+    error = (prediction.float() - target_.float()).pow(2)
+    if mask is not None:
+        error = error * mask.to(error.device, error.dtype)
+    per_sample = error.mean(dim=tuple(range(1, prediction.ndim)))
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
 
 
 def batch_loss(model: Callable, latents, noise, timesteps, hidden, added_cond: dict | None, *, alphas_cumprod,
-               prediction_type: str, snr_gamma: float = 0.0,
+               prediction_type: str, snr_gamma: float = 0.0, mask: torch.Tensor | None = None,
                forward: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """The diffusion loss of one batch: `latents` noised by `noise` at `timesteps`, the UNet (`model`, called
     as diffusers' UNet2DConditionModel is, inside `forward()`: autocast for the loop) predicting the epsilon or
-    v target from the text context `hidden` (and SDXL's `added_cond`), min-SNR-weighted with `snr_gamma`."""
+    v target from the text context `hidden` (and SDXL's `added_cond`), min-SNR-weighted with `snr_gamma`, each
+    latent cell's error weighted by `mask` (masked loss; None: every cell counts)."""
     noisy = add_noise(latents, noise, timesteps, alphas_cumprod)
     with forward():
         prediction = model(noisy, timesteps, hidden, added_cond_kwargs=added_cond).sample
     target_ = target(prediction_type, latents, noise, timesteps, alphas_cumprod)
     weights = min_snr_weights(timesteps, alphas_cumprod, snr_gamma, prediction_type) if snr_gamma else None
-    return diffusion_loss(prediction, target_, weights)
+    return diffusion_loss(prediction, target_, weights, mask)

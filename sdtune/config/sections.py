@@ -90,6 +90,25 @@ class DataConfig:
                             "(e.g. 'a photo of a dog')", "")
     num_class_images: int = doc("class images to have in class_dir; missing ones are generated from the base "
                                 "model before step 1", 100)
+    tag_dropout: float = doc("drop each comma-separated tag of a caption with this probability each time it is used "
+                             "(kohya's caption_tag_dropout_rate); the kept tags never drop; 0 is off", 0.0)
+    keep_tags_separator: str = doc("the part of a caption before this separator stays first and never drops or "
+                                   "shuffles; a second one starts a fixed end (kohya's keep_tokens_separator, e.g. "
+                                   "'|||'); empty: off", "")
+    secondary_separator: str = doc("tags joined by this separator shuffle and drop as one tag and read as a comma "
+                                   "afterwards (kohya's secondary_separator, e.g. ';;;'); empty: off", "")
+    caption_prefix: str = doc("text put before every caption, with a space (before shuffling: keep_tags counts its "
+                              "tags)", "")
+    caption_suffix: str = doc("text put after every caption, with a space", "")
+    wildcards: bool = doc("each {a|b|c} in a caption becomes one of a, b, c each time it is used, and a caption "
+                          "file's lines are alternatives (kohya's enable_wildcard)", False)
+    max_token_length: Literal[75, 150, 225] = doc(
+        "caption tokens the text encoders read: 75, or 150/225 in 75-token windows (each with its start and end "
+        "token, hidden states joined, as kohya's max_token_length)", 75)
+    masked_loss: bool = doc("weight the loss by a mask (white trains, black does not): the image's alpha channel or "
+                            "its file in mask_dir; an image without one trains unmasked", False)
+    mask_dir: str = doc("with masked_loss: folder of masks under the images' relative names (any image suffix); "
+                        "empty: the images' alpha channels", "")
 
     def __post_init__(self):
         require(self.resolution >= 8 and self.resolution % 8 == 0,
@@ -152,6 +171,42 @@ class TrainConfig:
         "what trains: the full UNet, a LoRA ([lora]) over the frozen model, or a new word's embedding ([embedding]: "
         "textual inversion)", "full")
     prior_loss_weight: float = doc("with data.class_dir: loss = instance loss + this x class (prior) loss", 1.0)
+    clip_skip: int = doc("the text encoder layer captions are read from, counted from the end: 1 the last, 2 the "
+                         "penultimate (kohya's clip_skip; SD 1.x anime models use 2)", 1)
+    prediction_type: Literal["", "epsilon", "v_prediction"] = doc(
+        "what the UNet predicts, overriding the model's scheduler (v_prediction for v-pred SDXL models); "
+        "written into the exported scheduler and single file; empty: the model's own", "")
+    zero_terminal_snr: bool = doc("rescale the noise schedule so its last step is pure noise (zero terminal SNR; "
+                                  "with v_prediction), as kohya's zero_terminal_snr; exported with the model", False)
+    multires_noise_iterations: int = doc("multi-resolution (pyramid) noise: levels added to the noise (6-10 is "
+                                         "usual); 0 is off", 0)
+    multires_noise_discount: float = doc("multi-resolution noise: each level's weight is this to the power of "
+                                         "its index", 0.3)
+    ip_noise_gamma: float = doc("input perturbation: the latents are noised with noise + this x fresh noise, the "
+                                "target stays the noise (0.1 is usual); 0 is off", 0.0)
+    ip_noise_gamma_random_strength: bool = doc("draw the input perturbation's strength uniformly from 0 to "
+                                               "ip_noise_gamma each step", False)
+    noise_offset_random_strength: bool = doc("draw the offset noise's strength uniformly from 0 to noise_offset "
+                                             "each step", False)
+    debiased_estimation: bool = doc("weight each sample's loss by 1 / sqrt(SNR) (1 / (SNR + 1) with v_prediction): "
+                                    "kohya's debiased_estimation_loss", False)
+    min_timestep: int = doc("smallest timestep trained (inclusive)", 0)
+    max_timestep: int = doc("largest timestep trained (exclusive); 0: the scheduler's count (1000)", 0)
+    timestep_sampling: Literal["uniform", "logit_normal"] = doc(
+        "how timesteps are drawn between min_timestep and max_timestep: uniform, or logit-normal (more in the "
+        "middle; logit_mean, logit_std)", "uniform")
+    logit_mean: float = doc("timestep_sampling=logit_normal: mean of the normal before the sigmoid", 0.0)
+    logit_std: float = doc("timestep_sampling=logit_normal: standard deviation of that normal", 1.0)
+    loss: Literal["l2", "l1", "huber", "smooth_l1"] = doc(
+        "the per-element loss: squared error, absolute error, or pseudo-Huber / smooth L1 with threshold huber_c "
+        "(kohya's loss_type)", "l2")
+    huber_c: float = doc("loss=huber or smooth_l1: the threshold (and the schedule's end value)", 0.1)
+    huber_schedule: Literal["snr", "exponential", "constant"] = doc(
+        "loss=huber or smooth_l1: how the threshold changes with the timestep (kohya's huber_schedule)", "snr")
+    huber_scale: float = doc("loss=huber or smooth_l1: the threshold's scale for the exponential and constant "
+                             "schedules", 1.0)
+    scale_v_pred_loss_like_noise_pred: bool = doc("with v_prediction: weight the loss by SNR / (SNR + 1), as an "
+                                                  "epsilon loss would be", False)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
@@ -314,6 +369,12 @@ class OutputConfig:
         "bf16 take half of fp32's disk)", "fp16", resume=FREE)
     tensorboard: bool = doc("also write TensorBoard event files to OUT/logs/ (needs sdtune[tensorboard])", False,
                             resume=FREE)
+    sample_prompts_file: str = doc("a file of sample prompts in kohya's format (one a line; --n negative, --w --h "
+                                   "size, --d seed, --s steps, --l CFG scale, --ss sampler; # comments)", "",
+                                   resume=FREE)
+    wandb: bool = doc("also send the metrics and sample grids to Weights & Biases (needs sdtune[wandb]; "
+                      "WANDB_MODE=offline works without a network)", False, resume=FREE)
+    wandb_project: str = doc("with wandb: the project the run is logged to", "sdtune", resume=FREE)
 
     def __post_init__(self):
         for name in ("checkpoint_every", "sample_every", "validate_every", "save_every", "save_every_epochs"):

@@ -206,13 +206,13 @@ def _stat(path: Path) -> os.stat_result | None:
 def _caption(path: Path, root: Path, names: dict[str, str], metadata: dict[Path, dict[str, str]],
              cfg: DataConfig, legacy: list[Path], multiline: list[Path]) -> tuple[str, str]:
     """(caption, source) by the precedence of `sdtune.data.captions`; a sidecar read as Windows-1252 is
-    added to `legacy`, one with lines after its caption to `multiline`."""
+    added to `legacy`, one with lines after its caption (that data.wildcards does not keep) to `multiline`."""
     sidecar = captions.sidecar(path, cfg.caption_extension, names)
     if sidecar is not None:
-        caption, encoding, more = captions.read_caption_file(sidecar)
+        caption, encoding, more = captions.read_caption_file(sidecar, every_line=cfg.wildcards)
         if encoding == "cp1252":
             legacy.append(sidecar)
-        if more:
+        if more and not cfg.wildcards:  # with wildcards the other lines are alternatives
             multiline.append(sidecar)
         return caption, "sidecar"
     for folder in _folders_up(path, root):

@@ -19,7 +19,7 @@ import random
 from contextlib import AbstractContextManager
 
 from sdtune.config import Config
-from sdtune.data import BatchStream, Item, fit, scan_folder
+from sdtune.data import BatchStream, Item, captions, fit, scan_folder
 from sdtune.data.batches import until_loaded
 from sdtune.errors import SdtuneError
 from sdtune.train import objective
@@ -63,7 +63,7 @@ class Validation:
 
     def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
-                                    center_crop=True, loader_threads=0)
+                                    tag_dropout=0.0, center_crop=True, loader_threads=0)
         self.examples, self.batch_size = examples, cfg.train.batch_size
         self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 
@@ -75,7 +75,8 @@ class Validation:
             items = []
             for i in usable:
                 resized, crop = fit(stream.sizes[i], bucket, True, random.Random(0))  # center: no draw used
-                items.append(Item(stream.examples[i], bucket, resized, crop, False, stream.examples[i].caption))
+                caption = captions.fixed(stream.examples[i].caption, stream.cfg)  # prefix and suffix, no randomness
+                items.append(Item(stream.examples[i], bucket, resized, crop, False, caption))
             batches += [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
         return batches
 

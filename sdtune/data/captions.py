@@ -23,14 +23,12 @@ deterministic part (cached text embeddings, validation):
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import posixpath
 import random
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 from sdtune.errors import SdtuneError
 
@@ -102,19 +100,24 @@ def render(caption: str, cfg, rng: random.Random) -> str:
     multi-line caption (kohya puts them before the first and after the last line, so most alternatives
     lose them), empty tags (", ,") are left out, and `keep_tags_separator` is taken out of a caption even
     when nothing shuffles or drops (kohya leaves it in the text the encoder reads)."""
-    caption = _affixed(caption, cfg)
-    if cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
-        return ""
-    caption = _wildcards(caption, rng) if cfg.wildcards else caption.split("\n")[0]
-    caption = arrange_tags(caption, cfg, rng)
-    return caption.replace(cfg.secondary_separator, ",") if cfg.secondary_separator else caption
+    return _made(caption, cfg, rng, calm=False)
 
 
 def fixed(caption: str, cfg) -> str:
     """`render` without its random parts: no dropout, shuffle or tag dropout, the first line, each `{a|b}`
     its first option. What `data.cache_text` embeds (the prefix and suffix included) and validation reads."""
-    calm = dataclasses.replace(cfg, caption_dropout=0.0, shuffle_tags=False, tag_dropout=0.0)
-    return render(caption, calm, _First())
+    return _made(caption, cfg, _First(), calm=True)
+
+
+def _made(caption: str, cfg, rng, calm: bool) -> str:
+    """`render`'s steps; `calm` leaves out dropout, shuffle and tag dropout (`rng` then makes no draw)."""
+    caption = _affixed(caption, cfg)
+    if not calm and cfg.caption_dropout > 0 and rng.random() < cfg.caption_dropout:
+        return ""
+    caption = _wildcards(caption, rng) if cfg.wildcards else caption.split("\n")[0]
+    shuffle, drop = (False, 0.0) if calm else (cfg.shuffle_tags, cfg.tag_dropout)
+    caption = arrange_tags(caption, cfg.keep_tags_separator, cfg.keep_tags, shuffle, drop, rng)
+    return caption.replace(cfg.secondary_separator, ",") if cfg.secondary_separator else caption
 
 
 class _First:
@@ -145,33 +148,31 @@ def _wildcards(caption: str, rng: random.Random) -> str:
     return caption.replace(opening, "{").replace(closing, "}")
 
 
-def arrange_tags(caption: str, cfg, rng: random.Random) -> str:
-    """The caption's comma-separated tags in three parts: a fixed head (before `keep_tags_separator`, or
-    the first `keep_tags` tags without one), a flexible middle, and a fixed tail (after a second
-    separator); the middle shuffled (`shuffle_tags`), then each of its tags dropped with probability
-    `tag_dropout`; joined with ", ". A caption with neither, nor a separator, comes back as it is."""
-    separator = cfg.keep_tags_separator
+def arrange_tags(caption: str, separator: str, keep: int, shuffle: bool, drop: float, rng: random.Random) -> str:
+    """The caption's comma-separated tags in three parts: a fixed head (before `separator`, or the first
+    `keep` tags without one), a flexible middle, and a fixed tail (after a second separator); the middle
+    shuffled (`shuffle`), then each of its tags dropped with probability `drop`; joined with ", ". A
+    caption with neither, nor a separator, comes back as it is."""
     if separator and separator in caption:
         head, middle = caption.split(separator, 1)
         middle, tail = middle.split(separator, 1) if separator in middle else (middle, "")
         head, middle, tail = ([t.strip() for t in part.split(",") if t.strip()] for part in (head, middle, tail))
-    elif cfg.shuffle_tags or cfg.tag_dropout > 0:
+    elif shuffle or drop > 0:
         tags = [tag.strip() for tag in caption.strip().split(",")]  # empty ones too: they take draws in kohya
-        head, middle, tail = tags[:cfg.keep_tags], tags[cfg.keep_tags:], []
+        head, middle, tail = tags[:keep], tags[keep:], []
     else:
         return caption
-    if cfg.shuffle_tags:
+    if shuffle:
         rng.shuffle(middle)
-    if cfg.tag_dropout > 0:
-        middle = [tag for tag in middle if rng.random() >= cfg.tag_dropout]
+    if drop > 0:
+        middle = [tag for tag in middle if rng.random() >= drop]
     return ", ".join(tag for tag in head + middle + tail if tag)
 
 
 def shuffle_tags(caption: str, keep: int, rng: random.Random) -> str:
     """The caption's comma-separated tags in a random order drawn from `rng`, the first `keep` in place
     (`arrange_tags` with `shuffle_tags` alone)."""
-    return arrange_tags(caption, SimpleNamespace(keep_tags_separator="", shuffle_tags=True, tag_dropout=0.0,
-                                                 keep_tags=keep), rng)
+    return arrange_tags(caption, "", keep, True, 0.0, rng)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ class Validation:
 
     def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
-                                    tag_dropout=0.0, center_crop=True, loader_threads=0)
+                                    center_crop=True, loader_threads=0)
         self.examples, self.batch_size = examples, cfg.train.batch_size
         self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 

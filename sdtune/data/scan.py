@@ -137,7 +137,8 @@ def _shown(paths: list[Path], root: Path) -> str:
 def _multiline_warning(paths: list[Path], root: Path) -> str:
     return (f"{len(paths):,} caption file{'s have' if len(paths) > 1 else ' has'} more than one line "
             f"({_shown(paths, root)}): only the first is the caption, as kohya's sd-scripts reads it; put a "
-            "caption on one line (tags separated by commas) to train on all of it")
+            "caption on one line (tags separated by commas) to train on all of it, or set data.wildcards=true to "
+            "train on each line in turn")
 
 
 def _legacy_warning(paths: list[Path], root: Path) -> str:

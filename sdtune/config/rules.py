@@ -274,6 +274,17 @@ RULES: tuple[Rule, ...] = (
          "start one process",
          "{why} averages the UNet's gradients only; train.text_encoder_lr={train.text_encoder_lr} is not "
          "supported with several processes", of_launch=True),
+    # [data] caption randomness against the text cache (cache_text with shuffle_tags is above)
+    Rule(("data.cache_text", "data.tag_dropout"),
+         lambda c: c.data.cache_text and c.data.tag_dropout > 0,
+         "set one of them the other way",
+         "data.cache_text stores one embedding per caption; data.tag_dropout={data.tag_dropout} makes a new "
+         "caption each time: {fix}"),
+    Rule(("data.cache_text", "data.wildcards"),
+         lambda c: c.data.cache_text and c.data.wildcards,
+         "set one of them the other way",
+         "data.cache_text stores one embedding per caption; data.wildcards picks a new line and option each "
+         "time: {fix}"),
 )
 
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")

@@ -63,7 +63,8 @@ class DataConfig:
     caption: str = doc("caption for images without a sidecar or metadata caption (instance prompt); "
                        "empty: the file name", "")
     shuffle_tags: bool = doc("shuffle a caption's comma-separated tags each time it is used", False)
-    keep_tags: int = doc("with shuffle_tags, keep the first K tags in place", 0)
+    keep_tags: int = doc("with shuffle_tags or tag_dropout, the first K tags stay in place and never drop (a "
+                         "caption with keep_tags_separator is split by it instead)", 0)
     caption_dropout: float = doc("share of images trained with an empty caption (lets guidance work); 0 is off",
                                  0.0)
     max_pixels: int = doc("largest image (width x height) the scan opens: Pillow's guard against decompression "
@@ -115,6 +116,7 @@ class DataConfig:
                  f"data.resolution must be a positive multiple of 8, got {self.resolution}")
         require(self.loader_threads >= 0, f"data.loader_threads must be 0 or more, got {self.loader_threads}")
         require(0 <= self.caption_dropout < 1, f"data.caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        require(0 <= self.tag_dropout < 1, f"data.tag_dropout must be in [0, 1), got {self.tag_dropout}")
         require(min(self.min_side, self.max_side, self.keep_tags, self.cache_shards, self.max_pixels) >= 0,
                  "data.min_side, data.max_side, data.keep_tags, data.cache_shards and data.max_pixels must be >= 0")
         require(0 <= self.validation_split < 1,

@@ -22,6 +22,7 @@ import random
 
 from sdtune.config import DataConfig
 from sdtune.data.cache import FeatureCache, cache_root, key_of, module_identity
+from sdtune.data.captions import fixed
 from sdtune.data.scan_cache import FileDigests
 from sdtune.data.shards import ShardedCache
 from sdtune.data.stream import ImageFailed
@@ -64,7 +65,7 @@ class Features:
             self.c.vae.to("cpu")
         if self.data.cache_text:
             self.text_cache = FeatureCache(root, "text", self._text_identity())
-            captions = {e.caption for _, examples in sources for e in examples}
+            captions = {fixed(e.caption, stream.cfg) for stream, examples in sources for e in examples}
             captions = sorted(captions | ({""} if self.data.caption_dropout else set()))
             missing = [caption for caption in captions if self.text_cache.get(key_of(caption)) is None]
             mine = missing[world.rank::world.size]

@@ -137,7 +137,8 @@ def _shown(paths: list[Path], root: Path) -> str:
 def _multiline_warning(paths: list[Path], root: Path) -> str:
     return (f"{len(paths):,} caption file{'s have' if len(paths) > 1 else ' has'} more than one line "
             f"({_shown(paths, root)}): only the first is the caption, as kohya's sd-scripts reads it; put a "
-            "caption on one line (tags separated by commas) to train on all of it")
+            "caption on one line (tags separated by commas) to train on all of it, or set data.wildcards=true to "
+            "train on each line in turn")
 
 
 def _legacy_warning(paths: list[Path], root: Path) -> str:
@@ -206,13 +207,13 @@ def _stat(path: Path) -> os.stat_result | None:
 def _caption(path: Path, root: Path, names: dict[str, str], metadata: dict[Path, dict[str, str]],
              cfg: DataConfig, legacy: list[Path], multiline: list[Path]) -> tuple[str, str]:
     """(caption, source) by the precedence of `sdtune.data.captions`; a sidecar read as Windows-1252 is
-    added to `legacy`, one with lines after its caption to `multiline`."""
+    added to `legacy`, one with lines after its caption (that data.wildcards does not keep) to `multiline`."""
     sidecar = captions.sidecar(path, cfg.caption_extension, names)
     if sidecar is not None:
-        caption, encoding, more = captions.read_caption_file(sidecar)
+        caption, encoding, more = captions.read_caption_file(sidecar, every_line=cfg.wildcards)
         if encoding == "cp1252":
             legacy.append(sidecar)
-        if more:
+        if more and not cfg.wildcards:  # with wildcards the other lines are alternatives
             multiline.append(sidecar)
         return caption, "sidecar"
     for folder in _folders_up(path, root):

@@ -30,7 +30,7 @@ from typing import Protocol
 
 from sdtune.config import Config, PresetInfo, load_config, preset_names
 from sdtune.config.toml import to_toml
-from sdtune.data import BatchStream, scan_folder
+from sdtune.data import BatchStream, captions, scan_folder
 from sdtune.data.batches import MicroBatch, MicroBatches
 from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
@@ -104,11 +104,12 @@ def _check_resolution(components, cfg: Config) -> None:
                        f"would learn to draw at the smaller size; {fix}--set data.resolution={native}")
 
 
-def _check_caption_lengths(examples, components) -> None:
+def _check_caption_lengths(examples, components, data) -> None:
     """A warning when captions are longer than the text encoder reads (their tails would never train)."""
     from sdtune.data.tokens import cut_captions, shortest
 
-    cut = cut_captions([(e.image, e.caption) for e in examples], shortest(components.tokenizers))
+    rendered = [(e.image, captions.fixed(e.caption, data)) for e in examples]  # with prefix and suffix
+    cut = cut_captions(rendered, shortest(components.tokenizers))
     if cut.count:
         logger.warning(cut.line())
 
@@ -134,7 +135,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         logger.info(components.origin)
     _check_resolution(components, cfg)
-    _check_caption_lengths(examples, components)
+    _check_caption_lengths(examples, components, cfg.data)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
     stream = BatchStream(examples, cfg.data, global_batch, cfg.train.seed)

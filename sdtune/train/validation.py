@@ -19,7 +19,7 @@ import random
 from contextlib import AbstractContextManager
 
 from sdtune.config import Config
-from sdtune.data import BatchStream, Item, fit, scan_folder
+from sdtune.data import BatchStream, Item, captions, fit, scan_folder
 from sdtune.data.batches import until_loaded
 from sdtune.errors import SdtuneError
 from sdtune.train import objective
@@ -75,7 +75,8 @@ class Validation:
             items = []
             for i in usable:
                 resized, crop = fit(stream.sizes[i], bucket, True, random.Random(0))  # center: no draw used
-                items.append(Item(stream.examples[i], bucket, resized, crop, False, stream.examples[i].caption))
+                caption = captions.fixed(stream.examples[i].caption, stream.cfg)  # prefix and suffix, no randomness
+                items.append(Item(stream.examples[i], bucket, resized, crop, False, caption))
             batches += [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
         return batches
 

@@ -74,6 +74,8 @@ EXAMPLES = [
     (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
     (("memory.distributed", "train.method"), EMBEDDING, "ddp"),
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
+    (("data.cache_text", "data.tag_dropout"), ["data.cache_text=true", "data.tag_dropout=0.1"], None),
+    (("data.cache_text", "data.wildcards"), ["data.cache_text=true", "data.wildcards=true"], None),
 ]
 
 

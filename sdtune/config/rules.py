@@ -305,6 +305,9 @@ class GivesWay:
 GIVE_WAY: tuple[GivesWay, ...] = (
     GivesWay("data.cache_text", False, lambda c: c.train.method == "embedding" or c.lora.text_encoder,
              "the text encoders run every step"),
+    GivesWay("data.cache_text", False,
+             lambda c: c.data.shuffle_tags or c.data.tag_dropout > 0 or c.data.wildcards,
+             "the caption changes each time it is used (shuffle_tags, tag_dropout or wildcards)"),
     GivesWay("memory.optimizer_offload", "none", lambda c: c.train.method in ("lora", "embedding"),
              "an adapter's few MB of AdamW state stay on the GPU"),
 )

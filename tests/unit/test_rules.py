@@ -124,6 +124,8 @@ def test_a_rule_without_wording_says_its_keys_values_and_fix():
 @pytest.mark.parametrize("preset, sets, key, planned, needed", [
     ("lora-4gb", ["train.method=embedding", "embedding.token=<sks>"], "data.cache_text", True, False),
     ("sdxl-lora-8gb", ["train.method=lora", "lora.text_encoder=true"], "data.cache_text", True, False),
+    ("lora-6gb", ["data.tag_dropout=0.1"], "data.cache_text", True, False),
+    ("sdxl-lora-8gb", ["data.shuffle_tags=true"], "data.cache_text", True, False),
     ("rtx3050", ["train.method=embedding", "embedding.token=<sks>"], "memory.optimizer_offload", "cpu", "none"),
     ("sdxl-8gb", ["train.method=lora", "lora.algo=lokr"], "memory.optimizer_offload", "nvme", "none"),
 ])

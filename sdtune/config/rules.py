@@ -274,6 +274,11 @@ RULES: tuple[Rule, ...] = (
          "start one process",
          "{why} averages the UNet's gradients only; train.text_encoder_lr={train.text_encoder_lr} is not "
          "supported with several processes", of_launch=True),
+    # [data] masked loss
+    Rule(("data.mask_dir", "data.masked_loss"),
+         lambda c: bool(c.data.mask_dir) and not c.data.masked_loss,
+         "set data.masked_loss=true to train with the masks, or clear data.mask_dir",
+         "data.mask_dir is set but data.masked_loss is false, so no mask would be read: {fix}"),
 )
 
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")

@@ -74,6 +74,7 @@ EXAMPLES = [
     (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
     (("memory.distributed", "train.method"), EMBEDDING, "ddp"),
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
+    (("data.mask_dir", "data.masked_loss"), ["data.mask_dir=masks"], None),
 ]
 
 

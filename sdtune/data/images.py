@@ -47,11 +47,11 @@ def open_scaled(path: str | Path, at_least: tuple[int, int], convert=None) -> tu
     """(the size as seen, the image as `open_rgb` returns it), but an image over `LARGE_PIXELS` decoded at a
     smaller scale that keeps it at least twice `at_least` (width, height as seen) on each side. `convert(im,
     turn)` makes the result from the decoded image instead of `to_rgb` (masked loss keeps the alpha channel)."""
-    to_rgb_ = convert or to_rgb
+    make = convert or to_rgb
     with Image.open(path) as im:
         stored = im.size
         if stored[0] * stored[1] <= LARGE_PIXELS:
-            image = to_rgb_(im)
+            image = make(im)
             return _seen(stored, orientation(im)), image
         im.draft(None, _stored_target(at_least, orientation(im)))  # JPEG (EXIF in its header): 1/2, 1/4 or 1/8
         im.load()
@@ -61,8 +61,8 @@ def open_scaled(path: str | Path, at_least: tuple[int, int], convert=None) -> tu
         if factor >= 2 and im.mode in _REDUCIBLE:  # what draft could not do: a box filter right after decoding
             reduced = im.reduce(factor)
             reduced.info = dict(im.info)
-            return _seen(stored, turn), to_rgb_(reduced, turn)
-        return _seen(stored, turn), to_rgb_(im, turn)
+            return _seen(stored, turn), make(reduced, turn)
+        return _seen(stored, turn), make(im, turn)
 
 
 def _stored_target(at_least: tuple[int, int], turn: int) -> tuple[int, int]:

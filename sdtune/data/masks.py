@@ -1,7 +1,7 @@
 """Masked loss (`data.masked_loss`): which part of each image trains, as kohya's sd-scripts' masked loss does.
 
     masks = MaskSource(examples, cfg)        # where each image's mask is; says once how many have none
-    rgb, mask = masks.open(example, at)      # the image as training sees it, and its mask (L) or None
+    seen, rgb, mask = masks.open(example, at_least)   # the image as the stream reads it, its mask (L) or None
     grid = to_latent_grid(mask, (h, w))      # [B, 1, H, W] in [0, 1] -> [B, 1, h, w], kohya's area resize
 
 A mask is the image's alpha channel (kohya's `alpha_mask`: alpha / 255), or with `data.mask_dir` a file in

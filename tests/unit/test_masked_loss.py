@@ -91,6 +91,25 @@ def test_a_mask_file_is_resized_cropped_and_flipped_exactly_as_its_image(tmp_pat
         assert torch.allclose(mask[0, 0] * 2 - 1, pixels[0, 0], atol=1e-6)  # the image's own pixels, placed alike
 
 
+def test_a_colour_mask_file_counts_by_its_red_channel_as_kohyas_conditioning_image(tmp_path):
+    folder, masks = tmp_path / "images", tmp_path / "masks"
+    folder.mkdir()
+    masks.mkdir()
+    _noise_image((SIZE, SIZE), 1).save(folder / "a.png")
+    colour = _noise_image((SIZE, SIZE), 2)  # R, G and B differ: luminance would weigh otherwise
+    colour.save(masks / "a.png")
+    cfg = _cfg(tmp_path, mask_dir=str(masks))
+    stream = BatchStream(scan_all(folder, cfg).examples, cfg, batch_size=1, seed=0)
+    _, mask = stream.pixels_and_masks(stream.items(0))
+    # sd-scripts: the conditioning image through IMAGE_TRANSFORMS (ToTensor, Normalize([0.5], [0.5]); train_util.py),
+    # then apply_masked_loss's conditioning branch (custom_train_functions.py)
+    conditioning_images = torch.from_numpy(np.asarray(colour, np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+    mask_image = conditioning_images[:, 0].unsqueeze(1)  # use R channel
+    mask_image = mask_image / 2 + 0.5
+    expected = torch.nn.functional.interpolate(mask_image, size=(8, 8), mode="area")
+    assert torch.allclose(to_latent_grid(mask, (8, 8)), expected, atol=1e-6)
+
+
 def test_images_without_a_mask_train_unmasked_said_once_and_a_wrong_sized_mask_skips_its_image(tmp_path, caplog):
     folder, masks = tmp_path / "images", tmp_path / "masks"
     folder.mkdir()

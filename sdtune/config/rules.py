@@ -285,6 +285,11 @@ RULES: tuple[Rule, ...] = (
          "set one of them the other way",
          "data.cache_text stores one embedding per caption; data.wildcards picks a new line and option each "
          "time: {fix}"),
+    # [data] masked loss
+    Rule(("data.mask_dir", "data.masked_loss"),
+         lambda c: bool(c.data.mask_dir) and not c.data.masked_loss,
+         "set data.masked_loss=true to train with the masks, or clear data.mask_dir",
+         "data.mask_dir is set but data.masked_loss is false, so no mask would be read: {fix}"),
 )
 
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")

@@ -2,7 +2,7 @@
 meanwhile and a broken image replaced by another of its bucket.
 
     batches = MicroBatches(stream, features, world, device="cuda")
-    batch = batches.load(index, seed)      # this rank's items and latents; batch.generator draws the rest
+    batch = batches.load(index, seed)      # this rank's items, latents (and masks); batch.generator draws the rest
     value = until_loaded(lambda: [...])    # anything that reads images: again after an ImageFailed
 
 The loop, validation and the tests' helpers all load through here, so the retry and the prefetch have one
@@ -48,6 +48,7 @@ class MicroBatch:
     generator: torch.Generator
     size: int                  # slots of the global micro-batch
     rows: slice                # this rank's rows of a tensor drawn for the global batch
+    mask: torch.Tensor | None = None  # data.masked_loss: [B, 1, h, w] on the latent grid, 1 trains, 0 does not
 
 
 class MicroBatches:
@@ -70,5 +71,5 @@ class MicroBatches:
         generator = torch.Generator(self.device).manual_seed(seed)  # anew each try: a retry draws alike
         if self.features.latent_cache is None:
             stream.prefetch(world.share(stream.items(index + 1)))
-        latents = self.features.latents(stream, items, generator, rows=(len(every), rows))
-        return MicroBatch(items, latents, generator, len(every), rows)
+        latents, mask = self.features.latents_and_mask(stream, items, generator, rows=(len(every), rows))
+        return MicroBatch(items, latents, generator, len(every), rows, mask)

@@ -8,10 +8,12 @@ A latent entry holds the VAE's latent distribution (mean and std, fp32) of one i
 content hash, bucket, resize, crop box and flip are in the key, so a changed file, another bucket or
 transform, or another VAE (the identity digests its config and every weight) misses the cache instead of
 reusing a stale latent. Sampling from the stored distribution with the step's generator gives the latent
-the uncached path would have drawn. A text entry holds the text encoder's hidden states for one caption,
-keyed by the caption and the encoder's and tokenizer's identities. Entries are safetensors files written
-under a temporary name and renamed, so a killed run never leaves a half-written entry; a write the disk
-refuses (full, read-only) is one line naming the cache's folder and what is free.
+the uncached path would have drawn. With `data.masked_loss` the entry of an image with a mask also holds
+the mask on the latent grid, and its key adds the mask file's content digest (or "alpha": the image's own).
+A text entry holds the text encoder's hidden states for one caption, keyed by the caption and the encoder's
+and tokenizer's identities. Entries are safetensors files written under a temporary name and renamed, so a
+killed run never leaves a half-written entry; a write the disk refuses (full, read-only) is one line naming
+the cache's folder and what is free.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     features = Features(components, cfg.data, plan, text_grad=False)
     features.prepare([(stream, examples)])   # with caches: encode what is missing, then free the encoders
     latents = features.latents(stream, items, generator)
+    latents, mask = features.latents_and_mask(stream, items, generator)   # data.masked_loss: the latent-grid mask
     cond = features.text(captions)           # a sdtune.family.Conditioning: hidden states (+ pooled)
 
 Without caches both are encoded for every micro-batch by the frozen VAE and text encoder on the device.
@@ -11,7 +12,8 @@ and each micro-batch samples from the stored distribution with the step's genera
 values the uncached path draws. With `data.cache_text`, every caption (and the empty one of caption
 dropout) is embedded once by the model family's encoder(s): the hidden states and, for SDXL, the pooled
 embedding. Encoders whose outputs are all cached leave the device for host memory, which `estimate-vram`
-counts the same way.
+counts the same way. With `data.masked_loss` each latent comes with its image's mask on the latent grid
+(`sdtune.data.masks`), stored in the latent's cache entry, whose key then covers the mask file's content.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import random
 from sdtune.config import DataConfig
 from sdtune.data.cache import FeatureCache, cache_root, key_of, module_identity
 from sdtune.data.captions import fixed
+from sdtune.data.masks import to_latent_grid
 from sdtune.data.scan_cache import FileDigests
 from sdtune.data.shards import ShardedCache
 from sdtune.data.stream import ImageFailed
@@ -94,7 +97,7 @@ class Features:
 
     def _encode_missing_latents(self, stream, examples) -> None:
         items = [item for example in examples for item in self._cached_items(example)]
-        missing = [item for item in items if self.latent_cache.get(self._latent_key(item)) is None]
+        missing = [item for item in items if self.latent_cache.get(self._latent_key(stream, item)) is None]
         for start in range(0, len(missing), 8):
             chunk = missing[start:start + 8]
             for bucket in sorted({item.bucket for item in chunk}):  # one encode per bucket: equal sizes
@@ -112,11 +115,15 @@ class Features:
 
         vae = self.c.vae
         parameter = next(vae.parameters())
-        pixels = stream.pixels(items).to(parameter.device, parameter.dtype)
+        pixels, masks = stream.pixels_and_masks(items)
         with torch.no_grad():
-            dist = vae.encode(pixels).latent_dist
+            dist = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
+        grid = None if masks is None else to_latent_grid(masks, dist.mean.shape[-2:])
         for i, item in enumerate(items):
-            self.latent_cache.put(self._latent_key(item), {"mean": dist.mean[i], "std": dist.std[i]})
+            entry = {"mean": dist.mean[i], "std": dist.std[i]}
+            if grid is not None and stream.masks.source(item.example) is not None:  # none: ones when read
+                entry["mask"] = grid[i]
+            self.latent_cache.put(self._latent_key(stream, item), entry)
 
     def _cached_items(self, example) -> list:
         """The crops a latent cache must hold for `example`: its bucket's center crop, both ways round when
@@ -131,11 +138,13 @@ class Features:
         flips = (False, True) if self.data.random_flip else (False,)
         return [Item(example, bucket, resized, crop, flip, "") for flip in flips]
 
-    def _latent_key(self, item) -> str:
+    def _latent_key(self, stream, item) -> str:
         image = item.example.image
         if image not in self._digests:
             self._digests[image] = self._files.of(image)
-        return key_of(self._digests[image], item.bucket, item.resized, item.crop, item.flip)
+        parts = (self._digests[image], item.bucket, item.resized, item.crop, item.flip)
+        mask = None if stream.masks is None else stream.masks.token(item.example, self._files.of)
+        return key_of(*parts) if mask is None else key_of(*parts, mask)  # unmasked: the key as before
 
     @contextlib.contextmanager
     def on_device(self):
@@ -157,6 +166,11 @@ class Features:
         """Scaled latents of `items` in fp32: the VAE's sample, drawn with `generator`. `rows` = (global batch,
         these items' rows of it): the sample's noise is drawn for the whole global batch and sliced, so a
         rank's share equals those rows of one process's batch."""
+        return self.latents_and_mask(stream, items, generator, rows)[0]
+
+    def latents_and_mask(self, stream, items, generator, rows: tuple[int, slice] | None = None):
+        """(`latents(...)`, with data.masked_loss the items' masks [B, 1, h, w] on the latent grid in fp32 on
+        the device (ones for an image without one), else None)."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -164,20 +178,24 @@ class Features:
         total, mine = rows or (len(items), slice(None))
         with torch.no_grad():
             if self.latent_cache is None:
-                pixels = stream.pixels(items).to(device, next(self.c.vae.parameters()).dtype)
+                pixels, masks = stream.pixels_and_masks(items)
+                pixels = pixels.to(device, next(self.c.vae.parameters()).dtype)
                 dist = self.c.vae.encode(pixels).latent_dist  # its own sample(): mean + std x randn of its shape
                 mean, std, where, dtype = dist.mean, dist.std, dist.parameters.device, dist.parameters.dtype
+                mask = None if masks is None else to_latent_grid(masks, mean.shape[-2:]).to(device)
             else:
                 stored = [self._stored_latent(stream, item) for item in items]
                 mean = torch.stack([s["mean"] for s in stored]).to(device, dtype)
                 std = torch.stack([s["std"] for s in stored]).to(device, dtype)
                 where = mean.device
+                mask = None if stream.masks is None else torch.stack(
+                    [s["mask"] if "mask" in s else torch.ones(1, *mean.shape[-2:]) for s in stored]).to(device)
             noise = randn_tensor((total, *mean.shape[1:]), generator=generator, device=where, dtype=dtype)
             latents = mean + std * noise[mine]
-        return latents.float() * self.c.vae.config.scaling_factor
+        return latents.float() * self.c.vae.config.scaling_factor, None if mask is None else mask.float()
 
     def _stored_latent(self, stream, item) -> dict:
-        key = self._latent_key(item)
+        key = self._latent_key(stream, item)
         stored = self.latent_cache.get(key)
         if stored is None:  # deleted or damaged since prepare(): encode it again, on the host if need be
             self._encode_missing_latents(stream, [item.example])

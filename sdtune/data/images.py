@@ -43,13 +43,15 @@ def open_rgb(path: str | Path) -> Image.Image:
         return to_rgb(im)
 
 
-def open_scaled(path: str | Path, at_least: tuple[int, int]) -> tuple[tuple[int, int], Image.Image]:
+def open_scaled(path: str | Path, at_least: tuple[int, int], convert=None) -> tuple[tuple[int, int], Image.Image]:
     """(the size as seen, the image as `open_rgb` returns it), but an image over `LARGE_PIXELS` decoded at a
-    smaller scale that keeps it at least twice `at_least` (width, height as seen) on each side."""
+    smaller scale that keeps it at least twice `at_least` (width, height as seen) on each side. `convert(im,
+    turn)` makes the result from the decoded image instead of `to_rgb` (masked loss keeps the alpha channel)."""
+    make = convert or to_rgb
     with Image.open(path) as im:
         stored = im.size
         if stored[0] * stored[1] <= LARGE_PIXELS:
-            image = to_rgb(im)
+            image = make(im)
             return _seen(stored, orientation(im)), image
         im.draft(None, _stored_target(at_least, orientation(im)))  # JPEG (EXIF in its header): 1/2, 1/4 or 1/8
         im.load()
@@ -59,8 +61,8 @@ def open_scaled(path: str | Path, at_least: tuple[int, int]) -> tuple[tuple[int,
         if factor >= 2 and im.mode in _REDUCIBLE:  # what draft could not do: a box filter right after decoding
             reduced = im.reduce(factor)
             reduced.info = dict(im.info)
-            return _seen(stored, turn), to_rgb(reduced, turn)
-        return _seen(stored, turn), to_rgb(im, turn)
+            return _seen(stored, turn), make(reduced, turn)
+        return _seen(stored, turn), make(im, turn)
 
 
 def _stored_target(at_least: tuple[int, int], turn: int) -> tuple[int, int]:
@@ -101,15 +103,31 @@ def oriented_size(im: Image.Image) -> tuple[int, int]:
 def to_rgb(im: Image.Image, turn: int | None = None) -> Image.Image:
     """An opened image (decoded here) as a new 8-bit RGB image, upright (by `turn`, else its own EXIF
     orientation), any transparency on white."""
+    return on_white(upright(im, turn))
+
+
+def upright(im: Image.Image, turn: int | None = None) -> Image.Image:
+    """An opened image (decoded here) turned upright (by `turn`, else its own EXIF orientation), deep
+    grayscale as 8-bit; any alpha channel kept."""
     im.load()
     method = _TRANSPOSE.get(orientation(im) if turn is None else turn)
-    upright = im.transpose(method) if method is not None else im
-    if upright.mode in ("I", "F") or upright.mode.startswith("I;16"):
-        upright = _to_8bit_gray(upright)
-    if upright.mode in _ALPHA_MODES or "transparency" in upright.info:
-        rgba = upright.convert("RGBA")
+    turned = im.transpose(method) if method is not None else im
+    if turned.mode in ("I", "F") or turned.mode.startswith("I;16"):
+        turned = _to_8bit_gray(turned)
+    return turned
+
+
+def has_alpha(im: Image.Image) -> bool:
+    """Whether an opened image carries transparency (an alpha channel or a transparent palette colour)."""
+    return im.mode in _ALPHA_MODES or "transparency" in im.info
+
+
+def on_white(im: Image.Image) -> Image.Image:
+    """An upright image as 8-bit RGB, any transparency on white."""
+    if has_alpha(im):
+        rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE), rgba).convert("RGB")
-    return upright.convert("RGB")
+    return im.convert("RGB")
 
 
 def _to_8bit_gray(im: Image.Image) -> Image.Image:

@@ -120,7 +120,7 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
 def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) -> bool:
     """True for a folder below `root` that is an `exclude` folder or an sdtune output folder; said in `notes`."""
     if os.path.realpath(folder) in excluded:
-        why = "the run's output, class or validation folder"
+        why = "the run's output, class, validation or mask folder"
     elif is_run_folder(folder):
         why = "an sdtune output folder: config.toml beside " + ", ".join(run_files(folder))
     else:

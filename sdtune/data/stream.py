@@ -16,6 +16,10 @@ Every epoch has the same number of batches, so batch `k` is batch `k % n` of epo
     stream = BatchStream(scan.examples, DataConfig(), batch_size=2, seed=0)
     items = stream.items(0)          # which images, crops, flips and captions make batch 0
     pixels = stream.pixels(items)    # raises ImageFailed for a file that broke: ask items(0) again
+    pixels, masks = stream.pixels_and_masks(items)   # with data.masked_loss: [B, 1, H, W] in [0, 1], else None
+
+With `data.masked_loss` each image's mask (`sdtune.data.masks`) is loaded with its pixels, resized, cropped
+and flipped as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sdtune.config import DataConfig
 from sdtune.data import captions
 from sdtune.data.buckets import Size, assign, fit, make_buckets
 from sdtune.data.images import open_scaled, seen_size
+from sdtune.data.masks import MaskFailed, MaskSource
 from sdtune.data.scan import Example
 from sdtune.errors import SdtuneError
 
@@ -84,6 +89,7 @@ class BatchStream:
                         for b, members in self.members.items()}
         self.batches_per_epoch = sum(math.ceil(len(e) / batch_size) for e in self.entries.values())
         self.failed: set[Path] = set()
+        self.masks = MaskSource(examples, cfg) if cfg.masked_loss else None
         self._ahead: dict = {}  # tuple(items) -> the Future of their pixels
         self._pool = None
         self._epoch: tuple[int, list[tuple[Size, list[int]]]] | None = None
@@ -160,27 +166,53 @@ class BatchStream:
         """The items' images as a [B, 3, H, W] float tensor in [-1, 1]: opened, resized, cropped, flipped
         (or taken from `prefetch`). Raises ImageFailed (after reporting the file once) when one cannot be
         used."""
+        return self.pixels_and_masks(items)[0]
+
+    def pixels_and_masks(self, items: list[Item]):
+        """(`pixels(items)`, their masks as [B, 1, H, W] in [0, 1], ones for an image without one; None
+        without data.masked_loss)."""
         ahead = self._ahead.pop(tuple(items), None)
         return ahead.result() if ahead is not None else self._load(items)
 
     def _load(self, items: list[Item]):
         import numpy as np
         import torch
-        from PIL import Image
 
-        arrays = []
+        arrays, masks = [], []
         for item in items:
-            path = item.example.image
-            try:
+            im, mask = self._open(item)
+            arrays.append(np.asarray(_placed(im, item), dtype=np.float32) / 127.5 - 1.0)
+            if self.masks is not None:
+                h, w = arrays[-1].shape[:2]
+                masks.append(np.ones((h, w), np.float32) if mask is None
+                             else np.asarray(_placed(mask, item), dtype=np.float32) / 255.0)  # kohya: / 255
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return pixels, (torch.from_numpy(np.stack(masks)).unsqueeze(1) if self.masks is not None else None)
+
+    def _open(self, item: Item):
+        """(the item's image, upright RGB, and its mask as an L image or None) at their size as stored (or
+        decoded smaller); a file that cannot be used is reported and raised as ImageFailed."""
+        path = item.example.image
+        try:
+            if self.masks is None:
                 seen, im = open_scaled(path, item.resized)  # a very large photo decodes smaller
-            except Exception as exc:  # PIL raises many types for broken data; each means "skip this file"
-                raise self._fail(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
-            expected = tuple(item.example.size)
-            if all(expected) and seen != expected:
-                raise self._fail(path, f"changed since the scan ({expected[0]}x{expected[1]} px, "
-                                       f"now {seen[0]}x{seen[1]})")
-            im = im.resize(item.resized, Image.BICUBIC).crop(item.crop)
-            if item.flip:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            arrays.append(np.asarray(im, dtype=np.float32) / 127.5 - 1.0)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+                mask = None
+            else:
+                seen, im, mask = self.masks.open(item.example, item.resized)
+        except MaskFailed as exc:
+            raise self._fail(path, str(exc)) from exc
+        except Exception as exc:  # PIL raises many types for broken data; each means "skip this file"
+            raise self._fail(path, f"unreadable ({type(exc).__name__}: {exc})") from exc
+        expected = tuple(item.example.size)
+        if all(expected) and seen != expected:
+            raise self._fail(path, f"changed since the scan ({expected[0]}x{expected[1]} px, "
+                                   f"now {seen[0]}x{seen[1]})")
+        return im, mask
+
+
+def _placed(im, item: Item):
+    """`im` resized, cropped and flipped as `item` says (the image, and its mask the same way)."""
+    from PIL import Image
+
+    im = im.resize(item.resized, Image.BICUBIC).crop(item.crop)
+    return im.transpose(Image.FLIP_LEFT_RIGHT) if item.flip else im

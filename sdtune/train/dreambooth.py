@@ -33,8 +33,9 @@ BATCH = 4  # class images drawn per pipeline call
 
 
 def class_config(cfg: Config):
-    """The [data] settings the class images are read with: their caption defaults to data.class_prompt."""
-    return dataclasses.replace(cfg.data, caption=cfg.data.class_prompt)
+    """The [data] settings the class images are read with: their caption defaults to data.class_prompt; they
+    train unmasked (data.masked_loss masks the instance images)."""
+    return dataclasses.replace(cfg.data, caption=cfg.data.class_prompt, masked_loss=False, mask_dir="")
 
 
 def class_images(cfg: Config, components, plan, sample_context=None,

@@ -55,8 +55,9 @@ logger = logging.getLogger(__name__)
 
 def _scan(data_dir: str, cfg: Config, out_dir: str):
     """The training images, with every skipped file, the counts and the scan's warnings and notes logged.
-    The output, class and validation folders are never training images, wherever they are."""
-    scan = scan_folder(data_dir, cfg.data, exclude=(out_dir, cfg.data.class_dir, cfg.data.validation_dir))
+    The output, class, validation and mask folders are never training images, wherever they are."""
+    scan = scan_folder(data_dir, cfg.data, exclude=(out_dir, cfg.data.class_dir, cfg.data.validation_dir,
+                                                    cfg.data.mask_dir))
     for note in scan.notes:
         logger.info(f"note: {note}")
     for skip in scan.skipped:
@@ -246,7 +247,7 @@ def micro_batch_loss(run: Run, stream: BatchStream, index: int, salt: int = 0):
 
 def loss(run: Run, batch: MicroBatch):
     """The diffusion loss of `batch`, its noise and timesteps drawn by its generator for the whole global
-    batch (`sdtune.util.world`), this rank's rows kept."""
+    batch (`sdtune.util.world`), this rank's rows kept; with data.masked_loss each cell weighted by its mask."""
     c, plan, train, latents = run.components, run.plan, run.cfg.train, batch.latents
     cond = run.features.text([item.caption for item in batch.items])
     added = c.family.added_cond(cond, batch.items, latents.device, plan.working_dtype)
@@ -255,7 +256,7 @@ def loss(run: Run, batch: MicroBatch):
     timesteps = objective.sample_timesteps(batch.size, len(run.alphas_cumprod), generator, latents.device)[rows]
     return objective.batch_loss(run.placement.model, latents, noise, timesteps, cond.hidden, added,
                                 alphas_cumprod=run.alphas_cumprod, prediction_type=c.prediction_type,
-                                snr_gamma=train.snr_gamma, forward=lambda: autocast(plan))
+                                snr_gamma=train.snr_gamma, mask=batch.mask, forward=lambda: autocast(plan))
 
 
 def optimizer_step(run: Run, finite_loss: bool = True) -> bool:

@@ -7,8 +7,9 @@ steps of a run, and two runs, are compared on exactly the same problem.
 Every held-out image is center-cropped to its bucket, not flipped, with its own caption (no dropout or tag
 shuffling), and evaluated at each of `TIMESTEP_FRACTIONS` of the noise schedule. The VAE's sample, the noise
 and the order are drawn from seeds of their own, the same at every evaluation: only the weights change.
-The loss is plain MSE against the model's target (no min-SNR weighting). Every rank of a launched run
-evaluates the whole set (FSDP's forward is collective); the figures are the same on each.
+The loss is plain MSE against the model's target (no min-SNR weighting), weighted by the images' masks with
+`data.masked_loss` as the training loss is. Every rank of a launched run evaluates the whole set (FSDP's
+forward is collective); the figures are the same on each.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class Validation:
 
         c, plan, alphas = run.components, run.plan, run.alphas_cumprod
         generator = torch.Generator(plan.device).manual_seed(SEED + index)
-        latents = run.features.latents(self.stream, items, generator)
+        latents, mask = run.features.latents_and_mask(self.stream, items, generator)
         cond = run.features.text([item.caption for item in items])
         added = c.family.added_cond(cond, items, latents.device, plan.working_dtype)
         values = []
@@ -117,5 +118,6 @@ class Validation:
             noise = objective.sample_noise(latents.shape, generator, 0.0, latents.device, latents.dtype)
             timesteps = torch.full((len(items),), int(fraction * len(alphas)), device=latents.device)
             values.append(objective.batch_loss(run.placement.unet, latents, noise, timesteps, cond.hidden, added,
-                                               alphas_cumprod=alphas, prediction_type=c.prediction_type).item())
+                                               alphas_cumprod=alphas, prediction_type=c.prediction_type,
+                                               mask=mask).item())
         return sum(values) / len(values), len(items)

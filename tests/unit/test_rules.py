@@ -76,6 +76,7 @@ EXAMPLES = [
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
     (("data.cache_text", "data.tag_dropout"), ["data.cache_text=true", "data.tag_dropout=0.1"], None),
     (("data.cache_text", "data.wildcards"), ["data.cache_text=true", "data.wildcards=true"], None),
+    (("data.mask_dir", "data.masked_loss"), ["data.mask_dir=masks"], None),
 ]
 
 

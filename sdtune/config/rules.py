@@ -274,7 +274,22 @@ RULES: tuple[Rule, ...] = (
          "start one process",
          "{why} averages the UNet's gradients only; train.text_encoder_lr={train.text_encoder_lr} is not "
          "supported with several processes", of_launch=True),
+    # [[data.subsets]] (issue 29): is_reg subsets are the class images of prior preservation
+    Rule(("data.class_dir", "data.subsets"),
+         lambda c: bool(c.data.class_dir) and _regularisation(c),
+         "keep the is_reg subsets or data.class_dir, not both",
+         "data.class_dir and the is_reg tables of data.subsets both give class (regularisation) images: {fix}"),
+    Rule(("memory.fused_backward", "data.subsets"),
+         lambda c: c.memory.fused_backward and _regularisation(c),
+         "drop is_reg from data.subsets or set fused_backward=false",
+         "memory.fused_backward=true steps each weight during backward, before the whole gradient exists; "
+         "the is_reg tables of data.subsets need it all (a class loss after the instance loss): {fix}"),
 )
+
+
+def _regularisation(c) -> bool:
+    """Whether a data.subsets table is is_reg (tables, or before they are checked, their dicts)."""
+    return any(s.get("is_reg", False) if isinstance(s, dict) else s.is_reg for s in c.data.subsets)
 
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")
 

@@ -74,6 +74,8 @@ EXAMPLES = [
     (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
     (("memory.distributed", "train.method"), EMBEDDING, "ddp"),
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
+    (("data.class_dir", "data.subsets"), ["data.class_dir=c", "data.subsets=[{dir='r', is_reg=true}]"], None),
+    (("memory.fused_backward", "data.subsets"), [*FUSED, "data.subsets=[{dir='r', is_reg=true}]"], None),
 ]
 
 

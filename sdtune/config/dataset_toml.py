@@ -47,6 +47,7 @@ FATES: dict[str, Fate] = {
     "bucket_no_upscale": Fate(DATASET, why="sdtune resizes every image to fill its bucket (images smaller than "
                               "data.min_side are skipped)", harmless=False),
     "prior_loss_weight": Fate(DATASET, "train.prior_loss_weight"),
+    "max_token_length": Fate(DATASET, "data.max_token_length"),
     "network_multiplier": Fate(DATASET, why="sdtune trains one network at its full strength", harmless=1.0),
     "debug_dataset": Fate(DATASET, why="`sdtune data check` shows what training sees", harmless=False),
     "validation_seed": Fate(SUBSET, why="the validation split is seeded by train.seed"),
@@ -116,6 +117,8 @@ def translate(raw: dict, name: str, warned: dict[str, str]) -> dict:
         dataset = _table(dataset, f"[[datasets]] {n}", name)
         merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}}
         _check_levels(merged, f"[[datasets]] {n} (or [general])", name)
+        for key, value in merged.items():
+            _warn(key, value, DATASET, name, warned)
         runs.append({key: _square(merged[key]) for key in RUN_KEYS if key in merged})
         tables = dataset.get("subsets", [])
         if not isinstance(tables, list) or not tables:
@@ -171,10 +174,10 @@ def _run_layer(runs: list[dict], name: str, warned: dict[str, str]) -> dict:
     layer: dict = {"data": {"buckets": bool(run.get("enable_bucket", False))}}  # kohya's default: no buckets
     if "resolution" in run:
         layer["data"]["resolution"] = _resolution(run["resolution"], layer["data"]["buckets"], name, warned)
-    for key in ("min_bucket_reso", "max_bucket_reso", "batch_size", "prior_loss_weight"):
-        if key in run:
+    for key, value in run.items():
+        if key not in ("resolution", "enable_bucket"):
             section, _, field = FATES[key].key.partition(".")
-            layer.setdefault(section, {})[field] = run[key]
+            layer.setdefault(section, {})[field] = value
     return layer
 
 
@@ -196,20 +199,26 @@ def _resolution(value, buckets: bool, name: str, warned: dict[str, str]) -> int:
     return side
 
 
+def _warn(key: str, value, where: str, name: str, warned: dict[str, str]) -> bool:
+    """True for a key of `where` (DATASET or SUBSET) that sdtune does not do, said once unless harmless."""
+    fate = FATES.get(key)
+    if fate is None or fate.where != where or fate.key or fate.refuse:
+        return False
+    if value != fate.harmless and key not in warned:
+        warned[key] = f"{key} = {value!r} in {name} is not honoured: {fate.why}"
+    return True
+
+
 def _subset(merged: dict, where: str, name: str, warned: dict[str, str]) -> dict:
     """One `[[data.subsets]]` table from a kohya subset with what it inherits."""
     _known(merged, {"subsets"}, where, name, warned)
     table: dict = {}
     for key, value in merged.items():
         fate = FATES.get(key)
-        if fate is None or fate.where == DATASET:
+        if fate is None or fate.where == DATASET or _warn(key, value, SUBSET, name, warned):
             continue
         if fate.refuse:
             raise SdtuneError(f"{key} in {where} of {name}: {fate.why}; remove that subset")
-        if not fate.key:
-            if value != fate.harmless and key not in warned:
-                warned[key] = f"{key} = {value!r} in {name} is not honoured: {fate.why}"
-            continue
         table["alpha_mask" if key == "alpha_mask" else fate.key] = value  # alpha_mask: data.masked_loss, after
     if "center_crop" in table:
         table["center_crop"] = not table["center_crop"]  # kohya's random_crop

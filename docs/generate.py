@@ -96,9 +96,10 @@ def config_reference() -> str:
     lines += ["## [[data.subsets]]", "", cell(SubsetConfig.__doc__), "", "| key | type | default | meaning |",
               "| --- | --- | --- | --- |"]
     hints = typing.get_type_hints(SubsetConfig)
-    lines += [f"| `{f.name}` | {cell(type_words(hints[f.name]))} | "
-              f"`{cell('the [data] key' if f.default is None else toml_value(f.default))}` | {cell(f.metadata['doc'])} |"
-              for f in dataclasses.fields(SubsetConfig)]
+    for f in dataclasses.fields(SubsetConfig):
+        default = "the [data] key" if f.default is None else toml_value(f.default)
+        kind = cell(type_words(hints[f.name]))
+        lines.append(f"| `{f.name}` | {kind} | `{cell(default)}` | {cell(f.metadata['doc'])} |")
     lines.append("")
     hints = typing.get_type_hints(PresetInfo)
     lines += ["## [preset]", "", cell(PresetInfo.__doc__), "", "| key | type | default |", "| --- | --- | --- |"]

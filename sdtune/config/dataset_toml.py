@@ -107,7 +107,8 @@ def dataset_layer(path: str | Path) -> tuple[dict, str]:
 def translate(raw: dict, name: str, warned: dict[str, str]) -> dict:
     """The sdtune layer of a parsed dataset config; the lines of keys not honoured go into `warned`."""
     general = _table(raw.get("general", {}), "[general]", name)
-    _known(raw, {"general", "datasets"}, "the top level", name, warned)
+    for key in set(raw) - {"general", "datasets"}:  # sd-scripts reads only these two tables
+        warned[key] = f"{key} at the top level of {name} is not read, as sd-scripts does not: put it in [general]"
     datasets = raw.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
         raise SdtuneError(f"dataset config {name} has no [[datasets]] table: a dataset config lists its datasets, "

@@ -7,6 +7,7 @@ transcribed below where a test compares with them.
 
 import json
 import logging
+
 import pytest
 import tomllib
 from support.helpers import said
@@ -147,6 +148,12 @@ def test_a_key_sdtune_does_not_honour_is_one_warning_naming_it(folders, extra, k
     load_config("cpu", dataset=path)
     lines = [line for line in said(caplog) if line.startswith("warning: ")]
     assert len(lines) == 1 and key in lines[0], lines
+
+
+def test_a_key_outside_general_and_datasets_is_said_not_read(folders):
+    raw = {"resolution": 768, "datasets": [{"subsets": [{"image_dir": str(folders / "hoge")}]}]}
+    layer = translate(raw, "d.toml", warned := {})
+    assert "resolution" not in layer["data"] and "put it in [general]" in warned["resolution"]
 
 
 def test_kohyas_harmless_defaults_warn_nothing(folders):

@@ -110,10 +110,12 @@ def train(request: TrainRequest, *, progress: Callable | None = None,
         progress, status = None, None
     preset, plan_sets = request.preset, []
     if preset == "auto":
+        from sdtune.config.dataset_toml import dataset_sets
         from sdtune.estimate.auto import pick_plan
 
+        planned = [*(dataset_sets(request.dataset) if request.dataset else []), *request.overrides]
         with (status or _quiet)("--preset auto: estimating the memory plans"):
-            pick = pick_plan(request.overrides)
+            pick = pick_plan(planned)  # for the dataset config's resolution and batch size too
         logger.info(pick.reason)
         if pick.warning:
             logger.warning(pick.warning)

@@ -7,7 +7,8 @@ does (a subset's key, else its dataset's, else general's; docs/config_README-en.
 (resolution, batch_size, buckets) become the [data] and [train] keys, the subsets `data.subsets`. Every key
 has one fate, in `FATES`: honoured (mapped to an sdtune key), warned (one line naming it and why sdtune does
 not do it), or refused (one error line: it cannot be honoured safely). A key kohya does not know is a
-warning, as a typo should be. Relative folders are read from the current folder, as sd-scripts reads them.
+warning, as a typo should be. Relative folders are read from the current folder, as sd-scripts reads them
+(and written absolute into the run folder's config.toml).
 """
 
 from __future__ import annotations
@@ -90,18 +91,29 @@ RUN_KEYS = [key for key, fate in FATES.items() if fate.where == DATASET and fate
 def dataset_layer(path: str | Path) -> tuple[dict, str]:
     """The file as a config layer ({section: {key: value}}, its source) for `sdtune.config.apply_layers`;
     each key sdtune does not honour said once as a warning."""
+    path, warned = Path(path), {}
+    layer = translate(_read(path), path.name, warned)
+    for line in warned.values():
+        logger.warning(line)
+    return layer, f"dataset config {path.name}"
+
+
+def dataset_sets(path: str | Path) -> list[str]:
+    """The file's run keys ([data] and [train], the subsets aside) as `--set` items, read without a word:
+    what `--preset auto` plans the memory for."""
     path = Path(path)
+    layer = translate(_read(path), path.name, {})
+    return [f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for section, values in layer.items() for key, value in values.items() if key != "subsets"]
+
+
+def _read(path: Path) -> dict:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise SdtuneError(f"dataset config {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SdtuneError(f"dataset config {path} is not valid TOML: {exc}") from None
-    warned: dict[str, str] = {}
-    layer = translate(raw, path.name, warned)
-    for line in warned.values():
-        logger.warning(line)
-    return layer, f"dataset config {path.name}"
 
 
 def translate(raw: dict, name: str, warned: dict[str, str]) -> dict:
@@ -236,3 +248,6 @@ def _check_folder(table: dict, where: str, name: str) -> None:
         raise SdtuneError(f"image_dir {table['dir']} of {where} in {name} is not a folder{relative}: fix the path")
     if table.get("metadata_file") and not Path(table["metadata_file"]).is_file():
         raise SdtuneError(f"metadata_file {table['metadata_file']} of {where} in {name} does not exist{relative}")
+    for key in ("dir", "metadata_file"):  # the run folder's config.toml then resumes from any folder
+        if table.get(key):
+            table[key] = str(Path(table[key]).absolute())

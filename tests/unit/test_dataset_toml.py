@@ -14,7 +14,7 @@ from support.helpers import said
 from support.testing import make_image_folder
 
 from sdtune.config import Config, DataConfig, SubsetConfig, apply_layers, load_config
-from sdtune.config.dataset_toml import FATES, translate
+from sdtune.config.dataset_toml import FATES, dataset_sets, translate
 from sdtune.config.toml import from_toml, to_toml
 from sdtune.data.scan import kohya_metadata_caption, scan_subsets
 from sdtune.data.stream import BatchStream
@@ -126,6 +126,9 @@ def test_the_readme_example_inherits_as_sd_scripts_does(folders):
     # kohya's dataset defaults: no buckets unless enable_bucket; the batch size is the dataset's
     assert layer["data"]["resolution"] == 512 and layer["data"]["buckets"] is False
     assert layer["train"] == {"batch_size": 4}
+    path = folders / "dataset.toml"
+    path.write_text(README_EXAMPLE.format(root=folders.as_posix()).split("# This is a fine-tuning")[0])
+    assert dataset_sets(path) == ["data.buckets=false", "data.resolution=512", "train.batch_size=4"]  # --preset auto
 
 
 def test_two_datasets_of_different_resolutions_are_one_error_line(folders):
@@ -253,3 +256,11 @@ def test_each_subsets_settings_apply_to_its_images_and_the_order_is_a_function_o
     assert {i.caption for i in items if i.example.subset == 0} == {e.caption for e in examples[:3]}
     rebuilt = BatchStream(examples, cfg, batch_size=2, seed=3)  # a resumed run's stream
     assert [rebuilt.items(k) for k in (39, 7, 0)] == [stream.items(k) for k in (39, 7, 0)]
+
+
+def test_a_relative_image_dir_is_read_from_the_current_folder_and_kept_absolute(folders, monkeypatch):
+    monkeypatch.chdir(folders)
+    subsets = [{"image_dir": "hoge"}, {"image_dir": "./piyo", "metadata_file": "piyo/piyo_md.json"}]
+    raw = {"datasets": [{"subsets": subsets}]}
+    hoge, piyo = translate(raw, "d.toml", {})["data"]["subsets"]
+    assert hoge["dir"] == str(folders / "hoge") and piyo["metadata_file"] == str(folders / "piyo" / "piyo_md.json")

@@ -264,3 +264,22 @@ def test_a_relative_image_dir_is_read_from_the_current_folder_and_kept_absolute(
     raw = {"datasets": [{"subsets": subsets}]}
     hoge, piyo = translate(raw, "d.toml", {})["data"]["subsets"]
     assert hoge["dir"] == str(folders / "hoge") and piyo["metadata_file"] == str(folders / "piyo" / "piyo_md.json")
+
+
+def test_alpha_mask_turns_on_masked_loss_and_subsets_that_disagree_are_said(folders):
+    raw = {"datasets": [{"subsets": [{"image_dir": str(folders / "hoge"), "alpha_mask": True},
+                                     {"image_dir": str(folders / "fuga")}]}]}
+    layer = translate(raw, "d.toml", warned := {})
+    assert layer["data"]["masked_loss"] is True and "alpha_mask" not in layer["data"]["subsets"][0]
+    assert list(warned) == ["alpha_mask"] and "data.masked_loss is one switch" in warned["alpha_mask"]
+
+
+def test_a_data_folder_beside_the_configs_subsets_is_one_error_line(tmp_path):
+    from sdtune.run import TrainRequest
+
+    cfg = apply_layers(Config(), [({"data": {"subsets": [{"dir": "a"}]}}, "t")])
+    with pytest.raises(SdtuneError, match=r"^--data \S+/images and the config's \[\[data.subsets\]\] both name"):
+        TrainRequest(preset="cpu", data=tmp_path / "images").folder(cfg)
+    assert TrainRequest(preset="cpu", data=None).folder(cfg) is None
+    with pytest.raises(SdtuneError, match="no training images: pass --data"):
+        TrainRequest(preset="cpu", data=None).folder(Config())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def cell(text: str) -> str:
 
 def type_words(kind) -> str:
     origin = typing.get_origin(kind)
+    if origin is types.UnionType:  # a subset's override: absent means the [data] key's value
+        return type_words(typing.get_args(kind)[0])
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+        return "array of tables (below)"
     if origin is typing.Literal:
         return " ".join(f"`{choice}`" for choice in typing.get_args(kind))
     if origin is tuple:
@@ -86,6 +91,16 @@ def config_reference() -> str:
     for name in SECTIONS:
         lines += [f"## [{name}]", "", "| key | type | default | meaning | resume |",
                   "| --- | --- | --- | --- | --- |", *section_rows(name, sections[name]), ""]
+    from sdtune.config import SubsetConfig
+
+    lines += ["## [[data.subsets]]", "", cell(SubsetConfig.__doc__), "", "| key | type | default | meaning |",
+              "| --- | --- | --- | --- |"]
+    hints = typing.get_type_hints(SubsetConfig)
+    for f in dataclasses.fields(SubsetConfig):
+        default = "the [data] key" if f.default is None else toml_value(f.default)
+        kind = cell(type_words(hints[f.name]))
+        lines.append(f"| `{f.name}` | {kind} | `{cell(default)}` | {cell(f.metadata['doc'])} |")
+    lines.append("")
     hints = typing.get_type_hints(PresetInfo)
     lines += ["## [preset]", "", cell(PresetInfo.__doc__), "", "| key | type | default |", "| --- | --- | --- |"]
     lines += [f"| `preset.{f.name}` | {type_words(hints[f.name])} | `{toml_value(f.default)}` |"

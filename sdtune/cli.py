@@ -108,8 +108,10 @@ class OnOom(str, Enum):
 def train(
     preset: str = typer.Option(..., help="Memory plan: a shipped preset name (see `sdtune presets`), a .toml path, "
                                "or auto (the fastest plan the estimator fits into this GPU; cpu without one)."),
-    data: Path = typer.Option(..., help="Folder of training images, searched recursively; captions from NAME.txt, "
-                              "metadata.jsonl/.csv or the file name (`sdtune data check DIR` shows what is found)."),
+    data: Path | None = typer.Option(None, help="Folder of training images, searched recursively; captions from "
+                                     "NAME.txt, metadata.jsonl/.csv or the file name (`sdtune data check DIR` shows "
+                                     "what is found); or kohya's dataset config (a .toml with [[datasets]]); may be "
+                                     "left out when the preset has [[data.subsets]]."),
     model: str | None = typer.Option(None, help="Base model: diffusers folder, .safetensors file or hub id."),
     out: Path = typer.Option(Path("out"), help="Output folder: diffusers pipeline, checkpoints, samples."),
     max_steps: int | None = typer.Option(None, min=1, help="Optimizer steps (overrides train.max_steps)."),
@@ -480,7 +482,9 @@ app.add_typer(data_app, name="data")
 @data_app.command("check")
 @user_errors
 def data_check(
-    folder: Path = typer.Argument(..., help="Folder of training images, as --data of `sdtune train` takes it."),
+    folder: Path | None = typer.Argument(None, help="Folder of training images or kohya's dataset config (.toml), "
+                                                    "as --data of `sdtune train` takes it; left out: the preset's "
+                                                    "[[data.subsets]]."),
     preset: str = typer.Option("rtx3050", help="Memory plan whose [data] settings apply (resolution, buckets, "
                                                "smallest side, captions): a preset name or a .toml path."),
     model: str | None = typer.Option(None, help="Base model whose tokenizer measures the captions (default: the "
@@ -492,12 +496,17 @@ def data_check(
     Exits 2 when no image is usable."""
     from sdtune.config import load_config
     from sdtune.data.check import report
-    from sdtune.data.scan import no_usable_images, scan_all
+    from sdtune.data.scan import joined, no_usable_images, scan_all, scan_subsets
     from sdtune.data.tokens import model_tokenizer
+    from sdtune.run import TrainRequest
 
-    cfg, _ = load_config(preset, [*([f"model.pretrained={model}"] if model else []), *set_])
-    with console.status(f"checking the images in {folder}"):
-        scan = scan_all(folder, cfg.data, exclude=(cfg.data.class_dir, cfg.data.validation_dir))  # as train does
+    request = TrainRequest(preset=preset, data=folder, model=model, sets=tuple(set_))
+    cfg, _ = load_config(preset, request.overrides, dataset=request.dataset)
+    folder = request.folder(cfg)
+    with console.status(f"checking the images in {folder or 'the subsets'}"):
+        exclude = (cfg.data.class_dir, cfg.data.validation_dir)  # as train does
+        subsets = scan_subsets(cfg.data, exclude) if folder is None else []
+        scan = joined(subsets) if folder is None else scan_all(folder, cfg.data, exclude=exclude)
         try:
             tokenizer = model_tokenizer(cfg.model) if scan.examples else None
         except SdtuneError as exc:  # the folder is still worth its report
@@ -505,17 +514,36 @@ def data_check(
     out = Console(highlight=False, soft_wrap=True)
     if tokenizer is None and scan.examples:
         out.print(f"note: caption lengths not measured: {escape(unmeasured)}")
+    if folder is None:
+        _print_subsets(out, subsets, cfg.data)
     _print_report(out, report(scan, cfg.data, tokenizer), folder, cfg.data)
     if not scan.examples:
-        raise SdtuneError(no_usable_images(folder, scan))
+        raise SdtuneError(no_usable_images(folder or Path(cfg.data.subsets[0].dir), scan))
 
 
-def _print_report(out: Console, rep, folder: Path, data) -> None:
+def _print_subsets(out: Console, scans, data) -> None:
+    """One line per data.subsets table: its folder, images, skips, repeats, class role, captions, a sample."""
+    from sdtune.data.check import subset_reports
+
+    for n, row in enumerate(subset_reports(scans, data), 1):
+        s = row.subset
+        skipped = (", skipped " + ", ".join(f"{k:,} {kind}" for kind, k in sorted(row.skipped.items()))
+                   if row.skipped else "")
+        role = ", is_reg (class images)" if s.is_reg else ""
+        sources = ", ".join(f"{k:,} {source}" for source, k in row.captions) or "none"
+        out.print(f"subset {n}: {escape(s.dir)}: {row.images:,} images{skipped}, x {s.repeats} repeats = "
+                  f"{row.images * s.repeats:,}{role}; captions: {sources}")
+        if row.sample:
+            out.print(f"  e.g. {escape(row.sample[0])}: {escape(repr(row.sample[1]))}")
+
+
+def _print_report(out: Console, rep, folder: Path | None, data) -> None:
     from rich.markup import escape
     from rich.table import Column, Table
 
     repeats = f", {rep.with_repeats:,} with repeats" if rep.with_repeats != rep.usable else ""
-    out.print(f"{rep.found:,} image{'' if rep.found == 1 else 's'} in {escape(str(folder))}: {rep.usable:,} usable"
+    where = escape(str(folder)) if folder else f"{len(data.subsets)} subsets"
+    out.print(f"{rep.found:,} image{'' if rep.found == 1 else 's'} in {where}: {rep.usable:,} usable"
               + repeats)
     if rep.buckets:
         top = max(n for _, _, n in rep.buckets)
@@ -534,7 +562,7 @@ def _print_report(out: Console, rep, folder: Path, data) -> None:
     elif rep.cut is not None:
         out.print(f"every caption fits the {rep.cut.limit} tokens the text encoder reads ({escape(rep.tokenizer)})")
     for skip in rep.skipped:
-        where = skip.path.relative_to(folder) if skip.path.is_relative_to(folder) else skip.path
+        where = skip.path.relative_to(folder) if folder and skip.path.is_relative_to(folder) else skip.path
         out.print(f"[yellow]skipped[/] {escape(str(where))} ({skip.kind}): {escape(skip.detail)}")
     for warning in rep.warnings:
         out.print(f"[yellow]warning[/] {escape(warning)}")

@@ -42,7 +42,7 @@ class TrainRequest:
     """What the user asked `sdtune train` for."""
 
     preset: str                   # a preset name, a .toml path, or auto
-    data: Path
+    data: Path | None             # a folder of images, kohya's dataset config (.toml), or None: data.subsets
     out: Path = Path("out")
     model: str | None = None      # model.pretrained
     max_steps: int | None = None  # train.max_steps
@@ -56,9 +56,32 @@ class TrainRequest:
         return [*([f"model.pretrained={self.model}"] if self.model else []),
                 *([f"train.max_steps={self.max_steps}"] if self.max_steps else []), *self.sets]
 
+    @property
+    def dataset(self) -> Path | None:
+        """--data as kohya's dataset config file (`sdtune.config.dataset_toml`), else None."""
+        if self.data is None or not self.data.is_file():
+            return None
+        if self.data.suffix.lower() != ".toml":
+            raise SdtuneError(f"--data {self.data} is a file: give a folder of images or kohya's dataset config "
+                              "(a .toml file)")
+        return self.data
+
+    def folder(self, cfg: Config) -> Path | None:
+        """The --data folder, or None where data.subsets name the images (a dataset config, or the config's
+        [[data.subsets]])."""
+        if self.dataset is not None:
+            return None
+        if cfg.data.subsets and self.data is not None:
+            raise SdtuneError(f"--data {self.data} and the config's [[data.subsets]] both name the training images: "
+                              "leave out --data, or the subsets")
+        if not cfg.data.subsets and self.data is None:
+            raise SdtuneError("no training images: pass --data with a folder of images or kohya's dataset config "
+                              "(.toml), or give the config [[data.subsets]]")
+        return self.data
+
     def resume_command(self, preset: str, sets: list[str]) -> str:
         """The `sdtune train` command line that continues this run on `preset` with `sets`, plus --resume."""
-        args = ["sdtune", "train", "--preset", preset, "--data", str(self.data),
+        args = ["sdtune", "train", "--preset", preset, *(["--data", str(self.data)] if self.data else []),
                 *(["--model", self.model] if self.model else []), "--out", str(self.out),
                 *(["--max-steps", str(self.max_steps)] if self.max_steps else [])]
         for item in sets:
@@ -87,27 +110,30 @@ def train(request: TrainRequest, *, progress: Callable | None = None,
         progress, status = None, None
     preset, plan_sets = request.preset, []
     if preset == "auto":
+        from sdtune.config.dataset_toml import dataset_sets
         from sdtune.estimate.auto import pick_plan
 
+        planned = [*(dataset_sets(request.dataset) if request.dataset else []), *request.overrides]
         with (status or _quiet)("--preset auto: estimating the memory plans"):
-            pick = pick_plan(request.overrides)
+            pick = pick_plan(planned)  # for the dataset config's resolution and batch size too
         logger.info(pick.reason)
         if pick.warning:
             logger.warning(pick.warning)
         preset, plan_sets = pick.preset, list(pick.extra)
     fallbacks: list[str] = []  # the --set items of the smaller plans that --on-oom fallback moved to
-    cfg, info = load_config(preset, [*plan_sets, *request.overrides])
-    resume = request.resume
+    cfg, info = load_config(preset, [*plan_sets, *request.overrides], dataset=request.dataset)
+    folder, resume = request.folder(cfg), request.resume
     try:
         while True:
             try:
-                return attempt(cfg, info, request.data, request.out, resume=resume, overwrite=request.overwrite,
+                return attempt(cfg, info, folder, request.out, resume=resume, overwrite=request.overwrite,
                                progress=progress, world=world)
             except OutOfMemory as exc:
                 if request.on_oom != "fallback" or exc.fallback is None:
                     raise
                 fallbacks += exc.fallback.overrides
-                cfg, info = _fall_back(exc, preset, [*plan_sets, *request.overrides, *fallbacks])
+                overrides = [*plan_sets, *request.overrides, *fallbacks]
+                cfg, info = _fall_back(exc, preset, overrides, request.dataset)
                 resume = True
     except (Interrupted, KeyboardInterrupt) as exc:  # KeyboardInterrupt: Ctrl+C outside the training loop
         command = request.resume_command(preset, [*plan_sets, *request.sets, *fallbacks])
@@ -122,10 +148,10 @@ def _quiet(text: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def _fall_back(exc, preset: str, overrides: list[str]) -> tuple[Config, PresetInfo]:
+def _fall_back(exc, preset: str, overrides: list[str], dataset: Path | None) -> tuple[Config, PresetInfo]:
     from sdtune.estimate.fallback import describe
 
-    cfg, info = load_config(preset, overrides)
+    cfg, info = load_config(preset, overrides, dataset=dataset)
     sets = " ".join(f"--set {item}" for item in exc.fallback.overrides)
     logger.info(f"{exc.what}; --on-oom fallback ({sets}): continuing from the newest checkpoint on "
                 f"{describe(cfg, info)}")
@@ -138,7 +164,7 @@ class _Attempt:
 
     cfg: Config
     info: PresetInfo
-    data: Path
+    data: Path | None
     out: Path
     resume: bool
     overwrite: bool
@@ -146,8 +172,8 @@ class _Attempt:
     world: World
 
 
-def attempt(cfg: Config, info: PresetInfo, data: Path, out: Path, *, resume: bool = False, overwrite: bool = False,
-            progress: Callable | None = None, world: World | None = None) -> dict:
+def attempt(cfg: Config, info: PresetInfo, data: Path | None, out: Path, *, resume: bool = False,
+            overwrite: bool = False, progress: Callable | None = None, world: World | None = None) -> dict:
     """One run on one plan, with `out` locked: prepare (resuming on `resume`), loop, export, summary.
     Raises `sdtune.estimate.fallback.OutOfMemory` when the GPU runs out of memory,
     `sdtune.train.signals.Interrupted` after a signal.
@@ -196,7 +222,8 @@ def _run(request: _Attempt) -> dict | _OutOfMemoryAt:
     clear = _check_out_dir(out, request.resume, request.overwrite) if world.main else False
     run = None
     try:
-        run = trainer.prepare(cfg, request.info, str(request.data), str(out), request.resume, world=world)
+        data = None if request.data is None else str(request.data)
+        run = trainer.prepare(cfg, request.info, data, str(out), request.resume, world=world)
         with run:
             _start(run, clear)
             return _train_and_export(run, request)

@@ -16,6 +16,7 @@ import difflib
 import functools
 import logging
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from sdtune.config.sections import (
     MemoryConfig,
     ModelConfig,
     OutputConfig,
+    SubsetConfig,
     TrainConfig,
     doc,
     require,
@@ -42,8 +44,8 @@ from sdtune.config.sections import (
 from sdtune.errors import SdtuneError
 
 __all__ = ["FIXED", "FREE", "NEUTRAL", "SECTIONS", "Config", "DataConfig", "EmbeddingConfig", "LoraConfig",
-           "MemoryConfig", "ModelConfig", "OutputConfig", "PresetInfo", "TrainConfig", "apply_layers", "doc",
-           "load_config", "parse_set", "preset_names", "preset_path", "read_preset"]
+           "MemoryConfig", "ModelConfig", "OutputConfig", "PresetInfo", "SubsetConfig", "TrainConfig", "apply_layers",
+           "doc", "load_config", "parse_set", "preset_names", "preset_path", "read_preset"]
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -64,7 +66,7 @@ class Config:
     @property
     def prior_preservation(self) -> bool:
         """DreamBooth prior preservation: each batch pairs instance images with class images."""
-        return bool(self.data.class_dir)
+        return bool(self.data.class_dir) or any(s.is_reg for s in self.data.subsets)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +85,10 @@ class PresetInfo:
 
 def _coerce(value, kind, where: str):
     origin = typing.get_origin(kind)
+    if origin is types.UnionType:  # `str | None`: a subset's override; TOML has no null, so it is the type
+        kind, origin = typing.get_args(kind)[0], None
+    if origin is tuple and dataclasses.is_dataclass(typing.get_args(kind)[0]):
+        return _tables(value, typing.get_args(kind)[0], where)
     if origin is Literal:
         choices = typing.get_args(kind)
         require(value in choices, f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -96,6 +102,24 @@ def _coerce(value, kind, where: str):
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     require(ok, f"{where} must be {_TYPE_WORDS[kind]}, got {value!r}")
     return value
+
+
+def _tables(value, kind, where: str) -> tuple:
+    """An array of TOML tables (`[[data.subsets]]`) as a tuple of `kind`, every key known and typed."""
+    require(isinstance(value, (list, tuple)), f"{where} must be an array of tables ([[...]]), got {value!r}")
+    hints, names = typing.get_type_hints(kind), [f.name for f in dataclasses.fields(kind)]
+    tables = []
+    for n, table in enumerate(value, 1):
+        if isinstance(table, kind):
+            tables.append(table)
+            continue
+        require(isinstance(table, dict), f"{where} must be an array of tables ([[...]]), got {table!r}")
+        for key in table:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            require(key in names, f"unknown key '{key}' in table {n} of {where}{hint}")
+        tables.append(kind(**{key: _coerce(v, hints[key], f"{where} (table {n}) {key}") for key, v in table.items()}))
+    return tuple(tables)
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -223,10 +247,17 @@ def _say_once(line: str) -> None:
     logging.getLogger(__name__).info(line)
 
 
-def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, PresetInfo]:
-    """Defaults, then the preset, then each `--set`: the resolved, validated config."""
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (),
+                dataset: str | Path | None = None) -> tuple[Config, PresetInfo]:
+    """Defaults, then the preset, then kohya's `dataset` config file if given (`sdtune.config.dataset_toml`),
+    then each `--set`: the resolved, validated config."""
     data, info = read_preset(preset)
-    layers = [(data, preset_path(preset).name)] + [(parse_set(item), f"--set {item}") for item in overrides]
+    layers = [(data, preset_path(preset).name)]
+    if dataset is not None:
+        from sdtune.config.dataset_toml import dataset_layer
+
+        layers.append(dataset_layer(dataset))
+    layers += [(parse_set(item), f"--set {item}") for item in overrides]
     cfg = apply_layers(Config(), layers + _method_layer(layers, preset))
     if cfg.lora.init_from:  # rank, alpha, target and text_encoder follow the file, and the plan gives way to them
         from sdtune.config.lora_file import file_layer

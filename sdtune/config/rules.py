@@ -290,7 +290,22 @@ RULES: tuple[Rule, ...] = (
          lambda c: bool(c.data.mask_dir) and not c.data.masked_loss,
          "set data.masked_loss=true to train with the masks, or clear data.mask_dir",
          "data.mask_dir is set but data.masked_loss is false, so no mask would be read: {fix}"),
+    # [[data.subsets]] (issue 29): is_reg subsets are the class images of prior preservation
+    Rule(("data.class_dir", "data.subsets"),
+         lambda c: bool(c.data.class_dir) and _regularisation(c),
+         "keep the is_reg subsets or data.class_dir, not both",
+         "data.class_dir and the is_reg tables of data.subsets both give class (regularisation) images: {fix}"),
+    Rule(("memory.fused_backward", "data.subsets"),
+         lambda c: c.memory.fused_backward and _regularisation(c),
+         "drop is_reg from data.subsets or set fused_backward=false",
+         "memory.fused_backward=true steps each weight during backward, before the whole gradient exists; "
+         "the is_reg tables of data.subsets need it all (a class loss after the instance loss): {fix}"),
 )
+
+
+def _regularisation(c) -> bool:
+    """Whether a data.subsets table is is_reg (tables, or before they are checked, their dicts)."""
+    return any(s.get("is_reg", False) if isinstance(s, dict) else s.is_reg for s in c.data.subsets)
 
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")
 

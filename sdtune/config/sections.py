@@ -7,7 +7,8 @@ built, `check_section`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from sdtune.config.rules import check_section
@@ -48,6 +49,40 @@ class ModelConfig:
 
     def __post_init__(self):
         check_section("model", self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubsetConfig:
+    """One `[[data.subsets]]` table: a folder of images with its repeats and its own caption and augmentation
+    settings (kohya's `[[datasets.subsets]]`). An override left out (None) takes the [data] section's value."""
+
+    dir: str = doc("folder of the subset's images, searched recursively (relative: to the current folder)", "")
+    repeats: int = doc("each image is this many entries an epoch (kohya's num_repeats)", 1)
+    is_reg: bool = doc("regularisation (DreamBooth prior) images: trained as the class half of each batch, "
+                       "weighted by train.prior_loss_weight", False)
+    metadata_file: str = doc("kohya's fine-tuning JSON ({image key: {caption, tags}}): the captions of the "
+                             "images it lists, the only ones used; empty: none", "")
+    caption: str | None = doc("caption of images without a caption file (kohya's class_tokens)", None)
+    caption_extension: str | None = doc("this subset's caption file extension", None)
+    shuffle_tags: bool | None = doc("shuffle this subset's tags", None)
+    keep_tags: int | None = doc("with shuffle_tags, keep this subset's first K tags in place", None)
+    caption_dropout: float | None = doc("this subset's share of empty captions", None)
+    random_flip: bool | None = doc("flip this subset's images at random", None)
+    center_crop: bool | None = doc("crop this subset's images at the center (false: a random window)", None)
+    tag_dropout: float | None = doc("this subset's tag dropout", None)
+    keep_tags_separator: str | None = doc("this subset's keep_tags_separator", None)
+    secondary_separator: str | None = doc("this subset's secondary_separator", None)
+    caption_prefix: str | None = doc("this subset's caption_prefix", None)
+    caption_suffix: str | None = doc("this subset's caption_suffix", None)
+    wildcards: bool | None = doc("this subset's wildcards", None)
+
+    def __post_init__(self):
+        require(bool(self.dir), "a [[data.subsets]] table needs dir, the folder of its images")
+        require(self.repeats >= 1, f"data.subsets repeats must be at least 1, got {self.repeats} ({self.dir})")
+
+    def overrides(self) -> dict:
+        """The [data] keys this subset sets: its fields that are not None, past the first four."""
+        return {f.name: getattr(self, f.name) for f in fields(self)[4:] if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +145,9 @@ class DataConfig:
                             "its file in mask_dir; an image without one trains unmasked", False)
     mask_dir: str = doc("with masked_loss: folder of masks under the images' relative names (any image suffix); "
                         "empty: the images' alpha channels", "")
+    subsets: tuple[SubsetConfig, ...] = doc("folders of images each with its repeats, captions and augmentation "
+                                            "([[data.subsets]] tables, or kohya's dataset config as --data); "
+                                            "empty: the --data folder", ())
 
     def __post_init__(self):
         require(self.resolution >= 8 and self.resolution % 8 == 0,
@@ -124,6 +162,12 @@ class DataConfig:
         require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
         require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
         check_section("data", self)
+        for index in range(len(self.subsets)):
+            self.for_subset(index)  # each subset's overrides within their ranges, said as the [data] key's
+
+    def for_subset(self, index: int) -> DataConfig:
+        """The settings subset `index`'s images train with: this section with the subset's overrides."""
+        return dataclasses.replace(self, subsets=(), **self.subsets[index].overrides())
 
     @property
     def smallest_side(self) -> int:

@@ -32,11 +32,20 @@ def to_toml(cfg: Config, info: PresetInfo | None = None) -> str:
                   f"card = {_toml_value(info.card)}",
                   f"vram_gib = {_toml_value(info.vram_gib)}", f"description = {_toml_value(info.description)}", ""]
     for name in SECTIONS:
-        section = getattr(cfg, name)
+        section, tables = getattr(cfg, name), []
         lines.append(f"[{name}]")
         for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}  # {f.metadata['doc']}")
+            value = getattr(section, f.name)
+            if value and isinstance(value, tuple) and dataclasses.is_dataclass(value[0]):
+                tables += [(f"{name}.{f.name}", table) for table in value]  # after the section's plain keys
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}  # {f.metadata['doc']}")
         lines.append("")
+        for where, table in tables:
+            lines.append(f"[[{where}]]")
+            lines += [f"{f.name} = {_toml_value(getattr(table, f.name))}  # {f.metadata['doc']}"
+                      for f in dataclasses.fields(table) if getattr(table, f.name) is not None]
+            lines.append("")
     return "\n".join(lines)
 
 

@@ -1,14 +1,17 @@
 """`sdtune data check`: a scan of the training folder in numbers (`report`), as the command prints it.
 
     rep = report(scan_all("images", cfg.data), cfg.data, model_tokenizer(cfg.model))  # counts, buckets, captions
+    rows = subset_reports(scan_subsets(cfg.data), cfg.data)  # a dataset config's or [[data.subsets]]: per subset
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
-from sdtune.config import DataConfig
+from sdtune.config import DataConfig, SubsetConfig
+from sdtune.data import captions
 from sdtune.data.buckets import assign, make_buckets
 from sdtune.data.captions import fixed
 from sdtune.data.scan import Scan, Skip
@@ -51,3 +54,25 @@ def report(scan: Scan, cfg: DataConfig, tokenizer: tuple | None = None) -> Repor
         cut=cut_captions([(e.image, fixed(e.caption, cfg)) for e in scan.examples], tokenizer[0])
         if tokenizer else None,
         tokenizer=tokenizer[1] if tokenizer else "")
+
+
+@dataclass(frozen=True)
+class SubsetReport:
+    subset: SubsetConfig
+    images: int                          # usable images
+    skipped: Counter                     # kind -> files
+    captions: list[tuple[str, int]]      # (caption source, images), most first
+    sample: tuple[str, str] | None       # (image name, its caption as one step trains it), the first image's
+
+
+def subset_reports(scans: list[Scan], cfg: DataConfig) -> list[SubsetReport]:
+    """Per table of `cfg.subsets` (its scan from `scan_subsets`, in order): what `sdtune data check` lists."""
+    rows = []
+    for index, (subset, scan) in enumerate(zip(cfg.subsets, scans, strict=True)):
+        first = scan.examples[0] if scan.examples else None
+        sample = None if first is None else (
+            first.image.name, captions.render(first.caption, cfg.for_subset(index), random.Random(0)))
+        sources = Counter(e.caption_source for e in scan.examples)
+        rows.append(SubsetReport(subset, len(scan.examples), Counter(s.kind for s in scan.skipped),
+                                 sorted(sources.items(), key=lambda kv: (-kv[1], kv[0])), sample))
+    return rows

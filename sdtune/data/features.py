@@ -68,8 +68,9 @@ class Features:
             self.c.vae.to("cpu")
         if self.data.cache_text:
             self.text_cache = FeatureCache(root, "text", self._text_identity())
-            captions = {fixed(e.caption, stream.cfg) for stream, examples in sources for e in examples}
-            captions = sorted(captions | ({""} if self.data.caption_dropout else set()))
+            captions = {fixed(e.caption, stream.cfg_of(e)) for stream, examples in sources for e in examples}
+            dropout = self.data.caption_dropout or any(s.caption_dropout for s in self.data.subsets)
+            captions = sorted(captions | ({""} if dropout else set()))
             missing = [caption for caption in captions if self.text_cache.get(key_of(caption)) is None]
             mine = missing[world.rank::world.size]
             for start in range(0, len(mine), 32):
@@ -96,7 +97,7 @@ class Features:
         return parts[0] if len(parts) == 1 else key_of(*parts)[:32]
 
     def _encode_missing_latents(self, stream, examples) -> None:
-        items = [item for example in examples for item in self._cached_items(example)]
+        items = [item for example in examples for item in self._cached_items(stream, example)]
         missing = [item for item in items if self.latent_cache.get(self._latent_key(stream, item)) is None]
         for start in range(0, len(missing), 8):
             chunk = missing[start:start + 8]
@@ -125,7 +126,7 @@ class Features:
                 entry["mask"] = grid[i]
             self.latent_cache.put(self._latent_key(stream, item), entry)
 
-    def _cached_items(self, example) -> list:
+    def _cached_items(self, stream, example) -> list:
         """The crops a latent cache must hold for `example`: its bucket's center crop, both ways round when
         flips are on (a random crop cannot be cached; the config refuses that combination)."""
         from sdtune.data.buckets import assign, fit, make_buckets
@@ -135,7 +136,7 @@ class Features:
             self._buckets = make_buckets(self.data)
         bucket = assign(example.size, self._buckets)
         resized, crop = fit(example.size, bucket, True, random.Random(0))  # center: the rng is not used
-        flips = (False, True) if self.data.random_flip else (False,)
+        flips = (False, True) if stream.cfg_of(example).random_flip else (False,)
         return [Item(example, bucket, resized, crop, flip, "") for flip in flips]
 
     def _latent_key(self, stream, item) -> str:

@@ -17,6 +17,7 @@ run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -43,6 +44,7 @@ class Example:
     size: tuple[int, int] = (0, 0)      # (width, height) as the image is seen, after EXIF orientation
     repeats: int = 1                    # kohya's "N_name" folder convention: N
     caption_source: str = "file name"   # "sidecar", "metadata", "fixed", "folder name" or "file name"
+    subset: int = 0                     # its data.subsets table (none: the --data folder)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,64 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
     warnings = (*problems, *((_legacy_warning(legacy, root),) if legacy else ()),
                 *((_multiline_warning(multiline, root),) if multiline else ()))
     return Scan(examples, skipped, warnings, tuple(notes))
+
+
+def scan_subsets(cfg: DataConfig, exclude=()) -> list[Scan]:
+    """One scan per table of `cfg.subsets`, with the subset's caption settings: its examples carry the
+    subset's index and repeats (kohya's num_repeats; `N_name` folders inside give no repeats, as sd-scripts
+    reads a subset), and with a metadata_file, only the images it lists, captioned by it."""
+    scans = []
+    for index, subset in enumerate(cfg.subsets):
+        folder = Path(subset.dir)
+        if not folder.is_dir():
+            relative = "" if folder.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+            raise SdtuneError(f"data.subsets folder {subset.dir} (subset {index + 1}) is not a folder{relative}: "
+                              "fix its dir (image_dir)")
+        scan = scan_all(folder, cfg.for_subset(index), exclude)
+        if subset.metadata_file:
+            scan = with_kohya_metadata(scan, Path(subset.metadata_file), folder)
+        examples = [dataclasses.replace(e, repeats=subset.repeats, subset=index) for e in scan.examples]
+        scans.append(dataclasses.replace(scan, examples=examples))
+    return scans
+
+
+def with_kohya_metadata(scan: Scan, metadata_file: Path, folder: Path) -> Scan:
+    """`scan` with only the images that kohya's fine-tuning metadata (`{image key: {"caption", "tags"}}`, a key
+    a path relative to `folder` or absolute, with or without its suffix) lists, each captioned as sd-scripts'
+    FineTuningDataset does: the caption, then "," and the tags; the others skipped, saying why."""
+    import json
+
+    try:
+        entries = json.loads(metadata_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SdtuneError(f"metadata_file {metadata_file} cannot be read as JSON: {exc}") from None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise SdtuneError(f"metadata_file {metadata_file} must be a JSON object of {{image key: {{\"caption\": ..., "
+                          "\"tags\": ...}}}}, as kohya's merge_captions_to_metadata.py writes it")
+    listed = {os.path.normpath(folder / key): entry for key, entry in entries.items()}  # an absolute key stays
+    examples, skipped = [], list(scan.skipped)
+    for example in scan.examples:
+        image = os.path.normpath(example.image)
+        entry = listed.get(image) or listed.get(os.path.splitext(image)[0])
+        if entry is None:
+            skipped.append(Skip(example.image, "not in metadata", f"not listed in {metadata_file.name}"))
+            continue
+        examples.append(dataclasses.replace(example, caption=kohya_metadata_caption(entry), caption_source="metadata"))
+    return dataclasses.replace(scan, examples=examples, skipped=skipped)
+
+
+def kohya_metadata_caption(entry: dict) -> str:
+    """sd-scripts' FineTuningDataset caption: `caption`, then its caption_separator "," and `tags` when given."""
+    caption, tags = entry.get("caption") or "", entry.get("tags")
+    if tags:
+        caption = (caption + "," if caption else "") + tags
+    return caption
+
+
+def joined(scans: list[Scan]) -> Scan:
+    """The subsets' scans as one: every example and skip, in subset order."""
+    return Scan([e for s in scans for e in s.examples], [k for s in scans for k in s.skipped],
+                tuple(w for s in scans for w in s.warnings), tuple(n for s in scans for n in s.notes))
 
 
 def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) -> bool:

@@ -11,7 +11,8 @@ captions the uninterrupted run would have seen. The data order, epoch by epoch:
 
 Every epoch has the same number of batches, so batch `k` is batch `k % n` of epoch `k // n`. The crop
 (when `data.center_crop` is false), the flip and the caption dropout and tag shuffle of slot `i` of batch
-`k` come from a generator seeded with (seed, k, i).
+`k` come from a generator seeded with (seed, k, i), under the settings of the example's `data.subsets`
+table where there are subsets (`cfg_of`).
 
     stream = BatchStream(scan.examples, DataConfig(), batch_size=2, seed=0)
     items = stream.items(0)          # which images, crops, flips and captions make batch 0
@@ -88,6 +89,7 @@ class BatchStream:
         self.entries = {b: [i for i in members for _ in range(max(1, examples[i].repeats))]
                         for b, members in self.members.items()}
         self.batches_per_epoch = sum(math.ceil(len(e) / batch_size) for e in self.entries.values())
+        self.subset_cfgs = [cfg.for_subset(i) for i in range(len(cfg.subsets))]  # data.subsets' own settings
         self.failed: set[Path] = set()
         self.masks = MaskSource(examples, cfg) if cfg.masked_loss else None
         self._ahead: dict = {}  # tuple(items) -> the Future of their pixels
@@ -129,6 +131,10 @@ class BatchStream:
         raise SdtuneError(f"every image of the {w}x{h} bucket ({len(members)} files) became unusable during the "
                           "run (deleted, broken or replaced): restore them or remove them, then continue with --resume")
 
+    def cfg_of(self, example: Example) -> DataConfig:
+        """The settings `example` trains with: its subset's (data.subsets), else the [data] section."""
+        return self.subset_cfgs[example.subset] if self.subset_cfgs else self.cfg
+
     def items(self, index: int) -> list[Item]:
         """Batch `index`: `batch_size` items from one bucket, a pure function of (seed, index) (and of which
         files failed so far)."""
@@ -137,9 +143,10 @@ class BatchStream:
         for slot, i in enumerate(entries):
             i = self._usable(i, bucket)
             rng = random.Random(self.seed * 1_000_003 + index * self.batch_size + slot)
-            resized, crop = fit(self.sizes[i], bucket, self.cfg.center_crop, rng)
-            flip = self.cfg.random_flip and rng.random() < 0.5
-            caption = captions.render(self.examples[i].caption, self.cfg, rng)
+            own = self.cfg_of(self.examples[i])
+            resized, crop = fit(self.sizes[i], bucket, own.center_crop, rng)
+            flip = own.random_flip and rng.random() < 0.5
+            caption = captions.render(self.examples[i].caption, own, rng)
             items.append(Item(self.examples[i], bucket, resized, crop, flip, caption))
         return items
 

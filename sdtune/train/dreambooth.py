@@ -10,6 +10,9 @@ under a temporary name and renamed, the caption before the image: an image is ne
 without its caption. Class images the user put there are used as they are (their captions as the
 instance data's are found; `data.class_prompt` for those without one).
 
+The is_reg tables of `data.subsets` (kohya's regularisation subsets) are class images too, in place of
+`data.class_dir`: `sdtune.train.loop.prepare` takes them from the scan and generates none.
+
 The trainer pairs every micro-batch of instance images with one of class images and trains on
 instance loss + `train.prior_loss_weight` x class loss, one backward pass each.
 """

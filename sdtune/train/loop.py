@@ -53,11 +53,15 @@ __all__ = ["Interrupted", "Progress", "Run", "StepResult", "evaluation_mode", "f
 logger = logging.getLogger(__name__)
 
 
-def _scan(data_dir: str, cfg: Config, out_dir: str):
-    """The training images, with every skipped file, the counts and the scan's warnings and notes logged.
-    The output, class, validation and mask folders are never training images, wherever they are."""
-    scan = scan_folder(data_dir, cfg.data, exclude=(out_dir, cfg.data.class_dir, cfg.data.validation_dir,
-                                                    cfg.data.mask_dir))
+def _scan(data_dir: str | None, cfg: Config, out_dir: str):
+    """The training images (the --data folder's, or every data.subsets table's), with every skipped file, the
+    counts and the scan's warnings and notes logged. The output, class, validation and mask folders are never
+    training images, wherever they are."""
+    exclude = (out_dir, cfg.data.class_dir, cfg.data.validation_dir, cfg.data.mask_dir)
+    if cfg.data.subsets:
+        scan, data_dir = _scan_subsets(cfg, exclude), f"{len(cfg.data.subsets)} subsets"
+    else:
+        scan = scan_folder(data_dir, cfg.data, exclude=exclude)
     for note in scan.notes:
         logger.info(f"note: {note}")
     for skip in scan.skipped:
@@ -70,6 +74,30 @@ def _scan(data_dir: str, cfg: Config, out_dir: str):
     for warning in scan.warnings:
         logger.warning(warning)
     return scan
+
+
+def _scan_subsets(cfg: Config, exclude):
+    """The data.subsets tables' images, each subset's counts said; an error when only is_reg ones have any."""
+    from sdtune.data.scan import joined, scan_subsets
+
+    scans = scan_subsets(cfg.data, exclude)
+    for subset, scan in zip(cfg.data.subsets, scans, strict=True):
+        kind = " (is_reg: class images)" if subset.is_reg else ""
+        logger.info(f"subset {subset.dir}: {len(scan.examples):,} images x {subset.repeats} repeats{kind}")
+    scan = joined(scans)
+    if not any(not cfg.data.subsets[e.subset].is_reg for e in scan.examples):
+        raise SdtuneError("no usable training images in the data.subsets that are not is_reg (" + ", ".join(
+            s.dir for s in cfg.data.subsets if not s.is_reg) + "); `sdtune data check` shows why")
+    return scan
+
+
+def _split_regularisation(cfg: Config, examples: list) -> tuple[list, list]:
+    """(training examples, class examples): the is_reg subsets' images are the class images."""
+    regs = {i for i, subset in enumerate(cfg.data.subsets) if subset.is_reg}
+    if regs and not any(e.subset in regs for e in examples):
+        raise SdtuneError("no usable class images in the is_reg data.subsets (" + ", ".join(
+            cfg.data.subsets[i].dir for i in sorted(regs)) + "); `sdtune data check` shows why")
+    return [e for e in examples if e.subset not in regs], [e for e in examples if e.subset in regs]
 
 
 def _run_length(cfg: Config, stream: BatchStream) -> Config:
@@ -115,7 +143,7 @@ def _check_caption_lengths(examples, components, data) -> None:
         logger.warning(cut.line())
 
 
-def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: bool,
+def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, resume: bool,
             world: World | None = None) -> Run:
     """Scan the data, resolve the plan, load and place the model, generate missing class images (prior
     preservation), prepare the features; with `resume`, continue from the newest checkpoint in `out_dir`.
@@ -131,7 +159,8 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     world.start(plan.device)
     with world.main_first():  # the other ranks then find every image in the scan cache
         scan = _scan(data_dir, cfg, out_dir)
-        examples, held_out = validation_set(cfg, scan.examples)
+        examples, regularisation = _split_regularisation(cfg, scan.examples)
+        examples, held_out = validation_set(cfg, examples)
     components = load_for_training(cfg.model, cfg.train.seed)
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         logger.info(components.origin)
@@ -152,8 +181,14 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.train.dreambooth import class_config, class_images
 
-        examples = class_images(cfg, components, plan, sample_context=lambda: evaluation_mode(run), world=world)
-        classes = BatchStream(examples, class_config(cfg), global_batch, cfg.train.seed + 1)
+        if regularisation:  # is_reg subsets: their own settings and captions (class_tokens)
+            examples, data = regularisation, cfg.data
+            logger.info(f"prior preservation: {len(examples):,} class images from the is_reg subsets, prior loss "
+                        f"weight {cfg.train.prior_loss_weight:g}")
+        else:
+            examples = class_images(cfg, components, plan, sample_context=lambda: evaluation_mode(run), world=world)
+            data = class_config(cfg)
+        classes = BatchStream(examples, data, global_batch, cfg.train.seed + 1)
         run = dataclasses.replace(run, class_stream=classes)
         sources.append((classes, examples))
     features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders

@@ -64,7 +64,8 @@ class Validation:
 
     def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
-                                    center_crop=True, loader_threads=0)
+                                    center_crop=True, loader_threads=0,
+                                    subsets=())  # one fixed problem, whatever the subsets' own augmentation
         self.examples, self.batch_size = examples, cfg.train.batch_size
         self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 

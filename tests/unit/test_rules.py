@@ -77,6 +77,8 @@ EXAMPLES = [
     (("data.cache_text", "data.tag_dropout"), ["data.cache_text=true", "data.tag_dropout=0.1"], None),
     (("data.cache_text", "data.wildcards"), ["data.cache_text=true", "data.wildcards=true"], None),
     (("data.mask_dir", "data.masked_loss"), ["data.mask_dir=masks"], None),
+    (("data.class_dir", "data.subsets"), ["data.class_dir=c", "data.subsets=[{dir='r', is_reg=true}]"], None),
+    (("memory.fused_backward", "data.subsets"), [*FUSED, "data.subsets=[{dir='r', is_reg=true}]"], None),
 ]
 
 

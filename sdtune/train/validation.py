@@ -107,6 +107,7 @@ class Validation:
         import torch
 
         c, plan, alphas = run.components, run.plan, run.alphas_cumprod
+        plain = objective.Objective(alphas_cumprod=alphas, prediction_type=c.prediction_type)
         generator = torch.Generator(plan.device).manual_seed(SEED + index)
         latents = run.features.latents(self.stream, items, generator)
         cond = run.features.text([item.caption for item in items])
@@ -115,6 +116,6 @@ class Validation:
         for fraction in TIMESTEP_FRACTIONS:
             noise = objective.sample_noise(latents.shape, generator, 0.0, latents.device, latents.dtype)
             timesteps = torch.full((len(items),), int(fraction * len(alphas)), device=latents.device)
-            values.append(objective.batch_loss(run.placement.unet, latents, noise, timesteps, cond.hidden, added,
-                                               alphas_cumprod=alphas, prediction_type=c.prediction_type).item())
+            values.append(objective.batch_loss(run.placement.unet, latents, objective.Draw(noise, timesteps),
+                                               cond.hidden, added, objective=plain).item())
         return sum(values) / len(values), len(items)

@@ -74,6 +74,14 @@ EXAMPLES = [
     (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
     (("memory.distributed", "train.method"), EMBEDDING, "ddp"),
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
+    (("train.min_timestep", "train.max_timestep"), ["train.min_timestep=500", "train.max_timestep=500"], None),
+    (("train.logit_mean", "train.timestep_sampling"), ["train.logit_mean=0.5"], None),
+    (("train.logit_std", "train.timestep_sampling"), ["train.logit_std=2.0"], None),
+    (("train.ip_noise_gamma_random_strength", "train.ip_noise_gamma"), ["train.ip_noise_gamma_random_strength=true"],
+     None),
+    (("train.noise_offset_random_strength", "train.noise_offset"), ["train.noise_offset_random_strength=true"], None),
+    (("train.scale_v_pred_loss_like_noise_pred", "train.prediction_type"),
+     ["train.scale_v_pred_loss_like_noise_pred=true", "train.prediction_type=epsilon"], None),
 ]
 
 

@@ -7,8 +7,10 @@ steps of a run, and two runs, are compared on exactly the same problem.
 Every held-out image is center-cropped to its bucket, not flipped, with its own caption (no dropout or tag
 shuffling), and evaluated at each of `TIMESTEP_FRACTIONS` of the noise schedule. The VAE's sample, the noise
 and the order are drawn from seeds of their own, the same at every evaluation: only the weights change.
-The loss is plain MSE against the model's target (no min-SNR weighting). Every rank of a launched run
-evaluates the whole set (FSDP's forward is collective); the figures are the same on each.
+The loss is plain MSE against the model's target on plain noise (`objective.Objective`'s defaults): no
+min-SNR weighting and none of the noise and loss knobs, which kohya's validation applies; with them, a
+run's knobs would change the problem it is scored on. Every rank of a launched run evaluates the whole set
+(FSDP's forward is collective); the figures are the same on each.
 """
 
 from __future__ import annotations

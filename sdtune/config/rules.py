@@ -300,6 +300,39 @@ RULES: tuple[Rule, ...] = (
          "drop is_reg from data.subsets or set fused_backward=false",
          "memory.fused_backward=true steps each weight during backward, before the whole gradient exists; "
          "the is_reg tables of data.subsets need it all (a class loss after the instance loss): {fix}"),
+    # [train]'s noise and loss knobs (issue 29); kohya takes huber_c/huber_schedule without a huber loss (unused)
+    # and debiased_estimation with min_snr_gamma (both weights apply): so does sdtune
+    Rule(("train.min_timestep", "train.max_timestep"),
+         lambda c: bool(c.train.max_timestep) and c.train.min_timestep >= c.train.max_timestep,
+         "set train.max_timestep above it (it is exclusive: min_timestep + 1 trains one timestep; 0: up to the "
+         "schedule's end)",
+         "train.min_timestep={train.min_timestep} leaves no timestep below train.max_timestep="
+         "{train.max_timestep}: {fix}"),
+    Rule(("train.logit_mean", "train.timestep_sampling"),
+         lambda c: c.train.logit_mean != 0.0 and c.train.timestep_sampling != "logit_normal",
+         "set train.timestep_sampling=logit_normal, or leave train.logit_mean at 0",
+         "train.logit_mean={train.logit_mean} shapes logit-normal timesteps; train.timestep_sampling="
+         "{train.timestep_sampling} does not draw them: {fix}"),
+    Rule(("train.logit_std", "train.timestep_sampling"),
+         lambda c: c.train.logit_std != 1.0 and c.train.timestep_sampling != "logit_normal",
+         "set train.timestep_sampling=logit_normal, or leave train.logit_std at 1",
+         "train.logit_std={train.logit_std} shapes logit-normal timesteps; train.timestep_sampling="
+         "{train.timestep_sampling} does not draw them: {fix}"),
+    Rule(("train.ip_noise_gamma_random_strength", "train.ip_noise_gamma"),
+         lambda c: c.train.ip_noise_gamma_random_strength and not c.train.ip_noise_gamma,
+         "set train.ip_noise_gamma (0.1 is usual), or turn the random strength off",
+         "train.ip_noise_gamma_random_strength=true draws a strength up to train.ip_noise_gamma, which is 0 "
+         "(off): {fix}"),
+    Rule(("train.noise_offset_random_strength", "train.noise_offset"),
+         lambda c: c.train.noise_offset_random_strength and not c.train.noise_offset,
+         "set train.noise_offset (0.05-0.1 is usual), or turn the random strength off",
+         "train.noise_offset_random_strength=true draws a strength up to train.noise_offset, which is 0 "
+         "(off): {fix}"),
+    Rule(("train.scale_v_pred_loss_like_noise_pred", "train.prediction_type"),
+         lambda c: c.train.scale_v_pred_loss_like_noise_pred and c.train.prediction_type == "epsilon",
+         "set train.prediction_type=v_prediction, or turn the scaling off",
+         "train.scale_v_pred_loss_like_noise_pred=true weights a v-prediction loss; train.prediction_type="
+         "epsilon trains the noise (kohya refuses it too): {fix}"),
 )
 
 

@@ -239,14 +239,15 @@ class TrainConfig:
     min_timestep: int = doc("smallest timestep trained (inclusive)", 0)
     max_timestep: int = doc("largest timestep trained (exclusive); 0: the scheduler's count (1000)", 0)
     timestep_sampling: Literal["uniform", "logit_normal"] = doc(
-        "how timesteps are drawn between min_timestep and max_timestep: uniform, or logit-normal (more in the "
-        "middle; logit_mean, logit_std)", "uniform")
+        "how timesteps are drawn in [min_timestep, max_timestep): uniform, or logit-normal, more in the middle: "
+        "min + floor(sigmoid(N(logit_mean, logit_std)) x (max - min)), as sd-scripts' SD3 training", "uniform")
     logit_mean: float = doc("timestep_sampling=logit_normal: mean of the normal before the sigmoid", 0.0)
     logit_std: float = doc("timestep_sampling=logit_normal: standard deviation of that normal", 1.0)
     loss: Literal["l2", "l1", "huber", "smooth_l1"] = doc(
         "the per-element loss: squared error, absolute error, or pseudo-Huber / smooth L1 with threshold huber_c "
         "(kohya's loss_type)", "l2")
-    huber_c: float = doc("loss=huber or smooth_l1: the threshold (and the schedule's end value)", 0.1)
+    huber_c: float = doc("loss=huber or smooth_l1: the threshold (and the snr schedule's end value); l2 and l1 "
+                         "ignore it, as kohya does", 0.1)
     huber_schedule: Literal["snr", "exponential", "constant"] = doc(
         "loss=huber or smooth_l1: how the threshold changes with the timestep (kohya's huber_schedule)", "snr")
     huber_scale: float = doc("loss=huber or smooth_l1: the threshold's scale for the exponential and constant "
@@ -268,7 +269,17 @@ class TrainConfig:
         for name in ("ema_every", "lr_num_cycles"):
             require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
         require(self.max_epochs >= 0, f"train.max_epochs must be 0 or more, got {self.max_epochs}")
+        self._check_noise_knobs()
         check_section("train", self)
+
+    def _check_noise_knobs(self) -> None:
+        for name in ("multires_noise_iterations", "multires_noise_discount", "ip_noise_gamma"):
+            require(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        require(0 <= self.min_timestep <= 999, f"train.min_timestep must be in [0, 999], got {self.min_timestep}")
+        require(0 <= self.max_timestep <= 1000,
+                f"train.max_timestep must be in [1, 1000] (0: the schedule's end), got {self.max_timestep}")
+        for name in ("logit_std", "huber_c", "huber_scale"):
+            require(getattr(self, name) > 0, f"train.{name} must be positive, got {getattr(self, name)}")
 
     @property
     def warmup_steps(self) -> int:

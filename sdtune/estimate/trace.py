@@ -90,7 +90,7 @@ def step(parts: MetaModel, plan: Plan, cfg: Config, method: Method, tracker: Mem
     import torch
 
     from sdtune.optim.tier import tier_class
-    from sdtune.train.objective import batch_loss
+    from sdtune.train.objective import Draw, Objective, batch_loss
     from sdtune.train.placement import configure, stream
 
     unet = parts.unet
@@ -112,9 +112,10 @@ def step(parts: MetaModel, plan: Plan, cfg: Config, method: Method, tracker: Mem
     hidden, added = cond
     with tracker:
         tracker.phase = "temporaries"
-        loss = batch_loss(unet, latents, torch.empty_like(latents), timesteps, hidden, added,
-                          alphas_cumprod=alphas_cumprod, prediction_type=parts.prediction_type,
-                          snr_gamma=cfg.train.snr_gamma,
+        goal = Objective.from_config(cfg.train, alphas_cumprod, parts.prediction_type)
+        draw = Draw(torch.empty_like(latents), timesteps,
+                    torch.empty_like(latents) if cfg.train.ip_noise_gamma else None)
+        loss = batch_loss(unet, latents, draw, hidden, added, objective=goal,
                           forward=functools.partial(_forward, cuda, tracker, milestones))
         loss.backward()
         del loss

@@ -191,6 +191,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
         classes = BatchStream(examples, data, global_batch, cfg.train.seed + 1)
         run = dataclasses.replace(run, class_stream=classes)
         sources.append((classes, examples))
+    objective_of(run)  # what only the model decides (a v-scaled loss on an epsilon model) is refused here
     features.prepare(sources, world)  # with caches: encode what is missing (each rank a share), park the encoders
     if resume:
         _restore(run)
@@ -282,16 +283,20 @@ def micro_batch_loss(run: Run, stream: BatchStream, index: int, salt: int = 0):
 
 def loss(run: Run, batch: MicroBatch):
     """The diffusion loss of `batch`, its noise and timesteps drawn by its generator for the whole global
-    batch (`sdtune.util.world`), this rank's rows kept; with data.masked_loss each cell weighted by its mask."""
-    c, plan, train, latents = run.components, run.plan, run.cfg.train, batch.latents
+    batch (`sdtune.util.world`), this rank's rows kept; the run's noise and loss knobs (`objective_of`); with
+    data.masked_loss each cell weighted by its mask."""
+    c, plan, latents = run.components, run.plan, batch.latents
     cond = run.features.text([item.caption for item in batch.items])
     added = c.family.added_cond(cond, batch.items, latents.device, plan.working_dtype)
-    shape, generator, rows = (batch.size, *latents.shape[1:]), batch.generator, batch.rows
-    noise = objective.sample_noise(shape, generator, train.noise_offset, latents.device, latents.dtype)[rows]
-    timesteps = objective.sample_timesteps(batch.size, len(run.alphas_cumprod), generator, latents.device)[rows]
-    return objective.batch_loss(run.placement.model, latents, noise, timesteps, cond.hidden, added,
-                                alphas_cumprod=run.alphas_cumprod, prediction_type=c.prediction_type,
-                                snr_gamma=train.snr_gamma, mask=batch.mask, forward=lambda: autocast(plan))
+    goal, shape = objective_of(run), (batch.size, *latents.shape[1:])
+    draw = goal.draw(shape, batch.generator, latents.device, latents.dtype).rows(batch.rows)
+    return objective.batch_loss(run.placement.model, latents, draw, cond.hidden, added, objective=goal,
+                                mask=batch.mask, forward=lambda: autocast(plan))
+
+
+def objective_of(run: Run) -> objective.Objective:
+    """The run's objective: train.*'s noise and loss knobs on the schedule and target it trains with."""
+    return objective.Objective.from_config(run.cfg.train, run.alphas_cumprod, run.components.prediction_type)
 
 
 def optimizer_step(run: Run, finite_loss: bool = True) -> bool:

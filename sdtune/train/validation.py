@@ -7,9 +7,11 @@ steps of a run, and two runs, are compared on exactly the same problem.
 Every held-out image is center-cropped to its bucket, not flipped, with its own caption (no dropout or tag
 shuffling), and evaluated at each of `TIMESTEP_FRACTIONS` of the noise schedule. The VAE's sample, the noise
 and the order are drawn from seeds of their own, the same at every evaluation: only the weights change.
-The loss is plain MSE against the model's target (no min-SNR weighting), weighted by the images' masks with
-`data.masked_loss` as the training loss is. Every rank of a launched run evaluates the whole set (FSDP's
-forward is collective); the figures are the same on each.
+The loss is plain MSE against the model's target on plain noise (`objective.Objective`'s defaults): no
+min-SNR weighting and none of the noise and loss knobs, which kohya's validation applies; with them, a
+run's knobs would change the problem it is scored on. With `data.masked_loss` the images' masks weight it
+as they weight the training loss. Every rank of a launched run evaluates the whole set
+(FSDP's forward is collective); the figures are the same on each.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class Validation:
         import torch
 
         c, plan, alphas = run.components, run.plan, run.alphas_cumprod
+        plain = objective.Objective(alphas_cumprod=alphas, prediction_type=c.prediction_type)
         generator = torch.Generator(plan.device).manual_seed(SEED + index)
         latents, mask = run.features.latents_and_mask(self.stream, items, generator)
         cond = run.features.text([item.caption for item in items])
@@ -118,7 +121,6 @@ class Validation:
         for fraction in TIMESTEP_FRACTIONS:
             noise = objective.sample_noise(latents.shape, generator, 0.0, latents.device, latents.dtype)
             timesteps = torch.full((len(items),), int(fraction * len(alphas)), device=latents.device)
-            values.append(objective.batch_loss(run.placement.unet, latents, noise, timesteps, cond.hidden, added,
-                                               alphas_cumprod=alphas, prediction_type=c.prediction_type,
-                                               mask=mask).item())
+            values.append(objective.batch_loss(run.placement.unet, latents, objective.Draw(noise, timesteps),
+                                               cond.hidden, added, objective=plain, mask=mask).item())
         return sum(values) / len(values), len(items)

@@ -79,6 +79,14 @@ EXAMPLES = [
     (("data.mask_dir", "data.masked_loss"), ["data.mask_dir=masks"], None),
     (("data.class_dir", "data.subsets"), ["data.class_dir=c", "data.subsets=[{dir='r', is_reg=true}]"], None),
     (("memory.fused_backward", "data.subsets"), [*FUSED, "data.subsets=[{dir='r', is_reg=true}]"], None),
+    (("train.min_timestep", "train.max_timestep"), ["train.min_timestep=500", "train.max_timestep=500"], None),
+    (("train.logit_mean", "train.timestep_sampling"), ["train.logit_mean=0.5"], None),
+    (("train.logit_std", "train.timestep_sampling"), ["train.logit_std=2.0"], None),
+    (("train.ip_noise_gamma_random_strength", "train.ip_noise_gamma"), ["train.ip_noise_gamma_random_strength=true"],
+     None),
+    (("train.noise_offset_random_strength", "train.noise_offset"), ["train.noise_offset_random_strength=true"], None),
+    (("train.scale_v_pred_loss_like_noise_pred", "train.prediction_type"),
+     ["train.scale_v_pred_loss_like_noise_pred=true", "train.prediction_type=epsilon"], None),
 ]
 
 

@@ -140,9 +140,9 @@ def _per_cell(run, items, mask_on: bool, monkeypatch) -> tuple[torch.Tensor, tor
     seen = {}
     real = objective.diffusion_loss
 
-    def capture(prediction, target_, weights=None, mask=None):
+    def capture(prediction, target_, weights=None, mask=None, *rest):
         seen["error"], seen["mask"] = (prediction.float() - target_.float()).pow(2), mask
-        return real(prediction, target_, weights, mask)
+        return real(prediction, target_, weights, mask, *rest)
 
     monkeypatch.setattr(objective, "diffusion_loss", capture)
     latents, mask = run.features.latents_and_mask(run.stream, items, torch.Generator().manual_seed(0))

@@ -274,6 +274,13 @@ RULES: tuple[Rule, ...] = (
          "start one process",
          "{why} averages the UNet's gradients only; train.text_encoder_lr={train.text_encoder_lr} is not "
          "supported with several processes", of_launch=True),
+    # [train] noise schedule (kohya warns: "zero_terminal_snr is enabled, but v_parameterization is not");
+    # train.prediction_type="" (the model's own) is checked against the model when it loads (set_noise_schedule)
+    Rule(("train.zero_terminal_snr", "train.prediction_type"),
+         lambda c: c.train.zero_terminal_snr and c.train.prediction_type == "epsilon",
+         "set train.prediction_type=v_prediction",
+         "train.zero_terminal_snr=true makes the last timestep pure noise, from which "
+         "train.prediction_type=epsilon cannot predict the noise: {fix}"),
 )
 
 SECTIONS = ("model", "data", "train", "lora", "embedding", "memory", "output")

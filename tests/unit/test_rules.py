@@ -74,6 +74,8 @@ EXAMPLES = [
     (("memory.distributed", "lora.text_encoder"), ["lora.text_encoder=true", "train.method=lora"], "ddp"),
     (("memory.distributed", "train.method"), EMBEDDING, "ddp"),
     (("memory.distributed", "train.text_encoder_lr"), ["train.text_encoder_lr=1e-5"], "ddp"),
+    (("train.zero_terminal_snr", "train.prediction_type"),
+     ["train.zero_terminal_snr=true", "train.prediction_type=epsilon"], None),
 ]
 
 

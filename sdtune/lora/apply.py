@@ -63,8 +63,10 @@ def merged_components(folder: str | Path, scale: float = 1.0, base: str | None =
     trained on, with the run's noise schedule) with the adapter of `folder` merged in at `scale`."""
     from sdtune.family.load import load_components
 
-    pretrained = base if base is not None else base_of(folder)[0]
-    components = load_components(base, config) if base is not None else base_components(folder)
+    if base is None:
+        pretrained, components = base_of(folder)[0], base_components(folder)
+    else:
+        pretrained, components = base, load_components(base, config)
     if (Path(folder) / DIFFUSERS_FILE).is_file():
         check_fits(folder, components, pretrained)
     fuse(components, folder, scale)

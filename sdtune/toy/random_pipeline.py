@@ -79,8 +79,7 @@ def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str
     them, with random weights: every tensor drawn from N(0, 0.02) (seconds, where diffusers' own
     initialisation of SD1.5 takes a minute on 2 cores), built and written in `dtype` (SDXL in fp16 needs
     about 7 GB of RAM); `prediction_type` v_prediction adds the `v_pred` key (and `zero_terminal_snr` the
-`ztsnr` key). Meaningless images; the same
-    keys, shapes and loading path as a real checkpoint."""
+    `ztsnr` key). Meaningless images; the same keys, shapes and loading path as a real checkpoint."""
     import torch
 
     from sdtune.export.single_file import write_single_file

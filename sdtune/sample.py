@@ -193,11 +193,10 @@ def _model(ckpt: str, lora: bool, lora_scale: float, embeddings: tuple, tokens: 
     from sdtune.errors import SdtuneError
     from sdtune.export.embedding_file import EMBEDDING_FILE, is_embedding_folder
     from sdtune.family.load import classify_source, load_components
-    from sdtune.lora.apply import base_of, merged_components
+    from sdtune.lora.apply import base_components, merged_components
 
-    if is_embedding_folder(ckpt):
-        pretrained, config = base_of(ckpt)
-        return load_components(pretrained, config), [str(Path(ckpt) / EMBEDDING_FILE), *embeddings], ["", *tokens]
+    if is_embedding_folder(ckpt):  # the base, sampled with the run's noise schedule
+        return base_components(ckpt), [str(Path(ckpt) / EMBEDDING_FILE), *embeddings], ["", *tokens]
     if not lora and classify_source(ckpt, "--ckpt") == "hub":
         raise SdtuneError(f"--ckpt {ckpt} does not exist: pass a finished `sdtune train --out` folder, a diffusers "
                           "folder or a .safetensors checkpoint")

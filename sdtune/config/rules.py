@@ -333,6 +333,13 @@ RULES: tuple[Rule, ...] = (
          "set train.prediction_type=v_prediction, or turn the scaling off",
          "train.scale_v_pred_loss_like_noise_pred=true weights a v-prediction loss; train.prediction_type="
          "epsilon trains the noise (kohya refuses it too): {fix}"),
+    # [train] noise schedule (kohya warns: "zero_terminal_snr is enabled, but v_parameterization is not");
+    # train.prediction_type="" (the model's own) is checked against the model when it loads (set_noise_schedule)
+    Rule(("train.zero_terminal_snr", "train.prediction_type"),
+         lambda c: c.train.zero_terminal_snr and c.train.prediction_type == "epsilon",
+         "set train.prediction_type=v_prediction",
+         "train.zero_terminal_snr=true makes the last timestep pure noise, from which "
+         "train.prediction_type=epsilon cannot predict the noise: {fix}"),
 )
 
 

@@ -45,7 +45,8 @@ def export_single_file(components, out_dir: Path, *, force: bool = False, name: 
 
     return write_single_file(Path(out_dir) / name, unet=components.unet, vae=components.vae,
                              text_encoders=list(components.text_encoders),
-                             prediction_type=components.prediction_type, dtype=torch_dtype(precision), force=force)
+                             prediction_type=components.prediction_type, dtype=torch_dtype(precision), force=force,
+                             zero_terminal_snr=components.zero_terminal_snr)
 
 
 def single_file_bytes(components, precision: str) -> int:

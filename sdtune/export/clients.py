@@ -56,6 +56,16 @@ V_PRED_NOTES = {
            "is written anyway); choose it by hand: ComfyUI's ModelSamplingDiscrete node set to v_prediction, "
            "AUTOMATIC1111 a v1-inference.yaml with parameterization: \"v\" named like the file",
 }
+ZTSNR_KEY = "ztsnr"  # an empty tensor beside `v_pred`: ComfyUI and Forge then sample SDXL with zero terminal SNR
+ZTSNR_NOTES = {
+    "sdxl": "zero terminal SNR: wrote the empty `ztsnr` tensor, which ComfyUI and Forge read for an SDXL "
+            "v-prediction file; in AUTOMATIC1111 set Settings > Sampler parameters > Noise schedule to Zero "
+            "Terminal SNR by hand",
+    "sd21": "zero terminal SNR: wrote the empty `ztsnr` tensor, which no client reads for SD 2.x; choose it by "
+            "hand (ComfyUI: ModelSamplingDiscrete with zsnr on; AUTOMATIC1111: Noise schedule Zero Terminal SNR)",
+    "sd15": "zero terminal SNR: wrote the empty `ztsnr` tensor, which no client reads for SD 1.x; choose it by "
+            "hand (ComfyUI: ModelSamplingDiscrete with zsnr on; AUTOMATIC1111: Noise schedule Zero Terminal SNR)",
+}
 SD2_LAYER_NOTE = ("SD 2.x text encoder: the file has the 23 OpenCLIP-H layers diffusers keeps, not the 24th, "
                   "which SD 2 never reads (ComfyUI may log resblocks.23 as missing)")
 
@@ -152,9 +162,11 @@ def unreadable_reason(arch: str, unet, vae, text_encoders: list, prediction_type
             or _text_reason(arch, text_encoders))
 
 
-def prediction_notes(arch: str, prediction_type: str) -> tuple[str, ...]:
-    """Lines to log about the v-prediction marker (none for an epsilon model)."""
-    return (V_PRED_NOTES[arch],) if prediction_type == "v_prediction" else ()
+def prediction_notes(arch: str, prediction_type: str, zero_terminal_snr: bool = False) -> tuple[str, ...]:
+    """Lines to log about the v-prediction and zero-terminal-SNR markers (none for an epsilon model)."""
+    if prediction_type != "v_prediction":
+        return ()
+    return (V_PRED_NOTES[arch],) + ((ZTSNR_NOTES[arch],) if zero_terminal_snr else ())
 
 
 def layout_notes(arch: str, text_encoders: list) -> tuple[str, ...]:

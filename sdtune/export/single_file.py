@@ -107,12 +107,14 @@ def unreadable_reason(unet, vae, text_encoders: list, prediction_type: str) -> s
 
 
 def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: str, dtype=None,
-                      force: bool = False) -> SingleFile:
+                      force: bool = False, zero_terminal_snr: bool = False) -> SingleFile:
     """Write the model as one original-layout file where ComfyUI and AUTOMATIC1111 can read it.
 
     The family (SD 1.x, SD 2.x, SDXL) comes from the modules; a model the clients cannot read (other sizes,
     GroupNorm groups other than 32, an unknown prediction type) is not written and `reason` says why,
-    unless `force`. A v-prediction model carries the empty `v_pred` tensor ComfyUI's saver writes."""
+    unless `force`. A v-prediction model carries the empty `v_pred` tensor ComfyUI's saver writes, and with
+    `zero_terminal_snr` (its schedule rescaled) the empty `ztsnr` tensor of NoobAI-style files, which
+    ComfyUI's `supported_models.SDXL.model_type` reads as `sampling_settings["zsnr"]`."""
     import torch
 
     from sdtune.export import clients
@@ -126,7 +128,10 @@ def write_single_file(path, *, unet, vae, text_encoders: list, prediction_type: 
     v_pred = prediction_type == "v_prediction"
     if v_pred:
         weights[clients.V_PRED_KEY] = torch.zeros(0)
+    if v_pred and zero_terminal_snr:
+        weights[clients.ZTSNR_KEY] = torch.zeros(0)
     metadata = {"modelspec.predict_key": "v" if v_pred else "epsilon"}  # what ComfyUI's saver writes
-    notes = clients.prediction_notes(arch, prediction_type) + clients.layout_notes(arch, text_encoders)
+    notes = (clients.prediction_notes(arch, prediction_type, v_pred and zero_terminal_snr)
+             + clients.layout_notes(arch, text_encoders))
     notes += (f"written although clients cannot read it: {reason}",) if reason else ()
     return SingleFile(save_single_file(weights, path, dtype, metadata), "", notes)

@@ -46,6 +46,11 @@ class Components:
     def prediction_type(self) -> str:
         return self.scheduler.config.get("prediction_type", "epsilon")
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """Whether the noise schedule's betas are rescaled so its last step is pure noise."""
+        return bool(self.scheduler.config.get("rescale_betas_zero_snr", False))
+
 
 @dataclass
 class Conditioning:

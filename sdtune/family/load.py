@@ -343,3 +343,42 @@ def check_text(components: Components, source: str) -> None:
 def assemble_pipeline(components: Components):
     """The family's inference pipeline sharing `components`' modules (no copies), for sampling or saving."""
     return components.family.assemble(components)
+
+
+ZTSNR_SAMPLER = "EulerDiscreteScheduler"  # SDXL's own sampler; it takes rescale_betas_zero_snr (PNDM and LMS do not)
+
+
+def set_noise_schedule(components: Components, prediction_type: str = "", zero_terminal_snr: bool = False,
+                       source: str = "the model") -> list[str]:
+    """Replace `components.scheduler` by one that predicts `prediction_type` (train.prediction_type; "" keeps the
+    model's own) and, with `zero_terminal_snr`, whose betas are rescaled so the last step is pure noise
+    (diffusers' `rescale_betas_zero_snr`, the formula of kohya's `fix_noise_scheduler_betas_for_zero_terminal_snr`)
+    and whose sampling timesteps are trailing (Lin et al. 2023, https://arxiv.org/abs/2305.08891). Training's
+    target and schedule, samples, validation and the export all read this scheduler. Returns the lines to log."""
+    scheduler, lines = components.scheduler, []
+    own = scheduler.config.get("prediction_type", "epsilon")
+    settings = {"prediction_type": prediction_type} if prediction_type and prediction_type != own else {}
+    if settings:
+        lines.append(f"train.prediction_type={prediction_type}: {source} predicts {own}; training, samples and the "
+                     f"export use {prediction_type}")
+    cls = type(scheduler)
+    if zero_terminal_snr and (prediction_type or own) != "v_prediction":
+        raise SdtuneError(f"train.zero_terminal_snr=true needs v-prediction (epsilon cannot be predicted from pure "
+                          f"noise) and {source} predicts {own}: set train.prediction_type=v_prediction")
+    if zero_terminal_snr and not scheduler.config.get("rescale_betas_zero_snr", False):
+        settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if not _takes_zero_snr(cls):
+            import diffusers
+
+            lines.append(f"train.zero_terminal_snr: {cls.__name__} cannot sample a zero-terminal-SNR schedule; "
+                         f"samples and the export use {ZTSNR_SAMPLER} (trailing timesteps)")
+            cls = getattr(diffusers, ZTSNR_SAMPLER)
+    if settings:
+        components.scheduler = cls.from_config(scheduler.config, **settings)
+    return lines
+
+
+def _takes_zero_snr(cls) -> bool:
+    import inspect
+
+    return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters

@@ -82,17 +82,23 @@ def check_fits(components, architecture: str) -> None:
                               f"(its UNet {problem}); choose an architecture of the base model's family")
 
 
-def load_for_training(model, seed: int):
+def load_for_training(model, seed: int, train=None):
     """The components a run trains (`model`: the [model] config): the base model's, with a random UNet of
-    `model.architecture` under `model.init=random`."""
-    from sdtune.family.load import load_components
+    `model.architecture` under `model.init=random`, and the noise schedule `train` ([train]) asks for
+    (train.prediction_type, train.zero_terminal_snr: `sdtune.family.load.set_noise_schedule`)."""
+    from sdtune.family.load import load_components, set_noise_schedule
 
     if model.init != "random":
-        return load_components(model.pretrained, model.config)
-    unet = random_unet(model.architecture, model.pretrained, model.config, seed)
-    components = load_components(model.pretrained, model.config, unet=unet)
-    check_fits(components, model.architecture)
-    count = sum(p.numel() for p in unet.parameters())
-    logger.info(f"model.init=random: pretraining a {count / 1e6:,.1f}M-parameter UNet "
-                f"({model.architecture or 'the architecture of ' + model.pretrained}) from random weights (train.seed)")
+        components = load_components(model.pretrained, model.config)
+    else:
+        unet = random_unet(model.architecture, model.pretrained, model.config, seed)
+        components = load_components(model.pretrained, model.config, unet=unet)
+        check_fits(components, model.architecture)
+        count = sum(p.numel() for p in unet.parameters())
+        name = model.architecture or "the architecture of " + model.pretrained
+        logger.info(f"model.init=random: pretraining a {count / 1e6:,.1f}M-parameter UNet ({name}) from random "
+                    "weights (train.seed)")
+    if train is not None:
+        for line in set_noise_schedule(components, train.prediction_type, train.zero_terminal_snr, model.pretrained):
+            logger.info(line)
     return components

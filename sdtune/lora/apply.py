@@ -31,25 +31,42 @@ def is_lora_folder(folder: str | Path) -> bool:
             and not (folder / "model_index.json").is_file())
 
 
-def base_of(folder: str | Path) -> tuple[str, str]:
-    """(model.pretrained, model.config) of the run that trained the LoRA in `folder`."""
+def _run_config(folder: str | Path):
     from sdtune.config.toml import from_toml
 
     path = Path(folder) / "config.toml"
     if not path.is_file():
         raise SdtuneError(f"{folder} has an adapter file but no config.toml naming its base model; pass --base, "
                           "or load the file into its base with diffusers' load_lora_weights (LoRA, DoRA)")
-    cfg = from_toml(path.read_text(encoding="utf-8"), str(path))
+    return from_toml(path.read_text(encoding="utf-8"), str(path))
+
+
+def base_of(folder: str | Path) -> tuple[str, str]:
+    """(model.pretrained, model.config) of the run that trained the LoRA in `folder`."""
+    cfg = _run_config(folder)
     return cfg.model.pretrained, cfg.model.config
+
+
+def base_components(folder: str | Path):
+    """The base model of the run in `folder` (an adapter's or an embedding's) with the noise schedule the run
+    trained with (train.prediction_type, train.zero_terminal_snr), so that it samples as training did."""
+    from sdtune.family.load import load_components, set_noise_schedule
+
+    cfg = _run_config(folder)
+    components = load_components(cfg.model.pretrained, cfg.model.config)
+    set_noise_schedule(components, cfg.train.prediction_type, cfg.train.zero_terminal_snr, cfg.model.pretrained)
+    return components
 
 
 def merged_components(folder: str | Path, scale: float = 1.0, base: str | None = None, config: str = ""):
     """The base model's components (`base`, with the configs `config` for a single file, or the one the run
-    trained on) with the adapter of `folder` merged in at `scale`."""
+    trained on, with the run's noise schedule) with the adapter of `folder` merged in at `scale`."""
     from sdtune.family.load import load_components
 
-    pretrained, config = base_of(folder) if base is None else (base, config)
-    components = load_components(pretrained, config)
+    if base is None:
+        pretrained, components = base_of(folder)[0], base_components(folder)
+    else:
+        pretrained, components = base, load_components(base, config)
     if (Path(folder) / DIFFUSERS_FILE).is_file():
         check_fits(folder, components, pretrained)
     fuse(components, folder, scale)

@@ -74,12 +74,12 @@ def build_random_pipeline(name: str, folder: str | Path, *, seed: int = 0,
 
 
 def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str = "float16",
-                       prediction_type: str = "epsilon") -> Path:
+                       prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> Path:
     """Write a single-file checkpoint of architecture `name` in the original layout, as model sites share
     them, with random weights: every tensor drawn from N(0, 0.02) (seconds, where diffusers' own
     initialisation of SD1.5 takes a minute on 2 cores), built and written in `dtype` (SDXL in fp16 needs
-    about 7 GB of RAM); `prediction_type` v_prediction adds the `v_pred` key. Meaningless images; the same
-    keys, shapes and loading path as a real checkpoint."""
+    about 7 GB of RAM); `prediction_type` v_prediction adds the `v_pred` key (and `zero_terminal_snr` the
+    `ztsnr` key). Meaningless images; the same keys, shapes and loading path as a real checkpoint."""
     import torch
 
     from sdtune.export.single_file import write_single_file
@@ -101,7 +101,8 @@ def random_single_file(name: str, path: str | Path, *, seed: int = 0, dtype: str
             built[part] = module
     encoders = [built[part] for part in ("text_encoder", "text_encoder_2") if part in built]
     written = write_single_file(path, unet=built["unet"], vae=built["vae"], text_encoders=encoders,
-                                prediction_type=prediction_type, dtype=getattr(torch, dtype))
+                                prediction_type=prediction_type, dtype=getattr(torch, dtype),
+                                zero_terminal_snr=zero_terminal_snr)
     if written.path is None:
         raise SdtuneError(f"could not write {name} as a single file: {written.reason}")
     return written.path

@@ -161,7 +161,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
         scan = _scan(data_dir, cfg, out_dir)
         examples, regularisation = _split_regularisation(cfg, scan.examples)
         examples, held_out = validation_set(cfg, examples)
-    components = load_for_training(cfg.model, cfg.train.seed)
+    components = load_for_training(cfg.model, cfg.train.seed, cfg.train)  # with its noise schedule
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         logger.info(components.origin)
     _check_resolution(components, cfg)
@@ -175,6 +175,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
               features=features, stream=stream, placement=placement, world=world,
               lr_schedule=make_lr_schedule(placement.tier.optimizer, cfg.train),
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
+              # the model's schedule: its betas rescaled where the scheduler says rescale_betas_zero_snr
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
               ema=make_ema(placement, cfg.train), validation=held_out)
     sources = [(stream, examples)] + ([(held_out.stream, held_out.examples)] if held_out else [])

@@ -87,6 +87,8 @@ EXAMPLES = [
     (("train.noise_offset_random_strength", "train.noise_offset"), ["train.noise_offset_random_strength=true"], None),
     (("train.scale_v_pred_loss_like_noise_pred", "train.prediction_type"),
      ["train.scale_v_pred_loss_like_noise_pred=true", "train.prediction_type=epsilon"], None),
+    (("train.zero_terminal_snr", "train.prediction_type"),
+     ["train.zero_terminal_snr=true", "train.prediction_type=epsilon"], None),
 ]
 
 

@@ -108,7 +108,8 @@ def _check_caption_lengths(examples, components) -> None:
     """A warning when captions are longer than the text encoder reads (their tails would never train)."""
     from sdtune.data.tokens import cut_captions, shortest
 
-    cut = cut_captions([(e.image, e.caption) for e in examples], shortest(components.tokenizers))
+    cut = cut_captions([(e.image, e.caption) for e in examples], shortest(components.tokenizers),
+                       components.text.max_token_length)
     if cut.count:
         logger.warning(cut.line())
 
@@ -134,6 +135,9 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str, out_dir: str, resume: 
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         logger.info(components.origin)
     _check_resolution(components, cfg)
+    components.family.read_text(components, cfg.data.max_token_length, cfg.train.clip_skip)
+    if components.text.note():
+        logger.info(components.text.note())
     _check_caption_lengths(examples, components)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
@@ -301,7 +305,7 @@ def _sample(run: Run, metrics) -> Path:
     with evaluation_mode(run), averaged:
         pipe = assemble_pipeline(run.components)
         images = generate(pipe, prompts, [seed] * len(prompts), steps=out.sample_steps, guidance=GUIDANCE,
-                          negative_prompt=out.sample_negative_prompt)
+                          negative_prompt=out.sample_negative_prompt, encode=run.components.prompt_encoder())
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
     if not run.world.main:  # every rank draws (FSDP gathers weights collectively), rank 0 writes
         return path

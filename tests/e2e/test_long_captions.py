@@ -76,3 +76,13 @@ def test_samples_from_the_familys_embeddings_are_the_pipelines_own(tiny_sd1, tin
         embedded = generate(pipe, prompts, [0, 1], encode=functools.partial(c.family.encode, c), **args)
         for a, b in zip(strings, embedded, strict=True):
             assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_data_check_measures_captions_at_the_long_limit(tmp_path):
+    data = make_image_folder(tmp_path / "data", count=2)
+    (data / "img000.txt").write_text(LONG + ", " + LONG)  # ~200 tokens
+    short = runner.invoke(app, ["data", "check", str(data), "--set", "data.resolution=64"])
+    assert "1 of 2 captions are longer than the 77 tokens" in short.output, short.output
+    long = runner.invoke(app, ["data", "check", str(data), "--set", "data.resolution=64",
+                               "--set", "data.max_token_length=225"])
+    assert "every caption fits the 227 tokens the text encoder reads" in long.output, long.output

@@ -201,6 +201,12 @@ def sample(
                                                  "word in --prompt."),
     embedding_token: list[str] = typer.Option([], help="The word of the i-th --embedding in prompts (default: the "
                                                        "one in the file's metadata, else the file's name)."),
+    max_token_length: int | None = typer.Option(None, help="Prompt tokens read: 75, or 150/225 in 75-token windows "
+                                                           "as kohya's (default: a run folder's "
+                                                           "data.max_token_length, else 75)."),
+    clip_skip: int | None = typer.Option(None, min=1, help="Read prompts from this text-encoder layer from the end, "
+                                                           "2 the penultimate (default: a run folder's "
+                                                           "train.clip_skip, else 1)."),
 ):
     """Generate images with a trained (or any diffusers) Stable Diffusion 1.x, 2.x or SDXL pipeline, or
     with a LoRA run's folder (its base model plus the LoRA) or a textual-inversion run's (its base model
@@ -211,7 +217,8 @@ def sample(
         result = run_sample(ckpt, prompt, num_images=num_images, steps=steps, seed=seed, height=height,
                             width=width, guidance=guidance, out_dir=str(out), vae=vae, lora_scale=lora_scale,
                             negative_prompt=negative_prompt, embeddings=tuple(embedding),
-                            embedding_tokens=tuple(embedding_token))
+                            embedding_tokens=tuple(embedding_token), max_token_length=max_token_length,
+                            clip_skip=clip_skip)
     for note in result.notes:
         console.print(f"note: {escape(note)}")
     for path in result.images:

@@ -113,10 +113,13 @@ GUIDANCE = 7.5  # classifier-free guidance scale of the training samples and `sd
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float = GUIDANCE,
              height: int | None = None, width: int | None = None, batch_size: int = 1,
-             negative_prompt: str = "") -> list:
+             negative_prompt: str = "", encode=None) -> list:
     """One image per (prompt, seed) pair, each from its own generator, so any image can be redrawn alone.
 
-    `batch_size` images go through the pipeline at once: faster, and the same images."""
+    `batch_size` images go through the pipeline at once: faster, and the same images. `encode` (captions ->
+    `sdtune.family.Conditioning`, `Components.prompt_encoder`): the prompts and the negative prompt are
+    encoded by it and handed to the pipeline as embeddings (long prompts, clip_skip, as the run trained);
+    None: the pipeline encodes the strings itself (77 tokens, the last layer)."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
@@ -124,10 +127,22 @@ def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds[start:start + batch_size]]
-        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                       height=height, width=width,
-                       negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None).images
+        text = (_embeds(encode, batch, negative_prompt) if encode is not None else
+                {"prompt": batch, "negative_prompt": [negative_prompt] * len(batch) if negative_prompt else None})
+        images += pipe(**text, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                       height=height, width=width).images
     return images
+
+
+def _embeds(encode, prompts: list[str], negative_prompt: str) -> dict:
+    """The pipeline's prompt arguments as `encode` makes them: the prompts', and the negative prompt's (the
+    empty one when none is given, as the pipelines encode it; SDXL's zeros where the model says
+    force_zeros_for_empty_prompt) at the same length."""
+    cond, uncond = encode(prompts), encode([negative_prompt] * len(prompts))
+    embeds = {"prompt_embeds": cond.hidden, "negative_prompt_embeds": uncond.hidden}
+    if cond.pooled is not None:
+        embeds |= {"pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
+    return embeds
 
 
 @dataclass(frozen=True)
@@ -141,12 +156,15 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
            height: int | None = None, width: int | None = None, guidance: float = GUIDANCE,
            out_dir: str = "samples", vae: str | None = None, lora_scale: float = 1.0,
            negative_prompt: str = "", embeddings: tuple[str, ...] = (),
-           embedding_tokens: tuple[str, ...] = ()) -> SampleResult:
+           embedding_tokens: tuple[str, ...] = (), max_token_length: int | None = None,
+           clip_skip: int | None = None) -> SampleResult:
     """Load the pipeline at `ckpt` (with the VAE folder `vae` instead of its own, if given) and write
     `num_images` PNGs plus `grid.png` (each image under its prompt and seed) into `out_dir`, each with its
     A1111 `parameters`. A LoRA run's folder is its base model with the LoRA merged in at `lora_scale`; a
     textual inversion's, its base model with its embedding. `embeddings`: textual-inversion files loaded
-    too (each word `embedding_tokens[i]`, else the file's own)."""
+    too (each word `embedding_tokens[i]`, else the file's own). Prompts are read to `max_token_length`
+    tokens from the layer `clip_skip` from the end (None: a run folder's own data.max_token_length and
+    train.clip_skip, else 75 and 1, as the pipeline reads them)."""
     import torch
 
     from sdtune.errors import SdtuneError
@@ -164,6 +182,7 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
     if vae is not None:
         components.vae = _load_vae(vae)
     notes = (components.origin,) if components.origin else ()
+    notes += _read_text(ckpt, components, max_token_length, clip_skip)
     if components.family.vae_dtype(components.vae, dtype) != dtype:  # the pipeline upcasts it to decode
         notes += ("the VAE overflows in fp16 (its config says force_upcast): decoding in fp32; pass --vae with an "
                  "fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix) to decode in fp16",)
@@ -172,14 +191,14 @@ def sample(ckpt: str, prompt: str, *, num_images: int = 4, steps: int = 30, seed
     pipe = pipe.to(device, dtype)
     seeds = [seed + i for i in range(num_images)]
     images = generate(pipe, [prompt] * num_images, seeds, steps=steps, guidance=guidance, height=height,
-                      width=width, negative_prompt=negative_prompt)
+                      width=width, negative_prompt=negative_prompt, encode=components.prompt_encoder())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = Path(ckpt).resolve()
     model = source.stem if source.is_file() else source.name  # as A1111 names a checkpoint: no extension
     texts = [parameters(prompt, negative=negative_prompt, steps=steps, guidance=guidance, seed=s, size=image.size,
                         sampler=type(pipe.scheduler).__name__, model=model,
-                        extra={"LoRA scale": lora_scale} if lora else None)
+                        extra=({"LoRA scale": lora_scale} if lora else {}) | _clip_skip(components))
              for s, image in zip(seeds, images, strict=True)]
     paths = [save_png(image, out / f"{i:03d}-seed{s}.png", text)
              for i, (s, image, text) in enumerate(zip(seeds, images, texts, strict=True))]
@@ -201,6 +220,33 @@ def _model(ckpt: str, lora: bool, lora_scale: float, embeddings: tuple, tokens: 
         raise SdtuneError(f"--ckpt {ckpt} does not exist: pass a finished `sdtune train --out` folder, a diffusers "
                           "folder or a .safetensors checkpoint")
     return (merged_components(ckpt, lora_scale) if lora else load_components(ckpt)), list(embeddings), list(tokens)
+
+
+def _read_text(ckpt: str, components, max_token_length: int | None, clip_skip: int | None) -> tuple[str, ...]:
+    """Set how `components` read prompts (`Family.read_text`): the given values, else those `ckpt` trained
+    with where it is an sdtune run's folder, else the pipeline's (75, 1); a note where clients read otherwise."""
+    from sdtune.config.toml import from_toml
+    from sdtune.errors import SdtuneError
+    from sdtune.util.run_folder import is_run_folder
+
+    trained = Path(ckpt) / "config.toml"
+    if (max_token_length is None or clip_skip is None) and is_run_folder(Path(ckpt)):
+        cfg = from_toml(trained.read_text(encoding="utf-8"), str(trained))
+        max_token_length = cfg.data.max_token_length if max_token_length is None else max_token_length
+        clip_skip = cfg.train.clip_skip if clip_skip is None else clip_skip
+    max_token_length = 75 if max_token_length is None else max_token_length
+    clip_skip = 1 if clip_skip is None else clip_skip
+    if max_token_length not in (75, 150, 225) or clip_skip < 1:
+        raise SdtuneError(f"--max-token-length must be 75, 150 or 225 and --clip-skip at least 1, got "
+                          f"{max_token_length} and {clip_skip}")
+    components.family.read_text(components, max_token_length, clip_skip)
+    note = components.text.note("prompts")
+    return (note,) if note else ()
+
+
+def _clip_skip(components) -> dict:
+    """A1111's "Clip skip" parameter where it is not 1 (A1111 writes it so too)."""
+    return {"Clip skip": components.text.clip_skip} if components.text.clip_skip > 1 else {}
 
 
 def _load_vae(folder: str):

@@ -218,7 +218,7 @@ class TrainConfig:
         "textual inversion)", "full")
     prior_loss_weight: float = doc("with data.class_dir: loss = instance loss + this x class (prior) loss", 1.0)
     clip_skip: int = doc("the text encoder layer captions are read from, counted from the end: 1 the last, 2 the "
-                         "penultimate (kohya's clip_skip; SD 1.x anime models use 2)", 1)
+                         "penultimate (kohya's clip_skip; SD 1.x anime models use 2); SD 1.x/2.x only", 1)
     prediction_type: Literal["", "epsilon", "v_prediction"] = doc(
         "what the UNet predicts, overriding the model's scheduler (v_prediction for v-pred SDXL models); "
         "written into the exported scheduler and single file; empty: the model's own", "")
@@ -270,6 +270,7 @@ class TrainConfig:
             require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
         require(self.max_epochs >= 0, f"train.max_epochs must be 0 or more, got {self.max_epochs}")
         self._check_noise_knobs()
+        require(self.clip_skip >= 1, f"train.clip_skip must be at least 1 (1: the last layer), got {self.clip_skip}")
         check_section("train", self)
 
     def _check_noise_knobs(self) -> None:

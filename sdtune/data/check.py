@@ -51,8 +51,8 @@ def report(scan: Scan, cfg: DataConfig, tokenizer: tuple | None = None) -> Repor
         captions=sorted(sources.items(), key=lambda kv: (-kv[1], kv[0])),
         empty_captions=sum(1 for e in scan.examples if not e.caption), skipped=list(scan.skipped),
         warnings=list(scan.warnings), notes=list(scan.notes), summary=scan.summary(),
-        cut=cut_captions([(e.image, fixed(e.caption, cfg)) for e in scan.examples], tokenizer[0])
-        if tokenizer else None,
+        cut=(cut_captions([(e.image, fixed(e.caption, cfg)) for e in scan.examples], tokenizer[0],
+                          cfg.max_token_length) if tokenizer else None),
         tokenizer=tokenizer[1] if tokenizer else "")
 
 

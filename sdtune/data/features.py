@@ -89,10 +89,11 @@ class Features:
             logger.warning(f"{self._files.path} cannot be written ({exc.strerror or exc})")
 
     def _text_identity(self) -> str:
-        """A digest of every text encoder with its tokenizer (and the family's handling of empty captions)."""
+        """A digest of every text encoder with its tokenizer (and the family's handling of empty captions, and
+        how captions are read: max_token_length, clip_skip)."""
         parts = []
         for tokenizer, encoder in zip(self.c.tokenizers, self.c.text_encoders, strict=True):
-            name = f"{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.model_max_length}"
+            name = f"{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.model_max_length}:{self.c.text}"
             parts.append(module_identity(encoder, f"{self.c.family.name}:{name}:{sorted(self.c.options.items())}"))
         return parts[0] if len(parts) == 1 else key_of(*parts)[:32]
 

@@ -1,13 +1,14 @@
 """Captions longer than the text encoder reads: counted, and one of them shown where it is cut.
 
-A CLIP text encoder reads 77 tokens, its start and end tokens included (sdtune-tiny's reads 16); the
-tokenizer drops whatever follows, so the tail of a long caption never trains. `sdtune train` and
-`sdtune data check` say how many captions that happens to, with one example. Each distinct caption is
-tokenized once, in batches, and only when it has more bytes than the limit (a token covers at least one
-byte of the lower-cased text), so a folder of short captions costs nothing.
+A CLIP text encoder reads 77 tokens, its start and end tokens included (sdtune-tiny's reads 16), or with
+`data.max_token_length` 150/225 that many in windows (152, 227); whatever follows is dropped, so the tail
+of a long caption never trains. `sdtune train` and `sdtune data check` say how many captions that happens
+to, with one example. Each distinct caption is tokenized once, in batches, and only when it has more bytes
+than the limit (a token covers at least one byte of the lower-cased text), so a folder of short captions
+costs nothing.
 
     tokenizer, source = model_tokenizer(cfg.model)          # without loading the model
-    cut = cut_captions([(e.image, e.caption) for e in scan.examples], tokenizer)
+    cut = cut_captions([(e.image, e.caption) for e in scan.examples], tokenizer, cfg.data.max_token_length)
     if cut.count:
         print(cut.line())   # "3 of 40 captions are longer than the 77 tokens ... e.g. a.png (94 tokens): ..."
 """
@@ -38,9 +39,12 @@ def shortest(tokenizers) -> object:
     return min(tokenizers, key=lambda tokenizer: tokenizer.model_max_length)
 
 
-def cut_captions(examples: list[tuple[Path, str]], tokenizer) -> CutCaptions:
-    """How many of `examples` (image, caption) have a caption `tokenizer` cuts, and the first such one."""
-    limit = tokenizer.model_max_length
+def cut_captions(examples: list[tuple[Path, str]], tokenizer, max_token_length: int = 75) -> CutCaptions:
+    """How many of `examples` (image, caption) have a caption cut by `tokenizer` read to `max_token_length`
+    (`data.max_token_length`: 75, or 150/225 in windows: 152/227 tokens with the start and end), and the first."""
+    from sdtune.family.base import TextReading
+
+    limit = TextReading(max_token_length).tokens_read(tokenizer.model_max_length)
     images: dict[str, list[Path]] = {}
     for image, caption in examples:
         images.setdefault(caption, []).append(image)

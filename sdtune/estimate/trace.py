@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from sdtune.config import Config
 from sdtune.estimate.cuda import CudaSemantics
 from sdtune.estimate.memtrack import MemoryTracker
+from sdtune.family.base import TextReading
 from sdtune.family.meta import MetaModel
 from sdtune.plan import Plan
 from sdtune.train.method import Method, Trained
@@ -59,26 +60,30 @@ def encode(parts: MetaModel, plan: Plan, cfg: Config, tracker: MemoryTracker, gr
                 parts.vae.encode(torch.empty(batch, 3, side, side, dtype=vae_dtype, device="meta"))
         if grad:
             tracker.phase = "activations"
-        hidden, pooled = _text(parts, batch, dtype, grad)
+        hidden, pooled = _text(parts, batch, dtype, grad, TextReading(cfg.data.max_token_length, cfg.train.clip_skip))
         added = None
         if parts.unet.config.addition_embed_type == "text_time":  # SDXL: pooled caption and six size numbers
             added = {"text_embeds": pooled, "time_ids": torch.empty(batch, 6, dtype=dtype, device="meta")}
     return hidden, added
 
 
-def _text(parts: MetaModel, batch: int, dtype, grad: bool) -> tuple:
-    """The text context [B, 77, cross_attention_dim] and SDXL's pooled embedding: from the family's own
-    `encode_tokens`, or, with the encoders parked (a text cache), as the cache hands them over."""
+def _text(parts: MetaModel, batch: int, dtype, grad: bool, reading: TextReading) -> tuple:
+    """The text context [B, 77, cross_attention_dim] (152 or 227 long for long captions: `reading`) and SDXL's
+    pooled embedding: from the family's own `encode_tokens`, or, with the encoders parked (a text cache), as
+    the cache hands them over."""
     import torch
 
     config = parts.unet.config
     if not parts.text_encoders:
         pooled_width = (config.projection_class_embeddings_input_dim or 0) - 6 * (config.addition_time_embed_dim or 0)
         pooled = torch.empty(batch, pooled_width, dtype=dtype, device="meta") if pooled_width > 0 else None
-        return torch.empty(batch, TOKENS, config.cross_attention_dim, dtype=dtype, device="meta"), pooled
-    tokens = [torch.zeros(batch, min(TOKENS, encoder.config.max_position_embeddings), dtype=torch.long,
+        context = reading.tokens_read(TOKENS)
+        return torch.empty(batch, context, config.cross_attention_dim, dtype=dtype, device="meta"), pooled
+    parts.family.check_text(parts.text_encoders, reading.clip_skip)
+    windows = (reading.windows,) if reading.windows > 1 else ()  # [B, windows, 77] as `tokenize` gives them
+    tokens = [torch.zeros(batch, *windows, min(TOKENS, encoder.config.max_position_embeddings), dtype=torch.long,
                           device="meta") for encoder in parts.text_encoders]
-    cond = parts.family.encode_tokens(parts.text_encoders, tokens, grad)
+    cond = parts.family.encode_tokens(parts.text_encoders, tokens, grad, reading.clip_skip)
     return cond.hidden, cond.pooled
 
 

@@ -3,6 +3,7 @@
     family = family_for_class("StableDiffusionXLPipeline")    # or family_named("sdxl")
     pipe = family.load_pipeline(source, kind="folder", config="")
     components = family.components(pipe)
+    family.read_text(components, max_token_length=225, clip_skip=1)  # kohya's long captions (default 75, 1)
     cond = family.encode(components, ["a photo of sks dog"])  # Conditioning: hidden states (+ pooled)
     extra = family.added_cond(cond, items, device, dtype)     # the UNet's added_cond_kwargs, or None
     pipe = family.assemble(components)                       # the inference pipeline, sharing the modules

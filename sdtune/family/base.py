@@ -1,7 +1,9 @@
-"""The model-family interface (`Family`), and what it hands the trainer: `Components`, `Conditioning`."""
+"""The model-family interface (`Family`), and what it hands the trainer: `Components`, `Conditioning`, and how
+captions are read (`TextReading`: kohya's long captions and clip_skip)."""
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -16,6 +18,45 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+WINDOW = 75  # caption tokens one CLIP window reads between its start and end tokens (77 - 2)
+
+
+@dataclass(frozen=True)
+class TextReading:
+    """How a family reads captions: `max_token_length` tokens (75, 150 or 225: one, two or three windows,
+    each encoded alone with its own start and end token and their hidden states joined, as kohya's
+    `max_token_length`), from the layer `clip_skip` from the end (1: the last, as the pipelines do)."""
+
+    max_token_length: int = WINDOW
+    clip_skip: int = 1
+
+    @property
+    def windows(self) -> int:
+        return self.max_token_length // WINDOW
+
+    def tokens_read(self, encoder_length: int) -> int:
+        """Tokens a caption is read to, its start and end included, with an encoder of `encoder_length`
+        (77; sdtune-tiny's 16): each window reads `encoder_length - 2` (227 for 225 at 77)."""
+        return self.windows * (encoder_length - 2) + 2
+
+    def note(self, what: str = "captions") -> str:
+        """Where the exported model's clients read prompts otherwise than sdtune reads `what`; "" at the
+        defaults, which read as diffusers' pipelines do."""
+        said = []
+        if self.windows > 1:
+            said.append(f"diffusers' own pipeline reads a prompt's first {WINDOW} tokens (AUTOMATIC1111 and ComfyUI "
+                        f"read longer prompts in {WINDOW}-token chunks of their own)")
+        if self.clip_skip > 1:
+            n = self.clip_skip
+            said.append(f"set clip skip in the client: AUTOMATIC1111's Clip skip {n}, ComfyUI's CLIP Set Last Layer "
+                        f"{-n}, diffusers' clip_skip={n - 1}")
+        if not said:
+            return ""
+        return (f"{what} are read with max_token_length={self.max_token_length} and clip_skip={self.clip_skip} as "
+                "kohya's sd-scripts reads them (`sdtune sample --ckpt` a run's folder reads its prompts so too); "
+                + "; ".join(said))
+
+
 @dataclass
 class Components:
     """A pipeline taken apart for training, with the family that knows how to put it back together."""
@@ -28,6 +69,7 @@ class Components:
     family: Family
     options: dict = field(default_factory=dict)  # pipeline settings the family keeps (force_zeros_for_empty_prompt)
     origin: str = ""          # one line: what was loaded from where (a single file's configs and tokenizers)
+    text: TextReading = field(default_factory=TextReading)  # how captions are read (`Family.read_text`)
 
     @property
     def text_encoder(self):
@@ -50,6 +92,13 @@ class Components:
     def zero_terminal_snr(self) -> bool:
         """Whether the noise schedule's betas are rescaled so its last step is pure noise."""
         return bool(self.scheduler.config.get("rescale_betas_zero_snr", False))
+
+    def prompt_encoder(self):
+        """`encode` for `sdtune.sample.generate`: the family's encoding where it reads prompts otherwise than
+        the diffusers pipeline does (long captions, clip_skip), else None (the pipeline encodes the strings)."""
+        if self.text == TextReading():
+            return None
+        return functools.partial(self.family.encode, self)
 
 
 @dataclass
@@ -107,16 +156,31 @@ class Family(ABC):
     def assemble(self, components: Components):
         """The inference pipeline, sharing `components`' modules."""
 
+    def read_text(self, components: Components, max_token_length: int = WINDOW, clip_skip: int = 1) -> None:
+        """From now on `encode` reads captions of `components` to `max_token_length` tokens from the layer
+        `clip_skip` from the end (`TextReading`)."""
+        self.check_text(components.text_encoders, clip_skip)
+        components.text = TextReading(max_token_length, clip_skip)
+
+    def check_text(self, encoders, clip_skip: int) -> None:
+        """One error line where `encoders` cannot be read from the layer `clip_skip` from the end: 1 .. their
+        layers (12 for SD 1.x: 12 reads the first layer's output, 13 would be the token embeddings)."""
+        layers = min(encoder.config.num_hidden_layers for encoder in encoders)
+        if clip_skip > layers:
+            raise SdtuneError(f"train.clip_skip={clip_skip} reads before the text encoder's first layer (it has "
+                              f"{layers}): set train.clip_skip between 1 and {layers}")
+
     @abstractmethod
     def encode(self, components: Components, captions: list[str], grad: bool = False) -> Conditioning:
-        """The text encoders' output for `captions`, as the family's pipeline encodes prompts; with `grad`,
-        differentiable (a text-encoder LoRA trains through it)."""
+        """The text encoders' output for `captions`, read as `components.text` says (at the defaults, as the
+        family's pipeline encodes prompts); with `grad`, differentiable (a text-encoder LoRA trains through it)."""
 
     @abstractmethod
     def encode_tokens(self, encoders: tuple[torch.nn.Module, ...], tokens: list[torch.Tensor],
-                      grad: bool = False) -> Conditioning:
-        """`encode` past the tokenizers: each encoder's output for its token ids (`[B, 77]`, one tensor per
-        encoder), on any device: the meta device too, where the estimator traces it."""
+                      grad: bool = False, clip_skip: int = 1) -> Conditioning:
+        """`encode` past the tokenizers: each encoder's output for its token ids (`[B, 77]`, or `[B, windows,
+        77]` for long captions: `[B, windows x 75 + 2, width]` out; one tensor per encoder), on any device: the
+        meta device too, where the estimator traces it."""
 
     def added_cond(self, cond: Conditioning, items, device, dtype) -> dict | None:
         """The UNet's `added_cond_kwargs` for a micro-batch of `sdtune.data.Item`s; None where it takes none."""

@@ -4,7 +4,8 @@ As `StableDiffusionXLPipeline` encodes a prompt: each encoder's penultimate hidd
 (768 + 1280 = 2048 wide for SDXL base), are the cross-attention context; the second encoder's projected
 pooled output (1280) joins the time embedding. An empty caption (caption dropout) gives zeros for both
 where the pipeline's `force_zeros_for_empty_prompt` is set (SDXL base sets it), as its unconditional
-prompt does at inference.
+prompt does at inference. Long captions (`data.max_token_length`) are read in windows as kohya's
+`get_hidden_states_sdxl` does, the pooled embedding from the first window; `train.clip_skip` does not apply.
 
 The six `time_ids` of each image are SDXL's micro-conditioning: its original size as seen (height,
 width), the top-left corner of its crop in the resized image as trained (after the flip, if flipped), and
@@ -13,8 +14,9 @@ the bucket it is trained at (height, width): the real values of each image, not 
 
 from __future__ import annotations
 
+from sdtune.errors import SdtuneError
 from sdtune.family.base import Components, Conditioning, Family
-from sdtune.family.sd import tokenize
+from sdtune.family.sd import joined, tokenize
 
 
 class StableDiffusionXL(Family):
@@ -44,10 +46,15 @@ class StableDiffusionXL(Family):
             tokenizer_2=tokenizer_2, unet=components.unet, scheduler=components.scheduler, add_watermarker=False,
             force_zeros_for_empty_prompt=components.options.get("force_zeros_for_empty_prompt", True))
 
+    def check_text(self, encoders, clip_skip: int) -> None:
+        if clip_skip != 1:  # kohya's sdxl_train_util: "clip_skip will be unexpected", and it is not applied
+            raise SdtuneError(f"train.clip_skip={clip_skip} does not apply to SDXL, which reads both text encoders' "
+                              "penultimate layers already (kohya ignores it for SDXL): set train.clip_skip=1")
+
     def encode(self, components, captions: list[str], grad: bool = False) -> Conditioning:
         import torch
 
-        tokens = [tokenize(tokenizer, captions, next(encoder.parameters()).device)
+        tokens = [tokenize(tokenizer, captions, next(encoder.parameters()).device, components.text.windows)
                   for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True)]
         cond = self.encode_tokens(components.text_encoders, tokens, grad)
         if components.options.get("force_zeros_for_empty_prompt", True):
@@ -57,15 +64,18 @@ class StableDiffusionXL(Family):
                 cond.pooled = torch.where(empty[:, None], 0.0, cond.pooled)
         return cond
 
-    def encode_tokens(self, encoders, tokens, grad: bool = False) -> Conditioning:
+    def encode_tokens(self, encoders, tokens, grad: bool = False, clip_skip: int = 1) -> Conditioning:
+        """Each encoder's penultimate hidden states, joined; `clip_skip` is not read (`read_text` refuses it)."""
         import torch
 
         hidden, pooled = [], None
         with torch.set_grad_enabled(grad):
             for encoder, ids in zip(encoders, tokens, strict=True):
-                out = encoder(ids, output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
+                out = encoder(ids.reshape(-1, ids.shape[-1]), output_hidden_states=True)
+                hidden.append(joined(out.hidden_states[-2], ids))
                 pooled = out[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+                if ids.dim() == 3:  # long captions: the first window's, as kohya's pool2[::n_size]
+                    pooled = pooled.reshape(*ids.shape[:2], -1)[:, 0]
             return Conditioning(hidden=torch.cat(hidden, dim=-1), pooled=pooled)
 
     def added_cond(self, cond: Conditioning, items, device, dtype) -> dict:

@@ -138,7 +138,7 @@ def _check_caption_lengths(examples, components, data) -> None:
     from sdtune.data.tokens import cut_captions, shortest
 
     rendered = [(e.image, captions.fixed(e.caption, data)) for e in examples]  # with prefix and suffix
-    cut = cut_captions(rendered, shortest(components.tokenizers))
+    cut = cut_captions(rendered, shortest(components.tokenizers), components.text.max_token_length)
     if cut.count:
         logger.warning(cut.line())
 
@@ -165,6 +165,9 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         logger.info(components.origin)
     _check_resolution(components, cfg)
+    components.family.read_text(components, cfg.data.max_token_length, cfg.train.clip_skip)
+    if components.text.note():
+        logger.info(components.text.note())
     _check_caption_lengths(examples, components, cfg.data)
     placement = place(components, plan, cfg)
     global_batch = cfg.train.batch_size * world.size  # rank r trains on its share of each
@@ -344,7 +347,7 @@ def _sample(run: Run, metrics) -> Path:
     with evaluation_mode(run), averaged:
         pipe = assemble_pipeline(run.components)
         images = generate(pipe, prompts, [seed] * len(prompts), steps=out.sample_steps, guidance=GUIDANCE,
-                          negative_prompt=out.sample_negative_prompt)
+                          negative_prompt=out.sample_negative_prompt, encode=run.components.prompt_encoder())
     path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
     if not run.world.main:  # every rank draws (FSDP gathers weights collectively), rank 0 writes
         return path

@@ -111,8 +111,6 @@ def save_png(image, path: Path, text: str) -> Path:
     return path
 
 
-
-
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float = GUIDANCE,
              height: int | None = None, width: int | None = None, batch_size: int = 1,
              negative_prompt: str = "") -> list:

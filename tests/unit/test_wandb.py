@@ -94,3 +94,23 @@ def test_missing_wandb_is_one_line_error_before_anything_is_written(tmp_path, mo
         MetricsLogger.for_run(tmp_path, OutputConfig(wandb=True), resume_step=0)
     assert str(info.value) == WANDB_MISSING and "pip install 'sdtune[wandb]'" in WANDB_MISSING
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_run_sends_its_steps_grids_and_resolved_config(tiny_sd1, images, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from support.helpers import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    summary = train(tiny_sd1, images, out, "--max-steps", "2", "--set", "output.wandb=true",
+                    "--set", "output.sample_every=2", "--set", "output.sample_prompts=a red circle --w 96",
+                    "--set", "output.sample_steps=1")
+    (folder,) = (out / "wandb").glob("offline-run-*")
+    records = offline_records(folder)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["train"]["max_steps"] == 2 and config["output"]["wandb"] is True  # OUT/config.toml
+    rows = history(records)
+    assert [row["train/loss"] for row in rows] == pytest.approx(summary["losses"])
+    assert rows[1]["validation/samples"]["width"] == 96  # the step-2 grid: one 96-px cell

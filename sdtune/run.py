@@ -218,7 +218,7 @@ def _run(request: _Attempt) -> dict | _OutOfMemoryAt:
     from sdtune.train.metrics import check_sinks
 
     cfg, out, world = request.cfg, request.out, request.world
-    check_sinks(tensorboard=cfg.output.tensorboard)
+    check_sinks(tensorboard=cfg.output.tensorboard, wandb=cfg.output.wandb)
     clear = _check_out_dir(out, request.resume, request.overwrite) if world.main else False
     run = None
     try:

@@ -16,15 +16,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdtune.sample_prompts import GUIDANCE  # also sdtune.sample.GUIDANCE, as before
+
 
 def make_grid(images: list, columns: int | None = None, labels: list[str] | None = None):
-    """Paste equally sized PIL images into one roughly square grid; with `labels`, each image below its own
-    text (wrapped to the image's width: the band may be taller than a small image)."""
+    """Paste PIL images into one roughly square grid of equal cells, each as large as the largest image (a
+    smaller one sits in its cell's top left corner, on white); with `labels`, each image below its own text
+    (wrapped to the cell's width: the band may be taller than a small image)."""
     from PIL import Image, ImageDraw
 
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
+    w, h = max(image.width for image in images), max(image.height for image in images)
     font = _label_font()
     lines = [_wrap(label, font, w - 2 * LABEL_PAD) for label in labels] if labels else []
     line_height = font.getbbox("Ag")[3] + 2
@@ -106,9 +109,6 @@ def save_png(image, path: Path, text: str) -> Path:
     info.add_text("parameters", text)
     image.save(path, pnginfo=info)
     return path
-
-
-GUIDANCE = 7.5  # classifier-free guidance scale of the training samples and `sdtune sample`'s default
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float = GUIDANCE,

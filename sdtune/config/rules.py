@@ -125,12 +125,12 @@ RULES: tuple[Rule, ...] = (
          "lora.dropout is LoRA's input dropout, which peft's LoHa and LoKr lack: set it to 0"),
     # [output]
     Rule(("output.sample_every", "output.sample_prompts"),
-         lambda c: bool(c.output.sample_every and not c.output.sample_prompts),
-         "add prompts or set sample_every=0",
+         lambda c: bool(c.output.sample_every and not (c.output.sample_prompts or c.output.sample_prompts_file)),
+         "add prompts (or an output.sample_prompts_file) or set sample_every=0",
          "output.sample_every is set but output.sample_prompts is empty: {fix}"),
     Rule(("output.sample_at_start", "output.sample_prompts"),
-         lambda c: c.output.sample_at_start and not c.output.sample_prompts,
-         "add prompts or set sample_at_start=false",
+         lambda c: c.output.sample_at_start and not (c.output.sample_prompts or c.output.sample_prompts_file),
+         "add prompts (or an output.sample_prompts_file) or set sample_at_start=false",
          "output.sample_at_start is set but output.sample_prompts is empty: {fix}"),
     # across sections
     Rule(("train.method", "memory.optimizer_offload"),

@@ -406,7 +406,8 @@ class OutputConfig:
     keep_final_state: bool = doc("keep the resume checkpoints after the run finishes (to train on with --resume "
                                  "and more steps); false deletes them once the model is written", False, resume=FREE)
     sample_every: int = doc("sample sample_prompts into a PNG grid every N steps; 0 turns it off", 0, resume=FREE)
-    sample_prompts: tuple[str, ...] = doc("prompts for the validation grids", (), resume=FREE)
+    sample_prompts: tuple[str, ...] = doc("prompts for the validation grids, each with kohya's options if wanted "
+                                          "(\"a cat --w 768 --d 3\": see sample_prompts_file)", (), resume=FREE)
     sample_steps: int = doc("denoising steps for validation samples", 20, resume=FREE)
     sample_ema: bool = doc("with train.ema_decay: draw the validation grids with the EMA weights", True,
                            resume=FREE)
@@ -427,9 +428,10 @@ class OutputConfig:
         "bf16 take half of fp32's disk)", "fp16", resume=FREE)
     tensorboard: bool = doc("also write TensorBoard event files to OUT/logs/ (needs sdtune[tensorboard])", False,
                             resume=FREE)
-    sample_prompts_file: str = doc("a file of sample prompts in kohya's format (one a line; --n negative, --w --h "
-                                   "size, --d seed, --s steps, --l CFG scale, --ss sampler; # comments)", "",
-                                   resume=FREE)
+    sample_prompts_file: str = doc("a file of sample prompts in kohya's format, drawn after sample_prompts (one a "
+                                   "line; --n negative, --w --h size, --d seed, --s steps, --l CFG scale, --ss "
+                                   "sampler: euler_a, dpmsolver++, ddim, ...; # comments; or kohya's .toml/.json)",
+                                   "", resume=FREE)
     wandb: bool = doc("also send the metrics and sample grids to Weights & Biases (needs sdtune[wandb]; "
                       "WANDB_MODE=offline works without a network)", False, resume=FREE)
     wandb_project: str = doc("with wandb: the project the run is logged to", "sdtune", resume=FREE)
@@ -439,6 +441,10 @@ class OutputConfig:
             require(getattr(self, name) >= 0, f"output.{name} must be >= 0, got {getattr(self, name)}")
         require(self.keep_checkpoints >= 0, f"output.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
         require(self.sample_steps >= 1, f"output.sample_steps must be at least 1, got {self.sample_steps}")
+        require(bool(self.wandb_project.strip()), "output.wandb_project must name a W&B project, got an empty one")
+        from sdtune.sample_prompts import check_inline
+
+        check_inline(self.sample_prompts)  # the file's prompts are read when the run starts
         check_section("output", self)
 
 

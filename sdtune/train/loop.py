@@ -23,7 +23,7 @@ import logging
 import math
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,12 +36,14 @@ from sdtune.data.features import Features
 from sdtune.errors import SdtuneError
 from sdtune.optim.schedule import make_lr_schedule, step_schedule
 from sdtune.plan import autocast, peak_bytes, reset_peak, resolve_plan
+from sdtune.sample_prompts import prompt_specs
 from sdtune.train import objective, store
 from sdtune.train.checkpoint import restore as _restore
 from sdtune.train.checkpoint import save as _save
 from sdtune.train.ema import make_ema
 from sdtune.train.metrics import Phases, StepRecord
 from sdtune.train.placement import place
+from sdtune.train.samples import draw_samples
 from sdtune.train.signals import Interrupted, StopOnSignal
 from sdtune.train.state import Progress, Run, steps_per_epoch
 from sdtune.train.validation import validation_set
@@ -154,6 +156,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
     from sdtune.family.scratch import load_for_training
 
     check_source(cfg.model.pretrained, cfg.model.config)  # a wrong --model is said before the data is scanned
+    samples = prompt_specs(cfg, logger.warning)  # a bad prompt line too
     world = world or World()
     plan = resolve_plan(cfg, report=True, preset=info, world=world)
     world.start(plan.device)
@@ -180,7 +183,7 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
               scaler=placement.tier.make_scaler(plan.device, enabled=plan.loss_scaling),
               # the model's schedule: its betas rescaled where the scheduler says rescale_betas_zero_snr
               alphas_cumprod=DDPMScheduler.from_config(components.scheduler.config).alphas_cumprod,
-              ema=make_ema(placement, cfg.train), validation=held_out)
+              ema=make_ema(placement, cfg.train), validation=held_out, samples=samples)
     sources = [(stream, examples)] + ([(held_out.stream, held_out.examples)] if held_out else [])
     if cfg.prior_preservation:  # drawn by the base model: before the checkpoint's weights are restored
         from sdtune.train.dreambooth import class_config, class_images
@@ -334,37 +337,6 @@ def evaluation_mode(run: Run):
             module.train()
 
 
-def _sample(run: Run, metrics) -> Path:
-    """The validation grid of `output.sample_prompts` at this step, each image below its prompt: a PNG in
-    OUT/samples/, each image beside it in a folder of the step's name, every PNG with A1111's `parameters`;
-    and an image for the metrics sinks."""
-    from sdtune.family.load import assemble_pipeline
-    from sdtune.sample import GUIDANCE, generate, make_grid, parameters, save_png
-
-    out, seed = run.cfg.output, run.cfg.train.seed
-    prompts = list(out.sample_prompts)
-    averaged = run.ema.applied() if run.ema is not None and out.sample_ema else nullcontext()
-    with evaluation_mode(run), averaged:
-        pipe = assemble_pipeline(run.components)
-        images = generate(pipe, prompts, [seed] * len(prompts), steps=out.sample_steps, guidance=GUIDANCE,
-                          negative_prompt=out.sample_negative_prompt, encode=run.components.prompt_encoder())
-    path = run.out_dir / "samples" / f"step-{run.step:06d}.png"
-    if not run.world.main:  # every rank draws (FSDP gathers weights collectively), rank 0 writes
-        return path
-    path.with_suffix("").mkdir(parents=True, exist_ok=True)
-    base = Path(run.cfg.model.pretrained).name or run.cfg.model.pretrained
-    texts = [parameters(prompt, negative=out.sample_negative_prompt, steps=out.sample_steps, guidance=GUIDANCE,
-                        seed=seed, size=image.size, sampler=type(pipe.scheduler).__name__,
-                        model=run.out_dir.resolve().name, extra={"Training step": run.step, "Base model": base})
-             for prompt, image in zip(prompts, images, strict=True)]
-    for i, (image, text) in enumerate(zip(images, texts, strict=True)):
-        save_png(image, path.with_suffix("") / f"{i:02d}.png", text)
-    grid = make_grid(images, labels=prompts)
-    save_png(grid, path, texts[0])  # as A1111 labels its grids: with the first image's parameters
-    metrics.image("validation/samples", run.step, grid)
-    return path
-
-
 def _too_many_bad_steps(run: Run, count: int) -> SdtuneError:
     latest = store.latest_checkpoint(run.out_dir)
     kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written yet"
@@ -413,7 +385,7 @@ def loop(run: Run, metrics=None, saves: Saves | None = None) -> None:
     reset_peak(run.plan)
     saving = saves is not None and saves.check(run)
     if cfg.output.sample_at_start and run.step == 0:  # the base model's grid, to compare the others with
-        logger.info(f"samples: {_sample(run, metrics)}")
+        logger.info(f"samples: {draw_samples(run, metrics, evaluation_mode(run))}")
     with StopOnSignal() as stop:
         while run.step < cfg.train.max_steps:
             result = train_step(run)
@@ -426,7 +398,7 @@ def loop(run: Run, metrics=None, saves: Saves | None = None) -> None:
             if run.world.any(bool(stop.signum)):  # a signal that reached one rank stops all of them here
                 raise Interrupted(stop.signum or signal.SIGTERM, run.step, _save(run))
             if cfg.output.sample_every and run.step % cfg.output.sample_every == 0:
-                logger.info(f"samples: {_sample(run, metrics)}")
+                logger.info(f"samples: {draw_samples(run, metrics, evaluation_mode(run))}")
             if saving and saves.due(run):
                 logger.info(f"saved {saves.write(run)}")
             every = cfg.output.checkpoint_every

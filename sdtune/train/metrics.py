@@ -1,11 +1,12 @@
-"""Per-step training metrics, sent to sinks: `metrics.jsonl`, TensorBoard event files, a rich progress bar.
+"""Per-step training metrics, sent to sinks: `metrics.jsonl`, TensorBoard event files, a Weights & Biases run,
+a rich progress bar.
 
 The training loop builds one `StepRecord` per optimizer step and hands it to a `MetricsLogger`; which sinks
-receive it is the run's choice (`MetricsLogger.for_run` reads `output.tensorboard`), so the loop never
-knows where its numbers go. `metrics.jsonl` always gets one JSON object per step, flushed at once, and a
-resumed run first drops what a killed run logged after its last checkpoint, so the file reads as one
-history. Validation grids go to TensorBoard only. Only rank 0 writes; on other ranks the logger has no
-sinks. Nothing heavy is imported here (torch, rich, tensorboard load when a sink is built).
+receive it is the run's choice (`MetricsLogger.for_run` reads `output.tensorboard` and `output.wandb`), so
+the loop never knows where its numbers go. `metrics.jsonl` always gets one JSON object per step, flushed at
+once, and a resumed run first drops what a killed run logged after its last checkpoint, so the file reads as
+one history. Sample grids go to TensorBoard and W&B only. Only rank 0 writes; on other ranks the logger has
+no sinks. Nothing heavy is imported here (torch, rich, tensorboard, wandb load when a sink is built).
 
     with MetricsLogger.for_run(out, cfg.output, resume_step=run.step, progress=ProgressSink(console, steps)) as metrics:
         metrics.log(StepRecord(step=1, loss=0.12, learning_rate=1e-5, grad_norm=0.8, seconds_per_step=0.9,
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 TENSORBOARD_MISSING = ("output.tensorboard=true needs tensorboard: pip install 'sdtune[tensorboard]' "
                        "(or set output.tensorboard=false)")
+WANDB_MISSING = "output.wandb=true needs wandb: pip install 'sdtune[wandb]' (or set output.wandb=false)"
+WANDB_RUN_ID = "wandb-run-id"  # in the run folder: the Weights & Biases run a resumed run continues
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,15 +145,18 @@ class MetricsLogger:
     @classmethod
     def for_run(cls, out_dir: str | Path, output_cfg: OutputConfig, *, resume_step: int,
                 progress: Sink | None = None, rank: int | None = None) -> MetricsLogger:
-        """The sinks of a run in `out_dir`: `metrics.jsonl`, `logs/` when `output.tensorboard`, and `progress`.
+        """The sinks of a run in `out_dir`: `metrics.jsonl`, `logs/` when `output.tensorboard`, a Weights & Biases
+        run when `output.wandb`, and `progress`.
         `resume_step` is the checkpoint's step (0 for a fresh run). Off rank 0 nothing is opened or written."""
         if (current_rank() if rank is None else rank) != 0:
             return cls()
         out_dir = Path(out_dir)
         sinks: list[Sink] = []
-        try:  # TensorBoard first: if it is missing, that error comes before metrics.jsonl is touched
+        try:  # TensorBoard and W&B first: if one is missing, that error comes before metrics.jsonl is touched
             if output_cfg.tensorboard:
                 sinks.append(TensorBoardSink(out_dir / "logs", resume_step=resume_step))
+            if output_cfg.wandb:
+                sinks.append(WandbSink(out_dir, output_cfg.wandb_project, resume_step=resume_step))
             sinks.append(JsonlSink(out_dir / "metrics.jsonl", resume_step=resume_step))
         except BaseException:
             cls(sinks).close()
@@ -223,13 +229,37 @@ def _truncate_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def check_sinks(*, tensorboard: bool) -> None:
+def check_sinks(*, tensorboard: bool, wandb: bool = False) -> None:
     """Fail with one line when a sink the config asks for cannot be built: before a run loads anything."""
     if tensorboard:
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError as exc:
             raise SdtuneError(TENSORBOARD_MISSING) from exc
+    if wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError as exc:
+            raise SdtuneError(WANDB_MISSING) from exc
+
+
+def scalars(record: StepRecord) -> dict[str, float]:
+    """A record's numbers by the names TensorBoard and W&B chart them under; the absent ones left out."""
+    values = {
+        "train/loss": record.loss,
+        "train/average_loss": record.average_loss,
+        "train/epoch": record.epoch,
+        "train/learning_rate": record.learning_rate,
+        "train/grad_norm": record.grad_norm,
+        "train/seconds_per_step": record.seconds_per_step,
+        "train/images_per_second": record.images_per_second,
+        "train/peak_memory_gib": record.peak_memory_bytes / 2**30,
+        "train/skipped_steps": record.skipped_steps,
+        "validation/loss": record.validation_loss,
+        "validation/ema_loss": record.ema_validation_loss,
+        **{f"profile/{key}": getattr(record, key) for key in PHASE_FIELDS},
+    }
+    return {tag: value for tag, value in values.items() if value is not None}
 
 
 class TensorBoardSink:
@@ -249,23 +279,8 @@ class TensorBoardSink:
         self._writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, record: StepRecord) -> None:
-        scalars = {
-            "train/loss": record.loss,
-            "train/average_loss": record.average_loss,
-            "train/epoch": record.epoch,
-            "train/learning_rate": record.learning_rate,
-            "train/grad_norm": record.grad_norm,
-            "train/seconds_per_step": record.seconds_per_step,
-            "train/images_per_second": record.images_per_second,
-            "train/peak_memory_gib": record.peak_memory_bytes / 2**30,
-            "train/skipped_steps": record.skipped_steps,
-            "validation/loss": record.validation_loss,
-            "validation/ema_loss": record.ema_validation_loss,
-            **{f"profile/{key}": getattr(record, key) for key in PHASE_FIELDS},
-        }
-        for tag, value in scalars.items():
-            if value is not None:
-                self._writer.add_scalar(tag, value, record.step)
+        for tag, value in scalars(record).items():
+            self._writer.add_scalar(tag, value, record.step)
         self._writer.flush()  # like metrics.jsonl: a killed run keeps what it logged
 
     def image(self, tag: str, step: int, image: Image) -> None:
@@ -276,6 +291,45 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self._writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run in project `project`, named after `out_dir`, its files in OUT/wandb/: the
+    scalars of every record (TensorBoard's names) at the record's step, the images (the sample grids), and
+    OUT/config.toml (the resolved config, written before the first step) as the run's config.
+
+    WANDB_MODE=offline writes the run to disk only (`wandb sync OUT/wandb/offline-run-*` uploads it later).
+    The run's id is kept in OUT/wandb-run-id: a resumed run continues the same W&B run. W&B keeps a
+    run's steps increasing, so the steps a killed run logged after its checkpoint keep their first values
+    and the resumed run's are dropped: they are the same numbers, a step being a function of (seed, step)."""
+
+    def __init__(self, out_dir: str | Path, project: str, *, resume_step: int = 0):
+        check_sinks(tensorboard=False, wandb=True)
+        import uuid
+
+        import tomllib
+        import wandb
+
+        out_dir = Path(out_dir)
+        id_file, config_file = out_dir / WANDB_RUN_ID, out_dir / "config.toml"
+        resumed = bool(resume_step) and id_file.is_file()
+        run_id = id_file.read_text(encoding="utf-8").strip() if resumed else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+        config = tomllib.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        # console="off": the rich progress bar stays on the terminal, not in W&B's captured log
+        self._run = wandb.init(project=project, name=out_dir.resolve().name, id=run_id, dir=str(out_dir),
+                               config=config, resume="allow" if resumed else "never",
+                               settings=wandb.Settings(console="off", quiet=True))
+        self._wandb = wandb
+
+    def log(self, record: StepRecord) -> None:
+        self._run.log(scalars(record), step=record.step)
+
+    def image(self, tag: str, step: int, image: Image) -> None:
+        self._run.log({tag: self._wandb.Image(image.convert("RGB"))}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 class ProgressSink:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from sdtune.family.base import Components
     from sdtune.optim.tier import Tier
+    from sdtune.sample_prompts import PromptSpec
     from sdtune.train.ema import EMA
     from sdtune.train.validation import Validation
 
@@ -94,6 +95,7 @@ class Run:
     validation: Validation | None = None  # data.validation_dir or validation_split: the held-out set
     world: World = field(default_factory=World)  # this process among the launched ones
     progress: Progress = field(default_factory=Progress)
+    samples: tuple[PromptSpec, ...] = ()  # the sample prompts with their settings, parsed at the start
 
     # the progress, read where a run is read (the checkpoint and the loop change it through `progress`)
     @property

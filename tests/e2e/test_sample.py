@@ -80,3 +80,28 @@ def test_training_samples_at_step_0_labelled_with_parameters_and_the_negative_pr
     assert "Seed: 0, Size: 64x64, Model: out, Training step: 2, Base model: model" in text
     assert grid.text["parameters"] == text
     assert "Training step: 0," in Image.open(samples / "step-000000" / "00.png").text["parameters"]
+
+
+def test_training_draws_each_prompt_of_a_kohya_prompt_file_with_its_own_settings(tiny_sd1, images, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# kohya's format\n"
+                       "a red circle --n a star --w 96 --h 64 --d 3 --s 2 --l 5.5 --ss euler_a\n\n"
+                       "a blue square --W 64 --H 80 --D 7 --S 3 --L 9 --ss dpmsolver++\n"
+                       "a red circle --n a star --w 96 --h 64 --d 4 --s 2 --l 5.5 --ss euler_a\n"  # another seed
+                       "a red circle --n a star --w 96 --h 64 --d 3 --s 2 --l 5.5\n", encoding="utf-8")  # DDIM
+    out = tmp_path / "out"
+    train(tiny_sd1, images, out, "--max-steps", "1", "--set", "output.sample_every=1",
+          "--set", f"output.sample_prompts_file={prompts}")
+    folder = out / "samples" / "step-000001"
+    red, blue, reseeded, ddim = (Image.open(folder / f"{i:02d}.png") for i in range(4))
+    assert (red.size, blue.size) == ((96, 64), (64, 80))
+    assert red.text["parameters"] == ("a red circle\nNegative prompt: a star\nSteps: 2, Sampler: Euler a, CFG scale: "
+                                      "5.5, Seed: 3, Size: 96x64, Model: out, Training step: 1, Base model: model")
+    assert blue.text["parameters"] == ("a blue square\nSteps: 3, Sampler: DPM++ 2M, CFG scale: 9.0, Seed: 7, "
+                                       "Size: 64x80, Model: out, Training step: 1, Base model: model")
+    assert "Sampler: DDIM, CFG scale: 5.5, Seed: 3," in ddim.text["parameters"]
+    pixels = [np.asarray(image, dtype=np.int16) for image in (red, reseeded, ddim)]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0 and np.abs(pixels[0] - pixels[2]).max() > 0  # seed, sampler
+    grid = Image.open(out / "samples" / "step-000001.png")
+    assert grid.width == 2 * 96 and grid.height > 2 * 80  # 2x2 cells as large as the largest image, labelled
+    assert grid.text["parameters"] == red.text["parameters"]

@@ -283,3 +283,15 @@ def test_a_data_folder_beside_the_configs_subsets_is_one_error_line(tmp_path):
     assert TrainRequest(preset="cpu", data=None).folder(cfg) is None
     with pytest.raises(SdtuneError, match="no training images: pass --data"):
         TrainRequest(preset="cpu", data=None).folder(Config())
+
+
+def test_the_readme_examples_shuffle_caption_makes_a_presets_text_cache_give_way(folders, tmp_path):
+    # review of issue 29: an SDXL preset plans data.cache_text=true; [general] shuffle_caption = true reached
+    # only the subsets, so the preset's cache did not give way (as it does for --set data.shuffle_tags=true)
+    # and the README example was refused: "data.cache_text stores one embedding per caption; ..."
+    path = tmp_path / "dataset.toml"
+    path.write_text(README_EXAMPLE.format(root=folders.as_posix())[:README_EXAMPLE.index("# This is a fine-tuning")])
+    cfg, _ = load_config("sdxl-12gb", ["data.resolution=512"], dataset=path)
+    assert not cfg.data.cache_text and all(s.shuffle_tags for s in cfg.data.subsets)
+    with pytest.raises(SdtuneError, match=r"data\.cache_text .* data\.shuffle_tags"):
+        load_config("sdxl-12gb", ["data.cache_text=true"], dataset=path)  # asked for: refused, naming both

@@ -82,8 +82,7 @@ FATES: dict[str, Fate] = {
     "is_reg": Fate(OWN, "is_reg"),
     "metadata_file": Fate(OWN, "metadata_file"),
     "alpha_mask": Fate(OWN, "data.masked_loss"),
-    "conditioning_data_dir": Fate(OWN, why="ControlNet datasets need a ControlNet trainer, which sdtune is not",
-                                  refuse=True),
+    "conditioning_data_dir": Fate(OWN, "mask_dir"),  # kohya's masked loss reads the masks from it
 }
 RUN_KEYS = [key for key, fate in FATES.items() if fate.where == DATASET and fate.key]
 
@@ -141,8 +140,8 @@ def translate(raw: dict, name: str, warned: dict[str, str]) -> dict:
             subsets.append(_subset({**merged, **_table(subset, where, name)}, where, name, warned))
     layer = _run_layer(runs, name, warned)
     masks = {bool(s.pop("alpha_mask", False)) for s in subsets}
-    if True in masks:
-        layer["data"]["masked_loss"] = True
+    if True in masks or any(s.get("mask_dir") for s in subsets):  # kohya's masked loss: alpha_mask, or the
+        layer["data"]["masked_loss"] = True                         # conditioning_data_dir images as masks
         if len(masks) > 1:
             warned["alpha_mask"] = (f"alpha_mask is set for some subsets of {name} and not others: data.masked_loss "
                                     "is one switch for the run, so every image with an alpha channel trains masked")
@@ -248,6 +247,9 @@ def _check_folder(table: dict, where: str, name: str) -> None:
         raise SdtuneError(f"image_dir {table['dir']} of {where} in {name} is not a folder{relative}: fix the path")
     if table.get("metadata_file") and not Path(table["metadata_file"]).is_file():
         raise SdtuneError(f"metadata_file {table['metadata_file']} of {where} in {name} does not exist{relative}")
-    for key in ("dir", "metadata_file"):  # the run folder's config.toml then resumes from any folder
+    if table.get("mask_dir") and not Path(table["mask_dir"]).is_dir():
+        raise SdtuneError(f"conditioning_data_dir {table['mask_dir']} (the masks) of {where} in {name} is not a "
+                          f"folder{relative}: fix the path")
+    for key in ("dir", "metadata_file", "mask_dir"):  # the run folder's config.toml then resumes from any folder
         if table.get(key):
             table[key] = str(Path(table[key]).absolute())

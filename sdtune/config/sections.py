@@ -75,6 +75,8 @@ class SubsetConfig:
     caption_prefix: str | None = doc("this subset's caption_prefix", None)
     caption_suffix: str | None = doc("this subset's caption_suffix", None)
     wildcards: bool | None = doc("this subset's wildcards", None)
+    mask_dir: str | None = doc("this subset's folder of masks for data.masked_loss (kohya's conditioning_data_dir)",
+                               None)
 
     def __post_init__(self):
         require(bool(self.dir), "a [[data.subsets]] table needs dir, the folder of its images")

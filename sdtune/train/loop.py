@@ -57,7 +57,8 @@ def _scan(data_dir: str | None, cfg: Config, out_dir: str):
     """The training images (the --data folder's, or every data.subsets table's), with every skipped file, the
     counts and the scan's warnings and notes logged. The output, class, validation and mask folders are never
     training images, wherever they are."""
-    exclude = (out_dir, cfg.data.class_dir, cfg.data.validation_dir, cfg.data.mask_dir)
+    exclude = (out_dir, cfg.data.class_dir, cfg.data.validation_dir, cfg.data.mask_dir,
+               *(s.mask_dir for s in cfg.data.subsets if s.mask_dir))
     if cfg.data.subsets:
         scan, data_dir = _scan_subsets(cfg, exclude), f"{len(cfg.data.subsets)} subsets"
     else:

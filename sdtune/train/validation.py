@@ -21,7 +21,7 @@ import logging
 import random
 from contextlib import AbstractContextManager
 
-from sdtune.config import Config
+from sdtune.config import Config, SubsetConfig
 from sdtune.data import BatchStream, Item, captions, fit, scan_folder
 from sdtune.data.batches import until_loaded
 from sdtune.errors import SdtuneError
@@ -61,13 +61,21 @@ def validation_set(cfg: Config, examples: list) -> tuple[list, Validation | None
     return examples, Validation(held, cfg)
 
 
+def _mask_dirs_only(data) -> tuple:
+    """The subsets with their mask folders and nothing else of theirs: a held-out image of data.validation_split
+    is weighted by its own subset's mask (data.validation_dir's images are no subset's)."""
+    if not data.validation_split or not data.masked_loss:
+        return ()
+    return tuple(SubsetConfig(dir=s.dir, mask_dir=s.mask_dir) for s in data.subsets)
+
+
 class Validation:
     """The held-out images and the fixed problem they pose: their batches, then `evaluate`."""
 
     def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
-                                    center_crop=True, loader_threads=0,
-                                    subsets=())  # one fixed problem, whatever the subsets' own augmentation
+                                    center_crop=True, loader_threads=0,  # one fixed problem, whatever the
+                                    subsets=_mask_dirs_only(cfg.data))   # subsets' own augmentation
         self.examples, self.batch_size = examples, cfg.train.batch_size
         self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 

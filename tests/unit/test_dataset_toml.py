@@ -167,7 +167,7 @@ def test_kohyas_harmless_defaults_warn_nothing(folders):
 
 
 @pytest.mark.parametrize("general, subset, message", [
-    ({}, {"conditioning_data_dir": "c"}, "conditioning_data_dir in .* ControlNet"),
+    ({}, {"conditioning_data_dir": "c"}, r"conditioning_data_dir c \(the masks\) .* is not a folder"),
     ({"resolution": [768, 512]}, {}, r"resolution = \[768, 512\] .* no square of a multiple of 8"),
     ({"image_dir": "x"}, {}, "image_dir in .*belongs to each"),
     ({}, {"image_dir": "nowhere"}, r"image_dir nowhere .* is not a folder \(relative to the current folder"),

@@ -137,7 +137,8 @@ def translate(raw: dict, name: str, warned: dict[str, str]) -> dict:
             raise SdtuneError(f"[[datasets]] {n} of {name} has no [[datasets.subsets]]: give it one with image_dir")
         for m, subset in enumerate(tables, 1):
             where = f"[[datasets.subsets]] {m} of [[datasets]] {n}"
-            subsets.append(_subset({**merged, **_table(subset, where, name)}, where, name, warned))
+            _check_subset_keys(_table(subset, where, name), where, name)
+            subsets.append(_subset({**merged, **subset}, where, name, warned))
     layer = _run_layer(runs, name, warned)
     masks = {bool(s.pop("alpha_mask", False)) for s in subsets}
     if True in masks or any(s.get("mask_dir") for s in subsets):  # kohya's masked loss: alpha_mask, or the
@@ -171,6 +172,14 @@ def _check_levels(merged: dict, where: str, name: str) -> None:
         if key in FATES and FATES[key].where == OWN:
             raise SdtuneError(f"{key} in {where} of {name}: it belongs to each [[datasets.subsets]] table, as in "
                               "kohya's sd-scripts")
+
+
+def _check_subset_keys(subset: dict, where: str, name: str) -> None:
+    """A dataset's key in a subset table is an error, as sd-scripts' schema makes it: it would be lost."""
+    for key in subset:
+        if key in FATES and FATES[key].where == DATASET:
+            raise SdtuneError(f"{key} in {where} of {name}: it belongs to its [[datasets]] table (or [general]), as "
+                              "in kohya's sd-scripts; move it there")
 
 
 def _run_layer(runs: list[dict], name: str, warned: dict[str, str]) -> dict:

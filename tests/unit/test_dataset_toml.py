@@ -170,6 +170,9 @@ def test_kohyas_harmless_defaults_warn_nothing(folders):
     ({}, {"conditioning_data_dir": "c"}, r"conditioning_data_dir c \(the masks\) .* is not a folder"),
     ({"resolution": [768, 512]}, {}, r"resolution = \[768, 512\] .* no square of a multiple of 8"),
     ({"image_dir": "x"}, {}, "image_dir in .*belongs to each"),
+    # a dataset's key in a subset: sd-scripts' subset schema refuses it; it was silently lost (review, issue 29)
+    ({}, {"resolution": 1024}, r"resolution in \[\[datasets.subsets\]\] 1 .* belongs to its \[\[datasets\]\]"),
+    ({}, {"batch_size": 3}, r"batch_size in \[\[datasets.subsets\]\] 1 .* belongs to its \[\[datasets\]\]"),
     ({}, {"image_dir": "nowhere"}, r"image_dir nowhere .* is not a folder \(relative to the current folder"),
 ])
 def test_what_cannot_be_honoured_safely_is_one_error_line(folders, general, subset, message):

@@ -192,7 +192,9 @@ def _run_layer(runs: list[dict], name: str, warned: dict[str, str]) -> dict:
                               f"all images in one stream with one {key}; give every [[datasets]] the same {key}, "
                               "or train them in separate runs")
     run = runs[0]
-    layer: dict = {"data": {"buckets": bool(run.get("enable_bucket", False))}}  # kohya's default: no buckets
+    if not isinstance(run.get("enable_bucket", False), bool):  # "false" would read as true
+        raise SdtuneError(f"enable_bucket in {name} must be true or false, got {run['enable_bucket']!r}")
+    layer: dict = {"data": {"buckets": run.get("enable_bucket", False)}}  # kohya's default: no buckets
     if "resolution" in run:
         layer["data"]["resolution"] = _resolution(run["resolution"], layer["data"]["buckets"], name, warned)
     for key, value in run.items():

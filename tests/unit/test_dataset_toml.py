@@ -172,6 +172,7 @@ def test_kohyas_harmless_defaults_warn_nothing(folders):
     ({"image_dir": "x"}, {}, "image_dir in .*belongs to each"),
     # a dataset's key in a subset: sd-scripts' subset schema refuses it; it was silently lost (review, issue 29)
     ({}, {"resolution": 1024}, r"resolution in \[\[datasets.subsets\]\] 1 .* belongs to its \[\[datasets\]\]"),
+    ({"enable_bucket": "false"}, {}, "enable_bucket in d.toml must be true or false, got 'false'"),  # was: buckets
     ({}, {"batch_size": 3}, r"batch_size in \[\[datasets.subsets\]\] 1 .* belongs to its \[\[datasets\]\]"),
     ({}, {"image_dir": "nowhere"}, r"image_dir nowhere .* is not a folder \(relative to the current folder"),
 ])

@@ -21,7 +21,7 @@ import logging
 import random
 from contextlib import AbstractContextManager
 
-from sdtune.config import Config, SubsetConfig
+from sdtune.config import Config
 from sdtune.data import BatchStream, Item, captions, fit, scan_folder
 from sdtune.data.batches import until_loaded
 from sdtune.errors import SdtuneError
@@ -61,12 +61,11 @@ def validation_set(cfg: Config, examples: list) -> tuple[list, Validation | None
     return examples, Validation(held, cfg)
 
 
-def _mask_dirs_only(data) -> tuple:
-    """The subsets with their mask folders and nothing else of theirs: a held-out image of data.validation_split
-    is weighted by its own subset's mask (data.validation_dir's images are no subset's)."""
-    if not data.validation_split or not data.masked_loss:
-        return ()
-    return tuple(SubsetConfig(dir=s.dir, mask_dir=s.mask_dir) for s in data.subsets)
+def _own_subsets(data) -> tuple:
+    """The subsets a held-out image of data.validation_split keeps: its caption (prefix, suffix, separators)
+    and its mask are its subset's; `batches` crops and flips none at random. data.validation_dir's images are
+    no subset's."""
+    return data.subsets if data.validation_split else ()
 
 
 class Validation:
@@ -74,8 +73,8 @@ class Validation:
 
     def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
-                                    center_crop=True, loader_threads=0,  # one fixed problem, whatever the
-                                    subsets=_mask_dirs_only(cfg.data))   # subsets' own augmentation
+                                    center_crop=True, loader_threads=0,  # one fixed problem (`batches`), with
+                                    subsets=_own_subsets(cfg.data))      # the subsets' captions and masks
         self.examples, self.batch_size = examples, cfg.train.batch_size
         self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 
@@ -87,7 +86,8 @@ class Validation:
             items = []
             for i in usable:
                 resized, crop = fit(stream.sizes[i], bucket, True, random.Random(0))  # center: no draw used
-                caption = captions.fixed(stream.examples[i].caption, stream.cfg)  # prefix and suffix, no randomness
+                own = stream.cfg_of(stream.examples[i])  # its subset's prefix and suffix, no randomness
+                caption = captions.fixed(stream.examples[i].caption, own)
                 items.append(Item(stream.examples[i], bucket, resized, crop, False, caption))
             batches += [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
         return batches

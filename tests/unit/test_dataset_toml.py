@@ -299,3 +299,16 @@ def test_the_readme_examples_shuffle_caption_makes_a_presets_text_cache_give_way
     assert not cfg.data.cache_text and all(s.shuffle_tags for s in cfg.data.subsets)
     with pytest.raises(SdtuneError, match=r"data\.cache_text .* data\.shuffle_tags"):
         load_config("sdxl-12gb", ["data.cache_text=true"], dataset=path)  # asked for: refused, naming both
+
+
+def test_a_subset_inside_another_subsets_folder_is_its_own_alone(tmp_path):
+    # review of issue 29: sd-scripts reads each image_dir without its subfolders (train_util.glob_images), so
+    # image_dir = 'nest' and image_dir = 'nest/extra' are 1 and 1 images; sdtune counted nest/extra's image in
+    # both subsets, with the outer one's repeats and a file-name caption
+    make_image_folder(tmp_path / "nest", count=1, seed=1)
+    make_image_folder(tmp_path / "nest" / "extra", count=1, seed=2, captions=False)
+    data = DataConfig(resolution=64, subsets=(SubsetConfig(dir=str(tmp_path / "nest"), repeats=2),
+                                              SubsetConfig(dir=str(tmp_path / "nest" / "extra"), caption="extra")))
+    outer, inner = scan_subsets(data)
+    assert [e.image for e in outer.examples] == [tmp_path / "nest" / "img000.png"]
+    assert [(e.image, e.caption) for e in inner.examples] == [(tmp_path / "nest" / "extra" / "img000.png", "extra")]

@@ -312,3 +312,16 @@ def test_a_subset_inside_another_subsets_folder_is_its_own_alone(tmp_path):
     outer, inner = scan_subsets(data)
     assert [e.image for e in outer.examples] == [tmp_path / "nest" / "img000.png"]
     assert [(e.image, e.caption) for e in inner.examples] == [(tmp_path / "nest" / "extra" / "img000.png", "extra")]
+
+
+def test_a_resume_with_a_changed_subset_names_the_table_and_its_key():
+    # review of issue 29: the refusal printed both whole tuples of SubsetConfig (kilobytes on one line)
+    from sdtune.config.toml import resume_conflicts
+
+    subsets = (SubsetConfig(dir="/a"), SubsetConfig(dir="/b", caption="cat"))
+    saved = Config(data=DataConfig(subsets=subsets))
+    changed = Config(data=DataConfig(subsets=(subsets[0], SubsetConfig(dir="/b", caption="dog", repeats=3))))
+    assert resume_conflicts(saved, changed) == ["data.subsets 2 repeats: 1 -> 3",
+                                                "data.subsets 2 caption: 'cat' -> 'dog'"]
+    assert resume_conflicts(saved, Config(data=DataConfig(subsets=subsets[:1]))) == ["data.subsets: 2 tables -> 1"]
+    assert resume_conflicts(saved, saved) == []

@@ -287,6 +287,9 @@ def test_a_data_folder_beside_the_configs_subsets_is_one_error_line(tmp_path):
     assert TrainRequest(preset="cpu", data=None).folder(cfg) is None
     with pytest.raises(SdtuneError, match="no training images: pass --data"):
         TrainRequest(preset="cpu", data=None).folder(Config())
+    # a missing dataset config was "data folder ... is not a folder" (review, issue 29)
+    with pytest.raises(SdtuneError, match=r"^--data \S+/dataset.toml: that dataset config does not exist"):
+        TrainRequest(preset="cpu", data=tmp_path / "dataset.toml").folder(Config())
 
 
 def test_the_readme_examples_shuffle_caption_makes_a_presets_text_cache_give_way(folders, tmp_path):

@@ -119,6 +119,12 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
     return Scan(examples, skipped, warnings, tuple(notes))
 
 
+def not_training_folders(cfg: DataConfig) -> tuple[str, ...]:
+    """The folders of `cfg` that hold no training images wherever they lie (`exclude` of the scans): the class,
+    validation and mask folders (data.mask_dir and the subsets')."""
+    return (cfg.class_dir, cfg.validation_dir, cfg.mask_dir, *(s.mask_dir for s in cfg.subsets if s.mask_dir))
+
+
 def scan_subsets(cfg: DataConfig, exclude=()) -> list[Scan]:
     """One scan per table of `cfg.subsets`, with the subset's caption settings: its examples carry the
     subset's index and repeats (kohya's num_repeats; `N_name` folders inside give no repeats, as sd-scripts

@@ -234,3 +234,20 @@ def test_kohyas_conditioning_data_dir_is_each_subsets_own_mask_folder(tmp_path, 
     held = Validation(stream.examples, Config(data=dataclasses.replace(cfg, validation_split=0.5))).stream
     assert [held.masks.source(e) for e in held.examples] == [tmp_path / "hoge_mask" / "a.png",
                                                              tmp_path / "fuga_mask" / "a.png"]
+
+
+def test_data_check_leaves_a_mask_folder_inside_the_images_out_as_train_does(tmp_path):
+    # review of issue 29: `sdtune data check` excluded the class and validation folders but not data.mask_dir,
+    # so it counted the masks as training images (6 images where training reads 3)
+    from support.helpers import runner
+
+    from sdtune.cli import app
+
+    (tmp_path / "masks").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        _noise_image((SIZE, SIZE), ord(name)).save(tmp_path / f"{name}.png")
+        Image.new("L", (SIZE, SIZE), 255).save(tmp_path / "masks" / f"{name}.png")
+    result = runner.invoke(app, ["data", "check", str(tmp_path), "--preset", "cpu", "--set", "data.masked_loss=true",
+                                 "--set", f"data.mask_dir={tmp_path / 'masks'}"])
+    assert result.exit_code == 0, result.output
+    assert f"3 images in {tmp_path}: 3 usable" in result.output.splitlines()

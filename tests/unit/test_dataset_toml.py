@@ -209,7 +209,7 @@ def test_subsets_round_trip_through_the_run_folders_config_toml():
 
 @pytest.mark.parametrize("table, message", [
     ({"dir": "a", "repets": 2}, "unknown key 'repets' in table 1 of data.subsets.*did you mean 'repeats'"),
-    ({"dir": "a", "caption_dropout": 1.5}, r"data.caption_dropout must be in \[0, 1\)"),
+    ({"dir": "a", "caption_dropout": 1.5}, r"^\[\[data.subsets\]\] 1 \(a\): data.caption_dropout must be in \[0, 1\)"),
     ({"repeats": 2}, "needs dir"),
 ])
 def test_a_bad_subset_table_is_one_error_line(table, message):

@@ -503,7 +503,7 @@ def data_check(
     Exits 2 when no image is usable."""
     from sdtune.config import load_config
     from sdtune.data.check import report
-    from sdtune.data.scan import joined, no_usable_images, scan_all, scan_subsets
+    from sdtune.data.scan import joined, no_usable_images, not_training_folders, scan_all, scan_subsets
     from sdtune.data.tokens import model_tokenizer
     from sdtune.run import TrainRequest
 
@@ -511,7 +511,7 @@ def data_check(
     cfg, _ = load_config(preset, request.overrides, dataset=request.dataset)
     folder = request.folder(cfg)
     with console.status(f"checking the images in {folder or 'the subsets'}"):
-        exclude = (cfg.data.class_dir, cfg.data.validation_dir)  # as train does
+        exclude = not_training_folders(cfg.data)  # as train does
         subsets = scan_subsets(cfg.data, exclude) if folder is None else []
         scan = joined(subsets) if folder is None else scan_all(folder, cfg.data, exclude=exclude)
         try:

@@ -59,6 +59,9 @@ class TrainRequest:
     @property
     def dataset(self) -> Path | None:
         """--data as kohya's dataset config file (`sdtune.config.dataset_toml`), else None."""
+        if self.data is not None and self.data.suffix.lower() == ".toml" and not self.data.exists():
+            raise SdtuneError(f"--data {self.data}: that dataset config does not exist (relative paths are read from "
+                              f"the current folder, {Path.cwd()})")
         if self.data is None or not self.data.is_file():
             return None
         if self.data.suffix.lower() != ".toml":

@@ -82,8 +82,7 @@ FATES: dict[str, Fate] = {
     "is_reg": Fate(OWN, "is_reg"),
     "metadata_file": Fate(OWN, "metadata_file"),
     "alpha_mask": Fate(OWN, "data.masked_loss"),
-    "conditioning_data_dir": Fate(OWN, why="ControlNet datasets need a ControlNet trainer, which sdtune is not",
-                                  refuse=True),
+    "conditioning_data_dir": Fate(OWN, "mask_dir"),  # kohya's masked loss reads the masks from it
 }
 RUN_KEYS = [key for key, fate in FATES.items() if fate.where == DATASET and fate.key]
 
@@ -138,11 +137,12 @@ def translate(raw: dict, name: str, warned: dict[str, str]) -> dict:
             raise SdtuneError(f"[[datasets]] {n} of {name} has no [[datasets.subsets]]: give it one with image_dir")
         for m, subset in enumerate(tables, 1):
             where = f"[[datasets.subsets]] {m} of [[datasets]] {n}"
-            subsets.append(_subset({**merged, **_table(subset, where, name)}, where, name, warned))
+            _check_subset_keys(_table(subset, where, name), where, name)
+            subsets.append(_subset({**merged, **subset}, where, name, warned))
     layer = _run_layer(runs, name, warned)
     masks = {bool(s.pop("alpha_mask", False)) for s in subsets}
-    if True in masks:
-        layer["data"]["masked_loss"] = True
+    if True in masks or any(s.get("mask_dir") for s in subsets):  # kohya's masked loss: alpha_mask, or the
+        layer["data"]["masked_loss"] = True                         # conditioning_data_dir images as masks
         if len(masks) > 1:
             warned["alpha_mask"] = (f"alpha_mask is set for some subsets of {name} and not others: data.masked_loss "
                                     "is one switch for the run, so every image with an alpha channel trains masked")
@@ -174,6 +174,14 @@ def _check_levels(merged: dict, where: str, name: str) -> None:
                               "kohya's sd-scripts")
 
 
+def _check_subset_keys(subset: dict, where: str, name: str) -> None:
+    """A dataset's key in a subset table is an error, as sd-scripts' schema makes it: it would be lost."""
+    for key in subset:
+        if key in FATES and FATES[key].where == DATASET:
+            raise SdtuneError(f"{key} in {where} of {name}: it belongs to its [[datasets]] table (or [general]), as "
+                              "in kohya's sd-scripts; move it there")
+
+
 def _run_layer(runs: list[dict], name: str, warned: dict[str, str]) -> dict:
     """The [data] and [train] keys of the datasets, which must agree: sdtune draws every batch from one
     stream at one resolution and batch size."""
@@ -184,7 +192,9 @@ def _run_layer(runs: list[dict], name: str, warned: dict[str, str]) -> dict:
                               f"all images in one stream with one {key}; give every [[datasets]] the same {key}, "
                               "or train them in separate runs")
     run = runs[0]
-    layer: dict = {"data": {"buckets": bool(run.get("enable_bucket", False))}}  # kohya's default: no buckets
+    if not isinstance(run.get("enable_bucket", False), bool):  # "false" would read as true
+        raise SdtuneError(f"enable_bucket in {name} must be true or false, got {run['enable_bucket']!r}")
+    layer: dict = {"data": {"buckets": run.get("enable_bucket", False)}}  # kohya's default: no buckets
     if "resolution" in run:
         layer["data"]["resolution"] = _resolution(run["resolution"], layer["data"]["buckets"], name, warned)
     for key, value in run.items():
@@ -248,6 +258,9 @@ def _check_folder(table: dict, where: str, name: str) -> None:
         raise SdtuneError(f"image_dir {table['dir']} of {where} in {name} is not a folder{relative}: fix the path")
     if table.get("metadata_file") and not Path(table["metadata_file"]).is_file():
         raise SdtuneError(f"metadata_file {table['metadata_file']} of {where} in {name} does not exist{relative}")
-    for key in ("dir", "metadata_file"):  # the run folder's config.toml then resumes from any folder
+    if table.get("mask_dir") and not Path(table["mask_dir"]).is_dir():
+        raise SdtuneError(f"conditioning_data_dir {table['mask_dir']} (the masks) of {where} in {name} is not a "
+                          f"folder{relative}: fix the path")
+    for key in ("dir", "metadata_file", "mask_dir"):  # the run folder's config.toml then resumes from any folder
         if table.get(key):
             table[key] = str(Path(table[key]).absolute())

@@ -343,6 +343,16 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+def _captions_change(data) -> bool:
+    """Whether [data] or one of its subsets (tables, or before they are checked, their dicts) shuffles, drops
+    tags or picks wildcards: a caption that changes each time it is used."""
+    def changes(values) -> bool:
+        get = values.get if isinstance(values, dict) else lambda key, default: getattr(values, key, default)
+        return bool(get("shuffle_tags", None) or (get("tag_dropout", None) or 0) > 0 or get("wildcards", None))
+
+    return changes(data) or any(changes(s) for s in data.subsets)
+
+
 def _regularisation(c) -> bool:
     """Whether a data.subsets table is is_reg (tables, or before they are checked, their dicts)."""
     return any(s.get("is_reg", False) if isinstance(s, dict) else s.is_reg for s in c.data.subsets)
@@ -365,9 +375,9 @@ class GivesWay:
 GIVE_WAY: tuple[GivesWay, ...] = (
     GivesWay("data.cache_text", False, lambda c: c.train.method == "embedding" or c.lora.text_encoder,
              "the text encoders run every step"),
-    GivesWay("data.cache_text", False,
-             lambda c: c.data.shuffle_tags or c.data.tag_dropout > 0 or c.data.wildcards,
-             "the caption changes each time it is used (shuffle_tags, tag_dropout or wildcards)"),
+    GivesWay("data.cache_text", False, lambda c: _captions_change(c.data),
+             "the caption changes each time it is used (shuffle_tags, tag_dropout or wildcards, in [data] or a "
+             "data.subsets table: kohya's shuffle_caption)"),
     GivesWay("memory.optimizer_offload", "none", lambda c: c.train.method in ("lora", "embedding"),
              "an adapter's few MB of AdamW state stay on the GPU"),
 )

@@ -75,6 +75,8 @@ class SubsetConfig:
     caption_prefix: str | None = doc("this subset's caption_prefix", None)
     caption_suffix: str | None = doc("this subset's caption_suffix", None)
     wildcards: bool | None = doc("this subset's wildcards", None)
+    mask_dir: str | None = doc("this subset's folder of masks for data.masked_loss (kohya's conditioning_data_dir)",
+                               None)
 
     def __post_init__(self):
         require(bool(self.dir), "a [[data.subsets]] table needs dir, the folder of its images")
@@ -162,8 +164,11 @@ class DataConfig:
         require(self.max_ratio >= 1, f"data.max_ratio must be at least 1, got {self.max_ratio}")
         require(self.num_class_images >= 1, f"data.num_class_images must be at least 1, got {self.num_class_images}")
         check_section("data", self)
-        for index in range(len(self.subsets)):
-            self.for_subset(index)  # each subset's overrides within their ranges, said as the [data] key's
+        for index, subset in enumerate(self.subsets):  # each subset's overrides within their ranges and rules
+            try:
+                self.for_subset(index)
+            except SdtuneError as exc:  # said as the [data] key's, with the table that set it
+                raise SdtuneError(f"[[data.subsets]] {index + 1} ({subset.dir}): {exc}") from None
 
     def for_subset(self, index: int) -> DataConfig:
         """The settings subset `index`'s images train with: this section with the subset's overrides."""

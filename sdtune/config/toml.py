@@ -59,8 +59,20 @@ def resume_conflicts(saved: Config, now: Config) -> list[str]:
             before, after, rule = getattr(old, f.name), getattr(new, f.name), f.metadata["resume"]
             allowed = rule in (FREE, NEUTRAL) or (callable(rule) and rule(before, after))
             if before != after and not allowed:
-                conflicts.append(f"{name}.{f.name}: {before!r} -> {after!r}")
+                conflicts += _changes(f"{name}.{f.name}", before, after)
     return conflicts
+
+
+def _changes(key: str, before, after) -> list[str]:
+    """"key: old -> new"; for tables ([[data.subsets]]) each changed key of each table, by its number."""
+    tables = [isinstance(v, tuple) and all(dataclasses.is_dataclass(t) for t in v) for v in (before, after)]
+    if not all(tables):
+        return [f"{key}: {before!r} -> {after!r}"]
+    if len(before) != len(after):
+        return [f"{key}: {len(before)} tables -> {len(after)}"]
+    return [f"{key} {n} {f.name}: {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}"
+            for n, (old, new) in enumerate(zip(before, after, strict=True), 1) for f in dataclasses.fields(old)
+            if getattr(old, f.name) != getattr(new, f.name)]
 
 
 def from_toml(text: str, source: str) -> Config:

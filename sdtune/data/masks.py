@@ -39,22 +39,20 @@ class MaskFailed(Exception):
 
 
 class MaskSource:
-    """Each example's mask: a file of `data.mask_dir`, its own alpha channel (`ALPHA`), or none."""
+    """Each example's mask: a file of `data.mask_dir` (or its subset's mask_dir), its own alpha channel
+    (`ALPHA`), or none."""
 
     def __init__(self, examples: list, cfg: DataConfig):
-        if cfg.mask_dir:
-            folder = Path(cfg.mask_dir).expanduser()
-            if not folder.is_dir():
-                raise SdtuneError(f"data.mask_dir {folder} does not exist or is not a folder: name the folder of "
-                                  "masks, or leave data.mask_dir empty to use the images' alpha channels")
-            index = _index(folder)
-            self.of = {e.image: _find(e.image, index) for e in examples}
-            missing = "no file in data.mask_dir"
-        else:
-            self.of = {e.image: ALPHA if _carries_alpha(e.image) else None for e in examples}
-            missing = "no alpha channel (and data.mask_dir is empty)"
+        folders = {e.image: _mask_dir(e, cfg) for e in examples}  # data.mask_dir, or the example's subset's
+        indexes = {folder: _index(_checked(folder)) for folder in set(folders.values()) if folder}
+        self.of = {image: _find(image, indexes[folder]) if folder else ALPHA if _carries_alpha(image) else None
+                   for image, folder in folders.items()}
         without = [image for image, source in self.of.items() if source is None]
         if without:
+            missing = ("no file in data.mask_dir" if set(folders.values()) == {cfg.mask_dir} and cfg.mask_dir
+                       else "no alpha channel (and data.mask_dir is empty)" if not indexes
+                       else "no file in their mask folder" if all(folders.values())
+                       else "no mask file or alpha channel")
             logger.info(f"masked loss: {len(without):,} of {len(self.of):,} images have {missing}, e.g. "
                         f"{without[0]}: they train unmasked")
 
@@ -93,6 +91,21 @@ class MaskSource:
         except Exception as exc:  # PIL raises many types for broken data
             raise MaskFailed(f"its mask {source} is unreadable ({type(exc).__name__}: {exc})") from exc
         return seen, rgb, (mask if rgb.size == mask.size else mask.resize(rgb.size, Image.BOX))
+
+
+def _mask_dir(example, cfg: DataConfig) -> str:
+    """The folder of `example`'s mask: its data.subsets table's mask_dir (kohya's conditioning_data_dir), else
+    data.mask_dir; empty: its alpha channel."""
+    own = cfg.subsets[example.subset].mask_dir if cfg.subsets else None
+    return cfg.mask_dir if own is None else own
+
+
+def _checked(folder: str) -> Path:
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise SdtuneError(f"data.mask_dir (or a data.subsets table's mask_dir) {path} does not exist or is not a "
+                          "folder: name the folder of masks, or leave it empty to use the images' alpha channels")
+    return path
 
 
 def to_latent_grid(masks, size: tuple[int, int]):

@@ -119,10 +119,17 @@ def scan_all(root: str | Path, cfg: DataConfig, exclude=()) -> Scan:
     return Scan(examples, skipped, warnings, tuple(notes))
 
 
+def not_training_folders(cfg: DataConfig) -> tuple[str, ...]:
+    """The folders of `cfg` that hold no training images wherever they lie (`exclude` of the scans): the class,
+    validation and mask folders (data.mask_dir and the subsets')."""
+    return (cfg.class_dir, cfg.validation_dir, cfg.mask_dir, *(s.mask_dir for s in cfg.subsets if s.mask_dir))
+
+
 def scan_subsets(cfg: DataConfig, exclude=()) -> list[Scan]:
     """One scan per table of `cfg.subsets`, with the subset's caption settings: its examples carry the
     subset's index and repeats (kohya's num_repeats; `N_name` folders inside give no repeats, as sd-scripts
-    reads a subset), and with a metadata_file, only the images it lists, captioned by it."""
+    reads a subset), and with a metadata_file, only the images it lists, captioned by it. Another subset's
+    folder inside it is that subset's alone, as sd-scripts reads each image_dir without its subfolders."""
     scans = []
     for index, subset in enumerate(cfg.subsets):
         folder = Path(subset.dir)
@@ -130,12 +137,19 @@ def scan_subsets(cfg: DataConfig, exclude=()) -> list[Scan]:
             relative = "" if folder.is_absolute() else f" (relative to the current folder, {Path.cwd()})"
             raise SdtuneError(f"data.subsets folder {subset.dir} (subset {index + 1}) is not a folder{relative}: "
                               "fix its dir (image_dir)")
-        scan = scan_all(folder, cfg.for_subset(index), exclude)
+        inner = [other.dir for other in cfg.subsets if _below(other.dir, folder)]  # sd-scripts: theirs alone
+        scan = scan_all(folder, cfg.for_subset(index), (*exclude, *inner))
         if subset.metadata_file:
             scan = with_kohya_metadata(scan, Path(subset.metadata_file), folder)
         examples = [dataclasses.replace(e, repeats=subset.repeats, subset=index) for e in scan.examples]
         scans.append(dataclasses.replace(scan, examples=examples))
     return scans
+
+
+def _below(inner: str, folder: Path) -> bool:
+    """Whether folder `inner` lies strictly inside `folder`."""
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(folder))
+    return outer in inner.parents
 
 
 def with_kohya_metadata(scan: Scan, metadata_file: Path, folder: Path) -> Scan:
@@ -180,7 +194,7 @@ def joined(scans: list[Scan]) -> Scan:
 def _not_data(folder: Path, excluded: set[str], root: Path, notes: list[str]) -> bool:
     """True for a folder below `root` that is an `exclude` folder or an sdtune output folder; said in `notes`."""
     if os.path.realpath(folder) in excluded:
-        why = "the run's output, class, validation or mask folder"
+        why = "the run's output, class, validation or mask folder, or another subset's"
     elif is_run_folder(folder):
         why = "an sdtune output folder: config.toml beside " + ", ".join(run_files(folder))
     else:

@@ -117,7 +117,8 @@ def step(parts: MetaModel, plan: Plan, cfg: Config, method: Method, tracker: Mem
     hidden, added = cond
     with tracker:
         tracker.phase = "temporaries"
-        goal = Objective.from_config(cfg.train, alphas_cumprod, parts.prediction_type)
+        predicts = cfg.train.prediction_type or parts.prediction_type  # train.prediction_type overrides the model's
+        goal = Objective.from_config(cfg.train, alphas_cumprod, predicts)
         draw = Draw(torch.empty_like(latents), timesteps,
                     torch.empty_like(latents) if cfg.train.ip_noise_gamma else None)
         loss = batch_loss(unet, latents, draw, hidden, added, objective=goal,

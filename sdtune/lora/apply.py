@@ -58,15 +58,25 @@ def base_components(folder: str | Path):
     return components
 
 
+def _other_base(folder: str | Path, base: str, config: str):
+    """`base` (another base than the run's) with the noise schedule the adapter of `folder` was trained for,
+    where its run's config.toml says (a v-prediction LoRA merged into an epsilon base predicts v)."""
+    from sdtune.family.load import load_components, set_noise_schedule
+
+    components = load_components(base, config)
+    if (Path(folder) / "config.toml").is_file():
+        train = _run_config(folder).train
+        set_noise_schedule(components, train.prediction_type, train.zero_terminal_snr, base)
+    return components
+
+
 def merged_components(folder: str | Path, scale: float = 1.0, base: str | None = None, config: str = ""):
     """The base model's components (`base`, with the configs `config` for a single file, or the one the run
-    trained on, with the run's noise schedule) with the adapter of `folder` merged in at `scale`."""
-    from sdtune.family.load import load_components
-
+    trained on; either with the run's noise schedule) with the adapter of `folder` merged in at `scale`."""
     if base is None:
         pretrained, components = base_of(folder)[0], base_components(folder)
-    else:
-        pretrained, components = base, load_components(base, config)
+    else:  # with the run's noise schedule too
+        pretrained, components = base, _other_base(folder, base, config)
     if (Path(folder) / DIFFUSERS_FILE).is_file():
         check_fits(folder, components, pretrained)
     fuse(components, folder, scale)

@@ -59,7 +59,9 @@ def _scan(data_dir: str | None, cfg: Config, out_dir: str):
     """The training images (the --data folder's, or every data.subsets table's), with every skipped file, the
     counts and the scan's warnings and notes logged. The output, class, validation and mask folders are never
     training images, wherever they are."""
-    exclude = (out_dir, cfg.data.class_dir, cfg.data.validation_dir, cfg.data.mask_dir)
+    from sdtune.data.scan import not_training_folders
+
+    exclude = (out_dir, *not_training_folders(cfg.data))
     if cfg.data.subsets:
         scan, data_dir = _scan_subsets(cfg, exclude), f"{len(cfg.data.subsets)} subsets"
     else:

@@ -61,13 +61,20 @@ def validation_set(cfg: Config, examples: list) -> tuple[list, Validation | None
     return examples, Validation(held, cfg)
 
 
+def _own_subsets(data) -> tuple:
+    """The subsets a held-out image of data.validation_split keeps: its caption (prefix, suffix, separators)
+    and its mask are its subset's; `batches` crops and flips none at random. data.validation_dir's images are
+    no subset's."""
+    return data.subsets if data.validation_split else ()
+
+
 class Validation:
     """The held-out images and the fixed problem they pose: their batches, then `evaluate`."""
 
     def __init__(self, examples: list, cfg: Config):
         fixed = dataclasses.replace(cfg.data, random_flip=False, caption_dropout=0.0, shuffle_tags=False,
-                                    center_crop=True, loader_threads=0,
-                                    subsets=())  # one fixed problem, whatever the subsets' own augmentation
+                                    center_crop=True, loader_threads=0,  # one fixed problem (`batches`), with
+                                    subsets=_own_subsets(cfg.data))      # the subsets' captions and masks
         self.examples, self.batch_size = examples, cfg.train.batch_size
         self.stream = BatchStream(examples, fixed, self.batch_size, cfg.train.seed)
 
@@ -79,7 +86,8 @@ class Validation:
             items = []
             for i in usable:
                 resized, crop = fit(stream.sizes[i], bucket, True, random.Random(0))  # center: no draw used
-                caption = captions.fixed(stream.examples[i].caption, stream.cfg)  # prefix and suffix, no randomness
+                own = stream.cfg_of(stream.examples[i])  # its subset's prefix and suffix, no randomness
+                caption = captions.fixed(stream.examples[i].caption, own)
                 items.append(Item(stream.examples[i], bucket, resized, crop, False, caption))
             batches += [items[start:start + self.batch_size] for start in range(0, len(items), self.batch_size)]
         return batches

@@ -26,7 +26,7 @@ def test_a_masked_run_with_a_mask_folder_trains_and_validates(tiny_sd1, tmp_path
                                  "--set", "output.validate_every=2"])
     assert result.exit_code == 0, result.output
     assert "4 images from" in result.output  # not the masks: they are no training images
-    assert "masks/ (the run's output, class, validation or mask folder)" in result.output
+    assert "masks/ (the run's output, class, validation or mask folder, or another subset's)" in result.output
     unmasked = [line for line in result.output.splitlines() if "have no file in data.mask_dir" in line]
     assert len(unmasked) == 1 and "img003.png: they train unmasked" in unmasked[0]  # in one of the two sets
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]

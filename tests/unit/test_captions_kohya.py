@@ -273,3 +273,25 @@ def test_the_text_cache_holds_the_captions_with_prefix_and_suffix(tiny_sd1, imag
     monkeypatch.setattr(CLIPTextModel, "forward", lambda *a, **k: embeds.append(1))  # the loop must not embed
     trainer.loop(cached)
     assert embeds == [] and cached.losses == pytest.approx(plain.losses, rel=1e-4)
+
+
+def test_a_held_out_image_of_a_subset_is_validated_with_its_subsets_prefix_and_suffix(tmp_path):
+    # review of issue 29: validation read the captions with [data]'s settings alone, so a subset's
+    # caption_prefix (a kohya trigger word) trained but was never in the validation captions
+    from PIL import Image
+
+    from sdtune.config import SubsetConfig
+    from sdtune.data.scan import joined, scan_subsets
+    from sdtune.train.validation import Validation
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), (200, 30, 30 * i)).save(tmp_path / name / f"{i}.png")
+    subsets = (SubsetConfig(dir=str(tmp_path / "a"), caption="dog", caption_prefix="sks"),
+               SubsetConfig(dir=str(tmp_path / "b"), caption="cat", caption_suffix="style", shuffle_tags=True))
+    data = DataConfig(resolution=64, subsets=subsets, validation_split=0.5)
+    examples = joined(scan_subsets(data)).examples
+    validation = Validation(examples, SimpleNamespace(data=data, train=SimpleNamespace(batch_size=4, seed=0)))
+    assert sorted(item.caption for item in validation.batches()[0]) == ["cat style", "cat style", "sks dog",
+                                                                        "sks dog"]

@@ -167,9 +167,13 @@ def test_kohyas_harmless_defaults_warn_nothing(folders):
 
 
 @pytest.mark.parametrize("general, subset, message", [
-    ({}, {"conditioning_data_dir": "c"}, "conditioning_data_dir in .* ControlNet"),
+    ({}, {"conditioning_data_dir": "c"}, r"conditioning_data_dir c \(the masks\) .* is not a folder"),
     ({"resolution": [768, 512]}, {}, r"resolution = \[768, 512\] .* no square of a multiple of 8"),
     ({"image_dir": "x"}, {}, "image_dir in .*belongs to each"),
+    # a dataset's key in a subset: sd-scripts' subset schema refuses it; it was silently lost (review, issue 29)
+    ({}, {"resolution": 1024}, r"resolution in \[\[datasets.subsets\]\] 1 .* belongs to its \[\[datasets\]\]"),
+    ({"enable_bucket": "false"}, {}, "enable_bucket in d.toml must be true or false, got 'false'"),  # was: buckets
+    ({}, {"batch_size": 3}, r"batch_size in \[\[datasets.subsets\]\] 1 .* belongs to its \[\[datasets\]\]"),
     ({}, {"image_dir": "nowhere"}, r"image_dir nowhere .* is not a folder \(relative to the current folder"),
 ])
 def test_what_cannot_be_honoured_safely_is_one_error_line(folders, general, subset, message):
@@ -205,7 +209,7 @@ def test_subsets_round_trip_through_the_run_folders_config_toml():
 
 @pytest.mark.parametrize("table, message", [
     ({"dir": "a", "repets": 2}, "unknown key 'repets' in table 1 of data.subsets.*did you mean 'repeats'"),
-    ({"dir": "a", "caption_dropout": 1.5}, r"data.caption_dropout must be in \[0, 1\)"),
+    ({"dir": "a", "caption_dropout": 1.5}, r"^\[\[data.subsets\]\] 1 \(a\): data.caption_dropout must be in \[0, 1\)"),
     ({"repeats": 2}, "needs dir"),
 ])
 def test_a_bad_subset_table_is_one_error_line(table, message):
@@ -283,3 +287,44 @@ def test_a_data_folder_beside_the_configs_subsets_is_one_error_line(tmp_path):
     assert TrainRequest(preset="cpu", data=None).folder(cfg) is None
     with pytest.raises(SdtuneError, match="no training images: pass --data"):
         TrainRequest(preset="cpu", data=None).folder(Config())
+    # a missing dataset config was "data folder ... is not a folder" (review, issue 29)
+    with pytest.raises(SdtuneError, match=r"^--data \S+/dataset.toml: that dataset config does not exist"):
+        TrainRequest(preset="cpu", data=tmp_path / "dataset.toml").folder(Config())
+
+
+def test_the_readme_examples_shuffle_caption_makes_a_presets_text_cache_give_way(folders, tmp_path):
+    # review of issue 29: an SDXL preset plans data.cache_text=true; [general] shuffle_caption = true reached
+    # only the subsets, so the preset's cache did not give way (as it does for --set data.shuffle_tags=true)
+    # and the README example was refused: "data.cache_text stores one embedding per caption; ..."
+    path = tmp_path / "dataset.toml"
+    path.write_text(README_EXAMPLE.format(root=folders.as_posix())[:README_EXAMPLE.index("# This is a fine-tuning")])
+    cfg, _ = load_config("sdxl-12gb", ["data.resolution=512"], dataset=path)
+    assert not cfg.data.cache_text and all(s.shuffle_tags for s in cfg.data.subsets)
+    with pytest.raises(SdtuneError, match=r"data\.cache_text .* data\.shuffle_tags"):
+        load_config("sdxl-12gb", ["data.cache_text=true"], dataset=path)  # asked for: refused, naming both
+
+
+def test_a_subset_inside_another_subsets_folder_is_its_own_alone(tmp_path):
+    # review of issue 29: sd-scripts reads each image_dir without its subfolders (train_util.glob_images), so
+    # image_dir = 'nest' and image_dir = 'nest/extra' are 1 and 1 images; sdtune counted nest/extra's image in
+    # both subsets, with the outer one's repeats and a file-name caption
+    make_image_folder(tmp_path / "nest", count=1, seed=1)
+    make_image_folder(tmp_path / "nest" / "extra", count=1, seed=2, captions=False)
+    data = DataConfig(resolution=64, subsets=(SubsetConfig(dir=str(tmp_path / "nest"), repeats=2),
+                                              SubsetConfig(dir=str(tmp_path / "nest" / "extra"), caption="extra")))
+    outer, inner = scan_subsets(data)
+    assert [e.image for e in outer.examples] == [tmp_path / "nest" / "img000.png"]
+    assert [(e.image, e.caption) for e in inner.examples] == [(tmp_path / "nest" / "extra" / "img000.png", "extra")]
+
+
+def test_a_resume_with_a_changed_subset_names_the_table_and_its_key():
+    # review of issue 29: the refusal printed both whole tuples of SubsetConfig (kilobytes on one line)
+    from sdtune.config.toml import resume_conflicts
+
+    subsets = (SubsetConfig(dir="/a"), SubsetConfig(dir="/b", caption="cat"))
+    saved = Config(data=DataConfig(subsets=subsets))
+    changed = Config(data=DataConfig(subsets=(subsets[0], SubsetConfig(dir="/b", caption="dog", repeats=3))))
+    assert resume_conflicts(saved, changed) == ["data.subsets 2 repeats: 1 -> 3",
+                                                "data.subsets 2 caption: 'cat' -> 'dog'"]
+    assert resume_conflicts(saved, Config(data=DataConfig(subsets=subsets[:1]))) == ["data.subsets: 2 tables -> 1"]
+    assert resume_conflicts(saved, saved) == []

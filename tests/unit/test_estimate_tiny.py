@@ -94,3 +94,13 @@ def test_the_sdxl_offloaded_plan_counts_the_tiny_unet_exactly(tiny_sdxl):
     assert guess.categories["weights"] == sum(p.to(torch.bfloat16).nbytes for p in unet.parameters())
     assert guess.milestones["backward_end"]["gradients"] == 0 and guess.categories["optimizer_state"] == 0
     assert guess.host_ram >= HostAdamW.footprint(shapes, itemsize=2).host
+
+
+def test_a_v_prediction_override_with_v_loss_scaling_is_estimated_not_refused(tiny_sd1):
+    # review of issue 29: the trace read the model's own prediction type (epsilon), not train.prediction_type,
+    # and refused "scale_v_pred_loss_like_noise_pred ... the model predicts epsilon" (so did --preset auto)
+    sets = ["data.resolution=64", "train.batch_size=2", "train.prediction_type=v_prediction"]
+    plain = estimate(*load_config("cpu", sets), str(tiny_sd1), device="cpu")
+    cfg, info = load_config("cpu", [*sets, "train.scale_v_pred_loss_like_noise_pred=true"])
+    scaled = estimate(cfg, info, str(tiny_sd1), device="cpu")
+    assert scaled.categories["optimizer_state"] == plain.categories["optimizer_state"] > 0

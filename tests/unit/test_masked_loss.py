@@ -199,3 +199,55 @@ def test_the_latent_cache_keeps_each_mask_and_an_edited_mask_encodes_again(tiny_
     assert reused == ["latent cache: 0 of 2 latents reused", "latent cache: 2 of 2 latents reused",
                       "latent cache: 1 of 2 latents reused", "latent cache: 1 of 2 latents reused"]
     assert sorted(m.max().item() for m in black) == [0, 1] and (white == 1).all()
+
+
+def test_kohyas_conditioning_data_dir_is_each_subsets_own_mask_folder(tmp_path, monkeypatch):
+    # review of issue 29: sd-scripts' docs/masked_loss_README.md names each subset's masks with
+    # `conditioning_data_dir`; sdtune refused it ("ControlNet datasets need a ControlNet trainer"). Two subsets
+    # with an image of one name (a.png), each mask in its own folder: each image takes its own subset's mask.
+    from sdtune.config import load_config
+    from sdtune.data.scan import joined, scan_subsets
+
+    for name, black in (("hoge", (0, 0, SIZE // 2, SIZE)), ("fuga", (SIZE // 2, 0, SIZE, SIZE))):
+        (tmp_path / name).mkdir()
+        (tmp_path / f"{name}_mask").mkdir()
+        _noise_image((SIZE, SIZE), len(name)).save(tmp_path / name / "a.png")
+        mask = Image.new("L", (SIZE, SIZE), 255)
+        mask.paste(0, black)
+        mask.save(tmp_path / f"{name}_mask" / "a.png")
+    subsets = [f"[[datasets.subsets]]\nimage_dir = '{name}'\nconditioning_data_dir = '{name}_mask'\n"
+               for name in ("hoge", "fuga")]
+    (tmp_path / "dataset.toml").write_text("[[datasets]]\nresolution = 64\n" + "".join(subsets))
+    monkeypatch.chdir(tmp_path)  # relative folders, as kohya's are read
+    cfg = load_config("cpu", [f"data.cache_dir={tmp_path / 'cache'}"], dataset="dataset.toml")[0].data
+    assert cfg.masked_loss and [s.mask_dir for s in cfg.subsets] == [str(tmp_path / "hoge_mask"),
+                                                                        str(tmp_path / "fuga_mask")]
+    stream = BatchStream(joined(scan_subsets(cfg)).examples, dataclasses.replace(cfg, random_flip=False), 2, seed=0)
+    items = sorted(stream.items(0), key=lambda item: item.example.subset)
+    _, masks = stream.pixels_and_masks(items)
+    assert masks[0, 0, :, :SIZE // 2].max() == 0 and masks[0, 0, :, SIZE // 2:].min() == 1  # hoge: left black
+    assert masks[1, 0, :, SIZE // 2:].max() == 0 and masks[1, 0, :, :SIZE // 2].min() == 1  # fuga: right black
+    # a held-out image of data.validation_split is weighted by its own subset's mask too
+    from sdtune.config import Config
+    from sdtune.train.validation import Validation
+
+    held = Validation(stream.examples, Config(data=dataclasses.replace(cfg, validation_split=0.5))).stream
+    assert [held.masks.source(e) for e in held.examples] == [tmp_path / "hoge_mask" / "a.png",
+                                                             tmp_path / "fuga_mask" / "a.png"]
+
+
+def test_data_check_leaves_a_mask_folder_inside_the_images_out_as_train_does(tmp_path):
+    # review of issue 29: `sdtune data check` excluded the class and validation folders but not data.mask_dir,
+    # so it counted the masks as training images (6 images where training reads 3)
+    from support.helpers import runner
+
+    from sdtune.cli import app
+
+    (tmp_path / "masks").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        _noise_image((SIZE, SIZE), ord(name)).save(tmp_path / f"{name}.png")
+        Image.new("L", (SIZE, SIZE), 255).save(tmp_path / "masks" / f"{name}.png")
+    result = runner.invoke(app, ["data", "check", str(tmp_path), "--preset", "cpu", "--set", "data.masked_loss=true",
+                                 "--set", f"data.mask_dir={tmp_path / 'masks'}"])
+    assert result.exit_code == 0, result.output
+    assert f"3 images in {tmp_path}: 3 usable" in result.output.splitlines()

@@ -126,3 +126,20 @@ def test_an_adapter_or_embedding_runs_base_samples_with_the_runs_noise_schedule(
     (tmp_path / "config.toml").write_text(to_toml(cfg, info))  # what a LoRA run's folder names its base by
     components = base_components(tmp_path)
     assert (components.prediction_type, components.zero_terminal_snr) == ("v_prediction", True)
+
+
+def test_a_v_prediction_lora_merged_into_another_base_keeps_the_runs_noise_schedule(tiny_sdxl, tmp_path):
+    # review of issue 29: `sdtune merge --ckpt RUN --base BASE` wrote the merge with BASE's epsilon scheduler
+    # although the LoRA was trained for v-prediction with zero terminal SNR
+    from sdtune.config import load_config
+    from sdtune.config.toml import to_toml
+    from sdtune.lora.apply import _other_base
+
+    cfg, info = load_config("cpu", [f"model.pretrained={tmp_path / 'moved'}", "train.method=lora",
+                                    "train.prediction_type=v_prediction", "train.zero_terminal_snr=true"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text(to_toml(cfg, info))
+    components = _other_base(tmp_path / "run", str(tiny_sdxl), "")
+    assert (components.prediction_type, components.zero_terminal_snr) == ("v_prediction", True)
+    components = _other_base(tmp_path, str(tiny_sdxl), "")  # an adapter file alone: the base's own schedule
+    assert (components.prediction_type, components.zero_terminal_snr) == ("epsilon", False)

@@ -323,7 +323,7 @@ def test_save_precision_of_the_single_file(tiny_sd1, tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1)
     parts = SimpleNamespace(unet=pipe.unet, vae=pipe.vae, text_encoders=[pipe.text_encoder],
-                            prediction_type="epsilon")
+                            prediction_type="epsilon", zero_terminal_snr=False)
     for precision, dtype in (("fp16", "F16"), ("bf16", "BF16"), ("fp32", "F32")):
         written = export_single_file(parts, tmp_path, force=True, name=f"{precision}.safetensors",
                                      precision=precision)

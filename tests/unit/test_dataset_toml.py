@@ -297,7 +297,8 @@ def test_the_readme_examples_shuffle_caption_makes_a_presets_text_cache_give_way
     # only the subsets, so the preset's cache did not give way (as it does for --set data.shuffle_tags=true)
     # and the README example was refused: "data.cache_text stores one embedding per caption; ..."
     path = tmp_path / "dataset.toml"
-    path.write_text(README_EXAMPLE.format(root=folders.as_posix())[:README_EXAMPLE.index("# This is a fine-tuning")])
+    text = README_EXAMPLE.format(root=folders.as_posix())
+    path.write_text(text[:text.index("# This is a fine-tuning")])
     cfg, _ = load_config("sdxl-12gb", ["data.resolution=512"], dataset=path)
     assert not cfg.data.cache_text and all(s.shuffle_tags for s in cfg.data.subsets)
     with pytest.raises(SdtuneError, match=r"data\.cache_text .* data\.shuffle_tags"):

@@ -26,8 +26,13 @@ from sdtune.util.world import World
 # AdamW's first steps move every weight by about +-lr whatever its gradient's size, so a gradient of ~0
 # whose sign rounding flips (the sum over two processes is not the batch's sum, bit for bit) moves by
 # 2 x lr: a large epsilon makes the update proportional to the gradient, and the comparison meaningful.
+# The noise and loss knobs are on (kohya's recipes): their draws are made for the whole global batch, each
+# rank keeping its rows, so several processes still train what one does.
 STEPS = ["--max-steps", "4", "--set", "output.checkpoint_every=2", "--set", "output.single_file=false",
-         "--set", "train.adam_epsilon=1.0"]
+         "--set", "train.adam_epsilon=1.0", "--set", "train.multires_noise_iterations=4",
+         "--set", "train.ip_noise_gamma=0.1", "--set", "train.noise_offset=0.05",
+         "--set", "train.noise_offset_random_strength=true", "--set", "train.loss=huber",
+         "--set", "train.min_timestep=100", "--set", "train.debiased_estimation=true"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 

@@ -150,3 +150,17 @@ def test_the_example_command_loads_as_sdtune_train_would():
 @pytest.mark.parametrize("page", ["README.md"])
 def test_linked_from(page):
     assert "(docs/guide/kohya.md)" in (ROOT / page).read_text(encoding="utf-8")
+
+
+def test_the_dataset_rows_agree_with_the_dataset_config_reader():
+    """Each key of sd-scripts' dataset config has a row, and a key the reader honours (sdtune/config/dataset_toml.py)
+    is mapped to the same sdtune key there as here."""
+    from sdtune.config.dataset_toml import FATES
+
+    rows = table_rows(PAGE.read_text(encoding="utf-8"))
+    for key, fate in FATES.items():
+        row = next((r for r in rows if re.search(rf"`(--)?{key}[`= ]", r[0])), None)
+        assert row, f"docs/guide/kohya.md has no row for the dataset config key {key}"
+        if fate.key:
+            name = fate.key if "." in fate.key else f"[[data.subsets]] {fate.key}"
+            assert re.search(rf"`{re.escape(name)}[`=]", row[1]), f"{key}: the reader maps it to {name}: {row[1]}"

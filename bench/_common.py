@@ -51,3 +51,13 @@ def save_results(name: str, rows) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
     return path
+
+
+def comfy_arguments(parser) -> None:
+    """The options of the benches that run ComfyUI's own loaders: its venv and its source checkout."""
+    import os
+
+    parser.add_argument("--comfy-env", type=Path, default=os.environ.get("SDTUNE_COMFY_ENV"),
+                        help="the folder bench/comfy_venv.sh built (venv/, stubs/)")
+    parser.add_argument("--comfyui", type=Path, default=os.environ.get("SDTUNE_COMFYUI"),
+                        help="a ComfyUI source checkout")

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import save_results
+from _common import comfy_arguments, save_results
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ("train.method=lora", "train.learning_rate=0.1", "lora.text_encoder=true", "lora.rank=8", "lora.alpha=4",
@@ -131,10 +131,7 @@ def bench_arch(args, arch: str, work: Path, images: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfy-env", type=Path, default=os.environ.get("SDTUNE_COMFY_ENV"),
-                        help="the folder bench/comfy_venv.sh built (venv/, stubs/)")
-    parser.add_argument("--comfyui", type=Path, default=os.environ.get("SDTUNE_COMFYUI"),
-                        help="a ComfyUI source checkout")
+    comfy_arguments(parser)
     parser.add_argument("--arch", nargs="+", default=["sd15", "sdxl"], choices=sorted(ARCH_SETS))
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")

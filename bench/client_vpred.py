@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import save_results
+from _common import comfy_arguments, save_results
 
 REPO = Path(__file__).resolve().parents[1]
 # case: (prediction_type, zero_terminal_snr, what ComfyUI must detect: model_type, zsnr)
@@ -63,10 +63,7 @@ def check_case(args, name: str, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--comfy-env", type=Path, default=os.environ.get("SDTUNE_COMFY_ENV"),
-                        help="the folder bench/comfy_venv.sh built (venv/, stubs/)")
-    parser.add_argument("--comfyui", type=Path, default=os.environ.get("SDTUNE_COMFYUI"),
-                        help="a ComfyUI source checkout")
+    comfy_arguments(parser)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     args = parser.parse_args()

@@ -8,37 +8,11 @@ import shutil
 
 from support.helpers import KEEP_ALL, runner
 from support.helpers import train as train_cli
+from support.kohya_example import dreambooth_part
 from support.testing import make_image_folder
 
 from sdtune.cli import app
 
-EXAMPLE = """[general]
-shuffle_caption = true
-caption_extension = '.txt'
-keep_tokens = 1
-
-# This is a DreamBooth-style dataset
-[[datasets]]
-resolution = 512
-batch_size = 4
-keep_tokens = 2
-
-  [[datasets.subsets]]
-  image_dir = '{root}/hoge'
-  class_tokens = 'hoge girl'
-  # This subset uses keep_tokens = 2 (the value of the parent datasets)
-
-  [[datasets.subsets]]
-  image_dir = '{root}/fuga'
-  class_tokens = 'fuga boy'
-  keep_tokens = 3
-
-  [[datasets.subsets]]
-  is_reg = true
-  image_dir = '{root}/reg'
-  class_tokens = 'human'
-  keep_tokens = 1
-"""
 TINY = ("--set", "data.resolution=64")  # the tiny model's size; the file's 512 stands otherwise
 
 
@@ -47,7 +21,7 @@ def example(tmp_path):
     make_image_folder(tmp_path / "fuga", count=2, seed=2, captions=False)
     make_image_folder(tmp_path / "reg", count=2, seed=3, captions=False)
     path = tmp_path / "dataset.toml"
-    path.write_text(EXAMPLE.format(root=tmp_path.as_posix()))
+    path.write_text(dreambooth_part(tmp_path.as_posix()))
     return path
 
 

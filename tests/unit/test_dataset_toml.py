@@ -11,6 +11,7 @@ import logging
 import pytest
 import tomllib
 from support.helpers import said
+from support.kohya_example import README_EXAMPLE, dreambooth_part
 from support.testing import make_image_folder
 
 from sdtune.config import Config, DataConfig, SubsetConfig, apply_layers, load_config
@@ -19,46 +20,6 @@ from sdtune.config.toml import from_toml, to_toml
 from sdtune.data.scan import kohya_metadata_caption, scan_subsets
 from sdtune.data.stream import BatchStream
 from sdtune.errors import SdtuneError
-
-# docs/config_README-en.md, the first example, as written (its paths aside)
-README_EXAMPLE = """
-[general]
-shuffle_caption = true
-caption_extension = '.txt'
-keep_tokens = 1
-
-# This is a DreamBooth-style dataset
-[[datasets]]
-resolution = 512
-batch_size = 4
-keep_tokens = 2
-
-  [[datasets.subsets]]
-  image_dir = '{root}/hoge'
-  class_tokens = 'hoge girl'
-  # This subset uses keep_tokens = 2 (the value of the parent datasets)
-
-  [[datasets.subsets]]
-  image_dir = '{root}/fuga'
-  class_tokens = 'fuga boy'
-  keep_tokens = 3
-
-  [[datasets.subsets]]
-  is_reg = true
-  image_dir = '{root}/reg'
-  class_tokens = 'human'
-  keep_tokens = 1
-
-# This is a fine-tuning dataset
-[[datasets]]
-resolution = [768, 768]
-batch_size = 2
-
-  [[datasets.subsets]]
-  image_dir = '{root}/piyo'
-  metadata_file = '{root}/piyo/piyo_md.json'
-  # This subset uses keep_tokens = 1 (the value of [general])
-"""
 
 # config_util.py's ConfigSanitizer schemas: every key a dataset config may hold
 KOHYA_KEYS = {
@@ -97,8 +58,9 @@ def folders(tmp_path):
 
 
 def readme(root, fine_tuning=True) -> dict:
-    text = README_EXAMPLE.format(root=root.as_posix())
-    return tomllib.loads(text if fine_tuning else text[:text.index("# This is a fine-tuning")])
+    if not fine_tuning:
+        return tomllib.loads(dreambooth_part(root.as_posix()))
+    return tomllib.loads(README_EXAMPLE.format(root=root.as_posix()))
 
 
 def test_every_key_of_kohyas_schemas_has_one_fate():
@@ -127,7 +89,7 @@ def test_the_readme_example_inherits_as_sd_scripts_does(folders):
     assert layer["data"]["resolution"] == 512 and layer["data"]["buckets"] is False
     assert layer["train"] == {"batch_size": 4}
     path = folders / "dataset.toml"
-    path.write_text(README_EXAMPLE.format(root=folders.as_posix()).split("# This is a fine-tuning")[0])
+    path.write_text(dreambooth_part(folders.as_posix()))
     assert dataset_sets(path) == ["data.buckets=false", "data.resolution=512", "train.batch_size=4"]  # --preset auto
 
 
@@ -297,8 +259,7 @@ def test_the_readme_examples_shuffle_caption_makes_a_presets_text_cache_give_way
     # only the subsets, so the preset's cache did not give way (as it does for --set data.shuffle_tags=true)
     # and the README example was refused: "data.cache_text stores one embedding per caption; ..."
     path = tmp_path / "dataset.toml"
-    text = README_EXAMPLE.format(root=folders.as_posix())
-    path.write_text(text[:text.index("# This is a fine-tuning")])
+    path.write_text(dreambooth_part(folders.as_posix()))
     cfg, _ = load_config("sdxl-12gb", ["data.resolution=512"], dataset=path)
     assert not cfg.data.cache_text and all(s.shuffle_tags for s in cfg.data.subsets)
     with pytest.raises(SdtuneError, match=r"data\.cache_text .* data\.shuffle_tags"):

@@ -396,6 +396,9 @@ class MemoryConfig:
     param_prefetch_blocks: int = doc("with param_offload=cpu: UNet blocks (up to 128 MiB each) copied to the GPU "
                                      "ahead of the one running; more overlaps copies better, costs VRAM", 2,
                                      resume=NEUTRAL)
+    compile: Literal["none", "blocks"] = doc(
+        "torch.compile the UNet's repeated blocks one by one (regional compilation: compiled once, reused by every "
+        "block of the same shape); the first steps pay the compile time", "none", resume=NEUTRAL)
 
     def __post_init__(self):
         require(self.param_prefetch_blocks >= 0,

@@ -68,11 +68,12 @@ def resolution(args, plan: str) -> int:
 
 
 def overrides(args, plan: str) -> list[str]:
-    """The same run for every plan: few steps, no checkpoints, samples or single file; the CPU on a dry run."""
+    """The same run for every plan: few steps, no checkpoints, samples or single file; the CPU on a dry run;
+    then the row's own `--set`s (`args.extra`, e.g. memory.compile=blocks from bench/gpu_check.py)."""
     sets = [f"data.resolution={resolution(args, plan)}", "train.lr_warmup_steps=0",
             "train.gradient_accumulation_steps=1", "output.checkpoint_every=0", "output.sample_every=0",
             "output.single_file=false"]
-    return sets + (["memory.device=cpu"] if args.dry_run else [])
+    return sets + (["memory.device=cpu"] if args.dry_run else []) + list(getattr(args, "extra", ()))
 
 
 def estimate(args, plan: str, model: str, work: Path, timeout: float) -> dict:

@@ -5,6 +5,8 @@ exists, none started without the seconds it may take, and at the end what remain
     python bench/gpu_check.py --dry-run --budget 510     # anywhere, at once: the order, each row's assumed
                                                          # seconds and their running sum against the budget
     python bench/gpu_check.py --rows race-nvme,compile-blocks --budget 400   # the rows a first run left
+    python bench/gpu_check.py --cpu --rows rtx3050,race-canary --budget 600  # the plumbing on the CPU and
+                                                         # sdtune-tiny (64 px); GPU-only tests are skipped
 
 The rows, most valuable first: the 8 GB full fine-tunes (`rtx3050` on SD1.5, `sdxl-8gb`), then every other
 preset (each `sdtune train` under its card's memory cap beside `sdtune estimate-vram --json`: the estimate
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,7 +127,7 @@ class Runner:
 
     def __init__(self, args):
         self.args, self.models, self.log = args, {}, Path(args.out) / "gpu_check.log"
-        self.plans = argparse.Namespace(dry_run=False, workdir=args.workdir, steps=STEPS, extra=(),
+        self.plans = argparse.Namespace(dry_run=args.cpu, workdir=args.workdir, steps=STEPS, extra=(),
                                         sd_model=args.sd_model, sdxl_model=args.sdxl_model)
 
     def __call__(self, row: Row, seconds: float) -> dict:
@@ -132,8 +135,8 @@ class Runner:
         if row.model and row.model not in self.models:
             self.models[row.model] = gpu_plans.model_for(self.plans, row.model, Path(self.args.workdir))
         model = self.models.get(row.model)
-        if isinstance(model, Exception):
-            return {"status": "not run", "message": f"no {row.model} model: {str(model)[:200]}"}
+        if row.model and not isinstance(model, str):  # its build failed, or --cpu has no SDXL model
+            return {"status": "not run", "message": f"no {row.model} model: {str(model or '--sdxl-model')[:200]}"}
         left = seconds - (time.monotonic() - started)
         return self.plan(row, model, left) if row.plan else self.pytest(row, model, left)
 
@@ -149,17 +152,21 @@ class Runner:
     def pytest(self, row: Row, model: str | None, seconds: float) -> dict:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # carried wheels too
         env = {**os.environ, "GPU_CHECK_SD15": model or "", "PYTHONPATH": path}
-        command = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "gpu", "--basetemp",
+        command = [sys.executable, "-m", "pytest", "-q", "-x", "-rs", "--basetemp",
                    str(Path(self.args.workdir) / f"pytest-{row.name}"), row.test]
+        # its own process group: at the timeout its `sdtune train` children stop with it, off the GPU
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, start_new_session=True)
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds)
-        except subprocess.TimeoutExpired as stopped:
-            out = stopped.stdout.decode(errors="replace") if isinstance(stopped.stdout, bytes) else stopped.stdout
-            self._log(row, out or "")
-            return {"status": "timeout", "message": " / ".join((out or "").strip().splitlines()[-2:])[-300:]}
+            out, _ = child.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, _ = child.communicate()
+            self._log(row, out)
+            return {"status": "timeout", "message": " / ".join(out.strip().splitlines()[-2:])[-300:]}
         shutil.rmtree(Path(self.args.workdir) / f"pytest-{row.name}", ignore_errors=True)
-        self._log(row, done.stdout + done.stderr)
-        return {"status": pytest_status(done.returncode, done.stdout), "message": _failure(done.stdout)}
+        self._log(row, out)
+        return {"status": pytest_status(child.returncode, out), "message": _failure(out)}
 
     def _log(self, row: Row, text: str) -> None:
         with self.log.open("a") as log:
@@ -180,19 +187,26 @@ def _failure(stdout: str) -> str:
 
 
 def _cell(value) -> str:
-    if isinstance(value, float) and value > 2**20:
-        return f"{value / gpu_plans.GIB:.2f}"
     return "-" if value is None else str(value).replace("|", "/")
 
 
+def within(row: dict) -> str | None:
+    """Whether the estimate is within the estimator's goal of the peak CUDA reserved: max(10%, 256 MiB)."""
+    peak, guess = row.get("peak_memory_bytes"), row.get("estimate_reserved_bytes")
+    if not (peak and guess) or row.get("peak_memory_kind") != "cuda_max_reserved":  # the CPU's is RSS
+        return None
+    return "yes" if abs(guess - peak) <= max(0.10 * peak, 256 * 2**20) else "no"
+
+
 def table(results: list[dict]) -> list[str]:
-    head = ["row", "status", "assumed s", "wall s", "s/step", "peak GiB", "estimate GiB", "cap GiB", "message"]
+    head = ["row", "status", "assumed s", "wall s", "s/step", "peak GiB", "estimate GiB", "estimate within",
+            "cap GiB", "message"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         peak, guess = r.get("peak_memory_bytes"), r.get("estimate_reserved_bytes")
         cells = [r["row"], r["status"], r.get("assumed_s"), r.get("wall_s"), r.get("seconds_per_step"),
                  f"{peak / gpu_plans.GIB:.2f}" if peak else None, f"{guess / gpu_plans.GIB:.2f}" if guess else None,
-                 r.get("cap_gib"), r.get("message", "")]
+                 within(r), r.get("cap_gib"), r.get("message", "")]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return lines
 
@@ -205,7 +219,8 @@ def writer(out: Path, head: dict):
         md = [f"GPU check, {head['date']}: " + ", ".join(f"{k} {v}" for k, v in head["versions"].items()), "",
               *table(results), "", _rest_line(rest, head["budget_s"])]
         (out / "gpu_check.md").write_text("\n".join(md) + "\n")
-        print(table(results)[-1], flush=True)
+        if results:
+            print(table(results)[-1], flush=True)  # the row just written
 
     return write
 
@@ -236,6 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=510, help="seconds for every row: none starts late")
     parser.add_argument("--rows", help="comma-separated row names, in this order (default: all, most valuable first)")
     parser.add_argument("--dry-run", action="store_true", help="print the order and assumed seconds; run nothing")
+    parser.add_argument("--cpu", action="store_true", help="run the rows on the CPU: sdtune-tiny, 64 px, no GPU test")
     parser.add_argument("--sd-model", help="an SD1.x diffusers folder (default: a random SD1.5, built once)")
     parser.add_argument("--sdxl-model", help="an SDXL diffusers folder (default: a random SDXL, built once)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
@@ -266,7 +282,7 @@ def main(argv=None) -> None:
     results = schedule(args.rows, args.budget - 5, Runner(args), write)  # 5 s: the versions and the writes
     print((out / "gpu_check.md").read_text().splitlines()[-1])
     shutil.rmtree(args.workdir, ignore_errors=True)
-    sys.exit(0 if all(r["status"] in ("ok", "not run") for r in results) else 1)
+    sys.exit(0 if all(r["status"] in ("ok", "not run", "skipped") for r in results) else 1)
 
 
 if __name__ == "__main__":

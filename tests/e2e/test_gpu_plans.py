@@ -73,7 +73,8 @@ def test_no_row_starts_without_its_seconds_and_each_is_written_when_it_ends(tmp_
     def run(row, seconds):
         started.append((row.name, seconds))
         now[0] += taken[row.name]
-        return {"status": "ok", "seconds_per_step": 1.5, "peak_memory_bytes": 5 * 2**30, "cap_gib": 7.5}
+        return {"status": "ok", "seconds_per_step": 1.5, "peak_memory_bytes": 5 * 2**30, "cap_gib": 7.5,
+                "estimate_reserved_bytes": 5.6 * 2**30, "peak_memory_kind": "cuda_max_reserved"}
 
     write = check.writer(tmp_path, {"date": "today", "budget_s": 300, "versions": {"torch": "9.9"}})
     seen = []
@@ -86,7 +87,7 @@ def test_no_row_starts_without_its_seconds_and_each_is_written_when_it_ends(tmp_
     assert saved["versions"] == {"torch": "9.9"} and saved["remaining"] == {"seconds": 450, "rows": ["big"]}
     md = (tmp_path / "gpu_check.md").read_text().splitlines()
     assert md[0] == "GPU check, today: torch 9.9"
-    assert "| a | ok | 160 | 130.0 | 1.5 | 5.00 | - | 7.5 |  |" in md
+    assert "| a | ok | 160 | 130.0 | 1.5 | 5.00 | 5.60 | no | 7.5 |  |" in md  # 0.6 GiB off: over 10% and 256 MiB
     assert md[-1].startswith("Remaining: 1 rows, about 450 s: `python bench/gpu_check.py --rows big --budget 300")
 
 
@@ -97,3 +98,17 @@ def test_a_pytest_row_reads_its_outcome():
     assert check.pytest_status(1, "E   AssertionError: copies late: 3 of 9 tensors differ\n1 failed in 9s") == "failed"
     assert check._failure("x\nE   AssertionError: copies late: 3 of 9 tensors differ\n") == (
         "AssertionError: copies late: 3 of 9 tensors differ")
+
+
+def test_the_check_records_the_versions_then_runs_a_row_where_cuda_is_missing(tmp_path):
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--cpu", "--rows", "race-canary", "--budget", "300",
+                           "--out", str(tmp_path), "--workdir", str(tmp_path / "work")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    import torch
+
+    assert saved["versions"]["torch"] == torch.__version__ and saved["versions"]["gpu"] is None
+    assert {"cuda", "cudnn", "diffusers", "transformers", "peft", "bitsandbytes"} <= saved["versions"].keys()
+    assert [(r["row"], r["status"]) for r in saved["rows"]] == [("race-canary", "skipped")]
+    assert "needs a CUDA GPU" in (tmp_path / "gpu_check.log").read_text()

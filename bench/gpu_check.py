@@ -68,15 +68,15 @@ def needs(row: Row, built: set) -> int:
     return row.seconds + (BUILD[row.model] if row.model and row.model not in built else 0)
 
 
-def remaining(rows: list[Row], built: set) -> int:
-    """Seconds the rows not run would take together, each model built once."""
-    return sum(row.seconds for row in rows) + sum(BUILD[m] for m in {r.model for r in rows} - built - {None})
+def remaining(rows: list[Row]) -> int:
+    """Seconds the rows not run would take together on a fresh machine, each model built once."""
+    return sum(row.seconds for row in rows) + sum(BUILD[m] for m in {r.model for r in rows} - {None})
 
 
-def schedule(rows: list[Row], budget: float, run, write, clock=time.monotonic) -> list[dict]:
-    """Run each row that fits what is left of `budget` (run(row, seconds) -> its result; it builds the model),
-    list the others as not run; `write(results, left_rows)` after every row."""
-    started, built, results, left = clock(), set(), [], []
+def schedule(rows: list[Row], budget: float, run, write, clock=time.monotonic, given=()) -> list[dict]:
+    """Run each row that fits what is left of `budget` (run(row, seconds) -> its result; it builds the model
+    unless `given`), list the others as not run; `write(results, rows_left)` after every row."""
+    started, built, results, left = clock(), set(given), [], []
     for row in rows:
         seconds, free = needs(row, built), budget - (clock() - started)
         if seconds > free:
@@ -88,7 +88,7 @@ def schedule(rows: list[Row], budget: float, run, write, clock=time.monotonic) -
             result = run(row, seconds)
             built |= {row.model} - {None}
             results.append({"row": row.name, "assumed_s": seconds, **result, "wall_s": round(clock() - began, 1)})
-        write(results, left, built)
+        write(results, left)
     return results
 
 
@@ -212,9 +212,9 @@ def table(results: list[dict]) -> list[str]:
 
 
 def writer(out: Path, head: dict):
-    """write(results, left, built): gpu_check.json and .md, the versions on top, what remains at the end."""
-    def write(results: list[dict], left: list[Row], built: set) -> None:
-        rest = {"seconds": remaining(left, built), "rows": [row.name for row in left]}
+    """write(results, left): gpu_check.json and .md, the versions on top, what remains at the end."""
+    def write(results: list[dict], left: list[Row]) -> None:
+        rest = {"seconds": remaining(left), "rows": [row.name for row in left]}
         (out / "gpu_check.json").write_text(json.dumps({**head, "rows": results, "remaining": rest}, indent=1))
         md = [f"GPU check, {head['date']}: " + ", ".join(f"{k} {v}" for k, v in head["versions"].items()), "",
               *table(results), "", _rest_line(rest, head["budget_s"])]
@@ -229,7 +229,7 @@ def _rest_line(rest: dict, budget: float) -> str:
     if not rest["rows"]:
         return "Remaining: nothing."
     return (f"Remaining: {len(rest['rows'])} rows, about {rest['seconds']} s: "
-            f"`python bench/gpu_check.py --rows {','.join(rest['rows'])} --budget {min(rest['seconds'], budget)}`")
+            f"`python bench/gpu_check.py --rows {','.join(rest['rows'])} --budget {min(rest['seconds'], budget):.0f}`")
 
 
 def dry_run(rows: list[Row], budget: float) -> None:
@@ -243,7 +243,7 @@ def dry_run(rows: list[Row], budget: float) -> None:
         total, built = (total + seconds, built | {row.model} - {None}) if fits else (total, built)
         left += [] if fits else [row]
         print(f"| {number} | {row.name} | {seconds} | {total if fits else '-'} | {'yes' if fits else 'no'} |")
-    print(_rest_line({"seconds": remaining(left, built), "rows": [row.name for row in left]}, budget))
+    print(_rest_line({"seconds": remaining(left), "rows": [row.name for row in left]}, budget))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -278,8 +278,9 @@ def main(argv=None) -> None:
             "versions": versions()}
     print(json.dumps(head["versions"]), flush=True)
     write = writer(out, head)
-    write([], args.rows, set())  # the versions, before any row
-    results = schedule(args.rows, args.budget - 5, Runner(args), write)  # 5 s: the versions and the writes
+    write([], args.rows)  # the versions, before any row
+    given = [kind for kind, folder in (("sd", args.sd_model), ("sdxl", args.sdxl_model)) if folder]
+    results = schedule(args.rows, args.budget - 5, Runner(args), write, given=given)  # 5 s: versions, writes
     print((out / "gpu_check.md").read_text().splitlines()[-1])
     shutil.rmtree(args.workdir, ignore_errors=True)
     sys.exit(0 if all(r["status"] in ("ok", "not run", "skipped") for r in results) else 1)

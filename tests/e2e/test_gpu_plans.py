@@ -89,6 +89,9 @@ def test_no_row_starts_without_its_seconds_and_each_is_written_when_it_ends(tmp_
     assert md[0] == "GPU check, today: torch 9.9"
     assert "| a | ok | 160 | 130.0 | 1.5 | 5.00 | 5.60 | no | 7.5 |  |" in md  # 0.6 GiB off: over 10% and 256 MiB
     assert md[-1].startswith("Remaining: 1 rows, about 450 s: `python bench/gpu_check.py --rows big --budget 300")
+    started.clear()
+    check.schedule(rows[:1], 100, run, lambda *a: None, clock=lambda: now[0], given=["sd"])  # --sd-model: no build
+    assert started == [("a", 100)]
 
 
 def test_a_pytest_row_reads_its_outcome():

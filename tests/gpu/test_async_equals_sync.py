@@ -36,9 +36,12 @@ def _run(model, data, folder, resolution, overrides, delay: str):
     folder.mkdir()
     (folder / "offload").mkdir()  # the nvme case's memory.offload_dir, relative to where sdtune runs
     env = {"SDTUNE_OFFLOAD_SYNC": "1", "TEST_DELAY_STREAMS": ""} if delay == "sync" else {
-        "SDTUNE_OFFLOAD_SYNC": "", "TEST_DELAY_STREAMS": f"{delay}:{DELAY_CYCLES}"}
+        "SDTUNE_OFFLOAD_SYNC": "", "TEST_DELAY_STREAMS": f"{delay}:{DELAY_CYCLES}",
+        "TEST_DELAY_STREAMS_COUNT": str(folder / "sleeps")}
     summary = train(model, data, folder / "out", "rtx3050", [*COMMON, f"data.resolution={resolution}", *overrides],
                     STEPS, env=env, deterministic=True)
+    if torch.cuda.is_available() and delay != "sync":  # the sleeps reached the engine's copies
+        assert int((folder / "sleeps").read_text()) >= STEPS, f"{delay}: no side-stream block was delayed"
     return summary, step_losses(folder / "out"), kept_weights(folder / "out")
 
 

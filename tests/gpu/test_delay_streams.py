@@ -9,20 +9,22 @@ from support.cli_runs import on
 from support.delay_streams import delayed, parse
 
 
+class _Recorder:
+    """A stand-in for torch.cuda.stream(side): records entering and leaving."""
+
+    def __init__(self, calls: list, stream):
+        self.calls, self.stream = calls, stream
+
+    def __enter__(self):
+        self.calls.append(("enter", self.stream))
+
+    def __exit__(self, *exc):
+        self.calls.append(("exit", self.stream))
+
+
 def _recorded(mode: str, side, cycles: int = 5) -> list:
     calls = []
-
-    class Context:
-        def __init__(self, stream):
-            self.stream = stream
-
-        def __enter__(self):
-            calls.append(("enter", self.stream))
-
-        def __exit__(self, *exc):
-            calls.append(("exit", self.stream))
-
-    with delayed(Context, lambda n: calls.append(("sleep", n)), mode, cycles)(side):
+    with delayed(lambda stream: _Recorder(calls, stream), lambda n: calls.append(("sleep", n)), mode, cycles)(side):
         calls.append(("copy", side))
     return calls
 
@@ -32,6 +34,20 @@ def test_copies_sleep_on_the_side_stream_before_its_copies_and_compute_before_sw
     assert _recorded("compute", "s") == [("sleep", 5), ("enter", "s"), ("copy", "s"), ("exit", "s")]
     assert _recorded("copies", None) == [("enter", None), ("copy", None), ("exit", None)]  # a synchronous copy
     assert _recorded("compute", "s", cycles=0) == [("enter", "s"), ("copy", "s"), ("exit", "s")]
+
+
+def test_install_delays_torch_cuda_stream_as_the_variable_asks(monkeypatch):
+    import support.delay_streams as seam
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: calls.append(("sleep", cycles)))
+    monkeypatch.setattr(torch.cuda, "stream", lambda side: _Recorder(calls, side))
+    assert seam.install({}) is None and seam.install({seam.VARIABLE: ""}) is None
+    assert seam.install({seam.VARIABLE: "copies:9"}) == ("copies", 9)
+    with torch.cuda.stream("side"):
+        calls.append(("copy", "side"))
+    assert calls == [("enter", "side"), ("sleep", 9), ("copy", "side"), ("exit", "side")]
 
 
 def test_the_variable_is_read_or_refused():

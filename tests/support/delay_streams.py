@@ -23,6 +23,7 @@ import contextlib
 import os
 
 VARIABLE = "TEST_DELAY_STREAMS"  # "copies:CYCLES" or "compute:CYCLES"; unset or empty: no delay
+COUNT = "TEST_DELAY_STREAMS_COUNT"  # a file that gets the number of sleeps at exit: the delays reached sdtune
 MODES = ("copies", "compute")
 
 
@@ -57,11 +58,22 @@ def delayed(original, sleep, mode: str, cycles: int):
 
 
 def install(environ=os.environ) -> tuple[str, int] | None:
-    """Delay the side streams as the variable asks, where CUDA is (on the CPU there are no side streams)."""
+    """Delay the side streams as the variable asks, where CUDA is (on the CPU there are no side streams), and
+    count the sleeps into the file `TEST_DELAY_STREAMS_COUNT` names, at exit."""
+    import atexit
+
     import torch
 
     asked = parse(environ.get(VARIABLE, ""))
     if asked is None or not torch.cuda.is_available():
         return None
-    torch.cuda.stream = delayed(torch.cuda.stream, torch.cuda._sleep, *asked)
+    sleeps = [0]
+
+    def sleep(cycles: int) -> None:
+        sleeps[0] += 1
+        torch.cuda._sleep(cycles)
+
+    torch.cuda.stream = delayed(torch.cuda.stream, sleep, *asked)
+    if environ.get(COUNT):
+        atexit.register(lambda: open(environ[COUNT], "w").write(str(sleeps[0])))
     return asked

@@ -55,7 +55,7 @@ def test_the_dry_run_prints_the_order_the_assumed_seconds_and_their_sum():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    # rtx3050 builds the SD1.5 (60 s) its followers reuse; sdxl-8gb (its build 150 s + 300 s) cannot fit
+    # rtx3050 builds the SD1.5 (60 s) its followers reuse; sdxl-8gb (its build 180 s + 270 s) cannot fit
     assert lines[2:6] == ["| 1 | rtx3050 | 180 | 180 | yes |", "| 2 | sdxl-8gb | 450 | - | no |",
                           "| 3 | rtx4090 | 120 | 300 | yes |", "| 4 | race-canary | 40 | 340 | yes |"]
     assert lines[6].startswith("Remaining: 1 rows, about 450 s: `python bench/gpu_check.py --rows sdxl-8gb ")
@@ -79,16 +79,16 @@ def test_no_row_starts_without_its_seconds_and_each_is_written_when_it_ends(tmp_
     write = check.writer(tmp_path, {"date": "today", "budget_s": 300, "versions": {"torch": "9.9"}})
     seen = []
     results = check.schedule(rows, 300, run, lambda *a: (write(*a), seen.append(len(a[0]))), clock=lambda: now[0])
-    assert started == [("a", 160), ("b", 100), ("c", 50)]  # the build once; "big" (450 s) never had its time
+    assert started == [("a", 160), ("b", 100), ("c", 50)]  # the build once; "big" (480 s) never had its time
     assert [(r["row"], r["status"]) for r in results] == [("a", "ok"), ("big", "not run"), ("b", "ok"), ("c", "ok")]
-    assert results[1]["message"] == "needs 450 s, 170 s left" and results[0]["wall_s"] == 130
+    assert results[1]["message"] == "needs 480 s, 170 s left" and results[0]["wall_s"] == 130
     assert seen == [1, 2, 3, 4]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert saved["versions"] == {"torch": "9.9"} and saved["remaining"] == {"seconds": 450, "rows": ["big"]}
+    assert saved["versions"] == {"torch": "9.9"} and saved["remaining"] == {"seconds": 480, "rows": ["big"]}
     md = (tmp_path / "gpu_check.md").read_text().splitlines()
     assert md[0] == "GPU check, today: torch 9.9"
     assert "| a | ok | 160 | 130.0 | 1.5 | 5.00 | 5.60 | no | 7.5 |  |" in md  # 0.6 GiB off: over 10% and 256 MiB
-    assert md[-1].startswith("Remaining: 1 rows, about 450 s: `python bench/gpu_check.py --rows big --budget 300")
+    assert md[-1].startswith("Remaining: 1 rows, about 480 s: `python bench/gpu_check.py --rows big --budget 300")
     started.clear()
     check.schedule(rows[:1], 100, run, lambda *a: None, clock=lambda: now[0], given=["sd"])  # --sd-model: no build
     assert started == [("a", 100)]

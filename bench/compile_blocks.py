@@ -1,24 +1,29 @@
 """memory.compile=blocks against the uncompiled UNet, side by side in one process: s/step, compile time, loss
 difference (issue 30, item 4).
 
-    flock /tmp/bigmem.lock .venv/bin/python bench/compile_blocks.py [--steps 6] [--mid-steps 3] [--threads 1]
+    .venv/bin/python bench/compile_blocks.py [--steps 6] [--mid-steps 3] [--threads 1] [--warm-cache]
 
 Two UNets with random weights: the tests' tiny SD1 UNet (64 px, batch 2) and a mid-size one, SD1.5's
-architecture (sdtune/family/archs/sd15) with every channel count halved (~220 M parameters, ~5 GB of RAM
-with both copies; 256 px, batch 1). Each model is copied; one copy goes through `compile_blocks` (what
+architecture (sdtune/family/archs/sd15) with every channel count halved (220 M parameters, 3.2 GB peak
+RSS with both copies; 256 px, batch 1). Each model is copied; one copy goes through `compile_blocks` (what
 memory.compile=blocks runs, with inductor), and the two train on the same inputs, their steps interleaved
 (forward, backward, SGD: no optimizer state, so both copies fit), gradient checkpointing on as the presets
 have it. The first compiled step pays the compile: the table gives dynamo's compile seconds, the first
 step's wall, the median s/step of the later steps of each copy, the ratio (above 1: compiled is faster)
-and the largest relative loss difference over the steps. On a GPU the plan bench measures it through
-`--set memory.compile=blocks` (bench/gpu_plans.py).
+and the largest relative loss difference over the steps. Inductor's caches go to a new empty folder
+(what a first run pays) unless --warm-cache keeps its usual one (what a later run of the same shapes pays).
+On a GPU the plan bench measures it through `--set memory.compile=blocks` (bench/gpu_plans.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
@@ -94,12 +99,17 @@ def main() -> None:
     parser.add_argument("--mid-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-mid", action="store_true")
+    parser.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache folder")
     args = parser.parse_args()
+    if not args.warm_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile-blocks-")
+        atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
     torch.set_num_threads(args.threads)
     rows = [measure("tiny SD1", tiny_unet, args.steps)]
     if not args.skip_mid:
         rows.append(measure("SD1.5 / 2 channels", mid_unet, args.mid_steps))
-    print(f"torch {torch.__version__}, {args.threads} thread(s), inductor, gradient checkpointing on")
+    cache = "warm" if args.warm_cache else "cold"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), inductor ({cache} cache), gradient checkpointing on")
     print("| model | params (M) | blocks (graphs) | compile s | first step s | eager s/step | compiled s/step "
           "| eager/compiled | loss rel. diff |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -1,7 +1,7 @@
 """`memory.compile = "blocks"`: regional compilation of the UNet's repeated blocks, as PyTorch's recipe does
 (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html).
 
-    compiled = compile_blocks(unet)    # after LoRA, checkpointing, the attention backend and the streamer
+    compiled = compile_blocks(unet)    # last: after LoRA, checkpointing and the attention backend
     compiled.report()                  # after the first step: "compiled N blocks (K distinct) in X s"
 
 diffusers' own switch does the compiling: `UNet2DConditionModel.compile_repeated_blocks` calls
@@ -9,9 +9,15 @@ diffusers' own switch does the compiling: `UNet2DConditionModel.compile_repeated
 `BasicTransformerBlock`). Blocks of one shape share one compiled graph: SD1.5's 16 layers make a few graphs,
 so the compile costs a few graphs' time instead of the whole UNet's. Compiling is lazy: the first forward
 and backward of each new shape pay it (a new resolution bucket, sampling without gradients), later steps
-reuse it. Gradient checkpointing calls the compiled layers again in backward, weight streaming attaches
-the weights of the units around them (the graphs take the weights as inputs, wherever they live), and
-LoRA's peft layers inside a block compile with it.
+reuse it. LoRA's peft layers inside a block compile with it.
+
+The graphs are compiled for fixed shapes (`dynamic=False`): with dynamo's default, a second shape makes a
+dynamic graph beside the static one, and gradient checkpointing's recomputation may then pick the other
+graph than its forward did, which checkpointing refuses (pytorch/pytorch#166926; met here by a LoRA run
+after others in one process). A graph a shape makes more of them, so dynamo's limit per function (8) is
+raised to `RECOMPILE_LIMIT`, for the process. Not with weight streaming (the config refuses it): a
+streamed unit inside a layer attaches its weights by hooks that swap `param.data`, which dynamo cannot
+trace.
 
 `BACKEND` is torch.compile's backend; the tests set "aot_eager" (the same graph capture and autograd
 without inductor's C++ code generation, which takes a minute a graph on the CPU).

@@ -161,7 +161,7 @@ def place(components: Components, plan: Plan, cfg: Config) -> Placement:
 
 
 def _compile(unet, tier: Tier) -> CompiledBlocks:
-    """memory.compile=blocks, last: the blocks as LoRA, checkpointing, attention and the streamer left them;
+    """memory.compile=blocks, last: the blocks as LoRA, checkpointing and the attention backend left them;
     what the first optimizer step compiled is logged after it."""
     from sdtune.train.compile import compile_blocks
 

@@ -144,7 +144,7 @@ def place(components: Components, plan: Plan, cfg: Config) -> Placement:
     if plan.distributed == "fsdp":  # before the optimizer: it steps the shards
         from sdtune.train.parallel import shard
 
-        shard(unet, plan)
+        shard(unet, plan, components.unet_weights)
         params = list(unet.parameters())
     tier = make_tier(params, cfg.train, plan, model=unet, backward_passes=2 if cfg.prior_preservation else 1)
     if trained.text_encoder_params:  # their own learning rate, which the LR schedule scales as the UNet's

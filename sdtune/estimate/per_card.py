@@ -14,8 +14,10 @@
   With `memory.optimizer_offload=cpu` (FSDP2's CPUOffloadPolicy) the shards, their gradients and AdamW
   state are in host RAM instead.
 
-Host RAM is per process: each process loads the whole model before it shards or replicates it, so a node
-running N processes needs N times the figure.
+Host RAM is per process: each process loads the whole model before it replicates it, so a node running N
+processes needs N times the figure. Under fsdp a rank reads only its shards of the UNet
+(`sdtune.train.parallel.load_shards`), so the figure, which still counts the whole fp32 UNet, is high by
+(N-1)/N of it there.
 """
 
 from __future__ import annotations

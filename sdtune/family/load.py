@@ -12,7 +12,9 @@ the configs are the bundled ones of that architecture (`sdtune/archs`, or `model
 tokenizer the configs lack is CLIP's, built from the vocabulary sdtune bundles
 (`sdtune.family.clip_tokenizer`); `Components.origin` says which in one line. Every tokenizer is checked
 against its text encoder before training (`check_text`). Everything is loaded in fp32 on the CPU;
-`sdtune.train.placement.place` casts and places it for a plan.
+`sdtune.train.placement.place` casts and places it for a plan. With `meta_unet` (FSDP) the UNet is built on
+the meta device instead, and `Components.unet_weights` (`sdtune.family.slices`) says where its weights lie,
+for each rank to read its shards.
 """
 
 from __future__ import annotations

@@ -16,6 +16,12 @@
   adamw (8-bit blocks, Adafactor's factored moment, Prodigy's step size would be taken per shard),
   `memory.optimizer_offload=nvme`, `memory.param_offload` (FSDP2 already gathers one block at a time)
   and `train.method=lora` (a LoRA's few MB train replicated: use ddp).
+  Loading: every rank builds the UNet on the meta device (`sdtune.family.load`, `meta_unet`), shards it,
+  and reads only its rows from the model's .safetensors file(s) (`load_shards`): a rank holds 1/N of the
+  fp32 UNet in host RAM and on its card, never the whole. The frozen VAE and text encoder(s) are whole on
+  every rank (each encodes its share of the batch); the EMA is refused under fsdp (it would be a whole
+  copy). A UNet without safetensors weights and `model.init=random` (every rank draws the same whole
+  UNet) load whole and are then sharded, as before. A resumed run reads its shards from `sharded/` after.
 - A LoRA's text-encoder adapters (`lora.text_encoder`) are not under DDP: refused with several processes,
   and so is `memory.fused_backward` (it steps each weight before its gradient is averaged).
 

@@ -25,7 +25,8 @@ device; only its new word's fp32 vectors train (`sdtune.train.embedding`).
 
 Several processes (`plan.distributed`, `sdtune.train.parallel`): with `ddp` the loss calls the UNet under
 DistributedDataParallel (`Placement.model`); with `fsdp` the fp32 UNet is sharded in place before the
-optimizer is built over its shards, and `weights()` gathers them (every rank calls it).
+optimizer is built over its shards (a UNet loaded on the meta device gets each rank's rows only:
+`sdtune.train.parallel.load_shards`), and `weights()` gathers them (every rank calls it).
 
 With `memory.compile=blocks` the UNet's transformer layers are compiled last (`sdtune.train.compile`), as
 LoRA, checkpointing and the attention backend left them; the first optimizer step logs what it compiled.

@@ -339,7 +339,10 @@ def _meta_unet(source: str, kind: str, config: str):
     elif kind == "folder":
         folder = Path(source) / "unet"
     else:
-        folder = Path(_hub_file(source, "unet/config.json")).parent
+        try:
+            folder = Path(_hub_file(source, "unet/config.json")).parent
+        except OSError:  # not in reach: the ordinary load says so
+            return None, None
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
     names = list(unet.state_dict())

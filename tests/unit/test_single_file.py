@@ -384,3 +384,15 @@ def test_fsdp_reads_an_sdxl_single_files_unet_by_its_sgm_names(tiny_sdxl, tmp_pa
                                text_encoders=[pipe.text_encoder, pipe.text_encoder_2], prediction_type="epsilon",
                                force=True)
     _assert_reads_as_loaded(result.path, tiny_sdxl, pipe.unet.state_dict())
+
+
+def test_fsdp_reads_a_unet_saved_in_several_files_under_their_index(tiny, tmp_path):
+    from sdtune.family.slices import UnetWeights, folder_keys
+
+    _, pipe = tiny
+    pipe.unet.save_pretrained(tmp_path / "unet", max_shard_size="200KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    weights = UnetWeights(folder_keys(tmp_path / "unet"))
+    assert len(weights.files) > 1
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(weights.read(name, 0, tensor.shape[0]), tensor), name

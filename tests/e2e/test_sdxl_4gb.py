@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import sdtune.offload
-from sdtune.offload.params import ParamStreamer
 from sdtune.config import load_config
+from sdtune.offload.params import ParamStreamer
 from sdtune.train import loop as trainer
 
 

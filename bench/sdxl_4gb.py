@@ -9,7 +9,7 @@ the ring) and while it trains (host weights, gradient staging, ring); the cached
 host RAM. "before" is the engine that page-locked the host weights whole before building them (so they
 were resident beside the whole fp32 UNet), "now" the one that page-locks them once built.
 
-Then an SDXL-architecture pipeline whose UNet has `--width` of SDXL's channels (0.5: 0.66 B parameters;
+Then an SDXL-architecture pipeline whose UNet has `--width` of SDXL's channels (0.5: 0.56 B parameters;
 the tiny test text encoders and VAE, so the UNet is what counts) trains `--steps` steps on the CPU at
 `--resolution` px under `sdxl-4gb` (weights streamed, AdamW state in a file) and under the resident plan
 (the same config without `memory.param_offload` and `memory.optimizer_offload`), in fp32 and in bf16
@@ -76,9 +76,9 @@ def build_model(folder: Path, width: float) -> int:
     parts = tiny_sdxl_components()
     config = archs.unet_config("sdxl")
     pooled = parts["text_encoder_2"].config.projection_dim
+    text = parts["text_encoder"].config.hidden_size + parts["text_encoder_2"].config.hidden_size
     config.update(block_out_channels=[max(32, round(c * width / 32) * 32) for c in config["block_out_channels"]],
-                  sample_size=8,
-                  cross_attention_dim=parts["text_encoder"].config.hidden_size + parts["text_encoder_2"].config.hidden_size,
+                  sample_size=8, cross_attention_dim=text,
                   projection_class_embeddings_input_dim=pooled + 6 * config["addition_time_embed_dim"])
     torch.manual_seed(0)
     parts["unet"] = UNet2DConditionModel.from_config(config)

@@ -70,11 +70,11 @@ def host_bytes(numels: list[int], *, itemsize: int, accumulation_steps: int = 1,
     holds while it is built, when the fp32 parameters it is given are not yet released."""
     total, small = sum(numels), sum(n for n in numels if n < SMALL_PARAM)
     largest = max((sum(numels[i] for i in r) for r in partition(numels, bucket_mb)), default=0)
-    common = itemsize * total * host_weights + ACCUMULATION_BYTES * total * (accumulation_steps > 1)
-    common += 4 * min(CHUNK, largest)
-    if building:  # the fp32 parameters become the masters one bucket at a time: never more than both
-        return 4 * total + common
-    return MASTER_BYTES * total + itemsize * (total + small) + common
+    common = ACCUMULATION_BYTES * total * (accumulation_steps > 1) + 4 * min(CHUNK, largest)
+    if building:  # the fp32 parameters become the masters (and the host weights, page-locked once all are
+        # written) one bucket at a time: never more than both, and one bucket's host weights beside them
+        return 4 * total + itemsize * largest * host_weights + common
+    return MASTER_BYTES * total + itemsize * (total + small) + itemsize * total * host_weights + common
 
 
 def adamw_kernel(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

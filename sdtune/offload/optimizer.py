@@ -81,7 +81,9 @@ class OffloadAdamW(torch.optim.AdamW):
         trainable = [p for p in params if p.requires_grad]
         ranges = partition([p.numel() for p in trainable], bucket_mb)
         total = sum(p.numel() for p in trainable)
-        self._weights = PinnedBuffer(total, dtype, pin=cuda) if host_weights else None
+        # the host weights are page-locked once built: pinned up front, all of them were resident beside all
+        # of the fp32 parameters they replace (SDXL: 4.8 + 9.6 GiB)
+        self._weights = PinnedBuffer(total, dtype, pin=cuda, later=True) if host_weights else None
         largest = max((sum(trainable[i].numel() for i in r) for r in ranges), default=0)
         self._scratch = host_empty(min(layout.CHUNK, largest), torch.float32)  # one chunk of upcast gradients
         self._buckets: list[Bucket] = []
@@ -96,6 +98,8 @@ class OffloadAdamW(torch.optim.AdamW):
                 self._where[p] = (bucket, offset, p.numel())
                 p.register_post_accumulate_grad_hook(self._on_grad)
             self._gathered.update({p: gathered for p, _, gathered in bucket.small})
+        if self._weights is not None and self._weights.pin():  # moved to torch's pinned allocator
+            self._point_at_weights()
         self._allocate_staging(total, cuda)
         self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
         overlap = (cuda and not synchronous()) if overlap_step is None else overlap_step
@@ -139,6 +143,13 @@ class OffloadAdamW(torch.optim.AdamW):
                         ema=ema)
         bucket.gather_small(self.dtype, self.device)
         return bucket
+
+    def _point_at_weights(self) -> None:
+        """Every bucket's and parameter's view of the host weights made again, where their buffer moved."""
+        for bucket in self._buckets:
+            bucket.device_flat = self._weights.tensor[bucket.start:bucket.start + len(bucket.master)]
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                p.data = bucket.device_flat[offset:offset + p.numel()].view(p.shape)
 
     def _allocate_staging(self, total: int, cuda: bool) -> None:
         """Every bucket's gradient (and upload) staging, allocated once the fp32 parameters are released."""

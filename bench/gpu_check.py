@@ -57,7 +57,7 @@ def _race(case: str) -> Row:
 
 ROWS = [Row("rtx3050", 120, "sd", "rtx3050"), Row("sdxl-8gb", 270, "sdxl", "sdxl-8gb"),
         *[Row(p, 120, "sd", p) for p in ("rtx4090", "rtx2070", "rtx3080", "lora-6gb", "lora-4gb")],
-        *[Row(p, 210, "sdxl", p) for p in ("sdxl-12gb", "sdxl-16gb", "sdxl-24gb", "sdxl-lora-8gb")],
+        *[Row(p, 210, "sdxl", p) for p in ("sdxl-4gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb", "sdxl-lora-8gb")],
         Row("race-canary", 40, test="tests/gpu/test_delay_streams.py::test_a_missing_wait_is_seen_under_the_delay"),
         *[_race(c) for c in ("weight-streaming", "bf16-clip", "ema-step-in-backward", "bf16-step-in-backward",
                              "nvme", "fp16")],

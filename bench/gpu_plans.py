@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 CONTEXT_GIB = 0.5  # what a real card loses to the CUDA context, outside torch's allocator
 # Most valuable first: the 8 GB full fine-tune and SDXL in 8 GB are the product's boldest claims.
-PLANS = ["rtx3050", "sdxl-8gb", "rtx2070", "rtx3080", "rtx4090", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb",
+PLANS = ["rtx3050", "sdxl-8gb", "sdxl-4gb", "rtx2070", "rtx3080", "rtx4090", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb",
          "lora-6gb", "lora-4gb", "sdxl-lora-8gb"]
 SECONDS = {"sd": 120, "sdxl": 300}  # start-up, load, steps and estimate of one plan on a GPU: its timeout
 DRY_RUN_SECONDS = 120  # the same on 2 busy CPU cores with sdtune-tiny at 64 px

@@ -59,6 +59,10 @@ def host_pass(opt, update, gpu_path: bool = False, ema_decay: float | None = Non
         state["step"] += 1
         if update == "main":
             main_update(opt, bucket, opt._bench_scratch, state["step"], Scaling())
+        elif update == "kernel":  # the chunked AdamW kernel alone, on a gradient already upcast (in L2)
+            pieces = [t.split(layout.STEP_CHUNK) for t in (bucket.master, state["exp_avg"], state["exp_avg_sq"])]
+            for new, moment, moment_sq in zip(*pieces, strict=True):
+                adamw_kernel(new, opt._scratch[:len(new)], moment, moment_sq, state["step"], opt._step_settings())
         elif gpu_path:
             with_upload, opt._upload = opt._upload, lambda bucket: None
             opt._update(bucket, bucket.master, state["exp_avg"], state["exp_avg_sq"], state["step"], Scaling())
@@ -130,6 +134,9 @@ def step_rows(n: int) -> tuple[dict, dict, OffloadAdamW]:
                     "main's loop" if update == "main" else "this branch")
                 rows[name] = (none, lambda opt=opt, update=update, gpu_path=gpu_path: host_pass(opt, update, gpu_path))
                 nbytes[name] = 24 + 2 * dtype.itemsize
+        if dtype == torch.bfloat16:
+            rows["bf16: the chunked AdamW kernel alone"] = (none, lambda opt=opt: host_pass(opt, "kernel", True))
+            nbytes["bf16: the chunked AdamW kernel alone"] = 24
     return rows, nbytes, opt
 
 

@@ -161,7 +161,8 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                       batch_size=cfg.train.batch_size, device=device,
                       categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                       peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
-                      host_ram=_host_ram(parts, vae, parked, plan, footprint, method, trained.all_params),
+                      host_ram=_host_ram(parts, vae, parked, plan, footprint, method, trained.all_params,
+                                         _unet_share(cfg, plan, method, gpus)),
                       disk=footprint.disk, card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2),
                       milestones=milestones, notes=_assumed(cfg, model))
     if gpus > 1:
@@ -207,12 +208,19 @@ def _footprint(trained: list, plan, cfg: Config):
                                       ema=cfg.train.ema_decay > 0)
 
 
-def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list) -> int:
-    """Host bytes, whichever is most: the whole fp32 pipeline while it loads; what training holds there,
-    the optimizer tier's state, the parked (cached) encoders in the working precision, and a streamed
-    LoRA's frozen UNet in the working precision; or, resuming an optimizer that keeps its state on the GPU,
-    that state, which `training_state.pt` brings into host RAM whole before it moves to the device (AdamW's
-    8 bytes a parameter: more than loading SD1.5 takes). The host tiers read their state file straight
+def _unet_share(cfg: Config, plan, method, gpus: int) -> float:
+    """The share of the fp32 UNet a process loads: under fsdp a rank of a trained, pretrained UNet reads only
+    its shards (`sdtune.train.parallel.load_shards`); otherwise all of it."""
+    meta = plan.distributed == "fsdp" and not method.frozen_unet and cfg.model.init != "random"
+    return 1 / gpus if meta else 1.0
+
+
+def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list, unet_share: float = 1.0) -> int:
+    """Host bytes, whichever is most: the fp32 pipeline while it loads (`unet_share` of its UNet); what
+    training holds there, the optimizer tier's state, the parked (cached) encoders in the working precision,
+    and a streamed LoRA's frozen UNet in the working precision; or, resuming an optimizer that keeps its
+    state on the GPU, that state, which `training_state.pt` brings into host RAM whole before it moves to the
+    device (AdamW's 8 bytes a parameter: more than loading SD1.5 takes). The host tiers read their state file straight
     into their buffers, so resuming them needs no more than training (bench/resume_memory.py)."""
     from sdtune.optim.tier import tier_class
 
@@ -220,7 +228,7 @@ def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list) 
         return sum(p.numel() for p in module.parameters())
 
     parked = [m for m in parked if m is not None]
-    loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
+    loading = 4 * (int(numel(parts.unet) * unet_share) + sum(numel(m) for m in (*parts.frozen, *parked)))
     working = plan.working_dtype
     held = sum(numel(m) * (parts.family.vae_dtype(m, working) if m is vae else working).itemsize for m in parked)
     if method.frozen_unet and plan.param_offload == "cpu":

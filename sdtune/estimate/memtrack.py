@@ -14,7 +14,8 @@ storage itself is freed (a weak reference to the storage object, which torch kee
 as the storage). A storage can be relabelled (`relabel`), e.g. a gradient once AccumulateGrad made it
 `param.grad`. The same tracker measures a real step on the CPU and a traced one on the meta device, so
 the estimator is checked against reality with the same ruler. It is kept cheap on purpose: one Python
-call per op, no fake tensors (PyTorch's own `mem_tracker` under FakeTensorMode took ~30x longer here).
+call per op, no fake tensors (PyTorch's own `mem_tracker` under FakeTensorMode took ~30x longer here),
+and on the meta device the slowest kernels run once per signature (`SHAPE_ONLY_OPS`, below).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ SHAPE_ONLY_OPS = ("native_group_norm.default", "native_group_norm_backward.defau
                   "sub.Tensor", "gelu.default", "gelu_backward.default", "silu.default", "silu_backward.default",
                   "sum.dim_IntList", "cat.default", "upsample_nearest2d.default",
                   "upsample_nearest2d_backward.default")
+MEMO_ENTRIES = 50_000  # a plan's trace makes a few hundred
 _OUTPUTS: dict[tuple, tuple | None] = {}  # (op, signature) -> its outputs' (size, stride, dtype); None: not memoised
 
 
@@ -118,10 +120,15 @@ class _Unmemoised(Exception):
 
 @functools.cache
 def _shape_only_ops() -> frozenset:
+    """`SHAPE_ONLY_OPS` that this torch has, each checked against its schema: it writes no input and returns
+    no view (a later torch that changes one is left to run its kernel)."""
     ops = set()
     for name in SHAPE_ONLY_OPS:
         packet, overload = name.split(".")
-        op = getattr(getattr(torch.ops.aten, packet), overload)
+        try:
+            op = getattr(getattr(torch.ops.aten, packet), overload)
+        except AttributeError:  # not in this torch
+            continue
         schema = op._schema
         if not schema.is_mutable and all(r.alias_info is None for r in schema.returns):  # fresh outputs only
             ops.add(op)
@@ -146,17 +153,19 @@ def _signature(value):
 def _remembered_call(func, args, kwargs):
     """`func(*args, **kwargs)` on meta tensors; outputs rebuilt from the metadata of its first call with
     the same signature."""
-    try:
-        key = (func, _signature(args), _signature(kwargs))
+    try:  # the default dtype too: it types a float scalar's result on an integer tensor
+        key = (func, _signature(args), _signature(kwargs), torch.get_default_dtype())
     except _Unmemoised:
         return func(*args, **kwargs)
     if key in _OUTPUTS:
         kept = _OUTPUTS[key]
         if kept is not None:
             made = [None if m is None else torch.empty_strided(m[0], m[1], dtype=m[2], device="meta") for m in kept]
-            return made[0] if kept.__class__ is list else tuple(made)
+            return made[0] if isinstance(kept, list) else tuple(made)
         return func(*args, **kwargs)
     out = func(*args, **kwargs)
+    if len(_OUTPUTS) >= MEMO_ENTRIES:  # a long-lived process (every preset, many sizes) starts afresh
+        _OUTPUTS.clear()
     _OUTPUTS[key] = _outputs_of(out)
     return out
 

@@ -82,8 +82,8 @@ def remembered(cfg: Config, info: PresetInfo, model: str | None = None, **option
     """`estimate(cfg, info, model, **options)`, kept in the cache folder (`~/.cache/sdtune/estimates`) under a
     digest of the resolved plan, the model, the options, every file of sdtune itself and the libraries'
     versions: `sdtune presets` traces the twelve plans once (about 25 s on 2 cores) and then lists them at
-    once, and `sdtune estimate-vram` answers a plan it traced before in well under a second (neither torch
-    nor diffusers is imported), until sdtune, a library or the plan changes. Only a bundled architecture
+    once, and `sdtune estimate-vram` answers a plan it traced before in well under a second (reading it back
+    imports neither torch nor diffusers), until sdtune, a library or the plan changes. Only a bundled architecture
     (`archs.ARCHS`, by name or as a preset's default model) is remembered: a local folder or file is traced
     every time, since its configs could change under the same path."""
     import hashlib

@@ -9,8 +9,9 @@ interleaved round by round so that a busy machine slows each kind alike, medians
 - `baseline`: the same command from another checkout (`--baseline DIR`, e.g. a `git worktree add` of the
   commit before), to set beside `first` and `again` with ratios;
 - `sdtune --help`.
-Then each GPU preset's estimate of SD1.5 at 512 px timed in this process (warm), with the meta-op memo
-(`sdtune.estimate.memtrack`) and without it, and published measurements (the DreamBooth README of
+Then each GPU preset's estimate of SD1.5 at 512 px (and sdxl-8gb's of SDXL) timed in this process (warm),
+with the meta-op memo (`sdtune.estimate.memtrack`; emptied first, as a fresh process has it) and without
+it, and published measurements (the DreamBooth README of
 ShivamShrirao's diffusers fork: SD v1-4 UNet, 512 px, batch 1, T4, xformers, VAE and text encoder not on
 the GPU) beside the estimator's figure for the same plan; the published figures are whole-card usage, so
 they are set beside `total` (peak reserved + CUDA context).
@@ -43,6 +44,7 @@ PUBLISHED = [  # (plan, --set overrides on rtx2070 (fp16), published GB)
     ("fp16 + checkpointing + AdamW", ["memory.gradient_checkpointing=true"], 15.79),
     ("fp16 + AdamW", ["memory.gradient_checkpointing=false"], 17.7),
 ]
+WARM = [("rtx2070", "sd15"), ("rtx3050", "sd15"), ("rtx3080", "sd15"), ("rtx4090", "sd15"), ("sdxl-8gb", "sdxl")]
 VARIANTS = [("rtx3050", "sd15", {}), ("sdxl-8gb", "sdxl", {}), ("rtx2070", "sd15", {"frozen_on_device": False}),
             ("rtx3080", "sd21", {}), ("rtx4090", "sd15", {"gpus": 2}), ("rtx3050", "sd15", {"device": "cpu"})]
 
@@ -86,20 +88,22 @@ def print_fresh(times: dict, baseline: Path | None) -> dict:
 
 
 def warm_presets() -> dict:
-    """Each GPU preset's SD1.5 estimate in this process, with the meta-op memo and without it, interleaved."""
+    """Each GPU preset's SD1.5 estimate in this process, with the meta-op memo (emptied first) and without it,
+    interleaved; then SDXL's sdxl-8gb plan the same way."""
     rows, kept = {}, memtrack._shape_only_ops
     estimate(*load_config("rtx3050"), "sd15")  # imports, and the memo of SD1.5's signatures
-    print("\nwarm, in this process (s): with the meta-op memo | without")
-    for preset in ("rtx2070", "rtx3050", "rtx3080", "rtx4090"):
+    print("\nwarm, in this process (s): with the meta-op memo (emptied first, as in a fresh process) | without")
+    for preset, model in WARM:
         cfg, info = load_config(preset)
         seconds = {}
         for memo in (True, False):
+            memtrack._OUTPUTS.clear()
             memtrack._shape_only_ops = kept if memo else frozenset
-            result = estimate(cfg, info, "sd15")
+            result = estimate(cfg, info, model)
             seconds[memo] = result.seconds
         memtrack._shape_only_ops = kept
         rows[f"warm, {preset} (s)"] = {"memo": seconds[True], "no memo": seconds[False]}
-        print(f"  {preset:8s} {seconds[True]:5.2f} | {seconds[False]:5.2f}  total {result.total / GIB:5.2f} GiB, "
+        print(f"  {preset:9s} {seconds[True]:5.2f} | {seconds[False]:5.2f}  total {result.total / GIB:5.2f} GiB, "
               f"card {info.vram_gib:g} GB")
     return rows
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -77,24 +78,32 @@ class Estimate:
         return {**dataclasses.asdict(self), "notes": list(self.notes), "fits": self.fits}
 
 
-def remembered(cfg: Config, info: PresetInfo) -> Estimate:
-    """`estimate(cfg, info)`, kept in the cache folder (`~/.cache/sdtune/estimates`) under a digest of the
-    resolved plan, of every file of sdtune itself and of the libraries' versions: `sdtune presets` traces the
-    twelve plans once (about 25 s on 2 cores) and then lists them at once, until sdtune or a plan changes."""
+def remembered(cfg: Config, info: PresetInfo, model: str | None = None, **options) -> Estimate:
+    """`estimate(cfg, info, model, **options)`, kept in the cache folder (`~/.cache/sdtune/estimates`) under a
+    digest of the resolved plan, the model, the options, every file of sdtune itself and the libraries'
+    versions: `sdtune presets` traces the twelve plans once (about 25 s on 2 cores) and then lists them at
+    once, and `sdtune estimate-vram` answers a plan it traced before in well under a second (reading it back
+    imports neither torch nor diffusers), until sdtune, a library or the plan changes. Only a bundled architecture
+    (`archs.ARCHS`, by name or as a preset's default model) is remembered: a local folder or file is traced
+    every time, since its configs could change under the same path."""
     import hashlib
     import json
 
+    if (model or assumed_architecture(cfg.model.pretrained)[0]) not in archs.ARCHS:
+        return estimate(cfg, info, model, **options)
     from sdtune.config.toml import to_toml
-    from sdtune.data.cache import cache_root
-    from sdtune.util.files import write_text
+    from sdtune.util.files import cache_root, write_text  # not sdtune.data's: its images' libraries cost a hit 0.1 s
 
-    digest = hashlib.sha256(to_toml(cfg, info).encode() + _code_digest().encode()).hexdigest()
-    path = cache_root("") / "estimates" / f"{info.name}-{digest[:32]}.json"
+    started = time.perf_counter()
+    asked = json.dumps([model, sorted(options.items())]).encode()
+    digest = hashlib.sha256(to_toml(cfg, info).encode() + asked + _code_digest().encode()).hexdigest()
+    path = cache_root("") / "estimates" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', info.name)}-{digest[:32]}.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.pop("fits")
-        return Estimate(**{**saved, "notes": tuple(saved["notes"])})
-    result = estimate(cfg, info)
+        seconds = round(time.perf_counter() - started, 2)  # what this answer took, not the trace it remembers
+        return Estimate(**{**saved, "notes": tuple(saved["notes"]), "seconds": seconds})
+    result = estimate(cfg, info, model, **options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(result.to_dict()))

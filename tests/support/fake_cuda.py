@@ -21,8 +21,8 @@ caching allocator hands the block to the next allocation on its own stream at on
 
 Device memory is what the engine allocates with `device=fake.device` (`cpu:0`), what ops compute from it,
 and tensors the fake first meets in an op (a model built before); host memory is what is allocated without
-a device (`host_empty`, `torch.tensor`, `cpu`), pinned (`pin_memory=True`), or copied to `cpu`. An unrecorded event is no
-wait, as in CUDA. Written by hand: no library plays CUDA streams on the CPU.
+a device (`host_empty`, `torch.tensor`, `cpu`), pinned (`pin_memory=True`), or copied to `cpu`. An unrecorded
+event is no wait, as in CUDA. Written by hand: no library plays CUDA streams on the CPU.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ caching allocator hands the block to the next allocation on its own stream at on
 
 Device memory is what the engine allocates with `device=fake.device` (`cpu:0`), what ops compute from it,
 and tensors the fake first meets in an op (a model built before); host memory is what is allocated without
-a device (`host_empty`, `torch.tensor`, `cpu`), pinned (`pin_memory=True`), or copied to `cpu`. An unrecorded
-event is no wait, as in CUDA. Written by hand: no library plays CUDA streams on the CPU.
+a device (`host_empty`, `torch.tensor`, `cpu`), or pinned (`pin_memory=True`). An unrecorded event is
+no wait, as in CUDA. Written by hand: no library plays CUDA streams on the CPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-HOST = torch.device("cpu")
 _SYNCING = {torch.ops.aten._local_scalar_dense.default}  # .item(), bool(): the host waits for the stream
 
 
@@ -283,14 +282,20 @@ class FakeCuda(TorchDispatchMode):
         operands = reads + writes
         if not operands and not fresh:
             return
+        # Only a factory's device says where its result lives, and a copy's to `fake.device`: an op on tensors
+        # (`.float()` too) names theirs, "cpu", so `.to("cpu")` is not told apart from it (no host wait assumed)
         device = kwargs.get("device")
+        upload = func is torch.ops.aten._to_copy.default and device == self.device
         if func is torch.ops.aten.copy_.default:
             dst, src = args[0], args[1]
             on_host = self.is_host(dst) and self.is_host(src)
-            syncs = not on_host and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+            across = self.is_host(dst) != self.is_host(src)  # blocking, it ends with the stream's synchronisation
+            syncs = across and not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        elif operands:
+            on_host = all(self.is_host(t) for t in operands) and not upload
+            syncs = func in _SYNCING
         else:
-            on_host = all(self.is_host(t) for t in operands) and device != self.device
-            syncs = func in _SYNCING or (device == HOST and not on_host)
+            on_host, syncs = device != self.device, False
         agent = self.host() if on_host else self.current()
         if not on_host:
             agent._issue()
@@ -299,7 +304,7 @@ class FakeCuda(TorchDispatchMode):
             self._access(t, False, agent, seq, what, self.is_host(t))
         for t in writes:
             self._access(t, True, agent, seq, what, self.is_host(t))
-        out_host = pinned or (device == HOST if device is not None else on_host)
+        out_host = pinned or on_host
         for t in fresh:
             self._access(t, True, agent, seq, what, out_host)
         if syncs:  # a blocking copy, .item(): the host waits for the stream

@@ -15,7 +15,9 @@ from support.fake_cuda import FakeCuda
 from sdtune.offload import overlap
 from sdtune.offload.optimizer import OffloadAdamW
 
-BUCKET_MB = 1 / 64  # 4096 fp32 values: the first weight alone, then norms and a weight, then small ones only
+# 4096 fp32 values: the first weight alone; a bias, the norm and a weight, with small gradients last in;
+# a bias and the last weight, whose gradient is the first to leave
+BUCKET_MB = 1 / 64
 
 
 class _Trouble(torch.autograd.Function):
@@ -40,7 +42,7 @@ class _Net(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.first, self.norm = torch.nn.Linear(16, 256), torch.nn.LayerNorm(256)
-        self.mid, self.last = torch.nn.Linear(256, 32), torch.nn.Linear(32, 4)
+        self.mid, self.last = torch.nn.Linear(256, 32), torch.nn.Linear(32, 128, bias=False)
 
     def forward(self, x):
         h = _Trouble.apply(self.first(x))

@@ -223,8 +223,9 @@ class OffloadAdamW(torch.optim.AdamW):
             if self.accumulation_steps == 1:
                 bucket.norms.append(torch.linalg.vector_norm(bucket.small_device, dtype=torch.float64))
         squared = None
-        if bucket.sq_host is not None:
-            squared = torch.stack(bucket.norms).square().sum() if bucket.norms else torch.zeros((), dtype=torch.float64)
+        if bucket.sq_host is not None:  # on the device even without a gradient: record_stream takes CUDA tensors only
+            squared = (torch.stack(bucket.norms).square().sum() if bucket.norms
+                       else torch.zeros((), dtype=torch.float64, device=self.device))
         stream = self._grads_stream  # None: copies in order (CPU, or SDTUNE_OFFLOAD_SYNC=1)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))

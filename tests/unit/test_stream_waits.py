@@ -16,7 +16,7 @@ from sdtune.offload import overlap
 from sdtune.offload.optimizer import OffloadAdamW
 
 # 4096 fp32 values: the first weight alone; a bias, the norm and a weight, with small gradients last in;
-# a bias and the last weight, whose gradient is the first to leave
+# a bias and the last weight, whose gradient is the first to leave; a weight forward never uses
 BUCKET_MB = 1 / 64
 
 
@@ -43,6 +43,7 @@ class _Net(torch.nn.Module):
         torch.manual_seed(0)
         self.first, self.norm = torch.nn.Linear(16, 256), torch.nn.LayerNorm(256)
         self.mid, self.last = torch.nn.Linear(256, 32), torch.nn.Linear(32, 128, bias=False)
+        self.unused = torch.nn.Linear(64, 64, bias=False)  # a bucket of its own that gets no gradient
 
     def forward(self, x):
         h = _Trouble.apply(self.first(x))

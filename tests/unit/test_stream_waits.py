@@ -15,8 +15,8 @@ from support.fake_cuda import FakeCuda
 from sdtune.offload import overlap
 from sdtune.offload.optimizer import OffloadAdamW
 
-# 4096 fp32 values: the first weight alone; a bias, the norm and a weight, with small gradients last in;
-# a bias and the last weight, whose gradient is the first to leave; a weight forward never uses
+# 4096 fp32 values: a weight forward never uses; the first weight alone; a bias, the norm and a weight, with
+# small gradients last in; a bias and the last weight, whose gradient is the first to leave (and the last upload)
 BUCKET_MB = 1 / 64
 
 
@@ -41,9 +41,9 @@ class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
+        self.unused = torch.nn.Linear(64, 64, bias=False)  # a bucket of its own that gets no gradient
         self.first, self.norm = torch.nn.Linear(16, 256), torch.nn.LayerNorm(256)
         self.mid, self.last = torch.nn.Linear(256, 32), torch.nn.Linear(32, 128, bias=False)
-        self.unused = torch.nn.Linear(64, 64, bias=False)  # a bucket of its own that gets no gradient
 
     def forward(self, x):
         h = _Trouble.apply(self.first(x))

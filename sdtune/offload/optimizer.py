@@ -50,7 +50,7 @@ from sdtune.offload import layout
 from sdtune.offload.layout import Bucket, Scaling, adamw_kernel, chunks, clip_factor, host_bytes, partition
 from sdtune.offload.overlap import StepQueue
 from sdtune.offload.pinned import PinnedBuffer, host_empty
-from sdtune.offload.streams import blocking_event, side_stream, synchronous
+from sdtune.offload.streams import blocking_event, on_cuda, side_stream, synchronous
 
 
 class OffloadAdamW(torch.optim.AdamW):
@@ -76,7 +76,7 @@ class OffloadAdamW(torch.optim.AdamW):
         self.step_in_backward, self.max_grad_norm = step_in_backward, max_grad_norm
         self.accumulation_steps = accumulation_steps
         self.model = model  # names the masters (`masters_by_name`)
-        cuda = self.device.type == "cuda"
+        cuda = on_cuda(self.device)
         self._cast_in_place = host_weights or not cuda  # the working weights are host memory: cast straight in
         trainable = [p for p in params if p.requires_grad]
         ranges = partition([p.numel() for p in trainable], bucket_mb)
@@ -234,8 +234,9 @@ class OffloadAdamW(torch.optim.AdamW):
             if self.accumulation_steps == 1:
                 bucket.norms.append(torch.linalg.vector_norm(bucket.small_device, dtype=torch.float64))
         squared = None
-        if bucket.sq_host is not None:
-            squared = torch.stack(bucket.norms).square().sum() if bucket.norms else torch.zeros((), dtype=torch.float64)
+        if bucket.sq_host is not None:  # on the device even without a gradient: record_stream takes CUDA tensors only
+            squared = (torch.stack(bucket.norms).square().sum() if bucket.norms
+                       else torch.zeros((), dtype=torch.float64, device=self.device))
         stream = self._grads_stream  # None: copies in order (CPU, or SDTUNE_OFFLOAD_SYNC=1)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -358,6 +359,8 @@ class OffloadAdamW(torch.optim.AdamW):
             else:
                 self._step_all(scaling)
                 self._uploaded()
+        elif self.step_in_backward:  # buckets stepped before the overflow: their uploads are still in flight
+            self._uploaded()
 
     def _settle(self) -> None:
         """Every step queued by `step()` is done (`StepQueue.settle`): before backward, checkpoints, or anything

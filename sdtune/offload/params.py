@@ -344,6 +344,8 @@ class ParamStreamer:
         if self._on_copy is not None:
             self._on_copy(flat)
         events = (blocking_event(), blocking_event()) if self._stream is not None else ()
+        if events:  # the block may have been freed by compute kernels still running: the first fill waits too
+            events[1].record(torch.cuda.current_stream(self.device))
         buffer = _Buffer(flat, *events)
         self._pool.append(buffer)
         self._buffer_of[flat.untyped_storage()._cdata] = buffer

@@ -19,6 +19,11 @@ def synchronous() -> bool:
     return os.environ.get(SYNC_VARIABLE, "") not in ("", "0")
 
 
+def on_cuda(device) -> bool:
+    """Whether the engine takes its CUDA branches on `device` (the stream tests' fake says yes on the CPU)."""
+    return torch.device(device).type == "cuda"
+
+
 def side_stream(device: torch.device) -> torch.cuda.Stream | None:
     """A new CUDA stream on `device`, or None where copies run in order anyway (CPU, meta, synchronous)."""
     if torch.device(device).type != "cuda" or synchronous():

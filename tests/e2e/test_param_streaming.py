@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from support.fake_cuda import FakeCuda
 from support.helpers import prepared
 from support.testing import tiny_components
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -237,82 +238,18 @@ def test_the_estimator_counts_the_pool_the_engine_holds():
     assert pools[0] == pools[1]
 
 
-class _FakeCuda(TorchDispatchMode):
-    """CUDA's stream semantics played on the CPU. A copy issued on the copy stream runs only once an event
-    recorded after it is waited on by the compute stream, so a missing or wrong wait reads a stale buffer.
-    A buffer may be refilled only after the copy stream waited on an event the compute stream recorded
-    after its last read (its attach); that is asserted, as compute itself runs at once here."""
-
-    def __init__(self):
-        super().__init__()
-        self.pending, self.issued, self.clock, self.last_read = [], 0, 0, {}
-        self.compute, self.copy = _FakeStream(self, "compute"), _FakeStream(self, "copy")
-        self.current, self.buffers = self.compute, {}
-
-    def use(self, stream):
-        fake = self
-
-        class Use:
-            def __enter__(self):
-                self.previous, fake.current = fake.current, stream
-
-            def __exit__(self, *exc):
-                fake.current = self.previous
-        return Use()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.copy_.default and self.current is self.copy:
-            buffer = self.buffers[args[0].untyped_storage()._cdata]
-            if buffer in self.last_read:
-                released = buffer.released
-                assert released.stream is self.compute and released.stamp >= self.last_read[buffer]
-                assert self.copy.waited.get(released) == released.stamp
-            self.issued += 1
-            self.pending.append((self.issued, args[0], args[1].clone()))  # the host memory as the DMA reads it
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
-class _FakeStream:
-    def __init__(self, fake: _FakeCuda, name: str):
-        self.fake, self.name, self.waited = fake, name, {}
-
-    def wait_event(self, event) -> None:
-        fake = self.fake
-        self.waited[event] = event.stamp
-        if self is fake.compute and event.stream is fake.copy:
-            while fake.pending and fake.pending[0][0] <= event.stamp:
-                _, dst, src = fake.pending.pop(0)
-                dst.copy_(src)
-            fake.clock += 1
-            fake.last_read.update({b: fake.clock for b in fake.buffers.values() if b.filled is event})
-
-
-class _FakeEvent:
-    def __init__(self, fake: _FakeCuda):
-        self.fake, self.stream, self.stamp = fake, None, None
-
-    def record(self, stream: _FakeStream) -> None:
-        self.fake.clock += stream is self.fake.compute
-        self.stream, self.stamp = stream, self.fake.issued if stream is self.fake.copy else self.fake.clock
-
-
 def test_the_cuda_branches_wait_on_the_right_events(monkeypatch):
-    """Runs the copy-stream code on the CPU with the fake streams above: bit for bit as resident weights,
-    with the host weights changed between steps as the optimizer changes them."""
-    from sdtune.offload import params
-
-    fake = _FakeCuda()
-    monkeypatch.setattr(params, "side_stream", lambda device: fake.copy)
-    monkeypatch.setattr(params, "blocking_event", lambda: _FakeEvent(fake))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.current)
-    monkeypatch.setattr(torch.cuda, "stream", fake.use)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    """Runs the copy-stream code on the CPU under fake CUDA streams (tests/support/fake_cuda.py): no access
+    unordered by the streams' waits, and bit for bit as resident weights, with the host weights changed
+    between steps as the optimizer changes them."""
+    fake = FakeCuda()
+    fake.install(monkeypatch)
     unet = tiny_components()["unet"]
     unet.enable_gradient_checkpointing()
     reference = copy.deepcopy(unet)
-    streamer = _streamer(unet, "cpu")
-    fake.buffers = streamer._buffer_of  # storage -> pool buffer
+    with fake:
+        streamer = _streamer(unet, fake.device)
+        fake.mark_host(*(h for u in streamer.units for h in u.home))
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     for _ in range(3):
         with fake:
@@ -323,6 +260,7 @@ def test_the_cuda_branches_wait_on_the_right_events(monkeypatch):
         with torch.no_grad():  # the step changes the host weights
             for p, home in zip(reference.parameters(), (h for u in streamer.units for h in u.home), strict=True):
                 p.mul_(0.9), home.mul_(0.9)
+    assert fake.violations == []
     assert streamer.spot_copies == 2 * len(streamer.units)
 
 

@@ -36,8 +36,8 @@ COMMON = ("data.resolution=64", "train.batch_size=1", "train.max_steps=1", "outp
           "output.keep_checkpoints=0")
 ARCH_SETS = {
     "sd15": ("memory.optimizer=adamw",),
-    "sdxl": ("memory.optimizer=adafactor", "memory.fused_backward=true", "memory.precision=bf16",
-             "memory.gradient_checkpointing=true"),
+    "sdxl": ("memory.optimizer=adafactor", "memory.fused_backward=true", "train.max_grad_norm=0",
+             "memory.precision=bf16", "memory.gradient_checkpointing=true"),
 }
 
 

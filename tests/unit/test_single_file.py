@@ -157,12 +157,12 @@ def test_dtype_cast_and_failed_write_leaves_old_file(tiny, tmp_path, monkeypatch
     tensors = load_file(str(path))
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
 
-    def broken_save(tensors, filename, metadata=None):
+    def broken_save(tensors, filename, dtype=None, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
+    monkeypatch.setattr("sdtune.export.streamed.write_streamed", broken_save)
     with pytest.raises(OSError, match="disk full"):
         pipeline_to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, path)
     assert list(tmp_path.iterdir()) == [path] and load_file(str(path)).keys() == tensors.keys()

@@ -40,7 +40,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -430,8 +430,9 @@ class OffloadAdamW(torch.optim.AdamW):
         if self._closed:
             return
         try:
-            self._settle()
-            self._wait()
+            for finish in (self._settle, self._wait):  # a failed step raised where the run read it; a run
+                with suppress(Exception):                # ending on another error ends with that one
+                    finish()
             self._drain_streams()
         finally:
             self._pinning, self._waited, self._closed = self.host_pinning, self.host_wait_seconds, True

@@ -66,6 +66,7 @@ def child(spec: dict) -> None:
         peak, now = _hwm_reset(), time.perf_counter()
         phases[clock["phase"]] = {"peak_rss_bytes": peak, "seconds": round(now - clock["since"], 1)}
         clock.update(phase=name, since=now)
+        print(f"{clock['phase']} after {peak / GIB:.2f} GiB peak", file=sys.stderr, flush=True)  # where a kill hit
 
     def phase(name: str, function):
         def wrapped(*args, **kwargs):
@@ -104,7 +105,7 @@ def _run(arch: str, tree: str, path: Path, model: Path, images: Path, work: Path
     shutil.rmtree(work / "cache", ignore_errors=True)
     row = {"arch": arch, "tree": tree, "status": "ok"}
     if done.returncode:
-        row["status"] = "error: " + " | ".join(done.stderr.strip().splitlines()[-3:])
+        row["status"] = f"error (exit {done.returncode}): " + " | ".join(done.stderr.strip().splitlines()[-3:])
         return row
     return {**row, **json.loads(done.stdout.strip().splitlines()[-1])}
 

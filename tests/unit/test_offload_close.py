@@ -2,7 +2,6 @@
 (staging, moments, gradient sums, the moving average) are freed, while the weights taken from it stay valid."""
 
 import gc
-import threading
 import weakref
 
 import torch
@@ -22,8 +21,9 @@ def _stepped(optimizer, model) -> None:
     optimizer.zero_grad()
 
 
-def _workers() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("sdtune-")]
+def _threads(*pools) -> list:
+    """The threads of these executors (the tier's own) that are still running."""
+    return [t for pool in pools if pool is not None for t in pool._threads if t.is_alive()]
 
 
 def test_close_ends_the_worker_and_frees_the_host_buffers():
@@ -32,7 +32,8 @@ def test_close_ends_the_worker_and_frees_the_host_buffers():
                              overlap_step=True, accumulation_steps=2, ema=True)
     _stepped(optimizer, model)
     model(torch.randn(1, 64))  # the queued step runs on the worker: wait for it, as the next forward does
-    assert _workers()
+    worker = optimizer._worker
+    assert _threads(worker)
     masters = optimizer.masters_by_name()  # what an export takes: views that must outlive the tier
     expected = {name: value.clone() for name, value in masters.items()}
     bucket = optimizer._buckets[0]
@@ -46,7 +47,7 @@ def test_close_ends_the_worker_and_frees_the_host_buffers():
     optimizer.close()  # a second call is harmless
     gc.collect()
     assert [name for name, ref in freed.items() if ref() is not None] == ["bucket"]  # the forward's gates name it
-    assert not _workers()
+    assert not _threads(worker)
     assert optimizer.host_pinning == "pageable"  # what the summary reports stays as it was
     for name, value in masters.items():
         assert torch.equal(value, expected[name])
@@ -59,8 +60,8 @@ def test_the_nvme_tier_closes_its_threads_and_file(tmp_path):
     optimizer = NvmeAdamW(model.parameters(), device="cpu", dtype=torch.float32, lr=1e-2, offload_dir=str(tmp_path),
                           accumulation_steps=2)
     _stepped(optimizer, model)
-    ring = weakref.ref(optimizer._ring[0])
-    assert list(tmp_path.iterdir())
+    ring, pools = weakref.ref(optimizer._ring[0]), (optimizer._reader, optimizer._writer)
+    assert list(tmp_path.iterdir()) and _threads(*pools)
     optimizer.close()
     gc.collect()
-    assert ring() is None and not _workers() and not list(tmp_path.iterdir())
+    assert ring() is None and not _threads(*pools) and not list(tmp_path.iterdir())

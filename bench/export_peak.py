@@ -7,9 +7,12 @@ Per architecture: a random-weight single file of the published full-size model (
 fp16, as model sites share them), then, per source tree (`--trees NAME=PATH`, default this one), one
 `sdtune train` run of 1 step at 64 px on 2 images in a fresh subprocess whose resident set is split into its
 phases: `load` (`sdtune.train.loop.prepare`: the model read, cast and placed, the optimizer built), `train`
-(the loop) and `export` (`sdtune.export.run_output.export_run`: the diffusers folder, model.safetensors and
-summary.json). The kernel's high-water mark (VmHWM) is reset at each boundary (`/proc/self/clear_refs` 5), so
-each phase's peak is its own. SD1.5 trains with torch AdamW in fp32 (weights, gradients and both moments held:
+(the loop), `export` (`sdtune.export.run_output.export_run` up to its first write: the training state let go,
+the trained weights cast to output.save_precision) and `write` (`sdtune.export.export_pipeline` on: the
+diffusers folder, model.safetensors, summary.json). The kernel's high-water mark (VmHWM) is reset at each
+boundary (`/proc/self/clear_refs` 5), so each phase's peak is its own; a phase starts at the resident set the
+last one left (the export at the training's, all of its state still held). `write/train` is the figure: what
+writing the model needs beside what training needed. SD1.5 trains with torch AdamW in fp32 (weights, gradients and both moments held:
 what the export has to free); SDXL with Adafactor stepped inside backward, bf16 frozen parts and activation
 checkpointing, which is what fits in 24 GB. Each run's folder is deleted right after it (7-20 GB), the model
 files at the end unless --keep. Prints one row per (arch, tree) and writes bench/results/export_peak.json.
@@ -34,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 COMMON = ("data.resolution=64", "train.batch_size=1", "train.max_steps=1", "output.checkpoint_every=0",
           "output.keep_checkpoints=0")
+PHASES = ("load", "train", "export", "write")
 ARCH_SETS = {
     "sd15": ("memory.optimizer=adamw",),
     "sdxl": ("memory.optimizer=adafactor", "memory.fused_backward=true", "train.max_grad_norm=0",
@@ -54,6 +58,7 @@ def child(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    import sdtune.export
     from sdtune.config import load_config
     from sdtune.export import run_output
     from sdtune.run import attempt
@@ -77,6 +82,7 @@ def child(spec: dict) -> None:
     trainer.prepare = phase("load", trainer.prepare)
     trainer.loop = phase("train", trainer.loop)
     run_output.export_run = phase("export", run_output.export_run)
+    sdtune.export.export_pipeline = phase("write", sdtune.export.export_pipeline)  # the training state let go
     cfg, info = load_config("cpu", spec["overrides"])
     summary = attempt(cfg, info, Path(spec["data"]), Path(spec["out"]))
     enter("done")
@@ -87,11 +93,11 @@ def child(spec: dict) -> None:
 def _line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['arch']:5} {row['tree']:8} {row['status']}"
-    peak = {name: row["phases"][name]["peak_rss_bytes"] / GIB for name in ("load", "train", "export")}
-    seconds = {name: row["phases"][name]["seconds"] for name in ("load", "train", "export")}
-    times = " ".join(f"{seconds[name]:7.0f}" for name in ("load", "train", "export"))
-    return (f"{row['arch']:5} {row['tree']:8} {peak['load']:9.2f} {peak['train']:9.2f} {peak['export']:10.2f} "
-            f"{peak['export'] / peak['train']:11.2f}x {times}")
+    phases = [row["phases"].get(name, {}) for name in PHASES]
+    peaks = " ".join(f"{phase.get('peak_rss_bytes', 0) / GIB:9.2f}" for phase in phases)
+    times = " ".join(f"{phase.get('seconds', 0):7.0f}" for phase in phases)
+    ratio = phases[3].get("peak_rss_bytes", 0) / phases[1]["peak_rss_bytes"]
+    return f"{row['arch']:5} {row['tree']:8} {peaks} {ratio:10.2f}x {times}"
 
 
 def _run(arch: str, tree: str, path: Path, model: Path, images: Path, work: Path) -> dict:
@@ -128,8 +134,10 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="sdtune-export-peak-"))
     images = make_image_folder(work / "images", count=2, size=64)
     trees = [(name, Path(path).resolve()) for name, _, path in (tree.partition("=") for tree in args.trees)]
-    print("peak RSS per phase, GiB (load: model read and placed; train: 1 step at 64 px; export: folder + single "
-          "file)\narch  tree          load     train     export export/train  load s train s export s", flush=True)
+    print("peak RSS per phase, GiB (load: model read and placed; train: 1 step at 64 px; export: from the loop's end "
+          "to the first write, the training state still there at its start; write: the folder and the single file)\n"
+          "arch  tree          load     train    export     write write/train  load s train s export s write s",
+          flush=True)
     rows = []
     for arch in args.arch:
         model = work / f"{arch}-random.safetensors"

@@ -12,11 +12,11 @@ the trained weights cast to output.save_precision) and `write` (`sdtune.export.e
 diffusers folder, model.safetensors, summary.json). The kernel's high-water mark (VmHWM) is reset at each
 boundary (`/proc/self/clear_refs` 5), so each phase's peak is its own; a phase starts at the resident set the
 last one left (the export at the training's, all of its state still held). `write/train` is the figure: what
-writing the model needs beside what training needed. SD1.5 trains with torch AdamW in fp32 (weights, gradients and both moments held:
-what the export has to free); SDXL with Adafactor stepped inside backward, bf16 frozen parts and activation
-checkpointing, which is what fits in 24 GB. Each run's folder is deleted right after it (7-20 GB), the model
-files at the end unless --keep. Prints one row per (arch, tree) and writes bench/results/export_peak.json.
-Run it alone, under the big-memory lock: SDXL's rows reach ~17 GiB.
+writing the model needs beside what training needed. SD1.5 trains with torch AdamW in fp32 (weights, gradients
+and both moments held: what the export has to free); SDXL with Adafactor stepped inside backward, bf16 frozen
+parts and activation checkpointing, which is what fits in 24 GB. Each run's folder is deleted right after it
+(7-20 GB), the model files at the end unless --keep. Prints one row per (arch, tree) and writes
+bench/results/export_peak.json. Run it alone, under the big-memory lock: SDXL's rows reach ~17.5 GiB.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast test-gpu lint demo tiny-model bench docs
+.PHONY: install test test-fast test-gpu gpu-check lint demo tiny-model bench docs
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ test-fast: install
 # then every plan under its card's cap (`bench/gpu_plans.py --budget SECONDS`).
 test-gpu: install
 	$(PY) -m pytest -q -m gpu tests/gpu
+
+# Both as one budgeted run, most valuable rows first (`make gpu-check BUDGET=520`; bench/gpu_check.py).
+BUDGET ?= 520
+gpu-check: install
+	$(PY) bench/gpu_check.py --budget $(BUDGET)
 
 lint: install
 	$(VENV)/bin/ruff check sdtune tests bench

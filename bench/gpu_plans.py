@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 CONTEXT_GIB = 0.5  # what a real card loses to the CUDA context, outside torch's allocator
 # Most valuable first: the 8 GB full fine-tune and SDXL in 8 GB are the product's boldest claims.
-PLANS = ["rtx3050", "sdxl-8gb", "rtx2070", "rtx3080", "rtx4090", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb",
+PLANS = ["rtx3050", "sdxl-8gb", "sdxl-4gb", "rtx2070", "rtx3080", "rtx4090", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb",
          "lora-6gb", "lora-4gb", "sdxl-lora-8gb"]
 SECONDS = {"sd": 120, "sdxl": 300}  # start-up, load, steps and estimate of one plan on a GPU: its timeout
 DRY_RUN_SECONDS = 120  # the same on 2 busy CPU cores with sdtune-tiny at 64 px
@@ -68,11 +68,12 @@ def resolution(args, plan: str) -> int:
 
 
 def overrides(args, plan: str) -> list[str]:
-    """The same run for every plan: few steps, no checkpoints, samples or single file; the CPU on a dry run."""
+    """The same run for every plan: few steps, no checkpoints, samples or single file; the CPU on a dry run;
+    then the row's own `--set`s (`args.extra`, e.g. memory.compile=blocks from bench/gpu_check.py)."""
     sets = [f"data.resolution={resolution(args, plan)}", "train.lr_warmup_steps=0",
             "train.gradient_accumulation_steps=1", "output.checkpoint_every=0", "output.sample_every=0",
             "output.single_file=false"]
-    return sets + (["memory.device=cpu"] if args.dry_run else [])
+    return sets + (["memory.device=cpu"] if args.dry_run else []) + list(getattr(args, "extra", ()))
 
 
 def estimate(args, plan: str, model: str, work: Path, timeout: float) -> dict:

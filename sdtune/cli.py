@@ -302,7 +302,7 @@ def estimate_vram(
             pick = pick_plan(overrides, model, ram=ram)
         results = [pick.estimate] if pick.estimate is not None else []  # None: no GPU, the cpu preset
     if not results:
-        from sdtune.estimate import estimate
+        from sdtune.estimate import remembered
         from sdtune.estimate.auto import method_presets
 
         family, method = model_family(set_, model), run_method(set_)  # "all": the model's family, the run's method
@@ -311,7 +311,7 @@ def estimate_vram(
         for name in [pick.preset] if pick else names:
             cfg, info = load_config(name, [*extra, *overrides])
             with console.status(f"tracing one training step under {info.name}"):
-                results.append(estimate(cfg, info, model, gpus=gpus))
+                results.append(remembered(cfg, info, model, gpus=gpus))  # a plan traced before: read back
     gpu = detect_gpu()
     if json_:
         gpu_doc = gpu and {"name": gpu.name, "total_memory": gpu.total_memory,

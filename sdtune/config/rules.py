@@ -340,6 +340,18 @@ RULES: tuple[Rule, ...] = (
          "set train.prediction_type=v_prediction",
          "train.zero_terminal_snr=true makes the last timestep pure noise, from which "
          "train.prediction_type=epsilon cannot predict the noise: {fix}"),
+    # [memory] compile (issue 30): tried on the CPU; the streamer's hooks inside a compiled block swap its
+    # weights' storage (param.data), which torch.compile cannot trace; several processes are not tried yet
+    Rule(("memory.compile", "memory.param_offload"),
+         lambda c: c.memory.compile == "blocks" and c.memory.param_offload != "none",
+         "set memory.compile=none (or memory.param_offload=none)",
+         "memory.compile=blocks cannot trace the weights memory.param_offload={memory.param_offload} swaps in "
+         "block by block: {fix}"),
+    Rule(("memory.distributed", "memory.compile"),
+         lambda c: c.mode != "none" and c.memory.compile == "blocks",
+         "set memory.compile=none, or start one process",
+         "{why} with memory.compile=blocks is not supported yet (compiled blocks are tried in one process "
+         "only): {fix}", of_launch=True),
 )
 
 

@@ -20,16 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from sdtune.util.files import cache_root as cache_root  # where it lives now; its callers import it from here
 from sdtune.util.files import disk_errors, save_safetensors, tensor_bytes
-
-
-def cache_root(cache_dir: str) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sdtune"
 
 
 def module_identity(module, extra: str = "") -> str:

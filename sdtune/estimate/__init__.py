@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -77,24 +78,32 @@ class Estimate:
         return {**dataclasses.asdict(self), "notes": list(self.notes), "fits": self.fits}
 
 
-def remembered(cfg: Config, info: PresetInfo) -> Estimate:
-    """`estimate(cfg, info)`, kept in the cache folder (`~/.cache/sdtune/estimates`) under a digest of the
-    resolved plan, of every file of sdtune itself and of the libraries' versions: `sdtune presets` traces the
-    twelve plans once (about 25 s on 2 cores) and then lists them at once, until sdtune or a plan changes."""
+def remembered(cfg: Config, info: PresetInfo, model: str | None = None, **options) -> Estimate:
+    """`estimate(cfg, info, model, **options)`, kept in the cache folder (`~/.cache/sdtune/estimates`) under a
+    digest of the resolved plan, the model, the options, every file of sdtune itself and the libraries'
+    versions: `sdtune presets` traces the twelve plans once (about 25 s on 2 cores) and then lists them at
+    once, and `sdtune estimate-vram` answers a plan it traced before in well under a second (reading it back
+    imports neither torch nor diffusers), until sdtune, a library or the plan changes. Only a bundled architecture
+    (`archs.ARCHS`, by name or as a preset's default model) is remembered: a local folder or file is traced
+    every time, since its configs could change under the same path."""
     import hashlib
     import json
 
+    if (model or assumed_architecture(cfg.model.pretrained)[0]) not in archs.ARCHS:
+        return estimate(cfg, info, model, **options)
     from sdtune.config.toml import to_toml
-    from sdtune.data.cache import cache_root
-    from sdtune.util.files import write_text
+    from sdtune.util.files import cache_root, write_text  # not sdtune.data's: its images' libraries cost a hit 0.1 s
 
-    digest = hashlib.sha256(to_toml(cfg, info).encode() + _code_digest().encode()).hexdigest()
-    path = cache_root("") / "estimates" / f"{info.name}-{digest[:32]}.json"
+    started = time.perf_counter()
+    asked = json.dumps([model, sorted(options.items())]).encode()
+    digest = hashlib.sha256(to_toml(cfg, info).encode() + asked + _code_digest().encode()).hexdigest()
+    path = cache_root("") / "estimates" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', info.name)}-{digest[:32]}.json"
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.pop("fits")
-        return Estimate(**{**saved, "notes": tuple(saved["notes"])})
-    result = estimate(cfg, info)
+        seconds = round(time.perf_counter() - started, 2)  # what this answer took, not the trace it remembers
+        return Estimate(**{**saved, "notes": tuple(saved["notes"]), "seconds": seconds})
+    result = estimate(cfg, info, model, **options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps(result.to_dict()))
@@ -161,7 +170,8 @@ def estimate(cfg: Config, info: PresetInfo, model: str | None = None, *, device:
                       batch_size=cfg.train.batch_size, device=device,
                       categories={**at_peak, "allocator_overhead": overhead, "cuda_context": context},
                       peak_allocated=allocated, peak_reserved=allocated + overhead, total=total,
-                      host_ram=_host_ram(parts, vae, parked, plan, footprint, method, trained.all_params),
+                      host_ram=_host_ram(parts, vae, parked, plan, footprint, method, trained.all_params,
+                                         _unet_share(cfg, plan, method, gpus)),
                       disk=footprint.disk, card_gib=info.vram_gib, seconds=round(time.perf_counter() - started, 2),
                       milestones=milestones, notes=_assumed(cfg, model))
     if gpus > 1:
@@ -207,12 +217,19 @@ def _footprint(trained: list, plan, cfg: Config):
                                       ema=cfg.train.ema_decay > 0)
 
 
-def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list) -> int:
-    """Host bytes, whichever is most: the whole fp32 pipeline while it loads; what training holds there,
-    the optimizer tier's state, the parked (cached) encoders in the working precision, and a streamed
-    LoRA's frozen UNet in the working precision; or, resuming an optimizer that keeps its state on the GPU,
-    that state, which `training_state.pt` brings into host RAM whole before it moves to the device (AdamW's
-    8 bytes a parameter: more than loading SD1.5 takes). The host tiers read their state file straight
+def _unet_share(cfg: Config, plan, method, gpus: int) -> float:
+    """The share of the fp32 UNet a process loads: under fsdp a rank of a trained, pretrained UNet reads only
+    its shards (`sdtune.train.parallel.load_shards`); otherwise all of it."""
+    meta = plan.distributed == "fsdp" and not method.frozen_unet and cfg.model.init != "random"
+    return 1 / gpus if meta else 1.0
+
+
+def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list, unet_share: float = 1.0) -> int:
+    """Host bytes, whichever is most: the fp32 pipeline while it loads (`unet_share` of its UNet); what
+    training holds there, the optimizer tier's state, the parked (cached) encoders in the working precision,
+    and a streamed LoRA's frozen UNet in the working precision; or, resuming an optimizer that keeps its
+    state on the GPU, that state, which `training_state.pt` brings into host RAM whole before it moves to the
+    device (AdamW's 8 bytes a parameter: more than loading SD1.5 takes). The host tiers read their state file straight
     into their buffers, so resuming them needs no more than training (bench/resume_memory.py)."""
     from sdtune.optim.tier import tier_class
 
@@ -220,7 +237,7 @@ def _host_ram(parts, vae, parked: list, plan, footprint, method, trained: list) 
         return sum(p.numel() for p in module.parameters())
 
     parked = [m for m in parked if m is not None]
-    loading = 4 * (numel(parts.unet) + sum(numel(m) for m in (*parts.frozen, *parked)))
+    loading = 4 * (int(numel(parts.unet) * unet_share) + sum(numel(m) for m in (*parts.frozen, *parked)))
     working = plan.working_dtype
     held = sum(numel(m) * (parts.family.vae_dtype(m, working) if m is vae else working).itemsize for m in parked)
     if method.frozen_unet and plan.param_offload == "cpu":

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -84,13 +85,34 @@ class Pick:
 
 
 def detect_gpu() -> Gpu | None:
-    """GPU 0, or None without CUDA."""
+    """GPU 0, or None without CUDA. Where torch is not imported yet and no GPU driver is installed
+    (`_no_gpu_driver`), None without importing it: `estimate-vram` reading a remembered plan answers at once."""
+    if "torch" not in sys.modules and _no_gpu_driver():
+        return None
     import torch
 
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(0)
     return Gpu(name=props.name, total_memory=int(props.total_memory), bf16=props.major >= 8)
+
+
+# What a machine that can run CUDA (NVIDIA; ROCm's torch.cuda; WSL's GPU) has, whether or not the driver's
+# module is loaded yet: its device nodes, its kernel module's folder, or the tools its driver installs
+DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+DRIVER_TOOLS = ("nvidia-smi", "nvidia-modprobe", "rocm-smi")
+
+
+def _no_gpu_driver() -> bool:
+    """True where torch.cuda cannot find a GPU: on macOS, or on Linux without any NVIDIA or AMD GPU driver
+    (none of `DRIVER_PATHS`, none of `DRIVER_TOOLS` on the PATH). Elsewhere (Windows) False: torch asks."""
+    import shutil
+
+    if sys.platform == "darwin":
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    return not any(os.path.exists(path) for path in DRIVER_PATHS) and not any(map(shutil.which, DRIVER_TOOLS))
 
 
 def host_ram() -> int | None:
@@ -216,12 +238,12 @@ def pick_plan(overrides: Sequence[str] = (), model: str | None = None, *, ram: i
         return Pick("cpu", (), None, "no CUDA GPU: the cpu preset", _toy_model_warning(overrides, model))
     budget, ram = SAFETY * gpu.total_memory, ram or host_ram()
     card = f"{gpu.name} ({gpu.total_memory / GIB:.1f} GiB; plans may use {SAFETY:.0%}: {budget / GIB:.1f} GiB)"
-    from sdtune.estimate import estimate
+    from sdtune.estimate import remembered
 
     rejected = []
     for cand, cfg, info in ordered(gpu, overrides, model_family(overrides, model)):
         logger.debug(f"auto: estimating {cand.label}")  # below INFO: the CLI shows a spinner instead
-        est = estimate(cfg, info, model, device="cuda")
+        est = remembered(cfg, info, model, device="cuda")
         if est.total <= budget and (ram is None or est.host_ram <= SAFETY * ram):
             return Pick(cand.preset, cand.extra, est, _reason(cand, est, card, rejected) + _assumed(cfg, model))
         rejected.append((cand, est))

@@ -14,8 +14,9 @@
   With `memory.optimizer_offload=cpu` (FSDP2's CPUOffloadPolicy) the shards, their gradients and AdamW
   state are in host RAM instead.
 
-Host RAM is per process: each process loads the whole model before it shards or replicates it, so a node
-running N processes needs N times the figure.
+Host RAM is per process, so a node running N processes needs N times the figure: under ddp each process
+loads the whole model before it replicates it; under fsdp a rank reads only its shards of a trained UNet
+(`sdtune.train.parallel.load_shards`; `sdtune.estimate._unet_share`) beside the whole frozen parts.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
     from transformers import PreTrainedTokenizerBase
 
+    from sdtune.family.slices import UnetWeights
+
 
 WINDOW = 75  # caption tokens one CLIP window reads between its start and end tokens (77 - 2)
 
@@ -70,6 +72,7 @@ class Components:
     options: dict = field(default_factory=dict)  # pipeline settings the family keeps (force_zeros_for_empty_prompt)
     origin: str = ""          # one line: what was loaded from where (a single file's configs and tokenizers)
     text: TextReading = field(default_factory=TextReading)  # how captions are read (`Family.read_text`)
+    unet_weights: UnetWeights | None = None  # the UNet is on the meta device: its weights' files (FSDP's shards)
 
     @property
     def text_encoder(self):

@@ -12,7 +12,9 @@ the configs are the bundled ones of that architecture (`sdtune/archs`, or `model
 tokenizer the configs lack is CLIP's, built from the vocabulary sdtune bundles
 (`sdtune.family.clip_tokenizer`); `Components.origin` says which in one line. Every tokenizer is checked
 against its text encoder before training (`check_text`). Everything is loaded in fp32 on the CPU;
-`sdtune.train.placement.place` casts and places it for a plan.
+`sdtune.train.placement.place` casts and places it for a plan. With `meta_unet` (FSDP) the UNet is built on
+the meta device instead, and `Components.unet_weights` (`sdtune.family.slices`) says where its weights lie,
+for each rank to read its shards.
 """
 
 from __future__ import annotations
@@ -300,13 +302,18 @@ def check_source(source: str, config: str = "") -> None:
         single_file_configs(source, config)
 
 
-def load_components(source: str, config: str = "", unet=None) -> Components:
+def load_components(source: str, config: str = "", unet=None, meta_unet: bool = False) -> Components:
     """Load a model of any family sdtune trains from `source` (see the module docstring) in fp32 on the CPU;
-    `unet`, a UNet to use instead of the source's (which is then not read: `sdtune.family.scratch`). Its text
-    side is checked (`check_text`); `origin` says in one line what was loaded and from which configs."""
+    `unet`, a UNet to use instead of the source's (which is then not read: `sdtune.family.scratch`). With
+    `meta_unet` the UNet is built on the meta device and `unet_weights` says where its weights lie (where they
+    are in .safetensors files; else it loads as usual). Its text side is checked (`check_text`); `origin` says
+    in one line what was loaded and from which configs."""
     resolved, kind = resolve_source(source), classify_source(source)
     family = _family(resolved, kind, config)
     quiet_libraries()
+    weights = None
+    if meta_unet and unet is None:
+        unet, weights = _meta_unet(resolved, kind, config)
     parts, origin = {"unet": unet} if unet else {}, ""
     if kind == "single_file":
         folder, missing, origin = single_file_parts(resolved, config)
@@ -314,9 +321,45 @@ def load_components(source: str, config: str = "", unet=None) -> Components:
     elif kind == "hub" and not hub_online():
         parts["local_files_only"] = True  # from the local cache, without the retries
     components = family.components(family.load_pipeline(resolved, kind, config, **parts))
-    components.origin = origin
+    components.origin, components.unet_weights = origin, weights
     check_text(components, source)
     return components
+
+
+def _meta_unet(source: str, kind: str, config: str):
+    """(the source's UNet built on the meta device, its `UnetWeights`); (None, None) where its weights are not
+    in .safetensors files sdtune can read by name (a .bin UNet, a hub id not in reach)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdtune.family.slices import UnetWeights, folder_keys
+
+    if kind == "single_file":
+        folder = single_file_configs(source, config)[1] / "unet"
+    elif kind == "folder":
+        folder = Path(source) / "unet"
+    else:
+        try:
+            folder = Path(_hub_file(source, "unet/config.json")).parent
+        except OSError:  # not in reach: the ordinary load says so
+            return None, None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
+    names = list(unet.state_dict())
+    keys = folder_keys(folder) if kind != "single_file" else _single_file_keys(Path(source), names, unet.config)
+    if keys is None or set(names) - set(keys):
+        return None, None
+    return unet, UnetWeights(keys)
+
+
+def _single_file_keys(path: Path, names: list[str], config):
+    from sdtune.family.ldm_names import unet_to_ldm
+    from sdtune.family.slices import single_file_keys
+
+    try:
+        return single_file_keys(path, unet_to_ldm({name: name for name in names}, config))
+    except ValueError:  # a UNet of a layout the export does not write
+        return None
 
 
 def check_text(components: Components, source: str) -> None:

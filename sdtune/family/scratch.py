@@ -82,14 +82,16 @@ def check_fits(components, architecture: str) -> None:
                               f"(its UNet {problem}); choose an architecture of the base model's family")
 
 
-def load_for_training(model, seed: int, train=None):
+def load_for_training(model, seed: int, train=None, meta_unet: bool = False):
     """The components a run trains (`model`: the [model] config): the base model's, with a random UNet of
     `model.architecture` under `model.init=random`, and the noise schedule `train` ([train]) asks for
-    (train.prediction_type, train.zero_terminal_snr: `sdtune.family.load.set_noise_schedule`)."""
+    (train.prediction_type, train.zero_terminal_snr: `sdtune.family.load.set_noise_schedule`). `meta_unet`:
+    the base model's UNet on the meta device, for FSDP's ranks to read their shards into (a random UNet is
+    drawn whole on every rank, so that each holds the draws of one process)."""
     from sdtune.family.load import load_components, set_noise_schedule
 
     if model.init != "random":
-        components = load_components(model.pretrained, model.config)
+        components = load_components(model.pretrained, model.config, meta_unet=meta_unet)
     else:
         unet = random_unet(model.architecture, model.pretrained, model.config, seed)
         components = load_components(model.pretrained, model.config, unet=unet)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 BUCKET_MB = 64        # fp32 megabytes after which a bucket closes (so a bucket holds 64 MB or a bit more)
-CHUNK = 2**20         # values per host pass: upcast, AdamW and cast stay within the CPU caches
+CHUNK = 2**20         # values per pass of the accumulation sum (its norm is summed chunk by chunk)
+STEP_CHUNK = 2**16    # values per step chunk: its upcast, AdamW and cast (1.4 MB) stay in a core's L2 cache
 MASTER_BYTES = 12     # fp32 master + exp_avg + exp_avg_sq per parameter, in host RAM (cpu tier) or on disk
 ACCUMULATION_BYTES = 4  # fp32 host sum of the micro-batches' gradients, with gradient accumulation only
 SMALL_PARAM = 4096    # parameters below this many values (biases, norms: 393 of SD1.5's 686) leave together
@@ -70,11 +71,12 @@ def host_bytes(numels: list[int], *, itemsize: int, accumulation_steps: int = 1,
     holds while it is built, when the fp32 parameters it is given are not yet released."""
     total, small = sum(numels), sum(n for n in numels if n < SMALL_PARAM)
     largest = max((sum(numels[i] for i in r) for r in partition(numels, bucket_mb)), default=0)
-    common = itemsize * total * host_weights + ACCUMULATION_BYTES * total * (accumulation_steps > 1)
-    common += 4 * min(CHUNK, largest)
-    if building:  # the fp32 parameters become the masters one bucket at a time: never more than both
-        return 4 * total + common
-    return MASTER_BYTES * total + itemsize * (total + small) + common
+    common = ACCUMULATION_BYTES * total * (accumulation_steps > 1)
+    common += 4 * min(STEP_CHUNK, largest)  # the step's scratch: one chunk of upcast gradients
+    if building:  # the fp32 parameters become the masters (and the host weights, page-locked once all are
+        # written) one bucket at a time: never more than both, and one bucket's host weights beside them
+        return 4 * total + itemsize * largest * host_weights + common
+    return MASTER_BYTES * total + itemsize * (total + small) + itemsize * total * host_weights + common
 
 
 def adamw_kernel(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

@@ -13,17 +13,17 @@ and leave in one copy per bucket. Without gradient accumulation the staged gradi
 gradients; with it, the worker sums the micro-batches in an fp32 host buffer (4 more bytes a parameter) and
 takes their norm while it adds the last one.
 
-The step needs no pass over the gradients of its own: the norm (device-side, or from the last fold) gives
-the clipping factor and the overflow check. The host then makes one pass over memory, chunk by chunk of
-`layout.CHUNK` values that stay in the CPU's caches: upcast the gradient, unscale and clip it (two in-cache
-multiplies by the same fp32 factors as GradScaler and `tier.clip_gradients` use, so that results equal
-plain AdamW's bit for bit, which folding them into the kernel's `grad_scale` division would not), AdamW,
-and cast the new weight into the staging buffer, from which an upload stream (not the gradient stream)
-copies the bucket back to the device. Without clipping, loss scaling and accumulation
+The step needs no pass over the gradients of its own: the norm (device-side, or from the last fold) gives the
+clipping factor and the overflow check. The host then makes one pass over memory, chunk by chunk of
+`layout.STEP_CHUNK` values that stay in a core's L2 cache: upcast the gradient (fp32 ones are used in place),
+unscale and clip it (two in-cache multiplies by the same fp32 factors as GradScaler and `tier.clip_gradients`
+use, so that results equal plain AdamW's bit for bit, which folding them into the kernel's `grad_scale`
+division would not), AdamW, and cast the new weight into the staging buffer, from which an upload stream (not
+the gradient stream) copies the bucket back to the device. Without clipping, loss scaling and accumulation
 (`step_in_backward`), each bucket is stepped and sent back as soon as its gradients are in, on the worker
 thread while backward goes on (a parameter's weight is not read by backward again once its gradient is
-complete). With them, the host step overlaps the next forward instead (`overlap_step`: a `StepQueue`, overlap.py). fp16
-overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
+complete). With them, the host step overlaps the next forward instead (`overlap_step`: a `StepQueue`,
+overlap.py). fp16 overflow checks go through `HostGradScaler` (sdtune/offload/scaler.py).
 
 The tier also answers for its fp32 weights by name: the masters (`master_weights`, what a checkpoint and the
 export take) and, built with `ema=True` (`train.ema_decay` with a host tier), their moving average. Each
@@ -83,9 +83,11 @@ class OffloadAdamW(torch.optim.AdamW):
         trainable = [p for p in params if p.requires_grad]
         ranges = partition([p.numel() for p in trainable], bucket_mb)
         total = sum(p.numel() for p in trainable)
-        self._weights = PinnedBuffer(total, dtype, pin=cuda) if host_weights else None
+        # the host weights are page-locked once built: pinned up front, all of them were resident beside all
+        # of the fp32 parameters they replace (SDXL: 4.8 + 9.6 GiB)
+        self._weights = PinnedBuffer(total, dtype, pin=cuda, later=True) if host_weights else None
         largest = max((sum(trainable[i].numel() for i in r) for r in ranges), default=0)
-        self._scratch = host_empty(min(layout.CHUNK, largest), torch.float32)  # one chunk of upcast gradients
+        self._scratch = host_empty(min(layout.STEP_CHUNK, largest), torch.float32)  # one chunk of upcast gradients
         self._buckets: list[Bucket] = []
         self._where: dict[torch.nn.Parameter, tuple[Bucket, int, int]] = {}
         self._gathered: dict[torch.nn.Parameter, int] = {}  # a small parameter's offset in its bucket's gathering
@@ -98,6 +100,8 @@ class OffloadAdamW(torch.optim.AdamW):
                 self._where[p] = (bucket, offset, p.numel())
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
             self._gathered.update({p: gathered for p, _, gathered in bucket.small})
+        if self._weights is not None and self._weights.pin():  # moved to torch's pinned allocator
+            self._point_at_weights()
         self._allocate_staging(total, cuda)
         self._grads_stream, self._upload_stream = side_stream(self.device), side_stream(self.device)
         overlap = (cuda and not synchronous()) if overlap_step is None else overlap_step
@@ -141,6 +145,13 @@ class OffloadAdamW(torch.optim.AdamW):
                         ema=ema)
         bucket.gather_small(self.dtype, self.device)
         return bucket
+
+    def _point_at_weights(self) -> None:
+        """Every bucket's and parameter's view of the host weights made again, where their buffer moved."""
+        for bucket in self._buckets:
+            bucket.device_flat = self._weights.tensor[bucket.start:bucket.start + len(bucket.master)]
+            for p, offset in zip(bucket.params, bucket.offsets, strict=True):
+                p.data = bucket.device_flat[offset:offset + p.numel()].view(p.shape)
 
     def _allocate_staging(self, total: int, cuda: bool) -> None:
         """Every bucket's gradient (and upload) staging, allocated once the fp32 parameters are released."""
@@ -382,19 +393,25 @@ class OffloadAdamW(torch.optim.AdamW):
 
     def _update(self, bucket: Bucket, master, exp_avg, exp_avg_sq, step, scaling: Scaling,
                 group: dict | None = None) -> None:
-        """AdamW over `master` chunk by chunk, each new chunk cast on its way out; then the upload."""
+        """AdamW over `master` chunk by chunk, each new chunk cast on its way out; then the upload.
+
+        One pass over memory: each chunk (`layout.STEP_CHUNK` values, in L2) is upcast, stepped, averaged and cast
+        out while it is in the cache. Gradients already in fp32 (an fp32 staging, or the accumulation sum)
+        are unscaled in place, with no upcast copy; `split` makes every chunk's views in one call."""
         group, out = group or self._step_settings(), bucket.device_flat if self._cast_in_place else bucket.staging
         decay = group["ema_decay"] if bucket.ema is not None else None
-        for part in chunks(len(master)):
-            if bucket.grad is not None:
-                grad = bucket.grad[part]
-            else:
-                grad = self._scratch[:part.stop - part.start].copy_(bucket.staging[part])
+        grads = bucket.grad if bucket.grad is not None else bucket.staging
+        upcast = grads.dtype != torch.float32
+        pieces = [t.split(layout.STEP_CHUNK) for t in (master, grads, exp_avg, exp_avg_sq, out)]
+        averages = bucket.ema.split(layout.STEP_CHUNK) if decay is not None else [None] * len(pieces[0])
+        for new, grad, moment, moment_sq, cast, average in zip(*pieces, averages, strict=True):
+            if upcast:
+                grad = self._scratch[:len(new)].copy_(grad)
             scaling.apply(grad)
-            adamw_kernel(master[part], grad, exp_avg[part], exp_avg_sq[part], step, group)
-            if decay is not None:  # while the new chunk is in the caches
-                bucket.ema[part].lerp_(master[part], 1.0 - decay)
-            out[part].copy_(master[part])
+            adamw_kernel(new, grad, moment, moment_sq, step, group)
+            if average is not None:  # while the new chunk is in the caches
+                average.lerp_(new, 1.0 - decay)
+            cast.copy_(new)
         self._upload(bucket)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

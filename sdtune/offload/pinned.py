@@ -56,23 +56,36 @@ class PinnedBuffer:
     (in place, exact size), "pin_memory" (torch's pinned allocator, where registration is refused) or
     "pageable" (not pinned)."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, *, pin: bool):
-        self.nbytes = numel * dtype.itemsize
+    def __init__(self, numel: int, dtype: torch.dtype, *, pin: bool, later: bool = False):
+        self.nbytes, self.numel, self.dtype = numel * dtype.itemsize, numel, dtype
         self.how = "pageable"
         if not (pin and self.nbytes > 0):
-            self.tensor = host_empty(numel, dtype)
+            self.tensor, self._pinnable = host_empty(numel, dtype), False
             return
-        pages = -(-self.nbytes // PAGE) * PAGE
-        raw = host_empty(pages + PAGE, torch.uint8)  # room to start on a page boundary
+        raw = host_empty(self._pages() + PAGE, torch.uint8)  # room to start on a page boundary
         start = -raw.data_ptr() % PAGE
+        self.tensor, self._pinnable = raw[start:start + self.nbytes].view(dtype), True
+        if not later:  # `later`: pageable (its pages resident only once written) until `pin()`
+            self.pin(keep=False)
+
+    def _pages(self) -> int:
+        return -(-self.nbytes // PAGE) * PAGE
+
+    def pin(self, keep: bool = True) -> bool:
+        """Page-lock the buffer where it is (a buffer made with `later`, once filled: the host weights, written
+        while the fp32 parameters they replace are released, so both are never resident whole). True when it
+        moved instead, to torch's pinned allocator where registration is refused, with its contents when
+        `keep`: views of the old memory must then be made again."""
+        if not self._pinnable or self.how != "pageable":
+            return False
         cudart = torch.cuda.cudart()
-        code = cudart.cudaHostRegister(raw.data_ptr() + start, pages, _REGISTER_PORTABLE)
+        code = cudart.cudaHostRegister(self.tensor.data_ptr(), self._pages(), _REGISTER_PORTABLE)
         if int(code) == 0:
-            self.tensor, self.how = raw[start:start + self.nbytes].view(dtype), "registered"
+            self.how = "registered"
             # The finalizer holds the tensor: its memory is unregistered before it can be freed.
             weakref.finalize(self, _unregister, self.tensor)
-            return
-        del raw
+            return False
+        old, self.tensor = self.tensor, None
         clear_cuda_error()
         detail = f"cudaHostRegister returned error {int(code)} ({_describe(cudart, code)})"
         if int(code) == _OUT_OF_MEMORY:
@@ -81,7 +94,12 @@ class PinnedBuffer:
             raise SdtuneError(f"page-locking {self.nbytes / GIB:.2f} GiB of host memory failed: {detail}; that is the "
                               "CUDA driver or runtime failing, not host RAM running out (check the driver with "
                               "nvidia-smi, or train on the CPU with --set memory.device=cpu)")
-        self.tensor, self.how = _pin_memory(numel, dtype, detail), "pin_memory"
+        if not keep:
+            del old
+        self.tensor, self.how = _pin_memory(self.numel, self.dtype, detail), "pin_memory"
+        if keep:
+            self.tensor.copy_(old)
+        return True
 
 
 def _pin_memory(numel: int, dtype: torch.dtype, refused: str) -> torch.Tensor:

@@ -41,6 +41,7 @@ from sdtune.train import objective, store
 from sdtune.train.checkpoint import restore as _restore
 from sdtune.train.checkpoint import save as _save
 from sdtune.train.ema import make_ema
+from sdtune.train.method import method_for
 from sdtune.train.metrics import Phases, StepRecord
 from sdtune.train.placement import place
 from sdtune.train.samples import draw_samples
@@ -166,7 +167,8 @@ def prepare(cfg: Config, info: PresetInfo, data_dir: str | None, out_dir: str, r
         scan = _scan(data_dir, cfg, out_dir)
         examples, regularisation = _split_regularisation(cfg, scan.examples)
         examples, held_out = validation_set(cfg, examples)
-    components = load_for_training(cfg.model, cfg.train.seed, cfg.train)  # with its noise schedule
+    meta = plan.distributed == "fsdp" and not method_for(cfg).frozen_unet  # each rank reads its shards only
+    components = load_for_training(cfg.model, cfg.train.seed, cfg.train, meta_unet=meta)  # with its noise schedule
     if components.origin:  # a single file alone: which configs and tokenizers stand in for a diffusers folder
         logger.info(components.origin)
     _check_resolution(components, cfg)

@@ -105,8 +105,8 @@ class FullFineTune(Method):
 
         unet = components.unet
         unet.to(dtype=torch.float32).requires_grad_(True)
-        if not tier_class(plan).host_gradients:
-            unet.to(device)
+        if not tier_class(plan).host_gradients and (unet.device.type != "meta" or device == "meta"):
+            unet.to(device)  # a meta-device UNet stays there: FSDP makes each rank's shards (parallel.load_shards)
         encoders = _trained_text_encoders(components, device) if self.text_encoders else {}
         encoder_params = [p for encoder in encoders.values() for p in encoder.parameters()]
         return Trained({"unet": unet, **encoders}, list(unet.parameters()), encoder_params)

@@ -16,6 +16,12 @@
   adamw (8-bit blocks, Adafactor's factored moment, Prodigy's step size would be taken per shard),
   `memory.optimizer_offload=nvme`, `memory.param_offload` (FSDP2 already gathers one block at a time)
   and `train.method=lora` (a LoRA's few MB train replicated: use ddp).
+  Loading: every rank builds the UNet on the meta device (`sdtune.family.load`, `meta_unet`), shards it,
+  and reads only its rows from the model's .safetensors file(s) (`load_shards`): a rank holds 1/N of the
+  fp32 UNet in host RAM and on its card, never the whole. The frozen VAE and text encoder(s) are whole on
+  every rank (each encodes its share of the batch); the EMA is refused under fsdp (it would be a whole
+  copy). A UNet without safetensors weights and `model.init=random` (every rank draws the same whole
+  UNet) load whole and are then sharded, as before. A resumed run reads its shards from `sharded/` after.
 - A LoRA's text-encoder adapters (`lora.text_encoder`) are not under DDP: refused with several processes,
   and so is `memory.fused_backward` (it steps each weight before its gradient is averaged).
 
@@ -27,7 +33,10 @@ launcher started several processes, and nothing otherwise.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def wrap_ddp(unet, device: str):
@@ -59,8 +68,10 @@ def shard_units(unet) -> list:
     return [*layers, *blocks]
 
 
-def shard(unet, plan) -> None:
-    """Split the fp32 UNet over the ranks in place, block by block, under the plan's precision and offload."""
+def shard(unet, plan, weights=None) -> None:
+    """Split the fp32 UNet over the ranks in place, block by block, under the plan's precision and offload;
+    a UNet built on the meta device is then made on this rank's device and filled with its rows of `weights`
+    (`load_shards`)."""
     import torch
 
     fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fully_shard()
@@ -72,6 +83,46 @@ def shard(unet, plan) -> None:
     for unit in shard_units(unet):
         fully_shard(unit, **options)
     fully_shard(unet, **options)
+    if weights is not None:
+        load_shards(unet, weights, "cpu" if plan.optimizer_offload == "cpu" else plan.device)
+
+
+def load_shards(unet, weights, device: str) -> None:
+    """Make the sharded, meta-device UNet's shards on `device` (`to_empty`: this rank's rows only) and read
+    each from `weights` (`sdtune.family.slices.UnetWeights`): no rank ever holds the whole UNet, in host RAM
+    or on its card. Rank 0 says what each rank read."""
+    import torch
+
+    unet.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            local = param.to_local()
+            start = first_row(param)
+            local.copy_(weights.read(name, start, start + (local.shape[0] if local.dim() else 1)).view(local.shape))
+    weights.close()
+    _report(weights, sum(p.numel() for p in unet.parameters()))
+
+
+def first_row(param) -> int:
+    """The first row (of dimension 0) of `param`'s global tensor that this rank's shard holds: FSDP2 splits
+    dimension 0 as `torch.chunk` does (ceil(rows / ranks) each, the last ones shorter or empty)."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise NotImplementedError(f"FSDP2 placed a weight as {param.placements}; sdtune reads Shard(0) only")
+    rows, ranks = (param.shape[0] if param.dim() else 1), param.device_mesh.size()
+    return min(param.device_mesh.get_local_rank() * -(-rows // ranks), rows)
+
+
+def _report(weights, total: int) -> None:
+    from sdtune.util.world import World
+
+    shares = World.from_env().gather(weights.elements)
+    if shares is not None:
+        files = ", ".join(path.name for path in weights.files)
+        each = ", ".join(f"rank {rank} {read / total:.1%}" for rank, read in enumerate(shares))
+        logger.info(f"memory.distributed=fsdp: the UNet was built on the meta device and each rank read only its "
+                    f"shards of its {4 * total / 1e9:.2f} GB (fp32) from {files} ({each})")
 
 
 def is_sharded(module) -> bool:
@@ -93,9 +144,12 @@ def unsharded_copy(unet, weights: dict):
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import FSDPModule
+    import torch
+
     kind = next(c for c in type(unet).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclasses it
-    plain = kind.from_config(unet.config)
-    plain.load_state_dict(weights)
+    with torch.device("meta"):  # no random weights drawn to be overwritten: the module takes `weights` as they are
+        plain = kind.from_config(unet.config)
+    plain.load_state_dict(weights, assign=True)
     return plain
 
 

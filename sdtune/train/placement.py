@@ -25,7 +25,11 @@ device; only its new word's fp32 vectors train (`sdtune.train.embedding`).
 
 Several processes (`plan.distributed`, `sdtune.train.parallel`): with `ddp` the loss calls the UNet under
 DistributedDataParallel (`Placement.model`); with `fsdp` the fp32 UNet is sharded in place before the
-optimizer is built over its shards, and `weights()` gathers them (every rank calls it).
+optimizer is built over its shards (a UNet loaded on the meta device gets each rank's rows only:
+`sdtune.train.parallel.load_shards`), and `weights()` gathers them (every rank calls it).
+
+With `memory.compile=blocks` the UNet's transformer layers are compiled last (`sdtune.train.compile`), as
+LoRA, checkpointing and the attention backend left them; the first optimizer step logs what it compiled.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from sdtune.family.meta import MetaModel
     from sdtune.offload import ParamStreamer
     from sdtune.offload.pinned import PinnedBuffer
+    from sdtune.train.compile import CompiledBlocks
 
 Label = Callable[[list, str], None]  # (tensors, category): the estimator's tracker counts what is placed
 
@@ -61,6 +66,7 @@ class Placement:
     model: torch.nn.Module | None = None       # what the loss calls: the UNet, or the UNet under DDP
     distributed: str = "none"  # the plan's: "none", "ddp" or "fsdp"
     closed: bool = False
+    compiled: CompiledBlocks | None = None     # with memory.compile=blocks
 
     def __post_init__(self):
         if self.model is None:
@@ -139,7 +145,7 @@ def place(components: Components, plan: Plan, cfg: Config) -> Placement:
     if plan.distributed == "fsdp":  # before the optimizer: it steps the shards
         from sdtune.train.parallel import shard
 
-        shard(unet, plan)
+        shard(unet, plan, components.unet_weights)
         params = list(unet.parameters())
     tier = make_tier(params, cfg.train, plan, model=unet, backward_passes=2 if cfg.prior_preservation else 1)
     if trained.text_encoder_params:  # their own learning rate, which the LR schedule scales as the UNet's
@@ -150,7 +156,19 @@ def place(components: Components, plan: Plan, cfg: Config) -> Placement:
 
         model = wrap_ddp(unet, plan.device)
     streamer = stream(unet, method, plan, plan.device, tier.optimizer) if plan.param_offload == "cpu" else None
-    return Placement(method, tier, unet, trained.modules, streamer, host_frozen, model, plan.distributed)
+    compiled = _compile(unet, tier) if cfg.memory.compile == "blocks" else None
+    return Placement(method, tier, unet, trained.modules, streamer, host_frozen, model, plan.distributed,
+                     compiled=compiled)
+
+
+def _compile(unet, tier: Tier) -> CompiledBlocks:
+    """memory.compile=blocks, last: the blocks as LoRA, checkpointing and the attention backend left them;
+    what the first optimizer step compiled is logged after it."""
+    from sdtune.train.compile import compile_blocks
+
+    compiled = compile_blocks(unet)
+    tier.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: compiled.report())
+    return compiled
 
 
 def cast_parts(components: Components | MetaModel, plan: Plan, method: Method, device: str,

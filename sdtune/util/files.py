@@ -204,3 +204,10 @@ def write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_root(cache_dir: str) -> Path:
+    """`cache_dir`, or else sdtune's folder in the user's cache (`$XDG_CACHE_HOME/sdtune`, `~/.cache/sdtune`)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "sdtune"

@@ -145,10 +145,11 @@ def test_an_sdxl_single_file_is_estimated_as_the_whole_sdxl_pipeline(tmp_path):
     assert result.categories["frozen"] == 2 * (SDXL_TEXT + SDXL_VAE)
 
 
-@pytest.mark.parametrize("preset", ["sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"])
+@pytest.mark.parametrize("preset", ["sdxl-4gb", "sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"])
 def test_each_sdxl_preset_fits_its_card_at_1024(preset):
     """By the estimator, within the share of the card `--preset auto` allows; sdxl-8gb with AdamW in at most
-    8 GiB of VRAM and 24 GiB of host RAM (its state on disk)."""
+    8 GiB of VRAM and 24 GiB of host RAM (its state on disk); sdxl-4gb, its weights streamed too, in at most
+    4 GiB of VRAM and 16 GiB of host RAM (a 16 GB desktop)."""
     from sdtune.estimate.auto import SAFETY, preset_family
 
     cfg, info = load_config(preset)
@@ -161,3 +162,6 @@ def test_each_sdxl_preset_fits_its_card_at_1024(preset):
     if preset == "sdxl-8gb":
         assert result.total <= 8 * GIB and result.host_ram <= 24 * GIB
         assert result.disk == 12 * SDXL_UNET
+    if preset == "sdxl-4gb":
+        assert result.total <= 4 * GIB and result.host_ram <= 16 * GIB and result.disk == 12 * SDXL_UNET
+        assert cfg.memory.param_offload == "cpu" and cfg.memory.optimizer_offload == "nvme"

@@ -510,6 +510,40 @@ def test_a_refused_registration_falls_back_to_pinned_allocation(cudart, monkeypa
     assert PinnedBuffer(1000, torch.float16, pin=False).how == "pageable"
 
 
+@pytest.mark.parametrize("code", [0, 800])  # registered in place; refused: moved to torch's pinned allocator
+def test_streamed_host_weights_are_pinned_once_the_fp32_parameters_are_gone(cudart, monkeypatch, code):
+    """With `host_weights` (weight streaming), the working weights are page-locked only after every fp32
+    parameter has been replaced by its view of them (a page-locked buffer is resident whole: beside the
+    whole fp32 UNet it was SDXL's host peak); where registration is refused the buffer moves with its values,
+    and every parameter and bucket follows it."""
+    from sdtune.offload import OffloadAdamW, optimizer, pinned
+
+    real = pinned.PinnedBuffer
+    monkeypatch.setattr(optimizer, "PinnedBuffer", lambda numel, dtype, pin, **kw: real(numel, dtype, pin=True, **kw))
+    model = torch.nn.Sequential(torch.nn.Linear(300, 700), torch.nn.Linear(700, 900))
+    fp32 = {name: p.detach().clone() for name, p in model.named_parameters()}
+    seen = []
+
+    def register(ptr, size, flags):  # the fp32 parameters still alive when a buffer is page-locked
+        seen.append([p.dtype for p in model.parameters()])
+        return _Cudart.cudaHostRegister(cudart, ptr, size, flags)
+
+    cudart.refuse, cudart.cudaHostRegister = code, register
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *size, pin_memory=False, **kw: real_empty(*size, **kw))
+    opt = OffloadAdamW(model.parameters(), device="cpu", dtype=torch.bfloat16, lr=1e-3, bucket_mb=1, host_weights=True)
+    assert seen[0] == [torch.bfloat16] * 4  # the host weights, registered first, after the last fp32 parameter
+    assert opt._weights.how == ("pin_memory" if code else "registered")
+    buffer = opt._weights.tensor
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p.data, fp32[name].to(torch.bfloat16))
+        assert buffer.data_ptr() <= p.data_ptr() < buffer.data_ptr() + opt._weights.nbytes  # a view of the buffer
+    assert all(b.device_flat.data_ptr() >= buffer.data_ptr() for b in opt._buckets)
+    model(torch.ones(2, 300, dtype=torch.bfloat16)).square().sum().backward()
+    opt.step()
+    assert all(not torch.equal(p.data, fp32[name].to(torch.bfloat16)) for name, p in model.named_parameters())
+
+
 def test_the_tier_says_how_its_host_buffers_are_pinned(tiny_sd1, images, tmp_path):
     run = prepared(tiny_sd1, images, tmp_path / "out", "memory.optimizer_offload=cpu")
     assert run.tier.host_pinning == "pageable"  # a CPU run copies nothing over PCIe

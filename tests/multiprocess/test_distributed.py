@@ -8,6 +8,7 @@ fixtures: each costs ~15 s of start-up on this machine.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,15 @@ def test_two_fsdp_processes_shard_the_unet_and_train_the_same(fsdp, tiny_sd1, si
     assert not (checkpoint / "unet.safetensors").exists()
     manifest = json.loads((checkpoint / "state.json").read_text())["manifest"]
     assert sum(name.startswith("sharded/") for name in manifest) >= 3  # the metadata and one file per rank
+
+
+def test_each_fsdp_rank_builds_the_unet_on_the_meta_device_and_reads_only_its_shards(fsdp):
+    said = rank_output(fsdp.with_name(fsdp.name + "-logs"), 0)
+    line = next((line for line in said.splitlines() if "built on the meta device" in line), None)
+    assert line is not None, said
+    shares = [float(share) for share in re.findall(r"rank \d ([\d.]+)%", line)]
+    assert len(shares) == 2 and sum(shares) == pytest.approx(100, abs=0.2)  # together the UNet, once
+    assert max(shares) < 55  # each about half: no rank read (or held) the whole UNet
 
 
 def test_a_sharded_checkpoint_resumes_bit_for_bit(fsdp, tiny_sd1, images, tmp_path):

@@ -3,7 +3,8 @@
 A few lines of wrapper (`python -c WRAPPER ARGS` is `python -m sdtune ARGS`) set what the product has no
 switch for, with torch's public calls: deterministic kernels, so that two runs of the same math give the
 same bits (SDPA held to its math backend: its flash and memory-efficient backward are not deterministic),
-and on CUDA an allocator cap at a card's size (`torch.cuda.set_per_process_memory_fraction`).
+and on CUDA an allocator cap at a card's size (`torch.cuda.set_per_process_memory_fraction`) and, for the
+race pre-flight, GPU sleeps on the offload engine's streams (tests/support/delay_streams.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ cap = float(os.environ.get("TEST_CAP_GIB") or 0)
 if cap and torch.cuda.is_available():
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap * 2**30 / total))
+if os.environ.get("TEST_DELAY_STREAMS"):
+    sys.path.insert(0, os.environ["TEST_SUPPORT"])
+    import delay_streams
+    delay_streams.install()
 sys.argv = ["sdtune", *sys.argv[1:]]
 runpy.run_module("sdtune", run_name="__main__")
 """
@@ -40,7 +45,7 @@ def sdtune(args: list[str], *, cwd: Path, env: dict | None = None, timeout: floa
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this checkout's sdtune
     full = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
             "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "TEST_DETERMINISTIC": "1" if deterministic else "",
-            "TEST_CAP_GIB": str(cap_gib), **(env or {})}
+            "TEST_CAP_GIB": str(cap_gib), "TEST_SUPPORT": str(Path(__file__).parent), **(env or {})}
     return subprocess.run([sys.executable, "-c", WRAPPER, *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)
 

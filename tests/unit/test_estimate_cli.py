@@ -19,6 +19,7 @@ from sdtune.estimate import Estimate, auto
 runner = CliRunner()
 GIB = 2**30
 GPU_PRESETS = ["rtx2070", "rtx3050", "rtx3080", "rtx4090"]
+REMEMBERED = sdtune.estimate.remembered  # the real one: `fake_estimator` replaces it
 CATEGORIES = ("weights", "frozen", "gradients", "optimizer_state", "activations", "temporaries",
               "allocator_overhead", "cuda_context")
 
@@ -64,7 +65,7 @@ def fake_estimator(monkeypatch):
 
     # on the package itself: its callers import `estimate` when called, and its submodules stay importable
     monkeypatch.setattr(sdtune.estimate, "estimate", estimate)
-    monkeypatch.setattr(sdtune.estimate, "remembered", lambda cfg, info: estimate(cfg, info))  # every listing traces
+    monkeypatch.setattr(sdtune.estimate, "remembered", estimate)  # every listing and estimate-vram traces
     return calls
 
 
@@ -186,7 +187,7 @@ def test_host_ram_is_weighed_as_vram_is(monkeypatch, fake_estimator):
     assert auto.pick_plan().label == "rtx3050"
 
 
-SDXL_PRESETS = ["sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"]  # by card size
+SDXL_PRESETS = ["sdxl-4gb", "sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"]  # by card size
 
 
 def test_sdxl_presets_are_their_own_family():
@@ -197,7 +198,8 @@ def test_sdxl_presets_are_their_own_family():
     # tier needs a folder only the user can name
     assert labels == ["sdxl-16gb", "sdxl-12gb", "sdxl-12gb + memory.param_offload=cpu"]
     named = [cand.label for cand, _, _ in auto.ordered(gpu, ["memory.offload_dir=/tmp"], "sdxl")]
-    assert "sdxl-8gb" in named and "sdxl-8gb + memory.param_offload=cpu" in named
+    # sdxl-8gb with weight streaming is sdxl-4gb's plan: tried once, under the preset's name
+    assert "sdxl-8gb" in named and "sdxl-4gb" in named and "sdxl-8gb + memory.param_offload=cpu" not in named
 
 
 @pytest.mark.parametrize("model", ["sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "tiny_sdxl", "xl_file"])
@@ -460,3 +462,66 @@ def test_one_detector_reads_every_kind_of_source(tiny_sd1):
     assert assumed_architecture(str(tiny_sd1)) == (str(tiny_sd1), False)
     with pytest.raises(SdtuneError, match="unknown model nonsense"):
         detect("nonsense")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# estimate-vram remembers what it traced: a bundled architecture's plan, read back in a fresh process
+
+
+@pytest.fixture
+def traced_once(monkeypatch, tmp_path, fake_estimator):
+    """The fake estimator behind the real `remembered`, its cache in `tmp_path`."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(sdtune.estimate, "remembered", REMEMBERED)
+    return fake_estimator
+
+
+def _figures(output: str) -> list[dict]:
+    return [{k: v for k, v in est.items() if k != "seconds"} for est in json.loads(output)["estimates"]]
+
+
+def test_estimate_vram_reads_back_a_plan_it_traced_but_traces_a_local_model_each_time(traced_once, tiny_sd1):
+    asked = ["estimate-vram", "--model", "sdxl", "--preset", "sdxl-8gb", "--json"]
+    first, second = (runner.invoke(app, asked) for _ in range(2))
+    assert first.exit_code == second.exit_code == 0, first.output
+    assert _figures(first.stdout) == _figures(second.stdout) and len(traced_once) == 1  # the second read back
+    assert runner.invoke(app, [*asked, "--resolution", "768"]).exit_code == 0 and len(traced_once) == 2  # another plan
+    local = ["estimate-vram", "--model", str(tiny_sd1), "--preset", "rtx3050", "--json"]
+    codes = [runner.invoke(app, local).exit_code for _ in range(2)]
+    assert codes == [0, 0] and len(traced_once) == 4  # a folder's configs may change under its path: traced each time
+
+
+def test_a_remembered_plan_is_answered_without_importing_torch(traced_once, tmp_path):
+    """A fresh process reading a remembered plan imports neither torch nor diffusers (on a machine without
+    a GPU driver: with one, torch asks the GPU), and prints the figures that were traced."""
+    import os
+    import subprocess
+    import sys
+
+    asked = ["estimate-vram", "--model", "sd15", "--preset", "rtx3050", "--json"]
+    traced = runner.invoke(app, asked)
+    script = ("import atexit, sys; atexit.register(lambda: print(sorted(m for m in ('torch', 'diffusers', "
+              "'transformers') if m in sys.modules), file=sys.stderr)); from sdtune.cli import app; "
+              f"sys.argv = ['sdtune', *{asked!r}]; app()")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ))
+    assert fresh.returncode == 0, fresh.stderr
+    assert _figures(fresh.stdout) == _figures(traced.stdout) and len(traced_once) == 1
+    if auto._no_gpu_driver():
+        assert fresh.stderr.strip().splitlines()[-1] == "[]"
+
+
+def test_no_gpu_driver_is_read_from_the_machine_not_from_torch(monkeypatch):
+    import shutil
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(auto.os.path, "exists", lambda path: False)
+    assert auto._no_gpu_driver()
+    monkeypatch.setattr(auto.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    assert not auto._no_gpu_driver()
+    monkeypatch.setattr(auto.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert not auto._no_gpu_driver()  # a driver whose module is not loaded yet: torch loads it
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert not auto._no_gpu_driver()

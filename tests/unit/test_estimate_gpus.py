@@ -38,6 +38,8 @@ def test_fsdp_shards_the_fp32_weights_gradients_and_adamw_state(tiny_sd1):
     assert four.categories["weights"] < 4 * params / 4 + 2 * 4 * params / 3  # at most two units gathered, fp32
     one = _estimate(tiny_sd1, 1)
     assert four.total < one.total and four.categories["activations"] == one.categories["activations"]
+    # each rank loads only its shards of the fp32 UNet (tests/multiprocess: ..._reads_only_its_shards)
+    assert two.host_ram - four.host_ram == pytest.approx(4 * params / 4, abs=8)
 
 
 def test_fsdp_cpu_offload_moves_the_shards_to_host_ram(tiny_sd1):

@@ -104,3 +104,17 @@ def test_a_v_prediction_override_with_v_loss_scaling_is_estimated_not_refused(ti
     cfg, info = load_config("cpu", [*sets, "train.scale_v_pred_loss_like_noise_pred=true"])
     scaled = estimate(cfg, info, str(tiny_sd1), device="cpu")
     assert scaled.categories["optimizer_state"] == plain.categories["optimizer_state"] > 0
+
+
+def test_remembered_meta_ops_change_no_figure(tiny_sd1, monkeypatch):
+    """The trace runs each slow meta kernel once per signature and rebuilds the repeats from its outputs'
+    metadata (`memtrack._remembered_call`): every figure, milestones included, is the kernels' own (the
+    full-size plans, SDXL's too, are compared the same way by bench/estimate_speed.py --check)."""
+    from sdtune.estimate import memtrack
+
+    cfg, info = load_config("rtx3050", ["data.resolution=64"])
+    monkeypatch.setattr(memtrack, "_OUTPUTS", {})
+    remembered = estimate(cfg, info, str(tiny_sd1)).to_dict()
+    assert any(kept is not None for kept in memtrack._OUTPUTS.values())  # outputs were rebuilt, not only computed
+    monkeypatch.setattr(memtrack, "_shape_only_ops", frozenset)  # every op runs its kernel
+    assert estimate(cfg, info, str(tiny_sd1)).to_dict() | {"seconds": 0} == remembered | {"seconds": 0}

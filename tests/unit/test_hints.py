@@ -38,7 +38,7 @@ def test_the_low_resolution_warning_names_presets_made_for_the_models_size(caplo
     lora = _warning(caplog, 64, "lora-4gb", "data.resolution=256")
     assert "(lora-4gb, lora-6gb)" in lora and "rtx" not in lora
     sdxl = _warning(caplog, 128, "rtx3050")  # SDXL (1024 px) on an SD-card plan
-    assert "(sdxl-8gb, sdxl-12gb, sdxl-16gb, sdxl-24gb)" in sdxl and "rtx" not in sdxl
+    assert "(sdxl-4gb, sdxl-8gb, sdxl-12gb, sdxl-16gb, sdxl-24gb)" in sdxl and "rtx" not in sdxl
     sd21 = _warning(caplog, 96, "rtx3050")  # SD 2.1 at 768 px: no preset is made for it
     assert sd21.endswith("would learn to draw at the smaller size; --set data.resolution=768")
 

@@ -89,6 +89,10 @@ EXAMPLES = [
      ["train.scale_v_pred_loss_like_noise_pred=true", "train.prediction_type=epsilon"], None),
     (("train.zero_terminal_snr", "train.prediction_type"),
      ["train.zero_terminal_snr=true", "train.prediction_type=epsilon"], None),
+    (("memory.compile", "memory.param_offload"),
+     ["memory.compile=blocks", "memory.param_offload=cpu", "memory.gradient_checkpointing=true",
+      "memory.optimizer_offload=cpu"], None),
+    (("memory.distributed", "memory.compile"), ["memory.compile=blocks"], "ddp"),
 ]
 
 

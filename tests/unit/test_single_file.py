@@ -434,3 +434,51 @@ def test_writing_a_single_file_holds_no_second_copy_of_the_model(tiny, tmp_path,
     assert result.path is not None and seen
     model = sum(t.numel() * t.element_size() for part in parts for t in part.state_dict().values())
     assert seen[0] - before <= largest + 2**16, (seen[0] - before, model // 2)
+
+def _assert_reads_as_loaded(source, config, expected: dict, dtype=torch.float32):
+    """`load_components(..., meta_unet=True)` (FSDP's load) builds the UNet on the meta device and reads any
+    rows of any weight as the ordinary load holds them (cast through the file's dtype)."""
+    from sdtune.family.load import load_components
+
+    components = load_components(str(source), config=str(config), meta_unet=True)
+    assert all(p.is_meta for p in components.unet.parameters())
+    weights = components.unet_weights
+    assert weights is not None and set(weights.keys) == set(expected)
+    for name, tensor in expected.items():
+        rows = tensor.shape[0]
+        start, stop = rows // 3, rows // 3 + (rows + 1) // 2  # a middle run of rows, as a rank's shard
+        assert torch.equal(weights.read(name, start, stop), tensor[start:stop].to(dtype).float()), name
+    assert weights.elements < sum(t.numel() for t in expected.values())  # what was asked, not the whole UNet
+
+
+def test_fsdp_reads_a_folders_or_single_files_unet_rows_as_the_ordinary_load_holds_them(tiny, tmp_path):
+    folder, pipe = tiny
+    expected = pipe.unet.state_dict()
+    _assert_reads_as_loaded(folder, "", expected)
+    path = pipeline_to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, tmp_path / "tiny.safetensors",
+                                   dtype=torch.float16)
+    _assert_reads_as_loaded(path, folder, expected, torch.float16)
+
+
+def test_fsdp_reads_an_sdxl_single_files_unet_by_its_sgm_names(tiny_sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdtune.export.single_file import write_single_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    result = write_single_file(tmp_path / "xl.safetensors", unet=pipe.unet, vae=pipe.vae,
+                               text_encoders=[pipe.text_encoder, pipe.text_encoder_2], prediction_type="epsilon",
+                               force=True)
+    _assert_reads_as_loaded(result.path, tiny_sdxl, pipe.unet.state_dict())
+
+
+def test_fsdp_reads_a_unet_saved_in_several_files_under_their_index(tiny, tmp_path):
+    from sdtune.family.slices import UnetWeights, folder_keys
+
+    _, pipe = tiny
+    pipe.unet.save_pretrained(tmp_path / "unet", max_shard_size="200KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    weights = UnetWeights(folder_keys(tmp_path / "unet"))
+    assert len(weights.files) > 1
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(weights.read(name, 0, tensor.shape[0]), tensor), name

@@ -169,6 +169,13 @@ class BatchStream:
             self._ahead.pop(next(iter(self._ahead)))
         self._ahead[tuple(items)] = self._pool.submit(self._load, items)
 
+    def close(self) -> None:
+        """Stop the loader threads and drop what they decoded ahead (the run is over: before its export)."""
+        pool, self._pool = self._pool, None
+        self._ahead.clear()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def pixels(self, items: list[Item]):
         """The items' images as a [B, 3, H, W] float tensor in [-1, 1]: opened, resized, cropped, flipped
         (or taken from `prefetch`). Raises ImageFailed (after reporting the file once) when one cannot be

@@ -38,7 +38,7 @@ def export_run(run: Run, preset: str) -> dict:
     if run.placement.method.adapter:  # what an adapter's run writes, by its file: a LoRA's two, or an embedding
         return ADAPTER_EXPORTS.get(run.placement.weights_file, _export_lora)(run, preset)
     _take_exported_weights(run)
-    run.close()  # the nvme tier's state file: its copy is in the last checkpoint
+    _release_training_state(run)
     result = {"preset": preset, **summary(run), "single_file": _write_model(run)}
     _leave(run, result)
     return result
@@ -58,6 +58,45 @@ def _take_exported_weights(run: Run) -> None:
     elif run.tier.host_gradients:  # the masters live in the tier, not in the UNet's working weights
         for name, weight in run.placement.weights().items():
             run.components.unet.get_parameter(name).data = weight
+
+
+def _release_training_state(run: Run) -> None:
+    """Free what only training needed before the model is written, so that the export's peak stays under the
+    training's: the tier (its threads, host buffers and the nvme tier's state file, whose copy is in the last
+    checkpoint), the optimizer's state, the gradients, and the moving average's own copy once it is the
+    model's weights (`_take_exported_weights`), and the data loader's threads and prefetched batches."""
+    import gc
+
+    from sdtune.train.ema import DeviceEMA
+
+    run.close()
+    for stream in (run.stream, run.class_stream):
+        if stream is not None:
+            stream.close()
+    optimizer = run.optimizer
+    for each in (optimizer, *getattr(optimizer, "inner", ())):  # fused_backward: one optimizer a parameter
+        each.state.clear()
+    for module in (run.components.unet, *run.placement.modules.values()):
+        for p in module.parameters():
+            p.grad = None
+    if isinstance(run.ema, DeviceEMA):  # the parameters hold its tensors now: once cast, nothing keeps them
+        run.ema.average.clear()
+        run.ema.params.clear()
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand the heap's freed pages back to the system (glibc's `malloc_trim`): tensors under its mmap threshold
+    (up to 32 MiB once tensors were freed, most of a UNet's) come from the heap, and what they leave stays in
+    the resident set, for this process alone, until trimmed. Nothing where the C library has no such call."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator returns memory its own way
+        pass
 
 
 def _write_model(run: Run) -> dict:

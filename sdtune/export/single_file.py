@@ -37,20 +37,25 @@ from sdtune.family.ldm_names import (  # noqa: F401  (the names a single file's 
 
 
 def save_single_file(weights: dict, path, dtype=None, metadata: dict | None = None) -> Path:
-    """Write `weights` as one `.safetensors` under a temporary name, then rename it into place.
+    """Write `weights` as one `.safetensors` under a temporary name, then rename it into place (its mode as
+    the umask says).
 
-    `dtype` (e.g. `torch.float16`) casts the floating-point tensors; `None` keeps each tensor's dtype."""
-    from sdtune.util.files import save_safetensors
+    `dtype` (e.g. `torch.float16`) casts the floating-point tensors; `None` keeps each tensor's dtype. Each
+    tensor is cast and written on its own (`sdtune.export.streamed`): no second copy of the model in RAM."""
+    import os
 
-    tensors = {}
-    for key, value in weights.items():
-        value = value.detach().cpu()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        tensors[key] = value.contiguous()
+    from sdtune.export.streamed import write_streamed
+    from sdtune.util.files import follow_umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path, metadata={"format": "pt", **(metadata or {})})  # atomic, umask's mode
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write_streamed(weights, tmp, dtype, {"format": "pt", **(metadata or {})})
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -172,7 +172,10 @@ class NvmeAdamW(OffloadAdamW):
                 write.result()
 
     def close(self) -> None:
-        """Delete the state file (also done when the optimizer is collected or the process exits)."""
+        """Delete the state file (also done when the optimizer is collected or the process exits); release the
+        ring and `OffloadAdamW.close`'s threads and buffers."""
+        super().close()
+        self._ring = []
         self._reader.shutdown()
         self._writer.shutdown()
         self._file.close()

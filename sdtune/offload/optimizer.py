@@ -40,7 +40,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -51,6 +51,8 @@ from sdtune.offload.layout import Bucket, Scaling, adamw_kernel, chunks, clip_fa
 from sdtune.offload.overlap import StepQueue
 from sdtune.offload.pinned import PinnedBuffer, host_empty
 from sdtune.offload.streams import blocking_event, on_cuda, side_stream, synchronous
+
+RELEASED = ("device_flat", "master", "grad", "staging", "sq_host", "small_device", "small_host", "ema")  # `close()`
 
 
 class OffloadAdamW(torch.optim.AdamW):
@@ -89,14 +91,14 @@ class OffloadAdamW(torch.optim.AdamW):
         self._buckets: list[Bucket] = []
         self._where: dict[torch.nn.Parameter, tuple[Bucket, int, int]] = {}
         self._gathered: dict[torch.nn.Parameter, int] = {}  # a small parameter's offset in its bucket's gathering
-        start = 0
+        start, self._hooks, self._closed = 0, [], False  # the gradient hooks, which `close()` removes
         for r in ranges:
             bucket = self._make_bucket([trainable[i] for i in r], start)
             start += len(bucket.master)
             self._buckets.append(bucket)
             for p, offset in zip(bucket.params, bucket.offsets, strict=True):
                 self._where[p] = (bucket, offset, p.numel())
-                p.register_post_accumulate_grad_hook(self._on_grad)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
             self._gathered.update({p: gathered for p, _, gathered in bucket.small})
         if self._weights is not None and self._weights.pin():  # moved to torch's pinned allocator
             self._point_at_weights()
@@ -167,6 +169,8 @@ class OffloadAdamW(torch.optim.AdamW):
     def host_pinning(self) -> str:
         """How its DMA buffers (staging, host weights) are page-locked: "registered" (in place, exact sizes),
         "pin_memory" (torch's pinned allocator: this machine refused registration), or "pageable" (no CUDA)."""
+        if self._closed:
+            return self._pinning
         buffers = (self._weights, self._staging, self._small)
         return "+".join(sorted({b.how for b in buffers if b is not None and b.nbytes})) or "pageable"
 
@@ -437,6 +441,34 @@ class OffloadAdamW(torch.optim.AdamW):
         """The device weights are used next on the compute stream: it waits for the queued copies."""
         if self._upload_stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._upload_stream)
+
+    def close(self) -> None:
+        """Release the worker thread and the host memory: the pinned staging (and host weights), the moments,
+        the gradient sums, the scratch, and the masters and averages no one else holds (a view taken with
+        `masters_by_name` or `ema_weights`, such as the weights an export writes, keeps its bucket's values).
+        Queued steps and copies finish first. The tier is not used afterwards; a second call does nothing."""
+        if self._closed:
+            return
+        try:
+            for finish in (self._settle, self._wait):  # a failed step raised where the run read it; a run
+                with suppress(Exception):                # ending on another error ends with that one
+                    finish()
+            self._drain_streams()
+        finally:
+            self._pinning, self._waited, self._closed = self.host_pinning, self.host_wait_seconds, True
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+            for hook in self._hooks:
+                hook.remove()
+            for bucket in self._buckets:  # the forward's gates (`StepQueue`) still name the buckets: empty them
+                for name in RELEASED:
+                    setattr(bucket, name, None)
+                bucket.params, bucket.small = [], []
+            for group in self.param_groups:  # the LR schedule keeps the optimizer: its groups keep no master
+                group["params"] = []
+            self.state.clear()
+            self._buckets, self._where, self._gathered, self._hooks, self._futures = [], {}, {}, [], []
+            self._worker = self._queue = self._weights = self._staging = self._small = self._scratch = None
 
     # ------------------------------------------------------------------------------------------------
     # checkpoints: the masters are part of the state, the device weights follow from them. A checkpoint

@@ -259,6 +259,10 @@ class HostAdamW(Tier):
     def host_wait_seconds(self) -> float:
         return self.optimizer.host_wait_seconds
 
+    def close(self):
+        """The worker thread and the host buffers (`OffloadAdamW.close`); the nvme tier's state file too."""
+        self.optimizer.close()
+
 
 class NvmeTier(HostAdamW):
     """`NvmeAdamW`: masters and moments in a file under `memory.offload_dir`, streamed bucket by bucket
@@ -276,8 +280,6 @@ class NvmeTier(HostAdamW):
     def _disk_bytes(cls, numels) -> int:
         return layout.MASTER_BYTES * sum(numels)
 
-    def close(self):
-        self.optimizer.close()
 
 
 IN_DEVICE = {tier.name: tier for tier in (Tier, AdamW8bit, Adafactor, Prodigy, Lion)}

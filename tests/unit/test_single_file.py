@@ -157,12 +157,12 @@ def test_dtype_cast_and_failed_write_leaves_old_file(tiny, tmp_path, monkeypatch
     tensors = load_file(str(path))
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
 
-    def broken_save(tensors, filename, metadata=None):
+    def broken_save(tensors, filename, dtype=None, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", broken_save)
+    monkeypatch.setattr("sdtune.export.streamed.write_streamed", broken_save)
     with pytest.raises(OSError, match="disk full"):
         pipeline_to_single_file(pipe.unet, pipe.vae, pipe.text_encoder, path)
     assert list(tmp_path.iterdir()) == [path] and load_file(str(path)).keys() == tensors.keys()
@@ -348,6 +348,92 @@ def test_open_clip_layout_packs_q_k_v_in_order_and_raises_on_strangers():
     with pytest.raises(ValueError, match="q, k and v"):
         text_model_to_open_clip({layer + "q_proj.weight": q}, "p.")
 
+
+def test_the_streamed_file_is_byte_for_byte_what_safetensors_writes(tiny, tmp_path):
+    """`save_single_file` casts and writes one tensor at a time; the file is the one safetensors' `save_file`
+    writes of the whole cast dict: the same header (tensor order, dtypes, offsets, metadata) and bytes."""
+    from safetensors.torch import save_file
+
+    from sdtune.export.single_file import arch_weights, save_single_file
+
+    _, pipe = tiny
+    weights = arch_weights("sd15", pipe.unet, pipe.vae, [pipe.text_encoder])
+    weights.update(v_pred=torch.zeros(0), step=torch.tensor(7), half=torch.ones(3, dtype=torch.bfloat16),
+                   mask=torch.tensor([True, False]), codes=torch.arange(5, dtype=torch.uint8))
+    metadata = {"modelspec.predict_key": "v", "z": "é \"quoted\""}
+    for dtype in (torch.float16, torch.bfloat16, None):
+        cast = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                for k, v in weights.items()}
+        save_file(cast, tmp_path / "library.safetensors", metadata={"format": "pt", **metadata})
+        ours = save_single_file(weights, tmp_path / "ours.safetensors", dtype, metadata)
+        assert _parts(ours) == _parts(tmp_path / "library.safetensors"), dtype
+
+
+def _parts(path):
+    """A safetensors file's header (as JSON; safetensors orders the metadata as its hash map comes), the
+    order of its tensors, and its data bytes."""
+    import json
+
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    return header, list(header), raw[8 + size:]
+
+
+def test_writing_a_single_file_holds_no_second_copy_of_the_model(tiny, tmp_path, monkeypatch):
+    """The fp32 model written in fp16: while the file is written, the tensors alive besides the model's own
+    are at most one converted tensor (a cast of the whole model first would hold half the model more)."""
+    import gc
+
+    from sdtune.export import streamed
+    from sdtune.export.single_file import write_single_file
+
+    _, pipe = tiny
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder)
+
+    def live_bytes() -> int:
+        storages = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    largest = max(t.numel() for part in parts for t in part.state_dict().values()) * 2
+    seen, written = [], []
+    write = streamed.write_streamed
+
+    def measured(tensors, path, dtype=None, metadata=None):
+        real_open = open
+
+        def counting_open(*args, **kwargs):  # sample the live bytes at the last tensor's write
+            handle = real_open(*args, **kwargs)
+            original = handle.write
+
+            def write_part(data):
+                written.append(len(data))
+                if len(written) == len(tensors) // 2:
+                    seen.append(live_bytes())
+                return original(data)
+
+            handle.write = write_part
+            return handle
+
+        monkeypatch.setattr("builtins.open", counting_open)
+        try:
+            return write(tensors, path, dtype, metadata)
+        finally:
+            monkeypatch.setattr("builtins.open", real_open)
+
+    gc.collect()
+    before = live_bytes()
+    monkeypatch.setattr(streamed, "write_streamed", measured)
+    result = write_single_file(tmp_path / "m.safetensors", unet=pipe.unet, vae=pipe.vae,
+                               text_encoders=[pipe.text_encoder], prediction_type="epsilon", dtype=torch.float16,
+                               force=True)
+    assert result.path is not None and seen
+    model = sum(t.numel() * t.element_size() for part in parts for t in part.state_dict().values())
+    assert seen[0] - before <= largest + 2**16, (seen[0] - before, model // 2)
 
 def _assert_reads_as_loaded(source, config, expected: dict, dtype=torch.float32):
     """`load_components(..., meta_unet=True)` (FSDP's load) builds the UNet on the meta device and reads any

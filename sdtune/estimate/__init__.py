@@ -98,11 +98,13 @@ def remembered(cfg: Config, info: PresetInfo, model: str | None = None, **option
     asked = json.dumps([model, sorted(options.items())]).encode()
     digest = hashlib.sha256(to_toml(cfg, info).encode() + asked + _code_digest().encode()).hexdigest()
     path = cache_root("") / "estimates" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', info.name)}-{digest[:32]}.json"
-    if path.is_file():
+    try:  # a file cut short (a full disk, a copy of the cache folder) or unreadable: traced again
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.pop("fits")
         seconds = round(time.perf_counter() - started, 2)  # what this answer took, not the trace it remembers
         return Estimate(**{**saved, "notes": tuple(saved["notes"]), "seconds": seconds})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # not there (the usual miss), or unusable
+        pass
     result = estimate(cfg, info, model, **options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -491,6 +491,19 @@ def test_estimate_vram_reads_back_a_plan_it_traced_but_traces_a_local_model_each
     assert codes == [0, 0] and len(traced_once) == 4  # a folder's configs may change under its path: traced each time
 
 
+def test_a_remembered_plan_cut_short_is_traced_again(traced_once, tmp_path):
+    """A cache file cut short (a full disk, a half-copied cache folder) is no answer: the plan is traced again
+    and remembered whole, and the command does not fail."""
+    asked = ["estimate-vram", "--model", "sd15", "--preset", "rtx3050", "--json"]
+    first = runner.invoke(app, asked)
+    (saved,) = (tmp_path / "sdtune" / "estimates").iterdir()
+    saved.write_text(saved.read_text()[:100])
+    second, third = runner.invoke(app, asked), runner.invoke(app, asked)
+    assert first.exit_code == second.exit_code == third.exit_code == 0, second.output
+    assert _figures(first.stdout) == _figures(second.stdout) == _figures(third.stdout)
+    assert len(traced_once) == 2  # traced again once, then read back
+
+
 def test_a_remembered_plan_is_answered_without_importing_torch(traced_once, tmp_path):
     """A fresh process reading a remembered plan imports neither torch nor diffusers (on a machine without
     a GPU driver: with one, torch asks the GPU), and prints the figures that were traced."""

@@ -339,9 +339,12 @@ def _meta_unet(source: str, kind: str, config: str):
     elif kind == "folder":
         folder = Path(source) / "unet"
     else:
-        try:
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:  # the weights too: on a model's first run the cache would hold only the config yet
             folder = Path(_hub_file(source, "unet/config.json")).parent
-        except OSError:  # not in reach: the ordinary load says so
+            _hub_unet_weights(source)
+        except (OSError, EntryNotFoundError):  # not in reach, or no .safetensors UNet: the ordinary load
             return None, None
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder))
@@ -350,6 +353,21 @@ def _meta_unet(source: str, kind: str, config: str):
     if keys is None or set(names) - set(keys):
         return None, None
     return unet, UnetWeights(keys)
+
+
+def _hub_unet_weights(repo: str) -> None:
+    """Bring the hub model's UNet weights into the local cache, where `folder_keys` and then the pipeline's load
+    find them: one .safetensors file, or the files its index names."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        _hub_file(repo, "unet/diffusion_pytorch_model.safetensors")
+        return
+    except EntryNotFoundError:  # saved in several files
+        pass
+    index = Path(_hub_file(repo, "unet/diffusion_pytorch_model.safetensors.index.json"))
+    for name in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())):
+        _hub_file(repo, f"unet/{name}")
 
 
 def _single_file_keys(path: Path, names: list[str], config):

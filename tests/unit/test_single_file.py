@@ -482,3 +482,34 @@ def test_fsdp_reads_a_unet_saved_in_several_files_under_their_index(tiny, tmp_pa
     assert len(weights.files) > 1
     for name, tensor in pipe.unet.state_dict().items():
         assert torch.equal(weights.read(name, 0, tensor.shape[0]), tensor), name
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_fsdp_reads_the_shards_of_a_hub_model_whose_cache_holds_nothing_yet(tiny, tmp_path, monkeypatch, shards):
+    """A hub model's first run: its UNet's weights (one file, or the files of its index) are fetched with its
+    config, so each rank reads its rows instead of every rank loading the whole UNet."""
+    import shutil
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from sdtune.family import load
+
+    folder, pipe = tiny
+    repo = tmp_path / "repo"  # what the hub serves
+    shutil.copytree(folder, repo)
+    if shards:
+        shutil.rmtree(repo / "unet")
+        pipe.unet.save_pretrained(repo / "unet", max_shard_size="200KB")
+
+    def hub_file(repo_id, name):  # hf_hub_download: one file into the local snapshot
+        if not (repo / name).is_file():
+            raise LocalEntryNotFoundError(name)
+        (tmp_path / "snapshot" / name).parent.mkdir(parents=True, exist_ok=True)
+        return str(shutil.copy(repo / name, tmp_path / "snapshot" / name))
+
+    monkeypatch.setattr(load, "_hub_file", hub_file)
+    unet, weights = load._meta_unet("someone/tiny-sd", "hub", "")
+    assert unet is not None and all(p.is_meta for p in unet.parameters())
+    assert (len(weights.files) > 1) == shards
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(weights.read(name, 0, tensor.shape[0]), tensor), name

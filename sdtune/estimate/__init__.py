@@ -125,7 +125,11 @@ def _code_digest() -> str:
     for path in sorted(package.rglob("*")):
         if path.suffix in (".py", ".json", ".toml"):
             digest.update(path.relative_to(package).as_posix().encode() + path.read_bytes())
-    digest.update(" ".join(metadata.version(name) for name in ("torch", "diffusers", "transformers")).encode())
+    for name in ("torch", "diffusers", "transformers", "peft", "bitsandbytes"):  # peft: LoRA plans; bnb: 8-bit
+        try:
+            digest.update(f"{name} {metadata.version(name)};".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{name} -;".encode())
     return digest.hexdigest()
 
 
@@ -221,7 +225,8 @@ def _footprint(trained: list, plan, cfg: Config):
 
 def _unet_share(cfg: Config, plan, method, gpus: int) -> float:
     """The share of the fp32 UNet a process loads: under fsdp a rank of a trained, pretrained UNet reads only
-    its shards (`sdtune.train.parallel.load_shards`); otherwise all of it."""
+    its shards (`sdtune.train.parallel.load_shards`); otherwise all of it. A UNet without .safetensors weights
+    loads whole on every rank even then (`sdtune.family.load`): the figure is low by (N-1)/N of it there."""
     meta = plan.distributed == "fsdp" and not method.frozen_unet and cfg.model.init != "random"
     return 1 / gpus if meta else 1.0
 

@@ -99,7 +99,8 @@ def detect_gpu() -> Gpu | None:
 
 # What a machine that can run CUDA (NVIDIA; ROCm's torch.cuda; WSL's GPU) has, whether or not the driver's
 # module is loaded yet: its device nodes, its kernel module's folder, or the tools its driver installs
-DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg",
+                "/dev/nvhost-ctrl-gpu", "/dev/nvgpu", "/etc/nv_tegra_release")  # the last three: Jetson boards
 DRIVER_TOOLS = ("nvidia-smi", "nvidia-modprobe", "rocm-smi")
 
 

@@ -5,9 +5,10 @@ tensor ready at once: a model cast to fp16 for its file (a full fine-tune's fp32
 second copy of the model in RAM for the time of the write, 5-7 GB for SDXL. safetensors offers no writer that
 takes one tensor at a time. The format is simple enough to write in order: an 8-byte little-endian header
 length, the JSON header (`__metadata__` first, then each tensor's dtype, shape and byte range, padded with
-spaces to a multiple of 8), then the tensors' bytes. This writer lays it out exactly as safetensors does (the
-tensors ordered by dtype, widest first, then by name; the header's JSON compact, metadata keys sorted), so the
-file is byte for byte the one `save_file` writes of the cast tensors; `tests/unit/test_single_file.py` checks it.
+spaces to a multiple of 8), then the tensors' bytes. This writer lays it out as safetensors does (the tensors
+ordered by dtype, widest first, then by name; the header's JSON compact), so the tensors, their offsets and their
+bytes are those `save_file` writes of the cast tensors (`tests/unit/test_single_file.py` checks it); only the
+metadata's keys may come in another order (sorted here, safetensors' hash map's there).
 
     write_streamed({"a": fp32_tensor, "b": int_tensor}, path, dtype=torch.float16, metadata={"format": "pt"})
 """
@@ -54,6 +55,8 @@ def header(tensors: dict, dtype: torch.dtype | None = None, metadata: dict | Non
 def write_streamed(tensors: dict, path, dtype: torch.dtype | None = None, metadata: dict | None = None) -> Path:
     """Write `tensors` (any device, any layout) to `path` as safetensors, floating-point ones cast to `dtype`
     (None: as they are), holding one converted tensor at a time."""
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"safetensors metadata takes strings only, got {metadata!r}")  # as save_file refuses
     first, order = header(tensors, dtype, metadata)
     with open(path, "wb") as out:
         out.write(first)

@@ -351,7 +351,8 @@ def test_open_clip_layout_packs_q_k_v_in_order_and_raises_on_strangers():
 
 def test_the_streamed_file_is_byte_for_byte_what_safetensors_writes(tiny, tmp_path):
     """`save_single_file` casts and writes one tensor at a time; the file is the one safetensors' `save_file`
-    writes of the whole cast dict: the same header (tensor order, dtypes, offsets, metadata) and bytes."""
+    writes of the whole cast dict: the same header (tensor order, dtypes, offsets, metadata) and bytes. Metadata
+    that is not text is refused, as `save_file` refuses it, rather than written into a file no reader opens."""
     from safetensors.torch import save_file
 
     from sdtune.export.single_file import arch_weights, save_single_file
@@ -367,6 +368,9 @@ def test_the_streamed_file_is_byte_for_byte_what_safetensors_writes(tiny, tmp_pa
         save_file(cast, tmp_path / "library.safetensors", metadata={"format": "pt", **metadata})
         ours = save_single_file(weights, tmp_path / "ours.safetensors", dtype, metadata)
         assert _parts(ours) == _parts(tmp_path / "library.safetensors"), dtype
+    with pytest.raises(ValueError, match="strings only"):
+        save_single_file(weights, tmp_path / "bad.safetensors", None, {"steps": 7})
+    assert not list(tmp_path.glob("*bad*"))
 
 
 def _parts(path):

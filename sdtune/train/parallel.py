@@ -109,7 +109,10 @@ def first_row(param) -> int:
     from torch.distributed.tensor import Shard
 
     if tuple(param.placements) != (Shard(0),):
-        raise NotImplementedError(f"FSDP2 placed a weight as {param.placements}; sdtune reads Shard(0) only")
+        # FSDP2 shards every parameter along dimension 0 (its `shard_placement_fn` is left unset): another
+        # placement means a torch that changed that, and reading rows would load the wrong slices
+        raise RuntimeError(f"FSDP2 placed a weight as {param.placements}, not Shard(0) as this torch's FSDP2 is "
+                           "expected to; sdtune's shard load reads rows of dimension 0 only")
     rows, ranks = (param.shape[0] if param.dim() else 1), param.device_mesh.size()
     return min(param.device_mesh.get_local_rank() * -(-rows // ranks), rows)
 

@@ -175,7 +175,7 @@ class FakeCuda(TorchDispatchMode):
 
     def record_stream(self, tensor: torch.Tensor, stream: FakeStream) -> None:
         with self.lock:
-            if self.is_host(tensor):  # as torch: record_stream has no CPU kernel
+            if self.is_host(tensor):  # torch's own error type: aten::record_stream has no CPU kernel
                 raise NotImplementedError("record_stream of a host tensor: CUDA tensors only")
             self._memory_of(tensor, host=False).recorded.add(stream)
 
